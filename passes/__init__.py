@@ -1,0 +1,43 @@
+"""Graph passes over the torch-level FX graph Dynamo hands the backend.
+
+    report = rewrite_graph(gm, example_inputs, options)             # rewrites gm in place
+    report = rewrite_graph(gm, example_inputs, options, apply=False)  # only says what it would do
+
+attention.py and mlp.py each hold their pattern family: parsers for the forms, a semantic check,
+and the rewrite to one spt:: op per site. Higher-order-op bodies (activation checkpointing puts
+each layer into a tag_activation_checkpoint subgraph) are rewritten too. Installed as
+spt_compile.passes.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from spt_compile.options import Options
+
+from . import attention, mlp
+from .fx_utils import TensorResolver, op
+from .report import GraphReport, SiteReport
+
+__all__ = ["rewrite_graph", "GraphReport", "SiteReport"]
+
+
+def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool = True) -> GraphReport:
+    report = GraphReport()
+    _rewrite(gm, TensorResolver(gm, example_inputs), options, report, apply, ordinals={})
+    return report
+
+
+def _rewrite(gm: GraphModule, resolver: TensorResolver, options: Options, report: GraphReport,
+             apply: bool, ordinals: dict) -> None:
+    for node in list(gm.graph.nodes):
+        if op(node) == "checkpoint" and node.args and getattr(node.args[0], "op", None) == "get_attr":
+            body = getattr(gm, node.args[0].target)
+            if isinstance(body, GraphModule):
+                inner = TensorResolver(body, None, parent=(resolver, list(node.args[1:])))
+                _rewrite(body, inner, options, report, apply, ordinals)
+    attention.run(gm, resolver, options, report, apply, ordinals)
+    mlp.run(gm, resolver, options, report, apply, ordinals)
+    if apply:
+        gm.graph.lint()
+        gm.recompile()

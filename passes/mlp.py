@@ -1,0 +1,349 @@
+"""MLP pass: two-layer MLPs (plain and gated, with or without LoRA) -> spt::mlp_site.
+
+A *projection* is `linear(x, W, b)` or `addmm(b, x, W)` (GPT-2's Conv1D), optionally plus a PEFT
+LoRA delta `linear(linear(dropout?(x), A), B) * s`, optionally followed by a no-op `.to(dtype)`.
+An MLP is
+    plain   out( act(in(x)) )             (views that keep the last dim may sit around act)
+    gated   out( act(gate(x)) * in(x) )
+where `act` is any chain of element-wise ops on the projection's output; it is identified by
+evaluating the chain on probe values and comparing with the known activations (so GPT-2's
+mul/pow/tanh/add tanh-GELU is recognised as gelu_tanh). Unknown activations, intermediates used
+elsewhere, or shapes that do not fit leave the MLP dense, with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from spt_compile.options import Options
+from spt_compile.triton_ops.routed_mlp import ACTIVATIONS, MlpSpec
+
+from .fx_utils import (
+    POINTWISE, TensorResolver, bind, common_path, erase_unused, is_number, op, requires_grad, same, shape,
+    static_int, users_outside, val,
+)
+from .report import GraphReport, SiteReport
+
+MAX_CHAIN = 64  # element-wise nodes an activation may be written with
+
+
+class Reject(Exception):
+    """An MLP that cannot be rewritten safely; the message is the reason shown by explain()."""
+
+
+@dataclass
+class Projection:
+    x: Node
+    weight: Node
+    bias: Optional[Node]
+    layout: str  # "oi": x W^T (Linear), "io": x W (Conv1D)
+    output: Node  # the unit's last node
+    nodes: set[Node] = field(default_factory=set)
+    lora_a: Optional[Node] = None
+    lora_b: Optional[Node] = None
+    scale: float = 1.0
+    dropout: float = 0.0
+
+    @property
+    def out_features(self):
+        s = shape(self.weight)
+        return s[0] if self.layout == "oi" else s[1]
+
+    @property
+    def in_features(self):
+        s = shape(self.weight)
+        return s[1] if self.layout == "oi" else s[0]
+
+
+def _noop_cast(n: Node) -> bool:
+    if op(n) not in ("to", "float", "type_as", "contiguous"):
+        return False
+    a, b = val(n.args[0]), val(n)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
+
+
+def _base(n: Node) -> Optional[Projection]:
+    if op(n) == "linear":
+        a = bind(n)
+        w = shape(a["weight"])
+        if w is not None and len(w) == 2:
+            return Projection(a["input"], a["weight"], a["bias"], "oi", n, {n})
+    if op(n) == "addmm":
+        a = bind(n)
+        w = shape(a["mat2"])
+        if a["beta"] == 1 and a["alpha"] == 1 and w is not None and len(w) == 2 and len(shape(a["input"]) or ()) == 1:
+            return Projection(a["mat1"], a["mat2"], a["input"], "io", n, {n})
+    return None
+
+
+def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node]]]:
+    """(A, B, scale, dropout p, nodes) if n = linear(linear(dropout?(x), A), B) [* scale]."""
+    nodes, scale = set(), 1.0
+    if op(n) == "mul":
+        for t, s in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+            if is_number(s) and op(t) == "linear":
+                nodes.add(n)
+                n, scale = t, float(s)
+                break
+    if op(n) != "linear" or bind(n)["bias"] is not None:
+        return None
+    outer = bind(n)
+    inner = outer["input"]
+    if op(inner) != "linear" or bind(inner)["bias"] is not None:
+        return None
+    a = bind(inner)
+    xin, p = a["input"], 0.0
+    nodes |= {n, inner}
+    if op(xin) == "dropout":
+        d = bind(xin)
+        if isinstance(d["p"], Node) or isinstance(d["training"], Node):
+            return None
+        p = float(d["p"]) if d["training"] else 0.0
+        nodes.add(xin)
+        xin = d["input"]
+    while _noop_cast(xin):
+        nodes.add(xin)
+        xin = xin.args[0]
+    return (a["weight"], outer["weight"], scale, p, nodes) if xin is x else None
+
+
+def parse_projection(n: Node) -> Optional[Projection]:
+    """The projection unit whose last node is n, or None."""
+    out, nodes = n, set()
+    if _noop_cast(n):
+        nodes.add(n)
+        n = n.args[0]
+    if op(n) == "add":
+        for base_node, delta in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+            p = _base(base_node) if isinstance(base_node, Node) else None
+            lora = _lora(delta, p.x) if p is not None and isinstance(delta, Node) else None
+            if lora is not None:
+                p.lora_a, p.lora_b, p.scale, p.dropout, lora_nodes = lora
+                p.nodes |= nodes | lora_nodes | {n}
+                p.output = out
+                return p
+        return None
+    p = _base(n)
+    if p is not None:
+        p.nodes |= nodes
+        p.output = out
+    return p
+
+
+def _view_keeping_last(n: Node) -> bool:
+    if op(n) not in ("view", "reshape"):
+        return False
+    a, b = shape(n.args[0]), shape(n)
+    return bool(a and b) and same(a[-1], b[-1])
+
+
+@dataclass
+class _Chain:
+    leaf: Node  # projection output, or a view of it
+    unit: Projection
+    nodes: set[Node]  # element-wise nodes (root included)
+    views: set[Node]
+
+
+def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
+    """Follow element-wise ops back from root to a single projection output. None if root does not
+    lead to projections only through element-wise ops; Reject if it leads to several."""
+    chain, views, leaves = set(), set(), set()
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n in chain or n in leaves:
+            continue
+        if n in units:
+            leaves.add(n)
+            continue
+        if _view_keeping_last(n) and n.args[0] in units:
+            leaves.add(n)
+            views.add(n)
+            continue
+        if op(n) not in POINTWISE or len(chain) >= MAX_CHAIN:
+            return None
+        chain.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    if len(leaves) != 1:
+        return None
+    leaf = leaves.pop()
+    unit = units[leaf.args[0]] if leaf in views else units[leaf]
+    return _Chain(leaf, unit, chain, views)
+
+
+def identify_activation(chain: _Chain, root: Node) -> str:
+    """Evaluate the chain on probe values and name the activation it computes."""
+    x = torch.linspace(-8.0, 8.0, 401, dtype=torch.float32)
+    env = {chain.leaf: x}
+    order = {n: i for i, n in enumerate(root.graph.nodes)}
+    for n in sorted(chain.nodes, key=order.get):
+        args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+        try:
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - an op we cannot replay is an unknown activation
+            raise Reject(f"activation could not be evaluated ({type(e).__name__} in '{n.name}')") from None
+    y = env[root]
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        raise Reject("activation does not map a tensor element-wise")
+    errors = {name: ((f(x) - y.float()).abs() / (1 + y.float().abs())).max().item() for name, f in ACTIVATIONS.items()}
+    best = min(errors, key=errors.get)
+    if errors[best] > 1e-3:
+        raise Reject(f"activation is not one of {', '.join(ACTIVATIONS)} (closest: {best}, error {errors[best]:.2g})")
+    return best
+
+
+@dataclass
+class MlpMatch:
+    x: Node
+    up: Projection  # "in": the projection that is (plain) or multiplies (gated) the activation
+    gate: Optional[Projection]
+    down: Projection
+    activation: str
+    nodes: set[Node]
+
+    @property
+    def pattern(self) -> str:
+        return f"{'gated ' if self.gate else ''}{self.activation}"
+
+
+def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
+    """MLP ending in `down`; None if down's input is not an activated projection; Reject if it is
+    one but cannot be rewritten."""
+    h, views = down.x, set()
+    while _view_keeping_last(h):
+        views.add(h)
+        h = h.args[0]
+    chain = _trace_chain(h, units)
+    gate = None
+    if chain is not None and chain.nodes:
+        activation = identify_activation(chain, h)
+        up = chain.unit
+        nodes = chain.nodes | chain.views
+    elif op(h) == "mul" and all(isinstance(a, Node) for a in h.args[:2]):
+        sides = [_trace_chain(a, units) for a in h.args[:2]]
+        if any(s is None for s in sides):
+            return None
+        activated = [s for s in sides if s.nodes]
+        plain = [s for s in sides if not s.nodes]
+        if len(activated) != 1 or len(plain) != 1:
+            raise Reject("gated MLP needs exactly one activated branch and one plain branch")
+        g, u = activated[0], plain[0]
+        activation = identify_activation(g, h.args[sides.index(g)])
+        gate, up = g.unit, u.unit
+        nodes = g.nodes | g.views | u.views | {h}
+        if gate.x is not up.x:
+            raise Reject("gate and up projections read different inputs")
+    else:
+        return None
+    return MlpMatch(up.x, up, gate, down, activation, nodes | views)
+
+
+def check(m: MlpMatch, options: Options) -> None:
+    F = m.up.out_features
+    if m.gate is not None and not same(m.gate.out_features, F):
+        raise Reject(f"gate ({m.gate.out_features}) and up ({F}) projections differ in size")
+    if not same(m.down.in_features, F):
+        raise Reject(f"down projection reads {m.down.in_features} features, the hidden layer has {F}")
+    F = static_int(F)
+    if F is None or F < options.ffn_blocks:
+        raise Reject(f"hidden size {F} is smaller than ffn_blocks={options.ffn_blocks}")
+    xs, ys = shape(m.x), shape(m.down.output)
+    if not (xs and ys and len(xs) == len(ys) and all(same(a, b) for a, b in zip(xs[:-1], ys[:-1]))):
+        raise Reject(f"the MLP reshapes tokens between input {xs} and output {ys}")
+    dtype = val(m.x).dtype
+    for p in filter(None, (m.up, m.gate, m.down)):
+        for t in filter(None, (p.weight, p.bias, p.lora_a, p.lora_b)):
+            if val(t).dtype != dtype:
+                raise Reject(f"'{t.name}' is {val(t).dtype} while the MLP input is {dtype}")
+    units = [p for p in (m.up, m.gate, m.down) if p is not None]
+    everything = set(m.nodes).union(*(p.nodes for p in units))
+    leaking = users_outside(everything, keep=[m.down.output])
+    if leaking:
+        raise Reject(f"intermediate '{leaking[0].name}' is also used outside the MLP")
+
+
+def describe(m: MlpMatch) -> str:
+    lora = [name for name, p in (("in", m.up), ("gate", m.gate), ("out", m.down)) if p is not None and p.lora_a is not None]
+    layout = " Conv1D" if m.up.layout == "io" else ""
+    return f"x {tuple(shape(m.x))} hidden={m.up.out_features}{layout} LoRA={'/'.join(lora) or 'none'}"
+
+
+def _spec(m: MlpMatch, options: Options) -> MlpSpec:
+    g = m.gate
+    return MlpSpec(
+        activation=m.activation, gated=g is not None, hidden=static_int(m.up.out_features),
+        n_blocks=options.ffn_blocks, in_layout=m.up.layout, gate_layout=g.layout if g else "oi",
+        out_layout=m.down.layout, in_scale=m.up.scale, gate_scale=g.scale if g else 1.0,
+        out_scale=m.down.scale, in_dropout=m.up.dropout, gate_dropout=g.dropout if g else 0.0,
+        out_dropout=m.down.dropout,
+    )
+
+
+def _slots(p: Optional[Projection]) -> tuple:
+    return (None, None, None, None) if p is None else (p.weight, p.bias, p.lora_a, p.lora_b)
+
+
+def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: GraphReport, apply: bool,
+        ordinals: dict) -> None:
+    from spt_compile.mlp_site import create_site
+    from spt_compile.registry import REGISTRY
+
+    graph = gm.graph
+    # Projection units, outermost first (a LoRA unit's add/cast comes after its base linear).
+    units: dict[Node, Projection] = {}
+    claimed: set[Node] = set()
+    for n in reversed(list(graph.nodes)):
+        if n in claimed:
+            continue
+        p = parse_projection(n)
+        if p is not None:
+            units[n] = p
+            claimed |= p.nodes
+    done: set[Node] = set()
+    for out_node in [n for n in graph.nodes if n in units]:
+        down = units[out_node]
+        if out_node in done or out_node.graph is not graph:
+            continue
+        try:
+            m = match_mlp(down, units)
+            if m is None:
+                continue
+            check(m, options)
+        except Reject as why:
+            report.sites.append(SiteReport("mlp", "dense", "mlp", common_path([down.output]), reason=str(why)))
+            continue
+        units_used = [p for p in (m.up, m.gate, m.down) if p is not None]
+        path = common_path([p.output for p in units_used])
+        entry = SiteReport("mlp", "rewritten", m.pattern, path, describe(m))
+        report.sites.append(entry)
+        done |= {p.output for p in units_used}
+        if not apply:
+            continue
+        first = m.gate or m.up
+        anchor = resolver.tensor(first.weight)
+        key = ("mlp", id(anchor) if anchor is not None else path)
+        ordinal = ordinals.get(key, 0)
+        ordinals[key] = ordinal + 1
+        site = create_site(anchor, ordinal, path, options, static_int(m.up.in_features))
+        entry.site_id = site.site_id
+        args = (m.x, *_slots(m.up), *_slots(m.gate), *_slots(m.down))
+        training = torch.is_grad_enabled() and any(requires_grad(a) for a in args if a is not None)
+        with graph.inserting_before(m.down.output):
+            call = graph.call_function(torch.ops.spt.mlp_site.default, (
+                *args, site.site_id, REGISTRY.config_id(options), _spec(m, options).to_str(), training))
+            out = graph.call_function(operator.getitem, (call, 0))
+            out.meta.update(m.down.output.meta)
+            want = val(m.down.output).dtype
+            if want != val(m.x).dtype:  # e.g. autocast: the projections produced a lower precision
+                out = graph.call_method("to", (out, want))
+                out.meta.update(m.down.output.meta)
+        m.down.output.replace_all_uses_with(out)
+        everything = set(m.nodes).union(*(p.nodes for p in units_used))
+        entry.replaced = [n.name for n in erase_unused(graph, everything)]

@@ -1,0 +1,44 @@
+"""What the passes did to one graph: rewritten sites and candidates left dense, with reasons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class SiteReport:
+    kind: str  # "attention" | "mlp"
+    status: str  # "rewritten" | "dense"
+    pattern: str  # e.g. "sdpa", "matmul-softmax", "gated silu", "gelu_tanh"
+    path: str  # module path, as in named_modules()
+    detail: str = ""  # shapes, masks, LoRA
+    reason: str = ""  # why it stayed dense
+    replaced: list[str] = field(default_factory=list)  # names of the graph nodes the op replaced
+    site_id: Optional[int] = None
+
+    def line(self) -> str:
+        what = f"{self.status:9} {self.kind:9} {self.path or '<top>'}  [{self.pattern}]"
+        if self.detail:
+            what += f"  {self.detail}"
+        if self.reason:
+            what += f"\n{'':20}reason: {self.reason}"
+        return what
+
+
+@dataclass
+class GraphReport:
+    """Reports of one graph (and the higher-order-op bodies inside it)."""
+
+    sites: list[SiteReport] = field(default_factory=list)
+
+    def rewritten(self, kind: Optional[str] = None) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "rewritten" and (kind is None or s.kind == kind)]
+
+    def dense(self, kind: Optional[str] = None) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "dense" and (kind is None or s.kind == kind)]
+
+    def summary(self) -> str:
+        n_att, n_mlp = len(self.rewritten("attention")), len(self.rewritten("mlp"))
+        left = len(self.dense())
+        return f"{n_att} attention and {n_mlp} MLP sites rewritten, {left} candidates left dense"

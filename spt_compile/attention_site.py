@@ -1,0 +1,266 @@
+"""The op the attention pass emits, and the per-layer state behind it.
+
+`spt::attention_site(q, k, v, mask, site, config, is_causal, scale, dropout_p, training)` replaces one
+matched attention. Each call it reads the run-time options, then either
+  * runs exact attention (inside disable(), with sparse_attention=False, or during the site's first
+    `calibration_steps` calls, which also sample keys for the k-means codebooks), or
+  * encodes the keys with the site's PQ codebooks, selects the top-L keys of every query by the
+    asymmetric proxy q . k_hat, and runs exact attention over just those (SDDMM -> softmax -> SpMM).
+L comes from the options at run time, so the number of selected keys is an unbacked size in the
+graph (`new_dynamic_size`): changing `density` never recompiles.
+
+Outputs: out [B, H, N, Dv], lse [B, H, N], indices [B, H, N, L] (L = 0 when dense), meta [2] int64
+(mode, dropout seed). Backward uses what forward saved and never reads the options again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .context import resolve
+from .registry import REGISTRY, CallPlan, Site, SptStateError
+from .options import Options
+
+from spt_compile.triton_ops import pq
+from spt_compile.triton_ops.sparse_attention import sparse_attention_backward, sparse_attention_forward
+
+DENSE, SPARSE = 0, 1
+KEYS_PER_CALL = 1024  # keys per kv head sampled from each calibration / training call
+KEY_BUFFER = 4096  # keys per kv head kept for the calibration k-means
+KMEANS_ITERS = 15
+EMA_DECAY = 0.9  # online codebook update per training call
+PROBE_ROWS = 32  # query positions per quality probe (all heads)
+PROBE_EVERY = 25  # training calls between probes; the first sparse call always probes
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Run SDPA's dropout from a known seed, so that backward can replay it exactly."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def dense_attention(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int) -> Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    ctx = _seeded(seed, q.device) if dropout_p > 0 else contextlib.nullcontext()
+    with ctx:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=gqa)
+
+
+def real_key_positions(mask: Optional[Tensor], B: int, Nk: int, device) -> Tensor:
+    """[B, Nk] bool: keys some query may attend (padding is never one)."""
+    if mask is None:
+        return torch.ones(B, Nk, dtype=torch.bool, device=device)
+    return pq.real_key_mask(mask, B, Nk)
+
+
+class AttentionSite(Site):
+    kind = "attention"
+
+    def __init__(self, site_id, ordinal, name, anchor, options: Options, n_kv_heads: int, head_dim: int):
+        super().__init__(site_id, ordinal, name, anchor, options)
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.codebooks: Optional[Tensor] = None  # [Hkv, S, K, dsub] fp32
+        self.key_buffer: Optional[Tensor] = None  # [Hkv, n, D] calibration samples
+
+    def compatible(self, options: Options, n_kv_heads: int, head_dim: int) -> bool:
+        o = self.options
+        return (o.pq_subspace_dim, o.pq_codewords, self.n_kv_heads, self.head_dim) == (
+            options.pq_subspace_dim, options.pq_codewords, n_kv_heads, head_dim)
+
+    # --- statistics ---------------------------------------------------------------------------
+    def _sample_keys(self, k: Tensor, real: Tensor, seed: int) -> Tensor:
+        """Up to KEYS_PER_CALL real keys per kv head: [Hkv, n, D] fp32 (on k's device)."""
+        b, n = real.nonzero(as_tuple=True)
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(b.numel(), generator=gen)[:KEYS_PER_CALL].to(k.device)
+        return k[b[pick], :, n[pick], :].transpose(0, 1).float().detach()  # [Hkv, n, D]
+
+    def _fit(self, keys: Tensor, seed: int) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return pq.fit_codebooks(keys, self.options.pq_subspace_dim, self.options.pq_codewords,
+                                KMEANS_ITERS, gen)
+
+    def _calibrate(self, k: Tensor, real: Tensor, plan: CallPlan, seed: int) -> None:
+        keys = self._sample_keys(k, real, seed)
+        buf = keys if self.key_buffer is None else torch.cat([self.key_buffer, keys], dim=1)
+        self.key_buffer = buf[:, -KEY_BUFFER:]
+        if plan.index == plan.options.calibration_steps - 1:  # last calibration call
+            buffer = self.key_buffer
+
+            def fit() -> None:
+                self.codebooks = self._fit(buffer, seed)
+                self.key_buffer = None
+
+            self.stage(fit)
+
+    def _probe(self, q, k, mask, is_causal, scale, indices, per_batch_l, real, seed) -> None:
+        """Recall of the true top-L keys and attention mass kept, on a few query positions."""
+        B, H, N, D = q.shape
+        G = H // k.shape[1]
+        b, i = real[:, : q.shape[2]].nonzero(as_tuple=True)
+        gen = torch.Generator().manual_seed(seed + 1)
+        pick = torch.randperm(b.numel(), generator=gen)[:PROBE_ROWS].to(q.device)
+        b, i = b[pick], i[pick]
+        kk = k[b].repeat_interleave(G, dim=1).float()  # [R, H, Nk, D]
+        s = torch.einsum("rhd,rhnd->rhn", q[b, :, i].float(), kk) * scale  # [R, H, Nk]
+        if mask is not None:
+            m = mask.expand(B, H, N, mask.shape[-1])[b, :, i]
+            s = s + m.float() if m.dtype != torch.bool else s
+            allowed = m if m.dtype == torch.bool else m > pq.MASK_FORBIDDEN_AT_OR_BELOW
+            s = s.masked_fill(~allowed, float("-inf"))
+        if is_causal:
+            s = s.masked_fill(torch.arange(s.shape[-1], device=q.device).view(1, 1, -1) > i.view(-1, 1, 1),
+                              float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        sel = indices[b, :, i].long()  # [R, H, L]
+        Nk = p.shape[-1]  # unused slots (-1) land in an extra column, dropped after
+        chosen = torch.zeros(*p.shape[:-1], Nk + 1, dtype=torch.bool, device=p.device)
+        chosen = chosen.scatter_(-1, torch.where(sel < 0, Nk, sel), True)[..., :Nk]
+        L_rows = per_batch_l.to(q.device)[b].view(-1, 1)  # [R, 1]
+        n_allowed = torch.isfinite(s).sum(-1)  # [R, H]
+        k_true = torch.minimum(L_rows.expand_as(n_allowed), n_allowed)
+        top = s.topk(int(k_true.max()), dim=-1).indices if k_true.max() > 0 else None
+        if top is None:
+            return
+        true_mask = torch.zeros_like(chosen).scatter_(
+            -1, top, torch.arange(top.shape[-1], device=q.device).view(1, 1, -1) < k_true[..., None])
+        hits = (true_mask & chosen).sum(-1).float()
+        recall = (hits / k_true.clamp(min=1)).mean().item()
+        mass = (p * chosen).sum(-1).mean().item()
+        self.note_quality(recall=recall, mass=mass)
+
+    # --- the call -----------------------------------------------------------------------------
+    def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training):
+        options, dense_forced = resolve(options)
+        plan = self.begin(options, dense_forced)
+        seed = self.call_seed(plan.index)
+        B, H, N, _ = q.shape
+        Nk = k.shape[2]
+        meta = torch.tensor([DENSE, seed], dtype=torch.int64, device=q.device)
+        calibrating = self.calibrating(plan)
+        if plan.dense_forced or not options.sparse_attention or calibrating:
+            with torch.no_grad():
+                out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
+                if calibrating and plan.updates_state:
+                    self._calibrate(k, real_key_positions(mask, B, Nk, q.device), plan, seed)
+            self.end(plan, training)
+            lse = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
+            return out, lse, q.new_empty(B, H, N, 0, dtype=torch.int32), meta
+
+        with torch.no_grad():
+            real = real_key_positions(mask, B, Nk, q.device)
+            if self.codebooks is None:  # calibration_steps == 0: fit on this call's keys
+                self.codebooks = self._fit(self._sample_keys(k, real, seed), seed)
+            codebooks = self.codebooks.to(k.device)
+            k_hat = pq.pq_decode(pq.pq_encode(k, codebooks), codebooks)
+            per_batch_l = pq.keys_per_query(real.sum(-1).cpu(), options.density, options.top_l)
+            indices = pq.select_keys(q, k_hat, scale, per_batch_l, is_causal, mask)
+            bias = mask if mask is not None and mask.dtype != torch.bool else None
+            out, lse = sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p, seed)
+            if plan.updates_state and training:
+                keys = self._sample_keys(k, real, seed)
+                self.stage(lambda: setattr(self, "codebooks", pq.ema_update(self.codebooks, keys.to(
+                    self.codebooks.device), EMA_DECAY)))
+                if self.train_calls % PROBE_EVERY == 0 or "recall" not in self.quality:
+                    self._probe(q, k, mask, is_causal, scale, indices, per_batch_l, real, seed)
+        self.end(plan, training)
+        meta[0] = SPARSE
+        return out, lse, indices, meta
+
+    # --- persistence --------------------------------------------------------------------------
+    def state_dict(self):
+        out = super().state_dict()
+        if self.codebooks is not None:
+            out["codebooks"] = self.codebooks
+        if self.key_buffer is not None:
+            out["key_buffer"] = self.key_buffer
+        return out
+
+    def load_state_dict(self, state):
+        cb = state.get("codebooks")
+        S = self.head_dim // self.options.pq_subspace_dim
+        want = (self.n_kv_heads, S, self.options.pq_codewords, self.options.pq_subspace_dim)
+        if cb is not None and tuple(cb.shape) != want:
+            raise SptStateError(
+                f"saved codebooks of attention site {self.name} have shape {tuple(cb.shape)}, this compile "
+                f"needs {want}: compile with the pq_subspace_dim / pq_codewords the state was saved with")
+        super().load_state_dict(state)
+        self.codebooks = None if cb is None else cb.float().clone()
+        kb = state.get("key_buffer")
+        self.key_buffer = None if kb is None else kb.float().clone()
+
+
+# --- the custom ops ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("spt::attention_site", mutates_args=())
+def attention_site(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], site: int, config: int,
+    is_causal: bool, scale: float, dropout_p: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return REGISTRY[site].forward(q, k, v, mask, REGISTRY.configs[config], is_causal, scale, dropout_p, training)
+
+
+@attention_site.register_fake
+def _(q, k, v, mask, site, config, is_causal, scale, dropout_p, training):
+    B, H, N, _ = q.shape
+    L = torch.library.get_ctx().new_dynamic_size()  # keys per query: decided at run time
+    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.float32),
+            q.new_empty(B, H, N, L, dtype=torch.int32), q.new_empty(2, dtype=torch.int64))
+
+
+@torch.library.custom_op("spt::attention_site_backward", mutates_args=())
+def attention_site_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
+    indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    mode, seed = meta.tolist()
+    if mode == SPARSE:
+        bias = mask if mask is not None and mask.dtype != torch.bool else None
+        grads = sparse_attention_backward(dout, q, k, v, indices, out, lse, scale, bias, dropout_p, seed)
+        return tuple(g.contiguous() for g in grads)
+    # Dense calls saved no attention weights: recompute them (same dropout seed). torch.func.vjp,
+    # not autograd.grad: inside a custom op's kernel autograd records nothing.
+    _, vjp = torch.func.vjp(lambda q_, k_, v_: dense_attention(q_, k_, v_, mask, is_causal, scale, dropout_p, seed),
+                            q, k, v)
+    return tuple(g.contiguous() for g in vjp(dout))
+
+
+@attention_site_backward.register_fake
+def _(dout, q, k, v, mask, out, lse, indices, meta, is_causal, scale, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, site, config, is_causal, scale, dropout_p, training = inputs
+    out, lse, indices, meta = output
+    ctx.save_for_backward(q, k, v, mask, out, lse, indices, meta)
+    ctx.args = (is_causal, scale, dropout_p)
+
+
+def _backward(ctx, dout, dlse, dindices, dmeta):
+    q, k, v, mask, out, lse, indices, meta = ctx.saved_tensors
+    dq, dk, dv = attention_site_backward(dout.contiguous(), q, k, v, mask, out, lse, indices, meta, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_site.register_autograd(_backward, setup_context=_setup_context)
+
+
+def create_site(anchor, ordinal: int, name: str, options: Options, n_kv_heads: int, head_dim: int) -> AttentionSite:
+    """The pass's entry point: the site for this attention, shared across recompiles."""
+    return REGISTRY.get_or_create(
+        "attention", anchor, ordinal, name, options,
+        factory=lambda site_id: AttentionSite(site_id, ordinal, name, anchor, options, n_kv_heads, head_dim),
+        compatible=lambda s: s.compatible(options, n_kv_heads, head_dim),
+    )

@@ -1,0 +1,71 @@
+"""The `spt` Dynamo backend: rewrite attention and MLPs, then hand the graph to a downstream compiler.
+
+Found by name through the `torch_dynamo_backends` entry point, so
+`torch.compile(model, backend="spt", options={...})` works after `pip install` with no import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule
+
+from .context import compile_overrides
+from .options import Options, make_options
+
+from spt_compile.passes import GraphReport, rewrite_graph
+
+log = logging.getLogger("spt_compile")
+
+# Reports of the graphs compiled in this process, newest last (explain() and tests read them).
+COMPILE_REPORTS: list[GraphReport] = []
+
+
+def compile_options(options: Optional[dict[str, Any]]) -> Options:
+    """enable()'s options, then torch.compile(options=...) on top, validated."""
+    return make_options({**compile_overrides(), **(options or {})}, where="torch.compile(backend='spt', options=...)")
+
+
+def allow_run_time_sizes(example_inputs) -> None:
+    """The attention op decides at run time how many keys each query keeps, so its index output has
+    an unbacked size. Dynamo builds its ShapeEnv with capture_dynamic_output_shape_ops off by default;
+    allow such sizes for the graph being compiled (this ShapeEnv only, no global config change)."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    env = getattr(fake_mode, "shape_env", None)
+    if env is not None and not env.allow_dynamic_output_shape_ops:
+        env.settings = dataclasses.replace(env.settings, allow_dynamic_output_shape_ops=True)
+
+
+def downstream(gm: GraphModule, example_inputs, compiler: str, mode: Optional[str]):
+    if compiler == "eager":
+        return gm.forward
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else {})
+
+
+def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any]] = None,
+                mode: Optional[str] = None, **_: Any):
+    """Dynamo backend: gm is the torch-level graph of one traced region."""
+    opts = compile_options(options)
+    if mode and opts.compiler != "inductor":
+        log.warning("spt: torch.compile mode=%r only applies to compiler='inductor'; ignored for %r",
+                    mode, opts.compiler)
+    report = rewrite_graph(gm, example_inputs, opts)
+    COMPILE_REPORTS.append(report)
+    if report.rewritten("attention"):
+        allow_run_time_sizes(example_inputs)
+    log.info("spt: %s", report.summary())
+    for site in report.dense():
+        log.info("spt: left dense: %s %s: %s", site.kind, site.path or "<top>", site.reason)
+    return downstream(gm, example_inputs, opts.compiler, mode)

@@ -1,0 +1,243 @@
+"""The op the MLP pass emits, and the router state behind it.
+
+`spt::mlp_site(x, <12 weight slots>, site, config, spec, training)` replaces one matched MLP. Each
+call it reads the run-time options, then either runs every block (inside disable(), with
+sparse_ffn=False, with ffn_active == ffn_blocks, or during the first `calibration_steps` calls) or
+lets the router pick `ffn_active` blocks per token (hard routing, weight 1) and runs only those.
+
+The router lives here, not in the user's model (their optimizer must not need to know about it): a
+ridge regression from the MLP input to each block's output norm, fitted on tokens seen during
+calibration (where every block runs, so the norms come for free) and refitted online from small
+token samples on training calls (PROBE_EVERY). The same samples measure how much of the dense MLP
+output the chosen blocks capture.
+
+Outputs: y [*, d_out], block_mask [T, n_blocks] bool, meta [2] int64 (mode, dropout seed).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .context import resolve
+from .options import Options
+from .registry import REGISTRY, CallPlan, Site, SptStateError
+
+from spt_compile.triton_ops.routed_mlp import (
+    MlpSpec,
+    MlpWeights,
+    block_outputs,
+    routed_mlp_backward,
+    routed_mlp_forward,
+)
+
+DENSE, ROUTED = 0, 1
+TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibration call
+ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
+PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
+PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
+RIDGE = 1e-3  # ridge strength, relative to the mean feature energy
+
+
+def fit_router(x: Tensor, norms: Tensor) -> Tensor:
+    """Ridge regression from features [x, 1] to block output norms: x [n, d], norms [n, nb]
+    -> weights [d + 1, nb] (fp32). Solved in fp64 on the CPU; the bias is not regularised."""
+    X = torch.cat([x.double().cpu(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    G = X.T @ X
+    d = x.shape[1]
+    lam = RIDGE * G.diagonal()[:d].mean().clamp(min=1e-12)
+    G[:d, :d] += lam * torch.eye(d, dtype=torch.float64)
+    return torch.linalg.solve(G, X.T @ norms.double().cpu()).float()
+
+
+def router_scores(x: Tensor, router: Tensor) -> Tensor:
+    """x [T, d] -> predicted block output norms [T, nb]."""
+    return x.float() @ router[:-1] + router[-1]
+
+
+def choose_blocks(scores: Tensor, active: int) -> Tensor:
+    """Hard top-k routing: [T, nb] scores -> [T, nb] bool mask with `active` True per row."""
+    top = scores.topk(active, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+
+class MlpSite(Site):
+    kind = "mlp"
+
+    def __init__(self, site_id, ordinal, name, anchor, options: Options, d_in: int, n_blocks: int):
+        super().__init__(site_id, ordinal, name, anchor, options)
+        self.d_in = d_in
+        self.n_blocks = n_blocks
+        self.router: Optional[Tensor] = None  # [d_in + 1, n_blocks]
+        self.buffer_x = torch.zeros(0, d_in)  # router samples (CPU, fp32), oldest first
+        self.buffer_y = torch.zeros(0, n_blocks)
+
+    def compatible(self, options: Options, d_in: int) -> bool:
+        return (self.n_blocks, self.d_in) == (options.ffn_blocks, d_in)
+
+    # --- router statistics --------------------------------------------------------------------
+    def _add_samples(self, x: Tensor, norms: Tensor) -> None:
+        self.buffer_x = torch.cat([self.buffer_x, x.detach().float().cpu()])[-ROUTER_BUFFER:]
+        self.buffer_y = torch.cat([self.buffer_y, norms.detach().float().cpu()])[-ROUTER_BUFFER:]
+
+    def _sample_rows(self, T: int, n: int, seed: int, device) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(T, generator=gen)[:n].to(device)
+
+    def _probe(self, x2, weights, spec, block_mask, seed) -> None:
+        """Run every block on a few tokens: their norms feed the router; the routed share of the
+        dense output is the quality figure (1.0 = nothing lost)."""
+        rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device)
+        outs = block_outputs(x2[rows], weights, spec).float()  # [S, nb, d_out]
+        dense = outs.sum(1)
+        routed = (outs * block_mask[rows, :, None]).sum(1)
+        captured = ((routed * dense).sum() / (dense * dense).sum().clamp(min=1e-30)).item()
+        rel_err = ((routed - dense).norm() / dense.norm().clamp(min=1e-30)).item()
+        self.note_quality(captured=captured, rel_error=rel_err)
+        self._add_samples(x2[rows], outs.norm(dim=-1))
+
+    # --- the call -----------------------------------------------------------------------------
+    def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool):
+        options, dense_forced = resolve(options)
+        plan = self.begin(options, dense_forced)
+        seed = self.call_seed(plan.index)
+        x2 = x.reshape(-1, x.shape[-1])
+        T = x2.shape[0]
+        nb = spec.n_blocks
+        calibrating = self.calibrating(plan)
+        routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb)
+        with torch.no_grad():
+            if not routed:
+                block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
+                collect = calibrating and plan.updates_state
+                norms = torch.zeros(T, nb, device=x.device) if collect else None
+                y = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms)
+                if collect:
+                    self._calibrate(x2, norms, plan, seed)
+            else:
+                if self.router is None:  # calibration_steps == 0: fit on a sample of this call
+                    rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device)
+                    self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
+                    self.router = fit_router(self.buffer_x, self.buffer_y)
+                block_mask = choose_blocks(router_scores(x2, self.router.to(x.device)), options.active_blocks)
+                y = routed_mlp_forward(x2, weights, spec, block_mask, seed)
+                if plan.updates_state and training and (
+                        self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
+                    self._probe(x2, weights, spec, block_mask, seed)
+                    bx, by = self.buffer_x, self.buffer_y
+                    self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
+        self.end(plan, training)
+        meta = torch.tensor([ROUTED if routed else DENSE, seed], dtype=torch.int64, device=x.device)
+        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, meta
+
+    def _calibrate(self, x2: Tensor, norms: Tensor, plan: CallPlan, seed: int) -> None:
+        rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device)
+        self._add_samples(x2[rows], norms[rows])
+        if plan.index == plan.options.calibration_steps - 1:
+            bx, by = self.buffer_x, self.buffer_y
+            self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
+
+    # --- persistence --------------------------------------------------------------------------
+    def state_dict(self):
+        out = super().state_dict()
+        if self.router is not None:
+            out["router"] = self.router
+        out["buffer_x"] = self.buffer_x
+        out["buffer_y"] = self.buffer_y
+        return out
+
+    def load_state_dict(self, state):
+        router = state.get("router")
+        if router is not None and tuple(router.shape) != (self.d_in + 1, self.n_blocks):
+            raise SptStateError(
+                f"saved router of MLP site {self.name} has shape {tuple(router.shape)}, this compile needs "
+                f"{(self.d_in + 1, self.n_blocks)}: compile with the ffn_blocks the state was saved with")
+        super().load_state_dict(state)
+        self.router = None if router is None else router.float().clone()
+        self.buffer_x = state.get("buffer_x", torch.zeros(0, self.d_in)).float().clone()
+        self.buffer_y = state.get("buffer_y", torch.zeros(0, self.n_blocks)).float().clone()
+
+
+# --- the custom ops ---------------------------------------------------------------------------
+
+_SLOTS = MlpWeights._fields
+
+
+@torch.library.custom_op("spt::mlp_site", mutates_args=())
+def mlp_site(
+    x: Tensor,
+    in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
+    gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
+    out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
+    site: int, config: int, spec: str, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
+    return REGISTRY[site].forward(x, weights, MlpSpec.from_str(spec), REGISTRY.configs[config], training)
+
+
+@mlp_site.register_fake
+def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
+      site, config, spec, training):
+    s = MlpSpec.from_str(spec)
+    T = 1
+    for n in x.shape[:-1]:
+        T = T * n
+    d_out = out_w.shape[1] if s.out_layout == "io" else out_w.shape[0]
+    return (x.new_empty(*x.shape[:-1], d_out), x.new_empty(T, s.n_blocks, dtype=torch.bool),
+            x.new_empty(2, dtype=torch.int64))
+
+
+@torch.library.custom_op("spt::mlp_site_backward", mutates_args=())
+def mlp_site_backward(
+    dy: Tensor, x: Tensor,
+    in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
+    gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
+    out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
+    block_mask: Tensor, meta: Tensor, spec: str, needs: list[bool],
+) -> list[Tensor]:
+    """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
+    s = MlpSpec.from_str(spec)
+    weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
+    seed = int(meta[1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx, grads = routed_mlp_backward(dy.reshape(-1, dy.shape[-1]), x2, weights, s, block_mask, seed,
+                                    needs[0], MlpWeights(*needs[1:]))
+    return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
+            + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
+
+
+@mlp_site_backward.register_fake
+def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
+      block_mask, meta, spec, needs):
+    tensors = [x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb]
+    return [t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0) for t, need in zip(tensors, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    tensors = inputs[:13]
+    ctx.spec = inputs[15]
+    y, block_mask, meta = output
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*tensors, block_mask, meta)
+
+
+def _backward(ctx, dy, dmask, dmeta):
+    *tensors, block_mask, meta = ctx.saved_tensors
+    needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
+    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, meta, ctx.spec, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
+
+
+mlp_site.register_autograd(_backward, setup_context=_setup_context)
+
+
+def create_site(anchor, ordinal: int, name: str, options: Options, d_in: int) -> MlpSite:
+    """The pass's entry point: the site for this MLP, shared across recompiles."""
+    return REGISTRY.get_or_create(
+        "mlp", anchor, ordinal, name, options,
+        factory=lambda site_id: MlpSite(site_id, ordinal, name, anchor, options, d_in, options.ffn_blocks),
+        compatible=lambda s: s.compatible(options, d_in),
+    )
+

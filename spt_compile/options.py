@@ -1,0 +1,114 @@
+"""The backend's options: one dataclass, validated, with help text on every field.
+
+Run-time options are read by each rewritten site every time it runs, so `enable(...)` and
+`disable()` change them without recompiling. Structural options take effect when a graph is compiled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Optional
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+class SptOptionError(ValueError):
+    """An spt option has a bad name or value; the message names the option and the fix."""
+
+
+def _opt(default, help: str, runtime: bool):
+    return field(default=default, metadata={"help": help, "runtime": runtime})
+
+
+@dataclass(frozen=True)
+class Options:
+    # --- run-time: read by every site each call ---
+    density: float = _opt(1 / 8, "Keys kept per query, as a fraction of the sequence's real (unpadded) "
+                          "length; in (0, 1]. 1.0 keeps every allowed key.", True)
+    top_l: Optional[int] = _opt(None, "A fixed number of keys per query (>= 1); overrides density.", True)
+    ffn_active: Optional[int] = _opt(None, "MLP blocks each token uses; default ffn_blocks // 2. "
+                                     "ffn_active == ffn_blocks is exactly the dense MLP.", True)
+    sparse_attention: bool = _opt(True, "Run matched attention sparse (False: exact attention).", True)
+    sparse_ffn: bool = _opt(True, "Run matched MLPs routed (False: every block, i.e. dense).", True)
+    # --- structural: read when a graph is compiled ---
+    ffn_blocks: int = _opt(4, "Blocks the MLP hidden layer is cut into.", False)
+    pq_subspace_dim: int = _opt(8, "Dimensions per product-quantization subspace of a head.", False)
+    pq_codewords: int = _opt(16, "Codewords per PQ subspace (at most 256).", False)
+    calibration_steps: int = _opt(4, "First calls of each site that run dense to collect statistics "
+                                  "(k-means on keys, router fit), in training or not.", False)
+    compiler: str = _opt("inductor", "Downstream compiler for the rewritten graph: "
+                         "'inductor', 'aot_eager' or 'eager'.", False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def active_blocks(self) -> int:
+        return self.ffn_active if self.ffn_active is not None else max(1, self.ffn_blocks // 2)
+
+    def runtime_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["runtime"]}
+
+
+OPTION_NAMES = tuple(f.name for f in fields(Options))
+RUNTIME_NAMES = tuple(f.name for f in fields(Options) if f.metadata["runtime"])
+
+
+def _bad(name: str, want: str, got: Any) -> SptOptionError:
+    return SptOptionError(f"spt option '{name}' must be {want}; got {got!r}")
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(o: Options) -> None:
+    """Checks every field; raises SptOptionError naming the first bad one."""
+    if not isinstance(o.density, (int, float)) or isinstance(o.density, bool) or not (
+        math.isfinite(o.density) and 0 < o.density <= 1
+    ):
+        raise _bad("density", "a float in (0, 1]", o.density)
+    if o.top_l is not None and (not is_int(o.top_l) or o.top_l < 1):
+        raise _bad("top_l", "an int >= 1 or None", o.top_l)
+    for name in ("sparse_attention", "sparse_ffn"):
+        if not isinstance(getattr(o, name), bool):
+            raise _bad(name, "True or False", getattr(o, name))
+    if not is_int(o.ffn_blocks) or o.ffn_blocks < 1:
+        raise _bad("ffn_blocks", "an int >= 1", o.ffn_blocks)
+    if o.ffn_active is not None and (not is_int(o.ffn_active) or not 1 <= o.ffn_active <= o.ffn_blocks):
+        raise _bad("ffn_active", f"an int in [1, ffn_blocks={o.ffn_blocks}] or None", o.ffn_active)
+    if not is_int(o.pq_subspace_dim) or o.pq_subspace_dim < 1:
+        raise _bad("pq_subspace_dim", "an int >= 1", o.pq_subspace_dim)
+    if not is_int(o.pq_codewords) or not 1 <= o.pq_codewords <= 256:
+        raise _bad("pq_codewords", "an int in [1, 256] (codes are stored as uint8)", o.pq_codewords)
+    if not is_int(o.calibration_steps) or o.calibration_steps < 0:
+        raise _bad("calibration_steps", "an int >= 0", o.calibration_steps)
+    if o.compiler not in COMPILERS:
+        raise _bad("compiler", f"one of {', '.join(COMPILERS)}", o.compiler)
+
+
+def check_names(given: Mapping[str, Any], where: str) -> None:
+    for name in given:
+        if name not in OPTION_NAMES:
+            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid options: {', '.join(OPTION_NAMES)}"
+            raise SptOptionError(f"unknown spt option '{name}' in {where}{hint}")
+
+
+def make_options(given: Optional[Mapping[str, Any]] = None, base: Optional[Options] = None,
+                 where: str = "options") -> Options:
+    """Options from a dict of overrides on top of `base` (or the defaults), validated."""
+    given = dict(given or {})
+    check_names(given, where)
+    return replace(base or Options(), **given)
+
+
+def options_help() -> str:
+    """One line per option: name, default, kind, help; for docs and --help texts."""
+    lines = []
+    for f in fields(Options):
+        kind = "run-time" if f.metadata["runtime"] else "structural"
+        lines.append(f"{f.name:18} = {f.default!r:12} ({kind}) {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""Sparse state: one Site per rewritten attention or MLP, kept outside the user's module.
+
+Dynamo lifts parameters into graph inputs and a backend cannot add new ones, and module paths repeat
+when layers are compiled one by one; so a site is keyed by the identity of a weight it reads (its
+*anchor*, e.g. the layer's q or gate projection weight) plus an ordinal. Recompiles (train/eval,
+new shapes) find the same site again. The rewritten op receives the site's integer id.
+
+`state_dict(model)` names each site by its anchor's parameter name in `model`, so the state saves
+beside a normal checkpoint and loads into a fresh process, before or after compiling.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .options import Options
+
+_TAG = re.compile(r"^(?P<name>.+)@(?P<kind>[a-z]+)(?P<ordinal>\d+)/(?P<field>[\w.]+)$")
+
+
+class SptStateError(ValueError):
+    """Saved sparse state that does not fit the model or the compiled sites."""
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    options: Options  # resolved run-time + structural options for this call
+    index: int  # the site's call counter at this call
+    recompute: bool  # a forward re-run inside backward: change nothing
+    dense_forced: bool  # inside spt_compile.disable(): run dense, change nothing
+
+    @property
+    def updates_state(self) -> bool:
+        return not (self.recompute or self.dense_forced)
+
+
+class Site:
+    """Common bookkeeping: call counters, a seed, staged updates and the recompute rule.
+
+    State changes computed during a forward are *staged* and applied at the start of the next
+    forward. So a forward re-run inside backward (activation checkpointing) sees exactly the state,
+    options and seed its original forward saw, and makes the same choices."""
+
+    kind = "site"
+
+    def __init__(self, site_id: int, ordinal: int, name: str, anchor: Optional[Tensor], options: Options):
+        self.site_id = site_id
+        self.ordinal = ordinal
+        self.name = name  # module path, for messages and explain()
+        self._anchor = weakref.ref(anchor) if anchor is not None else None
+        self.options = options  # structural options this site was built with
+        self.seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: follows manual_seed
+        self.calls = 0
+        self.train_calls = 0
+        self._staged: list[Callable[[], None]] = []
+        self._last: Optional[CallPlan] = None
+        self.quality: dict[str, float] = {}
+
+    @property
+    def anchor(self) -> Optional[Tensor]:
+        return self._anchor() if self._anchor is not None else None
+
+    # --- one call ---------------------------------------------------------------------------
+    def begin(self, options: Options, dense_forced: bool) -> "CallPlan":
+        """How this call runs. A call made while autograd runs a backward pass is a recompute of the
+        last forward (activation checkpointing): it replays that forward's plan exactly."""
+        if torch._C._current_graph_task_id() != -1 and self._last is not None:
+            return replace(self._last, recompute=True)
+        if not dense_forced:
+            self.apply_staged()
+        plan = CallPlan(options, self.calls, recompute=False, dense_forced=dense_forced)
+        self._last = plan
+        return plan
+
+    def end(self, plan: "CallPlan", training: bool) -> None:
+        if plan.updates_state:
+            self.calls += 1
+            self.train_calls += int(training)
+
+    def stage(self, update: Callable[[], None]) -> None:
+        self._staged.append(update)
+
+    def apply_staged(self) -> None:
+        staged, self._staged = self._staged, []
+        for update in staged:
+            update()
+
+    def call_seed(self, index: int) -> int:
+        return (self.seed * 6364136223846793005 + index * 1442695040888963407) % (2**62)
+
+    def calibrating(self, plan: CallPlan) -> bool:
+        return plan.index < plan.options.calibration_steps
+
+    def note_quality(self, **values: float) -> None:
+        """Exponential moving averages of probe results (the first probe sets them)."""
+        n = self.quality.get("probes", 0.0)
+        for key, value in values.items():
+            old = self.quality.get(key)
+            self.quality[key] = value if old is None else 0.8 * old + 0.2 * value
+        self.quality["probes"] = n + 1
+
+    # --- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        self.apply_staged()
+        out = {
+            "calls": torch.tensor(self.calls),
+            "train_calls": torch.tensor(self.train_calls),
+            "seed": torch.tensor(self.seed),
+        }
+        out.update({f"quality.{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.quality.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._staged.clear()
+        self._last = None
+        self.calls = int(state["calls"])
+        self.train_calls = int(state["train_calls"])
+        self.seed = int(state["seed"])
+        self.quality = {k[len("quality."):]: float(v) for k, v in state.items() if k.startswith("quality.")}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "calls": self.calls, "train_calls": self.train_calls,
+                **{k: round(v, 4) for k, v in self.quality.items()}}
+
+
+class Registry:
+    """All sites of this process, found by (kind, anchor tensor, ordinal)."""
+
+    def __init__(self) -> None:
+        self.sites: list[Site] = []
+        self._by_anchor: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._by_name: dict[tuple[str, str, int], int] = {}
+        self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded before the site existed
+        self.configs: list[Options] = []
+        self._config_ids: dict[Options, int] = {}
+
+    def config_id(self, options: Options) -> int:
+        """Options travel through the graph as a small int (custom ops take no dataclasses)."""
+        if options not in self._config_ids:
+            self._config_ids[options] = len(self.configs)
+            self.configs.append(options)
+        return self._config_ids[options]
+
+    def find(self, kind: str, anchor: Optional[Tensor], ordinal: int, name: str) -> Optional[Site]:
+        if anchor is not None:
+            site_id = self._by_anchor.get(anchor, {}).get((kind, ordinal))
+        else:
+            site_id = self._by_name.get((kind, name, ordinal))
+        return None if site_id is None else self.sites[site_id]
+
+    def get_or_create(
+        self,
+        kind: str,
+        anchor: Optional[Tensor],
+        ordinal: int,
+        name: str,
+        options: Options,
+        factory: Callable[[int], Site],
+        compatible: Callable[[Site], bool],
+    ) -> Site:
+        """The site for this key; built by factory(site_id) the first time. A site built with
+        incompatible structural options is replaced (its statistics no longer apply)."""
+        site = self.find(kind, anchor, ordinal, name)
+        if site is not None and compatible(site):
+            return site
+        site = factory(len(self.sites))
+        self.sites.append(site)
+        if anchor is not None:
+            self._by_anchor.setdefault(anchor, {})[(kind, ordinal)] = site.site_id
+            pending = self._pending.get(anchor, {}).pop((kind, ordinal), None)
+            if pending is not None:
+                site.load_state_dict(pending)
+        else:
+            self._by_name[(kind, name, ordinal)] = site.site_id
+        return site
+
+    def __getitem__(self, site_id: int) -> Site:
+        return self.sites[site_id]
+
+
+REGISTRY = Registry()
+
+
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Parameter and buffer names as the user's model spells them (compiled wrappers removed)."""
+    out = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        out.setdefault(name.replace("_orig_mod.", ""), t)
+    return out
+
+
+def model_sites(model: nn.Module) -> list[tuple[str, Site]]:
+    """Sites anchored to this model's tensors, with their state-dict prefix."""
+    by_id = {id(t): name for name, t in reversed(list(_named_tensors(model).items()))}
+    found = []
+    for site in REGISTRY.sites:
+        anchor = site.anchor
+        if anchor is not None and id(anchor) in by_id:
+            current = REGISTRY.find(site.kind, anchor, site.ordinal, site.name)
+            if current is site:  # skip sites replaced by a recompile with other structural options
+                found.append((f"{by_id[id(anchor)]}@{site.kind}{site.ordinal}", site))
+    return found
+
+
+def state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The sparse state of every site anchored in `model`: a flat dict of tensors, safe for
+    torch.save or safetensors, keyed `<parameter name>@<kind><ordinal>/<field>`."""
+    out: dict[str, Tensor] = {}
+    for prefix, site in model_sites(model):
+        for key, value in site.state_dict().items():
+            out[f"{prefix}/{key}"] = value.detach().cpu()
+    for name, t in _named_tensors(model).items():  # loaded but not yet compiled: keep it
+        for (kind, ordinal), fields in REGISTRY._pending.get(t, {}).items():
+            for key, value in fields.items():
+                out.setdefault(f"{name}@{kind}{ordinal}/{key}", value)
+    return out
+
+
+def load_state_dict(model: nn.Module, state: dict[str, Tensor], strict: bool = True) -> None:
+    """Restore sparse state saved by state_dict(). Sites not compiled yet receive it when they are.
+    strict: every entry must name a tensor of `model` (else SptStateError lists the unknown ones)."""
+    tensors = _named_tensors(model)
+    grouped: dict[tuple[str, str, int], dict[str, Tensor]] = defaultdict(dict)
+    unknown = []
+    for key, value in state.items():
+        m = _TAG.match(key)
+        if m is None or m["name"] not in tensors:
+            unknown.append(key)
+            continue
+        grouped[(m["name"], m["kind"], int(m["ordinal"]))][m["field"]] = value
+    if unknown and strict:
+        raise SptStateError(
+            f"{len(unknown)} sparse-state entries do not match this model, e.g. {unknown[:3]}; was the state "
+            "saved from another model, or with a different adapter setup? Pass strict=False to skip them.")
+    for (name, kind, ordinal), fields in grouped.items():
+        anchor = tensors[name]
+        site = REGISTRY.find(kind, anchor, ordinal, "")
+        if site is not None:
+            site.load_state_dict(fields)
+        else:
+            REGISTRY._pending.setdefault(anchor, {})[(kind, ordinal)] = fields
+
+
+def report(model: nn.Module) -> list[dict[str, Any]]:
+    """Per site: name, call counts and calibration quality (attention: recall of the true top-L
+    keys and share of attention mass kept; MLP: share of the dense output captured)."""
+    return [{"key": prefix, **site.describe()} for prefix, site in model_sites(model)]

@@ -1,0 +1,151 @@
+"""Product quantization of keys and PQ-guided key selection (plain PyTorch path).
+
+Each head dimension D is split into S = D / dsub subspaces; each subspace has K codewords, so a key
+is stored as S small codes and decodes to k_hat. The selection proxy is the asymmetric inner product
+q . k_hat = sum_s q_s . codeword_s[code_s] (exact query, quantized key).
+
+Shapes: codebooks [Hkv, S, K, dsub]; keys [B, Hkv, Nk, D]; codes [B, Hkv, Nk, S] (uint8).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# An additive mask value at or below this forbids the key: HF masks use finfo.min, old BERT -10000;
+# exp(-1e4) is 0 in fp32, so dense attention gives such a key no weight either.
+MASK_FORBIDDEN_AT_OR_BELOW = -1.0e4
+
+# Elements of one [B, H, C, Nk] proxy-score chunk (64 MiB in fp32).
+_SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+def kmeans(x: Tensor, K: int, iters: int = 10, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Independent k-means problems in a batch: x [M, n, d] -> centroids [M, K, d] (Lloyd's, fp32).
+    Starts from K distinct random samples (repeated when n < K); empty clusters keep their centroid."""
+    M, n, d = x.shape
+    x = x.float()
+    order = torch.rand(M, n, generator=generator, device="cpu").argsort(dim=1).to(x.device)
+    pick = order[:, torch.arange(K, device=x.device) % max(n, 1)]  # [M, K]
+    c = torch.gather(x, 1, pick[..., None].expand(M, K, d)).clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(dim=-1)  # [M, n]
+        sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand(M, n, d), x)
+        counts = torch.zeros(M, K, device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float32))
+        c = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], c)
+    return c
+
+
+def fit_codebooks(keys: Tensor, dsub: int, K: int, iters: int = 10, generator=None) -> Tensor:
+    """k-means codebooks per kv head and subspace: keys [Hkv, n, D] -> [Hkv, S, K, dsub]."""
+    Hkv, n, D = keys.shape
+    S = D // dsub
+    sub = keys.view(Hkv, n, S, dsub).permute(0, 2, 1, 3).reshape(Hkv * S, n, dsub)
+    return kmeans(sub, K, iters, generator).view(Hkv, S, K, dsub)
+
+
+def pq_encode(keys: Tensor, codebooks: Tensor) -> Tensor:
+    """Nearest codeword per subspace: keys [B, Hkv, Nk, D] -> codes [B, Hkv, Nk, S] uint8."""
+    B, Hkv, Nk, D = keys.shape
+    _, S, K, dsub = codebooks.shape
+    xs = keys.float().view(B, Hkv, Nk, S, dsub)
+    cb = codebooks.float()
+    # ||x - c||^2 up to the per-key constant ||x||^2
+    dist = (cb * cb).sum(-1)[None, :, None] - 2 * torch.einsum("bhnsd,hskd->bhnsk", xs, cb)
+    return dist.argmin(dim=-1).to(torch.uint8)
+
+
+def pq_decode(codes: Tensor, codebooks: Tensor) -> Tensor:
+    """codes [B, Hkv, Nk, S] -> reconstructed keys [B, Hkv, Nk, D] (fp32)."""
+    B, Hkv, Nk, S = codes.shape
+    dsub = codebooks.shape[-1]
+    h = torch.arange(Hkv, device=codes.device).view(1, Hkv, 1, 1)
+    s = torch.arange(S, device=codes.device).view(1, 1, 1, S)
+    return codebooks.float()[h, s, codes.long()].reshape(B, Hkv, Nk, S * dsub)
+
+
+def ema_update(codebooks: Tensor, keys: Tensor, decay: float) -> Tensor:
+    """One online k-means step: move each codeword toward the mean of the keys assigned to it.
+    keys [Hkv, n, D]; codewords with no keys stay where they are."""
+    Hkv, n, D = keys.shape
+    _, S, K, dsub = codebooks.shape
+    codes = pq_encode(keys[None], codebooks)[0].long()  # [Hkv, n, S]
+    xs = keys.float().view(Hkv, n, S, dsub)
+    onehot = torch.nn.functional.one_hot(codes, K).float()  # [Hkv, n, S, K]
+    counts = onehot.sum(1)  # [Hkv, S, K]
+    sums = torch.einsum("hnsk,hnsd->hskd", onehot, xs)
+    means = sums / counts.clamp(min=1)[..., None]
+    moved = decay * codebooks.float() + (1 - decay) * means
+    return torch.where(counts[..., None] > 0, moved, codebooks.float())
+
+
+def _allowed_chunk(mask: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
+    """True where the explicit mask allows a key, for query rows r0:r1 (broadcast dims kept)."""
+    if mask is None:
+        return None
+    m = mask[:, :, r0:r1] if mask.shape[2] != 1 else mask
+    return m if m.dtype == torch.bool else m > MASK_FORBIDDEN_AT_OR_BELOW
+
+
+def real_key_mask(mask: Tensor, B: int, Nk: int) -> Tensor:
+    """Keys that some query may attend, i.e. not padding: [B, Nk] bool. The 4-D mask
+    [B|1, H|1, N|1, Nk] is read in row chunks, so no full-size temporary is made."""
+    rows = mask.shape[2]
+    step = max(1, _SCORE_CHUNK_ELEMENTS // max(1, mask.shape[0] * mask.shape[1] * Nk))
+    any_allowed = torch.zeros(mask.shape[0], Nk, dtype=torch.bool, device=mask.device)
+    for r0 in range(0, rows, step):
+        any_allowed |= _allowed_chunk(mask, r0, min(rows, r0 + step)).any(dim=2).any(dim=1)
+    return any_allowed.expand(B, Nk)
+
+
+def keys_per_query(lengths: Tensor, density: float, top_l: Optional[int]) -> Tensor:
+    """L_b per sequence from its real key count [B]: top_l, or ceil(density x length), at least 1
+    when the sequence has keys, never more than it has."""
+    if top_l is not None:
+        return torch.clamp(lengths, max=top_l)
+    return torch.clamp(torch.ceil(lengths.double() * density).long(), min=1).minimum(lengths)
+
+
+def select_keys(
+    q: Tensor,
+    k_proxy: Tensor,
+    scale: float,
+    per_batch_l: Tensor,
+    is_causal: bool,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Top-L keys per query by proxy score q . k_proxy * scale (+ additive mask), never a forbidden
+    key (after the query when causal, masked, or beyond the slots of its sequence's L_b).
+
+    q [B, H, N, D]; k_proxy [B, Hkv, Nk, D]; per_batch_l [B]; mask bool (True = allowed) or additive,
+    broadcastable to [B, H, N, Nk]. Returns indices [B, H, N, L] int32, L = max L_b, -1 unused."""
+    B, H, N, D = q.shape
+    Hkv, Nk = k_proxy.shape[1], k_proxy.shape[2]
+    G = H // Hkv
+    L = int(per_batch_l.max()) if per_batch_l.numel() else 0
+    indices = torch.full((B, H, N, L), -1, dtype=torch.int32, device=q.device)
+    if L == 0 or N == 0:
+        return indices
+    slot_unused = (torch.arange(L).view(1, L) >= per_batch_l.view(B, 1)).to(q.device).view(B, 1, 1, L)
+    kp_t = k_proxy.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
+    C = max(1, min(N, _SCORE_CHUNK_ELEMENTS // max(1, B * H * Nk)))
+    key_pos = torch.arange(Nk, device=q.device)
+    for r0 in range(0, N, C):
+        r1 = min(N, r0 + C)
+        qc = q[:, :, r0:r1].float().reshape(B, Hkv, G * (r1 - r0), D)
+        s = (qc @ kp_t).view(B, H, r1 - r0, Nk) * scale
+        allowed = _allowed_chunk(mask, r0, r1)
+        if mask is not None and mask.dtype != torch.bool:
+            s = s + (mask[:, :, r0:r1] if mask.shape[2] != 1 else mask).float()
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        if is_causal:
+            future = key_pos.view(1, Nk) > torch.arange(r0, r1, device=q.device).view(-1, 1)
+            s = s.masked_fill(future, float("-inf"))
+        vals, idx = s.topk(L, dim=-1)
+        idx = idx.masked_fill(torch.isneginf(vals) | slot_unused, -1)
+        indices[:, :, r0:r1] = idx.to(torch.int32)
+    return indices
+

@@ -1,0 +1,75 @@
+"""Plain references for the fast ops, with the same signatures. Tests compare against these.
+
+They favour obviousness over memory: sparse_attention_reference builds the full [N, Nk] score
+matrix, routed_mlp_reference loops over tokens. Gradients come from autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .routed_mlp import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds
+
+
+def sparse_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None
+) -> Tensor:
+    """Dense softmax restricted to each row's listed keys; rows with no keys give zeros."""
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if scale is None:
+        scale = D**-0.5
+    k_full = k.repeat_interleave(G, dim=1).float()  # [B, H, Nk, D]
+    v_full = v.repeat_interleave(G, dim=1).float()
+    allowed = torch.zeros(B, H, N, Nk + 1, dtype=torch.bool, device=q.device)
+    # slot -1 lands in the extra column Nk, which is dropped below
+    allowed.scatter_(-1, torch.where(indices < 0, Nk, indices).long(), True)
+    allowed = allowed[..., :Nk]
+    s = (q.float() @ k_full.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no keys
+    return (p @ v_full).to(q.dtype)
+
+
+def routed_mlp_reference(
+    x: Tensor, weights: MlpWeights, spec: MlpSpec, block_mask: Tensor
+) -> Tensor:
+    """y_t = sum over the blocks b chosen for token t of block b's output, plus the output bias.
+
+    x [T, d_in]; block_mask [T, n_blocks] bool. No LoRA dropout (the reference is deterministic)."""
+    act = ACTIVATIONS[spec.activation]
+    bounds = block_bounds(spec.hidden, spec.n_blocks)
+    w = weights
+
+    def project(xt: Tensor, W, b, A, Bm, scale: float, layout: str) -> Tensor:
+        y = xt @ (W if layout == "io" else W.t())
+        if b is not None:
+            y = y + b
+        if A is not None:
+            y = y + (xt @ A.t()) @ Bm.t() * scale
+        return y
+
+    rows = []
+    for t in range(x.shape[0]):
+        xt = x[t : t + 1]
+        h = project(xt, w.in_w, w.in_b, w.in_a, w.in_bb, spec.in_scale, spec.in_layout)
+        if spec.gated:
+            h = act(project(xt, w.gate_w, w.gate_b, w.gate_a, w.gate_bb, spec.gate_scale, spec.gate_layout)) * h
+        else:
+            h = act(h)
+        keep = torch.zeros(spec.hidden, dtype=h.dtype, device=h.device)
+        for b, (lo, hi) in enumerate(bounds):
+            if block_mask[t, b]:
+                keep[lo:hi] = 1.0
+        h = h * keep
+        rows.append(project(h, w.out_w, w.out_b, w.out_a, w.out_bb, spec.out_scale, spec.out_layout))
+    if not rows:
+        d_out = w.out_w.shape[1] if spec.out_layout == "io" else w.out_w.shape[0]
+        return x.new_zeros(0, d_out)
+    return torch.cat(rows)
+

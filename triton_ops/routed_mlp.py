@@ -1,0 +1,321 @@
+"""Routed two-layer MLP: each token runs only its chosen blocks of the hidden layer.
+
+The hidden layer (size F) is cut into `n_blocks` contiguous blocks. A token's chosen blocks contribute
+with weight 1 (hard routing), so with every block chosen this *is* the dense MLP:
+
+    plain:  y = out( act(in(x)) )                 e.g. BERT / GPT-2 / OPT
+    gated:  y = out( act(gate(x)) * in(x) )       e.g. LLaMA's SwiGLU: gate_proj, up_proj, down_proj
+
+Each projection is `x W^T + b` (layout "oi", nn.Linear) or `x W + b` (layout "io", GPT-2's Conv1D),
+optionally plus a LoRA delta `(dropout(x) A^T) B^T * scale`. Block b uses rows lo:hi of the in/gate
+weights, biases and LoRA B, and columns lo:hi of the out weight and LoRA A; the out bias is added once.
+
+Shapes: x [T, d_in], block_mask [T, n_blocks] bool, y [T, d_out].
+
+This is the plain PyTorch path: tokens are grouped by block (one gather per block, one GEMM per
+projection per block, one scatter-add), and backward recomputes each block's intermediates under
+autograd instead of saving them, so only x and the [T, n_blocks] mask are kept for backward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# Activations the MLP pass recognises, by the name recorded in MlpSpec.activation.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "quick_gelu": _quick_gelu,
+}
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    """Static description of one matched MLP; travels through the graph as a string."""
+
+    activation: str
+    gated: bool
+    hidden: int  # F, the intermediate size
+    n_blocks: int
+    in_layout: str = "oi"
+    gate_layout: str = "oi"
+    out_layout: str = "oi"
+    in_scale: float = 1.0  # LoRA scalings
+    gate_scale: float = 1.0
+    out_scale: float = 1.0
+    in_dropout: float = 0.0  # LoRA dropout probabilities (0 when traced in eval mode)
+    gate_dropout: float = 0.0
+    out_dropout: float = 0.0
+
+    def to_str(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    @lru_cache(maxsize=None)
+    def from_str(text: str) -> "MlpSpec":
+        return MlpSpec(**json.loads(text))
+
+
+class MlpWeights(NamedTuple):
+    """The twelve parameter slots of a routed MLP (None where a projection has no such tensor).
+    `*_a` / `*_bb` are the LoRA A [r, in] and B [out, r] factors."""
+
+    in_w: Optional[Tensor] = None
+    in_b: Optional[Tensor] = None
+    in_a: Optional[Tensor] = None
+    in_bb: Optional[Tensor] = None
+    gate_w: Optional[Tensor] = None
+    gate_b: Optional[Tensor] = None
+    gate_a: Optional[Tensor] = None
+    gate_bb: Optional[Tensor] = None
+    out_w: Optional[Tensor] = None
+    out_b: Optional[Tensor] = None
+    out_a: Optional[Tensor] = None
+    out_bb: Optional[Tensor] = None
+
+
+def block_bounds(hidden: int, n_blocks: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal blocks covering 0..hidden."""
+    edges = [round(i * hidden / n_blocks) for i in range(n_blocks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def out_features(w: MlpWeights, spec: MlpSpec) -> int:
+    return w.out_w.shape[1] if spec.out_layout == "io" else w.out_w.shape[0]
+
+
+def _slot_slice(slot: str, spec: MlpSpec) -> Optional[int]:
+    """The dimension of a slot's tensor that is cut by hidden-layer blocks (None: used whole)."""
+    proj, part = slot.split("_")
+    layout = getattr(spec, f"{proj}_layout")
+    if proj in ("in", "gate"):  # hidden units are this projection's outputs
+        return {"w": 0 if layout == "oi" else 1, "b": 0, "a": None, "bb": 0}[part]
+    return {"w": 1 if layout == "oi" else 0, "b": None, "a": 1, "bb": None}[part]  # out: hidden are inputs
+
+
+def _block_weights(w: MlpWeights, spec: MlpSpec, lo: int, hi: int) -> MlpWeights:
+    """The slices of every slot that block lo:hi uses (the out bias is left to the caller)."""
+    sliced = {}
+    for slot, t in w._asdict().items():
+        dim = _slot_slice(slot, spec)
+        if t is None or slot == "out_b":
+            sliced[slot] = None
+        else:
+            sliced[slot] = t if dim is None else t.narrow(dim, lo, hi - lo)
+    return MlpWeights(**sliced)
+
+
+def _project(x: Tensor, W: Tensor, layout: str) -> Tensor:
+    return F.linear(x, W) if layout == "oi" else x @ W
+
+
+def _lora(x: Tensor, A: Optional[Tensor], Bm: Optional[Tensor], scale: float) -> Optional[Tensor]:
+    return None if A is None else F.linear(F.linear(x, A), Bm) * scale
+
+
+def _block_forward(
+    xb: Tensor, lx_in: Tensor, lx_gate: Tensor, wb: MlpWeights, spec: MlpSpec, out_keep: Optional[Tensor]
+) -> Tensor:
+    """One block's contribution to y for its tokens: xb [Tb, d_in] -> [Tb, d_out].
+    lx_* are the LoRA inputs (x after LoRA dropout); out_keep the down-LoRA dropout scale [Tb, Fb]."""
+    act = ACTIVATIONS[spec.activation]
+    h = _project(xb, wb.in_w, spec.in_layout)  # [Tb, Fb]
+    if wb.in_b is not None:
+        h = h + wb.in_b
+    if (d := _lora(lx_in, wb.in_a, wb.in_bb, spec.in_scale)) is not None:
+        h = h + d
+    if spec.gated:
+        g = _project(xb, wb.gate_w, spec.gate_layout)
+        if wb.gate_b is not None:
+            g = g + wb.gate_b
+        if (d := _lora(lx_gate, wb.gate_a, wb.gate_bb, spec.gate_scale)) is not None:
+            g = g + d
+        h = act(g) * h
+    else:
+        h = act(h)
+    y = _project(h, wb.out_w, spec.out_layout)  # [Tb, d_out]
+    if wb.out_a is not None:
+        y = y + _lora(h if out_keep is None else h * out_keep, wb.out_a, wb.out_bb, spec.out_scale)
+    return y
+
+
+def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optional[Tensor]:
+    """Inverted-dropout scale (0 or 1/(1-p)), reproducible from (seed, stream) in backward."""
+    if p <= 0.0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + stream) % (2**63 - 1))
+    return (torch.rand(shape, generator=gen, device=device) >= p).to(dtype) / (1.0 - p)
+
+
+def _lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """LoRA dropout on x for the in and gate projections (independent masks, as PEFT's modules)."""
+    keep_in = _keep_scale(x.shape, spec.in_dropout, seed, 1, x.device, x.dtype)
+    keep_gate = _keep_scale(x.shape, spec.gate_dropout, seed, 2, x.device, x.dtype) if spec.gated else None
+    return keep_in, keep_gate
+
+
+def _out_keep(n_tokens: int, lo: int, hi: int, spec: MlpSpec, seed: int, block: int, x: Tensor):
+    return _keep_scale((n_tokens, hi - lo), spec.out_dropout, seed, 16 + block, x.device, x.dtype)
+
+
+def route_tokens(block_mask: Tensor) -> tuple[Tensor, list[int]]:
+    """Routing metadata in one place: token ids sorted by block, and tokens per block.
+    block_mask [T, n_blocks] bool -> (tokens [sum of counts] int64, counts per block)."""
+    T = block_mask.shape[0]
+    counts = block_mask.sum(0).tolist()  # the one host sync that sizes everything below
+    order = block_mask.t().reshape(-1).nonzero().squeeze(1)  # sorted by block, then token
+    return order % max(T, 1), counts
+
+
+def routed_mlp_forward(
+    x: Tensor,
+    w: MlpWeights,
+    spec: MlpSpec,
+    block_mask: Tensor,
+    seed: int = 0,
+    block_norms: Optional[Tensor] = None,
+) -> Tensor:
+    """y [T, d_out]. If `block_norms` ([T, n_blocks]) is given, it receives ||block output|| per
+    routed token (the router's calibration target) at no extra cost."""
+    T = x.shape[0]
+    y = x.new_zeros(T, out_features(w, spec))
+    keep_in, keep_gate = _lora_input_scales(x, spec, seed)
+    tokens, counts = route_tokens(block_mask)
+    start = 0
+    for b, (lo, hi) in enumerate(block_bounds(spec.hidden, spec.n_blocks)):
+        n = counts[b]
+        tok = tokens[start : start + n]
+        start += n
+        if n == 0:
+            continue
+        every = n == T  # no gather needed when the block serves every token
+        xb = x if every else x[tok]
+        lx_in = xb if keep_in is None else xb * (keep_in if every else keep_in[tok])
+        lx_gate = xb if keep_gate is None else xb * (keep_gate if every else keep_gate[tok])
+        yb = _block_forward(xb, lx_in, lx_gate, _block_weights(w, spec, lo, hi), spec,
+                            _out_keep(n, lo, hi, spec, seed, b, x))
+        if block_norms is not None:
+            block_norms[tok, b] = yb.detach().float().norm(dim=-1).to(block_norms.dtype)
+        if every:
+            y += yb
+        else:
+            y.index_add_(0, tok, yb)
+    if w.out_b is not None:
+        y += w.out_b
+    return y
+
+
+def routed_mlp_backward(
+    dy: Tensor,
+    x: Tensor,
+    w: MlpWeights,
+    spec: MlpSpec,
+    block_mask: Tensor,
+    seed: int,
+    needs_x: bool,
+    needs: MlpWeights,
+) -> tuple[Optional[Tensor], MlpWeights]:
+    """Gradients of routed_mlp_forward: (dx, grads per slot). `needs` holds a bool per slot;
+    slots not needed (or absent) get None. Each block's intermediates are recomputed here."""
+    T = x.shape[0]
+    dx = torch.zeros_like(x, dtype=torch.float32) if needs_x else None
+    grads = {
+        slot: torch.zeros_like(t, dtype=torch.float32) if (t is not None and need) else None
+        for (slot, t), need in zip(w._asdict().items(), needs)
+    }
+    keep_in, keep_gate = _lora_input_scales(x, spec, seed)
+    tokens, counts = route_tokens(block_mask)
+    start = 0
+    for b, (lo, hi) in enumerate(block_bounds(spec.hidden, spec.n_blocks)):
+        n = counts[b]
+        tok = tokens[start : start + n]
+        start += n
+        if n == 0:
+            continue
+        every = n == T
+        xb = x if every else x[tok]
+        k_in = None if keep_in is None else (keep_in if every else keep_in[tok])
+        k_gate = None if keep_gate is None else (keep_gate if every else keep_gate[tok])
+        wb = _block_weights(w, spec, lo, hi)
+        wanted = [s for s, t in wb._asdict().items() if t is not None and grads[s] is not None]
+
+        def block(*primals, xb=xb, wb=wb, wanted=wanted, k_in=k_in, k_gate=k_gate):
+            # primals: xb (if dx is needed), then the wanted weight slices. LoRA inputs derive
+            # from xb here, so their gradients reach x through the dropout scale.
+            xv = primals[0] if needs_x else xb
+            slots = wb._replace(**dict(zip(wanted, primals[int(needs_x):])))
+            lx_in = xv if k_in is None else xv * k_in
+            lx_gate = xv if k_gate is None else xv * k_gate
+            return _block_forward(xv, lx_in, lx_gate, slots, spec, _out_keep(n, lo, hi, spec, seed, b, x))
+
+        primals = ([xb] if needs_x else []) + [getattr(wb, s) for s in wanted]
+        if not primals:
+            continue
+        # torch.func.vjp, not autograd.grad: inside a custom op's kernel autograd records nothing.
+        _, vjp = torch.func.vjp(block, *primals)
+        g = vjp(dy if every else dy[tok])
+        if needs_x:
+            if every:
+                dx += g[0]
+            else:
+                dx.index_add_(0, tok, g[0].float())
+            g = g[1:]
+        for slot, gs in zip(wanted, g):
+            dim = _slot_slice(slot, spec)
+            target = grads[slot] if dim is None else grads[slot].narrow(dim, lo, hi - lo)
+            target += gs
+    if grads["out_b"] is not None:
+        grads["out_b"] += dy.float().sum(0)
+    cast = {s: (None if g is None else g.to(getattr(w, s).dtype)) for s, g in grads.items()}
+    return (None if dx is None else dx.to(x.dtype)), MlpWeights(**cast)
+
+
+def block_outputs(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
+    """Every block's output for every token, without dropout or out bias: [T, n_blocks, d_out].
+    Used on small token samples to fit the router and measure what routing keeps."""
+    outs = []
+    for lo, hi in block_bounds(spec.hidden, spec.n_blocks):
+        outs.append(_block_forward(x, x, x, _block_weights(w, spec, lo, hi), spec, None))
+    return torch.stack(outs, dim=1)
+
+
+class _RoutedMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, block_mask, spec, seed, *slots):
+        w = MlpWeights(*slots)
+        ctx.save_for_backward(x, block_mask, *[t if t is not None else torch.empty(0) for t in slots])
+        ctx.present = [t is not None for t in slots]
+        ctx.spec, ctx.seed = spec, seed
+        return routed_mlp_forward(x, w, spec, block_mask, seed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, block_mask, *saved = ctx.saved_tensors
+        w = MlpWeights(*[t if p else None for t, p in zip(saved, ctx.present)])
+        needs = MlpWeights(*ctx.needs_input_grad[4:])
+        dx, grads = routed_mlp_backward(dy, x, w, ctx.spec, block_mask, ctx.seed, ctx.needs_input_grad[0], needs)
+        return (dx, None, None, None, *grads)
+
+
+def routed_mlp(x: Tensor, weights: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int = 0) -> Tensor:
+    """Differentiable routed MLP (see the module docstring): x [T, d_in], block_mask [T, n_blocks]
+    bool -> y [T, d_out]. Same signature as reference.routed_mlp_reference, plus the dropout seed."""
+    if block_mask.shape != (x.shape[0], spec.n_blocks) or block_mask.dtype != torch.bool:
+        raise ValueError(f"routed_mlp: block_mask must be bool [{x.shape[0]}, {spec.n_blocks}]; "
+                         f"got {block_mask.dtype} {tuple(block_mask.shape)}")
+    return _RoutedMlp.apply(x, block_mask, spec, seed, *weights)
