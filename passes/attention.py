@@ -32,6 +32,7 @@ from .fx_utils import (
 from .report import GraphReport, SiteReport
 
 FORBIDDING_FILL = -1.0e4  # a masked_fill / where value at or below this removes the key
+CASTS = ("to", "float", "type", "type_as")
 
 
 class Reject(Exception):
@@ -146,7 +147,7 @@ def _parse_scores(n) -> Optional[_Scores]:
         if found is None:
             return None
         return _Scores(n.args[0], found[0], nodes={n, found[1]})
-    if name in ("to", "float", "contiguous"):
+    if name in CASTS or name == "contiguous":
         r = _parse_scores(n.args[0])
     elif name in ("mul", "div"):
         r = None
@@ -200,7 +201,7 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
             if isinstance(a["p"], Node) or isinstance(a["training"], Node):
                 raise Reject("attention dropout probability is computed in the graph")
             dropout_p = float(a["p"]) if a["training"] else 0.0
-        elif op(p) not in ("to", "float", "type_as"):
+        elif op(p) not in CASTS:
             break
         nodes.add(p)
         p = p.args[0]
@@ -321,11 +322,20 @@ def _anchor_weight(start: Node, resolver: TensorResolver, depth: int = 16) -> Op
     return None
 
 
+def _upstream(node: Node, hops: int) -> set[Node]:
+    found, frontier = set(), [node]
+    for _ in range(hops):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        found.update(frontier)
+    return found
+
+
 def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: GraphReport, apply: bool,
         ordinals: dict) -> None:
     from spt_compile.attention_site import create_site
 
     graph = gm.graph
+    softmaxes = {n for n in graph.nodes if op(n) == "softmax" and len(shape(n) or ()) == 4}
     for node in list(graph.nodes):
         if node.graph is not graph:  # erased by an earlier rewrite
             continue
@@ -337,8 +347,10 @@ def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: Gra
             m = match_sdpa(node) if name == "sdpa" else match_matmul_softmax(node)
             if m is None:
                 continue
+            softmaxes -= m.nodes
             check(m, options)
         except Reject as why:
+            softmaxes -= _upstream(node, 4)  # its softmax is reported here, not again below
             report.sites.append(SiteReport("attention", "dense", pattern, module_path(node), reason=str(why)))
             continue
         path = module_path(node)
@@ -369,3 +381,7 @@ def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: Gra
                 out.meta.update(m.output.meta)
         m.output.replace_all_uses_with(out)
         entry.replaced = [n.name for n in erase_unused(graph, m.nodes)]
+    for n in softmaxes:  # a softmax over scores whose way to V was not recognised
+        report.sites.append(SiteReport(
+            "attention", "dense", "softmax", module_path(n),
+            reason="4-D softmax whose path to matmul(P, V) is not a recognised form (casts, dropout)"))

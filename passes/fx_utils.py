@@ -42,7 +42,7 @@ _FUNCTIONS: dict[Any, str] = {
 # Element-wise ops an activation may be written with (GPT-2's tanh-GELU is mul/pow/tanh/add).
 POINTWISE = {
     "add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "erf", "exp", "sqrt", "rsqrt", "abs",
-    "relu", "gelu", "silu", "leaky_relu", "softplus", "mish", "hardswish", "elu", "to", "float",
+    "relu", "gelu", "silu", "leaky_relu", "softplus", "mish", "hardswish", "elu", "to", "float", "type",
     "contiguous", "clamp", "rsub",
 }
 

@@ -61,7 +61,7 @@ class Projection:
 
 
 def _noop_cast(n: Node) -> bool:
-    if op(n) not in ("to", "float", "type_as", "contiguous"):
+    if op(n) not in ("to", "float", "type", "type_as", "contiguous"):
         return False
     a, b = val(n.args[0]), val(n)
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
