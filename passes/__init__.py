@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 from spt_compile.options import Options
 
 from . import attention, mlp
-from .fx_utils import TensorResolver, op
+from .fx_utils import op
 from .report import GraphReport, SiteReport
 
 __all__ = ["rewrite_graph", "GraphReport", "SiteReport"]
@@ -24,20 +24,18 @@ __all__ = ["rewrite_graph", "GraphReport", "SiteReport"]
 
 def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool = True) -> GraphReport:
     report = GraphReport()
-    _rewrite(gm, TensorResolver(gm, example_inputs), options, report, apply, ordinals={})
+    _rewrite(gm, options, report, apply, ordinals={})
     return report
 
 
-def _rewrite(gm: GraphModule, resolver: TensorResolver, options: Options, report: GraphReport,
-             apply: bool, ordinals: dict) -> None:
+def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
     for node in list(gm.graph.nodes):
         if op(node) == "checkpoint" and node.args and getattr(node.args[0], "op", None) == "get_attr":
             body = getattr(gm, node.args[0].target)
             if isinstance(body, GraphModule):
-                inner = TensorResolver(body, None, parent=(resolver, list(node.args[1:])))
-                _rewrite(body, inner, options, report, apply, ordinals)
-    attention.run(gm, resolver, options, report, apply, ordinals)
-    mlp.run(gm, resolver, options, report, apply, ordinals)
+                _rewrite(body, options, report, apply, ordinals)
+    attention.run(gm, options, report, apply, ordinals)
+    mlp.run(gm, options, report, apply, ordinals)
     if apply:
         gm.graph.lint()
         gm.recompile()

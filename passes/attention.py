@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 from spt_compile.options import Options
 
 from .fx_utils import (
-    TensorResolver, bind, erase_unused, is_number, module_path, op, requires_grad, same, shape,
+    bind, erase_unused, is_number, module_path, op, requires_grad, same, shape,
     static_int, users_outside, val,
 )
 from .report import GraphReport, SiteReport
@@ -303,16 +303,16 @@ def describe(m: AttentionMatch) -> str:
             f"scale={m.scale:.4g} dropout={m.dropout_p}")
 
 
-def _anchor_weight(start: Node, resolver: TensorResolver, depth: int = 16) -> Optional[torch.Tensor]:
-    """The weight of the nearest projection feeding `start` (breadth-first): the site's identity."""
+def anchor_weight(start: Node, depth: int = 16) -> Optional[Node]:
+    """The weight of the nearest projection feeding `start` (breadth-first). The op receives it so
+    that, at run time, each layer finds its own site by this tensor's identity."""
     frontier, seen = [start], {start}
     for _ in range(depth):
         nxt = []
         for n in frontier:
             if op(n) in ("linear", "addmm"):
-                a = bind(n)
-                w = resolver.tensor(a["weight"] if op(n) == "linear" else a["mat2"])
-                if w is not None:
+                w = bind(n)["weight" if op(n) == "linear" else "mat2"]
+                if isinstance(w, Node) and w.op in ("placeholder", "get_attr"):
                     return w
             for arg in n.all_input_nodes:
                 if arg not in seen:
@@ -330,9 +330,8 @@ def _upstream(node: Node, hops: int) -> set[Node]:
     return found
 
 
-def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: GraphReport, apply: bool,
-        ordinals: dict) -> None:
-    from spt_compile.attention_site import create_site
+def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
+    from spt_compile.registry import REGISTRY, SiteTemplate
 
     graph = gm.graph
     softmaxes = {n for n in graph.nodes if op(n) == "softmax" and len(shape(n) or ()) == 4}
@@ -358,21 +357,17 @@ def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: Gra
         report.sites.append(entry)
         if not apply:
             continue
-        anchor = _anchor_weight(m.q, resolver)
-        key = ("attention", id(anchor) if anchor is not None else path)
+        anchor = anchor_weight(m.q)
+        key = ("attention", anchor if anchor is not None else path)
         ordinal = ordinals.get(key, 0)
         ordinals[key] = ordinal + 1
-        Hkv, D = static_int(shape(m.k)[1]), static_int(shape(m.k)[3])
-        site = create_site(anchor, ordinal, path, options, Hkv, D)
-        entry.site_id = site.site_id
+        shape_kv = (static_int(shape(m.k)[1]), static_int(shape(m.k)[3]))
+        template = REGISTRY.template_id(SiteTemplate("attention", ordinal, path, options, shape_kv))
         training = torch.is_grad_enabled() and any(requires_grad(t) for t in (m.q, m.k, m.v))
-        from spt_compile.registry import REGISTRY
-
         with graph.inserting_before(m.output):
             mask = _mask_argument(graph, m)
             call = graph.call_function(torch.ops.spt.attention_site.default, (
-                m.q, m.k, m.v, mask, site.site_id, REGISTRY.config_id(options), m.is_causal, m.scale,
-                m.dropout_p, training))
+                m.q, m.k, m.v, mask, anchor, template, m.is_causal, m.scale, m.dropout_p, training))
             out = graph.call_function(operator.getitem, (call, 0))
             out.meta.update(m.output.meta)
             want = val(m.output).dtype

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _FUNCTIONS: dict[Any, str] = {
@@ -190,43 +190,3 @@ def erase_unused(graph, nodes: Iterable[Node]) -> list[Node]:
             graph.erase_node(n)
             erased.append(n)
     return erased
-
-
-class TensorResolver:
-    """Maps placeholder / get_attr nodes to the real tensors behind them (parameters above all),
-    also inside higher-order-op bodies, whose placeholders are the outer call's operands."""
-
-    def __init__(self, gm: GraphModule, example_inputs, parent: Optional[tuple["TensorResolver", list]] = None):
-        self.gm = gm
-        self.inputs: dict[Node, Any] = {}
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if parent is None:
-            self.inputs = dict(zip(placeholders, example_inputs))
-        else:
-            outer, operands = parent
-            self.inputs = {p: ("outer", outer, a) for p, a in zip(placeholders, operands)}
-
-    def tensor(self, node: Any) -> Optional[torch.Tensor]:
-        if not isinstance(node, Node):
-            return None
-        if node.op == "get_attr":
-            obj = self.gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part, None)
-            return obj if isinstance(obj, torch.Tensor) else None
-        if node.op == "placeholder":
-            found = self.inputs.get(node)
-            if isinstance(found, tuple) and found and found[0] == "outer":
-                return found[1].tensor(found[2])
-            return found if isinstance(found, torch.Tensor) and not _is_fake(found) else None
-        return None
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
-
-
-def placeholder_name(node: Any) -> str:
-    return node.target if isinstance(node, Node) and node.op in ("placeholder", "get_attr") else ""

@@ -24,7 +24,7 @@ from spt_compile.options import Options
 from spt_compile.triton_ops.routed_mlp import ACTIVATIONS, MlpSpec
 
 from .fx_utils import (
-    POINTWISE, TensorResolver, bind, common_path, erase_unused, is_number, op, requires_grad, same, shape,
+    POINTWISE, bind, common_path, erase_unused, is_number, op, requires_grad, same, shape,
     static_int, users_outside, val,
 )
 from .report import GraphReport, SiteReport
@@ -290,10 +290,8 @@ def _slots(p: Optional[Projection]) -> tuple:
     return (None, None, None, None) if p is None else (p.weight, p.bias, p.lora_a, p.lora_b)
 
 
-def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: GraphReport, apply: bool,
-        ordinals: dict) -> None:
-    from spt_compile.mlp_site import create_site
-    from spt_compile.registry import REGISTRY
+def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
+    from spt_compile.registry import REGISTRY, SiteTemplate
 
     graph = gm.graph
     # Projection units, outermost first (a LoRA unit's add/cast comes after its base linear).
@@ -326,18 +324,16 @@ def run(gm: GraphModule, resolver: TensorResolver, options: Options, report: Gra
         done |= {p.output for p in units_used}
         if not apply:
             continue
-        first = m.gate or m.up
-        anchor = resolver.tensor(first.weight)
-        key = ("mlp", id(anchor) if anchor is not None else path)
+        anchor = (m.gate or m.up).weight  # the op finds the layer's site by this tensor at run time
+        key = ("mlp", anchor)
         ordinal = ordinals.get(key, 0)
         ordinals[key] = ordinal + 1
-        site = create_site(anchor, ordinal, path, options, static_int(m.up.in_features))
-        entry.site_id = site.site_id
+        template = REGISTRY.template_id(SiteTemplate("mlp", ordinal, path, options, (static_int(m.up.in_features),)))
         args = (m.x, *_slots(m.up), *_slots(m.gate), *_slots(m.down))
         training = torch.is_grad_enabled() and any(requires_grad(a) for a in args if a is not None)
         with graph.inserting_before(m.down.output):
             call = graph.call_function(torch.ops.spt.mlp_site.default, (
-                *args, site.site_id, REGISTRY.config_id(options), _spec(m, options).to_str(), training))
+                *args, template, _spec(m, options).to_str(), training))
             out = graph.call_function(operator.getitem, (call, 0))
             out.meta.update(m.down.output.meta)
             want = val(m.down.output).dtype

@@ -15,7 +15,6 @@ class SiteReport:
     detail: str = ""  # shapes, masks, LoRA
     reason: str = ""  # why it stayed dense
     replaced: list[str] = field(default_factory=list)  # names of the graph nodes the op replaced
-    site_id: Optional[int] = None
 
     def line(self) -> str:
         what = f"{self.status:9} {self.kind:9} {self.path or '<top>'}  [{self.pattern}]"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .context import resolve
-from .registry import REGISTRY, CallPlan, Site, SptStateError
+from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 from .options import Options
 
 from spt_compile.triton_ops import pq
@@ -65,17 +65,11 @@ def real_key_positions(mask: Optional[Tensor], B: int, Nk: int, device) -> Tenso
 class AttentionSite(Site):
     kind = "attention"
 
-    def __init__(self, site_id, ordinal, name, anchor, options: Options, n_kv_heads: int, head_dim: int):
-        super().__init__(site_id, ordinal, name, anchor, options)
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = head_dim
+    def __init__(self, template: SiteTemplate, anchor: Optional[Tensor]):
+        super().__init__(template, anchor)
+        self.n_kv_heads, self.head_dim = template.shape
         self.codebooks: Optional[Tensor] = None  # [Hkv, S, K, dsub] fp32
         self.key_buffer: Optional[Tensor] = None  # [Hkv, n, D] calibration samples
-
-    def compatible(self, options: Options, n_kv_heads: int, head_dim: int) -> bool:
-        o = self.options
-        return (o.pq_subspace_dim, o.pq_codewords, self.n_kv_heads, self.head_dim) == (
-            options.pq_subspace_dim, options.pq_codewords, n_kv_heads, head_dim)
 
     # --- statistics ---------------------------------------------------------------------------
     def _sample_keys(self, k: Tensor, real: Tensor, seed: int) -> Tensor:
@@ -203,16 +197,21 @@ class AttentionSite(Site):
 # --- the custom ops ---------------------------------------------------------------------------
 
 
+SITE_TYPES["attention"] = AttentionSite
+
+
 @torch.library.custom_op("spt::attention_site", mutates_args=())
 def attention_site(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], site: int, config: int,
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], anchor: Optional[Tensor], template: int,
     is_causal: bool, scale: float, dropout_p: float, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return REGISTRY[site].forward(q, k, v, mask, REGISTRY.configs[config], is_causal, scale, dropout_p, training)
+    """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
+    site = REGISTRY.site(template, anchor)
+    return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p, training)
 
 
 @attention_site.register_fake
-def _(q, k, v, mask, site, config, is_causal, scale, dropout_p, training):
+def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
     B, H, N, _ = q.shape
     L = torch.library.get_ctx().new_dynamic_size()  # keys per query: decided at run time
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
@@ -242,7 +241,7 @@ def _(dout, q, k, v, mask, out, lse, indices, meta, is_causal, scale, dropout_p)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, site, config, is_causal, scale, dropout_p, training = inputs
+    q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training = inputs
     out, lse, indices, meta = output
     ctx.save_for_backward(q, k, v, mask, out, lse, indices, meta)
     ctx.args = (is_causal, scale, dropout_p)
@@ -255,12 +254,3 @@ def _backward(ctx, dout, dlse, dindices, dmeta):
 
 
 attention_site.register_autograd(_backward, setup_context=_setup_context)
-
-
-def create_site(anchor, ordinal: int, name: str, options: Options, n_kv_heads: int, head_dim: int) -> AttentionSite:
-    """The pass's entry point: the site for this attention, shared across recompiles."""
-    return REGISTRY.get_or_create(
-        "attention", anchor, ordinal, name, options,
-        factory=lambda site_id: AttentionSite(site_id, ordinal, name, anchor, options, n_kv_heads, head_dim),
-        compatible=lambda s: s.compatible(options, n_kv_heads, head_dim),
-    )

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .context import resolve
 from .options import Options
-from .registry import REGISTRY, CallPlan, Site, SptStateError
+from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 
 from spt_compile.triton_ops.routed_mlp import (
     MlpSpec,
@@ -66,16 +66,13 @@ def choose_blocks(scores: Tensor, active: int) -> Tensor:
 class MlpSite(Site):
     kind = "mlp"
 
-    def __init__(self, site_id, ordinal, name, anchor, options: Options, d_in: int, n_blocks: int):
-        super().__init__(site_id, ordinal, name, anchor, options)
-        self.d_in = d_in
-        self.n_blocks = n_blocks
+    def __init__(self, template: SiteTemplate, anchor: Optional[Tensor]):
+        super().__init__(template, anchor)
+        (self.d_in,) = template.shape
+        self.n_blocks = template.options.ffn_blocks
         self.router: Optional[Tensor] = None  # [d_in + 1, n_blocks]
-        self.buffer_x = torch.zeros(0, d_in)  # router samples (CPU, fp32), oldest first
-        self.buffer_y = torch.zeros(0, n_blocks)
-
-    def compatible(self, options: Options, d_in: int) -> bool:
-        return (self.n_blocks, self.d_in) == (options.ffn_blocks, d_in)
+        self.buffer_x = torch.zeros(0, self.d_in)  # router samples (CPU, fp32), oldest first
+        self.buffer_y = torch.zeros(0, self.n_blocks)
 
     # --- router statistics --------------------------------------------------------------------
     def _add_samples(self, x: Tensor, norms: Tensor) -> None:
@@ -162,7 +159,7 @@ class MlpSite(Site):
 
 # --- the custom ops ---------------------------------------------------------------------------
 
-_SLOTS = MlpWeights._fields
+SITE_TYPES["mlp"] = MlpSite
 
 
 @torch.library.custom_op("spt::mlp_site", mutates_args=())
@@ -171,15 +168,17 @@ def mlp_site(
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    site: int, config: int, spec: str, training: bool,
+    template: int, spec: str, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
-    return REGISTRY[site].forward(x, weights, MlpSpec.from_str(spec), REGISTRY.configs[config], training)
+    # The first projection's weight (gate, else in) identifies the layer's site.
+    site = REGISTRY.site(template, gate_w if gate_w is not None else in_w)
+    return site.forward(x, weights, MlpSpec.from_str(spec), REGISTRY.templates[template].options, training)
 
 
 @mlp_site.register_fake
 def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      site, config, spec, training):
+      template, spec, training):
     s = MlpSpec.from_str(spec)
     T = 1
     for n in x.shape[:-1]:
@@ -217,7 +216,7 @@ def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, ou
 
 def _setup_context(ctx, inputs, output):
     tensors = inputs[:13]
-    ctx.spec = inputs[15]
+    ctx.spec = inputs[14]
     y, block_mask, meta = output
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*tensors, block_mask, meta)
@@ -227,17 +226,7 @@ def _backward(ctx, dy, dmask, dmeta):
     *tensors, block_mask, meta = ctx.saved_tensors
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
     grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, meta, ctx.spec, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
 
 mlp_site.register_autograd(_backward, setup_context=_setup_context)
-
-
-def create_site(anchor, ordinal: int, name: str, options: Options, d_in: int) -> MlpSite:
-    """The pass's entry point: the site for this MLP, shared across recompiles."""
-    return REGISTRY.get_or_create(
-        "mlp", anchor, ordinal, name, options,
-        factory=lambda site_id: MlpSite(site_id, ordinal, name, anchor, options, d_in, options.ffn_blocks),
-        compatible=lambda s: s.compatible(options, d_in),
-    )
-

@@ -1,9 +1,12 @@
 """Sparse state: one Site per rewritten attention or MLP, kept outside the user's module.
 
-Dynamo lifts parameters into graph inputs and a backend cannot add new ones, and module paths repeat
-when layers are compiled one by one; so a site is keyed by the identity of a weight it reads (its
-*anchor*, e.g. the layer's q or gate projection weight) plus an ordinal. Recompiles (train/eval,
-new shapes) find the same site again. The rewritten op receives the site's integer id.
+Dynamo lifts parameters into graph inputs and a backend cannot add new ones, module paths repeat
+when layers are compiled one by one, and Dynamo reuses one compiled graph for every instance of a
+module class (parameters are graph inputs, not guarded). So a site is keyed by the identity of a
+weight it reads at *run time* (its *anchor*, e.g. the layer's q or gate projection weight, which the
+rewritten op receives as an input) plus an ordinal. The graph carries only a *template* id: what kind
+of site, its ordinal, module path, options and shapes. Recompiles (train/eval, new shapes) and other
+layers running the same graph each find their own site.
 
 `state_dict(model)` names each site by its anchor's parameter name in `model`, so the state saves
 beside a normal checkpoint and loads into a fresh process, before or after compiling.
@@ -51,12 +54,12 @@ class Site:
 
     kind = "site"
 
-    def __init__(self, site_id: int, ordinal: int, name: str, anchor: Optional[Tensor], options: Options):
-        self.site_id = site_id
-        self.ordinal = ordinal
-        self.name = name  # module path, for messages and explain()
+    def __init__(self, template: "SiteTemplate", anchor: Optional[Tensor]):
+        self.template = template
+        self.ordinal = template.ordinal
+        self.name = template.name  # module path, for messages and explain()
         self._anchor = weakref.ref(anchor) if anchor is not None else None
-        self.options = options  # structural options this site was built with
+        self.options = template.options  # structural options this site was built with
         self.seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: follows manual_seed
         self.calls = 0
         self.train_calls = 0
@@ -126,9 +129,34 @@ class Site:
         self.seed = int(state["seed"])
         self.quality = {k[len("quality."):]: float(v) for k, v in state.items() if k.startswith("quality.")}
 
+    def compatible(self, template: "SiteTemplate") -> bool:
+        """Whether this site's state fits a graph compiled from `template` (else it is rebuilt)."""
+        return self.template.structure() == template.structure()
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "calls": self.calls, "train_calls": self.train_calls,
                 **{k: round(v, 4) for k, v in self.quality.items()}}
+
+
+@dataclass(frozen=True)
+class SiteTemplate:
+    """What the graph knows about a site at compile time; the op finds the site from it and the
+    anchor tensor it receives at run time."""
+
+    kind: str  # "attention" | "mlp"
+    ordinal: int  # sites sharing one anchor in a graph, in graph order
+    name: str  # module path
+    options: Options
+    shape: tuple  # attention: (Hkv, D); mlp: (d_in,)
+
+    def structure(self) -> tuple:
+        o = self.options
+        per_kind = (o.pq_subspace_dim, o.pq_codewords) if self.kind == "attention" else (o.ffn_blocks,)
+        return (self.kind, self.shape) + per_kind
+
+
+# kind -> Site subclass; attention_site.py and mlp_site.py register themselves.
+SITE_TYPES: dict[str, type] = {}
 
 
 class Registry:
@@ -136,54 +164,41 @@ class Registry:
 
     def __init__(self) -> None:
         self.sites: list[Site] = []
-        self._by_anchor: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._by_name: dict[tuple[str, str, int], int] = {}
+        self.templates: list[SiteTemplate] = []
+        self._template_ids: dict[SiteTemplate, int] = {}
+        self._by_anchor: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> {(kind, ordinal): Site}
+        self._by_name: dict[tuple[str, str, int], Site] = {}  # sites without an anchor
         self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded before the site existed
-        self.configs: list[Options] = []
-        self._config_ids: dict[Options, int] = {}
 
-    def config_id(self, options: Options) -> int:
-        """Options travel through the graph as a small int (custom ops take no dataclasses)."""
-        if options not in self._config_ids:
-            self._config_ids[options] = len(self.configs)
-            self.configs.append(options)
-        return self._config_ids[options]
+    def template_id(self, template: SiteTemplate) -> int:
+        """Templates travel through the graph as a small int (custom ops take no dataclasses)."""
+        if template not in self._template_ids:
+            self._template_ids[template] = len(self.templates)
+            self.templates.append(template)
+        return self._template_ids[template]
 
     def find(self, kind: str, anchor: Optional[Tensor], ordinal: int, name: str) -> Optional[Site]:
         if anchor is not None:
-            site_id = self._by_anchor.get(anchor, {}).get((kind, ordinal))
-        else:
-            site_id = self._by_name.get((kind, name, ordinal))
-        return None if site_id is None else self.sites[site_id]
+            return self._by_anchor.get(anchor, {}).get((kind, ordinal))
+        return self._by_name.get((kind, name, ordinal))
 
-    def get_or_create(
-        self,
-        kind: str,
-        anchor: Optional[Tensor],
-        ordinal: int,
-        name: str,
-        options: Options,
-        factory: Callable[[int], Site],
-        compatible: Callable[[Site], bool],
-    ) -> Site:
-        """The site for this key; built by factory(site_id) the first time. A site built with
-        incompatible structural options is replaced (its statistics no longer apply)."""
-        site = self.find(kind, anchor, ordinal, name)
-        if site is not None and compatible(site):
+    def site(self, template_id: int, anchor: Optional[Tensor]) -> Site:
+        """The site a running op belongs to; built the first time (taking any state loaded for it
+        before). A site built for other structural options is replaced: its statistics no longer fit."""
+        t = self.templates[template_id]
+        site = self.find(t.kind, anchor, t.ordinal, t.name)
+        if site is not None and site.compatible(t):
             return site
-        site = factory(len(self.sites))
+        site = SITE_TYPES[t.kind](t, anchor)
         self.sites.append(site)
         if anchor is not None:
-            self._by_anchor.setdefault(anchor, {})[(kind, ordinal)] = site.site_id
-            pending = self._pending.get(anchor, {}).pop((kind, ordinal), None)
+            self._by_anchor.setdefault(anchor, {})[(t.kind, t.ordinal)] = site
+            pending = self._pending.get(anchor, {}).pop((t.kind, t.ordinal), None)
             if pending is not None:
                 site.load_state_dict(pending)
         else:
-            self._by_name[(kind, name, ordinal)] = site.site_id
+            self._by_name[(t.kind, t.name, t.ordinal)] = site
         return site
-
-    def __getitem__(self, site_id: int) -> Site:
-        return self.sites[site_id]
 
 
 REGISTRY = Registry()
