@@ -315,7 +315,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                 continue
             check(m, options)
         except Reject as why:
-            report.sites.append(SiteReport("mlp", "dense", "mlp", common_path([down.output]), reason=str(why)))
+            report.sites.append(SiteReport("mlp", "dense", "mlp", common_path([down.output, down.x]), reason=str(why)))
             continue
         units_used = [p for p in (m.up, m.gate, m.down) if p is not None]
         path = common_path([p.output for p in units_used])

@@ -149,7 +149,8 @@ class AttentionSite(Site):
                     self._calibrate(k, real_key_positions(mask, B, Nk, q.device), plan, seed)
             self.end(plan, training)
             lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-            return out, lse, q.new_empty(B, H, N, 0, dtype=torch.int32), meta
+            # SDPA may return a transposed layout; the fake kernel promises a contiguous one.
+            return out.contiguous(), lse, q.new_empty(B, H, N, 0, dtype=torch.int32), meta
 
         with torch.no_grad():
             real = real_key_positions(mask, B, Nk, q.device)

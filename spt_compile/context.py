@@ -37,7 +37,7 @@ def resolve(options: Options) -> tuple[Options, bool]:
         try:
             options = replace(options, **overrides)
         except SptOptionError as e:  # e.g. ffn_active above this site's ffn_blocks
-            raise SptOptionError(f"{e} (set by spt_compile.enable())") from None
+            raise SptOptionError(f"{e} (set by spt_compile.enable())", option=e.option) from None
     return options, dense
 
 

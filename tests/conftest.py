@@ -27,11 +27,20 @@ def package_dir(name: str) -> Path:
     return Path(spec.origin).parent
 
 
+def find_data_dir() -> Path | None:
+    """The shared real data: $SPT_DATA_DIR, else ../shared/data beside the checkout, else /work/shared/data."""
+    candidates = [os.environ.get("SPT_DATA_DIR"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and (Path(c) / "gsm8k" / "train.jsonl").is_file():
+            return Path(c)
+    return None
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("SPT_DATA_DIR", REPO.parent / "shared" / "data"))
-    if not (path / "gsm8k" / "train.jsonl").is_file():
-        pytest.fail(f"GSM8K not found under {path}; set SPT_DATA_DIR to the shared data folder")
+    path = find_data_dir()
+    if path is None:
+        pytest.fail("GSM8K not found: set SPT_DATA_DIR to the shared data folder (holding gsm8k/train.jsonl)")
     return path
 
 

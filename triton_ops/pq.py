@@ -18,8 +18,10 @@ from torch import Tensor
 # exp(-1e4) is 0 in fp32, so dense attention gives such a key no weight either.
 MASK_FORBIDDEN_AT_OR_BELOW = -1.0e4
 
-# Elements of one [B, H, C, Nk] proxy-score chunk (64 MiB in fp32).
+# Elements of one [B, H, C, Nk] proxy-score chunk (64 MiB in fp32), and at most this many query rows
+# per chunk: memory grows with N, never with N x N.
 _SCORE_CHUNK_ELEMENTS = 1 << 24
+MAX_ROWS_PER_CHUNK = 128
 
 
 def kmeans(x: Tensor, K: int, iters: int = 10, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -93,7 +95,7 @@ def real_key_mask(mask: Tensor, B: int, Nk: int) -> Tensor:
     """Keys that some query may attend, i.e. not padding: [B, Nk] bool. The 4-D mask
     [B|1, H|1, N|1, Nk] is read in row chunks, so no full-size temporary is made."""
     rows = mask.shape[2]
-    step = max(1, _SCORE_CHUNK_ELEMENTS // max(1, mask.shape[0] * mask.shape[1] * Nk))
+    step = max(1, min(MAX_ROWS_PER_CHUNK, _SCORE_CHUNK_ELEMENTS // max(1, mask.shape[0] * mask.shape[1] * Nk)))
     any_allowed = torch.zeros(mask.shape[0], Nk, dtype=torch.bool, device=mask.device)
     for r0 in range(0, rows, step):
         any_allowed |= _allowed_chunk(mask, r0, min(rows, r0 + step)).any(dim=2).any(dim=1)
@@ -130,7 +132,7 @@ def select_keys(
         return indices
     slot_unused = (torch.arange(L).view(1, L) >= per_batch_l.view(B, 1)).to(q.device).view(B, 1, 1, L)
     kp_t = k_proxy.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
-    C = max(1, min(N, _SCORE_CHUNK_ELEMENTS // max(1, B * H * Nk)))
+    C = max(1, min(N, MAX_ROWS_PER_CHUNK, _SCORE_CHUNK_ELEMENTS // max(1, B * H * Nk)))
     key_pos = torch.arange(Nk, device=q.device)
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)

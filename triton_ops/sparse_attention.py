@@ -21,14 +21,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Elements of one gathered [B, H, C, L, D] chunk; 2**24 fp32 values = 64 MiB.
+# Elements of one gathered [B, H, C, L, D] chunk (2**24 fp32 values = 64 MiB), at most 128 rows.
 _CHUNK_ELEMENTS = 1 << 24
+_MAX_ROWS = 128
 
 
 def rows_per_chunk(B: int, H: int, N: int, L: int, D: int) -> int:
     """Query rows per chunk; depends on shapes only, so forward and backward chunk alike."""
     per_row = max(1, B * H * max(L, 1) * max(D, 1))
-    return max(1, min(N, _CHUNK_ELEMENTS // per_row))
+    return max(1, min(N, _MAX_ROWS, _CHUNK_ELEMENTS // per_row))
 
 
 def _flat_key_index(idx: Tensor, Hkv: int, Nk: int) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,70 @@
+"""The backend as users meet it: found by name without an import, explain(), and its report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import spt_compile
+from toy_models import NanoGPT, PlainMLP
+
+
+def test_backend_is_found_by_name_without_importing_the_package():
+    code = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+        assert "spt_compile" not in sys.modules
+        y = torch.compile(m, backend="spt", options={"compiler": "eager", "calibration_steps": 0})(torch.randn(3, 16))
+        assert y.shape == (3, 16) and "spt_compile" in sys.modules
+        from spt_compile.backend import COMPILE_REPORTS
+        assert len(COMPILE_REPORTS[-1].rewritten("mlp")) == 1
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_explain_lists_rewritten_sites_and_reasons_and_changes_no_state():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = NanoGPT(layers=1)
+            self.odd = PlainMLP(d=97, act=lambda t: t * torch.sigmoid(2.5 * t))  # unknown activation
+
+        def forward(self, idx):
+            return self.odd(self.gpt(idx))
+
+    model = Mixed()
+    from spt_compile.registry import REGISTRY
+
+    n_sites = len(REGISTRY.sites)
+    report = spt_compile.explain(model, torch.randint(0, 97, (2, 12)))
+    assert len(REGISTRY.sites) == n_sites, "explain must not create sparse state"
+    paths = {(s.kind, s.status, s.path) for s in report.sites}
+    assert ("attention", "rewritten", "gpt.h.0") in paths
+    assert ("mlp", "rewritten", "gpt.h.0") in paths
+    (dense,) = report.dense()
+    assert dense.path == "odd" and "activation is not one of" in dense.reason
+    text = str(report)
+    assert "rewritten: 1 attention, 1 MLP; left dense: 1" in text and "q (2, 4, 12, 16)" in text
+
+
+def test_report_gives_calibration_quality_per_site():
+    torch._dynamo.reset()
+    model = NanoGPT(layers=2)
+    compiled = torch.compile(model, backend="spt", options={"compiler": "eager", "calibration_steps": 1})
+    for i in range(3):
+        compiled(torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(i))).sum().backward()
+    rows = spt_compile.report(model)
+    assert [r["kind"] for r in rows].count("attention") == 2 and [r["kind"] for r in rows].count("mlp") == 2
+    for r in rows:
+        assert r["calls"] == 3
+        if r["kind"] == "attention":
+            assert 0 < r["recall"] <= 1 and 0 < r["mass"] <= 1
+        else:
+            assert 0 < r["captured"] <= 1.5 and r["rel_error"] >= 0
