@@ -240,6 +240,19 @@ def compile_model(model, args):
 
 
 @torch.no_grad()
+def calibrate(compiled, train_examples, args, pad_id: int) -> None:
+    """Run the sites' dense calibration calls on training batches (not the held-out ones), so that
+    the sparse model can be evaluated before tuning and every training step runs sparse."""
+    from spt_compile.options import make_options
+
+    for i in range(make_options(spt_options(args)).calibration_steps):
+        chunk = train_examples[i * args.batch_size : (i + 1) * args.batch_size]
+        compiled.eval()
+        compiled(**collate(chunk, args.seq_len, pad_id))
+    compiled.train()
+
+
+@torch.no_grad()
 def answer_loss(model, batches: list[dict]) -> float:
     """Mean cross-entropy over the answer tokens of the held-out examples."""
     total, count = 0.0, 0
@@ -282,7 +295,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def lora_state(model) -> dict:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    # save_embedding_layers=False: the embeddings are frozen (and the check looks for a hub config)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -343,7 +357,13 @@ def train(args) -> dict:
     if "loss_before" not in metrics:
         with dense():
             metrics["loss_before"] = answer_loss(compiled, eval_batches)
-        print(f"held-out answer loss before tuning: {metrics['loss_before']:.4f}", flush=True)
+        print(f"held-out answer loss before tuning: {metrics['loss_before']:.4f}"
+              + (" (dense)" if args.backend == "spt" else ""), flush=True)
+        if args.backend == "spt":
+            calibrate(compiled, train_examples, args, tokenizer.pad_token_id)
+            metrics["loss_before_sparse"] = answer_loss(compiled, eval_batches)
+            print(f"held-out answer loss before tuning (sparse, after calibration): "
+                  f"{metrics['loss_before_sparse']:.4f}", flush=True)
 
     bar = tqdm(total=args.steps, initial=step, desc=f"fine-tune ({args.backend})", unit="step")
     t_last, tokens_since = time.perf_counter(), 0
@@ -402,7 +422,7 @@ def train(args) -> dict:
                   f"attention mass kept {sum(s['mass'] for s in att) / len(att):.3f}")
         if mlp:
             print(f"MLP sites: share of the dense output captured {sum(s['captured'] for s in mlp) / len(mlp):.3f}")
-    model.save_pretrained(args.output / "adapter")
+    model.save_pretrained(args.output / "adapter", save_embedding_layers=False)
     if args.backend == "spt":
         from safetensors.torch import save_file
 

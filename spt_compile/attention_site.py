@@ -1,7 +1,8 @@
 """The op the attention pass emits, and the per-layer state behind it.
 
-`spt::attention_site(q, k, v, mask, site, config, is_causal, scale, dropout_p, training)` replaces one
-matched attention. Each call it reads the run-time options, then either
+`spt::attention_site(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training)` replaces
+one matched attention. It finds its layer's site from `anchor` (the q projection's weight) and
+`template` (see registry.py). Each call it reads the run-time options, then either
   * runs exact attention (inside disable(), with sparse_attention=False, or during the site's first
     `calibration_steps` calls, which also sample keys for the k-means codebooks), or
   * encodes the keys with the site's PQ codebooks, selects the top-L keys of every query by the

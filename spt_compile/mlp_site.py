@@ -1,9 +1,10 @@
 """The op the MLP pass emits, and the router state behind it.
 
-`spt::mlp_site(x, <12 weight slots>, site, config, spec, training)` replaces one matched MLP. Each
-call it reads the run-time options, then either runs every block (inside disable(), with
-sparse_ffn=False, with ffn_active == ffn_blocks, or during the first `calibration_steps` calls) or
-lets the router pick `ffn_active` blocks per token (hard routing, weight 1) and runs only those.
+`spt::mlp_site(x, <12 weight slots>, template, spec, training)` replaces one matched MLP; the first
+projection's weight identifies its layer's site (registry.py). Each call it reads the run-time
+options, then either runs every block (inside disable(), with sparse_ffn=False, with ffn_active ==
+ffn_blocks, or during the first `calibration_steps` calls) or lets the router pick `ffn_active`
+blocks per token (hard routing, weight 1) and runs only those.
 
 The router lives here, not in the user's model (their optimizer must not need to know about it): a
 ridge regression from the MLP input to each block's output norm, fitted on tokens seen during
