@@ -181,3 +181,18 @@ def test_models_sharing_one_compiled_graph_keep_their_own_sites():
     sa, sb = sites(a), sites(b)
     assert len(sa) == len(sb) == 4 and not set(map(id, sa.values())) & set(map(id, sb.values()))
     assert [s.calls for s in sa.values()] == [2] * 4 and [s.calls for s in sb.values()] == [1] * 4
+
+
+@pytest.mark.slow
+def test_inductor_runs_calibration_sparse_and_disabled_calls():
+    """Inductor checks every fallback output's layout against the fake kernel: exercise the dense
+    (calibration), sparse and disabled paths of both ops under it."""
+    model, compiled = compiled_gpt(compiler="inductor", calibration_steps=1)
+    reference = copy.deepcopy(model)
+    x = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(step(compiled, 0), reference(x).detach(), atol=1e-5, rtol=1e-4)  # calibration: dense
+    sparse = step(compiled, 0)
+    with spt_compile.disable():
+        dense = step(compiled, 0)
+    torch.testing.assert_close(dense, reference(x).detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(sparse, dense, atol=1e-3)

@@ -182,6 +182,23 @@ def route_tokens(block_mask: Tensor) -> tuple[Tensor, list[int]]:
     return order % max(T, 1), counts
 
 
+def _routed_blocks(block_mask: Tensor, spec: MlpSpec):
+    """(block, lo, hi, tokens, every) for each block with tokens; `every`: it serves all T tokens,
+    so no gather or scatter is needed."""
+    T = block_mask.shape[0]
+    tokens, counts = route_tokens(block_mask)
+    start = 0
+    for b, (lo, hi) in enumerate(block_bounds(spec.hidden, spec.n_blocks)):
+        tok = tokens[start : start + counts[b]]
+        start += counts[b]
+        if counts[b]:
+            yield b, lo, hi, tok, counts[b] == T
+
+
+def _rows(t: Optional[Tensor], tok: Tensor, every: bool) -> Optional[Tensor]:
+    return t if t is None or every else t[tok]
+
+
 def routed_mlp_forward(
     x: Tensor,
     w: MlpWeights,
@@ -192,23 +209,14 @@ def routed_mlp_forward(
 ) -> Tensor:
     """y [T, d_out]. If `block_norms` ([T, n_blocks]) is given, it receives ||block output|| per
     routed token (the router's calibration target) at no extra cost."""
-    T = x.shape[0]
-    y = x.new_zeros(T, out_features(w, spec))
+    y = x.new_zeros(x.shape[0], out_features(w, spec))
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
-    tokens, counts = route_tokens(block_mask)
-    start = 0
-    for b, (lo, hi) in enumerate(block_bounds(spec.hidden, spec.n_blocks)):
-        n = counts[b]
-        tok = tokens[start : start + n]
-        start += n
-        if n == 0:
-            continue
-        every = n == T  # no gather needed when the block serves every token
-        xb = x if every else x[tok]
-        lx_in = xb if keep_in is None else xb * (keep_in if every else keep_in[tok])
-        lx_gate = xb if keep_gate is None else xb * (keep_gate if every else keep_gate[tok])
+    for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+        xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
+        lx_in = xb if k_in is None else xb * k_in
+        lx_gate = xb if k_gate is None else xb * k_gate
         yb = _block_forward(xb, lx_in, lx_gate, _block_weights(w, spec, lo, hi), spec,
-                            _out_keep(n, lo, hi, spec, seed, b, x))
+                            _out_keep(tok.numel(), lo, hi, spec, seed, b, x))
         if block_norms is not None:
             block_norms[tok, b] = yb.detach().float().norm(dim=-1).to(block_norms.dtype)
         if every:
@@ -232,7 +240,6 @@ def routed_mlp_backward(
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward: (dx, grads per slot). `needs` holds a bool per slot;
     slots not needed (or absent) get None. Each block's intermediates are recomputed here."""
-    T = x.shape[0]
     acc = torch.promote_types(x.dtype, torch.float32)  # accumulate half-precision grads in fp32
     dx = torch.zeros_like(x, dtype=acc) if needs_x else None
     grads = {
@@ -240,18 +247,9 @@ def routed_mlp_backward(
         for (slot, t), need in zip(w._asdict().items(), needs)
     }
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
-    tokens, counts = route_tokens(block_mask)
-    start = 0
-    for b, (lo, hi) in enumerate(block_bounds(spec.hidden, spec.n_blocks)):
-        n = counts[b]
-        tok = tokens[start : start + n]
-        start += n
-        if n == 0:
-            continue
-        every = n == T
-        xb = x if every else x[tok]
-        k_in = None if keep_in is None else (keep_in if every else keep_in[tok])
-        k_gate = None if keep_gate is None else (keep_gate if every else keep_gate[tok])
+    for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+        n = tok.numel()
+        xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
         wb = _block_weights(w, spec, lo, hi)
         wanted = [s for s, t in wb._asdict().items() if t is not None and grads[s] is not None]
 

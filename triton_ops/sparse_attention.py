@@ -55,6 +55,13 @@ def _dropout_keep(shape, p: float, seed: int, chunk_start: int, device) -> Tenso
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
+def _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc):
+    """Rows r0:r1: (idx, flat, valid, q, gathered k, gathered v), the last three in `acc` dtype."""
+    idx = indices[:, :, r0:r1]
+    flat, valid = _flat_key_index(idx, Hkv, Nk)
+    return idx, flat, valid, q[:, :, r0:r1].to(acc), k_rows[flat].to(acc), v_rows[flat].to(acc)
+
+
 def _chunk_scores(
     qc: Tensor, kg: Tensor, valid: Tensor, idx: Tensor, scale: float, bias: Optional[Tensor], r0: int, r1: int
 ) -> Tensor:
@@ -79,8 +86,9 @@ def sparse_attention_forward(
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out [B, H, N, Dv] in q's dtype, lse [B, H, N] in the accumulation dtype). `bias` is an additive mask
-    broadcastable to [B, H, N, Nk], read only at the listed keys; dropout applies to the weights."""
+    """Returns (out [B, H, N, Dv] in q's dtype, lse [B, H, N] in the accumulation dtype). `bias` is an
+    additive mask broadcastable to [B, H, N, Nk], read only at the listed keys; dropout applies to the
+    normalised weights."""
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L = indices.shape[-1]
@@ -94,15 +102,12 @@ def sparse_attention_forward(
     C = rows_per_chunk(B, H, N, L, max(D, Dv))
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
-        idx = indices[:, :, r0:r1]
-        flat, valid = _flat_key_index(idx, Hkv, Nk)
-        kg = k_rows[flat].to(acc)  # [B, H, C, L, D]
-        s = _chunk_scores(q[:, :, r0:r1].to(acc), kg, valid, idx, scale, bias, r0, r1)
+        idx, flat, valid, qc, kg, vg = _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc)
+        s = _chunk_scores(qc, kg, valid, idx, scale, bias, r0, r1)  # kg [B, H, C, L, D]
         row_lse = torch.logsumexp(s, dim=-1)  # [B, H, C]
         p = torch.exp(s - torch.nan_to_num(row_lse, neginf=0.0)[..., None])  # 0 at unused slots
         if dropout_p > 0.0:
             p = p * _dropout_keep(p.shape, dropout_p, seed, r0, q.device).to(acc) / (1.0 - dropout_p)
-        vg = v_rows[flat].to(acc)  # [B, H, C, L, Dv]
         out[:, :, r0:r1] = torch.einsum("bhcl,bhcld->bhcd", p, vg).to(q.dtype)
         lse[:, :, r0:r1] = row_lse
     return out, lse
@@ -135,11 +140,7 @@ def sparse_attention_backward(
         C = rows_per_chunk(B, H, N, L, max(D, Dv))
         for r0 in range(0, N, C):
             r1 = min(N, r0 + C)
-            idx = indices[:, :, r0:r1]
-            flat, valid = _flat_key_index(idx, Hkv, Nk)
-            qc = q[:, :, r0:r1].to(acc)
-            kg = k_rows[flat].to(acc)
-            vg = v_rows[flat].to(acc)
+            idx, flat, valid, qc, kg, vg = _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc)
             s = _chunk_scores(qc, kg, valid, idx, scale, bias, r0, r1)
             p = torch.exp(s - torch.nan_to_num(lse[:, :, r0:r1], neginf=0.0)[..., None])
             do = dout[:, :, r0:r1].to(acc)  # [B, H, C, Dv]
