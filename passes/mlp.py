@@ -151,8 +151,8 @@ class _Chain:
 
 
 def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
-    """Follow element-wise ops back from root to a single projection output. None if root does not
-    lead to projections only through element-wise ops; Reject if it leads to several."""
+    """Follow element-wise ops back from root to a single projection output (the chain is empty if
+    root is one). None if root reaches something else, or more than one projection."""
     chain, views, leaves = set(), set(), set()
     stack = [root]
     while stack:

@@ -85,6 +85,26 @@ def test_repeat_kv_is_unwrapped_and_masks_are_honoured(eager):
     torch.testing.assert_close(g, x.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_sdpa_enable_gqa_reads_kv_heads_directly():
+    class NativeGQA(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 11, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 11, 16, generator=gen, requires_grad=True) for _ in range(2))
+    cap = capture(NativeGQA(), q, k, v)
+    (site,) = cap.rewritten("attention")
+    assert "GQA 6:2" in site.detail
+    torch._dynamo.reset()
+    out = torch.compile(NativeGQA(), backend="spt", options={**EVERY, "compiler": "aot_eager"})(q, k, v)
+    want = NativeGQA()(q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
 def test_bert_style_scaled_additive_mask_with_dropout_in_eval():
     class BertSelf(nn.Module):
         def __init__(self):
