@@ -24,6 +24,19 @@ from .explain import explain  # noqa: E402
 from .options import Options, SptOptionError, options_help  # noqa: E402
 from .registry import SptStateError, load_state_dict, report, state_dict  # noqa: E402
 
+
+
+def _register_for_source_runs() -> None:
+    """`backend="spt"` is found through the package's entry point once installed. Run from a source
+    checkout (PYTHONPATH, as on the offline GPU machine) there is none: register the name here."""
+    from torch._dynamo.backends import registry
+
+    if "spt" not in registry.list_backends(exclude_tags=()):
+        registry.register_backend(spt_backend, name="spt")
+
+
+_register_for_source_runs()
+
 __version__ = "0.1.0"
 
 __all__ = [

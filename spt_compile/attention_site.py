@@ -10,8 +10,13 @@ one matched attention. It finds its layer's site from `anchor` (the q projection
 L comes from the options at run time, so the number of selected keys is an unbacked size in the
 graph (`new_dynamic_size`): changing `density` never recompiles.
 
-Outputs: out [B, H, N, Dv], lse [B, H, N], indices [B, H, N, L] (L = 0 when dense), meta [2] int64
-(mode, dropout seed). Backward uses what forward saved and never reads the options again.
+Selection is by key blocks by default (`attention_selection="block"`, block_select.py: a block of
+queries attends to its chosen key blocks, one list per GQA group) or per query (`"token"`: top-L keys
+by the PQ proxy).
+
+Outputs: out [B, H, N, Dv], lse [B, H, N], selection (the block or token indices, flattened: an
+unbacked size), meta [8] int64 (mode, dropout seed, the selection's shape, block sizes,
+implementation). Backward uses what forward saved and never reads the options again.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from .context import resolve
 from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 from .options import Options
 
-from spt_compile.triton_ops import pq
+from spt_compile.triton_ops import block_select, pq
+from spt_compile.triton_ops.block_sparse import IMPLS, block_sparse_backward, block_sparse_forward, resolve_impl
 from spt_compile.triton_ops.sparse_attention import sparse_attention_backward, sparse_attention_forward
 
-DENSE, SPARSE = 0, 1
+DENSE, TOKEN, BLOCK = 0, 1, 2  # meta[0]: how the call ran
+META_LEN = 8  # mode, seed, d0, d1, d2 (shape of the selection), block_m, block_n, implementation
 KEYS_PER_CALL = 1024  # keys per kv head sampled from each calibration / training call
 KEY_BUFFER = 4096  # keys per kv head kept for the calibration k-means
 KMEANS_ITERS = 15
@@ -61,6 +68,16 @@ def real_key_positions(mask: Optional[Tensor], B: int, Nk: int, device) -> Tenso
     if mask is None:
         return torch.ones(B, Nk, dtype=torch.bool, device=device)
     return pq.real_key_mask(mask, B, Nk)
+
+
+def _meta(mode: int, seed: int, shape, block_m: int, block_n: int, impl: str, device) -> Tensor:
+    return torch.tensor([mode, seed, *shape, block_m, block_n, IMPLS.index(impl)], dtype=torch.int64, device=device)
+
+
+def _token_rows_to_keys(sel: Tensor, n: int) -> Tensor:
+    """Listed positions [..., L] (-1 unused) -> [..., n] bool."""
+    chosen = torch.zeros(*sel.shape[:-1], n + 1, dtype=torch.bool, device=sel.device)
+    return chosen.scatter_(-1, torch.where(sel < 0, n, sel.long()), True)[..., :n]  # -1 -> extra column
 
 
 class AttentionSite(Site):
@@ -98,8 +115,9 @@ class AttentionSite(Site):
 
             self.stage(fit)
 
-    def _probe(self, q, k, mask, is_causal, scale, indices, per_batch_l, real, seed) -> None:
+    def _probe(self, q, k, mask, is_causal, scale, chosen_fn, options, real, seed) -> None:
         """Recall of the true top-L keys and attention mass kept, on a few query positions."""
+        chosen_rows, per_batch_l = chosen_fn
         B, H, N, D = q.shape
         G = H // k.shape[1]
         b, i = real[:, : q.shape[2]].nonzero(as_tuple=True)
@@ -117,10 +135,7 @@ class AttentionSite(Site):
             s = s.masked_fill(torch.arange(s.shape[-1], device=q.device).view(1, 1, -1) > i.view(-1, 1, 1),
                               float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        sel = indices[b, :, i].long()  # [R, H, L]
-        Nk = p.shape[-1]  # unused slots (-1) land in an extra column, dropped after
-        chosen = torch.zeros(*p.shape[:-1], Nk + 1, dtype=torch.bool, device=p.device)
-        chosen = chosen.scatter_(-1, torch.where(sel < 0, Nk, sel), True)[..., :Nk]
+        chosen = chosen_rows(b, i) & torch.isfinite(s)  # [R, H, Nk]
         L_rows = per_batch_l.to(q.device)[b].view(-1, 1)  # [R, 1]
         n_allowed = torch.isfinite(s).sum(-1)  # [R, H]
         k_true = torch.minimum(L_rows.expand_as(n_allowed), n_allowed)
@@ -141,7 +156,7 @@ class AttentionSite(Site):
         seed = self.call_seed(plan.index)
         B, H, N, _ = q.shape
         Nk = k.shape[2]
-        meta = torch.tensor([DENSE, seed], dtype=torch.int64, device=q.device)
+        meta = _meta(DENSE, seed, (0, 0, 0), 0, 0, "torch", q.device)
         calibrating = self.calibrating(plan)
         if plan.dense_forced or not options.sparse_attention or calibrating:
             with torch.no_grad():
@@ -151,27 +166,65 @@ class AttentionSite(Site):
             self.end(plan, training)
             lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
             # SDPA may return a transposed layout; the fake kernel promises a contiguous one.
-            return out.contiguous(), lse, q.new_empty(B, H, N, 0, dtype=torch.int32), meta
+            return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
 
         with torch.no_grad():
             real = real_key_positions(mask, B, Nk, q.device)
             if self.codebooks is None:  # calibration_steps == 0: fit on this call's keys
                 self.codebooks = self._fit(self._sample_keys(k, real, seed), seed)
-            codebooks = self.codebooks.to(k.device)
-            k_hat = pq.pq_decode(pq.pq_encode(k, codebooks), codebooks)
-            per_batch_l = pq.keys_per_query(real.sum(-1).cpu(), options.density, options.top_l)
-            indices = pq.select_keys(q, k_hat, scale, per_batch_l, is_causal, mask)
             bias = mask if mask is not None and mask.dtype != torch.bool else None
-            out, lse = sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p, seed)
+            if options.attention_selection == "block":
+                out, lse, selection, meta, chosen = self._block_forward(q, k, v, mask, bias, real, options,
+                                                                         is_causal, scale, dropout_p, seed)
+            else:
+                out, lse, selection, meta, chosen = self._token_forward(q, k, v, mask, bias, real, options,
+                                                                         is_causal, scale, dropout_p, seed)
             if plan.updates_state and training:
-                keys = self._sample_keys(k, real, seed)
-                self.stage(lambda: setattr(self, "codebooks", pq.ema_update(self.codebooks, keys.to(
-                    self.codebooks.device), EMA_DECAY)))
+                if options.attention_selection == "token":  # only the token proxy reads the codebooks
+                    keys = self._sample_keys(k, real, seed)
+                    self.stage(lambda: setattr(self, "codebooks", pq.ema_update(self.codebooks, keys.to(
+                        self.codebooks.device), EMA_DECAY)))
                 if self.train_calls % PROBE_EVERY == 0 or "recall" not in self.quality:
-                    self._probe(q, k, mask, is_causal, scale, indices, per_batch_l, real, seed)
+                    self._probe(q, k, mask, is_causal, scale, chosen, options, real, seed)
         self.end(plan, training)
-        meta[0] = SPARSE
-        return out, lse, indices, meta
+        return out, lse, selection, meta
+
+    def _token_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed):
+        """Top-L keys per query by the PQ proxy q . k_hat; exact attention over them."""
+        codebooks = self.codebooks.to(k.device)
+        k_hat = pq.pq_decode(pq.pq_encode(k, codebooks), codebooks)
+        per_batch_l = pq.keys_per_query(real.sum(-1).cpu(), options.density, options.top_l)
+        indices = pq.select_keys(q, k_hat, scale, per_batch_l, is_causal, mask)  # [B, H, N, L]
+        out, lse = sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p, seed)
+        meta = _meta(TOKEN, seed, indices.shape[1:], 0, 0, "torch", q.device)
+
+        def chosen(b, i):  # [R, H, Nk] bool: keys listed for rows (b, i)
+            return _token_rows_to_keys(indices[b, :, i], k.shape[2])
+
+        return out, lse, indices.reshape(-1), meta, (chosen, per_batch_l)
+
+    def _block_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed):
+        """Key blocks per query block (one list per GQA group) by the pooled-key proxy; block-sparse
+        exact attention over them."""
+        bm = bn = options.attention_block
+        Nk = k.shape[2]
+        n_kb = block_select.n_blocks(Nk, bn)
+        lengths = real.sum(-1).cpu()
+        per_batch_lb = block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb)
+        block_idx = block_select.select_key_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, bm, bn)
+        impl = resolve_impl(options.attention_impl, q.device)
+        out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl)
+        meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl, q.device)
+        G = q.shape[1] // block_idx.shape[1]
+
+        def chosen(b, i):  # [R, H, Nk] bool: keys whose block is listed for rows (b, i)
+            rows = block_idx[b, :, i // bm].repeat_interleave(G, dim=1)  # [R, H, Lb]
+            blocks = _token_rows_to_keys(rows, n_kb)  # [R, H, n_kb]
+            return blocks.repeat_interleave(bn, dim=-1)[..., :Nk]
+
+        # L in keys for the probe's "true top-L": what the density asks for, not the block rounding.
+        per_batch_l = pq.keys_per_query(lengths, options.density, options.top_l)
+        return out, lse, block_idx.reshape(-1), meta, (chosen, per_batch_l)
 
     # --- persistence --------------------------------------------------------------------------
     def state_dict(self):
@@ -215,9 +268,9 @@ def attention_site(
 @attention_site.register_fake
 def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
     B, H, N, _ = q.shape
-    L = torch.library.get_ctx().new_dynamic_size()  # keys per query: decided at run time
+    n = torch.library.get_ctx().new_dynamic_size()  # size of the selection: decided at run time
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
-            q.new_empty(B, H, N, L, dtype=torch.int32), q.new_empty(2, dtype=torch.int64))
+            q.new_empty(n, dtype=torch.int32), q.new_empty(META_LEN, dtype=torch.int64))
 
 
 @torch.library.custom_op("spt::attention_site_backward", mutates_args=())
@@ -225,10 +278,16 @@ def attention_site_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
     indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    mode, seed = meta.tolist()
-    if mode == SPARSE:
-        bias = mask if mask is not None and mask.dtype != torch.bool else None
-        grads = sparse_attention_backward(dout, q, k, v, indices, out, lse, scale, bias, dropout_p, seed)
+    mode, seed, d0, d1, d2, block_m, block_n, impl = meta.tolist()
+    bias = mask if mask is not None and mask.dtype != torch.bool else None
+    B = q.shape[0]
+    if mode == TOKEN:
+        grads = sparse_attention_backward(dout, q, k, v, indices.view(B, d0, d1, d2), out, lse, scale, bias,
+                                          dropout_p, seed)
+        return tuple(g.contiguous() for g in grads)
+    if mode == BLOCK:
+        grads = block_sparse_backward(dout, q, k, v, indices.view(B, d0, d1, d2), out, lse, scale, is_causal, mask,
+                                      block_m, block_n, dropout_p, seed, IMPLS[impl])
         return tuple(g.contiguous() for g in grads)
     # Dense calls saved no attention weights: recompute them (same dropout seed). torch.func.vjp,
     # not autograd.grad: inside a custom op's kernel autograd records nothing.

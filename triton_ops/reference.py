@@ -36,6 +36,50 @@ def sparse_attention_reference(
     return (p @ v_full).to(q.dtype)
 
 
+def block_sparse_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_idx: Tensor,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    bias: Optional[Tensor] = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> Tensor:
+    """Softmax attention where query i sees key j only if j's key block (j // block_n) is listed for
+    i's query block (i // block_m) in block_idx [B, H or Hkv, ceil(N / block_m), Lb] (-1 = unused slot),
+    j <= i when causal, and the mask (broadcastable to [B, H, N, Nk]) allows (i, j): a bool mask by
+    True, an additive one by a value above MASK_FORBIDDEN_AT_OR_BELOW (lower forbids the key, not
+    just down-weights it). Allowed keys get score q.k * scale (+ the additive mask). Rows with no
+    allowed key give zeros."""
+    from .pq import MASK_FORBIDDEN_AT_OR_BELOW
+
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if scale is None:
+        scale = D**-0.5
+    n_kb = -(-Nk // block_n)
+    if block_idx.shape[1] != H:  # one list per GQA group (block_idx [B, Hkv, ...]) serves its heads
+        block_idx = block_idx.repeat_interleave(H // block_idx.shape[1], dim=1)
+    listed = torch.zeros(B, H, block_idx.shape[2], n_kb + 1, dtype=torch.bool, device=q.device)
+    listed.scatter_(-1, torch.where(block_idx < 0, n_kb, block_idx).long(), True)  # -1 -> extra column
+    q_block = torch.arange(N, device=q.device) // block_m
+    k_block = torch.arange(Nk, device=q.device) // block_n
+    allowed = listed[:, :, q_block][..., k_block]  # [B, H, N, Nk]
+    if is_causal:
+        allowed = allowed & (torch.arange(Nk, device=q.device).view(1, -1) <= torch.arange(N, device=q.device).view(-1, 1))
+    s = (q.float() @ k.repeat_interleave(G, dim=1).float().transpose(-1, -2)) * scale
+    if bias is not None and bias.dtype == torch.bool:  # True = allowed
+        allowed = allowed & bias
+    elif bias is not None:
+        s = s + bias.float()
+        allowed = allowed & (bias > MASK_FORBIDDEN_AT_OR_BELOW)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)  # empty rows -> 0
+    return (p @ v.repeat_interleave(G, dim=1).float()).to(q.dtype)
+
+
 def routed_mlp_reference(
     x: Tensor, weights: MlpWeights, spec: MlpSpec, block_mask: Tensor
 ) -> Tensor:

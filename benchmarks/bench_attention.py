@@ -1,0 +1,232 @@
+"""Attention alone: forward + backward time and bytes saved for backward, dense vs spt.
+
+Dense baselines: eager `F.scaled_dot_product_attention` (FlashAttention on CUDA, the flash CPU kernel
+here) and the same call under `torch.compile` (Inductor). spt variants run the real path, a module
+holding one SDPA call compiled with `backend="spt"` (so the pass, the site op and its autograd are all
+in the timing), at `density` 1/8, for each selection (block / token) and implementation (torch /
+triton / reference). Ratios are to the best dense configuration of the same N in the same run.
+
+    python benchmarks/bench_attention.py                      # CPU, N 512 .. 8192, SmolLM2 heads
+    python benchmarks/bench_attention.py --device cuda --dtype bf16 --json benchmarks/results/attention_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from source (the GPU machine has no install)
+    sys.path.insert(0, str(REPO))
+
+import spt_compile  # noqa: E402
+
+CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference")
+
+
+class OneAttention(torch.nn.Module):
+    """What the pass sees in a decoder layer, reduced to the attention call itself."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def make_fn(config: str, args):
+    module = OneAttention(not args.bidirectional)
+    if config == "sdpa":
+        return module
+    if config == "sdpa-inductor":
+        return torch.compile(module, backend="inductor")
+    _, selection, impl = config.split("-")
+    options = dict(attention_selection=selection, attention_impl=impl, density=args.density,
+                   attention_block=args.block, calibration_steps=1, compiler="eager", sparse_ffn=False)
+    return torch.compile(module, backend="spt", options=options)
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward while active."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_config(config: str, N: int, args, device, dtype) -> dict:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    q, k, v = (torch.randn(B, h, N, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+               for h in (H, Hkv, Hkv))
+    dout = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
+    fn = make_fn(config, args)
+
+    def step():
+        out = fn(q, k, v)
+        out.backward(dout)
+        q.grad = k.grad = v.grad = None
+
+    t0 = time.perf_counter()
+    step()  # compiles; for spt the site's one calibration call (dense)
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        step()
+    saved = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        out = fn(q, k, v)
+    out.backward(dout)
+    q.grad = k.grad = v.grad = None
+    del out
+    times = []
+    peak = None
+    for i in range(args.repeats):
+        if device.type == "cuda" and i == 0:
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+        if device.type == "cuda" and i == 0:
+            peak = torch.cuda.max_memory_allocated() - base
+    return {"config": config, "N": N, "time_s": statistics.median(times), "times": times, "saved_bytes": saved.total,
+            "peak_bytes": peak, "first_call_s": first}
+
+
+def check_kernels(args, device, dtype) -> list[str]:
+    """The sparse implementations against the dense reference on a small awkward shape."""
+    from spt_compile.triton_ops.block_select import blocks_per_query, select_key_blocks
+    from spt_compile.triton_ops.block_sparse import block_sparse_backward, block_sparse_forward
+    from spt_compile.triton_ops.reference import block_sparse_attention_reference
+
+    lines = []
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    impls = ["torch"] + (["triton"] if device.type == "cuda" or interpreted else [])
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    for N, causal in ((257, True), (200, False)):
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        B, H, Hkv, D = 2, args.heads, args.kv_heads, args.head_dim
+        q, k, v = (torch.randn(B, h, N, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+                   for h in (H, Hkv, Hkv))
+        real = torch.ones(B, N, dtype=torch.bool, device=device)
+        lb = blocks_per_query(torch.full((B,), N), 0.3, None, 64, -(-N // 64))
+        idx = select_key_blocks(q.detach(), k.detach(), D**-0.5, lb, causal, None, real, 64, 64)
+        ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), idx, D**-0.5, causal, None, 64, 64)
+        dout = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+        for impl in impls:
+            out, lse = block_sparse_forward(q.detach(), k.detach(), v.detach(), idx, D**-0.5, causal, None, 64, 64,
+                                            impl=impl)
+            grads = block_sparse_backward(dout.to(dtype), q.detach(), k.detach(), v.detach(), idx, out, lse, D**-0.5,
+                                          causal, None, 64, 64, impl=impl)
+            errs = [(out.float() - ref).abs().max().item()] + [(g.float() - r.float()).abs().max().item()
+                                                                for g, r in zip(grads, ref_grads)]
+            ok = all(e <= tol * max(1.0, r.abs().max().item()) for e, r in zip(errs, (ref, *ref_grads)))
+            lines.append(f"check {impl:7} N={N} causal={causal}: max |err| out/dq/dk/dv = "
+                         + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--configs", nargs="+", choices=CONFIGS,
+                   help="default: every config that runs on the device (triton on CUDA only; token-level "
+                        "and reference only up to --token-max-n)")
+    p.add_argument("--token-max-n", type=int, default=2048, help="largest N for spt-token-* and *-reference")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=9, help="query heads (SmolLM2: 9)")
+    p.add_argument("--kv-heads", type=int, default=3, help="key/value heads (SmolLM2: 3)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--density", type=float, default=1 / 8)
+    p.add_argument("--block", type=int, default=64, help="attention_block for block selection")
+    p.add_argument("--bidirectional", action="store_true", help="non-causal attention")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--check", action="store_true", help="first compare the sparse kernels with the reference")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    configs = args.configs or [c for c in CONFIGS if device.type == "cuda" or "triton" not in c]
+    if "TRITON_INTERPRET" in os.environ and device.type == "cuda":
+        raise SystemExit("TRITON_INTERPRET is set: unset it to time the Triton kernels on the GPU")
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "
+          f"{dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, B={args.batch} H={args.heads} "
+          f"Hkv={args.kv_heads} D={args.head_dim}, density {args.density:g}, causal {not args.bidirectional}", flush=True)
+    checks = check_kernels(args, device, dtype) if args.check else []
+    for line in checks:
+        print(line, flush=True)
+    results = []
+    for N in args.seq_lens:
+        for config in configs:
+            if ("token" in config or "reference" in config) and N > args.token_max_n:
+                continue
+            try:
+                r = run_config(config, N, args, device, dtype)
+            except Exception as e:  # one failing config must not lose the others' numbers
+                r = {"config": config, "N": N, "error": f"{type(e).__name__}: {e}"[:300]}
+            results.append(r)
+            print(f"  {config:22} N={N:5} " + (f"{r['time_s'] * 1e3:9.2f} ms  saved {r['saved_bytes'] / 2**20:8.1f} MiB"
+                                             if "error" not in r else r["error"]), flush=True)
+            torch._dynamo.reset()
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"argv": sys.argv[1:], "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                "threads": torch.get_num_threads(), "checks": checks}
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {args.json}")
+    return 1 if any("FAILED" in c for c in checks) else 0
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'config':22} {'N':>5} {'ms':>9} {'saved MiB':>9} {'peak MiB':>9} {'time/best':>9} {'saved/best':>10}"]
+    for N in sorted({r["N"] for r in results}):
+        rows = [r for r in results if r["N"] == N and "error" not in r]
+        dense = [r for r in rows if r["config"].startswith("sdpa")]
+        if not dense:
+            continue
+        best_t = min(r["time_s"] for r in dense)
+        best_s = min(r["saved_bytes"] for r in dense)
+        for r in rows:
+            peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r.get("peak_bytes") is not None else f"{'-':>9}"
+            r["time_ratio"], r["saved_ratio"] = r["time_s"] / best_t, r["saved_bytes"] / best_s
+            lines.append(f"{r['config']:22} {N:5} {r['time_s'] * 1e3:9.2f} {r['saved_bytes'] / 2**20:9.1f} {peak} "
+                         f"{r['time_ratio']:8.2f}x {r['saved_ratio']:9.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU check, for the offline GPU machine (its own torch/triton/Python; nothing is installed): runs
+# the package from this source tree on random tensors, checks the Triton kernels against the
+# references on CUDA, and prints the attention benchmark tables. About 3 minutes on an H100/H200.
+#   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'nocuda')")
+python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+# 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal.
+timeout 170 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
+    --configs sdpa sdpa-inductor spt-block-triton spt-block-torch --repeats 10 --warmup 3 \
+    --json "$out/attention_smollm2_${gpu}.json"
+# 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal.
+timeout 80 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
+    --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton --repeats 10 --warmup 3 \
+    --json "$out/attention_llama7b_${gpu}.json"

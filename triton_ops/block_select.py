@@ -1,0 +1,188 @@
+"""Block-level key selection: which key blocks each query block attends.
+
+Token-level selection (a top-L per query, pq.py) cannot win on speed or memory: a per-query top-k over
+N keys costs more than dense attention on a CPU, the per-query gathers more still, and int32 token
+indices [B, H, N, L] outweigh everything dense attention saves for backward. Selecting whole key
+blocks for whole query blocks keeps the proxy work at N x N / block_n, turns the gathers into
+contiguous tiles, and makes the selection [B, H, N / block_m, Lb] small and cheap to recompute.
+
+Proxy (`pooled`): each key block is represented by the mean of its real keys k_bar. A query's share
+of attention mass on block j is estimated as softmax_j(q . k_bar_j * scale + log n_j), n_j the number
+of keys of block j the query may see; a query block scores each key block by the largest share any
+of its queries gives it, so a block one query needs is not outvoted by the rest. The sink (first)
+block and the query block's own diagonal block are always kept: both carry large attention mass in
+trained decoders and the diagonal is the only block the first queries may see.
+
+Shapes: q [B, H, N, D]; k [B, Hkv, Nk, D]; mask bool (True = allowed) or additive, broadcastable to
+[B, H, N, Nk]; block_idx [B, H, ceil(N / block_m), Lb] int32, -1 = unused slot.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .pq import MASK_FORBIDDEN_AT_OR_BELOW
+
+# Elements of one [B, H, rows, n_kb] proxy chunk (fp32): bounded memory at any N.
+_CHUNK_ELEMENTS = 1 << 22
+# Added to the score of always-kept blocks; shares are <= 1, so these rank first, the diagonal block
+# in slot 0 (block_sparse.py masks a causal chunk cheaply when it finds it there).
+_FORCED_DIAG, _FORCED_SINK = 3.0, 2.0
+
+
+def n_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], block_n: int, n_kb: int) -> Tensor:
+    """Key blocks per query block for each sequence [B]: ceil(keys / block_n) where keys is top_l or
+    ceil(density x real length); at least 1, at most n_kb (density 1.0 lists every block)."""
+    keys = lengths.clamp(max=top_l) if top_l is not None else torch.ceil(lengths.double() * density).long()
+    return torch.ceil(keys.double() / block_n).long().clamp(min=1, max=n_kb)
+
+
+def allowed_mask(mask: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
+    """True where the explicit mask allows key j for query rows r0:r1 (broadcast dims kept)."""
+    if mask is None:
+        return None
+    m = mask[:, :, r0:r1] if mask.shape[2] != 1 else mask
+    return m if m.dtype == torch.bool else m > MASK_FORBIDDEN_AT_OR_BELOW
+
+
+def _pad_to(x: Tensor, dim: int, size: int, value) -> Tensor:
+    extra = size - x.shape[dim]
+    if extra == 0:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = extra
+    return torch.cat([x, x.new_full(pad_shape, value)], dim=dim)
+
+
+def pooled_keys(k: Tensor, real: Tensor, block_n: int) -> tuple[Tensor, Tensor]:
+    """Mean of each key block's real keys, and their count: k_bar [B, Hkv, n_kb, D] fp32, count [B, n_kb]."""
+    B, Hkv, Nk, D = k.shape
+    n_kb = n_blocks(Nk, block_n)
+    w = _pad_to(real.to(torch.float32), 1, n_kb * block_n, 0.0).view(B, 1, n_kb, block_n, 1)
+    kp = _pad_to(k.float(), 2, n_kb * block_n, 0.0).view(B, Hkv, n_kb, block_n, D)
+    count = w.sum(3)  # [B, 1, n_kb, 1]
+    k_bar = (kp * w).sum(3) / count.clamp(min=1)
+    return k_bar, count.view(B, n_kb)
+
+
+def _tile_allowed(mask: Tensor, B: int, H: int, r0: int, r1: int, block_m: int, block_n: int, Nk: int) -> Tensor:
+    """Whether the explicit mask allows any (query, key) pair of each tile: [B, H|1, C, n_kb] for query
+    blocks r0 // block_m ..; read one row chunk at a time."""
+    allowed = allowed_mask(mask, r0, r1)  # [B|1, H|1, rows|1, Nk]
+    n_kb = n_blocks(Nk, block_n)
+    C = n_blocks(r1 - r0, block_m)
+    if allowed.shape[2] == 1:  # one row for every query
+        tiles = _pad_to(allowed, 3, n_kb * block_n, False).view(*allowed.shape[:2], 1, n_kb, block_n).any(-1)
+        return tiles.expand(allowed.shape[0], allowed.shape[1], C, n_kb)
+    a = _pad_to(_pad_to(allowed, 2, C * block_m, False), 3, n_kb * block_n, False)
+    return a.reshape(*a.shape[:2], C, block_m, n_kb, block_n).any(-1).any(3)
+
+
+def select_key_blocks(
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    per_batch_lb: Tensor,
+    is_causal: bool,
+    mask: Optional[Tensor],
+    real: Tensor,
+    block_m: int,
+    block_n: int,
+    per_group: bool = True,
+) -> Tensor:
+    """Top-Lb key blocks per query block by the pooled proxy; never a block the query block may not
+    see at all (causal future, masked out, padding only). per_batch_lb [B]; real [B, Nk] bool (keys
+    some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
+    S = Hkv when `per_group` (the query heads of a GQA group share one list, scored by the largest
+    share any of them gives a block: one gather and one GEMM serve the group) and S = H otherwise."""
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
+    Lb = int(per_batch_lb.max()) if per_batch_lb.numel() else 0
+    S = Hkv if per_group else H
+    block_idx = torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
+    if Lb == 0 or N == 0:
+        return block_idx
+    k_bar, count = pooled_keys(k, real, block_n)  # [B, Hkv, n_kb, D], [B, n_kb]
+    k_bar_t = k_bar.transpose(-1, -2)  # [B, Hkv, D, n_kb]
+    log_count = torch.log(count).view(B, 1, 1, n_kb)  # -inf for blocks of padding only
+    kb_start = torch.arange(n_kb, device=q.device) * block_n
+    slot_unused = (torch.arange(Lb, device=q.device).view(1, Lb) >= per_batch_lb.to(q.device).view(B, 1))
+    qb_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * block_m * n_kb))
+    for qb0 in range(0, n_qb, qb_per_chunk):
+        qb1 = min(n_qb, qb0 + qb_per_chunk)
+        r0, r1 = qb0 * block_m, min(N, qb1 * block_m)
+        C = qb1 - qb0
+        qc = q[:, :, r0:r1].float().reshape(B, Hkv, G * (r1 - r0), D)
+        s = (qc @ k_bar_t).view(B, H, r1 - r0, n_kb) * scale + log_count  # [B, H, rows, n_kb]
+        rows = torch.arange(r0, r1, device=q.device)
+        if is_causal:  # a query sees block j iff j starts at or before it
+            s = s.masked_fill(kb_start.view(1, n_kb) > rows.view(-1, 1), float("-inf"))
+        share = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        share = _pad_to(share, 2, C * block_m, 0.0).view(B, H, C, block_m, n_kb).amax(3)  # [B, H, C, n_kb]
+        if per_group:
+            share = share.view(B, Hkv, G, C, n_kb).amax(2)  # [B, Hkv, C, n_kb]
+        # Always kept: the sink block and the diagonal block (the key block holding the query
+        # block's last row, clipped to the keys that exist).
+        diag = (torch.minimum(torch.arange(qb0, qb1, device=q.device) * block_m + block_m - 1,
+                              torch.tensor(min(N, Nk) - 1, device=q.device)) // block_n).clamp(min=0)
+        forced = torch.zeros(C, n_kb, device=q.device)
+        forced[:, 0] = _FORCED_SINK
+        forced[torch.arange(C, device=q.device), diag] = _FORCED_DIAG
+        score = share + forced
+        # Forbidden tiles: padding-only blocks, causal future, masked out for the whole tile.
+        visible = (count > 0).view(B, 1, 1, n_kb)
+        if is_causal:
+            last_row = (torch.arange(qb0, qb1, device=q.device) * block_m + block_m - 1).clamp(max=N - 1)
+            visible = visible & (kb_start.view(1, n_kb) <= last_row.view(-1, 1))
+        if mask is not None:
+            tiles = _tile_allowed(mask, B, H, r0, r1, block_m, block_n, Nk)  # [B, H|1, C, n_kb]
+            if per_group and tiles.shape[1] != 1:
+                tiles = tiles.view(B, Hkv, G, C, n_kb).any(2)
+            visible = visible & tiles
+        score = score.masked_fill(~visible, float("-inf"))
+        vals, idx = score.topk(min(Lb, n_kb), dim=-1)
+        idx = idx.masked_fill(torch.isneginf(vals) | slot_unused[:, : idx.shape[-1]].view(B, 1, 1, -1), -1)
+        block_idx[:, :, qb0:qb1, : idx.shape[-1]] = idx.to(torch.int32)
+    return block_idx
+
+
+def oracle_key_blocks(
+    q: Tensor, k: Tensor, scale: float, per_batch_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
+    block_m: int, block_n: int,
+) -> Tensor:
+    """The quality reference: the Lb key blocks holding the most true attention mass of each query
+    block (summed over its queries). Builds the full score matrix: for evaluation only."""
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
+    s = (q.float() @ k.repeat_interleave(H // Hkv, dim=1).float().transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            s = s + mask.float()
+        s = s.masked_fill(~allowed_mask(mask, 0, N), float("-inf"))
+    if is_causal:
+        s = s.masked_fill(torch.ones(N, Nk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    p = _pad_to(_pad_to(p, 2, n_qb * block_m, 0.0), 3, n_kb * block_n, 0.0)
+    mass = p.view(B, H, n_qb, block_m, n_kb, block_n).sum((3, 5))  # [B, H, n_qb, n_kb]
+    Lb = int(per_batch_lb.max())
+    vals, idx = mass.topk(min(Lb, n_kb), dim=-1)
+    slot_unused = torch.arange(idx.shape[-1], device=q.device).view(1, -1) >= per_batch_lb.to(q.device).view(B, 1)
+    return idx.masked_fill((vals <= 0) | slot_unused.view(B, 1, 1, -1), -1).to(torch.int32)
+
+
+def density_of(block_idx: Tensor, block_n: int, Nk: int) -> float:
+    """Average fraction of the Nk keys a query block lists (for reports)."""
+    return float((block_idx >= 0).sum(-1).float().mean()) * block_n / max(Nk, 1) if block_idx.numel() else 0.0
+
+
+__all__ = ["select_key_blocks", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]

@@ -1,0 +1,323 @@
+"""Block-sparse exact attention: each query block attends to its listed key blocks only.
+
+The CPU implementation (plain PyTorch, block-batched): a chunk of query blocks gathers its listed key
+and value tiles as contiguous [block_n, D] rows, and every score, softmax and product is a batched
+matmul over [block_m, Lb * block_n] tiles. Memory is bounded by the chunk, never N x N. Backward
+recomputes the scores from q, k, v, block_idx and lse (flash-attention style), so forward saves only
+what dense flash attention saves plus the small block list. `impl` picks this path, the Triton kernels
+(block_sparse_triton.py, CUDA) or the dense reference.
+
+Shapes:
+    q          [B, H, N, D]           query head h reads kv head h // (H // Hkv): GQA without copies
+    k, v       [B, Hkv, Nk, D | Dv]
+    block_idx  [B, H, n_qb, Lb] int32 key blocks per query block (block_m rows), -1 = unused slot;
+                                      the listed blocks of one row are distinct
+    bias       broadcastable to [B, H, N, Nk]: additive float (<= MASK_FORBIDDEN_AT_OR_BELOW forbids the
+               key) or bool (True = allowed)
+    out        [B, H, N, Dv]; lse [B, H, N] fp32 (-inf for a row with no allowed key: out 0, grads 0)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .block_select import n_blocks
+from .pq import MASK_FORBIDDEN_AT_OR_BELOW
+
+IMPLS = ("auto", "triton", "torch", "reference")
+IMPL_ENV = "SPT_ATTENTION_IMPL"
+# Elements of the largest per-chunk temporary ([B, H, C, block_m, Lb * block_n] scores or the gathered
+# [B, H, C, Lb * block_n, D] keys); 2**22 fp32 = 16 MiB keeps the working set near the caches.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'auto' -> $SPT_ATTENTION_IMPL if set, else triton on CUDA, torch elsewhere."""
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV, "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"{IMPL_ENV}={impl!r}: must be one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "torch"
+    return impl
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _blocks_per_chunk(B: int, H: int, block_m: int, Lb: int, block_n: int, D: int) -> int:
+    per_block = B * H * max(Lb, 1) * block_n * max(block_m, D)
+    return max(1, _CHUNK_ELEMENTS // max(1, per_block))
+
+
+class _Tiles:
+    """k, v padded to whole key blocks and viewed as rows of tiles: [B * Hkv * n_kb, block_n * D]."""
+
+    def __init__(self, k: Tensor, v: Tensor, block_n: int, acc: torch.dtype):
+        B, Hkv, Nk, D = k.shape
+        self.n_kb = n_blocks(Nk, block_n)
+        pad = self.n_kb * block_n - Nk
+        kp = torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k
+        vp = torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v
+        self.k = kp.to(acc).reshape(B * Hkv * self.n_kb, block_n * D)
+        self.v = vp.to(acc).reshape(B * Hkv * self.n_kb, block_n * v.shape[-1])
+        self.B, self.Hkv, self.Nk, self.block_n = B, Hkv, Nk, block_n
+
+    def flat(self, idx: Tensor) -> Tensor:
+        """Tile rows of block numbers idx [B, S, C, Lb], S selection heads (H, or Hkv when a GQA
+        group shares its selection); unused slots read tile 0 and are masked later."""
+        B, S = idx.shape[:2]
+        b = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
+        kv_head = (torch.arange(S, device=idx.device) // (S // self.Hkv)).view(1, S, 1, 1)
+        return (b * self.Hkv + kv_head) * self.n_kb + idx.clamp(min=0).long()
+
+    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(flat rows, keys [B, S, C, Lb * block_n, D], values [.., Dv]) of the listed tiles."""
+        flat = self.flat(idx)
+        B, S, C, Lb = idx.shape
+        kg = self.k[flat].view(B, S, C, Lb * self.block_n, -1)
+        vg = self.v[flat].view(B, S, C, Lb * self.block_n, -1)
+        return flat, kg, vg
+
+
+class _Layout:
+    """How query rows of a chunk are laid out: S selection heads, each serving Gs = H / S query heads
+    whose rows are stacked into one [Gs * block_m] tile row set, so one GEMM serves the GQA group."""
+
+    def __init__(self, q: Tensor, block_idx: Tensor, Hkv: int, block_m: int):
+        B, H, N, _ = q.shape
+        S = block_idx.shape[1]
+        if S not in (H, Hkv) or H % S:
+            raise ValueError(f"block_sparse_attention: block_idx has {S} heads; expected H={H} or Hkv={Hkv}")
+        self.B, self.H, self.N, self.S, self.Gs, self.block_m = B, H, N, S, H // S, block_m
+
+    def rows(self, x: Tensor, r0: int, C: int, acc) -> Tensor:
+        """Rows r0 .. r0 + C * block_m of x [B, H, N, E] (zero past N) as [B, S, C, Gs * block_m, E]."""
+        B, S, Gs, bm = self.B, self.S, self.Gs, self.block_m
+        xc = x[:, :, r0 : r0 + C * bm].to(acc)
+        if xc.shape[2] < C * bm:
+            xc = torch.nn.functional.pad(xc, (0, 0, 0, C * bm - xc.shape[2]))
+        E = xc.shape[-1]
+        return xc.reshape(B, S, Gs, C, bm, E).transpose(2, 3)  # [B, S, C, Gs, bm, E]
+
+    def flat_rows(self, t: Tensor) -> Tensor:
+        """[B, S, C, (Gs,) block_m, E] -> [B, S, C, Gs * block_m, E]."""
+        return t.reshape(*t.shape[:3], self.Gs * self.block_m, t.shape[-1])
+
+    def unrows(self, t: Tensor, r1: int, r0: int) -> Tensor:
+        """[B, S, C, Gs * block_m, E] -> [B, H, r1 - r0, E] (drops rows past N)."""
+        B, S, C = t.shape[:3]
+        t = t.view(B, S, C, self.Gs, self.block_m, t.shape[-1])
+        t = t if self.Gs == 1 else t.transpose(2, 3)
+        return t.reshape(B, self.H, C * self.block_m, t.shape[-1])[:, :, : r1 - r0]
+
+
+def _chunk_mask(idx: Tensor, r0: int, lay: _Layout, Nk: int, block_n: int, is_causal: bool,
+                bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """The general mask of a chunk's scores [B, S, C, Gs * block_m, Lb * block_n]: (allowed bool,
+    bias values there or None).
+
+    Rows past N are not masked: their dout is zero-padded, so they add nothing to any gradient, and
+    their outputs are dropped."""
+    B, S, C, Lb = idx.shape
+    bm, Gs, N = lay.block_m, lay.Gs, lay.N
+    key_start = idx.long().clamp(min=0) * block_n  # [B, S, C, Lb]
+    row = r0 + torch.arange(C * bm, device=idx.device).view(C, bm)  # [C, bm]
+    slot_ok = (idx >= 0) & (key_start < Nk)  # [B, S, C, Lb]
+    key_pos = (key_start[..., None] + torch.arange(block_n, device=idx.device)).view(B, S, C, 1, 1, Lb * block_n)
+    allowed = slot_ok[..., None].expand(B, S, C, Lb, block_n).reshape(B, S, C, 1, 1, Lb * block_n) & (key_pos < Nk)
+    if is_causal:
+        allowed = allowed & (key_pos <= row.view(1, 1, C, 1, bm, 1))
+    bias_vals = None
+    if bias is not None:
+        rows = row.view(-1).clamp(max=N - 1)
+        b = bias.expand(B, lay.H, bias.shape[2], Nk)
+        b = b[:, :, rows] if bias.shape[2] != 1 else b.expand(B, lay.H, C * bm, Nk)
+        b = b.reshape(B, S, Gs, C, bm, Nk).transpose(2, 3)  # [B, S, C, Gs, bm, Nk]
+        bias_vals = torch.gather(b, -1, key_pos.clamp(max=Nk - 1).expand(B, S, C, Gs, bm, Lb * block_n))
+        if bias.dtype == torch.bool:  # True = allowed
+            allowed, bias_vals = allowed & bias_vals, None
+        else:
+            allowed = allowed & (bias_vals > MASK_FORBIDDEN_AT_OR_BELOW)
+            bias_vals = lay.flat_rows(bias_vals)
+    allowed = allowed.expand(B, S, C, Gs, bm, Lb * block_n) if Gs > 1 else allowed
+    return lay.flat_rows(allowed.expand(*allowed.shape[:4], bm, Lb * block_n)), bias_vals
+
+
+def _tiles_simple(idx: Tensor, qb0: int, lay: _Layout, Nk: int, block_n: int, is_causal: bool) -> bool:
+    """True when a chunk needs only per-slot masks and, if causal, the causal pattern on slot 0: no
+    partial last key block listed, and (causal) block_m == block_n, N == Nk, slot 0 holds each query
+    block's diagonal block and every other slot an earlier block. select_key_blocks lists blocks so."""
+    if Nk % block_n and bool((idx == Nk // block_n).any()):
+        return False
+    if not is_causal:
+        return True
+    if lay.block_m != block_n or lay.N != Nk:
+        return False
+    qb = torch.arange(qb0, qb0 + idx.shape[2], device=idx.device).view(1, 1, -1)
+    return bool((idx[..., 0] == qb).all()) and bool((idx[..., 1:] < qb[..., None]).all())
+
+
+def _scores(qc: Tensor, kg: Tensor, idx: Tensor, qb0: int, r0: int, lay: _Layout, Nk: int, block_n: int,
+            scale: float, is_causal: bool, bias: Optional[Tensor]) -> Tensor:
+    """qc [B, S, C, R, D] x kg [B, S, C, Lb * block_n, D] -> scores [B, S, C, R, Lb * block_n], -inf
+    where a key is not allowed, bias added."""
+    s = torch.matmul(qc * scale, kg.transpose(-1, -2))
+    if bias is None and _tiles_simple(idx, qb0, lay, Nk, block_n, is_causal):
+        B, S, C, Lb = idx.shape
+        s6 = s.view(B, S, C, s.shape[3], Lb, block_n)
+        unused = idx < 0
+        if bool(unused.any()):
+            s6.masked_fill_(unused.view(B, S, C, 1, Lb, 1), float("-inf"))
+        if is_causal:  # key j of the diagonal tile is after row i of it iff j > i
+            r = torch.arange(s.shape[3], device=s.device) % lay.block_m
+            s6[..., 0, :].masked_fill_(r.view(-1, 1) < torch.arange(block_n, device=s.device).view(1, -1),
+                                        float("-inf"))
+        return s
+    allowed, bias_vals = _chunk_mask(idx, r0, lay, Nk, block_n, is_causal, bias)
+    if bias_vals is not None:
+        s.add_(bias_vals.to(s.dtype))
+    return s.masked_fill_(~allowed, float("-inf"))
+
+
+def _dropout_keep(shape, p: float, seed: int, chunk: int, device) -> Tensor:
+    """Keep-mask of one chunk, reproducible from (seed, chunk) in backward."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + chunk) % (2**63 - 1))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,
+                               dropout_p=0.0, seed=0) -> tuple[Tensor, Tensor]:
+    B, H, N, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    acc = _acc(q.dtype)
+    out = q.new_zeros(B, H, N, Dv)
+    lse = torch.full((B, H, N), float("-inf"), device=q.device, dtype=torch.float32)
+    lay = _Layout(q, block_idx, Hkv, block_m)
+    n_qb, Lb = block_idx.shape[2], block_idx.shape[3]
+    if N == 0 or Lb == 0 or Nk == 0:
+        return out, lse
+    tiles = _Tiles(k, v, block_n, acc)
+    step = _blocks_per_chunk(B, H, block_m, Lb, block_n, max(D, Dv))
+    for qb0 in range(0, n_qb, step):
+        C = min(step, n_qb - qb0)
+        r0, r1 = qb0 * block_m, min(N, (qb0 + C) * block_m)
+        idx = block_idx[:, :, qb0 : qb0 + C]
+        _, kg, vg = tiles.gather(idx)
+        s = _scores(lay.flat_rows(lay.rows(q, r0, C, acc)), kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias)
+        row_lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [B, S, C, R, 1]
+        p = s.sub_(row_lse.nan_to_num(neginf=0.0)).exp_()  # 0 where not allowed
+        if dropout_p > 0.0:
+            p = p * _dropout_keep(p.shape, dropout_p, seed, qb0, q.device).to(acc) / (1.0 - dropout_p)
+        out[:, :, r0:r1] = lay.unrows(torch.matmul(p, vg), r1, r0).to(q.dtype)
+        lse[:, :, r0:r1] = lay.unrows(row_lse, r1, r0)[..., 0].float()
+    return out, lse
+
+
+def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None,
+                                block_m=64, block_n=64, dropout_p=0.0, seed=0) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, N, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    acc = _acc(q.dtype)
+    lay = _Layout(q, block_idx, Hkv, block_m)
+    n_qb, Lb = block_idx.shape[2], block_idx.shape[3]
+    dq = torch.zeros(B, H, N, D, device=q.device, dtype=acc)
+    S, n_kb = block_idx.shape[1], n_blocks(Nk, block_n)
+    # dk, dv per selection head and key block; GQA groups are summed at the end.
+    dk_acc = torch.zeros(B * S, n_kb, block_n * D, device=q.device, dtype=acc)
+    dv_acc = torch.zeros(B * S, n_kb, block_n * Dv, device=q.device, dtype=acc)
+    if N > 0 and Lb > 0 and Nk > 0:
+        tiles = _Tiles(k, v, block_n, acc)
+        step = _blocks_per_chunk(B, H, block_m, Lb, block_n, max(D, Dv))
+        # rowsum(dO * O) equals rowsum(P * dP) with or without dropout (O = P_drop V).
+        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # [B, H, N, 1]
+        lse_rows = lse.nan_to_num(neginf=0.0)[..., None]  # [B, H, N, 1]
+        for qb0 in range(0, n_qb, step):
+            C = min(step, n_qb - qb0)
+            r0, r1 = qb0 * block_m, min(N, (qb0 + C) * block_m)
+            idx = block_idx[:, :, qb0 : qb0 + C]
+            _, kg, vg = tiles.gather(idx)
+            qc = lay.flat_rows(lay.rows(q, r0, C, acc))  # [B, S, C, R, D]
+            s = _scores(qc, kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias)
+            p = s.sub_(lay.flat_rows(lay.rows(lse_rows, r0, C, torch.float32)).to(acc)).exp_()
+            do = lay.flat_rows(lay.rows(dout, r0, C, acc))  # [B, S, C, R, Dv]
+            dp = torch.matmul(do, vg.transpose(-1, -2))  # [B, S, C, R, Lb * block_n]
+            if dropout_p > 0.0:
+                keep = _dropout_keep(p.shape, dropout_p, seed, qb0, q.device).to(acc) / (1.0 - dropout_p)
+                p_used, dp = p * keep, dp * keep
+            else:
+                p_used = p
+            dvg = torch.matmul(p_used.transpose(-1, -2), do)  # [B, S, C, Lb * block_n, Dv]
+            ds = p.mul_(dp.sub_(lay.flat_rows(lay.rows(delta, r0, C, acc))))  # in place: p is done
+            dq[:, :, r0:r1] = lay.unrows(torch.matmul(ds, kg), r1, r0) * scale
+            dkg = torch.matmul(ds.transpose(-1, -2), qc * scale)  # [B, S, C, Lb * block_n, D]
+            # Sum each listed tile's gradient into its key block with a one-hot GEMM: index_add_
+            # over [block_n * D] rows runs one small kernel per row on CPU, ten times slower.
+            onehot = torch.nn.functional.one_hot(idx.long().clamp(min=0), n_kb).to(acc)
+            onehot = (onehot * (idx >= 0)[..., None]).view(B * S, C * Lb, n_kb).transpose(1, 2)
+            dk_acc.baddbmm_(onehot, dkg.reshape(B * S, C * Lb, block_n * D))
+            dv_acc.baddbmm_(onehot, dvg.reshape(B * S, C * Lb, block_n * Dv))
+    G = S // Hkv
+    dk = dk_acc.view(B, Hkv, G, n_kb * block_n, D).sum(2)[:, :, :Nk]
+    dv = dv_acc.view(B, Hkv, G, n_kb * block_n, Dv).sum(2)[:, :, :Nk]
+    return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+def additive(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """A bool mask (True = allowed) as the additive float mask the Triton kernels read."""
+    if bias is None or bias.dtype != torch.bool:
+        return bias
+    return torch.zeros(bias.shape, device=bias.device).masked_fill_(~bias, float("-inf"))
+
+
+def check_blocks(block_m: int, block_n: int) -> None:
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"block_sparse_attention: {name} must be a power of two >= 16; got {b!r}")
+
+
+def _per_head(block_idx: Tensor, H: int) -> Tensor:
+    """The kernels take one list per query head: repeat a GQA group's list (small: [B, H, n_qb, Lb])."""
+    return block_idx if block_idx.shape[1] == H else block_idx.repeat_interleave(H // block_idx.shape[1], dim=1).contiguous()
+
+
+def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,
+                         dropout_p=0.0, seed=0, impl="auto") -> tuple[Tensor, Tensor]:
+    """(out, lse) by the chosen implementation. The Triton kernels have no dropout: with dropout_p > 0
+    the torch path runs (same results, slower on GPU)."""
+    impl = resolve_impl(impl, q.device)
+    if impl == "reference" and dropout_p == 0.0:  # lse unused: backward differentiates the reference
+        from .reference import block_sparse_attention_reference
+
+        out = block_sparse_attention_reference(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n)
+        return out, torch.zeros(q.shape[:3], device=q.device)
+    if impl == "triton" and dropout_p == 0.0:
+        from .block_sparse_triton import block_sparse_forward_triton
+
+        return block_sparse_forward_triton(q, k, v, _per_head(block_idx, q.shape[1]), scale, is_causal,
+                                           additive(bias), block_m, block_n)
+    return block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n, dropout_p, seed)
+
+
+def block_sparse_backward(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None, block_m=64,
+                          block_n=64, dropout_p=0.0, seed=0, impl="auto") -> tuple[Tensor, Tensor, Tensor]:
+    impl = resolve_impl(impl, q.device)
+    if impl == "reference" and dropout_p == 0.0:
+        from .reference import block_sparse_attention_reference
+
+        _, vjp = torch.func.vjp(lambda q_, k_, v_: block_sparse_attention_reference(
+            q_, k_, v_, block_idx, scale, is_causal, bias, block_m, block_n), q, k, v)
+        return vjp(dout)
+    if impl == "triton" and dropout_p == 0.0:
+        from .block_sparse_triton import block_sparse_backward_triton
+
+        return block_sparse_backward_triton(dout, q, k, v, _per_head(block_idx, q.shape[1]), out, lse, scale,
+                                            is_causal, additive(bias), block_m, block_n)
+    return block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal, bias, block_m,
+                                       block_n, dropout_p, seed)

@@ -1,0 +1,465 @@
+"""Block-sparse flash attention in Triton: forward, and backward with separate dq and dk/dv kernels.
+
+Shapes (letters as in the rest of the package):
+    q          [B, H, N, D]        queries
+    k          [B, Hkv, Nk, D]     keys; query head h reads kv head h // G, G = H // Hkv (GQA in the
+                                   kernel: no repeat_kv copies)
+    v          [B, Hkv, Nk, Dv]    values
+    block_idx  [B, H, Mb, Lb]      int32 key-block numbers per query block, Mb = ceil(N / block_m);
+                                   key block j covers keys j*block_n .. j*block_n + block_n - 1 (the
+                                   last one partial); -1 marks an unused slot
+    bias       broadcastable to [B, H, N, Nk], optional: added to the scaled scores; a value at or
+               below MASK_FORBIDDEN_AT_OR_BELOW (compared in the bias dtype, as the reference does)
+               forbids the key; no gradient for bias
+    out        [B, H, N, Dv]       in q's dtype; 0 for a row with no allowed key
+    lse        [B, H, N]           float32, natural-log log-sum-exp of the row's scaled+biased scores
+                                   over its allowed keys; -inf for a row with no allowed key
+
+The semantics are those of reference.block_sparse_attention_reference (causal is top-left aligned:
+key j is allowed for query i iff j <= i).
+
+Design. One program per (b, h, query block) of block_m rows: the forward walks the row's listed key
+blocks in slot order with an online softmax and saves only out and lse. Backward recomputes
+p = exp(s - lse) tile by tile instead of saving the [N, Nk] probabilities:
+  * delta = rowsum(dout * out) in torch;
+  * dq kernel, one program per (b, h, query block), over the same listed key blocks;
+  * dk/dv kernel, one program per (b, kv head, key block), over a reverse (CSR) index of the
+    (query head, query block) pairs that listed that key block. Each dk/dv tile is then written
+    exactly once, so there are no atomics and the result is deterministic; key blocks nobody
+    listed get zeros.
+All inputs are read through their strides (callers may pass transposed views). Accumulation is fp32;
+tl.dot takes the inputs' own dtype (fp16/bf16 tensor cores), and fp32 inputs use exact "ieee" dot
+products unless allow_tf32 is set. Scores are carried in base 2 (exp2 is one instruction on GPU).
+
+Checked on an H200 (Triton 3.6, torch 2.11) against the reference, and on the CPU under
+TRITON_INTERPRET=1. B=2, H=16, Hkv=4, N=8192, D=128, bf16, 64 x 64 blocks, 16 of 128 key blocks per
+query block: forward 0.55 ms (dense SDPA forward 1.66 ms), backward 2.7 ms. Limit: fp32 inputs with
+block_m = 128 and a 128-wide head tile need more shared memory than an H100/H200 has in the dk/dv
+kernel; use block_m <= 64 for fp32 (bf16/fp16 run 128 x 64 fine).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .pq import MASK_FORBIDDEN_AT_OR_BELOW
+
+_LOG2E = 1.4426950408889634  # scores * log2(e) turn exp into exp2
+# Kernels may read module globals only when they are tl.constexpr.
+_LOG2E_C = tl.constexpr(_LOG2E)
+_LN2_C = tl.constexpr(0.6931471805599453)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32. UPCAST (set only under TRITON_INTERPRET=1 for bf16): the interpreter
+    multiplies bf16 tiles as their raw uint16 bits, so widen them first; the values are the same."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores_tile(
+    q, k_ptrs, bias_ptr, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+    stride_bias_m, stride_bias_n, forbid_at,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Base-2 scores [BLOCK_M, BLOCK_N] of one (query tile, key tile), -inf where forbidden.
+    q [BLOCK_M, BLOCK_D] is loaded; k_ptrs [BLOCK_D, BLOCK_N] points at this key tile transposed;
+    bias_ptr points at bias[b, h, 0, 0]; a bias <= forbid_at forbids its key."""
+    allowed = (offs_m[:, None] < N) & (offs_n[None, :] < Nk)
+    kt = tl.load(k_ptrs, mask=(offs_d[:, None] < D) & (offs_n[None, :] < Nk), other=0.0)  # [BD, BN]
+    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale2  # fp32
+    if IS_CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_BIAS:
+        b_ptrs = bias_ptr + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n
+        bias = tl.load(b_ptrs, mask=allowed, other=0.0).to(tl.float32)
+        allowed = allowed & (bias > forbid_at)
+        # Zero forbidden biases before scaling: finfo.min * log2(e) would overflow to -inf.
+        s = s + tl.where(allowed, bias, 0.0) * _LOG2E_C
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, BLOCK_IDX, BIAS, OUT, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ih, stride_im, stride_il,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    H, G, N, Nk, D, Dv, Mb, Lb, qk_scale2, forbid_at,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # int64: b * stride can pass 2**31 on long inputs
+    mb = pid % Mb
+    bh = pid // Mb
+    b = bh // H
+    h = bh % H
+    kvh = h // G
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
+    idx_base = BLOCK_IDX + b * stride_ib + h * stride_ih + mb * stride_im
+
+    # Causal: a key block starting at or after kv_end lies wholly above the diagonal of this tile.
+    kv_end = Nk
+    if IS_CAUSAL:
+        kv_end = tl.minimum(Nk, mb * BLOCK_M + BLOCK_M)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for slot in range(0, Lb):
+        kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
+        if (kb >= 0) & (kb * BLOCK_N < kv_end):
+            offs_n = kb * BLOCK_N + offs_n0
+            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with nothing allowed so far keeps m = -inf; shift by 0 there so that
+            # exp2(-inf - -inf) never makes a NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])  # 0 at forbidden keys
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < Dv), other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # empty rows: acc is 0, so out is 0
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * _LN2_C, float("-inf"))
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_dv[None, :] < Dv))
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, BLOCK_IDX, BIAS, DOUT, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ih, stride_im, stride_il,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, G, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dq = scale * sum over listed key blocks of ds @ k, ds = p * (dout @ v^T - delta).
+    LSE and DELTA are contiguous [B, H, N] float32."""
+    pid = tl.program_id(0).to(tl.int64)
+    mb = pid % Mb
+    bh = pid // Mb
+    b = bh // H
+    h = bh % H
+    kvh = h // G
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < N
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
+    do_ptrs = DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
+    lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)  # empty rows: p is 0 anyway
+    delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
+    idx_base = BLOCK_IDX + b * stride_ib + h * stride_ih + mb * stride_im
+    kv_end = Nk
+    if IS_CAUSAL:
+        kv_end = tl.minimum(Nk, mb * BLOCK_M + BLOCK_M)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for slot in range(0, Lb):
+        kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
+        if (kb >= 0) & (kb * BLOCK_N < kv_end):
+            offs_n = kb * BLOCK_N + offs_n0
+            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
+            p = tl.exp2(s - lse2[:, None])  # [BM, BN]; 0 at forbidden keys
+            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
+            vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < Dv) & (offs_n[None, :] < Nk), other=0.0)  # [BDV, BN]
+            dp = _dot(do, vt, PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            k_ptrs2 = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            k = tl.load(k_ptrs2, mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BN, BD]
+            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, BIAS, DOUT, LSE, DELTA, PAIR_OFFSETS, PAIRS, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, Hkv, N, Nk, D, Dv, Mb, Nb, qk_scale2, scale, forbid_at,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program per (b, kv head, key block): dv = sum p^T @ dout, dk = scale * sum ds^T @ q over
+    the pairs PAIRS[PAIR_OFFSETS[t] : PAIR_OFFSETS[t + 1]] (each h * Mb + query block), t = pid."""
+    pid = tl.program_id(0).to(tl.int64)
+    nb = pid % Nb
+    bkv = pid // Nb
+    b = bkv // Hkv
+    kvh = bkv % Hkv
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Nk
+
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T [BD, BN]
+    vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                 mask=(offs_dv[:, None] < Dv) & col_ok[None, :], other=0.0)  # v^T [BDV, BN]
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    start = tl.load(PAIR_OFFSETS + pid)
+    end = tl.load(PAIR_OFFSETS + pid + 1)
+    for e in range(start, end):
+        pair = tl.load(PAIRS + e).to(tl.int64)
+        h = pair // Mb
+        mb = pair % Mb
+        bh = b * H + h
+        offs_m = mb * BLOCK_M + offs_m0
+        row_ok = offs_m < N
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
+        do_ptrs = DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
+        lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)
+        delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+        bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
+        s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+                         stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
+        p = tl.exp2(s - lse2[:, None])  # [BM, BN]; 0 at forbidden keys and padded rows
+        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
+        dp = _dot(do, vt, PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
+
+    dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
+
+
+# --- launchers ---------------------------------------------------------------------------------
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_m: int, block_n: int) -> None:
+    """Clear errors for the inputs the kernels cannot take."""
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"block_sparse_triton: {name} must be a power of two >= 16 (tl.dot's minimum); "
+                             f"got {size}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"block_sparse_triton: q, k, v must be 4-D; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[0] != B or k.shape[3] != D or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(f"block_sparse_triton: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"block_sparse_triton: query heads ({H}) must be a multiple of kv heads ({Hkv})")
+    Mb = triton.cdiv(N, block_m)
+    if block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != (B, H, Mb):
+        raise ValueError(f"block_sparse_triton: block_idx must be [B, H, ceil(N / block_m), Lb] = [{B}, {H}, {Mb}, Lb]; "
+                         f"got {tuple(block_idx.shape)}")
+
+
+def _tile_d(d: int) -> int:
+    """Head-size tile: the next power of two, at least 16 (tl.dot's minimum); padding is masked."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _bias_args(bias: Optional[Tensor], B: int, H: int, N: int, Nk: int, like: Tensor):
+    """(tensor, 4 strides over [B, H, N, Nk], forbid_at). Broadcast dims get stride 0, so no copy is
+    made. forbid_at is MASK_FORBIDDEN_AT_OR_BELOW rounded to the bias dtype, as the reference's
+    `bias > threshold` compares in that dtype: in bf16 -1e4 becomes -9984, so a bf16 bias of -9984
+    (which is what -1e4 rounds to) is forbidden too."""
+    if bias is None:
+        return like, (0, 0, 0, 0), 0.0  # never read: HAS_BIAS is False
+    forbid_at = MASK_FORBIDDEN_AT_OR_BELOW
+    if bias.is_floating_point():
+        forbid_at = torch.tensor(forbid_at, dtype=bias.dtype).item()
+    return bias, bias.expand(B, H, N, Nk).stride(), float(forbid_at)
+
+
+def _dot_args(q: Tensor, allow_tf32: bool) -> dict:
+    """PRECISION: 'ieee' = exact fp32 products, 'tf32' only on request (tl.dot's input_precision, in
+    Triton since 3.0). UPCAST: the interpreter's bf16 tl.dot workaround (see _dot)."""
+    return dict(
+        PRECISION="tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee",
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16,
+    )
+
+
+def _launch_args(q: Tensor, block_m: int, block_n: int, D: int, Dv: int) -> dict:
+    """num_warps and num_stages. fp32 tiles of 64 x 128 pipelined 3 deep overflow shared memory in
+    the dk/dv kernel (247 KB asked vs 227 KB on an H200), so wide fp32 tiles are not pipelined."""
+    wide = max(block_m, block_n) * max(_tile_d(D), _tile_d(Dv)) >= 64 * 128
+    return dict(
+        num_warps=4 if block_m * block_n <= 64 * 64 else 8,
+        num_stages=1 if (wide and q.element_size() >= 4) else 2,
+    )
+
+
+def block_sparse_forward_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_idx: Tensor,
+    scale: float,
+    is_causal: bool,
+    bias: Optional[Tensor],
+    block_m: int,
+    block_n: int,
+    allow_tf32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """-> (out [B, H, N, Dv] in q.dtype, lse [B, H, N] float32); lse = -inf for a row with no allowed
+    key, whose out is 0. Inputs may be any strided views; nothing is copied."""
+    _check(q, k, v, block_idx, block_m, block_n)
+    B, H, N, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Mb, Lb = block_idx.shape[2], block_idx.shape[3]
+    out = q.new_zeros(B, H, N, Dv)
+    lse = torch.full((B, H, N), float("-inf"), device=q.device, dtype=torch.float32)
+    if B * H * N == 0 or Lb == 0:  # nothing to attend to (and no zero-size tensors reach the kernel)
+        return out, lse
+    bias_t, bias_strides, forbid_at = _bias_args(bias, B, H, N, Nk, q)
+    _fwd_kernel[(B * H * Mb,)](
+        q, k, v, block_idx, bias_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *lse.stride(),
+        H, H // Hkv, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, forbid_at,
+        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile_d(D), BLOCK_DV=_tile_d(Dv),
+        **_launch_args(q, block_m, block_n, D, Dv),
+    )
+    return out, lse
+
+
+def reverse_block_index(
+    block_idx: Tensor, Hkv: int, n_key_blocks: int, block_m: int, block_n: int, is_causal: bool
+) -> tuple[Tensor, Tensor]:
+    """CSR transpose of block_idx: for each (b, kv head, key block) t, the pairs h * Mb + query block
+    that listed it are pairs[offsets[t] : offsets[t + 1]]. offsets int32 [B * Hkv * n_key_blocks + 1],
+    pairs int32 [E] (at least one entry, so the kernel never gets a zero-size tensor).
+
+    Entries past the last key block, and, when causal, pairs whose key block lies wholly above the
+    diagonal of the query block, are dropped: they contribute nothing."""
+    B, H, Mb, Lb = block_idx.shape
+    G = H // Hkv
+    dev = block_idx.device
+    kb = block_idx.long()
+    keep = (kb >= 0) & (kb < n_key_blocks)
+    if is_causal:
+        q_end = (torch.arange(Mb, device=dev) + 1) * block_m  # first query row after each query block
+        keep &= kb * block_n < q_end.view(1, 1, Mb, 1)
+    b, h, mb, slot = keep.nonzero(as_tuple=True)  # [E] each, in (b, h, mb, slot) order
+    target = (b * Hkv + h // G) * n_key_blocks + kb[b, h, mb, slot]  # [E]
+    order = torch.argsort(target, stable=True)
+    counts = torch.bincount(target, minlength=B * Hkv * n_key_blocks)
+    offsets = torch.zeros(B * Hkv * n_key_blocks + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    pairs = (h * Mb + mb)[order]
+    if pairs.numel() == 0:
+        pairs = torch.zeros(1, dtype=torch.int64, device=dev)
+    return offsets.to(torch.int32), pairs.to(torch.int32)
+
+
+def block_sparse_backward_triton(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_idx: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    is_causal: bool,
+    bias: Optional[Tensor],
+    block_m: int,
+    block_n: int,
+    allow_tf32: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv) in the dtypes of q, k, v: gradients of block_sparse_forward_triton's out
+    (none for bias). Two kernels: dq over each query block's listed key blocks, dk/dv over the
+    reverse index (see reverse_block_index)."""
+    _check(q, k, v, block_idx, block_m, block_n)
+    B, H, N, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Mb, Lb = block_idx.shape[2], block_idx.shape[3]
+    Nb = triton.cdiv(Nk, block_n)
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if B * H * N == 0 or Lb == 0 or Nk == 0:
+        return dq, dk, dv
+    # rowsum(dout * out) = rowsum(p * dp): the softmax-gradient correction, one number per row.
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, N]
+    lse = lse.float().contiguous()  # the kernels index LSE and DELTA as contiguous [B, H, N]
+    bias_t, bias_strides, forbid_at = _bias_args(bias, B, H, N, Nk, q)
+    common = dict(
+        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile_d(D), BLOCK_DV=_tile_d(Dv),
+        **_launch_args(q, block_m, block_n, D, Dv),
+    )
+    _bwd_dq_kernel[(B * H * Mb,)](
+        q, k, v, block_idx, bias_t, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dq.stride(),
+        H, H // Hkv, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
+        **common,
+    )
+    offsets, pairs = reverse_block_index(block_idx, Hkv, Nb, block_m, block_n, is_causal)
+    _bwd_dkdv_kernel[(B * Hkv * Nb,)](
+        q, k, v, bias_t, dout, lse, delta, offsets, pairs, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+        H, Hkv, N, Nk, D, Dv, Mb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
+        **common,
+    )
+    return dq, dk, dv
