@@ -70,8 +70,14 @@ def real_key_positions(mask: Optional[Tensor], B: int, Nk: int, device) -> Tenso
     return pq.real_key_mask(mask, B, Nk)
 
 
-def _meta(mode: int, seed: int, shape, block_m: int, block_n: int, impl: str, device) -> Tensor:
-    return torch.tensor([mode, seed, *shape, block_m, block_n, IMPLS.index(impl)], dtype=torch.int64, device=device)
+def _meta(mode: int, seed: int, shape, block_m: int, block_n: int, impl: str) -> Tensor:
+    """Kept on the CPU whatever the inputs' device: backward reads it without a device sync."""
+    return torch.tensor([mode, seed, *shape, block_m, block_n, IMPLS.index(impl)], dtype=torch.int64)
+
+
+def real_lengths(mask: Optional[Tensor], real: Tensor) -> Tensor:
+    """Real keys per sequence [B] on the CPU; without a mask every key is real (no device sync)."""
+    return torch.full((real.shape[0],), real.shape[1], dtype=torch.int64) if mask is None else real.sum(-1).cpu()
 
 
 def _token_rows_to_keys(sel: Tensor, n: int) -> Tensor:
@@ -156,7 +162,7 @@ class AttentionSite(Site):
         seed = self.call_seed(plan.index)
         B, H, N, _ = q.shape
         Nk = k.shape[2]
-        meta = _meta(DENSE, seed, (0, 0, 0), 0, 0, "torch", q.device)
+        meta = _meta(DENSE, seed, (0, 0, 0), 0, 0, "torch")
         calibrating = self.calibrating(plan)
         if plan.dense_forced or not options.sparse_attention or calibrating:
             with torch.no_grad():
@@ -193,10 +199,10 @@ class AttentionSite(Site):
         """Top-L keys per query by the PQ proxy q . k_hat; exact attention over them."""
         codebooks = self.codebooks.to(k.device)
         k_hat = pq.pq_decode(pq.pq_encode(k, codebooks), codebooks)
-        per_batch_l = pq.keys_per_query(real.sum(-1).cpu(), options.density, options.top_l)
+        per_batch_l = pq.keys_per_query(real_lengths(mask, real), options.density, options.top_l)
         indices = pq.select_keys(q, k_hat, scale, per_batch_l, is_causal, mask)  # [B, H, N, L]
         out, lse = sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p, seed)
-        meta = _meta(TOKEN, seed, indices.shape[1:], 0, 0, "torch", q.device)
+        meta = _meta(TOKEN, seed, indices.shape[1:], 0, 0, "torch")
 
         def chosen(b, i):  # [R, H, Nk] bool: keys listed for rows (b, i)
             return _token_rows_to_keys(indices[b, :, i], k.shape[2])
@@ -209,12 +215,12 @@ class AttentionSite(Site):
         bm = bn = options.attention_block
         Nk = k.shape[2]
         n_kb = block_select.n_blocks(Nk, bn)
-        lengths = real.sum(-1).cpu()
+        lengths = real_lengths(mask, real)
         per_batch_lb = block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb)
         block_idx = block_select.select_key_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, bm, bn)
         impl = resolve_impl(options.attention_impl, q.device)
         out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl)
-        meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl, q.device)
+        meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl)
         G = q.shape[1] // block_idx.shape[1]
 
         def chosen(b, i):  # [R, H, Nk] bool: keys whose block is listed for rows (b, i)
@@ -270,7 +276,7 @@ def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
     B, H, N, _ = q.shape
     n = torch.library.get_ctx().new_dynamic_size()  # size of the selection: decided at run time
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
-            q.new_empty(n, dtype=torch.int32), q.new_empty(META_LEN, dtype=torch.int64))
+            q.new_empty(n, dtype=torch.int32), torch.empty(META_LEN, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("spt::attention_site_backward", mutates_args=())

@@ -23,9 +23,11 @@ blocks in slot order with an online softmax and saves only out and lse. Backward
 p = exp(s - lse) tile by tile instead of saving the [N, Nk] probabilities:
   * delta = rowsum(dout * out) in torch;
   * dq kernel, one program per (b, h, query block), over the same listed key blocks;
-  * dk/dv kernel, one program per (b, kv head, key block), over a reverse (CSR) index of the
-    (query head, query block) pairs that listed that key block. Each dk/dv tile is then written
-    exactly once, so there are no atomics and the result is deterministic; key blocks nobody
+  * dk/dv kernel over a reverse (CSR) index of the (query head, query block) pairs that listed
+    each key block, cut into work items of at most PAIRS_PER_ITEM pairs, one program each, adding
+    into fp32 dk/dv with atomics. One program per key block would be deterministic but serial where
+    it matters: the sink block is listed by every query block, and on an H200 (SmolLM2 heads,
+    N=8192) that one program made the dk/dv kernel 7x slower than the dq kernel. Key blocks nobody
     listed get zeros.
 All inputs are read through their strides (callers may pass transposed views). Accumulation is fp32;
 tl.dot takes the inputs' own dtype (fp16/bf16 tensor cores), and fp32 inputs use exact "ieee" dot
@@ -224,7 +226,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, BIAS, DOUT, LSE, DELTA, PAIR_OFFSETS, PAIRS, DK, DV,
+    Q, K, V, BIAS, DOUT, LSE, DELTA, ITEM_TARGET, ITEM_START, ITEM_END, PAIRS, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -236,9 +238,12 @@ def _bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One program per (b, kv head, key block): dv = sum p^T @ dout, dk = scale * sum ds^T @ q over
-    the pairs PAIRS[PAIR_OFFSETS[t] : PAIR_OFFSETS[t + 1]] (each h * Mb + query block), t = pid."""
-    pid = tl.program_id(0).to(tl.int64)
+    """One program per work item: a run of at most a few pairs (each h * Mb + query block) that listed
+    one key block t = (b, kv head, key block): PAIRS[ITEM_START[i] : ITEM_END[i]], t = ITEM_TARGET[i].
+    Adds dv = sum p^T @ dout and dk = scale * sum ds^T @ q into fp32 DK, DV. Long lists (the sink block
+    is listed by every query block) are split over many programs, so no program walks all of them."""
+    item = tl.program_id(0)
+    pid = tl.load(ITEM_TARGET + item).to(tl.int64)
     nb = pid % Nb
     bkv = pid // Nb
     b = bkv // Hkv
@@ -257,8 +262,8 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    start = tl.load(PAIR_OFFSETS + pid)
-    end = tl.load(PAIR_OFFSETS + pid + 1)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
     for e in range(start, end):
         pair = tl.load(PAIRS + e).to(tl.int64)
         h = pair // Mb
@@ -283,9 +288,9 @@ def _bwd_dkdv_kernel(
         dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
 
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.atomic_add(dk_ptrs, dk * scale, mask=col_ok[:, None] & (offs_d[None, :] < D))
     dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
+    tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -412,6 +417,28 @@ def reverse_block_index(
     return offsets.to(torch.int32), pairs.to(torch.int32)
 
 
+# Pairs per dk/dv work item: short enough that the sink block's list (every query block of every
+# head in the group) spreads over many programs, long enough to amortise loading the k/v tile.
+PAIRS_PER_ITEM = 16
+
+
+def work_items(offsets: Tensor, per_item: int = PAIRS_PER_ITEM) -> tuple[Tensor, Tensor, Tensor]:
+    """Split each target's pair run offsets[t] : offsets[t + 1] into runs of at most per_item pairs:
+    (target, start, end) int32 [n_items] each (at least one item, possibly empty)."""
+    offsets = offsets.long()
+    counts = offsets[1:] - offsets[:-1]  # [T]
+    n_items = (counts + per_item - 1) // per_item
+    target = torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), n_items)
+    first_item = torch.cumsum(n_items, 0) - n_items  # [T]
+    j = torch.arange(target.numel(), device=offsets.device) - first_item[target]
+    start = offsets[target] + j * per_item
+    end = torch.minimum(start + per_item, offsets[target + 1])
+    if target.numel() == 0:
+        z = torch.zeros(1, dtype=torch.int32, device=offsets.device)
+        return z, z, z
+    return target.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
+
+
 def block_sparse_backward_triton(
     dout: Tensor,
     q: Tensor,
@@ -436,10 +463,11 @@ def block_sparse_backward_triton(
     Mb, Lb = block_idx.shape[2], block_idx.shape[3]
     Nb = triton.cdiv(Nk, block_n)
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    # dk, dv accumulate in fp32 across work items (atomic adds: summation order may vary by run)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if B * H * N == 0 or Lb == 0 or Nk == 0:
-        return dq, dk, dv
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
     # rowsum(dout * out) = rowsum(p * dp): the softmax-gradient correction, one number per row.
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, N]
     lse = lse.float().contiguous()  # the kernels index LSE and DELTA as contiguous [B, H, N]
@@ -456,10 +484,11 @@ def block_sparse_backward_triton(
         **common,
     )
     offsets, pairs = reverse_block_index(block_idx, Hkv, Nb, block_m, block_n, is_causal)
-    _bwd_dkdv_kernel[(B * Hkv * Nb,)](
-        q, k, v, bias_t, dout, lse, delta, offsets, pairs, dk, dv,
+    item_target, item_start, item_end = work_items(offsets)
+    _bwd_dkdv_kernel[(item_target.numel(),)](
+        q, k, v, bias_t, dout, lse, delta, item_target, item_start, item_end, pairs, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
         H, Hkv, N, Nk, D, Dv, Mb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
         **common,
     )
-    return dq, dk, dv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -20,6 +20,7 @@ from spt_compile.triton_ops.block_sparse_triton import (
     block_sparse_backward_triton,
     block_sparse_forward_triton,
     reverse_block_index,
+    work_items,
 )
 from spt_compile.triton_ops.pq import MASK_FORBIDDEN_AT_OR_BELOW
 from spt_compile.triton_ops.reference import block_sparse_attention_reference
@@ -58,6 +59,8 @@ CASES = [
     Case(257, 64, 80, 1, 1, True, 32, 16, None, 20),
     Case(257, 80, 80, 3, 1, False, 32, 16, "mask", 5),
     Case(100, 64, 64, 4, 2, True, 32, 16, "mask", 3),
+    # Every key block listed by ~40 (head, query block) pairs: dk/dv work items split each list.
+    Case(257, 64, 64, 3, 1, False, 16, 16, None, 17),
 ]
 
 B = 2
@@ -241,3 +244,12 @@ def test_rejects_bad_block_sizes(block_m: int, block_n: int):
     block_idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="power of two"):
         block_sparse_forward_triton(q, q, q, block_idx, 0.125, False, None, block_m, block_n)
+
+
+def test_work_items_cover_each_run_in_short_pieces():
+    offsets = torch.tensor([0, 0, 5, 40, 41, 41], dtype=torch.int32)  # runs of 0, 5, 35, 1, 0 pairs
+    target, start, end = work_items(offsets, per_item=16)
+    assert target.tolist() == [1, 2, 2, 2, 3]
+    assert start.tolist() == [0, 5, 21, 37, 40] and end.tolist() == [5, 21, 37, 40, 41]
+    target, start, end = work_items(torch.zeros(4, dtype=torch.int32))  # nothing listed at all
+    assert end.tolist() == start.tolist() == [0]
