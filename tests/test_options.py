@@ -16,7 +16,8 @@ from toy_models import GatedMLP
     ("density", 0.0), ("density", 1.5), ("density", float("nan")), ("density", True),
     ("top_l", 0), ("top_l", 2.5), ("ffn_blocks", 0), ("ffn_active", 5), ("ffn_active", 0),
     ("pq_subspace_dim", 0), ("pq_codewords", 300), ("calibration_steps", -1), ("compiler", "tvm"),
-    ("sparse_attention", "yes"),
+    ("sparse_attention", "yes"), ("attention_selection", "tokens"), ("attention_block", 48),
+    ("attention_block", 8), ("attention_impl", "cuda"),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(SptOptionError, match=f"'{name}'"):
