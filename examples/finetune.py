@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SPT_CHOICES = ("density", "top_l", "ffn_blocks", "ffn_active", "calibration_steps", "compiler")
+SPT_CHOICES = ("density", "top_l", "attention_selection", "attention_block", "attention_dense_below", "ffn_blocks",
+               "ffn_active", "calibration_steps", "compiler")
 
 
 class UserError(Exception):
@@ -67,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("spt options (see spt_compile.options_help())")
     g.add_argument("--density", type=float, default=None, help="keys kept per query, fraction of the real length")
     g.add_argument("--top-l", type=int, default=None, help="a fixed number of keys per query")
+    g.add_argument("--attention-selection", choices=("block", "token"), default=None,
+                   help="key blocks per query block (default) or top-L keys per query")
+    g.add_argument("--attention-block", type=int, default=None, help="block size of block selection (default 64)")
+    g.add_argument("--attention-dense-below", type=int, default=None,
+                   help="sequences with fewer keys run exact attention (default 2048; 0: always sparse)")
     g.add_argument("--ffn-blocks", type=int, default=None, help="MLP blocks")
     g.add_argument("--ffn-active", type=int, default=None, help="MLP blocks used per token")
     g.add_argument("--calibration-steps", type=int, default=None, help="first calls per site run dense to calibrate")

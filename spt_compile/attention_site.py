@@ -94,6 +94,10 @@ class AttentionSite(Site):
         self.n_kv_heads, self.head_dim = template.shape
         self.codebooks: Optional[Tensor] = None  # [Hkv, S, K, dsub] fp32
         self.key_buffer: Optional[Tensor] = None  # [Hkv, n, D] calibration samples
+        self.exact_short_calls = 0  # calls that ran exact because the sequence was below attention_dense_below
+
+    def describe(self):
+        return {**super().describe(), "exact_short_calls": self.exact_short_calls}
 
     # --- statistics ---------------------------------------------------------------------------
     def _sample_keys(self, k: Tensor, real: Tensor, seed: int) -> Tensor:
@@ -164,7 +168,15 @@ class AttentionSite(Site):
         Nk = k.shape[2]
         meta = _meta(DENSE, seed, (0, 0, 0), 0, 0, "torch")
         calibrating = self.calibrating(plan)
-        if plan.dense_forced or not options.sparse_attention or calibrating:
+        exact = plan.dense_forced or not options.sparse_attention or calibrating
+        real = None
+        if not exact:
+            real = real_key_positions(mask, B, Nk, q.device)
+            if int(real_lengths(mask, real).max()) < options.attention_dense_below:
+                exact = True  # a short sequence: exact attention is cheap, and sparsity would cost quality
+                if plan.updates_state:
+                    self.stage(lambda: setattr(self, "exact_short_calls", self.exact_short_calls + 1))
+        if exact:
             with torch.no_grad():
                 out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 if calibrating and plan.updates_state:
@@ -175,7 +187,6 @@ class AttentionSite(Site):
             return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
 
         with torch.no_grad():
-            real = real_key_positions(mask, B, Nk, q.device)
             if self.codebooks is None:  # calibration_steps == 0: fit on this call's keys
                 self.codebooks = self._fit(self._sample_keys(k, real, seed), seed)
             bias = mask if mask is not None and mask.dtype != torch.bool else None

@@ -13,9 +13,11 @@ from toy_models import NanoGPT
 
 
 def compiled_gpt(seed=0, dropout=0.0, **options):
+    torch._dynamo.reset()  # a fresh cache: many compiles of one forward would hit Dynamo's recompile limit
     torch.manual_seed(seed)
     model = NanoGPT(d=64, heads=4, layers=2, block_size=160, dropout=dropout)
-    opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, **options}
+    opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, "attention_dense_below": 0,
+            **options}
     return model, torch.compile(model, backend="spt", options=opts)
 
 
@@ -90,3 +92,15 @@ def test_bf16_autocast_runs_sparse_and_matches_dense_at_density_one():
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g.float(), w.float(), atol=5e-2, rtol=5e-2)
     assert torch.isfinite(sparse) and all(torch.isfinite(g).all() for g in sparse_grads)
+
+
+def test_short_sequences_run_exact_attention_and_are_counted():
+    model, compiled = compiled_gpt(attention_dense_below=120, attention_block=16)
+    compiled(torch.randint(0, 97, (1, 100)))  # calibration
+    short, long = torch.randint(0, 97, (1, 100)), torch.randint(0, 97, (1, 130))
+    torch.testing.assert_close(compiled(short), model(short), atol=1e-5, rtol=1e-4)  # below 120 keys: exact
+    assert not torch.allclose(compiled(long), model(long), atol=1e-3)  # at or above: sparse
+    counts = [r["exact_short_calls"] for r in spt_compile.report(model) if r["kind"] == "attention"]
+    assert counts == [1, 1]
+    with spt_compile.enable(attention_dense_below=0):
+        assert not torch.allclose(compiled(short), model(short), atol=1e-3)

@@ -19,7 +19,7 @@ def test_backend_is_found_by_name_without_importing_the_package():
         import sys, torch
         m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
         assert "spt_compile" not in sys.modules
-        y = torch.compile(m, backend="spt", options={"compiler": "eager", "calibration_steps": 0})(torch.randn(3, 16))
+        y = torch.compile(m, backend="spt", options={"compiler": "eager", "calibration_steps": 0, "attention_dense_below": 0})(torch.randn(3, 16))
         assert y.shape == (3, 16) and "spt_compile" in sys.modules
         from spt_compile.backend import COMPILE_REPORTS
         assert len(COMPILE_REPORTS[-1].rewritten("mlp")) == 1
@@ -57,7 +57,8 @@ def test_explain_lists_rewritten_sites_and_reasons_and_changes_no_state():
 def test_report_gives_calibration_quality_per_site():
     torch._dynamo.reset()
     model = NanoGPT(layers=2)
-    compiled = torch.compile(model, backend="spt", options={"compiler": "eager", "calibration_steps": 1})
+    compiled = torch.compile(model, backend="spt", options={"compiler": "eager", "calibration_steps": 1,
+                                                            "attention_dense_below": 0})
     for i in range(3):
         compiled(torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(i))).sum().backward()
     rows = spt_compile.report(model)

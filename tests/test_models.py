@@ -13,7 +13,7 @@ from graph_check import GraphCapture
 
 pytestmark = pytest.mark.slow
 
-EVERY = {"density": 1.0, "ffn_blocks": 4, "ffn_active": 4, "calibration_steps": 0}
+EVERY = {"density": 1.0, "ffn_blocks": 4, "ffn_active": 4, "calibration_steps": 0, "attention_dense_below": 0}
 
 
 def lora(model, targets, r=8):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from graph_check import GraphCapture
 from toy_models import GQAAttention, GatedMLP, NanoGPT, PlainMLP
 
-EVERY = {"density": 1.0, "ffn_active": 4, "ffn_blocks": 4, "calibration_steps": 0}
+EVERY = {"density": 1.0, "ffn_active": 4, "ffn_blocks": 4, "calibration_steps": 0, "attention_dense_below": 0}
 
 
 def capture(model, *args, options=None, **kwargs) -> GraphCapture:
@@ -284,7 +284,8 @@ def test_dynamic_shapes_rewrite_and_do_not_recompile_per_length():
     torch._dynamo.reset()
     model = NanoGPT(layers=1)
     compiled = torch.compile(model, backend="spt", dynamic=True,
-                             options={"compiler": "aot_eager", "calibration_steps": 0, "density": 0.5})
+                             options={"compiler": "aot_eager", "calibration_steps": 0, "density": 0.5,
+                                      "attention_dense_below": 0})
     compiled(torch.randint(0, 97, (2, 9))).sum().backward()
     after_first = len(COMPILE_REPORTS)
     last = COMPILE_REPORTS[-1]

@@ -18,7 +18,7 @@ def compiled_gpt(seed=0, **options):
     torch.manual_seed(seed)
     model = NanoGPT(layers=2, block_size=64)
     torch._dynamo.reset()
-    opts = {"compiler": "aot_eager", "calibration_steps": 2, **options}
+    opts = {"compiler": "aot_eager", "calibration_steps": 2, "attention_dense_below": 0, **options}
     return model, torch.compile(model, backend="spt", options=opts)
 
 
@@ -97,7 +97,8 @@ def test_state_roundtrip_into_a_fresh_model_before_compiling(tmp_path):
     spt_compile.load_state_dict(clone, saved["spt"])  # sites do not exist yet: kept pending
     assert spt_compile.state_dict(clone).keys() == saved["spt"].keys()
     torch._dynamo.reset()
-    compiled_clone = torch.compile(clone, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 2})
+    compiled_clone = torch.compile(clone, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 2,
+                                                                  "attention_dense_below": 0})
     for i in range(4, 7):
         a, b = step(compiled, i), step(compiled_clone, i)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -114,7 +115,7 @@ def test_state_that_does_not_fit_is_refused(tmp_path):
         spt_compile.load_state_dict(other, {"nonsense.weight@mlp0/router": torch.zeros(1)})
     torch._dynamo.reset()
     compiled_other = torch.compile(other, backend="spt", options={"compiler": "aot_eager", "ffn_blocks": 8,
-                                                                  "calibration_steps": 0})
+                                                                  "calibration_steps": 0, "attention_dense_below": 0})
     step(compiled_other, 0)
     with pytest.raises(SptStateError, match="ffn_blocks"):
         spt_compile.load_state_dict(other, state)
@@ -137,7 +138,8 @@ def test_checkpointed_recompute_replays_the_forward():
     torch.manual_seed(3)
     base = NanoGPT(layers=2, block_size=64)
     plain = copy.deepcopy(base)
-    opts = {"compiler": "aot_eager", "calibration_steps": 0, "density": 0.3, "ffn_active": 2}
+    opts = {"compiler": "aot_eager", "calibration_steps": 0, "density": 0.3, "ffn_active": 2,
+            "attention_dense_below": 0}
     torch._dynamo.reset()
     c_ckpt = torch.compile(Ckpt(base), backend="spt", options=opts)
     c_plain = torch.compile(plain, backend="spt", options=opts)
@@ -171,7 +173,7 @@ def test_models_sharing_one_compiled_graph_keep_their_own_sites():
     guarded); each instance must still get its own sites, found by its weights at run time."""
     torch._dynamo.reset()
     a, b = NanoGPT(layers=2, block_size=64), NanoGPT(layers=2, block_size=64)
-    opts = {"compiler": "aot_eager", "calibration_steps": 1}
+    opts = {"compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0}
     ca, cb = (torch.compile(m, backend="spt", options=opts) for m in (a, b))
     before = len(COMPILE_REPORTS)
     for i in range(2):
