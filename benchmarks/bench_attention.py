@@ -51,8 +51,10 @@ def make_fn(config: str, args):
     if config == "sdpa-inductor":
         return torch.compile(module, backend="inductor")
     _, selection, impl = config.split("-")
+    # attention_dense_below=0: time the sparse path at every N (by default calls under 2048 keys run exact)
     options = dict(attention_selection=selection, attention_impl=impl, density=args.density,
-                   attention_block=args.block, calibration_steps=1, compiler="eager", sparse_ffn=False)
+                   attention_block=args.block, calibration_steps=1, compiler="eager", sparse_ffn=False,
+                   attention_dense_below=0)
     return torch.compile(module, backend="spt", options=options)
 
 
