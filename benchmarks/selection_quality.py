@@ -5,6 +5,7 @@ for GSM8K and WikiText-2 text from the shared data folder.
 Selections compared at each density (L = density x N keys per query):
   exact-token   the true top-L keys of each query (the upper bound for any token-level selection)
   pq-token      top-L by the asymmetric PQ proxy q . k_hat (codebooks fitted on the same text's keys)
+  pq-agreement-token  top-L by the number of subspaces whose query and key codes agree (the prototype's)
   pooled-block  the default: key blocks per query block by the pooled-key proxy (block_select.py),
                 one list per GQA group, sink and diagonal blocks always kept
   oracle-block  the Lb blocks with the most true attention mass per query block (and per head)
@@ -114,6 +115,10 @@ def evaluate(q, k, densities, blocks, codewords, dsub=8):
             idx = pq.select_keys(q, k_hat, scale, torch.tensor([L]), True)
             chosen = torch.zeros(B, H, N, N + 1, dtype=torch.bool).scatter_(-1, torch.where(idx < 0, N, idx).long(), True)
             rows.append(("pq-token", density, None, K, *score(chosen[..., :N], p, s, L)))
+            q1, k1 = pq.code_onehots(q, k, cb)
+            idx = pq.select_keys(q1, k1, 1.0, torch.tensor([L]), True)
+            chosen = torch.zeros(B, H, N, N + 1, dtype=torch.bool).scatter_(-1, torch.where(idx < 0, N, idx).long(), True)
+            rows.append(("pq-agreement-token", density, None, K, *score(chosen[..., :N], p, s, L)))
         for bsz in blocks:
             n_kb = block_select.n_blocks(N, bsz)
             lb = block_select.blocks_per_query(torch.tensor([N]), density, None, bsz, n_kb)

@@ -207,11 +207,15 @@ class AttentionSite(Site):
         return out, lse, selection, meta
 
     def _token_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed):
-        """Top-L keys per query by the PQ proxy q . k_hat; exact attention over them."""
+        """Top-L keys per query by a PQ proxy (the asymmetric inner product q . k_hat, or the number
+        of subspaces whose codes agree); exact attention over them."""
         codebooks = self.codebooks.to(k.device)
-        k_hat = pq.pq_decode(pq.pq_encode(k, codebooks), codebooks)
         per_batch_l = pq.keys_per_query(real_lengths(mask, real), options.density, options.top_l)
-        indices = pq.select_keys(q, k_hat, scale, per_batch_l, is_causal, mask)  # [B, H, N, L]
+        if options.pq_proxy == "agreement":
+            q_proxy, k_proxy, proxy_scale = *pq.code_onehots(q, k, codebooks), 1.0
+        else:
+            q_proxy, k_proxy, proxy_scale = q, pq.pq_decode(pq.pq_encode(k, codebooks), codebooks), scale
+        indices = pq.select_keys(q_proxy, k_proxy, proxy_scale, per_batch_l, is_causal, mask)  # [B, H, N, L]
         out, lse = sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p, seed)
         meta = _meta(TOKEN, seed, indices.shape[1:], 0, 0, "torch")
 

@@ -48,6 +48,8 @@ class Options:
     attention_dense_below: int = _opt(2048, "Calls whose longest real sequence has fewer keys than this run "
                                       "exact attention (0: always sparse). report() counts them.", True)
     attention_block: int = _opt(64, "Query and key block size of block selection (a power of two >= 16).", True)
+    pq_proxy: str = _opt("adc", "Proxy of token selection: 'adc' (asymmetric inner product q . k_hat) or "
+                         "'agreement' (how many subspace codes of query and key agree).", True)
     attention_impl: str = _opt("auto", "Sparse attention implementation: 'triton' (CUDA), 'torch' "
                                "(block-batched PyTorch, the CPU path), 'reference' (dense, for checks) or "
                                "'auto' ($SPT_ATTENTION_IMPL, else triton on CUDA, torch elsewhere).", True)
@@ -102,6 +104,8 @@ def validate(o: Options) -> None:
         raise _bad("attention_dense_below", "an int >= 0", o.attention_dense_below)
     if not is_int(o.attention_block) or o.attention_block < 16 or o.attention_block & (o.attention_block - 1):
         raise _bad("attention_block", "a power of two >= 16", o.attention_block)
+    if o.pq_proxy not in ("adc", "agreement"):
+        raise _bad("pq_proxy", "'adc' or 'agreement'", o.pq_proxy)
     if o.attention_impl not in IMPLS:
         raise _bad("attention_impl", f"one of {', '.join(IMPLS)}", o.attention_impl)
     if not is_int(o.ffn_blocks) or o.ffn_blocks < 1:

@@ -27,9 +27,11 @@ def loss_and_grads(model, compiled, idx):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("selection,impl", [("block", "torch"), ("block", "reference"), ("token", "torch")])
-def test_density_one_is_exact_for_each_selection_and_impl(selection, impl):
-    model, compiled = compiled_gpt(attention_selection=selection, attention_impl=impl, attention_block=16)
+@pytest.mark.parametrize("selection,impl,proxy", [("block", "torch", "adc"), ("block", "reference", "adc"),
+                                                  ("token", "torch", "adc"), ("token", "torch", "agreement")])
+def test_density_one_is_exact_for_each_selection_and_impl(selection, impl, proxy):
+    model, compiled = compiled_gpt(attention_selection=selection, attention_impl=impl, attention_block=16,
+                                   pq_proxy=proxy)
     idx = torch.randint(0, 97, (2, 150))
     compiled(idx)  # calibration call (dense)
     with spt_compile.enable(density=1.0):

@@ -100,3 +100,19 @@ def test_padding_keys_are_not_real_and_density_uses_real_length():
 def test_keys_per_query_bounds(density):
     L = pq.keys_per_query(torch.tensor([0, 1, 7]), density, None)
     assert L.tolist() == ([0, 1, 1] if density < 1 else [0, 1, 7])
+
+
+def test_code_agreement_proxy_counts_equal_codes():
+    from spt_compile.triton_ops.pq import code_onehots, fit_codebooks, pq_encode
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, N, D = 2, 4, 2, 30, 16
+    q, k = torch.randn(B, H, N, D, generator=gen), torch.randn(B, Hkv, N, D, generator=gen)
+    cb = fit_codebooks(k[0], 4, 8, 5, gen)  # [Hkv, S=4, K=8, 4]
+    q1, k1 = code_onehots(q, k, cb)
+    counts = q1 @ k1.repeat_interleave(H // Hkv, dim=1).transpose(-1, -2)  # [B, H, N, N]
+    q_codes = pq_encode(q.reshape(B, Hkv, 2 * N, D), cb).view(B, H, N, 4)
+    k_codes = pq_encode(k, cb).repeat_interleave(2, dim=1)
+    want = (q_codes[:, :, :, None, :] == k_codes[:, :, None, :, :]).sum(-1).float()
+    torch.testing.assert_close(counts, want)
+    assert counts.max() <= 4 and counts.min() >= 0

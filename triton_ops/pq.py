@@ -68,6 +68,17 @@ def pq_decode(codes: Tensor, codebooks: Tensor) -> Tensor:
     return codebooks.float()[h, s, codes.long()].reshape(B, Hkv, Nk, S * dsub)
 
 
+def code_onehots(q: Tensor, k: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor]:
+    """The code-agreement proxy as an inner product: q and k encoded with the keys' codebooks (a
+    query head uses its kv head's), one-hot per subspace, so q1 . k1 = number of subspaces whose
+    codes agree. q [B, H, N, D] -> [B, H, N, S * K]; k [B, Hkv, Nk, D] -> [B, Hkv, Nk, S * K]."""
+    B, H, N, D = q.shape
+    Hkv, K = k.shape[1], codebooks.shape[2]
+    q_codes = pq_encode(q.reshape(B, Hkv, (H // Hkv) * N, D), codebooks).view(B, H, N, -1)
+    onehot = lambda codes: torch.nn.functional.one_hot(codes.long(), K).flatten(-2).float()  # noqa: E731
+    return onehot(q_codes), onehot(pq_encode(k, codebooks))
+
+
 def ema_update(codebooks: Tensor, keys: Tensor, decay: float) -> Tensor:
     """One online k-means step: move each codeword toward the mean of the keys assigned to it.
     keys [Hkv, n, D]; codewords with no keys stay where they are."""
