@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional
 
+from spt_compile.triton_ops.block_sparse import IMPLS
+
 COMPILERS = ("inductor", "aot_eager", "eager")
 SELECTIONS = ("block", "token")
-IMPLS = ("auto", "triton", "torch", "reference")
 
 
 class SptOptionError(ValueError):

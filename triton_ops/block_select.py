@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .pq import MASK_FORBIDDEN_AT_OR_BELOW
+from .pq import allowed_mask
 
 # Elements of one [B, H, rows, n_kb] proxy chunk (fp32): bounded memory at any N.
 _CHUNK_ELEMENTS = 1 << 22
@@ -42,14 +42,6 @@ def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], bloc
     ceil(density x real length); at least 1, at most n_kb (density 1.0 lists every block)."""
     keys = lengths.clamp(max=top_l) if top_l is not None else torch.ceil(lengths.double() * density).long()
     return torch.ceil(keys.double() / block_n).long().clamp(min=1, max=n_kb)
-
-
-def allowed_mask(mask: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
-    """True where the explicit mask allows key j for query rows r0:r1 (broadcast dims kept)."""
-    if mask is None:
-        return None
-    m = mask[:, :, r0:r1] if mask.shape[2] != 1 else mask
-    return m if m.dtype == torch.bool else m > MASK_FORBIDDEN_AT_OR_BELOW
 
 
 def _pad_to(x: Tensor, dim: int, size: int, value) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .block_select import n_blocks
 from .pq import MASK_FORBIDDEN_AT_OR_BELOW
+from .sparse_attention import _acc, _dropout_keep  # same accumulation dtype and replayable dropout
 
 IMPLS = ("auto", "triton", "torch", "reference")
 IMPL_ENV = "SPT_ATTENTION_IMPL"
@@ -44,10 +45,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         impl = "triton" if device.type == "cuda" else "torch"
     return impl
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _blocks_per_chunk(B: int, H: int, block_m: int, Lb: int, block_n: int, D: int) -> int:
@@ -183,13 +180,6 @@ def _scores(qc: Tensor, kg: Tensor, idx: Tensor, qb0: int, r0: int, lay: _Layout
     if bias_vals is not None:
         s.add_(bias_vals.to(s.dtype))
     return s.masked_fill_(~allowed, float("-inf"))
-
-
-def _dropout_keep(shape, p: float, seed: int, chunk: int, device) -> Tensor:
-    """Keep-mask of one chunk, reproducible from (seed, chunk) in backward."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + chunk) % (2**63 - 1))
-    return torch.rand(shape, generator=gen, device=device) >= p
 
 
 def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,

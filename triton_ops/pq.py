@@ -94,7 +94,7 @@ def ema_update(codebooks: Tensor, keys: Tensor, decay: float) -> Tensor:
     return torch.where(counts[..., None] > 0, moved, codebooks.float())
 
 
-def _allowed_chunk(mask: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
+def allowed_mask(mask: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
     """True where the explicit mask allows a key, for query rows r0:r1 (broadcast dims kept)."""
     if mask is None:
         return None
@@ -109,7 +109,7 @@ def real_key_mask(mask: Tensor, B: int, Nk: int) -> Tensor:
     step = max(1, min(MAX_ROWS_PER_CHUNK, _SCORE_CHUNK_ELEMENTS // max(1, mask.shape[0] * mask.shape[1] * Nk)))
     any_allowed = torch.zeros(mask.shape[0], Nk, dtype=torch.bool, device=mask.device)
     for r0 in range(0, rows, step):
-        any_allowed |= _allowed_chunk(mask, r0, min(rows, r0 + step)).any(dim=2).any(dim=1)
+        any_allowed |= allowed_mask(mask, r0, min(rows, r0 + step)).any(dim=2).any(dim=1)
     return any_allowed.expand(B, Nk)
 
 
@@ -149,7 +149,7 @@ def select_keys(
         r1 = min(N, r0 + C)
         qc = q[:, :, r0:r1].float().reshape(B, Hkv, G * (r1 - r0), D)
         s = (qc @ kp_t).view(B, H, r1 - r0, Nk) * scale
-        allowed = _allowed_chunk(mask, r0, r1)
+        allowed = allowed_mask(mask, r0, r1)
         if mask is not None and mask.dtype != torch.bool:
             s = s + (mask[:, :, r0:r1] if mask.shape[2] != 1 else mask).float()
         if allowed is not None:
