@@ -12,7 +12,13 @@ calibration (where every block runs, so the norms come for free) and refitted on
 token samples on training calls (PROBE_EVERY). The same samples measure how much of the dense MLP
 output the chosen blocks capture.
 
-Outputs: y [*, d_out], block_mask [T, n_blocks] bool, meta [2] int64 (mode, dropout seed).
+With `ffn_cluster` (default), calibration also groups hidden units that fire together into the same
+block (clustering.py): the site keeps a permutation of the units and applies it to the weights it
+reads, so the user's weights, LoRA adapters and checkpoints keep their order, and running every block
+is still exactly the dense MLP.
+
+Outputs: y [*, d_out], block_mask [T, n_blocks] bool, perm [F] int64 (hidden units in block order),
+meta [3] int64 on the CPU (mode, dropout seed, whether perm applies).
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ from .context import resolve
 from .options import Options
 from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 
+from spt_compile.triton_ops.clustering import cluster_neurons
 from spt_compile.triton_ops.routed_mlp import (
     MlpSpec,
     MlpWeights,
     block_outputs,
+    permute_hidden,
     routed_mlp_backward,
     routed_mlp_forward,
+    unit_importance,
+    unpermute_grads,
 )
 
 DENSE, ROUTED = 0, 1
@@ -74,6 +84,23 @@ class MlpSite(Site):
         self.router: Optional[Tensor] = None  # [d_in + 1, n_blocks]
         self.buffer_x = torch.zeros(0, self.d_in)  # router samples (CPU, fp32), oldest first
         self.buffer_y = torch.zeros(0, self.n_blocks)
+        self.perm: Optional[Tensor] = None  # [F] hidden units in block order (None: contiguous blocks)
+
+    def _fit_routing(self, weights: MlpWeights, spec: MlpSpec, options: Options, seed: int):
+        """From the buffered tokens: the unit clustering (if asked) and the router fitted to the
+        block output norms of the blocks it defines. Returns (perm, buffer_y, router)."""
+        bx = self.buffer_x
+        perm, by = None, self.buffer_y
+        if options.ffn_cluster and spec.n_blocks > 1:
+            x = bx.to(device=weights.in_w.device, dtype=weights.in_w.dtype)
+            perm = cluster_neurons(unit_importance(x, weights, spec), spec.n_blocks,
+                                   generator=torch.Generator().manual_seed(seed))
+            wp = permute_hidden(weights, spec, perm.to(weights.in_w.device))
+            by = block_outputs(x, wp, spec).float().norm(dim=-1).cpu()
+        return perm, by, fit_router(bx, by)
+
+    def _set_routing(self, perm, by, router) -> None:
+        self.perm, self.buffer_y, self.router = perm, by, router
 
     # --- router statistics --------------------------------------------------------------------
     def _add_samples(self, x: Tensor, norms: Tensor) -> None:
@@ -84,7 +111,7 @@ class MlpSite(Site):
         gen = torch.Generator().manual_seed(seed)
         return torch.randperm(T, generator=gen)[:n].to(device)
 
-    def _probe(self, x2, weights, spec, block_mask, seed) -> None:
+    def _probe(self, x2, weights, spec, block_mask, seed) -> None:  # weights: already permuted
         """Run every block on a few tokens: their norms feed the router; the routed share of the
         dense output is the quality figure (1.0 = nothing lost)."""
         rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device)
@@ -106,6 +133,7 @@ class MlpSite(Site):
         nb = spec.n_blocks
         calibrating = self.calibrating(plan)
         routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb)
+        perm = None
         with torch.no_grad():
             if not routed:
                 block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
@@ -113,29 +141,32 @@ class MlpSite(Site):
                 norms = torch.zeros(T, nb, device=x.device) if collect else None
                 y = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms)
                 if collect:
-                    self._calibrate(x2, norms, plan, seed)
+                    self._calibrate(x2, norms, weights, spec, plan, seed)
             else:
                 if self.router is None:  # calibration_steps == 0: fit on a sample of this call
                     rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device)
                     self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
-                    self.router = fit_router(self.buffer_x, self.buffer_y)
+                    self._set_routing(*self._fit_routing(weights, spec, options, seed))
+                perm = None if self.perm is None else self.perm.to(x.device)
+                wp = permute_hidden(weights, spec, perm)
                 block_mask = choose_blocks(router_scores(x2, self.router.to(x.device)), options.active_blocks)
-                y = routed_mlp_forward(x2, weights, spec, block_mask, seed)
+                y = routed_mlp_forward(x2, wp, spec, block_mask, seed)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
-                    self._probe(x2, weights, spec, block_mask, seed)
+                    self._probe(x2, wp, spec, block_mask, seed)
                     bx, by = self.buffer_x, self.buffer_y
                     self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
         self.end(plan, training)
-        meta = torch.tensor([ROUTED if routed else DENSE, seed], dtype=torch.int64, device=x.device)
-        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, meta
+        meta = torch.tensor([ROUTED if routed else DENSE, seed, int(perm is not None)], dtype=torch.int64)
+        perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
+        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, meta
 
-    def _calibrate(self, x2: Tensor, norms: Tensor, plan: CallPlan, seed: int) -> None:
+    def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int) -> None:
         rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device)
         self._add_samples(x2[rows], norms[rows])
-        if plan.index == plan.options.calibration_steps - 1:
-            bx, by = self.buffer_x, self.buffer_y
-            self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
+        if plan.index == plan.options.calibration_steps - 1:  # last calibration call
+            fitted = self._fit_routing(weights, spec, plan.options, seed)
+            self.stage(lambda: self._set_routing(*fitted))
 
     # --- persistence --------------------------------------------------------------------------
     def state_dict(self):
@@ -144,6 +175,8 @@ class MlpSite(Site):
             out["router"] = self.router
         out["buffer_x"] = self.buffer_x
         out["buffer_y"] = self.buffer_y
+        if self.perm is not None:
+            out["perm"] = self.perm
         return out
 
     def load_state_dict(self, state):
@@ -156,6 +189,10 @@ class MlpSite(Site):
         self.router = None if router is None else router.float().clone()
         self.buffer_x = state.get("buffer_x", torch.zeros(0, self.d_in)).float().clone()
         self.buffer_y = state.get("buffer_y", torch.zeros(0, self.n_blocks)).float().clone()
+        perm = state.get("perm")
+        if perm is not None and not torch.equal(perm.sort().values, torch.arange(perm.numel())):
+            raise SptStateError(f"saved unit permutation of MLP site {self.name} is not a permutation")
+        self.perm = None if perm is None else perm.long().clone()
 
 
 # --- the custom ops ---------------------------------------------------------------------------
@@ -170,7 +207,7 @@ def mlp_site(
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
     template: int, spec: str, training: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
     # The first projection's weight (gate, else in) identifies the layer's site.
     site = REGISTRY.site(template, gate_w if gate_w is not None else in_w)
@@ -186,7 +223,7 @@ def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b,
         T = T * n
     d_out = out_w.shape[1] if s.out_layout == "io" else out_w.shape[0]
     return (x.new_empty(*x.shape[:-1], d_out), x.new_empty(T, s.n_blocks, dtype=torch.bool),
-            x.new_empty(2, dtype=torch.int64))
+            x.new_empty(s.hidden, dtype=torch.int64), torch.empty(3, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("spt::mlp_site_backward", mutates_args=())
@@ -195,22 +232,24 @@ def mlp_site_backward(
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    block_mask: Tensor, meta: Tensor, spec: str, needs: list[bool],
+    block_mask: Tensor, perm: Tensor, meta: Tensor, spec: str, needs: list[bool],
 ) -> list[Tensor]:
     """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
     s = MlpSpec.from_str(spec)
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
-    seed = int(meta[1])
+    mode, seed, permuted = meta.tolist()
+    p = perm if (mode == ROUTED and permuted) else None
     x2 = x.reshape(-1, x.shape[-1])
-    dx, grads = routed_mlp_backward(dy.reshape(-1, dy.shape[-1]), x2, weights, s, block_mask, seed,
-                                    needs[0], MlpWeights(*needs[1:]))
+    dx, grads = routed_mlp_backward(dy.reshape(-1, dy.shape[-1]), x2, permute_hidden(weights, s, p), s, block_mask,
+                                    seed, needs[0], MlpWeights(*needs[1:]))
+    grads = unpermute_grads(grads, s, p)
     return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
 
 
 @mlp_site_backward.register_fake
 def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      block_mask, meta, spec, needs):
+      block_mask, perm, meta, spec, needs):
     tensors = [x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb]
     return [t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0) for t, need in zip(tensors, needs)]
 
@@ -218,15 +257,15 @@ def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, ou
 def _setup_context(ctx, inputs, output):
     tensors = inputs[:13]
     ctx.spec = inputs[14]
-    y, block_mask, meta = output
+    y, block_mask, perm, meta = output
     ctx.present = [t is not None for t in tensors]
-    ctx.save_for_backward(*tensors, block_mask, meta)
+    ctx.save_for_backward(*tensors, block_mask, perm, meta)
 
 
-def _backward(ctx, dy, dmask, dmeta):
-    *tensors, block_mask, meta = ctx.saved_tensors
+def _backward(ctx, dy, dmask, dperm, dmeta):
+    *tensors, block_mask, perm, meta = ctx.saved_tensors
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
-    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, meta, ctx.spec, needs)
+    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, meta, ctx.spec, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
 

@@ -56,6 +56,8 @@ class Options:
                                "'auto' ($SPT_ATTENTION_IMPL, else triton on CUDA, torch elsewhere).", True)
     # --- structural: read when a graph is compiled ---
     ffn_blocks: int = _opt(4, "Blocks the MLP hidden layer is cut into.", False)
+    ffn_cluster: bool = _opt(True, "At the end of calibration, group hidden units that fire together into "
+                             "the same block (a permutation kept by the backend; weights untouched).", False)
     pq_subspace_dim: int = _opt(8, "Dimensions per product-quantization subspace of a head.", False)
     pq_codewords: int = _opt(16, "Codewords per PQ subspace (at most 256).", False)
     calibration_steps: int = _opt(4, "First calls of each site that run dense to collect statistics "
@@ -96,7 +98,7 @@ def validate(o: Options) -> None:
         raise _bad("density", "a float in (0, 1]", o.density)
     if o.top_l is not None and (not is_int(o.top_l) or o.top_l < 1):
         raise _bad("top_l", "an int >= 1 or None", o.top_l)
-    for name in ("sparse_attention", "sparse_ffn"):
+    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster"):
         if not isinstance(getattr(o, name), bool):
             raise _bad(name, "True or False", getattr(o, name))
     if o.attention_selection not in SELECTIONS:

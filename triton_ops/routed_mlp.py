@@ -119,6 +119,32 @@ def _block_weights(w: MlpWeights, spec: MlpSpec, lo: int, hi: int) -> MlpWeights
     return MlpWeights(**sliced)
 
 
+def permute_hidden(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> MlpWeights:
+    """The weights with hidden units reordered by perm [F] (neuron perm[i] becomes unit i), so that
+    contiguous blocks of the result are the clustered groups. Copies only the slots cut by blocks;
+    differentiable (index_select), so gradients flow back to the original order."""
+    if perm is None:
+        return w
+    out = {}
+    for slot, t in w._asdict().items():
+        dim = _slot_slice(slot, spec)
+        out[slot] = t if (t is None or dim is None) else t.index_select(dim, perm)
+    return MlpWeights(**out)
+
+
+def unpermute_grads(grads: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> MlpWeights:
+    """Gradients with respect to permute_hidden(w, spec, perm) -> gradients with respect to w."""
+    if perm is None:
+        return grads
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    out = {}
+    for slot, g in grads._asdict().items():
+        dim = _slot_slice(slot, spec)
+        out[slot] = g if (g is None or dim is None) else g.index_select(dim, inverse)
+    return MlpWeights(**out)
+
+
 def _project(x: Tensor, W: Tensor, layout: str) -> Tensor:
     return F.linear(x, W) if layout == "oi" else x @ W
 
@@ -127,30 +153,42 @@ def _lora(x: Tensor, A: Optional[Tensor], Bm: Optional[Tensor], scale: float) ->
     return None if A is None else F.linear(F.linear(x, A), Bm) * scale
 
 
-def _block_forward(
-    xb: Tensor, lx_in: Tensor, lx_gate: Tensor, wb: MlpWeights, spec: MlpSpec, out_keep: Optional[Tensor]
-) -> Tensor:
-    """One block's contribution to y for its tokens: xb [Tb, d_in] -> [Tb, d_out].
-    lx_* are the LoRA inputs (x after LoRA dropout); out_keep the down-LoRA dropout scale [Tb, Fb]."""
+def _hidden(xb: Tensor, lx_in: Tensor, lx_gate: Tensor, wb: MlpWeights, spec: MlpSpec) -> Tensor:
+    """The hidden activations of a block (or of the whole layer, for unsliced weights): [Tb, Fb]."""
     act = ACTIVATIONS[spec.activation]
     h = _project(xb, wb.in_w, spec.in_layout)  # [Tb, Fb]
     if wb.in_b is not None:
         h = h + wb.in_b
     if (d := _lora(lx_in, wb.in_a, wb.in_bb, spec.in_scale)) is not None:
         h = h + d
-    if spec.gated:
-        g = _project(xb, wb.gate_w, spec.gate_layout)
-        if wb.gate_b is not None:
-            g = g + wb.gate_b
-        if (d := _lora(lx_gate, wb.gate_a, wb.gate_bb, spec.gate_scale)) is not None:
-            g = g + d
-        h = act(g) * h
-    else:
-        h = act(h)
+    if not spec.gated:
+        return act(h)
+    g = _project(xb, wb.gate_w, spec.gate_layout)
+    if wb.gate_b is not None:
+        g = g + wb.gate_b
+    if (d := _lora(lx_gate, wb.gate_a, wb.gate_bb, spec.gate_scale)) is not None:
+        g = g + d
+    return act(g) * h
+
+
+def _block_forward(
+    xb: Tensor, lx_in: Tensor, lx_gate: Tensor, wb: MlpWeights, spec: MlpSpec, out_keep: Optional[Tensor]
+) -> Tensor:
+    """One block's contribution to y for its tokens: xb [Tb, d_in] -> [Tb, d_out].
+    lx_* are the LoRA inputs (x after LoRA dropout); out_keep the down-LoRA dropout scale [Tb, Fb]."""
+    h = _hidden(xb, lx_in, lx_gate, wb, spec)
     y = _project(h, wb.out_w, spec.out_layout)  # [Tb, d_out]
     if wb.out_a is not None:
         y = y + _lora(h if out_keep is None else h * out_keep, wb.out_a, wb.out_bb, spec.out_scale)
     return y
+
+
+def unit_importance(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
+    """How much each hidden unit contributes to each token's output: |h_j(t)| * ||W_out[:, j]||,
+    [T, F] fp32 (no dropout; the out projection's LoRA is left out)."""
+    h = _hidden(x, x, x, w, spec).float()
+    col_norm = w.out_w.float().norm(dim=0 if spec.out_layout == "oi" else 1)  # [F]
+    return h.abs() * col_norm
 
 
 def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optional[Tensor]:
