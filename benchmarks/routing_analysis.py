@@ -6,7 +6,8 @@ For sampled layers: relative error ||y_routed - y_dense|| / ||y_dense|| on held-
   * oracle   the blocks with the largest true output norm per token (the best any block router can do),
   * neurons  the same fraction of individual hidden units, largest |h_i| * ||W_down[:, i]|| per token
              (what block routing could approach if blocks matched co-active neurons).
-Contiguous blocks, as the backend cuts them today.
+Each for contiguous blocks and for clustered blocks (ffn_cluster: co-active units grouped on the
+fitting half of the tokens, triton_ops/clustering.py).
 
     python benchmarks/routing_analysis.py --json benchmarks/results/routing_analysis_cpu.json
 """
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 LAYERS = [0, 5, 10, 15, 20, 25, 29]
-SETTINGS = [(4, 2), (4, 3), (8, 4), (16, 8), (4, 1)]
+SETTINGS = [(4, 2), (4, 3), (8, 4), (16, 8), (4, 1), (8, 2), (16, 4)]
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import finetune as ft
     from spt_compile.mlp_site import choose_blocks, fit_router, router_scores
-    from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs
+    from spt_compile.triton_ops.clustering import cluster_neurons
+    from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, permute_hidden, unit_importance
 
     splits, source = ft.find_gsm8k(args.data)
     print(source, file=sys.stderr)
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
 
     results = []
     for n_blocks, active in SETTINGS:
-        errs = {"router": [], "oracle": [], "neurons": []}
+        errs = {"router": [], "oracle": [], "router_clustered": [], "oracle_clustered": [], "neurons": []}
         for i in LAYERS:
             X = torch.cat(inputs[i])
             n = X.shape[0]
@@ -61,21 +63,25 @@ def main(argv=None) -> int:
             w = MlpWeights(in_w=mlp.up_proj.weight, gate_w=mlp.gate_proj.weight, out_w=mlp.down_proj.weight)
             spec = MlpSpec("silu", True, mlp.up_proj.weight.shape[0], n_blocks)
             with torch.no_grad():
-                outs = block_outputs(X, w, spec)  # [n, nb, d]
-                norms = outs.norm(dim=-1)
-                dense = outs[test].sum(1)
-                router = fit_router(X[train], norms[train])
-                for name, scores in (("router", router_scores(X[test], router)), ("oracle", norms[test])):
-                    routed = (outs[test] * choose_blocks(scores, active)[:, :, None]).sum(1)
-                    errs[name].append(((routed - dense).norm() / dense.norm()).item())
+                perm = cluster_neurons(unit_importance(X[train], w, spec), n_blocks,
+                                       generator=torch.Generator().manual_seed(0))
+                for suffix, wv in (("", w), ("_clustered", permute_hidden(w, spec, perm))):
+                    outs = block_outputs(X, wv, spec)  # [n, nb, d]
+                    norms = outs.norm(dim=-1)
+                    dense = outs[test].sum(1)
+                    router = fit_router(X[train], norms[train])
+                    for name, scores in (("router", router_scores(X[test], router)), ("oracle", norms[test])):
+                        routed = (outs[test] * choose_blocks(scores, active)[:, :, None]).sum(1)
+                        errs[name + suffix].append(((routed - dense).norm() / dense.norm()).item())
                 h = F.silu(mlp.gate_proj(X[test])) * mlp.up_proj(X[test])  # [n, F]
                 keep = (h.abs() * mlp.down_proj.weight.norm(dim=0)).topk(h.shape[1] * active // n_blocks, dim=-1).indices
                 kept = torch.zeros_like(h).scatter(-1, keep, h.gather(-1, keep))
                 errs["neurons"].append(((mlp.down_proj(kept) - mlp.down_proj(h)).norm() / mlp.down_proj(h).norm()).item())
         row = {"n_blocks": n_blocks, "active": active, **{k: sum(v) / len(v) for k, v in errs.items()}}
         results.append(row)
-        print(f"{n_blocks:2d} blocks, {active} active: relative error router {row['router']:.3f}, "
-              f"oracle {row['oracle']:.3f}, per-neuron {row['neurons']:.3f}", flush=True)
+        print(f"{n_blocks:2d} blocks, {active} active: relative error router {row['router']:.3f} "
+              f"(clustered {row['router_clustered']:.3f}), oracle {row['oracle']:.3f} "
+              f"(clustered {row['oracle_clustered']:.3f}), per-neuron {row['neurons']:.3f}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"layers": LAYERS, "problems": args.problems, "results": results}, indent=1))

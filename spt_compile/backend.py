@@ -30,8 +30,8 @@ def compile_options(options: Optional[dict[str, Any]]) -> Options:
 
 
 def allow_run_time_sizes(example_inputs) -> None:
-    """The attention op decides at run time how many keys each query keeps, so its index output has
-    an unbacked size. Dynamo builds its ShapeEnv with capture_dynamic_output_shape_ops off by default;
+    """The attention op decides at run time how many keys each query keeps (and the MLP op how many
+    tokens each block serves), so their selection / saved outputs have unbacked sizes. Dynamo builds its ShapeEnv with capture_dynamic_output_shape_ops off by default;
     allow such sizes for the graph being compiled (this ShapeEnv only, no global config change)."""
     from torch._guards import detect_fake_mode
 
@@ -63,7 +63,7 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
                     mode, opts.compiler)
     report = rewrite_graph(gm, example_inputs, opts)
     COMPILE_REPORTS.append(report)
-    if report.rewritten("attention"):
+    if report.rewritten("attention") or report.rewritten("mlp"):
         allow_run_time_sizes(example_inputs)
     log.info("spt: %s", report.summary())
     for site in report.dense():

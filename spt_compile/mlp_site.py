@@ -18,7 +18,9 @@ reads, so the user's weights, LoRA adapters and checkpoints keep their order, an
 is still exactly the dense MLP.
 
 Outputs: y [*, d_out], block_mask [T, n_blocks] bool, perm [F] int64 (hidden units in block order),
-meta [3] int64 on the CPU (mode, dropout seed, whether perm applies).
+pre (the routed blocks' pre-activations, flat: an unbacked size; backward rebuilds the hidden layer
+from them instead of recomputing the projections), meta [3] int64 on the CPU (mode, dropout seed,
+whether perm applies).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from spt_compile.triton_ops.routed_mlp import (
     MlpWeights,
     block_outputs,
     permute_hidden,
-    routed_mlp_backward,
+    routed_mlp_backward_saved,
     routed_mlp_forward,
     unit_importance,
     unpermute_grads,
@@ -134,12 +136,13 @@ class MlpSite(Site):
         calibrating = self.calibrating(plan)
         routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb)
         perm = None
+        saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
             if not routed:
                 block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
                 collect = calibrating and plan.updates_state
                 norms = torch.zeros(T, nb, device=x.device) if collect else None
-                y = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms)
+                y = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms, saved)
                 if collect:
                     self._calibrate(x2, norms, weights, spec, plan, seed)
             else:
@@ -150,7 +153,7 @@ class MlpSite(Site):
                 perm = None if self.perm is None else self.perm.to(x.device)
                 wp = permute_hidden(weights, spec, perm)
                 block_mask = choose_blocks(router_scores(x2, self.router.to(x.device)), options.active_blocks)
-                y = routed_mlp_forward(x2, wp, spec, block_mask, seed)
+                y = routed_mlp_forward(x2, wp, spec, block_mask, seed, saved=saved)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp, spec, block_mask, seed)
@@ -159,7 +162,8 @@ class MlpSite(Site):
         self.end(plan, training)
         meta = torch.tensor([ROUTED if routed else DENSE, seed, int(perm is not None)], dtype=torch.int64)
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
-        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, meta
+        pre = torch.cat(saved) if saved else x.new_empty(0)
+        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, pre, meta
 
     def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int) -> None:
         rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device)
@@ -207,7 +211,7 @@ def mlp_site(
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
     template: int, spec: str, training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
     # The first projection's weight (gate, else in) identifies the layer's site.
     site = REGISTRY.site(template, gate_w if gate_w is not None else in_w)
@@ -223,7 +227,8 @@ def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b,
         T = T * n
     d_out = out_w.shape[1] if s.out_layout == "io" else out_w.shape[0]
     return (x.new_empty(*x.shape[:-1], d_out), x.new_empty(T, s.n_blocks, dtype=torch.bool),
-            x.new_empty(s.hidden, dtype=torch.int64), torch.empty(3, dtype=torch.int64, device="cpu"))
+            x.new_empty(s.hidden, dtype=torch.int64), x.new_empty(torch.library.get_ctx().new_dynamic_size()),
+            torch.empty(3, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("spt::mlp_site_backward", mutates_args=())
@@ -232,7 +237,7 @@ def mlp_site_backward(
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    block_mask: Tensor, perm: Tensor, meta: Tensor, spec: str, needs: list[bool],
+    block_mask: Tensor, perm: Tensor, pre: Tensor, meta: Tensor, spec: str, needs: list[bool],
 ) -> list[Tensor]:
     """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
     s = MlpSpec.from_str(spec)
@@ -240,8 +245,8 @@ def mlp_site_backward(
     mode, seed, permuted = meta.tolist()
     p = perm if (mode == ROUTED and permuted) else None
     x2 = x.reshape(-1, x.shape[-1])
-    dx, grads = routed_mlp_backward(dy.reshape(-1, dy.shape[-1]), x2, permute_hidden(weights, s, p), s, block_mask,
-                                    seed, needs[0], MlpWeights(*needs[1:]))
+    dx, grads = routed_mlp_backward_saved(dy.reshape(-1, dy.shape[-1]), x2, permute_hidden(weights, s, p), s,
+                                          block_mask, seed, needs[0], MlpWeights(*needs[1:]), pre)
     grads = unpermute_grads(grads, s, p)
     return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
@@ -249,7 +254,7 @@ def mlp_site_backward(
 
 @mlp_site_backward.register_fake
 def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      block_mask, perm, meta, spec, needs):
+      block_mask, perm, pre, meta, spec, needs):
     tensors = [x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb]
     return [t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0) for t, need in zip(tensors, needs)]
 
@@ -257,15 +262,15 @@ def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, ou
 def _setup_context(ctx, inputs, output):
     tensors = inputs[:13]
     ctx.spec = inputs[14]
-    y, block_mask, perm, meta = output
+    y, block_mask, perm, pre, meta = output
     ctx.present = [t is not None for t in tensors]
-    ctx.save_for_backward(*tensors, block_mask, perm, meta)
+    ctx.save_for_backward(*tensors, block_mask, perm, pre, meta)
 
 
-def _backward(ctx, dy, dmask, dperm, dmeta):
-    *tensors, block_mask, perm, meta = ctx.saved_tensors
+def _backward(ctx, dy, dmask, dperm, dpre, dmeta):
+    *tensors, block_mask, perm, pre, meta = ctx.saved_tensors
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
-    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, meta, ctx.spec, needs)
+    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, pre, meta, ctx.spec, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
 

@@ -13,8 +13,11 @@ weights, biases and LoRA B, and columns lo:hi of the out weight and LoRA A; the 
 Shapes: x [T, d_in], block_mask [T, n_blocks] bool, y [T, d_out].
 
 This is the plain PyTorch path: tokens are grouped by block (one gather per block, one GEMM per
-projection per block, one scatter-add), and backward recomputes each block's intermediates under
-autograd instead of saving them, so only x and the [T, n_blocks] mask are kept for backward.
+projection per block, one scatter-add). Forward keeps only the routed blocks' pre-activations
+(gate and up, or the single pre-activation): with half the blocks active that is half of what the
+dense MLP saves, and backward (routed_mlp_backward_saved, explicit formulas) recomputes no
+projection. routed_mlp_backward recomputes everything from x instead (the least memory: x and the
+[T, n_blocks] mask only).
 """
 
 from __future__ import annotations
@@ -153,22 +156,32 @@ def _lora(x: Tensor, A: Optional[Tensor], Bm: Optional[Tensor], scale: float) ->
     return None if A is None else F.linear(F.linear(x, A), Bm) * scale
 
 
-def _hidden(xb: Tensor, lx_in: Tensor, lx_gate: Tensor, wb: MlpWeights, spec: MlpSpec) -> Tensor:
-    """The hidden activations of a block (or of the whole layer, for unsliced weights): [Tb, Fb]."""
-    act = ACTIVATIONS[spec.activation]
-    h = _project(xb, wb.in_w, spec.in_layout)  # [Tb, Fb]
+def _pre_activations(xb: Tensor, lx_in: Tensor, lx_gate: Tensor, wb: MlpWeights, spec: MlpSpec) -> tuple[Tensor, ...]:
+    """What backward needs to rebuild a block's hidden activations element-wise: (gate, up) for a
+    gated MLP, (pre,) for a plain one; each [Tb, Fb]."""
+    u = _project(xb, wb.in_w, spec.in_layout)
     if wb.in_b is not None:
-        h = h + wb.in_b
+        u = u + wb.in_b
     if (d := _lora(lx_in, wb.in_a, wb.in_bb, spec.in_scale)) is not None:
-        h = h + d
+        u = u + d
     if not spec.gated:
-        return act(h)
+        return (u,)
     g = _project(xb, wb.gate_w, spec.gate_layout)
     if wb.gate_b is not None:
         g = g + wb.gate_b
     if (d := _lora(lx_gate, wb.gate_a, wb.gate_bb, spec.gate_scale)) is not None:
         g = g + d
-    return act(g) * h
+    return g, u
+
+
+def _activate(pre: tuple[Tensor, ...], spec: MlpSpec) -> Tensor:
+    act = ACTIVATIONS[spec.activation]
+    return act(pre[0]) * pre[1] if spec.gated else act(pre[0])
+
+
+def _hidden(xb: Tensor, lx_in: Tensor, lx_gate: Tensor, wb: MlpWeights, spec: MlpSpec) -> Tensor:
+    """The hidden activations of a block (or of the whole layer, for unsliced weights): [Tb, Fb]."""
+    return _activate(_pre_activations(xb, lx_in, lx_gate, wb, spec), spec)
 
 
 def _block_forward(
@@ -176,7 +189,10 @@ def _block_forward(
 ) -> Tensor:
     """One block's contribution to y for its tokens: xb [Tb, d_in] -> [Tb, d_out].
     lx_* are the LoRA inputs (x after LoRA dropout); out_keep the down-LoRA dropout scale [Tb, Fb]."""
-    h = _hidden(xb, lx_in, lx_gate, wb, spec)
+    return _block_output(_hidden(xb, lx_in, lx_gate, wb, spec), wb, spec, out_keep)
+
+
+def _block_output(h: Tensor, wb: MlpWeights, spec: MlpSpec, out_keep: Optional[Tensor]) -> Tensor:
     y = _project(h, wb.out_w, spec.out_layout)  # [Tb, d_out]
     if wb.out_a is not None:
         y = y + _lora(h if out_keep is None else h * out_keep, wb.out_a, wb.out_bb, spec.out_scale)
@@ -244,17 +260,23 @@ def routed_mlp_forward(
     block_mask: Tensor,
     seed: int = 0,
     block_norms: Optional[Tensor] = None,
+    saved: Optional[list] = None,
 ) -> Tensor:
     """y [T, d_out]. If `block_norms` ([T, n_blocks]) is given, it receives ||block output|| per
-    routed token (the router's calibration target) at no extra cost."""
+    routed token (the router's calibration target) at no extra cost. If `saved` is a list, it
+    receives each routed block's pre-activations (flattened, block after block): then
+    routed_mlp_backward_saved needs no recomputation of the projections."""
     y = x.new_zeros(x.shape[0], out_features(w, spec))
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
     for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
         xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
         lx_in = xb if k_in is None else xb * k_in
         lx_gate = xb if k_gate is None else xb * k_gate
-        yb = _block_forward(xb, lx_in, lx_gate, _block_weights(w, spec, lo, hi), spec,
-                            _out_keep(tok.numel(), lo, hi, spec, seed, b, x))
+        wb = _block_weights(w, spec, lo, hi)
+        pre = _pre_activations(xb, lx_in, lx_gate, wb, spec)
+        if saved is not None:
+            saved.extend(t.reshape(-1) for t in pre)
+        yb = _block_output(_activate(pre, spec), wb, spec, _out_keep(tok.numel(), lo, hi, spec, seed, b, x))
         if block_norms is not None:
             block_norms[tok, b] = yb.detach().float().norm(dim=-1).to(block_norms.dtype)
         if every:
@@ -322,6 +344,115 @@ def routed_mlp_backward(
     return (None if dx is None else dx.to(x.dtype)), MlpWeights(**cast)
 
 
+def _input_grad(dz: Tensor, W: Tensor, layout: str) -> Tensor:
+    """d(x) of z = _project(x, W, layout)."""
+    return dz @ W if layout == "oi" else dz @ W.t()
+
+
+def _weight_grad(dz: Tensor, x: Tensor, layout: str) -> Tensor:
+    return dz.t() @ x if layout == "oi" else x.t() @ dz
+
+
+def _projection_backward(dz, xb, lx, keep, W, b, A, Bm, scale, layout, prefix, wanted, grads) -> Tensor:
+    """Gradients of z = proj(xb, W) + b + (lx A^T) Bm^T * scale, lx = xb * keep: writes the wanted
+    slot grads into `grads` (keyed '<prefix>_<part>') and returns d(xb)."""
+    dx = _input_grad(dz, W, layout)
+    if f"{prefix}_w" in wanted:
+        grads[f"{prefix}_w"] = _weight_grad(dz, xb, layout)
+    if f"{prefix}_b" in wanted:
+        grads[f"{prefix}_b"] = dz.sum(0)
+    if A is not None:
+        t = lx @ A.t()  # [Tb, r]
+        dt = (dz @ Bm) * scale  # [Tb, r]
+        if f"{prefix}_bb" in wanted:
+            grads[f"{prefix}_bb"] = (dz.t() @ t) * scale
+        if f"{prefix}_a" in wanted:
+            grads[f"{prefix}_a"] = dt.t() @ lx
+        dlx = dt @ A
+        dx = dx + (dlx if keep is None else dlx * keep)
+    return dx
+
+
+def routed_mlp_backward_saved(
+    dy: Tensor,
+    x: Tensor,
+    w: MlpWeights,
+    spec: MlpSpec,
+    block_mask: Tensor,
+    seed: int,
+    needs_x: bool,
+    needs: MlpWeights,
+    saved: Tensor,
+) -> tuple[Optional[Tensor], MlpWeights]:
+    """Gradients of routed_mlp_forward from the pre-activations it saved (flat, block after block):
+    the same results as routed_mlp_backward without recomputing any projection. Explicit formulas:
+    per block, d(hidden) from the out projection (and its LoRA), through the activation (one
+    element-wise vjp), then each input projection's d(x), LoRA A/B and, if asked, weight and bias grads."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dx = torch.zeros_like(x, dtype=acc) if needs_x else None
+    grads = {
+        slot: torch.zeros_like(t, dtype=acc) if (t is not None and need) else None
+        for (slot, t), need in zip(w._asdict().items(), needs)
+    }
+    wanted = {s for s, g in grads.items() if g is not None}
+    keep_in, keep_gate = _lora_input_scales(x, spec, seed)
+    act = ACTIVATIONS[spec.activation]
+    offset = 0
+    for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+        n, Fb = tok.numel(), hi - lo
+        pre = []
+        for _ in range(2 if spec.gated else 1):
+            pre.append(saved[offset : offset + n * Fb].view(n, Fb))
+            offset += n * Fb
+        xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
+        lx_in = xb if k_in is None else xb * k_in
+        lx_gate = xb if k_gate is None else xb * k_gate
+        wb = _block_weights(w, spec, lo, hi)
+        dyb = dy if every else dy[tok]
+        block_grads: dict[str, Tensor] = {}
+        # hidden -> output
+        a, act_vjp = torch.func.vjp(act, pre[0])
+        h = a * pre[1] if spec.gated else a
+        out_keep = _out_keep(n, lo, hi, spec, seed, b, x)
+        dh = _input_grad(dyb, wb.out_w, spec.out_layout)  # [Tb, Fb]
+        if "out_w" in wanted:
+            block_grads["out_w"] = _weight_grad(dyb, h, spec.out_layout)
+        if wb.out_a is not None:
+            hk = h if out_keep is None else h * out_keep
+            dt = (dyb @ wb.out_bb) * spec.out_scale  # [Tb, r]
+            if "out_bb" in wanted:
+                block_grads["out_bb"] = (dyb.t() @ (hk @ wb.out_a.t())) * spec.out_scale
+            if "out_a" in wanted:
+                block_grads["out_a"] = dt.t() @ hk
+            dhk = dt @ wb.out_a
+            dh = dh + (dhk if out_keep is None else dhk * out_keep)
+        # through the activation to the input projections
+        dxb = None
+        if spec.gated:
+            (dg,) = act_vjp(dh * pre[1])
+            du = dh * a
+            dxb = _projection_backward(dg, xb, lx_gate, k_gate, wb.gate_w, wb.gate_b, wb.gate_a, wb.gate_bb,
+                                       spec.gate_scale, spec.gate_layout, "gate", wanted, block_grads)
+        else:
+            (du,) = act_vjp(dh)
+        dxu = _projection_backward(du, xb, lx_in, k_in, wb.in_w, wb.in_b, wb.in_a, wb.in_bb, spec.in_scale,
+                                   spec.in_layout, "in", wanted, block_grads)
+        dxb = dxu if dxb is None else dxb + dxu
+        if needs_x:
+            if every:
+                dx += dxb
+            else:
+                dx.index_add_(0, tok, dxb.to(acc))
+        for slot, gs in block_grads.items():
+            dim = _slot_slice(slot, spec)
+            target = grads[slot] if dim is None else grads[slot].narrow(dim, lo, hi - lo)
+            target += gs
+    if grads["out_b"] is not None:
+        grads["out_b"] += dy.to(acc).sum(0)
+    cast = {s: (None if g is None else g.to(getattr(w, s).dtype)) for s, g in grads.items()}
+    return (None if dx is None else dx.to(x.dtype)), MlpWeights(**cast)
+
+
 def block_outputs(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
     """Every block's output for every token, without dropout or out bias: [T, n_blocks, d_out].
     Used on small token samples to fit the router and measure what routing keeps."""
@@ -335,17 +466,21 @@ class _RoutedMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, block_mask, spec, seed, *slots):
         w = MlpWeights(*slots)
-        ctx.save_for_backward(x, block_mask, *[t if t is not None else torch.empty(0) for t in slots])
+        saved: list = []
+        y = routed_mlp_forward(x, w, spec, block_mask, seed, saved=saved)
+        pre = torch.cat(saved) if saved else x.new_empty(0)
+        ctx.save_for_backward(x, block_mask, pre, *[t if t is not None else torch.empty(0) for t in slots])
         ctx.present = [t is not None for t in slots]
         ctx.spec, ctx.seed = spec, seed
-        return routed_mlp_forward(x, w, spec, block_mask, seed)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, block_mask, *saved = ctx.saved_tensors
+        x, block_mask, pre, *saved = ctx.saved_tensors
         w = MlpWeights(*[t if p else None for t, p in zip(saved, ctx.present)])
         needs = MlpWeights(*ctx.needs_input_grad[4:])
-        dx, grads = routed_mlp_backward(dy, x, w, ctx.spec, block_mask, ctx.seed, ctx.needs_input_grad[0], needs)
+        dx, grads = routed_mlp_backward_saved(dy, x, w, ctx.spec, block_mask, ctx.seed, ctx.needs_input_grad[0],
+                                              needs, pre)
         return (dx, None, None, None, *grads)
 
 
