@@ -59,14 +59,17 @@ def make_fn(config: str, args):
 
 
 class SavedBytes:
-    """Bytes of the distinct storages autograd saves for backward while active."""
+    """Bytes of the distinct storages autograd saves for backward while active, leaving out the
+    given parameters (saved by reference: they cost no memory beyond the model's own)."""
 
-    def __init__(self):
+    def __init__(self, exclude=()):
         self.storages: dict[int, int] = {}
+        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
 
     def pack(self, t):
         s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in self.exclude:
+            self.storages[s.data_ptr()] = s.nbytes()
         return t
 
     @property

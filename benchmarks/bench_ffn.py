@@ -4,6 +4,7 @@ A SwiGLU MLP with LoRA (r=16) on gate/up/down and frozen base weights, as in LoR
 baselines: eager and `torch.compile` (Inductor). Routed: the same module compiled with
 `backend="spt"` at 50% and 25% of the blocks active (the real path: pass, site op, its autograd).
 Ratios are to the best dense configuration of the same shape and token count in the same run.
+Saved bytes count activations only (parameters that backward holds by reference are left out).
 
     python benchmarks/bench_ffn.py --json benchmarks/results/ffn_cpu.json
 """
@@ -86,7 +87,7 @@ def run(config: str, shape: str, T: int, args, device, dtype) -> dict:
     first = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
-    saved = SavedBytes()
+    saved = SavedBytes(exclude=list(module.parameters()))  # activations only: parameters are shared
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         y = fn(x)
     y.backward(dy)

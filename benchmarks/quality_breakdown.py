@@ -18,18 +18,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+# Sparse attention only; attention_dense_below=0 because at this length the default runs attention
+# exact (docs/attention.md).
+ATTN = {"sparse_ffn": False, "attention_dense_below": 0}
 CONFIGS = [
     ("dense", None),
-    ("attention 1/8 only (block 64, default)", {"sparse_ffn": False, "density": 1 / 8}),
-    ("attention 1/8 only (block 16)", {"sparse_ffn": False, "density": 1 / 8, "attention_block": 16}),
-    ("attention 1/8 only (token, PQ)", {"sparse_ffn": False, "density": 1 / 8, "attention_selection": "token"}),
-    ("attention 1/4 only (block 64)", {"sparse_ffn": False, "density": 1 / 4}),
-    ("attention 1/4 only (block 16)", {"sparse_ffn": False, "density": 1 / 4, "attention_block": 16}),
-    ("attention 1/4 only (token, PQ)", {"sparse_ffn": False, "density": 1 / 4, "attention_selection": "token"}),
-    ("attention 1/2 only (block 64)", {"sparse_ffn": False, "density": 1 / 2}),
+    ("attention 1/8 only (block 64)", {**ATTN, "density": 1 / 8}),
+    ("attention 1/8 only (block 16)", {**ATTN, "density": 1 / 8, "attention_block": 16}),
+    ("attention 1/8 only (token, PQ)", {**ATTN, "density": 1 / 8, "attention_selection": "token"}),
+    ("attention 1/4 only (block 64)", {**ATTN, "density": 1 / 4}),
+    ("attention 1/4 only (block 16)", {**ATTN, "density": 1 / 4, "attention_block": 16}),
+    ("attention 1/4 only (token, PQ)", {**ATTN, "density": 1 / 4, "attention_selection": "token"}),
+    ("attention 1/2 only (block 64)", {**ATTN, "density": 1 / 2}),
     ("FFN 2 of 4 blocks only", {"sparse_attention": False, "ffn_active": 2}),
     ("FFN 3 of 4 blocks only", {"sparse_attention": False, "ffn_active": 3}),
-    ("both, defaults", {}),
+    ("both, defaults (attention exact at this length)", {}),
+    ("both, attention sparse too", {"attention_dense_below": 0}),
 ]
 
 

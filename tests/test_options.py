@@ -17,7 +17,7 @@ from toy_models import GatedMLP
     ("top_l", 0), ("top_l", 2.5), ("ffn_blocks", 0), ("ffn_active", 5), ("ffn_active", 0),
     ("pq_subspace_dim", 0), ("pq_codewords", 300), ("calibration_steps", -1), ("compiler", "tvm"),
     ("sparse_attention", "yes"), ("attention_selection", "tokens"), ("attention_block", 48),
-    ("attention_block", 8), ("attention_impl", "cuda"), ("pq_proxy", "cosine"),
+    ("attention_block", 8), ("attention_impl", "cuda"), ("pq_proxy", "cosine"), ("ffn_cluster", 1),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(SptOptionError, match=f"'{name}'"):
