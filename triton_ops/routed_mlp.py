@@ -288,6 +288,35 @@ def routed_mlp_forward(
     return y
 
 
+class _Grads:
+    """dx and the wanted slot gradients of one backward, accumulated block by block in fp32 (or
+    wider), then cast to the inputs' dtypes."""
+
+    def __init__(self, x: Tensor, w: MlpWeights, spec: MlpSpec, needs_x: bool, needs: MlpWeights):
+        self.acc = torch.promote_types(x.dtype, torch.float32)  # half-precision grads accumulate in fp32
+        self.x, self.w, self.spec = x, w, spec
+        self.dx = torch.zeros_like(x, dtype=self.acc) if needs_x else None
+        self.grads = {slot: torch.zeros_like(t, dtype=self.acc) if (t is not None and need) else None
+                      for (slot, t), need in zip(w._asdict().items(), needs)}
+
+    def add_block(self, dxb: Optional[Tensor], tok: Tensor, every: bool, block_grads: dict, lo: int, hi: int):
+        if self.dx is not None and dxb is not None:
+            if every:
+                self.dx += dxb
+            else:
+                self.dx.index_add_(0, tok, dxb.to(self.acc))
+        for slot, gs in block_grads.items():
+            dim = _slot_slice(slot, self.spec)
+            target = self.grads[slot] if dim is None else self.grads[slot].narrow(dim, lo, hi - lo)
+            target += gs
+
+    def finish(self, dy: Tensor) -> tuple[Optional[Tensor], MlpWeights]:
+        if self.grads["out_b"] is not None:
+            self.grads["out_b"] += dy.to(self.acc).sum(0)
+        cast = {s: (None if g is None else g.to(getattr(self.w, s).dtype)) for s, g in self.grads.items()}
+        return (None if self.dx is None else self.dx.to(self.x.dtype)), MlpWeights(**cast)
+
+
 def routed_mlp_backward(
     dy: Tensor,
     x: Tensor,
@@ -300,18 +329,13 @@ def routed_mlp_backward(
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward: (dx, grads per slot). `needs` holds a bool per slot;
     slots not needed (or absent) get None. Each block's intermediates are recomputed here."""
-    acc = torch.promote_types(x.dtype, torch.float32)  # accumulate half-precision grads in fp32
-    dx = torch.zeros_like(x, dtype=acc) if needs_x else None
-    grads = {
-        slot: torch.zeros_like(t, dtype=acc) if (t is not None and need) else None
-        for (slot, t), need in zip(w._asdict().items(), needs)
-    }
+    out = _Grads(x, w, spec, needs_x, needs)
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
     for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
         n = tok.numel()
         xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
         wb = _block_weights(w, spec, lo, hi)
-        wanted = [s for s, t in wb._asdict().items() if t is not None and grads[s] is not None]
+        wanted = [s for s, t in wb._asdict().items() if t is not None and out.grads[s] is not None]
 
         def block(*primals, xb=xb, wb=wb, wanted=wanted, k_in=k_in, k_gate=k_gate):
             # primals: xb (if dx is needed), then the wanted weight slices. LoRA inputs derive
@@ -328,20 +352,8 @@ def routed_mlp_backward(
         # torch.func.vjp, not autograd.grad: inside a custom op's kernel autograd records nothing.
         _, vjp = torch.func.vjp(block, *primals)
         g = vjp(dy if every else dy[tok])
-        if needs_x:
-            if every:
-                dx += g[0]
-            else:
-                dx.index_add_(0, tok, g[0].to(acc))
-            g = g[1:]
-        for slot, gs in zip(wanted, g):
-            dim = _slot_slice(slot, spec)
-            target = grads[slot] if dim is None else grads[slot].narrow(dim, lo, hi - lo)
-            target += gs
-    if grads["out_b"] is not None:
-        grads["out_b"] += dy.to(acc).sum(0)
-    cast = {s: (None if g is None else g.to(getattr(w, s).dtype)) for s, g in grads.items()}
-    return (None if dx is None else dx.to(x.dtype)), MlpWeights(**cast)
+        out.add_block(g[0] if needs_x else None, tok, every, dict(zip(wanted, g[int(needs_x):])), lo, hi)
+    return out.finish(dy)
 
 
 def _input_grad(dz: Tensor, W: Tensor, layout: str) -> Tensor:
@@ -388,13 +400,8 @@ def routed_mlp_backward_saved(
     the same results as routed_mlp_backward without recomputing any projection. Explicit formulas:
     per block, d(hidden) from the out projection (and its LoRA), through the activation (one
     element-wise vjp), then each input projection's d(x), LoRA A/B and, if asked, weight and bias grads."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    dx = torch.zeros_like(x, dtype=acc) if needs_x else None
-    grads = {
-        slot: torch.zeros_like(t, dtype=acc) if (t is not None and need) else None
-        for (slot, t), need in zip(w._asdict().items(), needs)
-    }
-    wanted = {s for s, g in grads.items() if g is not None}
+    out = _Grads(x, w, spec, needs_x, needs)
+    wanted = {s for s, g in out.grads.items() if g is not None}
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
     act = ACTIVATIONS[spec.activation]
     offset = 0
@@ -437,20 +444,8 @@ def routed_mlp_backward_saved(
             (du,) = act_vjp(dh)
         dxu = _projection_backward(du, xb, lx_in, k_in, wb.in_w, wb.in_b, wb.in_a, wb.in_bb, spec.in_scale,
                                    spec.in_layout, "in", wanted, block_grads)
-        dxb = dxu if dxb is None else dxb + dxu
-        if needs_x:
-            if every:
-                dx += dxb
-            else:
-                dx.index_add_(0, tok, dxb.to(acc))
-        for slot, gs in block_grads.items():
-            dim = _slot_slice(slot, spec)
-            target = grads[slot] if dim is None else grads[slot].narrow(dim, lo, hi - lo)
-            target += gs
-    if grads["out_b"] is not None:
-        grads["out_b"] += dy.to(acc).sum(0)
-    cast = {s: (None if g is None else g.to(getattr(w, s).dtype)) for s, g in grads.items()}
-    return (None if dx is None else dx.to(x.dtype)), MlpWeights(**cast)
+        out.add_block(dxu if dxb is None else dxb + dxu, tok, every, block_grads, lo, hi)
+    return out.finish(dy)
 
 
 def block_outputs(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
