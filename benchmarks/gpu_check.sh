@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for the offline GPU machine (its own torch/triton/Python; nothing is installed): runs
 # the package from this source tree on random tensors, checks the Triton kernels against the
-# references on CUDA, and prints the attention benchmark tables. About 3 minutes on an H100/H200.
+# references on CUDA, and prints the attention and FFN benchmark tables. About 3-4 minutes on an H100/H200.
 #   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +19,6 @@ timeout 170 python benchmarks/bench_attention.py --device cuda --dtype bf16 --ch
 timeout 80 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
     --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton --repeats 10 --warmup 3 \
     --json "$out/attention_llama7b_${gpu}.json"
+# 3. The routed FFN (torch path on CUDA until issue 4's Triton kernels): LLaMA-7B MLP shape, 8192 tokens.
+timeout 90 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 \
+    --configs dense-eager spt-50% spt-25% --repeats 10 --warmup 3 --json "$out/ffn_llama7b_${gpu}.json"
