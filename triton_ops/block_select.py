@@ -172,9 +172,4 @@ def oracle_key_blocks(
     return idx.masked_fill((vals <= 0) | slot_unused.view(B, 1, 1, -1), -1).to(torch.int32)
 
 
-def density_of(block_idx: Tensor, block_n: int, Nk: int) -> float:
-    """Average fraction of the Nk keys a query block lists (for reports)."""
-    return float((block_idx >= 0).sum(-1).float().mean()) * block_n / max(Nk, 1) if block_idx.numel() else 0.0
-
-
 __all__ = ["select_key_blocks", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]

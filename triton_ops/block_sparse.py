@@ -266,12 +266,6 @@ def additive(bias: Optional[Tensor]) -> Optional[Tensor]:
     return torch.zeros(bias.shape, device=bias.device).masked_fill_(~bias, float("-inf"))
 
 
-def check_blocks(block_m: int, block_n: int) -> None:
-    for name, b in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"block_sparse_attention: {name} must be a power of two >= 16; got {b!r}")
-
-
 def _per_head(block_idx: Tensor, H: int) -> Tensor:
     """The kernels take one list per query head: repeat a GQA group's list (small: [B, H, n_qb, Lb])."""
     return block_idx if block_idx.shape[1] == H else block_idx.repeat_interleave(H // block_idx.shape[1], dim=1).contiguous()
