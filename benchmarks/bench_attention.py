@@ -156,7 +156,49 @@ def check_kernels(args, device, dtype) -> list[str]:
             ok = all(e <= tol * max(1.0, r.abs().max().item()) for e, r in zip(errs, (ref, *ref_grads)))
             lines.append(f"check {impl:7} N={N} causal={causal}: max |err| out/dq/dk/dv = "
                          + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
+        if "triton" in impls:  # the Triton selection lists the same blocks as the PyTorch one
+            from spt_compile.triton_ops.block_select import select_blocks
+
+            got = select_blocks(q.detach(), k.detach(), D**-0.5, lb, causal, None, real, 64, 64, "triton")
+            same = torch.equal(got.sort(-1).values, idx.sort(-1).values)
+            lines.append(f"check select  N={N} causal={causal}: triton lists the same key blocks as torch"
+                         + ("  ok" if same else f"  FAILED ({(got.sort(-1).values != idx.sort(-1).values).sum().item()}"
+                                                 " slots differ)"))
     return lines
+
+
+def host_profile(config: str, N: int, args, device, dtype) -> dict:
+    """One forward+backward under the profiler: wall time, GPU kernels launched and their summed time,
+    and how many operations synchronised the host with the device (set_sync_debug_mode)."""
+    import warnings
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(args.batch, h, N, args.head_dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+               for h in (args.heads, args.kv_heads, args.kv_heads))
+    fn = make_fn(config, args)
+    for _ in range(3):
+        fn(q, k, v).sum().backward()
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(q, k, v).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).split("\n")[0][:120] for w in caught if "synchroniz" in str(w.message)]
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    sync(device)
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        fn(q, k, v).sum().backward()
+        sync(device)
+    wall = time.perf_counter() - t
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time for e in kernels) if kernels and hasattr(kernels[0], "device_time") else \
+        sum(e.cuda_time for e in kernels)
+    return {"config": config, "N": N, "wall_ms_profiled": wall * 1e3, "gpu_kernels": len(kernels),
+            "gpu_kernel_ms": gpu_us / 1e3, "host_syncs": len(syncs), "sync_sites": syncs[:10]}
 
 
 def main(argv=None) -> int:
@@ -178,6 +220,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--check", action="store_true", help="first compare the sparse kernels with the reference")
+    p.add_argument("--host-profile", action="store_true",
+                   help="CUDA: also profile one step of each spt config at the largest N (kernels launched, "
+                        "GPU time, host syncs)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -206,12 +251,22 @@ def main(argv=None) -> int:
                                              if "error" not in r else r["error"]), flush=True)
             torch._dynamo.reset()
     print(table(results))
+    profiles = []
+    if args.host_profile and device.type == "cuda":
+        for config in [c for c in configs if c.startswith("spt")]:
+            try:
+                prof = host_profile(config, max(args.seq_lens), args, device, dtype)
+            except Exception as e:
+                prof = {"config": config, "error": f"{type(e).__name__}: {e}"[:300]}
+            profiles.append(prof)
+            print("host profile", json.dumps(prof), flush=True)
+            torch._dynamo.reset()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"argv": sys.argv[1:], "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                 "threads": torch.get_num_threads(), "checks": checks}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "host_profiles": profiles}, indent=1))
         print(f"wrote {args.json}")
     return 1 if any("FAILED" in c for c in checks) else 0
 

@@ -232,8 +232,8 @@ class AttentionSite(Site):
         n_kb = block_select.n_blocks(Nk, bn)
         lengths = real_lengths(mask, real)
         per_batch_lb = block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb)
-        block_idx = block_select.select_key_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, bm, bn)
         impl = resolve_impl(options.attention_impl, q.device)
+        block_idx = block_select.select_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, bm, bn, impl)
         out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl)
         meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl)
         G = q.shape[1] // block_idx.shape[1]

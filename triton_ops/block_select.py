@@ -147,6 +147,41 @@ def select_key_blocks(
     return block_idx
 
 
+def mask_tiles(mask: Tensor, B: int, H: int, Hkv: int, N: int, Nk: int, block_m: int, block_n: int,
+               per_group: bool) -> Tensor:
+    """Whether the explicit mask allows any pair of each (query block, key block) tile:
+    [B, S | 1, n_qb, n_kb] bool, S as in select_key_blocks; built a chunk of query blocks at a time."""
+    n_qb = n_blocks(N, block_m)
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * block_m * max(Nk, 1)))
+    parts = []
+    for qb0 in range(0, n_qb, per_chunk):
+        qb1 = min(n_qb, qb0 + per_chunk)
+        tiles = _tile_allowed(mask, B, H, qb0 * block_m, min(N, qb1 * block_m), block_m, block_n, Nk)
+        if per_group and tiles.shape[1] != 1:
+            tiles = tiles.reshape(tiles.shape[0], Hkv, H // Hkv, *tiles.shape[2:]).any(2)
+        parts.append(tiles)
+    return torch.cat(parts, dim=2)
+
+
+def select_blocks(
+    q: Tensor, k: Tensor, scale: float, per_batch_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
+    real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True,
+) -> Tensor:
+    """select_key_blocks through the implementation `impl` names: the Triton kernels
+    (block_select_triton.py: two launches instead of about a hundred small operations, which is
+    what the GPU path needs) when impl is 'triton' and the key blocks fit one program, else PyTorch."""
+    if impl == "triton":
+        from .block_select_triton import select_key_blocks_triton, supported
+
+        if supported(k.shape[2], block_n):
+            B, H, N, _ = q.shape
+            Hkv, Nk = k.shape[1], k.shape[2]
+            tiles = None if mask is None else mask_tiles(mask, B, H, Hkv, N, Nk, block_m, block_n, per_group)
+            return select_key_blocks_triton(q, k, scale, per_batch_lb, is_causal, tiles,
+                                            None if mask is None else real, block_m, block_n, per_group)
+    return select_key_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, block_m, block_n, per_group)
+
+
 def oracle_key_blocks(
     q: Tensor, k: Tensor, scale: float, per_batch_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
     block_m: int, block_n: int,
@@ -172,4 +207,4 @@ def oracle_key_blocks(
     return idx.masked_fill((vals <= 0) | slot_unused.view(B, 1, 1, -1), -1).to(torch.int32)
 
 
-__all__ = ["select_key_blocks", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]
+__all__ = ["select_blocks", "select_key_blocks", "mask_tiles", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]

@@ -266,11 +266,6 @@ def additive(bias: Optional[Tensor]) -> Optional[Tensor]:
     return torch.zeros(bias.shape, device=bias.device).masked_fill_(~bias, float("-inf"))
 
 
-def _per_head(block_idx: Tensor, H: int) -> Tensor:
-    """The kernels take one list per query head: repeat a GQA group's list (small: [B, H, n_qb, Lb])."""
-    return block_idx if block_idx.shape[1] == H else block_idx.repeat_interleave(H // block_idx.shape[1], dim=1).contiguous()
-
-
 def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,
                          dropout_p=0.0, seed=0, impl="auto") -> tuple[Tensor, Tensor]:
     """(out, lse) by the chosen implementation. The Triton kernels have no dropout: with dropout_p > 0
@@ -284,7 +279,7 @@ def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, 
     if impl == "triton" and dropout_p == 0.0:
         from .block_sparse_triton import block_sparse_forward_triton
 
-        return block_sparse_forward_triton(q, k, v, _per_head(block_idx, q.shape[1]), scale, is_causal,
+        return block_sparse_forward_triton(q, k, v, block_idx, scale, is_causal,
                                            additive(bias), block_m, block_n)
     return block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n, dropout_p, seed)
 
@@ -301,7 +296,7 @@ def block_sparse_backward(dout, q, k, v, block_idx, out, lse, scale, is_causal=F
     if impl == "triton" and dropout_p == 0.0:
         from .block_sparse_triton import block_sparse_backward_triton
 
-        return block_sparse_backward_triton(dout, q, k, v, _per_head(block_idx, q.shape[1]), out, lse, scale,
+        return block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale,
                                             is_causal, additive(bias), block_m, block_n)
     return block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal, bias, block_m,
                                        block_n, dropout_p, seed)

@@ -5,7 +5,9 @@ Shapes (letters as in the rest of the package):
     k          [B, Hkv, Nk, D]     keys; query head h reads kv head h // G, G = H // Hkv (GQA in the
                                    kernel: no repeat_kv copies)
     v          [B, Hkv, Nk, Dv]    values
-    block_idx  [B, H, Mb, Lb]      int32 key-block numbers per query block, Mb = ceil(N / block_m);
+    block_idx  [B, S, Mb, Lb]      int32 key-block numbers per query block, Mb = ceil(N / block_m), one
+                                   list per selection head: query head h reads list h // (H / S) (S = H,
+                                   or Hkv when a GQA group shares its lists);
                                    key block j covers keys j*block_n .. j*block_n + block_n - 1 (the
                                    last one partial); -1 marks an unused slot
     bias       broadcastable to [B, H, N, Nk], optional: added to the scaled scores; a value at or
@@ -103,7 +105,7 @@ def _fwd_kernel(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    H, G, N, Nk, D, Dv, Mb, Lb, qk_scale2, forbid_at,
+    H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -123,7 +125,7 @@ def _fwd_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
-    idx_base = BLOCK_IDX + b * stride_ib + h * stride_ih + mb * stride_im
+    idx_base = BLOCK_IDX + b * stride_ib + (h // GS) * stride_ih + mb * stride_im  # GS heads share a list
 
     # Causal: a key block starting at or after kv_end lies wholly above the diagonal of this tile.
     kv_end = Nk
@@ -170,7 +172,7 @@ def _bwd_dq_kernel(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, G, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
+    H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -198,7 +200,7 @@ def _bwd_dq_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
-    idx_base = BLOCK_IDX + b * stride_ib + h * stride_ih + mb * stride_im
+    idx_base = BLOCK_IDX + b * stride_ib + (h // GS) * stride_ih + mb * stride_im  # GS heads share a list
     kv_end = Nk
     if IS_CAUSAL:
         kv_end = tl.minimum(Nk, mb * BLOCK_M + BLOCK_M)
@@ -234,12 +236,13 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Hkv, N, Nk, D, Dv, Mb, Nb, qk_scale2, scale, forbid_at,
+    H, Hkv, GS, N, Nk, D, Dv, Mb, Nb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One program per work item: a run of at most a few pairs (each h * Mb + query block) that listed
-    one key block t = (b, kv head, key block): PAIRS[ITEM_START[i] : ITEM_END[i]], t = ITEM_TARGET[i].
+    """One program per work item: a run of at most a few pairs (each sel * Mb + query block, sel a
+    selection head whose GS query heads share the list) that listed one key block
+    t = (b, kv head, key block): PAIRS[ITEM_START[i] : ITEM_END[i]], t = ITEM_TARGET[i].
     Adds dv = sum p^T @ dout and dk = scale * sum ds^T @ q into fp32 DK, DV. Long lists (the sink block
     is listed by every query block) are split over many programs, so no program walks all of them."""
     item = tl.program_id(0)
@@ -264,9 +267,9 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start = tl.load(ITEM_START + item)
     end = tl.load(ITEM_END + item)
-    for e in range(start, end):
-        pair = tl.load(PAIRS + e).to(tl.int64)
-        h = pair // Mb
+    for e in range(start * GS, end * GS):  # every query head of each listed (selection head, block)
+        pair = tl.load(PAIRS + e // GS).to(tl.int64)
+        h = (pair // Mb) * GS + e % GS
         mb = pair % Mb
         bh = b * H + h
         offs_m = mb * BLOCK_M + offs_m0
@@ -287,6 +290,7 @@ def _bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
 
+    col_ok = offs_n < tl.where(end > start, Nk, 0)  # an empty work item (a spare slot) adds nothing
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     tl.atomic_add(dk_ptrs, dk * scale, mask=col_ok[:, None] & (offs_d[None, :] < D))
     dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
@@ -312,9 +316,12 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_m: int, blo
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"block_sparse_triton: query heads ({H}) must be a multiple of kv heads ({Hkv})")
     Mb = triton.cdiv(N, block_m)
-    if block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != (B, H, Mb):
-        raise ValueError(f"block_sparse_triton: block_idx must be [B, H, ceil(N / block_m), Lb] = [{B}, {H}, {Mb}, Lb]; "
-                         f"got {tuple(block_idx.shape)}")
+    S = block_idx.shape[1] if block_idx.dim() == 4 else 0
+    if block_idx.dim() != 4 or (block_idx.shape[0], block_idx.shape[2]) != (B, Mb) or not (
+            S and H % S == 0 and (H // Hkv) % (H // S) == 0):
+        raise ValueError(f"block_sparse_triton: block_idx must be [B, S, ceil(N / block_m), Lb] = [{B}, S, {Mb}, Lb] "
+                         f"with S = H ({H}), Hkv ({Hkv}) or between (each list serves query heads of one kv "
+                         f"head); got {tuple(block_idx.shape)}")
 
 
 def _tile_d(d: int) -> int:
@@ -380,7 +387,7 @@ def block_sparse_forward_triton(
     _fwd_kernel[(B * H * Mb,)](
         q, k, v, block_idx, bias_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *lse.stride(),
-        H, H // Hkv, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, forbid_at,
+        H, H // Hkv, H // block_idx.shape[1], N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, forbid_at,
         IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile_d(D), BLOCK_DV=_tile_d(Dv),
         **_launch_args(q, block_m, block_n, D, Dv),
@@ -391,27 +398,30 @@ def block_sparse_forward_triton(
 def reverse_block_index(
     block_idx: Tensor, Hkv: int, n_key_blocks: int, block_m: int, block_n: int, is_causal: bool
 ) -> tuple[Tensor, Tensor]:
-    """CSR transpose of block_idx: for each (b, kv head, key block) t, the pairs h * Mb + query block
-    that listed it are pairs[offsets[t] : offsets[t + 1]]. offsets int32 [B * Hkv * n_key_blocks + 1],
-    pairs int32 [E] (at least one entry, so the kernel never gets a zero-size tensor).
+    """CSR transpose of block_idx [B, S, Mb, Lb]: for each (b, kv head, key block) t, the pairs
+    h * Mb + query block (h a selection head) that listed it are pairs[offsets[t] : offsets[t + 1]]. offsets int32 [B * Hkv * n_key_blocks + 1],
+    pairs int32 [B * H * Mb * Lb]: every slot of block_idx has an entry, the dropped ones after
+    offsets[-1]. Built from the block list's fixed shape (a sort and a binary search, no nonzero), so
+    no size depends on the data and the host never waits for the device.
 
-    Entries past the last key block, and, when causal, pairs whose key block lies wholly above the
-    diagonal of the query block, are dropped: they contribute nothing."""
-    B, H, Mb, Lb = block_idx.shape
-    G = H // Hkv
+    Dropped: unused slots (-1), entries past the last key block, and, when causal, pairs whose key
+    block lies wholly above the diagonal of the query block: they contribute nothing."""
+    B, S, Mb, Lb = block_idx.shape  # S selection heads: H, or Hkv when a GQA group shares its lists
+    heads_per_kv = S // Hkv
     dev = block_idx.device
     kb = block_idx.long()
     keep = (kb >= 0) & (kb < n_key_blocks)
     if is_causal:
         q_end = (torch.arange(Mb, device=dev) + 1) * block_m  # first query row after each query block
         keep &= kb * block_n < q_end.view(1, 1, Mb, 1)
-    b, h, mb, slot = keep.nonzero(as_tuple=True)  # [E] each, in (b, h, mb, slot) order
-    target = (b * Hkv + h // G) * n_key_blocks + kb[b, h, mb, slot]  # [E]
-    order = torch.argsort(target, stable=True)
-    counts = torch.bincount(target, minlength=B * Hkv * n_key_blocks)
-    offsets = torch.zeros(B * Hkv * n_key_blocks + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
-    pairs = (h * Mb + mb)[order]
+    n_targets = B * Hkv * n_key_blocks
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = torch.arange(S, device=dev).view(1, S, 1, 1)
+    mb = torch.arange(Mb, device=dev).view(1, 1, Mb, 1)
+    target = torch.where(keep, (b * Hkv + h // heads_per_kv) * n_key_blocks + kb, n_targets)  # dropped sort last
+    sorted_target, order = torch.sort(target.reshape(-1), stable=True)  # stable: (h, query block) order
+    pairs = (h * Mb + mb).expand(B, S, Mb, Lb).reshape(-1)[order]
+    offsets = torch.searchsorted(sorted_target, torch.arange(n_targets + 1, device=dev))
     if pairs.numel() == 0:
         pairs = torch.zeros(1, dtype=torch.int64, device=dev)
     return offsets.to(torch.int32), pairs.to(torch.int32)
@@ -422,20 +432,27 @@ def reverse_block_index(
 PAIRS_PER_ITEM = 16
 
 
-def work_items(offsets: Tensor, per_item: int = PAIRS_PER_ITEM) -> tuple[Tensor, Tensor, Tensor]:
+def work_items(offsets: Tensor, capacity: int, per_item: int = PAIRS_PER_ITEM) -> tuple[Tensor, Tensor, Tensor]:
     """Split each target's pair run offsets[t] : offsets[t + 1] into runs of at most per_item pairs:
-    (target, start, end) int32 [n_items] each (at least one item, possibly empty)."""
+    (target, start, end) int32 [n_slots] each. The number of items depends on the data, so the arrays
+    have a fixed size from `capacity` (the most pairs there can be): ceil(capacity / per_item) + T
+    slots, the unneeded ones empty (start == end; the kernel adds nothing for them). No host sync."""
     offsets = offsets.long()
     counts = offsets[1:] - offsets[:-1]  # [T]
-    n_items = (counts + per_item - 1) // per_item
-    target = torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), n_items)
-    first_item = torch.cumsum(n_items, 0) - n_items  # [T]
-    j = torch.arange(target.numel(), device=offsets.device) - first_item[target]
-    start = offsets[target] + j * per_item
-    end = torch.minimum(start + per_item, offsets[target + 1])
-    if target.numel() == 0:
-        z = torch.zeros(1, dtype=torch.int32, device=offsets.device)
+    T = counts.numel()
+    n_slots = max(1, -(-capacity // per_item) + T)
+    if T == 0:
+        z = torch.zeros(n_slots, dtype=torch.int32, device=offsets.device)
         return z, z, z
+    n_items = (counts + per_item - 1) // per_item  # [T]
+    last_item = torch.cumsum(n_items, 0)  # [T] one past each target's last item
+    slot = torch.arange(n_slots, device=offsets.device)
+    target = torch.searchsorted(last_item, slot, right=True).clamp(max=T - 1)  # first t with last_item > slot
+    start = offsets[target] + (slot - (last_item[target] - n_items[target])) * per_item
+    end = torch.minimum(start + per_item, offsets[target + 1])
+    used = slot < last_item[-1]
+    start = torch.where(used, start, 0)
+    end = torch.where(used, end, 0)
     return target.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
 
 
@@ -480,15 +497,17 @@ def block_sparse_backward_triton(
     _bwd_dq_kernel[(B * H * Mb,)](
         q, k, v, block_idx, bias_t, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dq.stride(),
-        H, H // Hkv, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
+        H, H // Hkv, H // block_idx.shape[1], N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
         **common,
     )
     offsets, pairs = reverse_block_index(block_idx, Hkv, Nb, block_m, block_n, is_causal)
-    item_target, item_start, item_end = work_items(offsets)
+    # A pair stands for the GS query heads sharing its list: fewer pairs per item when GS > 1.
+    per_item = max(1, PAIRS_PER_ITEM // (H // block_idx.shape[1]))
+    item_target, item_start, item_end = work_items(offsets, capacity=block_idx.numel(), per_item=per_item)
     _bwd_dkdv_kernel[(item_target.numel(),)](
         q, k, v, bias_t, dout, lse, delta, item_target, item_start, item_end, pairs, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, Hkv, N, Nk, D, Dv, Mb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
+        H, Hkv, H // block_idx.shape[1], N, Nk, D, Dv, Mb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
         **common,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

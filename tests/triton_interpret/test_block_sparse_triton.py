@@ -112,6 +112,7 @@ def reference_lse(q, k, block_idx, scale, causal, bias, block_m, block_n) -> tor
     Hkv, Nk = k.shape[1], k.shape[2]
     n_kb = -(-Nk // block_n)
     dev = q.device
+    block_idx = block_idx.repeat_interleave(H // block_idx.shape[1], dim=1)  # grouped lists: per head
     listed = torch.zeros(Bq, H, block_idx.shape[2], n_kb + 1, dtype=torch.bool, device=dev)
     listed.scatter_(-1, torch.where(block_idx < 0, n_kb, block_idx).long(), True)
     allowed = listed[:, :, torch.arange(N, device=dev) // block_m][..., torch.arange(Nk, device=dev) // block_n]
@@ -229,6 +230,7 @@ def test_reverse_block_index_matches_loop():
     for causal in (False, True):
         offsets, pairs = reverse_block_index(block_idx, Hkv, Nb, bm, bn, causal)
         assert offsets.dtype == pairs.dtype == torch.int32 and offsets.shape == (Bq * Hkv * Nb + 1,)
+        assert pairs.shape == (block_idx.numel(),)  # sized by the shape, not the data
         for b in range(Bq):
             for kvh in range(Hkv):
                 for kb in range(Nb):
@@ -248,8 +250,43 @@ def test_rejects_bad_block_sizes(block_m: int, block_n: int):
 
 def test_work_items_cover_each_run_in_short_pieces():
     offsets = torch.tensor([0, 0, 5, 40, 41, 41], dtype=torch.int32)  # runs of 0, 5, 35, 1, 0 pairs
-    target, start, end = work_items(offsets, per_item=16)
-    assert target.tolist() == [1, 2, 2, 2, 3]
-    assert start.tolist() == [0, 5, 21, 37, 40] and end.tolist() == [5, 21, 37, 40, 41]
-    target, start, end = work_items(torch.zeros(4, dtype=torch.int32))  # nothing listed at all
-    assert end.tolist() == start.tolist() == [0]
+    target, start, end = work_items(offsets, capacity=48, per_item=16)
+    assert target.numel() == 3 + 5  # ceil(capacity / per_item) + targets: fixed by the shapes alone
+    used = end > start
+    assert target[used].tolist() == [1, 2, 2, 2, 3]
+    assert start[used].tolist() == [0, 5, 21, 37, 40] and end[used].tolist() == [5, 21, 37, 40, 41]
+    assert used.tolist() == [True] * 5 + [False] * 3  # spare slots come last and are empty
+    target, start, end = work_items(torch.zeros(4, dtype=torch.int32), capacity=0)  # nothing listed at all
+    assert end.tolist() == start.tolist() == [0] * 3
+
+
+GROUPED_CASES = [
+    Case(100, 64, 64, 3, 1, True, 16, 16, "pad", 4),
+    Case(257, 80, 80, 4, 2, False, 32, 16, "mask", 5),
+    Case(257, 64, 64, 3, 1, False, 16, 16, None, 17),  # long lists: work items split each pair's heads
+]
+
+
+@pytest.mark.parametrize("c", GROUPED_CASES, ids=str)
+def test_grouped_lists(c: Case):
+    """One list per GQA group ([B, Hkv, Mb, Lb], what block selection returns): the kernels read it
+    for each query head of the group, with the results of the per-head expansion and the reference."""
+    q, k, v, _, bias, dout = make_inputs(c, torch.float32, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    grouped = random_block_idx(B, c.Hkv, -(-c.N // c.block_m), -(-c.N // c.block_n), c.Lb, gen)
+    per_head = grouped.repeat_interleave(c.H // c.Hkv, dim=1)
+    check_case(c, q, k, v, grouped, bias, dout, atol=1e-4, rtol=1e-4)  # against the reference (per-head lists)
+    scale = c.D**-0.5
+    out, lse = block_sparse_forward_triton(q, k, v, grouped, scale, c.causal, bias, c.block_m, c.block_n)
+    out_h, lse_h = block_sparse_forward_triton(q, k, v, per_head, scale, c.causal, bias, c.block_m, c.block_n)
+    torch.testing.assert_close(out, out_h, atol=0, rtol=0)
+    g = block_sparse_backward_triton(dout, q, k, v, grouped, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    g_h = block_sparse_backward_triton(dout, q, k, v, per_head, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    for a, b_ in zip(g, g_h):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)  # dk/dv: atomics sum in another order
+
+
+def test_rejects_lists_that_span_kv_heads():
+    q, k = torch.randn(1, 4, 16, 64), torch.randn(1, 2, 16, 64)
+    with pytest.raises(ValueError, match="block_idx must be"):
+        block_sparse_forward_triton(q, k, k, torch.zeros(1, 1, 1, 1, dtype=torch.int32), 0.125, False, None, 16, 16)

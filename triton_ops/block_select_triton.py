@@ -1,0 +1,195 @@
+"""Block selection in Triton: the pooled-key proxy of block_select.py in two kernel launches.
+
+The PyTorch selection (block_select.select_key_blocks) is about a hundred small operations per call
+at N=8192 (pooling, one score GEMM, softmax, masks, top-k, per chunk of query blocks). On a GPU
+each is a kernel launch of a few microseconds of work, so the host spends milliseconds launching
+what the device does in tens of microseconds, and the [B, H, rows, n_kb] scores take memory. Here:
+  * _pool_kernel, one program per (b, kv head, key block): the mean of the block's real keys and
+    log(number of real keys);
+  * _select_kernel, one program per (b, selection head, query block): scores q . k_bar * scale +
+    log n_j for each of the query block's rows (and each query head of the group), softmax over key
+    blocks, the largest share any row gives each block, the forced sink and diagonal blocks, the
+    visibility masks, and a top-Lb by repeated arg-max (Lb is a few tens at most). Nothing of size
+    rows x n_kb leaves the program.
+Same semantics and output as select_key_blocks (descending score, so the diagonal block sits in
+slot 0; -1 for unused slots). Ties between equal scores may be broken differently.
+
+Limit: the whole row of key blocks lives in one program's registers, so n_kb = ceil(Nk / block_n)
+is at most MAX_KEY_BLOCKS; longer sequences take the PyTorch path (select_key_blocks decides).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .block_select import _FORCED_DIAG, _FORCED_SINK, n_blocks
+
+MAX_KEY_BLOCKS = 256  # [block_m, 256] fp32 scores and a [256, D] k_bar tile per program
+_FORCED_DIAG_C = tl.constexpr(_FORCED_DIAG)
+_FORCED_SINK_C = tl.constexpr(_FORCED_SINK)
+
+
+@triton.jit
+def _pool_kernel(
+    K, REAL, KBAR, LOGC,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    Hkv, Nk, D, n_kb,
+    HAS_REAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """KBAR[b, kvh, j] = mean of the real keys of key block j (0 if none); LOGC[b, j] = log(count)
+    (-inf for a block of padding only), written by the kv head 0 program."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    kvh = bh % Hkv
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_seq = offs_n < Nk
+    if HAS_REAL:
+        w = tl.load(REAL + b * Nk + offs_n, mask=in_seq, other=0).to(tl.float32)  # [BN] 1 = real key
+    else:
+        w = in_seq.to(tl.float32)
+    k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k = tl.load(k_ptrs, mask=in_seq[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)  # [BN, BD]
+    count = tl.sum(w, axis=0)
+    k_bar = tl.sum(k * w[:, None], axis=0) / tl.maximum(count, 1.0)  # [BD]
+    tl.store(KBAR + (bh * n_kb + j) * D + offs_d, k_bar, mask=offs_d < D)
+    if kvh == 0:
+        tl.store(LOGC + b * n_kb + j, tl.log(count))
+
+
+@triton.jit
+def _select_kernel(
+    Q, KBAR, LOGC, LB, TILES, OUT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_tb, stride_ts, stride_tm,
+    S, Gs, G, Hkv, N, Nk, D, n_kb, n_qb, Lb, lb_all, scale,
+    IS_CAUSAL: tl.constexpr, HAS_LB: tl.constexpr, HAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NKB: tl.constexpr,
+):
+    """OUT[b, s, qb, :Lb]: the top key blocks of query block qb for selection head s (query heads
+    s * Gs .. s * Gs + Gs - 1), best first, -1 past the row's budget or its visible blocks."""
+    qb = tl.program_id(0)
+    bs = tl.program_id(1)
+    b = bs // S
+    s = bs % S
+    kvh = (s * Gs) // G
+    offs_j = tl.arange(0, NKB)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    j_ok = offs_j < n_kb
+
+    kbar = tl.load(KBAR + ((b * Hkv + kvh) * n_kb + offs_j[:, None]) * D + offs_d[None, :],
+                   mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [NKB, BD] fp32
+    logc = tl.load(LOGC + b * n_kb + offs_j, mask=j_ok, other=float("-inf"))  # [NKB]
+    j_start = offs_j * BLOCK_N
+    hidden = (~row_ok)[:, None] | (logc == float("-inf"))[None, :]  # [BM, NKB]
+    if IS_CAUSAL:  # a query sees block j iff j starts at or before it
+        hidden = hidden | (j_start[None, :] > rows[:, None])
+
+    share = tl.zeros([NKB], dtype=tl.float32)
+    for g in range(0, Gs):
+        h = s * Gs + g
+        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        sc = tl.dot(q, tl.trans(kbar), input_precision=PRECISION) * scale + logc[None, :]  # [BM, NKB]
+        sc = tl.where(hidden, float("-inf"), sc)
+        m = tl.max(sc, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp(sc - m[:, None])  # 0 where hidden
+        total = tl.sum(p, axis=1)
+        p = p / tl.where(total == 0.0, 1.0, total)[:, None]  # a row that sees nothing shares 0
+        share = tl.maximum(share, tl.max(p, axis=0))
+
+    # The sink block and the diagonal block (holding the query block's last row) rank first.
+    last_row = tl.minimum(qb * BLOCK_M + BLOCK_M - 1, tl.minimum(N, Nk) - 1)
+    diag = tl.maximum(last_row, 0) // BLOCK_N
+    score = share + tl.where(offs_j == diag, _FORCED_DIAG_C, tl.where(offs_j == 0, _FORCED_SINK_C, 0.0))
+    visible = j_ok & (logc > float("-inf"))
+    if IS_CAUSAL:
+        visible = visible & (j_start <= tl.minimum(qb * BLOCK_M + BLOCK_M - 1, N - 1))
+    if HAS_TILES:
+        tiles = tl.load(TILES + b * stride_tb + s * stride_ts + qb * stride_tm + offs_j, mask=j_ok, other=0)
+        visible = visible & (tiles != 0)
+    score = tl.where(visible, score, float("-inf"))
+
+    if HAS_LB:
+        budget = tl.load(LB + b)
+    else:
+        budget = lb_all
+    out_row = OUT + ((b * S + s) * n_qb + qb) * Lb
+    for slot in range(0, Lb):
+        best = tl.max(score, axis=0)
+        at = tl.argmax(score, axis=0)
+        keep = (best > float("-inf")) & (slot < budget)
+        tl.store(out_row + slot, tl.where(keep, at, -1).to(tl.int32))
+        score = tl.where(offs_j == at, float("-inf"), score)
+
+
+def supported(Nk: int, block_n: int) -> bool:
+    return n_blocks(Nk, block_n) <= MAX_KEY_BLOCKS
+
+
+def select_key_blocks_triton(
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    per_batch_lb: Tensor,
+    is_causal: bool,
+    tiles: Optional[Tensor],
+    real: Optional[Tensor],
+    block_m: int,
+    block_n: int,
+    per_group: bool = True,
+) -> Tensor:
+    """As block_select.select_key_blocks; `tiles` is the explicit mask's per-tile visibility
+    [B, S | 1, n_qb, n_kb] bool (None without a mask) and `real` [B, Nk] bool (None: every key real).
+    per_batch_lb [B] int64 on the CPU: a batch whose sequences all get the same budget passes it as
+    a number, so no host-to-device copy waits on the stream."""
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    S = Hkv if per_group else H
+    n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
+    Lb = int(per_batch_lb.max()) if per_batch_lb.numel() else 0
+    out = torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
+    if Lb == 0 or N == 0 or Nk == 0:
+        return out
+    if n_kb > MAX_KEY_BLOCKS:
+        raise ValueError(f"select_key_blocks_triton: {n_kb} key blocks > {MAX_KEY_BLOCKS}; use select_key_blocks")
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    k_bar = torch.empty(B, Hkv, n_kb, D, device=q.device, dtype=torch.float32)
+    log_count = torch.empty(B, n_kb, device=q.device, dtype=torch.float32)
+    real_arg = real.to(torch.int8) if real is not None else log_count  # never read without HAS_REAL
+    _pool_kernel[(n_kb, B * Hkv)](
+        k, real_arg, k_bar, log_count, *k.stride(), Hkv, Nk, D, n_kb,
+        HAS_REAL=real is not None, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+    )
+    uniform = bool((per_batch_lb == per_batch_lb[0]).all())
+    lb_t = log_count if uniform else per_batch_lb.to(device=q.device, dtype=torch.int32)
+    if tiles is not None:
+        tiles_t = tiles.to(torch.int8).expand(B, S, n_qb, n_kb)
+        t_strides = tiles_t.stride()[:3]
+        if tiles_t.stride(3) != 1:
+            tiles_t = tiles_t.contiguous()
+            t_strides = tiles_t.stride()[:3]
+    else:
+        tiles_t, t_strides = log_count, (0, 0, 0)
+    NKB = max(16, triton.next_power_of_2(n_kb))
+    _select_kernel[(n_qb, B * S)](
+        q, k_bar, log_count, lb_t, tiles_t, out,
+        *q.stride(), *t_strides,
+        S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, Lb, int(per_batch_lb[0]), float(scale),
+        IS_CAUSAL=bool(is_causal), HAS_LB=not uniform, HAS_TILES=tiles is not None, PRECISION="ieee",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D, NKB=NKB,
+        num_warps=4 if NKB <= 64 else 8,
+    )
+    return out
+
+
+__all__ = ["select_key_blocks_triton", "supported", "MAX_KEY_BLOCKS"]
