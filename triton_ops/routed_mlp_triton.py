@@ -53,6 +53,8 @@ from .routed_mlp import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds, out_feat
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
 assert set(ACT_CODES) == set(ACTIVATIONS)
 
+# Module constants a kernel reads must be tl.constexpr; write them on the right of a product
+# (constexpr * tensor does not convert under the interpreter).
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _TANH_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -83,7 +85,7 @@ def _act(z, ACT: tl.constexpr):
     elif ACT == 1:
         a = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
     elif ACT == 2:
-        a = 0.5 * z * (1.0 + _tanh(_TANH_C * (z + 0.044715 * z * z * z)))
+        a = 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _TANH_C))
     elif ACT == 3:
         a = z * tl.sigmoid(z)
     else:
@@ -102,7 +104,7 @@ def _act_grad(z, ACT: tl.constexpr):
         a = z * cdf
         d = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif ACT == 2:
-        t = _tanh(_TANH_C * (z + 0.044715 * z * z * z))
+        t = _tanh((z + 0.044715 * z * z * z) * _TANH_C)
         a = 0.5 * z * (1.0 + t)
         d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _TANH_C * (1.0 + 3.0 * 0.044715 * z * z)
     elif ACT == 3:
@@ -437,9 +439,13 @@ def _c(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 # --- forward ----------------------------------------------------------------------------------
 
 
-def _check_spec(spec: MlpSpec) -> None:
+def _check(x: Tensor, spec: MlpSpec) -> None:
+    """Clear errors for what the kernels cannot do (callers fall back to the torch path before this)."""
     if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
         raise ValueError("routed_mlp_triton: LoRA dropout is not implemented in the kernels; use the torch path")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"routed_mlp_triton: the kernels need CUDA tensors (got {x.device}); on the CPU use "
+                         "ffn_impl='torch', or set TRITON_INTERPRET=1 before importing triton (tests)")
 
 
 def routed_mlp_forward_triton(
@@ -448,7 +454,7 @@ def routed_mlp_forward_triton(
 ) -> tuple[Tensor, Tensor, list[int]]:
     """-> (y [T, N] in x.dtype, pre (flat, x.dtype, routed_mlp_forward's `saved` layout), counts per block).
     x [T, K]; block_mask [T, nb] bool; cdtype: the GEMMs' dtype (default x's)."""
-    _check_spec(spec)
+    _check(x, spec)
     cd = cdtype or x.dtype
     tiles = tiles or default_tiles(x.device, cd)
     T, K = x.shape
@@ -557,7 +563,7 @@ def routed_mlp_backward_triton(
     """Gradients of routed_mlp_forward_triton from the pre-activations it saved: (dx or None, grads per
     slot; None where not needed or absent), in the dtypes of x and the weights. counts: forward's
     tokens per block (saves the host sync)."""
-    _check_spec(spec)
+    _check(x, spec)
     cd = cdtype or x.dtype
     tiles = tiles or default_tiles(x.device, cd)
     T, K = x.shape
