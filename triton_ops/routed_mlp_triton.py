@@ -119,18 +119,27 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, BLOCK_M: tl.constexpr):
-    """For token tile `pid`: its block b, grouped rows (offs_r), row mask, the block's first grouped
-    row, its first hidden unit lo and width Fb. BLOCK_INFO int64 [4, nb]: row start, row end, lo, hi."""
+def _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, n_tiles, n_col, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """The program's token tile and column tile, from a 1-D grid of n_tiles * n_col programs ordered in
+    groups of GROUP_M token tiles (the usual L2 swizzle: programs running together share GROUP_M tiles
+    of gathered rows and a band of weight columns, instead of every program of a wave streaming a
+    different part of x or of the weights). Returns the tile's block b, grouped rows (offs_r), row mask,
+    the block's first grouped row, its first hidden unit lo, its width Fb, and the column tile.
+    BLOCK_INFO int64 [4, nb]: row start, row end, lo, hi."""
     pid = tl.program_id(0)
-    b = tl.load(TILE_BLOCK + pid).to(tl.int64)
-    row0 = tl.load(TILE_ROW0 + pid).to(tl.int64)
+    in_group = GROUP_M * n_col
+    first = (pid // in_group) * GROUP_M
+    size = tl.minimum(n_tiles - first, GROUP_M)
+    pid_m = first + (pid % in_group) % size
+    pid_n = (pid % in_group) // size
+    b = tl.load(TILE_BLOCK + pid_m).to(tl.int64)
+    row0 = tl.load(TILE_ROW0 + pid_m).to(tl.int64)
     rstart = tl.load(BLOCK_INFO + b)
     rend = tl.load(BLOCK_INFO + nb + b)
     lo = tl.load(BLOCK_INFO + 2 * nb + b)
     Fb = tl.load(BLOCK_INFO + 3 * nb + b) - lo
     offs_r = row0 + tl.arange(0, BLOCK_M)
-    return b, offs_r, offs_r < rend, rstart, lo, Fb
+    return b, offs_r, offs_r < rend, rstart, lo, Fb, pid_n
 
 
 @triton.jit
@@ -166,17 +175,18 @@ def _up_kernel(
     X, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, PRE_OFF, H_OFF, PRE, HID,
     WU, BU, LU, BBU, WG, BG, LG, BBG,
     sx_t, sx_k, swu_k, swu_f, slu_t, slu_r, sbu_r, sbu_f, swg_k, swg_f, slg_t, slg_r, sbg_r, sbg_f,
-    nb, K, RU, RG, scale_u, scale_g,
+    nb, n_tiles, n_col, K, RU, RG, scale_u, scale_g,
     GATED: tl.constexpr, BIAS_U: tl.constexpr, LORA_U: tl.constexpr, BIAS_G: tl.constexpr,
     LORA_G: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (token tile of block b, column tile): u = x W_u^T + b_u + (x A_u^T) B_u^T s_u on the block's
     units (and g likewise), PRE <- (g, u) or (u,), HID <- act(g) * u or act(u). PRE_OFF [2, nb]:
     where block b's g (row 0) and u (row 1) start in PRE; H_OFF [nb] where its h starts in HID."""
-    b, offs_r, rmask, rstart, lo, Fb = _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, BLOCK_M)
+    b, offs_r, rmask, rstart, lo, Fb, pid_n = _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, n_tiles, n_col,
+                                                         BLOCK_M, GROUP_M)
     tok = tl.load(TOK + offs_r, mask=rmask, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < Fb
     f = lo + cols  # hidden units of this tile
     u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -209,15 +219,16 @@ def _up_kernel(
 @triton.jit
 def _scatter_kernel(
     P1, M1, P2, M2, OUT, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, P1_OFF, P2_OFF,
-    sm1_f, sm1_n, sm2_f, sm2_n, so_t, so_n, nb, N,
+    sm1_f, sm1_n, sm2_f, sm2_n, so_t, so_n, nb, n_tiles, n_col, N,
     TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT[tok, n] += P1_b[rows, :] @ M1[lo:hi, n] (+ P2_b @ M2 when TWO), fp32 atomics: P grouped
     (block b's [n_b, Fb] segment starts at P*_OFF[b]); M[f, n] at M + f * sm_f + n * sm_n."""
-    b, offs_r, rmask, rstart, lo, Fb = _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, BLOCK_M)
+    b, offs_r, rmask, rstart, lo, Fb, pid_n = _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, n_tiles, n_col,
+                                                         BLOCK_M, GROUP_M)
     tok = tl.load(TOK + offs_r, mask=rmask, other=0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     row_base = (offs_r - rstart) * Fb  # [BM]
     p1 = P1 + tl.load(P1_OFF + b)
@@ -236,7 +247,9 @@ def _scatter_kernel(
             pt2 = tl.load(p2 + row_base[:, None] + offs_k[None, :], mask=pmask, other=0.0)
             mt2 = tl.load(M2 + (lo + offs_k)[:, None] * sm2_f + offs_n[None, :] * sm2_n, mask=mmask, other=0.0)
             acc += _dot(pt2, mt2, PRECISION, UPCAST)
-    tl.atomic_add(OUT + tok[:, None] * so_t + offs_n[None, :] * so_n, acc, mask=rmask[:, None] & nmask[None, :])
+    # relaxed: nothing reads OUT until the kernel has finished, so no ordering is needed
+    tl.atomic_add(OUT + tok[:, None] * so_t + offs_n[None, :] * so_n, acc, mask=rmask[:, None] & nmask[None, :],
+                  sem="relaxed")
 
 
 @triton.jit
@@ -244,17 +257,18 @@ def _dh_kernel(
     DY, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, PRE_OFF, H_OFF, PRE, DZ, HID,
     WO, DT, AO,
     sdy_t, sdy_n, swo_n, swo_f, sdt_t, sdt_r, sao_r, sao_f,
-    nb, N, R,
+    nb, n_tiles, n_col, N, R,
     GATED: tl.constexpr, LORA_O: tl.constexpr, WRITE_H: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (token tile of block b, column tile of its units): dh = dy[tok] @ W_out[:, f] + dt[tok] @ A_out[:, f]
     (dt = dy B_out s_out, the LoRA path), then through the activation with the saved PRE:
     gated DZ <- (dg, du) at PRE_OFF's places, plain DZ <- du; HID <- h if WRITE_H."""
-    b, offs_r, rmask, rstart, lo, Fb = _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, BLOCK_M)
+    b, offs_r, rmask, rstart, lo, Fb, pid_n = _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, n_tiles, n_col,
+                                                         BLOCK_M, GROUP_M)
     tok = tl.load(TOK + offs_r, mask=rmask, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < Fb
     f = lo + cols
     dh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -313,7 +327,7 @@ def _wgrad_kernel(
                      other=0.0)  # [BK, BC]
         acc += _dot(pt, qt, PRECISION, UPCAST)
     tl.atomic_add(OUT + (lo + cols)[:, None] * so_f + offs_c[None, :] * so_c, acc * scale,
-                  mask=fmask[:, None] & cmask[None, :])
+                  mask=fmask[:, None] & cmask[None, :], sem="relaxed")
 
 
 # --- routing metadata ----------------------------------------------------------------------------
@@ -397,15 +411,22 @@ class Tiles:
 
 
 def default_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
-    """128 x 128 x 64 bf16 tiles on CUDA (tensor cores, 3-stage pipeline: the gated up kernel streams
-    an x tile and two weight tiles, 3 x 48 KB of shared memory). fp32 halves block_k so the same
-    pipeline fits (3 x 64 KB). Under the interpreter, small tiles: it is slow per program and per
-    element alike, and small tiles exercise the edge masks."""
+    """128 x 128 x 64 bf16/fp16 tiles on CUDA, 8 warps, 3-stage pipeline (tensor cores; a stage of the
+    gated up kernel is an x tile and two 64-wide weight tiles, 32 KB; of the two-product dx scatter,
+    four 16 KB tiles, so that one runs 2 stages: see _launch_scatter). fp32 (exact "ieee" products,
+    for checks more than speed) halves block_k and pipelines 2 deep, so every kernel stays well inside
+    an H100's 227 KB of shared memory. Under the interpreter, small tiles: it is slow per program and
+    per element alike, and small tiles exercise the edge masks."""
     if device.type != "cuda":
         return Tiles(32, 32, 32, 64, 4, 1)
     if dtype == torch.float32:
-        return Tiles(128, 128, 32, 1024, 8, 3)
+        return Tiles(128, 128, 32, 1024, 8, 2)
     return Tiles()
+
+
+# Token tiles per L2 group (_tile_info): 8 tiles of 128 gathered rows (8 MB of x at d_in 4096, bf16)
+# beside a band of weight columns stay within an H100's 50 MB L2.
+GROUP_M = 8
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -489,18 +510,21 @@ def _launch_up(xc, w, spec, rt, pre, h, cd, tiles):
         WG, swg_k, swg_f = _wk(_c(w.gate_w, cd), spec.gate_layout, "rows")
         if w.gate_a is not None:
             lg, bbg = xc @ _c(w.gate_a, cd).t(), _c(w.gate_bb, cd)
-    grid = (rt.tile_block.numel(), triton.cdiv(rt.max_width, tiles.block_n))
-    _up_kernel[grid](
+    # Gated: two fp32 accumulators per program, so half-width column tiles keep the registers of one
+    # 128 x 128 tile (the x tile is shared by gate and up, so the intensity is the same).
+    block_n = max(16, tiles.block_n // 2) if spec.gated else tiles.block_n
+    n_tiles, n_col = rt.tile_block.numel(), triton.cdiv(rt.max_width, block_n)
+    _up_kernel[(n_tiles * n_col,)](
         xc, rt.tok, rt.tile_block, rt.tile_row0, rt.info, rt.pre_off, rt.h_off, pre, h,
         WU, dummy if w.in_b is None else w.in_b, lu, bbu,
         WG, dummy if w.gate_b is None else w.gate_b, lg, bbg,
         *xc.stride(), swu_k, swu_f, *_st(lu, w.in_a), *_bst(bbu, w.in_a), swg_k, swg_f,
         *_st(lg, w.gate_a), *_bst(bbg, w.gate_a),
-        len(rt.counts), xc.shape[1], RU, RG, float(spec.in_scale), float(spec.gate_scale),
+        len(rt.counts), n_tiles, n_col, xc.shape[1], RU, RG, float(spec.in_scale), float(spec.gate_scale),
         GATED=spec.gated, BIAS_U=w.in_b is not None, LORA_U=w.in_a is not None,
         BIAS_G=w.gate_b is not None, LORA_G=w.gate_a is not None, ACT=ACT_CODES[spec.activation],
-        **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        BLOCK_R=_rank_tile(max(RU, RG)), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k,
+        BLOCK_R=_rank_tile(max(RU, RG)), GROUP_M=GROUP_M, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
@@ -519,12 +543,12 @@ def _launch_scatter(P1, off1, M1, sm1_f, sm1_n, P2, M2, sm2_f, sm2_n, out, rt, c
     N = out.shape[1]
     two = P2 is not None
     block_n = tiles.block_n if N > 16 else _rank_tile(N)
-    grid = (rt.tile_block.numel(), triton.cdiv(N, block_n))
-    _scatter_kernel[grid](
+    n_tiles, n_col = rt.tile_block.numel(), triton.cdiv(N, block_n)
+    _scatter_kernel[(n_tiles * n_col,)](
         P1, M1, P2 if two else P1, M2 if two else M1, out, rt.tok, rt.tile_block, rt.tile_row0, rt.info,
-        off1, off2 if two else off1, sm1_f, sm1_n, sm2_f, sm2_n, *out.stride(), len(rt.counts), N,
-        TWO=two, **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps if block_n > 32 else 4, num_stages=tiles.num_stages,
+        off1, off2 if two else off1, sm1_f, sm1_n, sm2_f, sm2_n, *out.stride(), len(rt.counts), n_tiles, n_col, N,
+        TWO=two, **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k, GROUP_M=GROUP_M,
+        num_warps=tiles.num_warps if block_n > 32 else 4, num_stages=min(tiles.num_stages, 2) if two else tiles.num_stages,
     )
 
 
@@ -643,13 +667,13 @@ def _launch_dh(dyc, w, spec, rt, pre, dz, h, dt, need_h, cd, tiles):
     WO, swo_n, swo_f = _wk(_c(w.out_w, cd), spec.out_layout, "cols")  # WO[n, f] at n * swo_n + f * swo_f
     ao = _c(w.out_a, cd) if lora else dyc
     R = w.out_a.shape[0] if lora else 1
-    grid = (rt.tile_block.numel(), triton.cdiv(rt.max_width, tiles.block_n))
-    _dh_kernel[grid](
+    n_tiles, n_col = rt.tile_block.numel(), triton.cdiv(rt.max_width, tiles.block_n)
+    _dh_kernel[(n_tiles * n_col,)](
         dyc, rt.tok, rt.tile_block, rt.tile_row0, rt.info, rt.pre_off, rt.h_off, pre, dz, h,
         WO, dt if lora else dyc, ao,
         *dyc.stride(), swo_n, swo_f, *(dt.stride() if lora else (0, 0)), *(ao.stride() if lora else (0, 0)),
-        len(rt.counts), dyc.shape[1], R,
+        len(rt.counts), n_tiles, n_col, dyc.shape[1], R,
         GATED=spec.gated, LORA_O=lora, WRITE_H=need_h, ACT=ACT_CODES[spec.activation], **_dot_args(cd),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_rank_tile(R),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        GROUP_M=GROUP_M, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
