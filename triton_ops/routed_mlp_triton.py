@@ -33,7 +33,8 @@ Kernels (one program per (token tile of one block, column tile)):
 Everything dense and rank-r (x A^T, dy B_out, dt A, dy^T t) stays in torch: small GEMMs.
 
 Accumulation is fp32 everywhere; tl.dot takes the compute dtype (bf16/fp16 on tensor cores; fp32
-with exact "ieee" products). Returned tensors have the dtypes of the inputs they belong to.
+with exact "ieee" products, or TF32 where torch's matmuls would use it). Returned tensors have the
+dtypes of the inputs they belong to; the saved pre-activations have x's dtype (as the op's fake says).
 """
 
 from __future__ import annotations
@@ -430,7 +431,12 @@ GROUP_M = 8
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    return dict(PRECISION="ieee", UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16)
+    """PRECISION: fp32 GEMMs use TF32 tensor cores exactly when torch's own fp32 matmuls on CUDA would
+    (torch.backends.cuda.matmul.allow_tf32), so ffn_impl does not change the precision; else exact
+    "ieee" products. UPCAST: the interpreter's bf16 workaround (see _dot)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    tf32 = dtype == torch.float32 and not interpreted and torch.backends.cuda.matmul.allow_tf32
+    return dict(PRECISION="tf32" if tf32 else "ieee", UPCAST=interpreted and dtype == torch.bfloat16)
 
 
 def _rank_tile(r: int) -> int:
