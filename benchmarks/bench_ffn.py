@@ -5,14 +5,24 @@ baselines: eager and `torch.compile` (Inductor). Routed: the same module compile
 `backend="spt"` at 50% and 25% of the blocks active (the real path: pass, site op, its autograd).
 Ratios are to the best dense configuration of the same shape and token count in the same run.
 Saved bytes count activations only (parameters that backward holds by reference are left out).
+The routed implementation: `--impl` for the plain spt-* configs (default auto: Triton on CUDA, torch
+on the CPU), or name it in the config (spt-50%-triton, spt-50%-torch).
 
     python benchmarks/bench_ffn.py --json benchmarks/results/ffn_cpu.json
+    python benchmarks/bench_ffn.py --device cuda --check --shapes llama7b --tokens 8192 \
+        --configs dense-eager spt-50%-triton spt-50%-torch
+
+--check first compares the Triton routed MLP with the per-token reference (float64) on small awkward
+shapes, with the torch path at the benchmark's shape, and through torch.compile(backend="spt") with
+the torch implementation: output and every gradient; it prints the max errors and the script exits
+with status 1 if any is out of tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SavedBytes, sync  # noqa: E402
 
 SHAPES = {"smollm2": (576, 1536), "llama7b": (4096, 11008)}
-CONFIGS = ("dense-eager", "dense-inductor", "spt-50%", "spt-25%")
+CONFIGS = ("dense-eager", "dense-inductor", "spt-50%", "spt-25%", "spt-50%-triton", "spt-25%-triton",
+           "spt-50%-torch", "spt-25%-torch")
+IMPLS = ("auto", "triton", "torch")
 
 
 class LoraLinear(nn.Module):
@@ -63,9 +75,11 @@ def make_fn(config: str, module: nn.Module, args):
         return module
     if config == "dense-inductor":
         return torch.compile(module, backend="inductor")
-    active = {"spt-50%": args.blocks // 2, "spt-25%": args.blocks // 4}[config]
+    share, _, impl = config.removeprefix("spt-").partition("-")
+    active = {"50%": args.blocks // 2, "25%": args.blocks // 4}[share]
     return torch.compile(module, backend="spt", options=dict(
-        ffn_blocks=args.blocks, ffn_active=active, calibration_steps=1, compiler="eager", sparse_attention=False))
+        ffn_blocks=args.blocks, ffn_active=active, calibration_steps=1, compiler="eager", sparse_attention=False,
+        ffn_impl=impl or args.impl))
 
 
 def run(config: str, shape: str, T: int, args, device, dtype) -> dict:
@@ -103,6 +117,167 @@ def run(config: str, shape: str, T: int, args, device, dtype) -> dict:
             "saved_bytes": saved.total, "first_call_s": first}
 
 
+# --- --check ------------------------------------------------------------------------------------
+
+
+def _weights(d, F, d_out, gated, layout, lora, r, dtype, device, gen, bias=True):
+    from spt_compile.triton_ops.routed_mlp import MlpWeights
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype)
+
+    def w(o, i):
+        t = rnd(o, i, s=i**-0.5)
+        return t if layout == "oi" else t.t().contiguous()
+
+    slots = {}
+    for proj, i, o in (("in", d, F), ("gate", d, F), ("out", F, d_out)):
+        if proj == "gate" and not gated:
+            continue
+        slots[f"{proj}_w"], slots[f"{proj}_b"] = w(o, i), (rnd(o, s=0.1) if bias else None)
+        if lora:
+            slots[f"{proj}_a"], slots[f"{proj}_bb"] = rnd(r, i, s=i**-0.5), rnd(o, r, s=0.3)
+    return MlpWeights(**slots)
+
+
+def _mask(T, nb, active, gen, device, kind="random"):
+    top = torch.rand(T, nb, generator=gen).topk(active, dim=-1).indices
+    m = torch.zeros(T, nb, dtype=torch.bool).scatter_(-1, top, True)
+    if kind == "empty-block":
+        m[:, 2], m[:, 0] = False, True
+    elif kind == "all":
+        m[:] = True
+    return m.to(device)
+
+
+def _errors(got: dict, want: dict) -> dict:
+    """name -> (max |got - want|, max |want|)."""
+    return {k: ((got[k].double() - want[k].double()).abs().max().item(), want[k].double().abs().max().item())
+            for k in want if got.get(k) is not None}
+
+
+def _line(label: str, errs: dict, tol: float, against: dict = None) -> str:
+    """ok when every error is within tol of its tensor's scale, or (against: the torch path's errors in
+    the same dtype) within twice the torch path's own error."""
+    bad = [k for k, (e, s) in errs.items()
+           if e > tol * max(s, 1e-6) and not (against and k in against and e <= 2 * against[k][0])]
+    return (f"check {label}: max |err| / scale " + ", ".join(f"{k} {e:.1e}/{s:.1e}" for k, (e, s) in errs.items())
+            + ("  ok" if not bad else f"  FAILED ({', '.join(bad)})"))
+
+
+def _triton_grads(x, w, spec, mask, dy, needs):
+    from spt_compile.triton_ops.routed_mlp_triton import routed_mlp_backward_triton, routed_mlp_forward_triton
+
+    y, pre, counts = routed_mlp_forward_triton(x, w, spec, mask)
+    dx, grads = routed_mlp_backward_triton(dy, x, w, spec, mask, True, needs, pre, counts)
+    return {"y": y, "dx": dx, **{k: g for k, g in grads._asdict().items() if g is not None}}
+
+
+def _torch_grads(x, w, spec, mask, dy, needs):
+    from spt_compile.triton_ops.routed_mlp import MlpWeights, routed_mlp_backward_saved, routed_mlp_forward
+
+    saved: list = []
+    y = routed_mlp_forward(x, w, spec, mask, saved=saved)
+    dx, grads = routed_mlp_backward_saved(dy, x, w, spec, mask, 0, True, needs, torch.cat(saved))
+    return {"y": y, "dx": dx, **{k: g for k, g in grads._asdict().items() if g is not None}}
+
+
+def check_kernels(args, device, dtype) -> list[str]:
+    """The Triton routed MLP (1) against the per-token reference in float64 on small awkward shapes,
+    fp32 and the benchmark's dtype; (2) at the benchmark's shape against the torch path in fp32, next to
+    the torch path in the benchmark's dtype; (3) through torch.compile(backend="spt"), ffn_impl triton
+    against torch on the same routing."""
+    from spt_compile.triton_ops.reference import routed_mlp_reference
+    from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights
+
+    lines = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks compare exact products
+    try:
+        # (1) odd sizes: d_in 123, F 431 (blocks of 107-108), T 1 / 37 / 150
+        cases = [  # T, gated, act, layout, lora, frozen, mask kind, n_blocks, active
+            (37, True, "silu", "oi", True, False, "random", 4, 2),
+            (29, False, "gelu", "io", True, False, "random", 4, 2),
+            (150, True, "silu", "oi", True, True, "random", 4, 2),
+            (23, False, "gelu_tanh", "oi", False, False, "empty-block", 4, 1),
+            (1, True, "silu", "io", True, False, "random", 4, 2),
+            (17, True, "silu", "oi", True, False, "all", 4, 4),
+        ]
+        # fp32 (exact products: a wrong index or formula shows far above rounding) on the first two,
+        # the benchmark's dtype on the rest; few cases, since every new specialization is a compile.
+        for i, (T, gated, act, layout, lora, frozen, kind, nb, active) in enumerate(cases):
+            for dt in ([torch.float32] if i < 2 else [dtype]):
+                gen = torch.Generator().manual_seed(T)
+                w = _weights(123, 431, 123, gated, layout, lora, 5, dt, device, gen)
+                spec = MlpSpec(act, gated, 431, nb, in_layout=layout, gate_layout=layout, out_layout=layout,
+                               in_scale=0.5, gate_scale=2.0, out_scale=1.5)
+                x = torch.randn(T, 123, generator=gen).to(device=device, dtype=dt)
+                mask = _mask(T, nb, active, gen, device, kind)
+                dy = torch.randn(T, 123, generator=gen).to(device=device, dtype=dt)
+                needs = MlpWeights(*[t is not None and not (frozen and s.split("_")[1] in ("w", "b"))
+                                     for s, t in zip(MlpWeights._fields, w)])
+                got = _triton_grads(x, w, spec, mask, dy, needs)
+                x64 = x.double().requires_grad_()
+                w64 = MlpWeights(*[None if t is None else t.double().requires_grad_(bool(n)) for t, n in zip(w, needs)])
+                y = routed_mlp_reference(x64, w64, spec, mask)
+                names = ["dx"] + [s for s, t in zip(MlpWeights._fields, w64) if t is not None and t.requires_grad]
+                leaves = [x64] + [t for t in w64 if t is not None and t.requires_grad]
+                want = {"y": y, **dict(zip(names, torch.autograd.grad(y, leaves, dy.double())))}
+                label = f"triton vs reference {str(dt).split('.')[1]} T={T} {'gated' if gated else 'plain'}-{act} " \
+                        f"{layout} {active}/{nb} {kind}{' frozen' if frozen else ''}"
+                lines.append(_line(label, _errors(got, want), 2e-4 if dt == torch.float32 else 3e-2))
+                print(lines[-1], flush=True)
+        # (2) the benchmark's shape: LoRA r=16 on every projection, frozen base weights
+        d, F = SHAPES[args.shapes[0]]
+        T = min(args.tokens[0], 2048)
+        gen = torch.Generator().manual_seed(0)
+        w32 = _weights(d, F, d, True, "oi", True, 16, torch.float32, device, gen, bias=False)
+        spec = MlpSpec("silu", True, F, args.blocks, in_scale=2.0, gate_scale=2.0, out_scale=2.0)
+        x32 = torch.randn(T, d, generator=gen).to(device)
+        dy32 = torch.randn(T, d, generator=gen).to(device) * 0.01
+        mask = _mask(T, args.blocks, max(1, args.blocks // 2), gen, device)
+        needs = MlpWeights(*[t is not None and s.split("_")[1] in ("a", "bb") for s, t in zip(MlpWeights._fields, w32)])
+        want = _torch_grads(x32, w32, spec, mask, dy32, needs)
+        low = MlpWeights(*[None if t is None else t.to(dtype) for t in w32])
+        args_low = (x32.to(dtype), low, spec, mask, dy32.to(dtype), needs)
+        torch_err = _errors(_torch_grads(*args_low), want)
+        lines.append(_line(f"torch  vs torch-fp32 {args.shapes[0]} T={T}", torch_err, 1.0))
+        lines.append(_line(f"triton vs torch-fp32 {args.shapes[0]} T={T}", _errors(_triton_grads(*args_low), want),
+                           1e-3 if dtype == torch.float32 else 2e-2, against=torch_err))
+        print("\n".join(lines[-2:]), flush=True)
+        # (3) the site op through torch.compile: triton vs torch on the same routing
+        lines.append(_check_site(device, dtype))
+        print(lines[-1], flush=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return lines
+
+
+def _check_site(device, dtype) -> str:
+    import spt_compile
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    module = SwiGLU(512, 1376).to(device=device, dtype=dtype)
+    compiled = torch.compile(module, backend="spt", options=dict(
+        ffn_blocks=4, ffn_active=2, calibration_steps=1, compiler="eager", sparse_attention=False, ffn_impl="torch"))
+    x = torch.randn(2, 500, 512, device=device, dtype=dtype)
+    for _ in range(2):  # calibration, then the first routed call (it probes and refits the router)
+        compiled(x).float().pow(2).mean().backward()
+    dy = torch.randn(x.shape, device=device, dtype=dtype)  # O(1) gradients, so relative errors mean something
+    out = {}
+    for impl in ("torch", "triton"):
+        module.zero_grad()
+        xi = x.clone().requires_grad_()
+        with spt_compile.enable(ffn_impl=impl):
+            y = compiled(xi)
+            y.backward(dy)
+        out[impl] = {"y": y.detach(), "dx": xi.grad,
+                     **{n: p.grad for n, p in module.named_parameters() if p.grad is not None}}
+    return _line(f"site triton vs torch {str(dtype).split('.')[1]} (torch.compile, 512->1376, 2/4 blocks)",
+                 _errors(out["triton"], out["torch"]), 2e-4 if dtype == torch.float32 else 3e-2)
+
+
 def table(results: list[dict]) -> str:
     lines = [f"{'config':15} {'shape':8} {'tokens':>6} {'ms':>9} {'saved MiB':>9} {'time/best':>9} {'saved/best':>10}"]
     for key in sorted({(r["shape"], r["tokens"]) for r in results}):
@@ -122,7 +297,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=["smollm2"])
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS[:4]))
+    p.add_argument("--impl", choices=IMPLS, default="auto", help="ffn_impl of the plain spt-* configs")
+    p.add_argument("--check", action="store_true", help="first check the Triton routed MLP (see above)")
     p.add_argument("--blocks", type=int, default=4, help="ffn_blocks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="default: fp32 on CPU, bf16 on CUDA")
@@ -132,8 +309,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    print(f"device {device}, {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cuda":
+        raise SystemExit("TRITON_INTERPRET is set: unset it to run the Triton kernels on the GPU")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    print(f"device {device} {gpu or ''}, {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"SwiGLU + LoRA r=16 on gate/up/down, {args.blocks} blocks", flush=True)
+    checks = []
+    if args.check:
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--check runs the Triton kernels: use a CUDA device (or TRITON_INTERPRET=1, slowly)")
+        try:
+            checks = check_kernels(args, device, dtype)
+        except Exception as e:  # report, and still time the configurations
+            checks = [f"check crashed: FAILED {type(e).__name__}: {e}"[:500]]
+            print(checks[-1], flush=True)
     results = []
     for shape in args.shapes:
         for T in args.tokens:
@@ -150,11 +339,11 @@ def main(argv=None) -> int:
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"argv": sys.argv[1:], "device": str(device), "dtype": str(dtype),
+        args.json.write_text(json.dumps({"argv": sys.argv[1:], "device": str(device), "gpu": gpu, "dtype": str(dtype),
                                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                         "results": results}, indent=1))
+                                         "checks": checks, "results": results}, indent=1))
         print(f"wrote {args.json}")
-    return 0
+    return 1 if any("FAILED" in c for c in checks) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for the offline GPU machine (its own torch/triton/Python; nothing is installed): runs
 # the package from this source tree on random tensors, checks the Triton kernels against the
-# references on CUDA, and prints the attention and FFN benchmark tables. About 3-4 minutes on an H100/H200.
+# references on CUDA, and prints the attention and FFN benchmark tables. About 4-5 minutes on an H100/H200.
 #   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,9 @@ timeout 170 python benchmarks/bench_attention.py --device cuda --dtype bf16 --ch
 timeout 80 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
     --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton --repeats 10 --warmup 3 \
     --json "$out/attention_llama7b_${gpu}.json"
-# 3. The routed FFN (torch path on CUDA until issue 4's Triton kernels): LLaMA-7B MLP shape, 8192 tokens.
-timeout 90 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 \
-    --configs dense-eager spt-50% spt-25% --repeats 10 --warmup 3 --json "$out/ffn_llama7b_${gpu}.json"
+# 3. The routed FFN: --check (Triton kernels vs the per-token reference at odd sizes, vs the torch path at
+#    this shape, and through torch.compile; exits 1 on a mismatch), then dense (eager, Inductor) and
+#    routed at 50% / 25% of 4 blocks with both implementations; LLaMA-7B MLP shape, 8192 tokens, bf16.
+timeout 150 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 --check \
+    --configs dense-eager dense-inductor spt-50%-triton spt-50%-torch spt-25%-triton spt-25%-torch \
+    --repeats 5 --warmup 2 --json "$out/ffn_llama7b_${gpu}.json"

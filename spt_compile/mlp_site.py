@@ -19,8 +19,14 @@ is still exactly the dense MLP.
 
 Outputs: y [*, d_out], block_mask [T, n_blocks] bool, perm [F] int64 (hidden units in block order),
 pre (the routed blocks' pre-activations, flat: an unbacked size; backward rebuilds the hidden layer
-from them instead of recomputing the projections), meta [3] int64 on the CPU (mode, dropout seed,
-whether perm applies).
+from them instead of recomputing the projections; empty for the reference impl), meta [5 + n_blocks]
+int64 on the CPU (mode, dropout seed, whether perm applies, the implementation that ran (IMPL_CODES),
+the Triton compute dtype (DTYPE_CODES), tokens per block: backward runs the same implementation and
+needs no host sync for the counts).
+
+Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (routed_mlp_triton.py), the torch
+path (routed_mlp.py) or the per-token reference. Calls the kernels cannot serve run the torch path:
+LoRA dropout > 0, and dense calibration calls (they measure each block's output norm on the way).
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ from .options import Options
 from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 
 from spt_compile.triton_ops.clustering import cluster_neurons
+from spt_compile.triton_ops.reference import routed_mlp_reference
 from spt_compile.triton_ops.routed_mlp import (
     MlpSpec,
     MlpWeights,
     block_outputs,
     permute_hidden,
+    resolve_ffn_impl,
     routed_mlp_backward_saved,
     routed_mlp_forward,
     unit_importance,
@@ -47,6 +55,14 @@ from spt_compile.triton_ops.routed_mlp import (
 )
 
 DENSE, ROUTED = 0, 1
+# meta[3]: the implementation that ran forward (backward runs the same one).
+IMPL_CODES = {"torch": 0, "triton": 1, "reference": 2}
+IMPL_NAMES = {v: k for k, v in IMPL_CODES.items()}
+# meta[4]: the dtype the Triton GEMMs ran in (0: x's own; autocast's otherwise), so that backward, which
+# usually runs outside the autocast region, computes in the same one.
+DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+META_FIXED = 5  # mode, seed, permuted, impl, compute dtype; then the tokens per block (n_blocks values)
 TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibration call
 ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
@@ -142,9 +158,11 @@ class MlpSite(Site):
                 block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
                 collect = calibrating and plan.updates_state
                 norms = torch.zeros(T, nb, device=x.device) if collect else None
-                y = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms, saved)
-                if collect:
+                if collect:  # the torch path: it measures the block norms on the way
+                    y, impl_meta = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms, saved), (0, 0, ())
                     self._calibrate(x2, norms, weights, spec, plan, seed)
+                else:
+                    y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             else:
                 if self.router is None:  # calibration_steps == 0: fit on a sample of this call
                     rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device)
@@ -153,16 +171,22 @@ class MlpSite(Site):
                 perm = None if self.perm is None else self.perm.to(x.device)
                 wp = permute_hidden(weights, spec, perm)
                 block_mask = choose_blocks(router_scores(x2, self.router.to(x.device)), options.active_blocks)
-                y = routed_mlp_forward(x2, wp, spec, block_mask, seed, saved=saved)
+                y, impl_meta = _run_impl(x2, wp, spec, block_mask, seed, options.ffn_impl, saved)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp, spec, block_mask, seed)
                     bx, by = self.buffer_x, self.buffer_y
                     self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
         self.end(plan, training)
-        meta = torch.tensor([ROUTED if routed else DENSE, seed, int(perm is not None)], dtype=torch.int64)
+        impl_code, dtype_code, counts = impl_meta
+        counts = list(counts) or [0] * nb
+        meta = torch.tensor([ROUTED if routed else DENSE, seed, int(perm is not None), impl_code, dtype_code, *counts],
+                            dtype=torch.int64)
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
-        pre = torch.cat(saved) if saved else x.new_empty(0)
+        if len(saved) == 1 and saved[0]._base is None:
+            pre = saved[0]  # the Triton path's flat buffer: no copy
+        else:
+            pre = torch.cat(saved) if saved else x.new_empty(0)
         return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, pre, meta
 
     def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int) -> None:
@@ -199,6 +223,41 @@ class MlpSite(Site):
         self.perm = None if perm is None else perm.long().clone()
 
 
+# --- implementations ----------------------------------------------------------------------------
+
+
+def _run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
+              saved: list) -> tuple[Tensor, tuple[int, int, tuple]]:
+    """y by the chosen implementation; appends the pre-activations to `saved` (the torch path's layout,
+    which the Triton path shares). Returns (y, (impl code, compute dtype code, tokens per block))."""
+    impl = resolve_ffn_impl(option, x2.device)
+    if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
+        impl = "torch"  # neither the kernels nor the reference have LoRA dropout
+    if impl == "triton":
+        from spt_compile.triton_ops.routed_mlp_triton import compute_dtype, routed_mlp_forward_triton
+
+        cd = compute_dtype(x2)
+        y, pre, counts = routed_mlp_forward_triton(x2, w, spec, block_mask, cd)
+        saved.append(pre)
+        return y, (IMPL_CODES["triton"], 0 if cd == x2.dtype else DTYPE_CODES[cd], tuple(counts))
+    if impl == "reference":
+        return routed_mlp_reference(x2, w, spec, block_mask), (IMPL_CODES["reference"], 0, ())
+    return routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved), (IMPL_CODES["torch"], 0, ())
+
+
+def _reference_backward(dy: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, needs: list[bool]):
+    """Gradients of routed_mlp_reference by torch.func.vjp (recomputes everything: for checks only)."""
+    slots = [n for n, t, need in zip(MlpWeights._fields, w, needs[1:]) if t is not None and need]
+
+    def f(xv, *ts):
+        return routed_mlp_reference(xv, w._replace(**dict(zip(slots, ts))), spec, block_mask)
+
+    _, vjp = torch.func.vjp(f, x, *[getattr(w, n) for n in slots])
+    dx, *gs = vjp(dy)
+    got = dict(zip(slots, gs))
+    return (dx if needs[0] else None), MlpWeights(**{n: got.get(n) for n in MlpWeights._fields})
+
+
 # --- the custom ops ---------------------------------------------------------------------------
 
 SITE_TYPES["mlp"] = MlpSite
@@ -228,7 +287,7 @@ def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b,
     d_out = out_w.shape[1] if s.out_layout == "io" else out_w.shape[0]
     return (x.new_empty(*x.shape[:-1], d_out), x.new_empty(T, s.n_blocks, dtype=torch.bool),
             x.new_empty(s.hidden, dtype=torch.int64), x.new_empty(torch.library.get_ctx().new_dynamic_size()),
-            torch.empty(3, dtype=torch.int64, device="cpu"))
+            torch.empty(META_FIXED + s.n_blocks, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("spt::mlp_site_backward", mutates_args=())
@@ -242,11 +301,21 @@ def mlp_site_backward(
     """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
     s = MlpSpec.from_str(spec)
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
-    mode, seed, permuted = meta.tolist()
+    mode, seed, permuted, impl_code, dtype_code, *counts = meta.tolist()
     p = perm if (mode == ROUTED and permuted) else None
     x2 = x.reshape(-1, x.shape[-1])
-    dx, grads = routed_mlp_backward_saved(dy.reshape(-1, dy.shape[-1]), x2, permute_hidden(weights, s, p), s,
-                                          block_mask, seed, needs[0], MlpWeights(*needs[1:]), pre)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    wp = permute_hidden(weights, s, p)
+    impl = IMPL_NAMES[impl_code]
+    if impl == "triton":
+        from spt_compile.triton_ops.routed_mlp_triton import routed_mlp_backward_triton
+
+        dx, grads = routed_mlp_backward_triton(dy2, x2, wp, s, block_mask, needs[0], MlpWeights(*needs[1:]), pre,
+                                               counts, DTYPES.get(dtype_code))
+    elif impl == "reference":
+        dx, grads = _reference_backward(dy2, x2, wp, s, block_mask, needs)
+    else:
+        dx, grads = routed_mlp_backward_saved(dy2, x2, wp, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]), pre)
     grads = unpermute_grads(grads, s, p)
     return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional
 
 from spt_compile.triton_ops.block_sparse import IMPLS
+from spt_compile.triton_ops.routed_mlp import FFN_IMPLS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 SELECTIONS = ("block", "token")
@@ -54,6 +55,10 @@ class Options:
     attention_impl: str = _opt("auto", "Sparse attention implementation: 'triton' (CUDA), 'torch' "
                                "(block-batched PyTorch, the CPU path), 'reference' (dense, for checks) or "
                                "'auto' ($SPT_ATTENTION_IMPL, else triton on CUDA, torch elsewhere).", True)
+    ffn_impl: str = _opt("auto", "Routed MLP implementation: 'triton' (CUDA kernels), 'torch' (block-batched "
+                         "PyTorch, the CPU path), 'reference' (per-token loop, for checks) or 'auto' "
+                         "($SPT_FFN_IMPL, else triton on CUDA, torch elsewhere). LoRA dropout and calibration "
+                         "calls always run the torch path (docs/ffn.md).", True)
     # --- structural: read when a graph is compiled ---
     ffn_blocks: int = _opt(4, "Blocks the MLP hidden layer is cut into.", False)
     ffn_cluster: bool = _opt(True, "At the end of calibration, group hidden units that fire together into "
@@ -111,6 +116,8 @@ def validate(o: Options) -> None:
         raise _bad("pq_proxy", "'adc' or 'agreement'", o.pq_proxy)
     if o.attention_impl not in IMPLS:
         raise _bad("attention_impl", f"one of {', '.join(IMPLS)}", o.attention_impl)
+    if o.ffn_impl not in FFN_IMPLS:
+        raise _bad("ffn_impl", f"one of {', '.join(FFN_IMPLS)}", o.ffn_impl)
     if not is_int(o.ffn_blocks) or o.ffn_blocks < 1:
         raise _bad("ffn_blocks", "an int >= 1", o.ffn_blocks)
     if o.ffn_active is not None and (not is_int(o.ffn_active) or not 1 <= o.ffn_active <= o.ffn_blocks):

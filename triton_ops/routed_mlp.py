@@ -23,6 +23,7 @@ projection. routed_mlp_backward recomputes everything from x instead (the least 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Callable, NamedTuple, Optional
@@ -30,6 +31,25 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+# Implementations of the routed MLP: routed_mlp_triton.py (CUDA kernels), this file's block-batched
+# PyTorch path, or reference.routed_mlp_reference (a per-token loop, for checks only).
+FFN_IMPLS = ("auto", "triton", "torch", "reference")
+FFN_IMPL_ENV = "SPT_FFN_IMPL"
+
+
+def resolve_ffn_impl(impl: str, device: torch.device) -> str:
+    """'auto' -> $SPT_FFN_IMPL if set, else triton on CUDA, torch elsewhere (as block_sparse.resolve_impl)."""
+    if impl == "auto":
+        impl = os.environ.get(FFN_IMPL_ENV, "auto")
+        if impl not in FFN_IMPLS:
+            raise ValueError(f"{FFN_IMPL_ENV}={impl!r}: must be one of {', '.join(FFN_IMPLS)}")
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "torch"
+    if impl not in FFN_IMPLS:
+        raise ValueError(f"ffn_impl must be one of {', '.join(FFN_IMPLS)}; got {impl!r}")
+    return impl
 
 
 def _quick_gelu(x: Tensor) -> Tensor:
