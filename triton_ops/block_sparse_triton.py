@@ -23,14 +23,18 @@ key j is allowed for query i iff j <= i).
 Design. One program per (b, h, query block) of block_m rows: the forward walks the row's listed key
 blocks in slot order with an online softmax and saves only out and lse. Backward recomputes
 p = exp(s - lse) tile by tile instead of saving the [N, Nk] probabilities:
-  * delta = rowsum(dout * out) in torch;
+  * delta = rowsum(dout * out), a small kernel;
   * dq kernel, one program per (b, h, query block), over the same listed key blocks;
-  * dk/dv kernel over a reverse (CSR) index of the (query head, query block) pairs that listed
-    each key block, cut into work items of at most PAIRS_PER_ITEM pairs, one program each, adding
-    into fp32 dk/dv with atomics. One program per key block would be deterministic but serial where
-    it matters: the sink block is listed by every query block, and on an H200 (SmolLM2 heads,
-    N=8192) that one program made the dk/dv kernel 7x slower than the dq kernel. Key blocks nobody
-    listed get zeros.
+  * dk/dv kernel over a reverse (CSR) index of the (selection head, query block) pairs that listed
+    each key block, built on the device by two small kernels and a prefix sum (atomics give each
+    entry its place in its key block's list: no sort, no nonzero, no host sync), one program per
+    (key block, piece of at most PAIRS_PER_ITEM pairs), adding into fp32 dk/dv with atomics. One
+    program per key block would be deterministic but serial where it matters: the sink block is
+    listed by every query block, and on an H200 (SmolLM2 heads, N=8192) that one program made the
+    dk/dv kernel 7x slower than the dq kernel. Key blocks nobody listed get zeros.
+Everything in the forward and backward is sized by the shapes alone, so a call never waits for the
+device; on an H200 the PyTorch-level index building it replaces was 40 of the ~100 launches of a
+forward + backward (host time, not GPU time, was what made the op slower than FlashAttention).
 All inputs are read through their strides (callers may pass transposed views). Accumulation is fp32;
 tl.dot takes the inputs' own dtype (fp16/bf16 tensor cores), and fp32 inputs use exact "ieee" dot
 products unless allow_tf32 is set. Scores are carried in base 2 (exp2 is one instruction on GPU).
@@ -228,7 +232,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, BIAS, DOUT, LSE, DELTA, ITEM_TARGET, ITEM_START, ITEM_END, PAIRS, DK, DV,
+    Q, K, V, BIAS, DOUT, LSE, DELTA, OFFSETS, PAIRS, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -239,23 +243,28 @@ def _bwd_dkdv_kernel(
     H, Hkv, GS, N, Nk, D, Dv, Mb, Nb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAIRS_PER_PROGRAM: tl.constexpr,
 ):
-    """One program per work item: a run of at most a few pairs (each sel * Mb + query block, sel a
-    selection head whose GS query heads share the list) that listed one key block
-    t = (b, kv head, key block): PAIRS[ITEM_START[i] : ITEM_END[i]], t = ITEM_TARGET[i].
-    Adds dv = sum p^T @ dout and dk = scale * sum ds^T @ q into fp32 DK, DV. Long lists (the sink block
-    is listed by every query block) are split over many programs, so no program walks all of them."""
-    item = tl.program_id(0)
-    pid = tl.load(ITEM_TARGET + item).to(tl.int64)
+    """One program per (target, piece): target t = (b, kv head, key block) was listed by the pairs
+    PAIRS[OFFSETS[t] : OFFSETS[t + 1]] (each sel * Mb + query block, sel a selection head whose GS
+    query heads share the list); piece j takes PAIRS_PER_PROGRAM of them. Adds dv = sum p^T @ dout and
+    dk = scale * sum ds^T @ q into fp32 DK, DV. Long lists (the sink block is listed by every query
+    block) are split over many programs, so no program walks all of them; the grid has a piece for
+    the longest list there can be, and pieces past a target's list do nothing."""
+    pid = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(1)
     nb = pid % Nb
     bkv = pid // Nb
     b = bkv // Hkv
     kvh = bkv % Hkv
+    run_end = tl.load(OFFSETS + pid + 1)
+    start = tl.load(OFFSETS + pid) + piece * PAIRS_PER_PROGRAM
+    end = tl.minimum(start + PAIRS_PER_PROGRAM, run_end)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < Nk
+    col_ok = offs_n < tl.where(end > start, Nk, 0)  # an empty piece loads and adds nothing
 
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
@@ -265,8 +274,6 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    start = tl.load(ITEM_START + item)
-    end = tl.load(ITEM_END + item)
     for e in range(start * GS, end * GS):  # every query head of each listed (selection head, block)
         pair = tl.load(PAIRS + e // GS).to(tl.int64)
         h = (pair // Mb) * GS + e % GS
@@ -290,11 +297,74 @@ def _bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
 
-    col_ok = offs_n < tl.where(end > start, Nk, 0)  # an empty work item (a spare slot) adds nothing
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     tl.atomic_add(dk_ptrs, dk * scale, mask=col_ok[:, None] & (offs_d[None, :] < D))
     dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
     tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    OUT, DOUT, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, N, Dv,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """DELTA[b, h, i] = rowsum(dout * out) in fp32 (contiguous [B, H, N]): the softmax-gradient
+    correction rowsum(p * dp), one number per row."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < N) & (offs_dv[None, :] < Dv)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * N + rows, tl.sum(o * do, axis=1), mask=rows < N)
+
+
+@triton.jit
+def _index_entries(BLOCK_IDX, e, E, S, Mb, Lb, Hkv, Nb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr):
+    """For flat entries e of a contiguous block_idx [B, S, Mb, Lb]: (keep, target, pair)."""
+    in_range = e < E
+    kb = tl.load(BLOCK_IDX + e, mask=in_range, other=-1)
+    mb = (e // Lb) % Mb
+    s = (e // (Lb * Mb)) % S
+    b = e // (Lb * Mb * S)
+    keep = in_range & (kb >= 0) & (kb < Nb)
+    if IS_CAUSAL:  # a key block wholly above the query block's diagonal contributes nothing
+        keep = keep & (kb * BLOCK_N < (mb + 1) * BLOCK_M)
+    target = (b * Hkv + s // (S // Hkv)) * Nb + kb
+    return keep, target, s * Mb + mb
+
+
+@triton.jit
+def _index_count_kernel(
+    BLOCK_IDX, COUNTS, POS, E, S, Mb, Lb, Hkv, Nb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """COUNTS[1 + t] += entries listing target t; POS[e] = the entry's place in its target's list."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    keep, target, _ = _index_entries(BLOCK_IDX, e, E, S, Mb, Lb, Hkv, Nb, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    pos = tl.atomic_add(COUNTS + 1 + target, tl.full([BLOCK_E], 1, tl.int32), mask=keep, sem="relaxed")
+    tl.store(POS + e, pos, mask=keep)
+
+
+@triton.jit
+def _index_place_kernel(
+    BLOCK_IDX, OFFSETS, POS, PAIRS, E, S, Mb, Lb, Hkv, Nb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """PAIRS[OFFSETS[t] + POS[e]] = the (selection head, query block) pair of entry e."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    keep, target, pair = _index_entries(BLOCK_IDX, e, E, S, Mb, Lb, Hkv, Nb, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    start = tl.load(OFFSETS + target, mask=keep, other=0)
+    pos = tl.load(POS + e, mask=keep, other=0)
+    tl.store(PAIRS + start + pos, pair.to(tl.int32), mask=keep)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -398,7 +468,8 @@ def block_sparse_forward_triton(
 def reverse_block_index(
     block_idx: Tensor, Hkv: int, n_key_blocks: int, block_m: int, block_n: int, is_causal: bool
 ) -> tuple[Tensor, Tensor]:
-    """CSR transpose of block_idx [B, S, Mb, Lb]: for each (b, kv head, key block) t, the pairs
+    """The reference (PyTorch) form of reverse_block_index_triton, for tests and the CPU.
+    CSR transpose of block_idx [B, S, Mb, Lb]: for each (b, kv head, key block) t, the pairs
     h * Mb + query block (h a selection head) that listed it are pairs[offsets[t] : offsets[t + 1]]. offsets int32 [B * Hkv * n_key_blocks + 1],
     pairs int32 [B * H * Mb * Lb]: every slot of block_idx has an entry, the dropped ones after
     offsets[-1]. Built from the block list's fixed shape (a sort and a binary search, no nonzero), so
@@ -427,33 +498,34 @@ def reverse_block_index(
     return offsets.to(torch.int32), pairs.to(torch.int32)
 
 
-# Pairs per dk/dv work item: short enough that the sink block's list (every query block of every
+# Pairs per dk/dv program: short enough that the sink block's list (every query block of every
 # head in the group) spreads over many programs, long enough to amortise loading the k/v tile.
 PAIRS_PER_ITEM = 16
+_INDEX_BLOCK = 1024  # block_idx entries per program of the index kernels
 
 
-def work_items(offsets: Tensor, capacity: int, per_item: int = PAIRS_PER_ITEM) -> tuple[Tensor, Tensor, Tensor]:
-    """Split each target's pair run offsets[t] : offsets[t + 1] into runs of at most per_item pairs:
-    (target, start, end) int32 [n_slots] each. The number of items depends on the data, so the arrays
-    have a fixed size from `capacity` (the most pairs there can be): ceil(capacity / per_item) + T
-    slots, the unneeded ones empty (start == end; the kernel adds nothing for them). No host sync."""
-    offsets = offsets.long()
-    counts = offsets[1:] - offsets[:-1]  # [T]
-    T = counts.numel()
-    n_slots = max(1, -(-capacity // per_item) + T)
-    if T == 0:
-        z = torch.zeros(n_slots, dtype=torch.int32, device=offsets.device)
-        return z, z, z
-    n_items = (counts + per_item - 1) // per_item  # [T]
-    last_item = torch.cumsum(n_items, 0)  # [T] one past each target's last item
-    slot = torch.arange(n_slots, device=offsets.device)
-    target = torch.searchsorted(last_item, slot, right=True).clamp(max=T - 1)  # first t with last_item > slot
-    start = offsets[target] + (slot - (last_item[target] - n_items[target])) * per_item
-    end = torch.minimum(start + per_item, offsets[target + 1])
-    used = slot < last_item[-1]
-    start = torch.where(used, start, 0)
-    end = torch.where(used, end, 0)
-    return target.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
+def reverse_block_index_triton(
+    block_idx: Tensor, Hkv: int, n_key_blocks: int, block_m: int, block_n: int, is_causal: bool
+) -> tuple[Tensor, Tensor]:
+    """reverse_block_index in three launches (count with atomics, prefix sum, place), for the GPU:
+    the same offsets, and each target's pairs as a set; their order within a list is whatever order
+    the atomics ran in (dk/dv sum them with atomics anyway)."""
+    block_idx = block_idx.contiguous()
+    B, S, Mb, Lb = block_idx.shape
+    n_targets = B * Hkv * n_key_blocks
+    E = block_idx.numel()
+    counts = torch.zeros(n_targets + 1, dtype=torch.int32, device=block_idx.device)  # [0, count_0, count_1, ..]
+    pairs = torch.empty(max(E, 1), dtype=torch.int32, device=block_idx.device)
+    if E == 0:
+        return counts, pairs
+    pos = torch.empty(E, dtype=torch.int32, device=block_idx.device)
+    grid = (triton.cdiv(E, _INDEX_BLOCK),)
+    args = (E, S, Mb, Lb, Hkv, n_key_blocks)
+    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal), BLOCK_E=_INDEX_BLOCK)
+    _index_count_kernel[grid](block_idx, counts, pos, *args, **consts)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [T + 1], offsets[0] = 0
+    _index_place_kernel[grid](block_idx, offsets, pos, pairs, *args, **consts)
+    return offsets, pairs
 
 
 def block_sparse_backward_triton(
@@ -472,22 +544,24 @@ def block_sparse_backward_triton(
     allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv) in the dtypes of q, k, v: gradients of block_sparse_forward_triton's out
-    (none for bias). Two kernels: dq over each query block's listed key blocks, dk/dv over the
-    reverse index (see reverse_block_index)."""
+    (none for bias). Six launches and no host sync: delta, dq over each query block's listed key
+    blocks, the reverse index (count, prefix sum, place), dk/dv over it."""
     _check(q, k, v, block_idx, block_m, block_n)
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     Mb, Lb = block_idx.shape[2], block_idx.shape[3]
     Nb = triton.cdiv(Nk, block_n)
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    # dk, dv accumulate in fp32 across work items (atomic adds: summation order may vary by run)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # every row is written
+    # dk, dv accumulate in fp32 across programs (atomic adds: summation order may vary by run)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if B * H * N == 0 or Lb == 0 or Nk == 0:
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
-    # rowsum(dout * out) = rowsum(p * dp): the softmax-gradient correction, one number per row.
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, N]
+        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+    S = block_idx.shape[1]
     lse = lse.float().contiguous()  # the kernels index LSE and DELTA as contiguous [B, H, N]
+    delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    _bwd_delta_kernel[(B * H, triton.cdiv(N, 64))](
+        out, dout, delta, *out.stride(), *dout.stride(), H, N, Dv, BLOCK_M=64, BLOCK_DV=_tile_d(Dv))
     bias_t, bias_strides, forbid_at = _bias_args(bias, B, H, N, Nk, q)
     common = dict(
         IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
@@ -497,17 +571,18 @@ def block_sparse_backward_triton(
     _bwd_dq_kernel[(B * H * Mb,)](
         q, k, v, block_idx, bias_t, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dq.stride(),
-        H, H // Hkv, H // block_idx.shape[1], N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
+        H, H // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
         **common,
     )
-    offsets, pairs = reverse_block_index(block_idx, Hkv, Nb, block_m, block_n, is_causal)
-    # A pair stands for the GS query heads sharing its list: fewer pairs per item when GS > 1.
-    per_item = max(1, PAIRS_PER_ITEM // (H // block_idx.shape[1]))
-    item_target, item_start, item_end = work_items(offsets, capacity=block_idx.numel(), per_item=per_item)
-    _bwd_dkdv_kernel[(item_target.numel(),)](
-        q, k, v, bias_t, dout, lse, delta, item_target, item_start, item_end, pairs, dk, dv,
+    offsets, pairs = reverse_block_index_triton(block_idx, Hkv, Nb, block_m, block_n, is_causal)
+    # A pair stands for the H / S query heads sharing its list: fewer pairs per program then. The
+    # longest list a key block can have: every query block of every selection head of its kv head.
+    per_program = max(1, PAIRS_PER_ITEM // (H // S))
+    pieces = triton.cdiv((S // Hkv) * Mb, per_program)
+    _bwd_dkdv_kernel[(B * Hkv * Nb, pieces)](
+        q, k, v, bias_t, dout, lse, delta, offsets, pairs, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, Hkv, H // block_idx.shape[1], N, Nk, D, Dv, Mb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
-        **common,
+        H, Hkv, H // S, N, Nk, D, Dv, Mb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
+        PAIRS_PER_PROGRAM=per_program, **common,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -20,7 +20,7 @@ from spt_compile.triton_ops.block_sparse_triton import (
     block_sparse_backward_triton,
     block_sparse_forward_triton,
     reverse_block_index,
-    work_items,
+    reverse_block_index_triton,
 )
 from spt_compile.triton_ops.pq import MASK_FORBIDDEN_AT_OR_BELOW
 from spt_compile.triton_ops.reference import block_sparse_attention_reference
@@ -248,16 +248,20 @@ def test_rejects_bad_block_sizes(block_m: int, block_n: int):
         block_sparse_forward_triton(q, q, q, block_idx, 0.125, False, None, block_m, block_n)
 
 
-def test_work_items_cover_each_run_in_short_pieces():
-    offsets = torch.tensor([0, 0, 5, 40, 41, 41], dtype=torch.int32)  # runs of 0, 5, 35, 1, 0 pairs
-    target, start, end = work_items(offsets, capacity=48, per_item=16)
-    assert target.numel() == 3 + 5  # ceil(capacity / per_item) + targets: fixed by the shapes alone
-    used = end > start
-    assert target[used].tolist() == [1, 2, 2, 2, 3]
-    assert start[used].tolist() == [0, 5, 21, 37, 40] and end[used].tolist() == [5, 21, 37, 40, 41]
-    assert used.tolist() == [True] * 5 + [False] * 3  # spare slots come last and are empty
-    target, start, end = work_items(torch.zeros(4, dtype=torch.int32), capacity=0)  # nothing listed at all
-    assert end.tolist() == start.tolist() == [0] * 3
+def test_triton_reverse_index_lists_the_same_pairs():
+    """The device-built index (atomics place the entries) has the reference's offsets and, per key
+    block, the same pairs in some order."""
+    gen = torch.Generator().manual_seed(5)
+    for Bq, S, Hkv, Mb, Nb, Lb, bm, bn in ((2, 4, 2, 5, 9, 4, 32, 16), (1, 3, 3, 7, 7, 7, 16, 16), (2, 1, 1, 3, 4, 0, 16, 16)):
+        block_idx = random_block_idx(Bq, S, Mb, Nb, Lb, gen) if Lb else torch.zeros(Bq, S, Mb, 0, dtype=torch.int32)
+        for causal in (False, True):
+            want_off, want_pairs = reverse_block_index(block_idx, Hkv, Nb, bm, bn, causal)
+            off, pairs = reverse_block_index_triton(block_idx, Hkv, Nb, bm, bn, causal)
+            assert off.dtype == pairs.dtype == torch.int32
+            assert torch.equal(off, want_off)
+            for t in range(off.numel() - 1):
+                got = sorted(pairs[off[t] : off[t + 1]].tolist())
+                assert got == sorted(want_pairs[want_off[t] : want_off[t + 1]].tolist())
 
 
 GROUPED_CASES = [
