@@ -157,9 +157,9 @@ def select_key_blocks_triton(
     S = Hkv if per_group else H
     n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
     Lb = int(per_batch_lb.max()) if per_batch_lb.numel() else 0
-    out = torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
     if Lb == 0 or N == 0 or Nk == 0:
-        return out
+        return torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
+    out = torch.empty((B, S, n_qb, Lb), dtype=torch.int32, device=q.device)  # the kernel writes every slot
     if n_kb > MAX_KEY_BLOCKS:
         raise ValueError(f"select_key_blocks_triton: {n_kb} key blocks > {MAX_KEY_BLOCKS}; use select_key_blocks")
     BLOCK_D = max(16, triton.next_power_of_2(D))

@@ -449,10 +449,10 @@ def block_sparse_forward_triton(
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     Mb, Lb = block_idx.shape[2], block_idx.shape[3]
-    out = q.new_zeros(B, H, N, Dv)
-    lse = torch.full((B, H, N), float("-inf"), device=q.device, dtype=torch.float32)
     if B * H * N == 0 or Lb == 0:  # nothing to attend to (and no zero-size tensors reach the kernel)
-        return out, lse
+        return q.new_zeros(B, H, N, Dv), torch.full((B, H, N), float("-inf"), device=q.device, dtype=torch.float32)
+    out = q.new_empty(B, H, N, Dv)  # the kernel writes every row, empty ones included
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     bias_t, bias_strides, forbid_at = _bias_args(bias, B, H, N, Nk, q)
     _fwd_kernel[(B * H * Mb,)](
         q, k, v, block_idx, bias_t, out, lse,
