@@ -29,6 +29,7 @@ from .fx_utils import (
     bind, constant, erase_unused, module_path, op, requires_grad, same, shape, static_int, users_outside,
     val,
 )
+from . import mha
 from .report import GraphReport, SiteReport
 
 FORBIDDING_FILL = -1.0e4  # a masked_fill / where value at or below this removes the key
@@ -474,29 +475,41 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
 
     graph = gm.graph
     softmaxes = {n for n in graph.nodes if op(n) == "softmax" and len(shape(n) or ()) == 4}
-    products = ("sdpa", "matmul", "bmm")
+    products = ("sdpa", "matmul", "bmm", "mha")
     for node in list(graph.nodes):
         if node.graph is not graph:  # erased by an earlier rewrite
             continue
         name = op(node)
         if name not in products:
             continue
-        pattern = "sdpa" if name == "sdpa" else "matmul-softmax"
+        pattern = {"sdpa": "sdpa", "mha": "multihead_attention"}.get(name, "matmul-softmax")
+        finish = None
         try:
-            m = match_sdpa(node) if name == "sdpa" else match_matmul_softmax(node)
+            if name == "mha":  # written out as in-projection, SDPA, out-projection; undone unless rewritten
+                try:
+                    node, finish = mha.decompose(graph, node)
+                except mha.MhaReject as why:
+                    raise Reject(str(why)) from None
+            m = match_sdpa(node) if op(node) == "sdpa" else match_matmul_softmax(node)
             if m is None:
                 continue
             softmaxes -= m.nodes
             check(m, options)
         except Reject as why:
+            if finish is not None:
+                finish(False)
             softmaxes -= _upstream(node, 4)  # its softmax is reported here, not again below
             report.sites.append(SiteReport("attention", "dense", pattern, module_path(node), reason=str(why)))
             continue
+        m.pattern = pattern if finish is not None else m.pattern
         path = module_path(node)
         entry = SiteReport("attention", "rewritten", m.pattern, path, describe(m))
         report.sites.append(entry)
         if not apply:
+            if finish is not None:
+                finish(False)
             continue
+        replaced = finish(True) if finish is not None else []
         anchor = anchor_weight(m.q)
         key = ("attention", anchor if anchor is not None else path)
         ordinal = ordinals.get(key, 0)
@@ -519,7 +532,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                 out = graph.call_method("to", (out, want))
                 out.meta.update(m.output.meta)
         m.output.replace_all_uses_with(out)
-        entry.replaced = [n.name for n in erase_unused(graph, m.nodes | m.glue)]
+        entry.replaced = replaced + [n.name for n in erase_unused(graph, m.nodes | m.glue)]
     for n in softmaxes:  # a softmax over scores whose way to V was not recognised
         report.sites.append(SiteReport(
             "attention", "dense", "softmax", module_path(n),

@@ -38,6 +38,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu",
     F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.elu: "elu",
     torch.where: "where", torch.masked_fill: "masked_fill",
+    F.multi_head_attention_forward: "mha",
 }
 
 # Element-wise ops an activation may be written with (GPT-2's tanh-GELU is mul/pow/tanh/add).

@@ -59,6 +59,7 @@ class GraphCapture:
         for n in added:
             ok = n.target in SPT_OPS or (n.op == "call_function" and any(a.target in SPT_OPS for a in n.all_input_nodes
                                                                           if isinstance(a, Node)))
+            ok = ok or n.meta.get("spt_decomposed")  # a replaced call written out (passes/mha.py)
             ok = ok or n.target in (torch.logical_not, torch.logical_and, torch.logical_or, torch.masked_fill,
                                     torch.where, operator.add) or n.target in ("to", "flatten") \
                 or n.target.__name__ == "getitem"

@@ -90,3 +90,81 @@ def test_through_the_backend(name):
     q, k, v, mask = inputs(form)
     out = torch.compile(FormModule(form), backend="spt", options={**EVERY, "compiler": "aot_eager"})(q, k, v, mask)
     assert_same_as_eager(form, out, (q, k, v, mask))
+
+
+class Mha(nn.Module):
+    """nn.MultiheadAttention as a model calls it (Dynamo keeps F.multi_head_attention_forward as one
+    call; the pass writes it out)."""
+
+    def __init__(self, cross=False, need_weights=False, causal=False, return_weights=False, batch_first=True):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 2, batch_first=batch_first)
+        self.cross, self.need_weights, self.causal, self.return_weights = cross, need_weights, causal, return_weights
+
+    def forward(self, x, memory, key_padding_mask):
+        kv = memory if self.cross else x
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
+        if self.causal and key_padding_mask is not None:  # the same mask type for both (a mismatch warns, and the warning breaks the graph)
+            key_padding_mask = torch.zeros(key_padding_mask.shape).masked_fill(key_padding_mask, float("-inf"))
+        out, w = self.mha(x, kv, kv, key_padding_mask=key_padding_mask, need_weights=self.need_weights,
+                          attn_mask=mask, is_causal=self.causal)
+        return (out, w) if self.return_weights else out
+
+
+MHA_CASES = {
+    "self-padding": dict(),
+    "self-need-weights-unused": dict(need_weights=True),
+    "causal-hint": dict(causal=True),
+    "causal-hint-no-padding": dict(causal=True),  # the only case F.mha passes is_causal on to SDPA
+    "cross": dict(cross=True),
+}
+
+
+@pytest.mark.parametrize("case", MHA_CASES)
+def test_multihead_attention(case):
+    torch.manual_seed(0)
+    model = Mha(**MHA_CASES[case]).train()
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    memory = torch.randn(2, 11, 32, requires_grad=True)
+    pad = torch.zeros(2, 11, dtype=torch.bool)
+    pad[1, 8:] = True  # True = padding, nn.MultiheadAttention's convention
+    pad = None if case.endswith("no-padding") else pad
+    torch._dynamo.reset()
+    cap = GraphCapture(EVERY)
+    out = torch.compile(model, backend=cap)(x, memory, pad)
+    (site,) = cap.rewritten("attention")
+    assert site.pattern == "multihead_attention" and any(n.startswith("multi_head_attention_forward")
+                                                         for n in site.replaced)
+    assert ("causal=True" in site.detail) == (case == "causal-hint-no-padding")
+    want = model(x, memory, pad)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    params = [x, memory] + list(model.parameters())
+    got_grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+    want_grads = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_multihead_attention_weights_used_stay_dense():
+    model = Mha(need_weights=True, return_weights=True)
+    torch._dynamo.reset()
+    cap = GraphCapture(EVERY)
+    torch.compile(model, backend=cap)(torch.randn(2, 5, 32), torch.randn(2, 5, 32), None)
+    (site,) = cap.dense("attention")
+    assert "attention weights are used" in site.reason
+
+
+def test_multihead_attention_through_the_backend():
+    torch.manual_seed(0)
+    model = Mha().train()
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    pad = torch.zeros(2, 11, dtype=torch.bool)
+    pad[0, 5:] = True
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"})(x, x, pad)
+    want = model(x, x, pad)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    params = [x] + list(model.parameters())
+    for g, w in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(want.sum(), params)):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
