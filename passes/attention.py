@@ -36,6 +36,12 @@ FORBIDDING_FILL = -1.0e4  # a masked_fill / where value at or below this removes
 CASTS = ("to", "float", "type", "type_as")
 
 
+# Under dynamic=True Dynamo passes Python floats (HF's `self.scaling`, `attention_dropout`) into the
+# graph as tensors unless torch._dynamo.config.specialize_float is set; the op needs them constant.
+DYNAMIC_FLOATS = (" (under dynamic=True Dynamo passes Python floats such as a module's scaling or dropout "
+                  "as graph values; torch._dynamo.config.specialize_float = True keeps them constants)")
+
+
 class Reject(Exception):
     """A candidate that cannot be rewritten safely; the message is the reason shown by explain()."""
 
@@ -85,6 +91,8 @@ def unwrap_repeat_kv(node: Node, H) -> tuple[Node, list[Node]]:
 
 
 def _divides(small, big) -> bool:
+    if same(small, big):  # also symbolic (a merged [B*H] axis under dynamic=True)
+        return True
     s, b = static_int(small), static_int(big)
     return s is not None and b is not None and s > 0 and b % s == 0
 
@@ -96,7 +104,7 @@ def match_sdpa(node: Node) -> AttentionMatch:
     a = bind(node)
     for name in ("dropout_p", "is_causal", "scale", "enable_gqa"):
         if isinstance(a[name], Node):
-            raise Reject(f"SDPA's {name} is computed in the graph, not a constant")
+            raise Reject(f"SDPA's {name} is computed in the graph, not a constant{DYNAMIC_FLOATS}")
     H = (shape(a["query"]) or (None, None))[1]
     k, k_rep = (a["key"], []) if a["enable_gqa"] else unwrap_repeat_kv(a["key"], H)
     v, v_rep = (a["value"], []) if a["enable_gqa"] else unwrap_repeat_kv(a["value"], H)
@@ -157,8 +165,10 @@ def _merged_from(node: Node) -> Optional[tuple[Node, set[Node]]]:
 
 
 def _same_product(bh, b, h) -> bool:
-    bh, b, h = static_int(bh), static_int(b), static_int(h)
-    return None not in (bh, b, h) and bh == b * h
+    try:
+        return same(bh, b * h)
+    except Exception:  # noqa: BLE001 - sizes that do not multiply are no match
+        return False
 
 
 @dataclass
@@ -239,6 +249,10 @@ def _parse_scores(n) -> Optional[_Scores]:
     elif name in ("mul", "div"):
         r = None
         for x, c in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+            if op(c) == "item" or isinstance(val(c), torch.SymFloat):
+                if _parse_scores(x) is not None:
+                    raise Reject(f"the scores are scaled by a value computed in the graph{DYNAMIC_FLOATS}")
+                continue
             c = constant(c)
             if c is not None and isinstance(x, Node) and (name == "mul" or x is n.args[0]):
                 r = _parse_scores(x)
@@ -312,7 +326,7 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
         if op(p) == "dropout":
             a = bind(p)
             if isinstance(a["p"], Node) or isinstance(a["training"], Node):
-                raise Reject("attention dropout probability is computed in the graph")
+                raise Reject(f"attention dropout probability is computed in the graph{DYNAMIC_FLOATS}")
             dropout_p = float(a["p"]) if a["training"] else 0.0
         elif op(p) not in CASTS:
             break

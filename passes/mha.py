@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from .fx_utils import shape, static_int, val
+from .fx_utils import shape, val
 
 
 class MhaReject(Exception):
@@ -76,9 +76,9 @@ def decompose(graph: Graph, node: Node) -> tuple[Node, Callable[[bool], list[str
     weights_users = [u for u in users if u.args[1] == 1 and u.users]
     if weights_users:
         raise MhaReject("nn.MultiheadAttention's attention weights are used (need_weights=True)")
-    E, H = static_int(qs[2]), a["num_heads"]
-    if E is None or E % H:
-        raise MhaReject(f"embedding size {qs[2]} is not a multiple of {H} heads")
+    E, H = a["embed_dim_to_check"], a["num_heads"]  # the module's constants (qs[2] is symbolic under dynamic=True)
+    if not isinstance(E, int) or E % H:
+        raise MhaReject(f"embedding size {E} is not a multiple of {H} heads")
     hd = E // H
     fake_mode = val(a["query"]).fake_mode
     emit = _Emitter(graph, node, fake_mode)

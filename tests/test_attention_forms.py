@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from attention_forms import FORMS, Form, inputs
 from graph_check import GraphCapture
@@ -168,3 +169,33 @@ def test_multihead_attention_through_the_backend():
     params = [x] + list(model.parameters())
     for g, w in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(want.sum(), params)):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+class ScaledByAttribute(nn.Module):
+    """HF's eager attention: the scale and the dropout are float attributes of the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.scaling, self.attention_dropout = 0.25, 0.0
+
+    def forward(self, x):
+        q = self.proj(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        w = torch.softmax(torch.matmul(q, q.transpose(2, 3)) * self.scaling, dim=-1)
+        w = F.dropout(w, p=self.attention_dropout, training=self.training)
+        return torch.matmul(w, q)
+
+
+@pytest.mark.parametrize("specialize_float", [False, True])
+def test_dynamic_shapes_and_float_attributes(specialize_float):
+    """Under dynamic=True Dynamo makes Python float attributes graph values unless specialize_float is
+    set: the op needs a constant scale and dropout, so the site stays dense and explain says how."""
+    torch._dynamo.reset()
+    cap = GraphCapture(EVERY)
+    with torch._dynamo.config.patch(specialize_float=specialize_float):
+        torch.compile(ScaledByAttribute(), backend=cap, dynamic=True)(torch.randn(2, 9, 16))
+    if specialize_float:
+        assert len(cap.rewritten("attention")) == 1
+    else:
+        (site,) = cap.dense("attention")
+        assert "specialize_float" in site.reason

@@ -131,10 +131,12 @@ def test_block_selection_at_any_density_is_exact_attention_over_what_it_lists(c,
     bm = bn = 16
     N = q.shape[2]
     n_kb = -(-N // bn)
-    lengths = (real if mask is None or mask.shape[2] == 1 else pq.real_key_mask(mask, q.shape[0], N)).sum(-1)
-    lb = blocks_per_query(lengths, density, None, bn, n_kb)
-    idx = select_key_blocks(q.detach(), k.detach(), 0.3, lb, c["causal"], mask, real if mask is not None else
-                            torch.ones_like(real), bm, bn, per_group=grouped)
+    if mask is None:  # no mask: every key is real
+        real = torch.ones_like(real)
+    elif mask.shape[2] != 1:  # as the site derives it: keys some query may see
+        real = pq.real_key_mask(mask, q.shape[0], N)
+    lb = blocks_per_query(real.sum(-1), density, None, bn, n_kb)
+    idx = select_key_blocks(q.detach(), k.detach(), 0.3, lb, c["causal"], mask, real, bm, bn, per_group=grouped)
     out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), idx, 0.3, c["causal"], mask, bm, bn)
     ref = block_sparse_attention_reference(q, k, v, idx, 0.3, c["causal"], mask, bm, bn)
     torch.testing.assert_close(out, ref, **ATOL)
