@@ -5,8 +5,15 @@ Forms read (each a small parser below; a new form is a new parser and a test):
                     enable_gqa); GQA through repeat_kv (`x[:, :, None].expand(..).reshape(..)`) or
                     repeat_interleave is unwrapped so the op reads the Hkv-head keys directly.
   * matmul-softmax  matmul(dropout?(cast?(softmax(S, -1))), V) with S built from matmul(Q, K^T),
-                    scalar mul/div, additive masks, masked_fill / where with a very negative fill
-                    (HF eager attention, BERT, nanoGPT).
+                    scalar mul/div (also by a 0-d torch.full, or on K^T), additive masks (several
+                    are summed), masked_fill / where with a very negative fill, in-place `+=`
+                    (HF eager attention, BERT, DistilBERT, T5, old GPT-2, nanoGPT).
+  * bmm-softmax     the same on [B*H, N, D] with bmm / baddbmm: read on the [B, H, N, D] tensors
+                    the operands were viewed from when the graph shows it (old BART, GPT-2's
+                    reorder_and_upcast_attn), else as one batch of B*H heads (Inductor's pattern 13).
+  * multihead_attention  nn.MultiheadAttention's F.multi_head_attention_forward call, written out
+                    by mha.py as in-projection -> SDPA -> out-projection, then read as sdpa.
+tests/attention_forms.py lists every form with the result the tests expect.
 Each rewrite is guarded: q/k/v 4-D and consistent, softmax over the key axis, a constant positive
 scale, a mask broadcastable to [B, H, N, Nk] that needs no gradient, query length == key length,
 head size divisible by pq_subspace_dim, no intermediate used elsewhere. What fails stays dense
