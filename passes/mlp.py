@@ -1,11 +1,13 @@
 """MLP pass: two-layer MLPs (plain and gated, with or without LoRA) -> spt::mlp_site.
 
-A *projection* is `linear(x, W, b)` or `addmm(b, x, W)` (GPT-2's Conv1D), optionally plus a PEFT
-LoRA delta `linear(linear(dropout?(x), A), B) * s`, optionally followed by a no-op `.to(dtype)`.
+A *projection* is `linear(x, W, b)` or `addmm(b, x, W)` (GPT-2's Conv1D; with its views around it
+when PEFT adds a LoRA delta to the Conv1D's output), optionally plus a PEFT LoRA delta
+`linear(linear(dropout?(x), A), B) * s`, optionally followed by a no-op `.to(dtype)`.
 An MLP is
     plain   out( act(in(x)) )             (views that keep the last dim may sit around act)
     gated   out( act(gate(x)) * in(x) )
-where `act` is any chain of element-wise ops on the projection's output; it is identified by
+where `act` is any chain of element-wise ops on the projection's output (an identity dropout
+included, as T5's act -> dropout -> wo in eval or at p = 0); it is identified by
 evaluating the chain on probe values and comparing with the known activations (so GPT-2's
 mul/pow/tanh/add tanh-GELU is recognised as gelu_tanh). Unknown activations, intermediates used
 elsewhere, or shapes that do not fit leave the MLP dense, with the reason in the report.
