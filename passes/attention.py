@@ -11,6 +11,7 @@ Forms read (each a small parser below; a new form is a new parser and a test):
   * bmm-softmax     the same on [B*H, N, D] with bmm / baddbmm: read on the [B, H, N, D] tensors
                     the operands were viewed from when the graph shows it (old BART, GPT-2's
                     reorder_and_upcast_attn), else as one batch of B*H heads (Inductor's pattern 13).
+  * einsum-softmax  einsum("bhid,bhjd->bhij", Q, K) ... einsum("bhij,bhjd->bhid", P, V), any letters.
   * multihead_attention  nn.MultiheadAttention's F.multi_head_attention_forward call, written out
                     by mha.py as in-projection -> SDPA -> out-projection, then read as sdpa.
 tests/attention_forms.py lists every form with the result the tests expect.
@@ -192,11 +193,39 @@ class _Scores:
     lifted: bool = False  # q/k are the [B, H, N, D] tensors the 3-D products were viewed from
 
 
+def einsum_roles(node: Node) -> Optional[tuple[str, Node, Node]]:
+    """("qk", Q, K) for einsum("..id,..jd->..ij", Q, K) and ("pv", P, V) for einsum("..ij,..jd->..id",
+    P, V), with any letters, the same batch letters on every operand, spaces allowed; else None."""
+    if op(node) != "einsum" or len(node.args) != 3 or not isinstance(node.args[0], str):
+        return None
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or "." in eq or eq.count(",") != 1:
+        return None
+    (a, b), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    if not (len(a) == len(b) == len(out) and len(a) in (3, 4) and a[:-2] == b[:-2] == out[:-2]):
+        return None
+    batch = set(a[:-2])
+
+    def distinct(*letters):
+        return len(batch | set(letters)) == len(batch) + len(letters)
+
+    if b[-1] == a[-1] and out[-2:] == a[-2] + b[-2] and distinct(a[-2], a[-1], b[-2]):  # scores: i d, j d -> i j
+        return "qk", node.args[1], node.args[2]
+    if b[-2] == a[-1] and out[-2:] == a[-2] + b[-1] and distinct(a[-2], a[-1], b[-1]):  # P V: i j, j d -> i d
+        return "pv", node.args[1], node.args[2]
+    return None
+
+
 def _product(n: Node) -> Optional[_Scores]:
     """matmul(Q, K^T), bmm(Q, K^T), or baddbmm(M, Q, K^T, beta, alpha) (M additive; ignored when beta
     is 0). 3-D products on [B*H, N, D] are read on the [B, H, N, D] tensors they were viewed from
     when that is visible in the graph, else as one batch of B*H heads."""
     name = op(n)
+    if name == "einsum":  # no transpose: K is read as it is
+        roles = einsum_roles(n)
+        if roles is None or roles[0] != "qk" or not all(isinstance(t, Node) for t in roles[1:]):
+            return None
+        return _Scores(roles[1], roles[2], nodes={n}, rank=len(shape(n) or ()))
     if name not in ("matmul", "bmm", "baddbmm"):
         return None
     a = bind(n)
@@ -241,7 +270,7 @@ def _product(n: Node) -> Optional[_Scores]:
 def _parse_scores(n) -> Optional[_Scores]:
     """S = matmul(Q, K^T) with scalar scaling, casts, views and masks applied on top, in any nesting."""
     name = op(n)
-    if name in ("matmul", "bmm", "baddbmm"):
+    if name in ("matmul", "bmm", "baddbmm", "einsum"):
         return _product(n)
     if name in CASTS or name == "contiguous":
         r = _parse_scores(n.args[0])
@@ -324,9 +353,15 @@ def _checked_mask(r: _Scores, m: Node) -> Node:
 
 def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
     """node = matmul(P, V) or bmm(P, V); None when P is not a softmax (so node is no attention)."""
-    if op(node) not in ("matmul", "bmm") or len(node.args) < 2:
+    if op(node) == "einsum":
+        roles = einsum_roles(node)
+        if roles is None or roles[0] != "pv":
+            return None
+        p, v = roles[1], roles[2]
+    elif op(node) in ("matmul", "bmm") and len(node.args) >= 2:
+        p, v = node.args[0], node.args[1]
+    else:
         return None
-    p, v = node.args[0], node.args[1]
     nodes = {node}
     dropout_p = 0.0
     for _ in range(3):  # dropout and casts, in either order
@@ -348,8 +383,8 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
     nodes.add(p)
     scores = _parse_scores(a["input"])
     if scores is None:
-        raise Reject("softmax input is not recognisable as matmul(Q, K^T) with scaling and masks "
-                     "(e.g. einsum products, or the scores transformed: soft-capping)")
+        raise Reject("softmax input is not recognisable as a product of Q and K^T with scaling and masks "
+                     "(e.g. the scores transformed, as by soft-capping)")
     if scores.rank != len(s):
         raise Reject("softmax is not over the scores' own shape")
     glue = set(scores.glue)
@@ -363,8 +398,9 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
     merged = len(shape(scores.q) or ()) == 3  # 3-D all the way: one batch of B*H heads
     k, k_rep = unwrap_repeat_kv(scores.k, H) if not merged else (scores.k, [])
     v0, v_rep = unwrap_repeat_kv(v, H) if not merged else (v, [])
+    pattern = "einsum-softmax" if op(node) == "einsum" else "bmm-softmax" if merged or scores.lifted else "matmul-softmax"
     return AttentionMatch(
-        "matmul-softmax" if not (merged or scores.lifted) else "bmm-softmax", node, scores.q, k, v0,
+        pattern, node, scores.q, k, v0,
         is_causal=False, scale=scores.scale, dropout_p=dropout_p,
         additive=scores.additive, allow=scores.allow, forbid=scores.forbid,
         nodes=nodes | scores.nodes | set(k_rep) | set(v_rep), glue=glue, merged=merged,
@@ -496,7 +532,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
 
     graph = gm.graph
     softmaxes = {n for n in graph.nodes if op(n) == "softmax" and len(shape(n) or ()) == 4}
-    products = ("sdpa", "matmul", "bmm", "mha")
+    products = ("sdpa", "matmul", "bmm", "einsum", "mha")
     for node in list(graph.nodes):
         if node.graph is not graph:  # erased by an earlier rewrite
             continue
@@ -557,5 +593,5 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
     for n in softmaxes:  # a softmax over scores whose way to V was not recognised
         report.sites.append(SiteReport(
             "attention", "dense", "softmax", module_path(n),
-            reason="4-D softmax whose scores or path to V are not matmul/bmm products with casts and dropout "
-                   "between (e.g. einsum)"))
+            reason="4-D softmax whose scores or path to V are not a recognised product (matmul, bmm or einsum "
+                   "of Q and K^T, of P and V) with casts and dropout between"))

@@ -20,7 +20,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch._C._nn.linear: "linear", F.linear: "linear",
     torch.addmm: "addmm",
     torch.matmul: "matmul", operator.matmul: "matmul",
-    torch.bmm: "bmm", torch.baddbmm: "baddbmm", torch.full: "full",
+    torch.bmm: "bmm", torch.baddbmm: "baddbmm", torch.full: "full", torch.einsum: "einsum",
     F.softmax: "softmax", torch.softmax: "softmax",
     F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
     F.dropout: "dropout", torch.dropout: "dropout",

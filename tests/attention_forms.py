@@ -307,8 +307,13 @@ def two_additive_masks(q, k, v, mask, p):
 
 
 def einsum_attention(q, k, v, mask, p):
-    w = torch.einsum("bhqd,bhkd->bhqk", q, k) * SCALE
+    w = torch.einsum("b h q d, b h k d -> b h q k", q, k) * SCALE + mask
     return torch.einsum("bhqk,bhkd->bhqd", w.softmax(-1), v)
+
+
+def einsum_not_attention(q, k, v, mask, p):
+    w = torch.einsum("bhid,bhje->bhde", q, k) * SCALE  # [B, H, D, D]: a softmax, but not attention
+    return torch.einsum("bhde,bhje->bhjd", w.softmax(-1), v)
 
 
 def softcapped(q, k, v, mask, p):
@@ -366,7 +371,9 @@ FORMS = [
          source="nn.MultiheadAttention math path (need_weights, weights discarded)"),
     Form("t5_inplace_bias", t5_inplace_bias, mask="additive", dropout=True, source="older T5: scores += bias"),
     Form("two_additive_masks", two_additive_masks, mask="additive", source="T5: position bias + padding mask"),
-    Form("einsum", einsum_attention, expect="dense", reason="e.g. einsum", source="einsum products"),
+    Form("einsum", einsum_attention, mask="additive", source="einsum products (x-transformers, lucidrains)"),
+    Form("einsum_other_contraction", einsum_not_attention, expect="dense", reason="not a recognised product",
+         source="an einsum that is no Q K^T (contracts the query axis)"),
     Form("softcapped", softcapped, expect="dense", reason="not recognisable", source="Gemma-2 soft-capping"),
     Form("learned_bias", learned_bias, mask="learned", expect="dense", reason="requires grad",
          source="a trained additive bias (ALiBi slopes, T5 bias under full fine-tuning)"),
