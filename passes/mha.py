@@ -80,8 +80,43 @@ def decompose(graph: Graph, node: Node) -> tuple[Node, Callable[[bool], list[str
     if not isinstance(E, int) or E % H:
         raise MhaReject(f"embedding size {E} is not a multiple of {H} heads")
     hd = E // H
-    fake_mode = val(a["query"]).fake_mode
+    fake_mode = getattr(val(a["query"]), "fake_mode", None)
+    if fake_mode is None:
+        raise MhaReject("nn.MultiheadAttention's inputs carry no example values to write the call out with")
     emit = _Emitter(graph, node, fake_mode)
+    try:
+        sdpa, out = _write_out(emit, a, E, H, hd)
+    except MhaReject:
+        _erase(graph, emit.nodes)
+        raise
+    except Exception as e:  # noqa: BLE001 - a call we cannot write out stays as it is
+        _erase(graph, emit.nodes)
+        raise MhaReject(f"nn.MultiheadAttention could not be written out ({type(e).__name__}: {e})") from None
+
+    def finish(keep: bool) -> list[str]:
+        if not keep:
+            _erase(graph, emit.nodes)
+            return []
+        erased = []
+        for u in users:
+            if u.args[1] == 0:
+                u.replace_all_uses_with(out)
+            graph.erase_node(u)
+            erased.append(u.name)
+        graph.erase_node(node)
+        return erased + [node.name]
+
+    return sdpa, finish
+
+
+def _erase(graph: Graph, nodes: list[Node]) -> None:
+    for n in reversed(nodes):
+        if not n.users and n.graph is graph:
+            graph.erase_node(n)
+
+
+def _write_out(emit: _Emitter, a: dict, E: int, H: int, hd: int) -> tuple[Node, Node]:
+    """The nodes of F.multi_head_attention_forward's SDPA path; returns (the SDPA node, the output)."""
     query, key, value = a["query"], a["key"], a["value"]
     if a["use_separate_proj_weight"]:
         ws = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
@@ -122,21 +157,4 @@ def decompose(graph: Graph, node: Node) -> tuple[Node, Callable[[bool], list[str
     p = float(a["dropout_p"]) if a["training"] else 0.0
     sdpa = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
     out = emit("flatten", emit("permute", sdpa, 2, 0, 1, 3, method=True), -2, method=True)  # [N, B, E]
-    out = emit(F.linear, out, a["out_proj_weight"], a["out_proj_bias"])
-
-    def finish(keep: bool) -> list[str]:
-        if not keep:
-            for n in reversed(emit.nodes):
-                if not n.users and n.graph is graph:
-                    graph.erase_node(n)
-            return []
-        erased = []
-        for u in users:
-            if u.args[1] == 0:
-                u.replace_all_uses_with(out)
-            graph.erase_node(u)
-            erased.append(u.name)
-        graph.erase_node(node)
-        return erased + [node.name]
-
-    return sdpa, finish
+    return sdpa, emit(F.linear, out, a["out_proj_weight"], a["out_proj_bias"])

@@ -97,9 +97,9 @@ class Mha(nn.Module):
     """nn.MultiheadAttention as a model calls it (Dynamo keeps F.multi_head_attention_forward as one
     call; the pass writes it out)."""
 
-    def __init__(self, cross=False, need_weights=False, causal=False, return_weights=False, batch_first=True):
+    def __init__(self, cross=False, need_weights=False, causal=False, return_weights=False, kdim=None):
         super().__init__()
-        self.mha = nn.MultiheadAttention(32, 2, batch_first=batch_first)
+        self.mha = nn.MultiheadAttention(32, 2, batch_first=True, kdim=kdim, vdim=kdim)
         self.cross, self.need_weights, self.causal, self.return_weights = cross, need_weights, causal, return_weights
 
     def forward(self, x, memory, key_padding_mask):
@@ -118,6 +118,7 @@ MHA_CASES = {
     "causal-hint": dict(causal=True),
     "causal-hint-no-padding": dict(causal=True),  # the only case F.mha passes is_causal on to SDPA
     "cross": dict(cross=True),
+    "cross-other-kdim": dict(cross=True, kdim=24),  # separate q/k/v projection weights
 }
 
 
@@ -126,7 +127,7 @@ def test_multihead_attention(case):
     torch.manual_seed(0)
     model = Mha(**MHA_CASES[case]).train()
     x = torch.randn(2, 11, 32, requires_grad=True)
-    memory = torch.randn(2, 11, 32, requires_grad=True)
+    memory = torch.randn(2, 11, MHA_CASES[case].get("kdim") or 32, requires_grad=True)
     pad = torch.zeros(2, 11, dtype=torch.bool)
     pad[1, 8:] = True  # True = padding, nn.MultiheadAttention's convention
     pad = None if case.endswith("no-padding") else pad
