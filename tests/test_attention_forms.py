@@ -82,14 +82,17 @@ def test_half_precision_upcast_forms(name):
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("name", ["sfdp_13", "sfdp_19", "sfdp_24", "multihead_attention_math"])
-def test_through_the_backend(name):
+@pytest.mark.parametrize("name,selection", [("sfdp_13", "block"), ("sfdp_19", "block"), ("sfdp_24", "token"),
+                                            ("multihead_attention_math", "token"), ("einsum", "block")])
+def test_through_the_backend(name, selection):
     """The full path (backend="spt", aot_eager downstream) on one form of each rewrite shape:
-    3-D one-batch, bool + additive masks, 3-D lifted back to [B, H, N, D]."""
+    3-D one-batch, bool + additive masks, 3-D lifted back to [B, H, N, D], einsum; block and token
+    selection, each selecting every key at density 1."""
     form = next(f for f in FORMS if f.name == name)
     torch._dynamo.reset()
     q, k, v, mask = inputs(form)
-    out = torch.compile(FormModule(form), backend="spt", options={**EVERY, "compiler": "aot_eager"})(q, k, v, mask)
+    options = {**EVERY, "compiler": "aot_eager", "attention_selection": selection}
+    out = torch.compile(FormModule(form), backend="spt", options=options)(q, k, v, mask)
     assert_same_as_eager(form, out, (q, k, v, mask))
 
 
