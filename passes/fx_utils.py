@@ -20,16 +20,17 @@ _FUNCTIONS: dict[Any, str] = {
     torch._C._nn.linear: "linear", F.linear: "linear",
     torch.addmm: "addmm",
     torch.matmul: "matmul", operator.matmul: "matmul",
+    torch.bmm: "bmm", torch.baddbmm: "baddbmm", torch.full: "full", torch.einsum: "einsum",
     F.softmax: "softmax", torch.softmax: "softmax",
     F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
     F.dropout: "dropout", torch.dropout: "dropout",
     torch.transpose: "transpose", torch.permute: "permute",
     torch.reshape: "reshape", torch.repeat_interleave: "repeat_interleave",
     operator.getitem: "getitem",
-    operator.add: "add", torch.add: "add",
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
     operator.sub: "sub", torch.sub: "sub",
-    operator.mul: "mul", torch.mul: "mul",
-    operator.truediv: "div", torch.div: "div",
+    operator.mul: "mul", torch.mul: "mul", operator.imul: "mul",
+    operator.truediv: "div", torch.div: "div", operator.itruediv: "div",
     operator.neg: "neg", torch.neg: "neg",
     operator.pow: "pow", torch.pow: "pow",
     torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
@@ -37,6 +38,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu",
     F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.elu: "elu",
     torch.where: "where", torch.masked_fill: "masked_fill",
+    F.multi_head_attention_forward: "mha",
 }
 
 # Element-wise ops an activation may be written with (GPT-2's tanh-GELU is mul/pow/tanh/add).
@@ -52,6 +54,12 @@ _SIGNATURES: dict[tuple[str, str], tuple[str, ...]] = {
     ("addmm", "function"): ("input", "mat1", "mat2"),
     ("matmul", "function"): ("input", "other"),
     ("matmul", "method"): ("input", "other"),
+    ("bmm", "function"): ("input", "mat2"),
+    ("bmm", "method"): ("input", "mat2"),
+    ("baddbmm", "function"): ("input", "batch1", "batch2"),
+    ("baddbmm", "method"): ("input", "batch1", "batch2"),
+    ("full", "function"): ("size", "fill_value"),
+    ("expand_as", "method"): ("input", "other"),
     ("softmax", "function"): ("input", "dim", "_stacklevel", "dtype"),
     ("softmax", "method"): ("input", "dim", "dtype"),
     ("sdpa", "function"): ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
@@ -76,7 +84,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "dropout": {"p": 0.5, "training": True, "inplace": False},
     "softmax": {"dim": None, "dtype": None},
     "addmm": {"beta": 1, "alpha": 1},
+    "baddbmm": {"beta": 1, "alpha": 1},
 }
+# In-place methods that the matchers read as their out-of-place forms: the pattern checks already
+# require each intermediate to have no other user, so nothing else can see the mutation.
+_INPLACE = {"__getitem__": "getitem", "add_": "add", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill"}
 # torch.dropout(input, p, train) names its flag differently
 _ALIASES = {"train": "training"}
 
@@ -91,7 +103,7 @@ def op(node: Any) -> Optional[str]:
             return "checkpoint"
         return name
     if node.op == "call_method":
-        return {"__getitem__": "getitem"}.get(node.target, node.target)
+        return _INPLACE.get(node.target, node.target)
     return None
 
 
@@ -143,6 +155,18 @@ def static_int(x: Any) -> Optional[int]:
 
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def constant(x: Any) -> Optional[float]:
+    """A Python number, or the value of a 0-d `torch.full((), c)` made in the graph (old HF GPT-2 and
+    DistilBERT divide by and fill with such tensors); else None."""
+    if is_number(x):
+        return float(x)
+    if op(x) == "full":
+        a = bind(x)
+        if tuple(a["size"]) == () and is_number(a["fill_value"]):
+            return float(a["fill_value"])
+    return None
 
 
 def requires_grad(node: Any) -> bool:

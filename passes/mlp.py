@@ -1,11 +1,13 @@
 """MLP pass: two-layer MLPs (plain and gated, with or without LoRA) -> spt::mlp_site.
 
-A *projection* is `linear(x, W, b)` or `addmm(b, x, W)` (GPT-2's Conv1D), optionally plus a PEFT
-LoRA delta `linear(linear(dropout?(x), A), B) * s`, optionally followed by a no-op `.to(dtype)`.
+A *projection* is `linear(x, W, b)` or `addmm(b, x, W)` (GPT-2's Conv1D; with its views around it
+when PEFT adds a LoRA delta to the Conv1D's output), optionally plus a PEFT LoRA delta
+`linear(linear(dropout?(x), A), B) * s`, optionally followed by a no-op `.to(dtype)`.
 An MLP is
     plain   out( act(in(x)) )             (views that keep the last dim may sit around act)
     gated   out( act(gate(x)) * in(x) )
-where `act` is any chain of element-wise ops on the projection's output; it is identified by
+where `act` is any chain of element-wise ops on the projection's output (an identity dropout
+included, as T5's act -> dropout -> wo in eval or at p = 0); it is identified by
 evaluating the chain on probe values and comparing with the known activations (so GPT-2's
 mul/pow/tanh/add tanh-GELU is recognised as gelu_tanh). Unknown activations, intermediates used
 elsewhere, or shapes that do not fit leave the MLP dense, with the reason in the report.
@@ -81,6 +83,23 @@ def _base(n: Node) -> Optional[Projection]:
     return None
 
 
+def _base_viewed(n: Node) -> Optional[Projection]:
+    """GPT-2's Conv1D as PEFT wraps it: view(addmm(b, view(x, -1, d), W), [..., out]) is one projection
+    of the unflattened x (so that the LoRA branch, which reads x itself, joins it)."""
+    if not (_view_keeping_last(n) and op(n.args[0]) == "addmm"):
+        return None
+    p = _base(n.args[0])
+    if p is None or not _view_keeping_last(p.x):
+        return None
+    x0 = p.x.args[0]
+    xs, ns = shape(x0), shape(n)
+    if not (xs and ns and len(xs) == len(ns) and all(same(a, b) for a, b in zip(xs[:-1], ns[:-1]))):
+        return None
+    p.nodes |= {n, p.x}
+    p.x, p.output = x0, n
+    return p
+
+
 def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node]]]:
     """(A, B, scale, dropout p, nodes) if n = linear(linear(dropout?(x), A), B) [* scale]."""
     nodes, scale = set(), 1.0
@@ -99,6 +118,8 @@ def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node
     a = bind(inner)
     xin, p = a["input"], 0.0
     nodes |= {n, inner}
+    if xin is x:  # no LoRA dropout (x itself may be a dropout, as T5's act -> dropout -> wo)
+        return a["weight"], outer["weight"], scale, 0.0, nodes
     if op(xin) == "dropout":
         d = bind(xin)
         if isinstance(d["p"], Node) or isinstance(d["training"], Node):
@@ -120,7 +141,7 @@ def parse_projection(n: Node) -> Optional[Projection]:
         n = n.args[0]
     if op(n) == "add":
         for base_node, delta in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
-            p = _base(base_node) if isinstance(base_node, Node) else None
+            p = (_base(base_node) or _base_viewed(base_node)) if isinstance(base_node, Node) else None
             lora = _lora(delta, p.x) if p is not None and isinstance(delta, Node) else None
             if lora is not None:
                 p.lora_a, p.lora_b, p.scale, p.dropout, lora_nodes = lora
@@ -154,6 +175,7 @@ def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
     """Follow element-wise ops back from root to a single projection output (the chain is empty if
     root is one). None if root reaches something else, or more than one projection."""
     chain, views, leaves = set(), set(), set()
+    live_dropout: list[Node] = []
     stack = [root]
     while stack:
         n = stack.pop()
@@ -166,12 +188,22 @@ def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
             leaves.add(n)
             views.add(n)
             continue
+        if op(n) == "dropout":  # T5's DenseReluDense: act -> dropout -> wo
+            d = bind(n)
+            if isinstance(d["p"], Node) or isinstance(d["training"], Node) or (d["training"] and d["p"] > 0):
+                live_dropout.append(n)
+            chain.add(n)
+            stack.append(d["input"])
+            continue
         if op(n) not in POINTWISE or len(chain) >= MAX_CHAIN:
             return None
         chain.add(n)
         stack.extend(a for a in n.all_input_nodes)
     if len(leaves) != 1:
         return None
+    if live_dropout:
+        raise Reject(f"dropout '{live_dropout[0].name}' (p > 0, training) inside the MLP's hidden layer: the "
+                     "routed op has none (it is exact in eval mode or with p = 0)")
     leaf = leaves.pop()
     unit = units[leaf.args[0]] if leaf in views else units[leaf]
     return _Chain(leaf, unit, chain, views)

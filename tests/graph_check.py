@@ -3,6 +3,7 @@ rest of the graph is the same graph (same nodes, same targets, same arguments)."
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +59,9 @@ class GraphCapture:
         for n in added:
             ok = n.target in SPT_OPS or (n.op == "call_function" and any(a.target in SPT_OPS for a in n.all_input_nodes
                                                                           if isinstance(a, Node)))
-            ok = ok or n.target in (torch.logical_not, torch.masked_fill, torch.where) or n.target == "to" \
+            ok = ok or n.meta.get("spt_decomposed")  # a replaced call written out (passes/mha.py)
+            ok = ok or n.target in (torch.logical_not, torch.logical_and, torch.logical_or, torch.masked_fill,
+                                    torch.where, operator.add) or n.target in ("to", "flatten") \
                 or n.target.__name__ == "getitem"
             assert ok, f"unexpected new node {n.format_node()}"
         # Every surviving node is unchanged, except that uses of a replaced output now read the op.

@@ -1,0 +1,130 @@
+"""MLP forms as model code writes them, each also with PEFT LoRA: matched as one site and, with
+every block active (ffn_active == ffn_blocks), the same outputs and parameter gradients as dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from test_passes import assert_dense_equivalent, capture
+
+R = 4
+
+
+def with_lora(model, targets):
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.0,
+                                                       target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0; make the adapters matter
+            nn.init.normal_(p, std=0.1)
+    return model
+
+
+class Gpt2Mlp(nn.Module):
+    """GPT-2's MLP: Conv1D (addmm on flattened tokens, weight [in, out]) and NewGELU written out."""
+
+    def __init__(self, d=24, hidden=96):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_fc, self.c_proj = Conv1D(hidden, d), Conv1D(d, hidden)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608028654 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return self.c_proj(h)
+
+
+class OptMlp(nn.Module):
+    """OPT's decoder layer MLP: tokens flattened to [B*N, d], fc1 -> ReLU -> fc2, shape restored."""
+
+    def __init__(self, d=24, hidden=80):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.activation_fn = nn.ReLU()
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, x.size(-1))
+        h = self.fc2(self.activation_fn(self.fc1(h)))
+        return h.view(shape)
+
+
+class FunctionalMlp(nn.Module):
+    """F.linear on the module's own parameters (no nn.Linear), optionally with a LoRA delta written
+    the way PEFT's Linear.forward computes it (PEFT can only wrap modules)."""
+
+    def __init__(self, d=24, hidden=72, lora=False):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(hidden, d) / d**0.5), nn.Parameter(torch.zeros(hidden))
+        self.w2 = nn.Parameter(torch.randn(d, hidden) / hidden**0.5)
+        self.lora = lora
+        if lora:
+            self.a1, self.bb1 = nn.Parameter(torch.randn(R, d)), nn.Parameter(0.1 * torch.randn(hidden, R))
+            self.a2, self.bb2 = nn.Parameter(torch.randn(R, hidden)), nn.Parameter(0.1 * torch.randn(d, R))
+
+    def forward(self, x):
+        h = F.linear(x, self.w1, self.b1)
+        if self.lora:
+            h = h + F.linear(F.linear(x, self.a1), self.bb1) * 2.0
+        h = F.silu(h)
+        y = F.linear(h, self.w2)
+        if self.lora:
+            y = y + F.linear(F.linear(h, self.a2), self.bb2) * 2.0
+        return y
+
+
+class T5DenseReluDense(nn.Module):
+    def __init__(self, d=24, hidden=64, p=0.0):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(d, hidden, bias=False), nn.Linear(hidden, d, bias=False)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x):
+        return self.wo(self.dropout(F.relu(self.wi(x))))
+
+
+def sequential(act):
+    return nn.Sequential(nn.Linear(24, 80), act, nn.Linear(80, 24))
+
+
+CASES = {
+    # name: (model factory, LoRA targets or None, pattern, detail piece)
+    "gpt2-conv1d": (Gpt2Mlp, None, "gelu_tanh", "Conv1D"),
+    "gpt2-conv1d-lora": (Gpt2Mlp, ["c_fc", "c_proj"], "gelu_tanh", "Conv1D LoRA=in/out"),
+    "opt-relu-fc1-fc2-lora": (OptMlp, ["fc1", "fc2"], "relu", "LoRA=in/out"),
+    "sequential-gelu": (lambda: sequential(nn.GELU()), None, "gelu", "LoRA=none"),
+    "sequential-relu-lora": (lambda: sequential(nn.ReLU()), ["0", "2"], "relu", "LoRA=in/out"),
+    "sequential-silu-lora-on-down": (lambda: sequential(nn.SiLU()), ["2"], "silu", "LoRA=out"),
+    "functional-linear": (FunctionalMlp, None, "silu", "LoRA=none"),
+    "functional-linear-lora": (lambda: FunctionalMlp(lora=True), None, "silu", "LoRA=in/out"),
+    "t5-dense-relu-dense-lora": (T5DenseReluDense, ["wi", "wo"], "relu", "LoRA=in/out"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_mlp_form(name):
+    factory, targets, pattern, detail = CASES[name]
+    torch.manual_seed(0)
+    model = factory()
+    if targets:
+        model = with_lora(model, targets)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    cap = capture(model, x)
+    (site,) = cap.rewritten("mlp")
+    assert site.pattern == pattern and detail in site.detail, site.line()
+    assert not cap.dense()
+    assert_dense_equivalent(model, x)
+
+
+def test_live_dropout_inside_the_hidden_layer_stays_dense_with_reason():
+    model = T5DenseReluDense(p=0.1).train()
+    cap = capture(model, torch.randn(2, 7, 24))
+    (site,) = cap.dense("mlp")
+    assert "dropout" in site.reason and "routed op has none" in site.reason
+    cap = capture(model.eval(), torch.randn(2, 7, 24))  # eval: the dropout is the identity
+    assert len(cap.rewritten("mlp")) == 1

@@ -1,0 +1,115 @@
+"""Model families other than LLaMA/BERT/GPT-2, random-initialised tiny configs (transformers 5),
+through torch.compile(backend="spt") in the degenerate configuration: one attention and one MLP
+site per layer, the same outputs and gradients as the dense model (PEFT LoRA where a fine-tune would
+put it), and explain's reason where a site is left dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spt_compile
+from test_models import assert_same, count_sites, lora, padded_batch
+
+pytestmark = pytest.mark.slow
+
+V = 101  # vocabulary of the random models
+
+
+def batch(N=20, pad_from=14):
+    ids, mask = padded_batch(V, N=N, pad_right_of=pad_from)
+    return {"input_ids": ids, "attention_mask": mask}, mask
+
+
+def build(config_cls, model_cls, attn, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=V, **kw)
+    config._attn_implementation = attn
+    return getattr(transformers, model_cls)(config).train()
+
+
+def test_opt_relu_fc1_fc2_with_lora():
+    """OPT: the query pre-scaled by its Linear's output * scaling, ReLU fc1/fc2 on [B*N, d] tokens."""
+    model = build("OPTConfig", "OPTForCausalLM", "eager", hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                  num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0,
+                  attention_dropout=0.0)
+    model = lora(model, ["q_proj", "v_proj", "fc1", "fc2"])
+    b, mask = batch()
+    cap = count_sites(model, b, 1)
+    assert cap.rewritten("mlp")[0].pattern == "relu" and "LoRA=in/out" in cap.rewritten("mlp")[0].detail
+    assert_same(model, b, mask)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_qwen2_qkv_biases_and_sliding_window(attn):
+    """Qwen2: biases on q/k/v, layer 0 with a sliding window of 8 (an explicit mask), layer 1 full."""
+    model = build("Qwen2Config", "Qwen2ForCausalLM", attn, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                  layer_types=["sliding_attention", "full_attention"])
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model = lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    b, mask = batch()
+    cap = count_sites(model, b, 2)
+    assert all("GQA 4:2" in s.detail for s in cap.rewritten("attention"))
+    assert_same(model, b, mask)
+
+
+def test_mistral_sliding_window():
+    model = build("MistralConfig", "MistralForCausalLM", "eager", hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  sliding_window=8, head_dim=16)
+    b, mask = batch()
+    count_sites(model, b, 1)
+    assert_same(model, b, mask)
+
+
+def test_roberta():
+    model = build("RobertaConfig", "RobertaModel", "eager", hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    b, mask = batch()
+    cap = count_sites(model, b, 1)
+    assert "causal=False" in cap.rewritten("attention")[0].detail
+    assert_same(model, b, mask)
+
+
+def t5_encoder():
+    return build("T5Config", "T5EncoderModel", "eager", d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                 dropout_rate=0.0)
+
+
+def test_t5_unscaled_attention_with_relative_bias_under_lora():
+    """T5: no 1/sqrt(d) scaling, the relative position bias and the padding mask added to the scores
+    (two additive masks, summed), ReLU MLP with a dropout between act and wo. Under LoRA the bias
+    table is frozen, so the bias is a mask like any other."""
+    model = lora(t5_encoder(), ["q", "v", "wi", "wo"])
+    b, mask = batch()
+    cap = count_sites(model, b, 2)
+    assert all("scale=1 " in s.detail and "mask=additive" in s.detail for s in cap.rewritten("attention"))
+    assert_same(model, b, mask)
+
+
+def test_t5_full_fine_tuning_leaves_attention_dense_with_the_reason():
+    """With the bias table trained, the bias needs a gradient the op does not give: dense, explained."""
+    b, _ = batch()
+    report = spt_compile.explain(t5_encoder(), **b)
+    assert len(report.rewritten("mlp")) == 2 and not report.rewritten("attention")
+    assert all("requires grad" in s.reason for s in report.dense("attention")), str(report)
+
+
+def test_gpt2_reorder_and_upcast_with_lora_on_conv1d():
+    """GPT-2 with reorder_and_upcast_attn: fp32 baddbmm on [B*H, N, D] read back as [B, H, N, D];
+    PEFT LoRA on the Conv1D projections (fan_in_fan_out) of attention and MLP."""
+    model = build("GPT2Config", "GPT2LMHeadModel", "eager", n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, reorder_and_upcast_attn=True,
+                  bos_token_id=0, eos_token_id=0)
+    model = lora(model, ["c_attn", "c_fc", "c_proj"])
+    b, mask = batch()
+    cap = count_sites(model, b, 1)
+    assert cap.rewritten("attention")[0].pattern == "bmm-softmax"
+    mlp = cap.rewritten("mlp")[0]
+    assert mlp.pattern == "gelu_tanh" and "Conv1D" in mlp.detail and "LoRA=in/out" in mlp.detail
+    assert_same(model, b, mask)
