@@ -197,7 +197,13 @@ def host_profile(config: str, N: int, args, device, dtype) -> dict:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time for e in kernels) if kernels and hasattr(kernels[0], "device_time") else \
         sum(e.cuda_time for e in kernels)
-    return {"config": config, "N": N, "wall_ms_profiled": wall * 1e3, "gpu_kernels": len(kernels),
+    per_kernel: dict = {}
+    for e in kernels:
+        t = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        per_kernel[e.name[:60]] = per_kernel.get(e.name[:60], 0.0) + t / 1e3
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]
+    return {"config": config, "N": N, "top_kernels_ms": {k: round(v, 4) for k, v in top},
+            "wall_ms_profiled": wall * 1e3, "gpu_kernels": len(kernels),
             "gpu_kernel_ms": gpu_us / 1e3, "host_syncs": len(syncs), "sync_sites": syncs[:10]}
 
 
