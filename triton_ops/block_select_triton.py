@@ -12,7 +12,9 @@ what the device does in tens of microseconds, and the [B, H, rows, n_kb] scores 
     visibility masks, and a top-Lb by repeated arg-max (Lb is a few tens at most). Nothing of size
     rows x n_kb leaves the program.
 Same semantics and output as select_key_blocks (descending score, so the diagonal block sits in
-slot 0; -1 for unused slots). Ties between equal scores may be broken differently.
+slot 0; -1 for unused slots). Ties between equal scores may be broken differently, and with bf16/fp16
+inputs the scores come from tensor-core products (fp32 accumulation), so blocks whose scores differ
+by less than that rounding may be swapped.
 
 Limit: the whole row of key blocks lives in one program's registers, so n_kb = ceil(Nk / block_n)
 is at most MAX_KEY_BLOCKS; longer sequences take the PyTorch path (select_key_blocks decides).
@@ -20,6 +22,7 @@ is at most MAX_KEY_BLOCKS; longer sequences take the PyTorch path (select_key_bl
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -70,6 +73,7 @@ def _select_kernel(
     stride_tb, stride_ts, stride_tm,
     S, Gs, G, Hkv, N, Nk, D, n_kb, n_qb, Lb, lb_all, scale,
     IS_CAUSAL: tl.constexpr, HAS_LB: tl.constexpr, HAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NKB: tl.constexpr,
 ):
     """OUT[b, s, qb, :Lb]: the top key blocks of query block qb for selection head s (query heads
@@ -97,8 +101,12 @@ def _select_kernel(
     for g in range(0, Gs):
         h = s * Gs + g
         q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        sc = tl.dot(q, tl.trans(kbar), input_precision=PRECISION) * scale + logc[None, :]  # [BM, NKB]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if LOW_PRECISION:  # bf16/fp16 q: tensor cores, fp32 accumulation
+            sc = tl.dot(q, tl.trans(kbar.to(q.dtype)))
+        else:
+            sc = tl.dot(q.to(tl.float32), tl.trans(kbar), input_precision=PRECISION)
+        sc = sc * scale + logc[None, :]  # [BM, NKB]
         sc = tl.where(hidden, float("-inf"), sc)
         m = tl.max(sc, axis=1)
         m = tl.where(m == float("-inf"), 0.0, m)
@@ -186,6 +194,11 @@ def select_key_blocks_triton(
         *q.stride(), *t_strides,
         S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, Lb, int(per_batch_lb[0]), float(scale),
         IS_CAUSAL=bool(is_causal), HAS_LB=not uniform, HAS_TILES=tiles is not None, PRECISION="ieee",
+        # Half-precision q scores on tensor cores: exact fp32 ("ieee") products of a [64, 128] x
+        # [128, 128] tile ran 7.7 ms per call at LLaMA-7B's shape (N=8192) on an H200, more than the
+        # attention itself. The interpreter multiplies bf16 tiles wrongly (block_sparse_triton._dot),
+        # so it keeps fp32 there.
+        LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") != "1",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D, NKB=NKB,
         num_warps=4 if NKB <= 64 else 8,
     )
