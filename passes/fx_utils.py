@@ -37,6 +37,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu",
     F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.elu: "elu",
     torch.where: "where", torch.masked_fill: "masked_fill",
+    F.cross_entropy: "cross_entropy",
 }
 
 # Element-wise ops an activation may be written with (GPT-2's tanh-GELU is mul/pow/tanh/add).
@@ -69,6 +70,8 @@ _SIGNATURES: dict[tuple[str, str], tuple[str, ...]] = {
     ("add", "method"): ("input", "other"),
     ("div", "function"): ("input", "other"),
     ("div", "method"): ("input", "other"),
+    ("cross_entropy", "function"): ("input", "target", "weight", "size_average", "ignore_index", "reduce",
+                                    "reduction", "label_smoothing"),
 }
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "sdpa": {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
@@ -76,6 +79,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "dropout": {"p": 0.5, "training": True, "inplace": False},
     "softmax": {"dim": None, "dtype": None},
     "addmm": {"beta": 1, "alpha": 1},
+    "cross_entropy": {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None,
+                      "reduction": "mean", "label_smoothing": 0.0},
 }
 # torch.dropout(input, p, train) names its flag differently
 _ALIASES = {"train": "training"}
@@ -156,7 +161,9 @@ def module_path(node: Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    # The root is L['self'], or L['args'][0] when the model's forward is wrapped (Hugging Face's
+    # decorators): either way it is the model itself, not a path component.
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)
     path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
