@@ -126,3 +126,16 @@ def test_bad_inputs_are_named():
         linear_cross_entropy(h, W.T, b, labels)
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(h, W, b, labels[:3])
+
+
+def test_only_the_logits_differentiated():
+    h, W, b, labels = make((3, 4), 8, 19, torch.float32, bias=True)
+    g = torch.randn(3, 4, 19)
+    _, logits = linear_cross_entropy(h, W, b, labels, chunk=5, return_logits=True)
+    (logits * g).sum().backward()
+    got = [t.grad.clone() for t in (h, W, b)]
+    for t in (h, W, b):
+        t.grad = None
+    (torch.nn.functional.linear(h, W, b) * g).sum().backward()
+    for x, t in zip(got, (h, W, b)):
+        torch.testing.assert_close(x, t.grad)

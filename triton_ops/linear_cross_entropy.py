@@ -165,6 +165,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h, W, b, labels, lse)  # no [T, V] tensor
     ctx.args = (ignore_index, reduction, label_smoothing, chunk)
     ctx.return_logits = return_logits
+    # Called eagerly, a logits output nobody differentiates would otherwise get a [T, V] zero
+    # gradient allocated for it (None is handled below).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dloss, dlogits, dlse):
@@ -173,6 +176,8 @@ def _backward(ctx, dloss, dlogits, dlse):
     if not any(needs):
         return (None,) * 10
     dlogits = dlogits.contiguous() if (ctx.return_logits and dlogits is not None) else None
+    if dloss is None:  # only the logits were differentiated
+        dloss = torch.zeros(labels.numel() if ctx.args[1] == "none" else (), dtype=torch.float32, device=h.device)
     dh, dW, db = _linear_cross_entropy_backward_op(dloss.contiguous(), dlogits, h, W, b, labels, lse, *ctx.args, needs)
     return (dh if needs[0] else None, dW if needs[1] else None, db if needs[2] else None) + (None,) * 7
 
