@@ -227,3 +227,17 @@ def test_smollm2_loss_and_lora_grads_equal_dense(smollm2_2layer):
     assert want[2] and all("lora" in n for n in want[2])
     for name in want[2]:
         torch.testing.assert_close(got[2][name], want[2][name], atol=5e-5, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_dynamic_shapes():
+    """dynamic=True: the token count is symbolic; one compiled graph serves two lengths."""
+    torch._dynamo.reset()
+    model = Head(form="none", bias=True)
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="spt", dynamic=True, options={**EVERY, "compiler": "aot_eager"})
+    from spt_compile.backend import COMPILE_REPORTS
+
+    for N in (7, 12):
+        x, targets = head_inputs(N=N, seed=N)
+        torch.testing.assert_close(compiled(x, targets), ref(x, targets), atol=1e-5, rtol=1e-5)
+        assert len(COMPILE_REPORTS[-1].rewritten("loss")) == 1
