@@ -26,9 +26,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from spt_compile.options import Options
-from spt_compile.triton_ops.linear_cross_entropy import REDUCTIONS
+from spt_compile.triton_ops.linear_cross_entropy import REDUCTIONS, can_precompute
 
-from .fx_utils import bind, common_path, erase_unused, op, same, shape, static_int, val
+from .fx_utils import bind, common_path, erase_unused, op, requires_grad, same, shape, static_int, val
 from .mlp import parse_projection
 from .report import GraphReport, SiteReport
 
@@ -145,6 +145,13 @@ def _describe(h, V, opts, index, others, dtype, out_dtype) -> str:
     return " ".join(parts)
 
 
+def _grad_note(h, W, b, reduction) -> str:
+    needs = [torch.is_grad_enabled() and t is not None and requires_grad(t) for t in (h, W, b)]
+    if not any(needs):
+        return "no grad"
+    return "grads in forward" if can_precompute(reduction, needs) else "backward recomputes logits"
+
+
 def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
     graph = gm.graph
     for ce in [n for n in graph.nodes if op(n) == "cross_entropy"]:
@@ -156,7 +163,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         h, W, b = (bind(linear)[k] for k in ("input", "weight", "bias"))
         V = shape(W)[0]
         path = common_path([linear]) or common_path([ce])
-        detail = _describe(h, V, opts, index, others, val(linear).dtype, val(ce).dtype)
+        detail = _describe(h, V, opts, index, others, val(linear).dtype, val(ce).dtype) + \
+            f", {_grad_note(h, W, b, opts[1])}"
         if not options.chunked_loss:
             report.sites.append(SiteReport("loss", "dense", "linear-cross_entropy", path, detail,
                                            reason="chunked_loss=False"))
@@ -174,9 +182,12 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             continue
         with graph.inserting_after(anchor):
             hin = h if index is None else graph.call_function(operator.getitem, (h, index))
+        needs = [torch.is_grad_enabled() and t is not None and requires_grad(t) for t in (h, W, b)]
+        precompute = can_precompute(opts[1], needs)  # gradients formed in forward: no recomputed GEMM
         with graph.inserting_after(hin if index is not None else anchor):
             call = graph.call_function(torch.ops.spt.linear_cross_entropy.default, (
-                hin, W, b, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype))
+                hin, W, b, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype,
+                precompute, needs))
         with graph.inserting_after(call):
             logits = graph.call_function(operator.getitem, (call, 1))
             logits.meta.update(linear.meta)

@@ -32,7 +32,7 @@ def grads_of(fn, h, W, b, labels, upstream, logits_grad, **kw):
         total = total + (logits.float() * logits_grad).sum()
     total.backward()
     return loss.detach().float(), None if logits is None else logits.detach(), [
-        None if t is None else t.grad.clone() for t in (h, W, b)]
+        None if t is None or t.grad is None else t.grad.clone() for t in (h, W, b)]
 
 
 CASES = [  # lead dims, d, V, chunk
@@ -45,36 +45,48 @@ CASES = [  # lead dims, d, V, chunk
 @pytest.mark.parametrize("lead,d,V,chunk", CASES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_matches_dense_fp32(lead, d, V, chunk, reduction, smoothing):
+@pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
+def test_matches_dense_fp32(lead, d, V, chunk, reduction, smoothing, precompute):
     h, W, b, labels = make(lead, d, V, torch.float32, bias=True)
+    if reduction == "none" and precompute:  # d(W) needs a scalar loss to be formed in forward
+        W.requires_grad_(False)
+        b.requires_grad_(False)
     T = labels.numel()
     upstream = torch.rand(T) if reduction == "none" else torch.tensor(1.7)
     kw = dict(reduction=reduction, label_smoothing=smoothing)
     want = grads_of(linear_cross_entropy_reference, h, W, b, labels, upstream, None, **kw)
-    got = grads_of(linear_cross_entropy, h, W, b, labels, upstream, None, chunk=chunk, **kw)
+    got = grads_of(linear_cross_entropy, h, W, b, labels, upstream, None, chunk=chunk, precompute=precompute, **kw)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     for g, w, name in zip(got[2], want[2], "hWb"):
+        if w is None:
+            assert g is None
+            continue
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_every_label_ignored(reduction):
+@pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
+def test_every_label_ignored(reduction, precompute):
     h, W, b, labels = make((3, 5), 8, 29, torch.float32, bias=False, ignored=1.0)
+    W.requires_grad_(not (precompute and reduction == "none"))
     upstream = torch.ones(15) if reduction == "none" else torch.tensor(1.0)
     want = grads_of(linear_cross_entropy_reference, h, W, b, labels, upstream, None, reduction=reduction)
-    got = grads_of(linear_cross_entropy, h, W, b, labels, upstream, None, reduction=reduction, chunk=4)
+    got = grads_of(linear_cross_entropy, h, W, b, labels, upstream, None, reduction=reduction, chunk=4,
+                   precompute=precompute)
     torch.testing.assert_close(got[0], want[0], equal_nan=True)  # mean: nan, as torch
     for g, w in zip(got[2][:2], want[2][:2]):
         torch.testing.assert_close(g, w)  # zero gradients, not nan
 
 
-def test_returned_logits_and_their_gradient():
+@pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
+def test_returned_logits_and_their_gradient(precompute):
     """A model that returns its logits gets them from the op; a gradient through them (a second loss
     on the logits) reaches h and W exactly as through the dense linear."""
     h, W, b, labels = make((2, 9), 16, 53, torch.float32, bias=True)
     logits_grad = torch.randn(2, 9, 53)
     want = grads_of(linear_cross_entropy_reference, h, W, b, labels, torch.tensor(1.0), logits_grad, return_logits=True)
-    got = grads_of(linear_cross_entropy, h, W, b, labels, torch.tensor(1.0), logits_grad, chunk=5, return_logits=True)
+    got = grads_of(linear_cross_entropy, h, W, b, labels, torch.tensor(1.0), logits_grad, chunk=5, return_logits=True,
+                   precompute=precompute)
     torch.testing.assert_close(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
     for g, w in zip(got[2], want[2]):
@@ -82,26 +94,31 @@ def test_returned_logits_and_their_gradient():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bf16_accumulates_in_fp32(reduction):
+@pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
+def test_bf16_accumulates_in_fp32(reduction, precompute):
     """bf16 h and W: the loss is computed on the upcast logits as HF does; the chunked gradients are
     at least as close to an fp32 computation as the dense bf16 ones."""
     h, W, b, labels = make((4, 33), 64, 517, torch.bfloat16, bias=False)
+    W.requires_grad_(not (precompute and reduction == "none"))
     T = labels.numel()
     upstream = torch.rand(T) if reduction == "none" else torch.tensor(1.0)
     kw = dict(reduction=reduction)
     want = grads_of(linear_cross_entropy_reference, h, W, b, labels, upstream, None, **kw)
-    got = grads_of(linear_cross_entropy, h, W, b, labels, upstream, None, chunk=32, **kw)
-    h32, W32 = (h.detach().float().requires_grad_(), W.detach().float().requires_grad_())
+    got = grads_of(linear_cross_entropy, h, W, b, labels, upstream, None, chunk=32, precompute=precompute, **kw)
+    h32, W32 = (h.detach().float().requires_grad_(), W.detach().float().requires_grad_(W.requires_grad))
     exact = grads_of(linear_cross_entropy_reference, h32, W32, None, labels, upstream, None, **kw)
     torch.testing.assert_close(got[0], want[0], atol=2e-3, rtol=2e-3)
     for g, w, e, name in zip(got[2][:2], want[2][:2], exact[2][:2], "hW"):
+        if w is None:
+            continue
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"d{name}: {m}")
         err_got, err_dense = (g.float() - e).norm(), (w.float() - e).norm()
         assert err_got <= 1.5 * err_dense + 1e-6, (name, err_got, err_dense)
 
 
-def test_saves_no_token_by_vocab_tensor():
+@pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
+def test_saves_no_token_by_vocab_tensor(precompute):
     h, W, b, labels = make((2, 64), 32, 4096, torch.float32, bias=False)
     T, V = 128, 4096
     sizes = []
@@ -111,8 +128,8 @@ def test_saves_no_token_by_vocab_tensor():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, logits = linear_cross_entropy(h, W, b, labels, chunk=16, return_logits=True)
-    assert max(sizes) == V * 32 < T * V, sizes  # W [V, d] by reference, h [T, d], labels, lse: nothing T x V
+        loss, logits = linear_cross_entropy(h, W, b, labels, chunk=16, return_logits=True, precompute=precompute)
+    assert max(sizes) == V * 32 < T * V, sizes  # W [V, d] by reference, h and dh [T, d], labels, lse: nothing T x V
     loss.backward()
 
 
@@ -126,6 +143,8 @@ def test_bad_inputs_are_named():
         linear_cross_entropy(h, W.T, b, labels)
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(h, W, b, labels[:3])
+    with pytest.raises(ValueError, match="precompute"):
+        linear_cross_entropy(h, W, b, labels, reduction="none", precompute=True)
 
 
 def test_only_the_logits_differentiated():
