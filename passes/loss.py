@@ -61,31 +61,38 @@ def _slice_ok(index, ndim: int) -> bool:
     return len(index) < ndim or index[-1] == full
 
 
-def _walk(start: Node, V) -> tuple[Node, list[Node], Optional[tuple]]:
+def _link(n: Node, index_taken: bool) -> Optional[str]:
+    """What kind of chain link n is ("cast", "view", "slice"), or None."""
+    if not isinstance(n, Node) or not n.args:
+        return None
+    if op(n) in _CASTS and _cast_ok(n):
+        return "cast"
+    a, b = shape(n.args[0]), shape(n)
+    if op(n) in _VIEWS and a and b and same(a[-1], b[-1]):
+        return "view"
+    if op(n) == "getitem" and not index_taken and a and _slice_ok(n.args[1], len(a)):
+        return "slice"
+    return None
+
+
+def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple]]:
     """From the cross-entropy input back to the linear: (linear node, chain nodes, token index)."""
     chain, index, n = [], None, start
-    while True:
-        if op(n) == "linear":
-            return n, chain, index
-        if not isinstance(n, Node) or len(n.users) != 1 or not n.args:
-            break
-        if op(n) in _CASTS and _cast_ok(n):
-            pass
-        elif op(n) in _VIEWS and same((shape(n) or (None,))[-1], V) and same((shape(n.args[0]) or (None,))[-1], V):
-            pass
-        elif op(n) == "getitem" and index is None and shape(n.args[0]) and _slice_ok(n.args[1], len(shape(n.args[0]))):
+    while op(n) != "linear":
+        kind = _link(n, index is not None)
+        if kind is None:
+            p = parse_projection(n) if isinstance(n, Node) else None
+            if p is not None and p.lora_a is not None:
+                raise Reject("the LM head has a LoRA adapter (the chunked loss covers plain linear heads)")
+            raise Reject(f"the loss input is not a linear layer's output through casts, views and a token "
+                         f"slice (found '{getattr(n, 'name', n)}')")
+        if len(n.users) != 1:
+            raise Reject(f"'{n.name}' between the LM head and the loss is also used elsewhere")
+        if kind == "slice":
             index = n.args[1]
-        else:
-            break
         chain.append(n)
         n = n.args[0]
-    if isinstance(n, Node) and len(n.users) != 1 and chain:
-        raise Reject(f"'{n.name}' between the LM head and the loss is also used elsewhere")
-    p = parse_projection(n) if isinstance(n, Node) else None
-    if p is not None and p.lora_a is not None:
-        raise Reject("the LM head has a LoRA adapter (the chunked loss covers plain linear heads)")
-    raise Reject(f"the loss input is not a linear layer's output through casts, views and a token slice "
-                 f"(found '{getattr(n, 'name', n)}')")
+    return n, chain, index
 
 
 def _const(args: dict, name: str):
@@ -111,7 +118,7 @@ def match(ce: Node):
         raise Reject(f"cross_entropy of logits {xs} and target {ts}: needs [T, V] logits and [T] class indices")
     if val(target).dtype not in (torch.int64, torch.int32):
         raise Reject(f"cross_entropy target is {val(target).dtype}, not class indices")
-    linear, chain, index = _walk(x, xs[1])
+    linear, chain, index = _walk(x)
     la = bind(linear)
     h, W, b = la["input"], la["weight"], la["bias"]
     ws = shape(W)

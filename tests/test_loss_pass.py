@@ -47,6 +47,9 @@ class Head(nn.Module):
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         if self.form == "softcap":  # Gemma-2-style soft-capping between the head and the loss
             return F.cross_entropy((torch.tanh(logits / 30.0) * 30.0).view(-1, V), targets.view(-1))
+        if self.form == "shared_upcast":  # the fp32 copy feeds something else too
+            up = logits.float()
+            return F.cross_entropy(up.view(-1, V), targets.view(-1)) + up.logsumexp(-1).mean()
         if self.form == "weighted":
             return F.cross_entropy(logits.view(-1, V), targets.view(-1), weight=torch.ones(V))
         if self.form == "lora":  # a LoRA adapter on the head, as PEFT writes it
@@ -101,6 +104,7 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
 @pytest.mark.parametrize("form,reason", [
     ("softcap", "not a linear layer's output"),
     ("weighted", "class weights"),
+    ("shared_upcast", "also used elsewhere"),
     ("lora", "LoRA adapter"),
 ])
 def test_other_forms_stay_dense_with_a_reason(form, reason):
