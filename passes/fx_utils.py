@@ -39,6 +39,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.elu: "elu",
     torch.where: "where", torch.masked_fill: "masked_fill",
     F.multi_head_attention_forward: "mha",
+    F.cross_entropy: "cross_entropy",
 }
 
 # Element-wise ops an activation may be written with (GPT-2's tanh-GELU is mul/pow/tanh/add).
@@ -77,6 +78,8 @@ _SIGNATURES: dict[tuple[str, str], tuple[str, ...]] = {
     ("add", "method"): ("input", "other"),
     ("div", "function"): ("input", "other"),
     ("div", "method"): ("input", "other"),
+    ("cross_entropy", "function"): ("input", "target", "weight", "size_average", "ignore_index", "reduce",
+                                    "reduction", "label_smoothing"),
 }
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "sdpa": {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
@@ -85,6 +88,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "softmax": {"dim": None, "dtype": None},
     "addmm": {"beta": 1, "alpha": 1},
     "baddbmm": {"beta": 1, "alpha": 1},
+    "cross_entropy": {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None,
+                      "reduction": "mean", "label_smoothing": 0.0},
 }
 # In-place methods that the matchers read as their out-of-place forms: the pattern checks already
 # require each intermediate to have no other user, so nothing else can see the mutation.
@@ -180,7 +185,9 @@ def module_path(node: Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    # The root is L['self'], or L['args'][0] when the model's forward is wrapped (Hugging Face's
+    # decorators): either way it is the model itself, not a path component.
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)
     path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

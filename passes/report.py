@@ -8,7 +8,7 @@ from typing import Optional
 
 @dataclass
 class SiteReport:
-    kind: str  # "attention" | "mlp"
+    kind: str  # "attention" | "mlp" | "loss"
     status: str  # "rewritten" | "dense"
     pattern: str  # e.g. "sdpa", "matmul-softmax", "gated silu", "gelu_tanh"
     path: str  # module path, as in named_modules()
@@ -39,5 +39,6 @@ class GraphReport:
 
     def summary(self) -> str:
         n_att, n_mlp = len(self.rewritten("attention")), len(self.rewritten("mlp"))
-        left = len(self.dense())
-        return f"{n_att} attention and {n_mlp} MLP sites rewritten, {left} candidates left dense"
+        n_loss, left = len(self.rewritten("loss")), len(self.dense())
+        return (f"{n_att} attention and {n_mlp} MLP sites rewritten, {n_loss} chunked loss, "
+                f"{left} candidates left dense")

@@ -30,14 +30,16 @@ class ExplainReport:
     def __str__(self) -> str:
         lines = [f"spt explain: {self.graphs} graph(s) traced"
                  + (f" ({self.graphs - 1} graph break(s): each piece is rewritten on its own)" if self.graphs > 1 else ""),
-                 f"  rewritten: {len(self.rewritten('attention'))} attention, {len(self.rewritten('mlp'))} MLP; "
+                 f"  rewritten: {len(self.rewritten('attention'))} attention, {len(self.rewritten('mlp'))} MLP"
+                 + (f", {len(self.rewritten('loss'))} chunked loss" if any(s.kind == "loss" for s in self.sites) else "")
+                 + "; "
                  f"left dense: {len(self.dense())}"]
         lines += ["  " + s.line() for s in self.sites]
         return "\n".join(lines)
 
 
 def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
-    """Trace `model(*args, **kwargs)` and report, per attention and MLP candidate, whether the spt
+    """Trace `model(*args, **kwargs)` and report, per attention, MLP and loss candidate, whether the spt
     backend rewrites it (module path, pattern, shapes) or leaves it dense (and why)."""
     report = ExplainReport()
     options = compile_options(None)

@@ -67,6 +67,11 @@ class Options:
     pq_codewords: int = _opt(16, "Codewords per PQ subspace (at most 256).", False)
     calibration_steps: int = _opt(4, "First calls of each site that run dense to collect statistics "
                                   "(k-means on keys, router fit), in training or not.", False)
+    chunked_loss: bool = _opt(True, "Rewrite cross_entropy(linear(h, W_vocab), labels) (the LM head and its loss) "
+                              "into one chunked op that saves no [tokens, vocab] tensor for backward.", False)
+    # 512 rows of SmolLM2's 49152-word vocabulary are 100 MB of fp32 logits per chunk, against 403 MB
+    # for the log-softmax the dense loss saves at 2048 tokens; the GEMM per chunk stays large.
+    loss_chunk: int = _opt(512, "Tokens per chunk of the chunked loss (>= 1).", False)
     # aot_eager by measurement: on SmolLM2 + LoRA (CPU, seq 512) it compiled in 19 s against
     # Inductor's 77 s, and ran the step as fast (the spt ops dominate; benchmarks/results/).
     compiler: str = _opt("aot_eager", "Downstream compiler for the rewritten graph: "
@@ -103,7 +108,7 @@ def validate(o: Options) -> None:
         raise _bad("density", "a float in (0, 1]", o.density)
     if o.top_l is not None and (not is_int(o.top_l) or o.top_l < 1):
         raise _bad("top_l", "an int >= 1 or None", o.top_l)
-    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster"):
+    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster", "chunked_loss"):
         if not isinstance(getattr(o, name), bool):
             raise _bad(name, "True or False", getattr(o, name))
     if o.attention_selection not in SELECTIONS:
@@ -128,6 +133,8 @@ def validate(o: Options) -> None:
         raise _bad("pq_codewords", "an int in [1, 256] (codes are stored as uint8)", o.pq_codewords)
     if not is_int(o.calibration_steps) or o.calibration_steps < 0:
         raise _bad("calibration_steps", "an int >= 0", o.calibration_steps)
+    if not is_int(o.loss_chunk) or o.loss_chunk < 1:
+        raise _bad("loss_chunk", "an int >= 1 (tokens per chunk)", o.loss_chunk)
     if o.compiler not in COMPILERS:
         raise _bad("compiler", f"one of {', '.join(COMPILERS)}", o.compiler)
 

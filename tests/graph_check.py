@@ -12,7 +12,8 @@ from torch.fx import Node
 from spt_compile.options import make_options
 from spt_compile.passes import GraphReport, rewrite_graph
 
-SPT_OPS = {torch.ops.spt.attention_site.default, torch.ops.spt.mlp_site.default}
+SPT_OPS = {torch.ops.spt.attention_site.default, torch.ops.spt.mlp_site.default,
+           torch.ops.spt.linear_cross_entropy.default}
 
 
 def _signature(parts: tuple, new: set) -> tuple:

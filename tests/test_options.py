@@ -19,6 +19,7 @@ from toy_models import GatedMLP
     ("sparse_attention", "yes"), ("attention_selection", "tokens"), ("attention_block", 48),
     ("attention_block", 8), ("attention_impl", "cuda"), ("pq_proxy", "cosine"), ("ffn_cluster", 1),
     ("ffn_impl", "cuda"), ("ffn_impl", None),
+    ("chunked_loss", "yes"), ("loss_chunk", 0), ("loss_chunk", 2.0),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(SptOptionError, match=f"'{name}'"):

@@ -1,0 +1,89 @@
+"""Matmul FLOPs of one LoRA fine-tuning step (forward + backward), per part, dense vs spt.
+
+The *FLOP-count limit* of an spt configuration is spt FLOPs / dense FLOPs: the step-time ratio it
+would reach if time followed matmul FLOPs. The bench prints it beside the measured ratio so the
+gap shows. Conventions (per token-row, x [T, a] -> [T, b] costs 2*T*a*b forward):
+
+* frozen base weight: forward + d(x) = 2x forward; trainable LoRA factor: forward + d(x) + d(W) = 3x;
+* attention (QK^T and PV, 4*H*D per query-key pair): forward + backward = 3x forward, causal pairs
+  only; spt keeps min(i + 1, L) keys for query i with L = density * N (the token-level count; block
+  selection keeps the same number in 64-key blocks), or all when N < attention_dense_below;
+* routed FFN: the base weights and the block-side LoRA factors (B of gate/up, A of down) scale with
+  the active fraction; the other LoRA factors run for every token;
+* LM head: frozen (tied to the embedding in SmolLM2): 2x forward, dense or chunked (the chunked
+  loss forms d(h) in forward while each chunk's logits exist: the same two GEMMs).
+Norms, RoPE, softmax, the optimizer and the embedding are left out (no GEMMs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Dims:
+    d: int  # hidden size
+    H: int  # query heads
+    Hkv: int  # key/value heads
+    D: int  # head size
+    F: int  # MLP intermediate size
+    V: int  # vocabulary
+    layers: int
+    r: int = 16  # LoRA rank (on q, k, v, o, gate, up, down)
+
+    @classmethod
+    def from_config(cls, config, r: int = 16) -> "Dims":
+        D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, D,
+                   config.intermediate_size, config.vocab_size, config.num_hidden_layers, r)
+
+
+def _lora_linear(T: int, a: int, b: int, r: int, frac_base=1.0, frac_a=1.0, frac_b=1.0) -> float:
+    """Frozen a -> b linear plus LoRA a -> r -> b, forward + backward."""
+    return 2 * 2 * T * a * b * frac_base + 3 * 2 * T * r * (a * frac_a + b * frac_b)
+
+
+def _attention_pairs(N: int, keep: int | None) -> int:
+    """Causal query-key pairs of one sequence; keep: keys per query (None: all allowed)."""
+    if keep is None or keep >= N:
+        return N * (N + 1) // 2
+    return keep * (keep + 1) // 2 + (N - keep) * keep  # queries 0..keep-1 keep all they may see
+
+
+def step_flops(dims: Dims, N: int, batch: int = 1, *, density: float = 1.0, ffn_frac: float = 1.0,
+               sparse_attention: bool = False) -> dict[str, float]:
+    """Matmul FLOPs of one step by part: attention, ffn, qkvo, lm_head_loss (and total)."""
+    T = N * batch
+    dm = dims
+    q_out, kv_out = dm.H * dm.D, dm.Hkv * dm.D
+    qkvo = dm.layers * (_lora_linear(T, dm.d, q_out, dm.r) + 2 * _lora_linear(T, dm.d, kv_out, dm.r)
+                        + _lora_linear(T, q_out, dm.d, dm.r))
+    keep = max(1, round(density * N)) if sparse_attention else None
+    attention = dm.layers * batch * 3 * 4 * dm.H * dm.D * _attention_pairs(N, keep)
+    f = ffn_frac
+    ffn = dm.layers * (2 * _lora_linear(T, dm.d, dm.F, dm.r, f, 1.0, f) + _lora_linear(T, dm.F, dm.d, dm.r, f, f, 1.0))
+    head = 2 * 2 * T * dm.d * dm.V
+    parts = {"attention": attention, "ffn": ffn, "qkvo": qkvo, "lm_head_loss": head}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def spt_settings(options: dict, N: int) -> dict:
+    """step_flops keyword arguments for an spt configuration (its options over the defaults)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from spt_compile.options import make_options
+
+    o = make_options(options)
+    sparse_attention = o.sparse_attention and N >= o.attention_dense_below
+    return {"density": (o.top_l / N if o.top_l else o.density), "sparse_attention": sparse_attention,
+            "ffn_frac": o.active_blocks / o.ffn_blocks if o.sparse_ffn else 1.0}
+
+
+def flop_limit(dims: Dims, N: int, batch: int, options: dict) -> tuple[float, dict, dict]:
+    """(spt FLOPs / dense FLOPs, spt parts, dense parts) for an spt configuration."""
+    dense = step_flops(dims, N, batch)
+    spt = step_flops(dims, N, batch, **spt_settings(options, N))
+    return spt["total"] / dense["total"], spt, dense

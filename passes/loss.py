@@ -1,0 +1,208 @@
+"""Loss pass: an LM head and its cross-entropy -> spt::linear_cross_entropy (chunked, no [T, V] saved).
+
+Recognised: `cross_entropy(chain(linear(h, W, b)), labels, ignore_index=c, reduction=r, label_smoothing=e)`
+where `chain` is any sequence of
+    upcasts / no-op casts    .float(), .to(torch.float32), .type(...), .contiguous()
+    views keeping the vocab  .view(-1, V), .reshape(...), .flatten(0, 1)
+    one token slice          logits[..., :-1, :]  (static shapes; the op reads h[..., :-1, :] instead)
+This is what Hugging Face's ForCausalLMLoss traces to (labels padded and shifted on the label side,
+logits upcast, `view(-1, V)`, reduction "sum" then `/ num_items_in_batch`, or "mean"), and what
+nanoGPT-style loops write. The cross-entropy must be 2-D logits [T, V] with 1-D class indices [T],
+constant options and no class weights.
+
+If the linear's output is also used elsewhere (HF returns the logits), the op returns the logits
+too and those users read them, so the LM head runs once and the logits' gradient (zeros, when only
+the loss is differentiated) joins the chunked backward instead of costing a separate GEMM. The
+upcast fp32 copy exists only one chunk at a time. Left dense, with the reason: LoRA on the head,
+logit scaling/soft-capping between head and loss, class weights, anything not listed above.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from spt_compile.options import Options
+from spt_compile.triton_ops.linear_cross_entropy import REDUCTIONS, can_precompute
+
+from .fx_utils import bind, common_path, erase_unused, op, requires_grad, same, shape, static_int, val
+from .mlp import parse_projection
+from .report import GraphReport, SiteReport
+
+_CASTS = ("float", "to", "type", "contiguous")
+_VIEWS = ("view", "reshape", "flatten")
+
+
+class Reject(Exception):
+    """A loss that cannot be rewritten safely; the message is the reason shown by explain()."""
+
+
+def _cast_ok(n: Node) -> bool:
+    """A cast that keeps the shape and device and goes to fp32 or stays in the same dtype."""
+    a, b = val(n.args[0]), val(n)
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.device == b.device and b.dtype in (torch.float32, a.dtype))
+
+
+def _slice_ok(index, ndim: int) -> bool:
+    """Basic indexing of leading (token) dims only: slices and ints, the vocab dim untouched."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(not isinstance(i, (slice, int)) and i is not Ellipsis for i in index) or isinstance(index[0], bool):
+        return False
+    for i in index:
+        if isinstance(i, slice) and any(isinstance(x, Node) for x in (i.start, i.stop, i.step)):
+            return False
+    full = slice(None, None, None)
+    if Ellipsis in index:
+        return index[-1] == full
+    return len(index) < ndim or index[-1] == full
+
+
+def _link(n: Node, index_taken: bool) -> Optional[str]:
+    """What kind of chain link n is ("cast", "view", "slice"), or None."""
+    if not isinstance(n, Node) or not n.args:
+        return None
+    if op(n) in _CASTS and _cast_ok(n):
+        return "cast"
+    a, b = shape(n.args[0]), shape(n)
+    if op(n) in _VIEWS and a and b and same(a[-1], b[-1]):
+        return "view"
+    if op(n) == "getitem" and not index_taken and a and _slice_ok(n.args[1], len(a)):
+        return "slice"
+    return None
+
+
+def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple]]:
+    """From the cross-entropy input back to the linear: (linear node, chain nodes, token index)."""
+    chain, index, n = [], None, start
+    while op(n) != "linear":
+        kind = _link(n, index is not None)
+        if kind is None:
+            p = parse_projection(n) if isinstance(n, Node) else None
+            if p is not None and p.lora_a is not None:
+                raise Reject("the LM head has a LoRA adapter (the chunked loss covers plain linear heads)")
+            raise Reject(f"the loss input is not a linear layer's output through casts, views and a token "
+                         f"slice (found '{getattr(n, 'name', n)}')")
+        if len(n.users) != 1:
+            raise Reject(f"'{n.name}' between the LM head and the loss is also used elsewhere")
+        if kind == "slice":
+            index = n.args[1]
+        chain.append(n)
+        n = n.args[0]
+    return n, chain, index
+
+
+def _const(args: dict, name: str):
+    v = args.get(name)
+    if isinstance(v, Node):
+        raise Reject(f"cross_entropy's {name} is not a constant")
+    return v
+
+
+def match(ce: Node):
+    """(linear, chain, index, options) for a cross_entropy node, or Reject."""
+    a = bind(ce)
+    x, target = a["input"], a["target"]
+    if a.get("weight") is not None:
+        raise Reject("cross_entropy has class weights")
+    if _const(a, "size_average") is not None or _const(a, "reduce") is not None:
+        raise Reject("cross_entropy uses the deprecated size_average/reduce arguments")
+    reduction, ignore, eps = _const(a, "reduction"), _const(a, "ignore_index"), _const(a, "label_smoothing")
+    if reduction not in REDUCTIONS or not isinstance(ignore, int) or not isinstance(eps, (int, float)):
+        raise Reject(f"cross_entropy options not understood (reduction={reduction!r}, ignore_index={ignore!r})")
+    xs, ts = shape(x), shape(target)
+    if not xs or len(xs) != 2 or not ts or len(ts) != 1 or not isinstance(target, Node):
+        raise Reject(f"cross_entropy of logits {xs} and target {ts}: needs [T, V] logits and [T] class indices")
+    if val(target).dtype not in (torch.int64, torch.int32):
+        raise Reject(f"cross_entropy target is {val(target).dtype}, not class indices")
+    linear, chain, index = _walk(x)
+    la = bind(linear)
+    h, W, b = la["input"], la["weight"], la["bias"]
+    ws = shape(W)
+    if not ws or len(ws) != 2 or not same(ws[0], xs[1]):
+        raise Reject(f"LM head weight {ws} does not produce the {xs[1]} classes of the loss")
+    dtypes = {val(t).dtype for t in (h, W, b, linear) if t is not None}
+    if len(dtypes) != 1:
+        raise Reject(f"LM head mixes dtypes {sorted(map(str, dtypes))} (autocast?)")
+    others = [u for u in linear.users if u not in chain]
+    if index is not None:
+        hs = [static_int(s) for s in shape(h)]
+        if None in hs:
+            raise Reject("logits are sliced before the loss under dynamic shapes")
+        if others:
+            raise Reject("logits are sliced before the loss and also used elsewhere")
+        if torch.empty(hs, device="meta")[index].shape[:-1] != tuple(shape(chain[-1])[:-1]):
+            raise Reject(f"token slice {index} does not map onto the LM head input")
+    return linear, chain, index, (ignore, reduction, float(eps)), others
+
+
+def _describe(h, V, opts, index, others, dtype, out_dtype) -> str:
+    ignore, reduction, eps = opts
+    parts = [f"h {tuple(shape(h))} vocab={V} reduction={reduction} ignore_index={ignore}"]
+    if eps:
+        parts.append(f"label_smoothing={eps}")
+    if out_dtype != dtype:
+        parts.append(f"upcast {str(dtype).replace('torch.', '')}->{str(out_dtype).replace('torch.', '')}")
+    if index is not None:
+        parts.append(f"token slice {index}")
+    parts.append("logits also returned" if others else "logits not kept")
+    return " ".join(parts)
+
+
+def _grad_note(h, W, b, reduction) -> str:
+    needs = [torch.is_grad_enabled() and t is not None and requires_grad(t) for t in (h, W, b)]
+    if not any(needs):
+        return "no grad"
+    return "grads in forward" if can_precompute(reduction, needs) else "backward recomputes logits"
+
+
+def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
+    graph = gm.graph
+    for ce in [n for n in graph.nodes if op(n) == "cross_entropy"]:
+        try:
+            linear, chain, index, opts, others = match(ce)
+        except Reject as why:
+            report.sites.append(SiteReport("loss", "dense", "cross_entropy", common_path([ce]), reason=str(why)))
+            continue
+        h, W, b = (bind(linear)[k] for k in ("input", "weight", "bias"))
+        V = shape(W)[0]
+        path = common_path([linear]) or common_path([ce])
+        detail = _describe(h, V, opts, index, others, val(linear).dtype, val(ce).dtype) + \
+            f", {_grad_note(h, W, b, opts[1])}"
+        if not options.chunked_loss:
+            report.sites.append(SiteReport("loss", "dense", "linear-cross_entropy", path, detail,
+                                           reason="chunked_loss=False"))
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        target = bind(ce)["target"]
+        anchor = max(linear, target, key=order.get)  # the op needs h, W, b and the labels
+        if any(order[u] <= order[anchor] for u in others):
+            report.sites.append(SiteReport("loss", "dense", "linear-cross_entropy", path, detail,
+                                           reason="the logits are used before the labels are computed"))
+            continue
+        entry = SiteReport("loss", "rewritten", "linear-cross_entropy", path, detail)
+        report.sites.append(entry)
+        if not apply:
+            continue
+        with graph.inserting_after(anchor):
+            hin = h if index is None else graph.call_function(operator.getitem, (h, index))
+        needs = [torch.is_grad_enabled() and t is not None and requires_grad(t) for t in (h, W, b)]
+        precompute = can_precompute(opts[1], needs)  # gradients formed in forward: no recomputed GEMM
+        with graph.inserting_after(hin if index is not None else anchor):
+            call = graph.call_function(torch.ops.spt.linear_cross_entropy.default, (
+                hin, W, b, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype,
+                precompute, needs))
+        with graph.inserting_after(call):
+            logits = graph.call_function(operator.getitem, (call, 1))
+            logits.meta.update(linear.meta)
+        with graph.inserting_after(call):
+            loss = graph.call_function(operator.getitem, (call, 0))
+            loss.meta.update(ce.meta)
+        ce.replace_all_uses_with(loss)
+        erased = erase_unused(graph, [ce, *chain])
+        linear.replace_all_uses_with(logits)
+        erased += erase_unused(graph, [linear, logits])
+        entry.replaced = [n.name for n in erased if n is not logits]

@@ -1,0 +1,290 @@
+"""Chunked linear + cross-entropy: the LM head and its loss without a saved [tokens, vocab] tensor.
+
+    loss = cross_entropy(h @ W^T + b, labels, ignore_index, reduction, label_smoothing)
+
+h [*, d], W [V, d], b [V] or None, labels [T] (T = h's leading dims flattened). Tokens are processed
+`chunk` rows at a time; only one chunk's logits [chunk, V] exist at once.
+
+Two backward strategies, both exact:
+* gradients in forward (`precompute`, the default wherever it applies): while a chunk's logits
+  exist, forward also forms d(logits) = (softmax - target) * row scale for a unit d(loss) and from it
+  that chunk's d(h) rows and fp32 sums of d(W), d(b); backward multiplies by d(loss). Two GEMMs of
+  T x d x V in all, as the dense head with a frozen weight. d(h) is linear in each row's d(loss), so
+  any reduction works; d(W) and d(b) sum over rows, so they need a scalar loss (mean / sum).
+* recompute: forward keeps the per-row log-sum-exp; backward recomputes each chunk's logits and
+  forms the same gradients. One GEMM more; used for reduction "none" with a trained W or b.
+Saved for backward: h, W, b and labels (held by reference), lse [T] fp32, and the unit d(h) [T, d]
+(d(W), d(b) in fp32 when trained). The dense path saves cross-entropy's log-softmax, T x V fp32
+(403 MB for SmolLM2 at 2048 tokens), and its temporaries add about as much to the allocation peak.
+
+With return_logits the op also returns the full logits [*, V] in h's dtype: a model that returns its
+logits (Hugging Face does) gets them from here, not from a second linear. A gradient through them is
+added in backward; the all-zero one AOTAutograd hands an output nobody differentiated is detected
+(one read) and costs no GEMM.
+
+Numerics follow F.cross_entropy on the upcast logits: rows whose label is ignore_index count
+neither in the sum nor in the mean's denominator (all ignored and mean: nan, as torch);
+label smoothing eps mixes (1 - eps) * nll with eps * mean over classes of -log p.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _row_scale(dloss: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """d(loss)/d(row loss) for each row: [T] fp32, 0 on ignored rows."""
+    if reduction == "none":
+        s = dloss.reshape(-1).float()
+    elif reduction == "sum":
+        s = dloss.float().expand(valid.shape[0])
+    else:  # mean: the denominator is the number of counted rows
+        s = (dloss.float() / valid.sum()).expand(valid.shape[0])
+    return torch.where(valid, s, 0.0)  # all ignored under mean: zero gradient, as torch (not nan)
+
+
+def can_precompute(reduction: str, needs: list[bool]) -> bool:
+    """d(h) is linear in each row's d(loss), so it can be formed in forward for any reduction; d(W)
+    sums over rows, so only a scalar loss lets forward form it."""
+    return any(needs) and (reduction != "none" or not (needs[1] or needs[2]))
+
+
+def _softmax_minus_target_(z: Tensor, lse: Tensor, y: Tensor, valid: Tensor, eps: float) -> Tensor:
+    """In place on fp32 logits z [C, V]: d(row loss)/d(logits) = softmax - smoothed one-hot."""
+    z.sub_(lse[:, None]).exp_()
+    if eps > 0.0:
+        z.sub_(eps / z.shape[1])
+    idx = torch.where(valid, y, 0)[:, None]
+    return z.scatter_add_(1, idx, torch.full(idx.shape, -(1.0 - eps), dtype=z.dtype, device=z.device))
+
+
+def _backprop_chunk(g: Tensor, hc: Tensor, W: Tensor, dh: Optional[Tensor], dW: Optional[Tensor],
+                    db: Optional[Tensor]) -> None:
+    """g [C, V] fp32 d(logits) of the rows hc [C, d]: adds into dh (those rows) and the fp32 dW, db."""
+    gc = g.to(hc.dtype)  # as the dense .float()'s backward casts d(logits) back
+    if dh is not None:
+        dh += gc @ W
+    if dW is not None:
+        if gc.dtype == torch.float32:
+            dW.addmm_(gc.T, hc)
+        else:  # bf16/fp16 GEMM, summed over chunks in fp32
+            dW += (gc.T @ hc).float()
+    if db is not None:
+        db += g.sum(0)
+
+
+def _grad_buffers(h2: Tensor, W: Tensor, needs: list[bool]):
+    V, d = W.shape
+    f32 = dict(dtype=torch.float32, device=W.device)
+    return (torch.zeros_like(h2) if needs[0] else None,
+            torch.zeros(V, d, **f32) if needs[1] else None,  # fp32 accumulators
+            torch.zeros(V, **f32) if needs[2] else None)
+
+
+def linear_cross_entropy_forward(
+    h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
+    label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns loss ([] or [T] for reduction none, in out_dtype), logits ([*, V] or empty), lse [T]
+    fp32, and with `precompute` the gradients for a unit d(loss): dh [T, d] (per row for reduction
+    none), dW [V, d] and db [V] fp32 where `needs` asks (else empty)."""
+    d, V = h.shape[-1], W.shape[0]
+    h2 = h.reshape(-1, d)  # [T, d]
+    y = labels.reshape(-1)  # [T]
+    T = h2.shape[0]
+    logits = h.new_empty(T, V) if return_logits else h.new_empty(0)
+    lse = torch.empty(T, dtype=torch.float32, device=h.device)
+    rows = torch.empty(T, dtype=torch.float32, device=h.device)  # per-row loss
+    valid_all = y != ignore_index
+    grads = _grad_buffers(h2, W, needs) if precompute else (None, None, None)
+    if precompute:
+        unit = _row_scale(torch.ones((T,) if reduction == "none" else (), device=h.device), valid_all, reduction)
+    for r0 in range(0, T, chunk):
+        r1 = min(T, r0 + chunk)
+        z = F.linear(h2[r0:r1], W, b)  # [C, V], h's dtype: rounded as the dense linear rounds
+        if return_logits:
+            logits[r0:r1] = z
+        zf = z.float()
+        lse_c = torch.logsumexp(zf, dim=-1)  # [C]
+        yc, valid = y[r0:r1], valid_all[r0:r1]
+        z_y = zf.gather(1, torch.where(valid, yc, 0)[:, None]).squeeze(1)  # [C]
+        loss_c = lse_c - z_y
+        if label_smoothing > 0.0:
+            loss_c = (1.0 - label_smoothing) * loss_c + label_smoothing * (lse_c - zf.mean(dim=-1))
+        lse[r0:r1] = lse_c
+        rows[r0:r1] = torch.where(valid, loss_c, 0.0)
+        g = None
+        if precompute:  # the backward's work, now, while the chunk's logits exist: no recompute
+            g = _softmax_minus_target_(zf, lse_c, yc, valid, label_smoothing).mul_(unit[r0:r1, None])
+            dh, dW, db = grads
+            _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+        del z, zf, g  # free this chunk's [C, V] before the next one is allocated
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:  # 0 / 0 = nan when every label is ignored, as F.cross_entropy
+        loss = rows.sum() / valid_all.sum()
+    return (loss.to(out_dtype), logits.view(*h.shape[:-1], V) if return_logits else logits, lse,
+            *(h.new_empty(0) if g is None else g for g in grads))  # outputs may not alias: one empty each
+
+
+def linear_cross_entropy_backward(
+    dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
+    lse: Tensor, unit: list[Tensor], ignore_index: int, reduction: str, label_smoothing: float, chunk: int,
+    needs: list[bool],
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dh, dW, db), None where `needs` (for h, W, b) is False. dlogits: gradient of the returned
+    logits ([*, V]) or None. unit: forward's precomputed (dh, dW, db) for a unit d(loss) (empty
+    tensors: recompute each chunk's logits instead)."""
+    d, V = h.shape[-1], W.shape[0]
+    h2 = h.reshape(-1, d)  # [T, d]
+    y = labels.reshape(-1)
+    T = h2.shape[0]
+    dl2 = dlogits.reshape(T, V) if dlogits is not None and dlogits.numel() else None
+    dh, dW, db = _grad_buffers(h2, W, needs)
+    if any(u.numel() for u in unit):  # precomputed in forward: scale by d(loss)
+        f = dloss.float().reshape(-1, 1) if reduction == "none" else dloss.float()
+        for buf, u in zip((dh, dW, db), unit):
+            if buf is not None:
+                buf += u.float() * (f if buf is dh else dloss.float())
+        # AOTAutograd hands zeros to a returned output nobody differentiated: skip their GEMMs
+        if dl2 is not None and bool(dl2.any()):
+            for r0 in range(0, T, chunk):
+                r1 = min(T, r0 + chunk)
+                _backprop_chunk(dl2[r0:r1].float(), h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+    else:
+        valid = y != ignore_index
+        scale = _row_scale(dloss, valid, reduction)  # [T] fp32
+        for r0 in range(0, T, chunk):
+            r1 = min(T, r0 + chunk)
+            g = F.linear(h2[r0:r1], W, b).float()  # [C, V]: the chunk's logits again
+            g = _softmax_minus_target_(g, lse[r0:r1], y[r0:r1], valid[r0:r1], label_smoothing)
+            g.mul_(scale[r0:r1, None])  # ignored rows -> 0
+            if dl2 is not None:
+                g.add_(dl2[r0:r1])
+            _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+            del g  # free this chunk's [C, V] before the next one is allocated
+    return (None if dh is None else dh.view(h.shape),
+            None if dW is None else dW.to(W.dtype),
+            None if db is None else db.to(b.dtype))
+
+
+# --- the custom op: differentiable in h, W, b --------------------------------------------------
+
+
+@torch.library.custom_op("spt::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
+    label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """needs: which of h, W, b will want a gradient (precompute forms those in forward)."""
+    return linear_cross_entropy_forward(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk,
+                                        return_logits, out_dtype, precompute, needs)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs):
+    T = labels.numel()
+    loss = h.new_empty(T, dtype=out_dtype) if reduction == "none" else h.new_empty((), dtype=out_dtype)
+    logits = h.new_empty(*h.shape[:-1], W.shape[0]) if return_logits else h.new_empty(0)
+    V, d = W.shape
+    unit = [h.new_empty(T, d) if precompute and needs[0] else h.new_empty(0),
+            h.new_empty(V, d, dtype=torch.float32) if precompute and needs[1] else h.new_empty(0),
+            h.new_empty(V, dtype=torch.float32) if precompute and needs[2] else h.new_empty(0)]
+    return loss, logits, h.new_empty(T, dtype=torch.float32), *unit
+
+
+@torch.library.custom_op("spt::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(
+    dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
+    lse: Tensor, unit_h: Tensor, unit_W: Tensor, unit_b: Tensor, ignore_index: int, reduction: str,
+    label_smoothing: float, chunk: int, needs: list[bool],
+) -> list[Tensor]:
+    """[dh, dW, db]; an empty tensor where no gradient is needed."""
+    grads = linear_cross_entropy_backward(dloss, dlogits, h, W, b, labels, lse, [unit_h, unit_W, unit_b],
+                                          ignore_index, reduction, label_smoothing, chunk, needs)
+    return [h.new_empty(0) if g is None else g for g in grads]
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(dloss, dlogits, h, W, b, labels, lse, unit_h, unit_W, unit_b, ignore_index, reduction, label_smoothing,
+      chunk, needs):
+    return [t.new_empty(t.shape) if (need and t is not None) else h.new_empty(0) for t, need in zip((h, W, b), needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs = inputs
+    _, _, lse, *unit = output
+    ctx.save_for_backward(h, W, b, labels, lse, *unit)  # no [T, V] tensor
+    ctx.args = (ignore_index, reduction, label_smoothing, chunk)
+    ctx.return_logits = return_logits
+    ctx.precomputed = list(needs) if precompute else [False] * 3
+    # Called eagerly, a logits output nobody differentiates would otherwise get a [T, V] zero
+    # gradient allocated for it (None is handled below).
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dloss, dlogits, dlse, *dunit):
+    h, W, b, labels, lse, *unit = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]) and b is not None]
+    if not any(needs):
+        return (None,) * 12
+    if not all(p for p, n in zip(ctx.precomputed, needs) if n):  # asked for more than forward formed
+        unit = [h.new_empty(0)] * 3
+    dlogits = dlogits.contiguous() if (ctx.return_logits and dlogits is not None) else None
+    if dloss is None:  # only the logits were differentiated
+        dloss = torch.zeros(labels.numel() if ctx.args[1] == "none" else (), dtype=torch.float32, device=h.device)
+    dh, dW, db = _linear_cross_entropy_backward_op(dloss.contiguous(), dlogits, h, W, b, labels, lse, *unit,
+                                                   *ctx.args, needs)
+    return (dh if needs[0] else None, dW if needs[1] else None, db if needs[2] else None) + (None,) * 9
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_inputs(h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, reduction: str,
+                 label_smoothing: float, chunk: int) -> None:
+    """Clear errors for the public function's inputs, naming the argument at fault."""
+    if W.dim() != 2 or h.shape[-1] != W.shape[1]:
+        raise ValueError(f"linear_cross_entropy: W must be [V, d] with d = h.shape[-1] = {h.shape[-1]}; got {tuple(W.shape)}")
+    if b is not None and tuple(b.shape) != (W.shape[0],):
+        raise ValueError(f"linear_cross_entropy: b must be [V] = [{W.shape[0]}]; got {tuple(b.shape)}")
+    if h.dtype != W.dtype or (b is not None and b.dtype != W.dtype):
+        raise ValueError(f"linear_cross_entropy: h, W (and b) must share a dtype; got {h.dtype}, {W.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32) or labels.numel() != h.numel() // h.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: labels must be integer class indices, one per row of h "
+                         f"({h.numel() // max(1, h.shape[-1])}); got {labels.dtype} {tuple(labels.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1]; got {label_smoothing}")
+    if chunk < 1:
+        raise ValueError(f"linear_cross_entropy: chunk must be >= 1; got {chunk}")
+
+
+def linear_cross_entropy(
+    h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, chunk: int = 1024, return_logits: bool = False, precompute: Optional[bool] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """cross_entropy(linear(h, W, b).float().view(-1, V), labels.view(-1), ...) computed `chunk` tokens
+    at a time (see the module docstring). Returns (loss in fp32, logits [*, V] or None).
+    precompute: form the gradients in forward (None: whenever can_precompute allows)."""
+    check_inputs(h, W, b, labels, reduction, label_smoothing, chunk)
+    needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (h, W, b)]
+    if precompute is None:
+        precompute = can_precompute(reduction, needs)
+    elif precompute and not can_precompute(reduction, needs):
+        raise ValueError("linear_cross_entropy: precompute needs a scalar loss when W or b is trained")
+    loss, logits, *_ = _linear_cross_entropy_op(h, W, b, labels.reshape(-1), int(ignore_index), reduction,
+                                                float(label_smoothing), int(chunk), return_logits, torch.float32,
+                                                bool(precompute), needs)
+    return loss, (logits if return_logits else None)
