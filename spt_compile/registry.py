@@ -151,7 +151,9 @@ class SiteTemplate:
 
     def structure(self) -> tuple:
         o = self.options
-        per_kind = (o.pq_subspace_dim, o.pq_codewords) if self.kind == "attention" else (o.ffn_blocks,)
+        # Everything calibration's result depends on: a recompile that changes one of these gets a
+        # fresh site (ffn_cluster decides whether calibration groups the units).
+        per_kind = (o.pq_subspace_dim, o.pq_codewords) if self.kind == "attention" else (o.ffn_blocks, o.ffn_cluster)
         return (self.kind, self.shape) + per_kind
 
 

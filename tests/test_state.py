@@ -198,3 +198,21 @@ def test_inductor_runs_calibration_sparse_and_disabled_calls():
         dense = step(compiled, 0)
     torch.testing.assert_close(dense, reference(x).detach(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(sparse, dense, atol=1e-3)
+
+
+def test_recompiling_with_other_clustering_starts_fresh_sites():
+    """ffn_cluster decides what calibration builds, so a recompile that changes it must not reuse a
+    site calibrated the other way (it would never cluster, or keep a stale permutation)."""
+    model, compiled = compiled_gpt(calibration_steps=1, ffn_cluster=False)
+    for i in range(2):
+        step(compiled, i)
+    before = {n: s for n, s in model_sites(model) if s.kind == "mlp"}
+    assert all(s.perm is None for s in before.values())
+    torch._dynamo.reset()
+    recompiled = torch.compile(model, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 1,
+                                                              "ffn_cluster": True, "attention_dense_below": 0})
+    for i in range(2):
+        step(recompiled, i)
+    after = {n: s for n, s in model_sites(model) if s.kind == "mlp"}
+    assert after.keys() == before.keys()
+    assert all(after[n] is not before[n] and after[n].perm is not None for n in after)
