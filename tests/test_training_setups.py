@@ -110,3 +110,136 @@ def test_trainer_trains_through_spt_and_resumes_exactly(tmp_path):
     assert end.keys() == final_state.keys()
     for k in end:
         torch.testing.assert_close(end[k], final_state[k], msg=lambda m: f"{k}: {m}")
+
+
+def test_ways_in_that_do_not_work_say_so(tmp_path):
+    """accelerate refuses the backend name; torch_compile=True would compile with Inductor (dense),
+    which SptStateCallback refuses with the fix."""
+    from transformers import Trainer, TrainingArguments
+
+    from spt_compile.integrations.hf import SptStateCallback
+
+    model = tiny_lora_llama()
+    args = TrainingArguments(output_dir=str(tmp_path), torch_compile_backend="spt", use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="not a valid DynamoBackend"):
+        Trainer(model=model, args=args, train_dataset=token_rows())
+    args = TrainingArguments(output_dir=str(tmp_path), torch_compile=True, use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match=r"model.compile\(backend='spt'"):
+        Trainer(model=model, args=args, train_dataset=token_rows(), callbacks=[SptStateCallback()])
+
+
+def test_resume_without_sparse_state_is_refused(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from spt_compile.integrations.hf import SptStateCallback
+    from spt_compile.registry import SptStateError
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    state = TrainerState(global_step=4)
+    (tmp_path / "checkpoint-4").mkdir()
+    with pytest.raises(SptStateError, match="checkpoint-4/spt_state.safetensors does not exist"):
+        SptStateCallback().on_train_begin(args, state, TrainerControl(), model=tiny_lora_llama())
+    with pytest.warns(UserWarning, match="calibrate afresh"):
+        SptStateCallback(strict=False).on_train_begin(args, state, TrainerControl(), model=tiny_lora_llama())
+
+
+def test_core_import_leaves_transformers_alone():
+    import subprocess
+    import sys
+
+    code = "import sys, spt_compile; print(sorted(m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+# --- a plain loop, killed with SIGKILL and resumed ---------------------------------------------------
+
+PLAIN = [ "--seq-len", "64", "--threads", "1", "--steps", "6", "--save-every", "2",
+         "--spt", "calibration_steps=1", "--spt", "attention_dense_below=0", "--spt", "attention_block=16",
+         "--spt", "density=0.5"]
+
+
+def plain_loop(model_dir, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, str(script), "--model", str(model_dir), *PLAIN, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def finished(proc) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A 1-layer random LLaMA with SmolLM2's tokenizer, saved as a model folder: loads in a second,
+    where the embedded GGUF model takes most of a minute to convert on 2 cores."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_plain_loop_killed_and_resumed_matches_uninterrupted_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    import signal
+
+    monkeypatch.setenv("SPT_DATA_DIR", str(data_dir))
+    finished(plain_loop(tiny_model_dir, "--output", str(tmp_path / "straight")))
+    want = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+
+    run = tmp_path / "killed"
+    proc = plain_loop(tiny_model_dir, "--output", str(run))
+    seen = []
+    for line in proc.stdout:  # SIGKILL once step 3 ran: the step-2 checkpoint is written, step 4's may be
+        seen.append(line)
+        if line.startswith("step 3 "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    partial = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert 2 <= partial["step"] < 6 and not (run / "checkpoint.pt.tmp").exists()
+
+    out = finished(plain_loop(tiny_model_dir, "--output", str(run), "--resume"))
+    assert f"resumed at step {partial['step']}" in out
+    got = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-6), "the loss curve must not change"
+    assert got["spt"].keys() == want["spt"].keys() and any(k.endswith("/codebooks") for k in got["spt"])
+    for k in want["spt"]:
+        torch.testing.assert_close(got["spt"][k], want["spt"][k], msg=lambda m: f"{k}: {m}")
+
+
+def test_checkpoint_write_interrupted_leaves_old_one_whole(tmp_path, monkeypatch):
+    """A crash while writing (here: torch.save raising halfway) must leave the last checkpoint readable."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "plain_loop", Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py")
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    path = tmp_path / "checkpoint.pt"
+    plain.save_atomically({"step": 2}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        plain.save_atomically({"step": 4}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 2}
