@@ -243,3 +243,32 @@ def test_checkpoint_write_interrupted_leaves_old_one_whole(tmp_path, monkeypatch
         plain.save_atomically({"step": 4}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 2}
+
+
+def example(name, *args, env_extra=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / name
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_examples_help():
+    for name in ("plain_loop.py", "hf_trainer.py"):
+        out = example(name, "--help")
+        assert out.returncode == 0 and "--resume" in out.stdout and "--spt NAME=VALUE" in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+def test_hf_trainer_example_runs_sparse_and_checkpoints(tmp_path, data_dir, tiny_model_dir):
+    import json
+
+    out = example("hf_trainer.py", "--model", str(tiny_model_dir), "--steps", "2", "--save-steps", "2",
+                  "--seq-len", "64", "--threads", "1", "--output", str(tmp_path), *PLAIN[PLAIN.index("--spt"):],
+                  env_extra={"SPT_DATA_DIR": str(data_dir), "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["losses"]) == 2 and result["sparse_sites"] == 2  # 1 layer: attention + MLP
+    assert (tmp_path / "checkpoint-2" / "spt_state.safetensors").is_file()
