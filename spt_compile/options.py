@@ -54,6 +54,9 @@ class Options:
     attention_impl: str = _opt("auto", "Sparse attention implementation: 'triton' (CUDA), 'torch' "
                                "(block-batched PyTorch, the CPU path), 'reference' (dense, for checks) or "
                                "'auto' ($SPT_ATTENTION_IMPL, else triton on CUDA, torch elsewhere).", True)
+    check_finite: bool = _opt(False, "Check each rewritten site's inputs for NaN/inf every call and raise "
+                              "naming the site (a device sync per call on CUDA). Off: such values pass "
+                              "through as in the dense model; they never enter the sparse state.", True)
     # --- structural: read when a graph is compiled ---
     ffn_blocks: int = _opt(4, "Blocks the MLP hidden layer is cut into.", False)
     ffn_cluster: bool = _opt(True, "At the end of calibration, group hidden units that fire together into "
@@ -98,7 +101,7 @@ def validate(o: Options) -> None:
         raise _bad("density", "a float in (0, 1]", o.density)
     if o.top_l is not None and (not is_int(o.top_l) or o.top_l < 1):
         raise _bad("top_l", "an int >= 1 or None", o.top_l)
-    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster"):
+    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster", "check_finite"):
         if not isinstance(getattr(o, name), bool):
             raise _bad(name, "True or False", getattr(o, name))
     if o.attention_selection not in SELECTIONS:

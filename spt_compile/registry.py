@@ -14,6 +14,7 @@ beside a normal checkpoint and loads into a fresh process, before or after compi
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 from collections import defaultdict
@@ -115,11 +116,28 @@ class Site:
     def call_seed(self, index: int) -> int:
         return (self.seed * 6364136223846793005 + index * 1442695040888963407) % (2**62)
 
+    def check_finite(self, plan: CallPlan, **tensors: Optional[Tensor]) -> None:
+        """With the check_finite option: raise on NaN/inf in this call's inputs, naming the site (one
+        device sync per tensor on CUDA, hence off by default)."""
+        if not plan.options.check_finite:
+            return
+        for name, t in tensors.items():
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(
+                    f"spt: non-finite values (NaN or inf) in '{name}' of the {self.kind} site at {self.name or '<top>'} "
+                    f"(call {plan.index}): they come from the model before this site, not from spt. Usual causes: a "
+                    "learning rate too high, fp16 overflow (try bf16), a bad batch. spt_compile.disable() runs the "
+                    "same model dense for comparison; without check_finite such values pass through as in the "
+                    "dense model and are kept out of the sparse state.")
+
     def calibrating(self, plan: CallPlan) -> bool:
         return plan.index < plan.options.calibration_steps
 
     def note_quality(self, **values: float) -> None:
-        """Exponential moving averages of probe results (the first probe sets them)."""
+        """Exponential moving averages of probe results (the first probe sets them). A probe that
+        saw non-finite activations is not counted: it would stay NaN in the average for good."""
+        if not all(math.isfinite(v) for v in values.values()):
+            return
         n = self.quality.get("probes", 0.0)
         for key, value in values.items():
             old = self.quality.get(key)
