@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
@@ -30,20 +31,21 @@ from .options import Options
 _TAG = re.compile(r"^(?P<name>.+)@(?P<kind>[a-z]+)(?P<ordinal>\d+)/(?P<field>[\w.]+)$")
 
 
-_LAST_SEED_DRAW = [None, 0]  # the last base drawn, and how many sites drew it in a row
-
-
-def _new_site_seed() -> int:
+def _new_site_seed(anchor: Optional[Tensor], template: "SiteTemplate") -> int:
     """A seed that follows torch.manual_seed but leaves the global RNG where it was: sites are built
     at their first call, which in a resumed run comes after the RNG state was restored; drawing from
     it there would shift every later random number (e.g. dropout) against the uninterrupted run.
-    Sites built while the RNG state stays the same (no random op between them) are told apart by
-    their order, so the seeds depend only on the RNG state and the order of the calls."""
+    Sites built while the RNG state stays the same (no random op between them) are told apart by a
+    few values of their anchor weight (read once per site), so two identical models built the same
+    way get the same seeds, and layers with different weights get different ones."""
     with torch.random.fork_rng(devices=[]):
         base = int(torch.randint(0, 2**62, (1,)).item())
-    repeat = _LAST_SEED_DRAW[1] + 1 if base == _LAST_SEED_DRAW[0] else 0
-    _LAST_SEED_DRAW[:] = [base, repeat]
-    return (base + repeat * 0x9E3779B97F4A7C15) % (2**62)
+    ident = f"{template.kind}{template.ordinal}".encode()
+    if anchor is not None:
+        ident += anchor.detach().reshape(-1)[:16].float().cpu().numpy().tobytes()
+    else:
+        ident += template.name.encode()
+    return (base + zlib.crc32(ident) * 0x9E3779B97F4A7C15) % (2**62)
 
 
 class SptStateError(ValueError):
@@ -77,7 +79,7 @@ class Site:
         self.name = template.name  # module path, for messages and explain()
         self._anchor = weakref.ref(anchor) if anchor is not None else None
         self.options = template.options  # structural options this site was built with
-        self.seed = _new_site_seed()
+        self.seed = _new_site_seed(anchor, template)
         self.calls = 0
         self.train_calls = 0
         self._staged: list[Callable[[], None]] = []
