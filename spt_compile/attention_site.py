@@ -299,7 +299,27 @@ def attention_site(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
     site = REGISTRY.site(template, anchor)
-    return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p, training)
+    common = _common_dtype(q, k, v)
+    if common is None:
+        return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p,
+                            training)
+    q_, k_, v_, mask_ = _cast(common, q, k, v, mask)
+    out, lse, selection, meta = site.forward(q_, k_, v_, mask_, REGISTRY.templates[template].options, is_causal,
+                                             scale, dropout_p, training)
+    return out.to(q.dtype), lse.float(), selection, meta
+
+
+def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> Optional[torch.dtype]:
+    """None when q, k, v share a dtype. Under torch.autocast they may not (HF's RoPE leaves q and k in
+    fp32 while v comes from a bf16 linear): dense SDPA would run in the autocast dtype, which is the
+    narrowest of the three, so the site does the same (forward and backward alike)."""
+    if q.dtype == k.dtype == v.dtype:
+        return None
+    return min((q.dtype, k.dtype, v.dtype), key=lambda d: torch.finfo(d).bits)
+
+
+def _cast(dtype, *tensors):
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 @attention_site.register_fake
@@ -315,6 +335,11 @@ def attention_site_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
     indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    common = _common_dtype(q, k, v)
+    if common is not None:  # as the forward ran: in the narrowest dtype, grads back in each input's
+        grads = attention_site_backward(*_cast(common, dout, q, k, v, mask, out), lse, indices, meta, is_causal,
+                                        scale, dropout_p)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     mode, seed, d0, d1, d2, block_m, block_n, impl = meta.tolist()
     bias = mask if mask is not None and mask.dtype != torch.bool else None
     B = q.shape[0]
