@@ -294,7 +294,10 @@ def exact_match(model, tokenizer, rows: list[dict]) -> float:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
     os.replace(tmp, path)
 
 

@@ -22,6 +22,7 @@ implementation). Backward uses what forward saved and never reads the options ag
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from .context import resolve
 from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
-from .options import Options
+from .options import Options, SptOptionError
 
 from spt_compile.triton_ops import block_select, pq
 from spt_compile.triton_ops.block_sparse import IMPLS, block_sparse_backward, block_sparse_forward, resolve_impl
@@ -101,8 +102,11 @@ class AttentionSite(Site):
 
     # --- statistics ---------------------------------------------------------------------------
     def _sample_keys(self, k: Tensor, real: Tensor, seed: int) -> Tensor:
-        """Up to KEYS_PER_CALL real keys per kv head: [Hkv, n, D] fp32 (on k's device)."""
-        b, n = real.nonzero(as_tuple=True)
+        """Up to KEYS_PER_CALL real keys per kv head: [Hkv, n, D] fp32 (on k's device). Positions
+        whose key is NaN/inf in any head are left out (n may be 0): the codebooks never see them.
+        The finiteness test rides on the sync nonzero() makes anyway."""
+        usable = real & torch.isfinite(k).all(-1).all(1)  # [B, Nk]
+        b, n = usable.nonzero(as_tuple=True)
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(b.numel(), generator=gen)[:KEYS_PER_CALL].to(k.device)
         return k[b[pick], :, n[pick], :].transpose(0, 1).float().detach()  # [Hkv, n, D]
@@ -114,9 +118,10 @@ class AttentionSite(Site):
 
     def _calibrate(self, k: Tensor, real: Tensor, plan: CallPlan, seed: int) -> None:
         keys = self._sample_keys(k, real, seed)
-        buf = keys if self.key_buffer is None else torch.cat([self.key_buffer, keys], dim=1)
-        self.key_buffer = buf[:, -KEY_BUFFER:]
-        if plan.index == plan.options.calibration_steps - 1:  # last calibration call
+        if keys.shape[1]:
+            buf = keys if self.key_buffer is None else torch.cat([self.key_buffer, keys], dim=1)
+            self.key_buffer = buf[:, -KEY_BUFFER:]
+        if plan.index == plan.options.calibration_steps - 1 and self.key_buffer is not None:  # last calibration call
             buffer = self.key_buffer
 
             def fit() -> None:
@@ -163,6 +168,7 @@ class AttentionSite(Site):
     def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training):
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced)
+        self.check_finite(plan, q=q, k=k, v=v)  # not the mask: -inf there is how it forbids keys
         seed = self.call_seed(plan.index)
         B, H, N, _ = q.shape
         Nk = k.shape[2]
@@ -187,8 +193,14 @@ class AttentionSite(Site):
             return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
 
         with torch.no_grad():
-            if self.codebooks is None:  # calibration_steps == 0: fit on this call's keys
-                self.codebooks = self._fit(self._sample_keys(k, real, seed), seed)
+            if self.codebooks is None:  # calibration_steps == 0, or calibration saw no usable key
+                keys = self._sample_keys(k, real, seed)
+                if keys.shape[1] == 0:  # no finite real key to fit on: this call runs exact
+                    out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
+                    self.end(plan, training)
+                    lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+                    return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
+                self.codebooks = self._fit(keys, seed)
             bias = mask if mask is not None and mask.dtype != torch.bool else None
             if options.attention_selection == "block":
                 out, lse, selection, meta, chosen = self._block_forward(q, k, v, mask, bias, real, options,
@@ -199,8 +211,9 @@ class AttentionSite(Site):
             if plan.updates_state and training:
                 if options.attention_selection == "token":  # only the token proxy reads the codebooks
                     keys = self._sample_keys(k, real, seed)
-                    self.stage(lambda: setattr(self, "codebooks", pq.ema_update(self.codebooks, keys.to(
-                        self.codebooks.device), EMA_DECAY)))
+                    if keys.shape[1]:
+                        self.stage(lambda: setattr(self, "codebooks", pq.ema_update(self.codebooks, keys.to(
+                            self.codebooks.device), EMA_DECAY)))
                 if self.train_calls % PROBE_EVERY == 0 or "recall" not in self.quality:
                     self._probe(q, k, mask, is_causal, scale, chosen, options, real, seed)
         self.end(plan, training)
@@ -233,6 +246,10 @@ class AttentionSite(Site):
         lengths = real_lengths(mask, real)
         per_batch_lb = block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb)
         impl = resolve_impl(options.attention_impl, q.device)
+        if impl == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SptOptionError(f"spt option attention_impl='triton' needs CUDA tensors; the attention at "
+                                 f"{self.name or '<top>'} runs on {q.device.type}: use 'auto' or 'torch'",
+                                 option="attention_impl")
         block_idx = block_select.select_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, bm, bn, impl)
         out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl)
         meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl)
@@ -283,7 +300,27 @@ def attention_site(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
     site = REGISTRY.site(template, anchor)
-    return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p, training)
+    common = _common_dtype(q, k, v)
+    if common is None:
+        return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p,
+                            training)
+    q_, k_, v_, mask_ = _cast(common, q, k, v, mask)
+    out, lse, selection, meta = site.forward(q_, k_, v_, mask_, REGISTRY.templates[template].options, is_causal,
+                                             scale, dropout_p, training)
+    return out.to(q.dtype), lse.float(), selection, meta
+
+
+def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> Optional[torch.dtype]:
+    """None when q, k, v share a dtype. Under torch.autocast they may not (HF's RoPE leaves q and k in
+    fp32 while v comes from a bf16 linear): dense SDPA would run in the autocast dtype, which is the
+    narrowest of the three, so the site does the same (forward and backward alike)."""
+    if q.dtype == k.dtype == v.dtype:
+        return None
+    return min((q.dtype, k.dtype, v.dtype), key=lambda d: torch.finfo(d).bits)
+
+
+def _cast(dtype, *tensors):
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 @attention_site.register_fake
@@ -299,6 +336,11 @@ def attention_site_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
     indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    common = _common_dtype(q, k, v)
+    if common is not None:  # as the forward ran: in the narrowest dtype, grads back in each input's
+        grads = attention_site_backward(*_cast(common, dout, q, k, v, mask, out), lse, indices, meta, is_causal,
+                                        scale, dropout_p)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     mode, seed, d0, d1, d2, block_m, block_n, impl = meta.tolist()
     bias = mask if mask is not None and mask.dtype != torch.bool else None
     B = q.shape[0]

@@ -56,11 +56,17 @@ def downstream(gm: GraphModule, example_inputs, compiler: str, mode: Optional[st
 
 def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any]] = None,
                 mode: Optional[str] = None, **_: Any):
-    """Dynamo backend: gm is the torch-level graph of one traced region."""
+    """Dynamo backend: gm is the torch-level graph of one traced region.
+
+    torch.compile refuses `mode=` together with `options=`, so an Inductor mode can also be given
+    as options={"compiler": "inductor", "mode": "max-autotune"}."""
+    options = dict(options or {})
+    if "mode" in options:
+        mode = options.pop("mode")
     opts = compile_options(options)
     if mode and opts.compiler != "inductor":
-        log.warning("spt: torch.compile mode=%r only applies to compiler='inductor'; ignored for %r",
-                    mode, opts.compiler)
+        log.warning("spt: torch.compile mode=%r only applies to compiler='inductor'; ignored for %r (use "
+                    "options={'compiler': 'inductor', 'mode': %r})", mode, opts.compiler, mode)
     report = rewrite_graph(gm, example_inputs, opts)
     COMPILE_REPORTS.append(report)
     if report.rewritten("attention") or report.rewritten("mlp"):

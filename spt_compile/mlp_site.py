@@ -106,8 +106,11 @@ class MlpSite(Site):
 
     def _fit_routing(self, weights: MlpWeights, spec: MlpSpec, options: Options, seed: int):
         """From the buffered tokens: the unit clustering (if asked) and the router fitted to the
-        block output norms of the blocks it defines. Returns (perm, buffer_y, router)."""
+        block output norms of the blocks it defines. Returns (perm, buffer_y, router), or None
+        while the buffer holds no token (every one so far was padding-free but empty, or NaN/inf)."""
         bx = self.buffer_x
+        if bx.shape[0] == 0:
+            return None
         perm, by = None, self.buffer_y
         if options.ffn_cluster and spec.n_blocks > 1:
             x = bx.to(device=weights.in_w.device, dtype=weights.in_w.dtype)
@@ -122,8 +125,14 @@ class MlpSite(Site):
 
     # --- router statistics --------------------------------------------------------------------
     def _add_samples(self, x: Tensor, norms: Tensor) -> None:
-        self.buffer_x = torch.cat([self.buffer_x, x.detach().float().cpu()])[-ROUTER_BUFFER:]
-        self.buffer_y = torch.cat([self.buffer_y, norms.detach().float().cpu()])[-ROUTER_BUFFER:]
+        """Tokens whose input or block norms hold NaN/inf are dropped: one would turn the router
+        into NaN for good (the copy to the CPU syncs anyway, so the test costs no extra sync)."""
+        x, norms = x.detach().float().cpu(), norms.detach().float().cpu()
+        ok = torch.isfinite(x).all(-1) & torch.isfinite(norms).all(-1)
+        if not bool(ok.all()):
+            x, norms = x[ok], norms[ok]
+        self.buffer_x = torch.cat([self.buffer_x, x])[-ROUTER_BUFFER:]
+        self.buffer_y = torch.cat([self.buffer_y, norms])[-ROUTER_BUFFER:]
 
     def _sample_rows(self, T: int, n: int, seed: int, device) -> Tensor:
         gen = torch.Generator().manual_seed(seed)
@@ -145,15 +154,25 @@ class MlpSite(Site):
     def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool):
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced)
+        self.check_finite(plan, x=x)
         seed = self.call_seed(plan.index)
         x2 = x.reshape(-1, x.shape[-1])
         T = x2.shape[0]
         nb = spec.n_blocks
         calibrating = self.calibrating(plan)
-        routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb)
+        routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb
+                      or T == 0)
         perm = None
         saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
+            if routed and self.router is None:  # calibration_steps == 0, or calibration kept no token
+                rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device)
+                self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
+                fitted = self._fit_routing(weights, spec, options, seed)
+                if fitted is None:  # nothing finite to fit on: this call runs every block
+                    routed = False
+                else:
+                    self._set_routing(*fitted)
             if not routed:
                 block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
                 collect = calibrating and plan.updates_state
@@ -164,10 +183,6 @@ class MlpSite(Site):
                 else:
                     y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             else:
-                if self.router is None:  # calibration_steps == 0: fit on a sample of this call
-                    rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device)
-                    self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
-                    self._set_routing(*self._fit_routing(weights, spec, options, seed))
                 perm = None if self.perm is None else self.perm.to(x.device)
                 wp = permute_hidden(weights, spec, perm)
                 block_mask = choose_blocks(router_scores(x2, self.router.to(x.device)), options.active_blocks)
@@ -176,7 +191,8 @@ class MlpSite(Site):
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp, spec, block_mask, seed)
                     bx, by = self.buffer_x, self.buffer_y
-                    self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
+                    if bx.shape[0]:
+                        self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
         self.end(plan, training)
         impl_code, dtype_code, counts = impl_meta
         counts = list(counts) or [0] * nb
@@ -194,7 +210,8 @@ class MlpSite(Site):
         self._add_samples(x2[rows], norms[rows])
         if plan.index == plan.options.calibration_steps - 1:  # last calibration call
             fitted = self._fit_routing(weights, spec, plan.options, seed)
-            self.stage(lambda: self._set_routing(*fitted))
+            if fitted is not None:
+                self.stage(lambda: self._set_routing(*fitted))
 
     # --- persistence --------------------------------------------------------------------------
     def state_dict(self):

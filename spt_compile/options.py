@@ -59,6 +59,9 @@ class Options:
                          "PyTorch, the CPU path), 'reference' (per-token loop, for checks) or 'auto' "
                          "($SPT_FFN_IMPL, else torch: faster than the untuned Triton kernels on an H200). LoRA dropout and calibration "
                          "calls always run the torch path (docs/ffn.md).", True)
+    check_finite: bool = _opt(False, "Check each rewritten site's inputs for NaN/inf every call and raise "
+                              "naming the site (a device sync per call on CUDA). Off: such values pass "
+                              "through as in the dense model; they never enter the sparse state.", True)
     # --- structural: read when a graph is compiled ---
     ffn_blocks: int = _opt(4, "Blocks the MLP hidden layer is cut into.", False)
     ffn_cluster: bool = _opt(True, "At the end of calibration, group hidden units that fire together into "
@@ -108,7 +111,7 @@ def validate(o: Options) -> None:
         raise _bad("density", "a float in (0, 1]", o.density)
     if o.top_l is not None and (not is_int(o.top_l) or o.top_l < 1):
         raise _bad("top_l", "an int >= 1 or None", o.top_l)
-    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster", "chunked_loss"):
+    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster", "chunked_loss", "check_finite"):
         if not isinstance(getattr(o, name), bool):
             raise _bad(name, "True or False", getattr(o, name))
     if o.attention_selection not in SELECTIONS:

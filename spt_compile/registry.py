@@ -14,8 +14,10 @@ beside a normal checkpoint and loads into a fresh process, before or after compi
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
@@ -27,6 +29,23 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .options import Options
 
 _TAG = re.compile(r"^(?P<name>.+)@(?P<kind>[a-z]+)(?P<ordinal>\d+)/(?P<field>[\w.]+)$")
+
+
+def _new_site_seed(anchor: Optional[Tensor], template: "SiteTemplate") -> int:
+    """A seed that follows torch.manual_seed but leaves the global RNG where it was: sites are built
+    at their first call, which in a resumed run comes after the RNG state was restored; drawing from
+    it there would shift every later random number (e.g. dropout) against the uninterrupted run.
+    Sites built while the RNG state stays the same (no random op between them) are told apart by a
+    few values of their anchor weight (read once per site), so two identical models built the same
+    way get the same seeds, and layers with different weights get different ones."""
+    with torch.random.fork_rng(devices=[]):
+        base = int(torch.randint(0, 2**62, (1,)).item())
+    ident = f"{template.kind}{template.ordinal}".encode()
+    if anchor is not None:
+        ident += anchor.detach().reshape(-1)[:16].float().cpu().numpy().tobytes()
+    else:
+        ident += template.name.encode()
+    return (base + zlib.crc32(ident) * 0x9E3779B97F4A7C15) % (2**62)
 
 
 class SptStateError(ValueError):
@@ -60,7 +79,7 @@ class Site:
         self.name = template.name  # module path, for messages and explain()
         self._anchor = weakref.ref(anchor) if anchor is not None else None
         self.options = template.options  # structural options this site was built with
-        self.seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: follows manual_seed
+        self.seed = _new_site_seed(anchor, template)
         self.calls = 0
         self.train_calls = 0
         self._staged: list[Callable[[], None]] = []
@@ -99,11 +118,28 @@ class Site:
     def call_seed(self, index: int) -> int:
         return (self.seed * 6364136223846793005 + index * 1442695040888963407) % (2**62)
 
+    def check_finite(self, plan: CallPlan, **tensors: Optional[Tensor]) -> None:
+        """With the check_finite option: raise on NaN/inf in this call's inputs, naming the site (one
+        device sync per tensor on CUDA, hence off by default)."""
+        if not plan.options.check_finite:
+            return
+        for name, t in tensors.items():
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(
+                    f"spt: non-finite values (NaN or inf) in '{name}' of the {self.kind} site at {self.name or '<top>'} "
+                    f"(call {plan.index}): they come from the model before this site, not from spt. Usual causes: a "
+                    "learning rate too high, fp16 overflow (try bf16), a bad batch. spt_compile.disable() runs the "
+                    "same model dense for comparison; without check_finite such values pass through as in the "
+                    "dense model and are kept out of the sparse state.")
+
     def calibrating(self, plan: CallPlan) -> bool:
         return plan.index < plan.options.calibration_steps
 
     def note_quality(self, **values: float) -> None:
-        """Exponential moving averages of probe results (the first probe sets them)."""
+        """Exponential moving averages of probe results (the first probe sets them). A probe that
+        saw non-finite activations is not counted: it would stay NaN in the average for good."""
+        if not all(math.isfinite(v) for v in values.values()):
+            return
         n = self.quality.get("probes", 0.0)
         for key, value in values.items():
             old = self.quality.get(key)
