@@ -13,6 +13,8 @@ labels = inputs (HF's causal-LM loss). Configurations:
   spt-inductor          spt with Inductor downstream
   spt-25%               spt with 1 of 4 FFN blocks active
   spt-25%-no-chunked-loss
+  spt-16blocks          spt with 8 of 16 FFN blocks (finer blocks: more of the MLP output kept)
+  spt-16blocks-25%      spt with 4 of 16 FFN blocks
 
 Reported per run: compile time (first step minus a step of the same kind, cold Inductor cache; for
 spt the reference is one of its dense calibration steps), median step time after warm-up (spt:
@@ -53,6 +55,9 @@ CONFIGS = {
     "spt-inductor": ("spt", {"compiler": "inductor"}, "sdpa"),
     "spt-25%": ("spt", {"ffn_active": 1}, "sdpa"),
     "spt-25%-no-chunked-loss": ("spt", {"ffn_active": 1, "chunked_loss": False}, "sdpa"),
+    # Finer FFN blocks keep more of the MLP output at the same share (benchmarks/routing_quality.py)
+    "spt-16blocks": ("spt", {"ffn_blocks": 16}, "sdpa"),
+    "spt-16blocks-25%": ("spt", {"ffn_blocks": 16, "ffn_active": 4}, "sdpa"),
 }
 DENSE = ("eager-sdpa", "eager-attn", "inductor")
 
