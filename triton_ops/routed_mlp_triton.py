@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .block_sparse_triton import _dot  # fp32-accumulated tl.dot with the interpreter's bf16 workaround
 from .routed_mlp import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds, out_features
 
 # Activation codes the kernels switch on (constexpr), by MlpSpec.activation.
@@ -62,15 +63,6 @@ _TANH_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 
 
 # --- kernels -----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in fp32. UPCAST (set only under TRITON_INTERPRET=1 for bf16): the interpreter
-    multiplies bf16 tiles as their raw uint16 bits, so widen them first; the values are the same."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
