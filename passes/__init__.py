@@ -3,6 +3,9 @@
     report = rewrite_graph(gm, example_inputs, options)             # rewrites gm in place
     report = rewrite_graph(gm, example_inputs, options, apply=False)  # only says what it would do
 
+Module float attributes that Dynamo passed as graph inputs (dynamic shapes) are read as constants
+first (float_inputs.py); report.floats lists them, and the caller must guard on them at run time.
+
 attention.py, mlp.py and loss.py each hold their pattern family: parsers for the forms, a semantic
 check, and the rewrite to one spt:: op per site (loss.py: the LM head + cross-entropy, chunked). Higher-order-op bodies (activation checkpointing puts
 each layer into a tag_activation_checkpoint subgraph) are rewritten too. Installed as
@@ -16,6 +19,7 @@ from torch.fx import GraphModule
 from spt_compile.options import Options
 
 from . import attention, loss, mlp
+from .float_inputs import copy_graph_module, float_inputs, specialize
 from .fx_utils import op
 from .report import GraphReport, SiteReport
 
@@ -24,6 +28,11 @@ __all__ = ["rewrite_graph", "GraphReport", "SiteReport"]
 
 def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool = True) -> GraphReport:
     report = GraphReport()
+    report.floats = float_inputs(gm, example_inputs)
+    if report.floats:  # module floats Dynamo made graph inputs: constants for the passes (float_inputs.py)
+        if not apply:
+            gm = copy_graph_module(gm)
+        specialize(gm, report.floats)
     _rewrite(gm, options, report, apply, ordinals={})
     return report
 

@@ -44,10 +44,12 @@ FORBIDDING_FILL = -1.0e4  # a masked_fill / where value at or below this removes
 CASTS = ("to", "float", "type", "type_as")
 
 
-# Under dynamic=True Dynamo passes Python floats (HF's `self.scaling`, `attention_dropout`) into the
-# graph as tensors unless torch._dynamo.config.specialize_float is set; the op needs them constant.
-DYNAMIC_FLOATS = (" (under dynamic=True Dynamo passes Python floats such as a module's scaling or dropout "
-                  "as graph values; torch._dynamo.config.specialize_float = True keeps them constants)")
+# Under dynamic=True Dynamo passes Python floats into the graph as tensors unless
+# torch._dynamo.config.specialize_float is set. Module attributes (HF's `self.scaling`,
+# `attention_dropout`) are read back as constants before the passes run (float_inputs.py); what is
+# left is a float passed to forward() as an argument, or a value computed from tensors.
+DYNAMIC_FLOATS = (" (under dynamic=True Dynamo passes a float argument of forward() as a graph value; "
+                  "store it as a module attribute, or set torch._dynamo.config.specialize_float = True)")
 
 
 class Reject(Exception):

@@ -30,6 +30,7 @@ class GraphReport:
     """Reports of one graph (and the higher-order-op bodies inside it)."""
 
     sites: list[SiteReport] = field(default_factory=list)
+    floats: list = field(default_factory=list)  # FloatInputs read as constants (float_inputs.py)
 
     def rewritten(self, kind: Optional[str] = None) -> list[SiteReport]:
         return [s for s in self.sites if s.status == "rewritten" and (kind is None or s.kind == kind)]
@@ -40,5 +41,9 @@ class GraphReport:
     def summary(self) -> str:
         n_att, n_mlp = len(self.rewritten("attention")), len(self.rewritten("mlp"))
         n_loss, left = len(self.rewritten("loss")), len(self.dense())
-        return (f"{n_att} attention and {n_mlp} MLP sites rewritten, {n_loss} chunked loss, "
+        text = (f"{n_att} attention and {n_mlp} MLP sites rewritten, {n_loss} chunked loss, "
                 f"{left} candidates left dense")
+        if self.floats:
+            text += (f"; {len(self.floats)} module float attribute(s) that Dynamo passed as graph inputs read "
+                     "as constants, checked on every call")
+        return text

@@ -17,6 +17,7 @@ from .context import compile_overrides
 from .options import Options, make_options
 
 from spt_compile.passes import GraphReport, rewrite_graph
+from spt_compile.passes.float_inputs import FloatGuard, copy_graph_module, float_inputs
 
 log = logging.getLogger("spt_compile")
 
@@ -67,6 +68,9 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     if mode and opts.compiler != "inductor":
         log.warning("spt: torch.compile mode=%r only applies to compiler='inductor'; ignored for %r (use "
                     "options={'compiler': 'inductor', 'mode': %r})", mode, opts.compiler, mode)
+    # The graph as traced, kept when module floats get read as constants: it runs instead whenever one
+    # of them changes (passes/float_inputs.py).
+    as_traced = copy_graph_module(gm) if float_inputs(gm, example_inputs) else None
     report = rewrite_graph(gm, example_inputs, opts)
     COMPILE_REPORTS.append(report)
     if report.rewritten("attention") or report.rewritten("mlp"):
@@ -74,4 +78,8 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     log.info("spt: %s", report.summary())
     for site in report.dense():
         log.info("spt: left dense: %s %s: %s", site.kind, site.path or "<top>", site.reason)
-    return downstream(gm, example_inputs, opts.compiler, mode)
+    if as_traced is None:
+        return downstream(gm, example_inputs, opts.compiler, mode)
+    if not report.rewritten():  # nothing needed the constants: compile the graph as traced, no guard
+        return downstream(as_traced, example_inputs, opts.compiler, mode)
+    return FloatGuard(downstream(gm, example_inputs, opts.compiler, mode), as_traced.forward, report.floats)

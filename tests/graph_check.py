@@ -11,6 +11,7 @@ from torch.fx import Node
 
 from spt_compile.options import make_options
 from spt_compile.passes import GraphReport, rewrite_graph
+from spt_compile.passes.float_inputs import float_inputs, specialize
 
 SPT_OPS = {torch.ops.spt.attention_site.default, torch.ops.spt.mlp_site.default,
            torch.ops.spt.linear_cross_entropy.default}
@@ -40,9 +41,14 @@ class GraphCapture:
     checked: int = 0
 
     def __call__(self, gm, example_inputs, **_):
+        # Module floats Dynamo made graph inputs are read as constants first (tested on its own); the
+        # check below is about what the passes replace.
+        floats = float_inputs(gm, example_inputs)
+        specialize(gm, floats)
         graphs = [gm] + [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]
         before = {g: [(n, _parts(n)) for n in g.graph.nodes] for g in graphs}
         report = rewrite_graph(gm, example_inputs, make_options({"compiler": "eager", **self.options}))
+        report.floats = floats
         self.reports.append(report)
         replaced = {name for s in report.sites for name in s.replaced}
         for g in graphs:

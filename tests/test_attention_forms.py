@@ -190,16 +190,41 @@ class ScaledByAttribute(nn.Module):
         return torch.matmul(w, q)
 
 
+class ScaledByArgument(nn.Module):
+    """The scale handed to forward() as a Python float: under dynamic=True a graph value per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x, scaling: float):
+        q = self.proj(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        return torch.matmul(torch.softmax(torch.matmul(q, q.transpose(2, 3)) * scaling, dim=-1), q)
+
+
 @pytest.mark.parametrize("specialize_float", [False, True])
 def test_dynamic_shapes_and_float_attributes(specialize_float):
-    """Under dynamic=True Dynamo makes Python float attributes graph values unless specialize_float is
-    set: the op needs a constant scale and dropout, so the site stays dense and explain says how."""
+    """Under dynamic=True Dynamo makes Python float attributes graph inputs unless specialize_float is
+    set; the backend reads module attributes back as constants (guarded at run time), so the site is
+    rewritten either way, and its output equals dense."""
     torch._dynamo.reset()
     cap = GraphCapture(EVERY)
+    model = ScaledByAttribute().eval()
+    x = torch.randn(2, 9, 16)
     with torch._dynamo.config.patch(specialize_float=specialize_float):
-        torch.compile(ScaledByAttribute(), backend=cap, dynamic=True)(torch.randn(2, 9, 16))
-    if specialize_float:
-        assert len(cap.rewritten("attention")) == 1
-    else:
-        (site,) = cap.dense("attention")
-        assert "specialize_float" in site.reason
+        torch.compile(model, backend=cap, dynamic=True)(x)
+    assert len(cap.rewritten("attention")) == 1
+    assert bool(cap.reports[-1].floats) != specialize_float  # constants read back only when Dynamo made inputs
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=specialize_float):
+        out = torch.compile(model, backend="spt", dynamic=True, options={**EVERY, "compiler": "aot_eager"})(x)
+    torch.testing.assert_close(out, model(x), atol=2e-5, rtol=1e-4)
+
+
+def test_dynamic_shapes_float_argument_stays_dense_and_says_why():
+    """A float passed to forward() may change every call: it stays a graph value, the site dense."""
+    torch._dynamo.reset()
+    cap = GraphCapture(EVERY)
+    torch.compile(ScaledByArgument(), backend=cap, dynamic=True)(torch.randn(2, 9, 16), 0.25)
+    (site,) = cap.dense("attention")
+    assert "float argument of forward()" in site.reason and "specialize_float" in site.reason
