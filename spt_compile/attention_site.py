@@ -244,13 +244,19 @@ class AttentionSite(Site):
         Nk = k.shape[2]
         n_kb = block_select.n_blocks(Nk, bn)
         lengths = real_lengths(mask, real)
-        per_batch_lb = block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb)
+        # Packed rows (several sequences, a block-diagonal mask): each query block's budget comes from
+        # its own sequence's length, as if it ran alone.
+        packed = None if mask is None else block_select.packed_blocks_per_query(
+            mask, real, q.shape[2], options.density, options.top_l, bm, bn)
+        budget_lb, sink = (block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb), None) \
+            if packed is None else packed
         impl = resolve_impl(options.attention_impl, q.device)
         if impl == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise SptOptionError(f"spt option attention_impl='triton' needs CUDA tensors; the attention at "
                                  f"{self.name or '<top>'} runs on {q.device.type}: use 'auto' or 'torch'",
                                  option="attention_impl")
-        block_idx = block_select.select_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, bm, bn, impl)
+        block_idx = block_select.select_blocks(q, k, scale, budget_lb, is_causal, mask, real, bm, bn, impl,
+                                               sink=sink)
         out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl)
         meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl)
         G = q.shape[1] // block_idx.shape[1]

@@ -183,3 +183,31 @@ def test_impl_choice(monkeypatch):
     monkeypatch.setenv("SPT_ATTENTION_IMPL", "cuda-please")
     with pytest.raises(ValueError, match="SPT_ATTENTION_IMPL"):
         resolve_impl("auto", torch.device("cpu"))
+
+
+def test_packed_rows_budget_and_sink_per_sequence():
+    """A block-diagonal mask (sequences packed into one row): each query block gets its own
+    sequence's budget and first block as sink; one sequence per row (causal, padding) gives None."""
+    from spt_compile.triton_ops.block_select import packed_blocks_per_query
+    from spt_compile.triton_ops.pq import real_key_mask
+
+    lengths = (32, 16, 48)  # aligned to blocks of 16: starts at blocks 0, 2, 3
+    seg = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])
+    N = len(seg)
+    allowed = (seg.view(-1, 1) == seg.view(1, -1)) & torch.ones(N, N, dtype=torch.bool).tril()
+    mask = allowed.view(1, 1, N, N)
+    budget, sink = packed_blocks_per_query(mask, real_key_mask(mask, 1, N), N, 0.5, None, 16, 16)
+    # density 1/2: ceil(16 / 16) = 1 block for 32 keys, 1 for 16, ceil(24 / 16) = 2 for 48
+    assert budget.tolist() == [[1, 1, 1, 2, 2, 2]]
+    assert sink.tolist() == [[0, 0, 2, 3, 3, 3]]
+    # Not aligned (13, 40): the second sequence spans 4 blocks where alone it spans 3, and gets one more.
+    seg = torch.cat([torch.zeros(13, dtype=torch.long), torch.ones(40, dtype=torch.long)])
+    mask = (seg.view(-1, 1) == seg.view(1, -1)).view(1, 1, 53, 53)
+    budget, sink = packed_blocks_per_query(mask, real_key_mask(mask, 1, 53), 53, 1.0, None, 16, 16)
+    assert budget.tolist() == [[4, 4, 4, 4]] and sink.tolist() == [[0, 0, 0, 0]]
+    # One sequence per row: causal, right padding -> no packing.
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    pad = causal.clone()
+    pad[:, 30:] = False
+    mask = torch.stack([causal, pad]).view(2, 1, 40, 40)
+    assert packed_blocks_per_query(mask, real_key_mask(mask, 2, 40), 40, 0.5, None, 16, 16) is None

@@ -158,6 +158,38 @@ def test_padding_and_batch_companions_do_not_change_a_sequence():
     assert (alone - dense).abs().max() > 1e-3, "the comparison must run sparse"
 
 
+def _packed(seqs: list[torch.Tensor]) -> dict:
+    """Sequences packed into one row the way HF's DataCollatorWithFlattening writes them: no attention
+    mask, position_ids restarting at 0 per sequence (HF builds a block-diagonal causal mask from them)."""
+    return {"input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sparse", [False, True])
+def test_packed_sequences_give_the_unpadded_results(sparse):
+    """Packed (variable-length, one row) batches: each sequence's logits equal running it alone.
+    Sparse (density 1/2, half the FFN blocks): when every sequence starts at a multiple of
+    attention_block, so that query and key blocks fall as they do alone; with every key and block
+    kept (degenerate): any lengths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    lm = LlamaForCausalLM(config).eval()
+    c = compiled(lm, **({} if sparse else {"density": 1.0, "ffn_active": 4}))
+    c(input_ids=torch.randint(0, 128, (1, 64)))  # calibration
+    lengths = (32, 16, 48) if sparse else (13, 40, 7)
+    seqs = [torch.randint(0, 128, (n,)) for n in lengths]
+    packed = c(**_packed(seqs)).logits[0].split(list(lengths))
+    for seq, got in zip(seqs, packed):
+        torch.testing.assert_close(got, c(input_ids=seq[None]).logits[0], atol=2e-5, rtol=1e-4)
+    if sparse:
+        with spt_compile.disable():
+            dense = c(input_ids=seqs[2][None]).logits[0]
+        assert (packed[2] - dense).abs().max() > 1e-3, "the comparison must run sparse"
+
+
 def test_devices_and_options_that_cannot_work_are_named():
     torch.manual_seed(0)
     c = compiled(GQAAttention(d=64, heads=4, kv_heads=2), attention_impl="triton")

@@ -38,10 +38,50 @@ def n_blocks(n: int, block: int) -> int:
 
 
 def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], block_n: int, n_kb: int) -> Tensor:
-    """Key blocks per query block for each sequence [B]: ceil(keys / block_n) where keys is top_l or
-    ceil(density x real length); at least 1, at most n_kb (density 1.0 lists every block)."""
+    """Key blocks per query block from the real key counts (per sequence [B], or per query block
+    [B, n_qb] for packed rows): ceil(keys / block_n) where keys is top_l or ceil(density x length);
+    at least 1, at most n_kb (density 1.0 lists every block)."""
     keys = lengths.clamp(max=top_l) if top_l is not None else torch.ceil(lengths.double() * density).long()
     return torch.ceil(keys.double() / block_n).long().clamp(min=1, max=n_kb)
+
+
+def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, top_l: Optional[int],
+                            block_m: int, block_n: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Rows that pack several sequences (HF's DataCollatorWithFlattening: a block-diagonal mask) give
+    each query block the budget and the sink block of its own sequence, as if it ran alone:
+    (budget, sink), each [B, n_qb] int64 (budget on the CPU: the largest among the sequences of the
+    block's queries; sink: the first key block of the sequence of the block's last row); None when
+    no row packs two sequences (blocks_per_query of the row's length applies, sink block 0). A sequence that does not start at a multiple of
+    block_n spans one key block more than alone and gets it, so density 1.0 still lists every key.
+    A sequence starts at query i when i may see key i but not key i - 1: only the mask's diagonal
+    and the one below it are read."""
+    Nk = real.shape[1]
+    if N != Nk or N < 2 or mask.shape[2] != N:
+        return None
+    i = torch.arange(N, device=mask.device)
+    on = allowed_mask(mask[:, :, i, i].unsqueeze(-1), 0, N).squeeze(-1).any(1)  # [B|1, N]: i sees i
+    below = allowed_mask(mask[:, :, i[1:], i[:-1]].unsqueeze(-1), 0, N).squeeze(-1).any(1)  # i sees i - 1
+    starts = torch.cat([torch.ones_like(on[:, :1]), on[:, 1:] & ~below], dim=1).expand(real.shape[0], N)
+    segment = starts.long().cumsum(1) - 1  # [B, N]: the sequence of each position
+    B = real.shape[0]
+    length = torch.zeros(B, N, dtype=torch.int64, device=mask.device).scatter_add_(1, segment, real.long())
+    packed = (length > 0).sum(1) > 1  # [B]: rows holding two or more sequences with keys
+    if not bool(packed.any()):
+        return None
+    block = (i // block_n).expand(B, N)
+    first = torch.full((B, N), N, dtype=torch.int64, device=mask.device).scatter_reduce_(1, segment, block, "amin")
+    last = torch.zeros(B, N, dtype=torch.int64, device=mask.device).scatter_reduce_(1, segment, block, "amax")
+    spanned = (last - first + 1).clamp(min=1)  # [B, N] key blocks each sequence covers
+    alone = torch.ceil(length.double() / block_n).long()  # ... and would cover alone
+    budget = (blocks_per_query(length, density, top_l, block_n, N) + spanned - alone).minimum(spanned)
+    per_query = budget.gather(1, segment)  # [B, N]
+    n_qb = n_blocks(N, block_m)
+    per_block = _pad_to(per_query, 1, n_qb * block_m, 0).view(B, n_qb, block_m).amax(-1)  # [B, n_qb]
+    whole_row = blocks_per_query(real.sum(1), density, top_l, block_n, n_blocks(Nk, block_n))
+    last_row = (torch.arange(n_qb, device=mask.device) * block_m + block_m - 1).clamp(max=N - 1)
+    sink = first.gather(1, segment[:, last_row])  # [B, n_qb]
+    sink = torch.where(packed[:, None], sink, 0)
+    return torch.where(packed[:, None], per_block, whole_row[:, None].to(per_block.device)).cpu(), sink
 
 
 def _pad_to(x: Tensor, dim: int, size: int, value) -> Tensor:
@@ -81,24 +121,27 @@ def select_key_blocks(
     q: Tensor,
     k: Tensor,
     scale: float,
-    per_batch_lb: Tensor,
+    budget_lb: Tensor,
     is_causal: bool,
     mask: Optional[Tensor],
     real: Tensor,
     block_m: int,
     block_n: int,
     per_group: bool = True,
+    sink: Optional[Tensor] = None,
 ) -> Tensor:
     """Top-Lb key blocks per query block by the pooled proxy; never a block the query block may not
-    see at all (causal future, masked out, padding only). per_batch_lb [B]; real [B, Nk] bool (keys
-    some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
+    see at all (causal future, masked out, padding only). budget_lb [B], or [B, n_qb] for packed
+    rows (packed_lengths); real [B, Nk] bool (keys some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
     S = Hkv when `per_group` (the query heads of a GQA group share one list, scored by the largest
-    share any of them gives a block: one gather and one GEMM serve the group) and S = H otherwise."""
+    share any of them gives a block: one gather and one GEMM serve the group) and S = H otherwise.
+    sink [B, n_qb] (packed rows): the block each query block always keeps besides its diagonal one,
+    else block 0."""
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = H // Hkv
     n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
-    Lb = int(per_batch_lb.max()) if per_batch_lb.numel() else 0
+    Lb = int(budget_lb.max()) if budget_lb.numel() else 0
     S = Hkv if per_group else H
     block_idx = torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
     if Lb == 0 or N == 0:
@@ -107,7 +150,7 @@ def select_key_blocks(
     k_bar_t = k_bar.transpose(-1, -2)  # [B, Hkv, D, n_kb]
     log_count = torch.log(count).view(B, 1, 1, n_kb)  # -inf for blocks of padding only
     kb_start = torch.arange(n_kb, device=q.device) * block_n
-    slot_unused = (torch.arange(Lb, device=q.device).view(1, Lb) >= per_batch_lb.to(q.device).view(B, 1))
+    budget = budget_lb.to(q.device).view(B, 1, -1, 1).expand(B, 1, n_qb, 1)  # [B, 1, n_qb, 1]
     qb_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * block_m * n_kb))
     for qb0 in range(0, n_qb, qb_per_chunk):
         qb1 = min(n_qb, qb0 + qb_per_chunk)
@@ -126,9 +169,12 @@ def select_key_blocks(
         # block's last row, clipped to the keys that exist).
         diag = (torch.minimum(torch.arange(qb0, qb1, device=q.device) * block_m + block_m - 1,
                               torch.tensor(min(N, Nk) - 1, device=q.device)) // block_n).clamp(min=0)
-        forced = torch.zeros(C, n_kb, device=q.device)
-        forced[:, 0] = _FORCED_SINK
-        forced[torch.arange(C, device=q.device), diag] = _FORCED_DIAG
+        forced = torch.zeros(B, 1, C, n_kb, device=q.device)
+        if sink is None:
+            forced[..., 0] = _FORCED_SINK
+        else:
+            forced.scatter_(-1, sink[:, qb0:qb1].to(q.device).view(B, 1, C, 1), _FORCED_SINK)
+        forced[:, :, torch.arange(C, device=q.device), diag] = _FORCED_DIAG
         score = share + forced
         # Forbidden tiles: padding-only blocks, causal future, masked out for the whole tile.
         visible = (count > 0).view(B, 1, 1, n_kb)
@@ -142,7 +188,8 @@ def select_key_blocks(
             visible = visible & tiles
         score = score.masked_fill(~visible, float("-inf"))
         vals, idx = score.topk(min(Lb, n_kb), dim=-1)
-        idx = idx.masked_fill(torch.isneginf(vals) | slot_unused[:, : idx.shape[-1]].view(B, 1, 1, -1), -1)
+        slot_unused = torch.arange(idx.shape[-1], device=q.device) >= budget[:, :, qb0:qb1]  # [B, 1, C, slots]
+        idx = idx.masked_fill(torch.isneginf(vals) | slot_unused, -1)
         block_idx[:, :, qb0:qb1, : idx.shape[-1]] = idx.to(torch.int32)
     return block_idx
 
@@ -164,8 +211,8 @@ def mask_tiles(mask: Tensor, B: int, H: int, Hkv: int, N: int, Nk: int, block_m:
 
 
 def select_blocks(
-    q: Tensor, k: Tensor, scale: float, per_batch_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
-    real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True,
+    q: Tensor, k: Tensor, scale: float, budget_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
+    real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True, sink: Optional[Tensor] = None,
 ) -> Tensor:
     """select_key_blocks through the implementation `impl` names: the Triton kernels
     (block_select_triton.py: two launches instead of about a hundred small operations, which is
@@ -177,13 +224,13 @@ def select_blocks(
             B, H, N, _ = q.shape
             Hkv, Nk = k.shape[1], k.shape[2]
             tiles = None if mask is None else mask_tiles(mask, B, H, Hkv, N, Nk, block_m, block_n, per_group)
-            return select_key_blocks_triton(q, k, scale, per_batch_lb, is_causal, tiles,
-                                            None if mask is None else real, block_m, block_n, per_group)
-    return select_key_blocks(q, k, scale, per_batch_lb, is_causal, mask, real, block_m, block_n, per_group)
+            return select_key_blocks_triton(q, k, scale, budget_lb, is_causal, tiles,
+                                            None if mask is None else real, block_m, block_n, per_group, sink)
+    return select_key_blocks(q, k, scale, budget_lb, is_causal, mask, real, block_m, block_n, per_group, sink)
 
 
 def oracle_key_blocks(
-    q: Tensor, k: Tensor, scale: float, per_batch_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
+    q: Tensor, k: Tensor, scale: float, budget_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
     block_m: int, block_n: int,
 ) -> Tensor:
     """The quality reference: the Lb key blocks holding the most true attention mass of each query
@@ -201,10 +248,10 @@ def oracle_key_blocks(
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     p = _pad_to(_pad_to(p, 2, n_qb * block_m, 0.0), 3, n_kb * block_n, 0.0)
     mass = p.view(B, H, n_qb, block_m, n_kb, block_n).sum((3, 5))  # [B, H, n_qb, n_kb]
-    Lb = int(per_batch_lb.max())
+    Lb = int(budget_lb.max())
     vals, idx = mass.topk(min(Lb, n_kb), dim=-1)
-    slot_unused = torch.arange(idx.shape[-1], device=q.device).view(1, -1) >= per_batch_lb.to(q.device).view(B, 1)
-    return idx.masked_fill((vals <= 0) | slot_unused.view(B, 1, 1, -1), -1).to(torch.int32)
+    slot_unused = torch.arange(idx.shape[-1], device=q.device) >= budget_lb.to(q.device).view(B, 1, -1, 1)
+    return idx.masked_fill((vals <= 0) | slot_unused, -1).to(torch.int32)
 
 
-__all__ = ["select_blocks", "select_key_blocks", "mask_tiles", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]
+__all__ = ["select_blocks", "select_key_blocks", "mask_tiles", "packed_blocks_per_query", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]

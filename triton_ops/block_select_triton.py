@@ -68,11 +68,12 @@ def _pool_kernel(
 
 @triton.jit
 def _select_kernel(
-    Q, KBAR, LOGC, LB, TILES, OUT,
+    Q, KBAR, LOGC, LB, TILES, SINK, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_tb, stride_ts, stride_tm,
+    stride_tb, stride_ts, stride_tm, stride_lb, stride_lq,
     S, Gs, G, Hkv, N, Nk, D, n_kb, n_qb, Lb, lb_all, scale,
-    IS_CAUSAL: tl.constexpr, HAS_LB: tl.constexpr, HAS_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_LB: tl.constexpr, HAS_TILES: tl.constexpr, HAS_SINK: tl.constexpr,
+    PRECISION: tl.constexpr,
     LOW_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NKB: tl.constexpr,
 ):
@@ -118,7 +119,11 @@ def _select_kernel(
     # The sink block and the diagonal block (holding the query block's last row) rank first.
     last_row = tl.minimum(qb * BLOCK_M + BLOCK_M - 1, tl.minimum(N, Nk) - 1)
     diag = tl.maximum(last_row, 0) // BLOCK_N
-    score = share + tl.where(offs_j == diag, _FORCED_DIAG_C, tl.where(offs_j == 0, _FORCED_SINK_C, 0.0))
+    if HAS_SINK:  # packed rows: the first block of this query block's sequence
+        sink = tl.load(SINK + b * n_qb + qb)
+    else:
+        sink = 0
+    score = share + tl.where(offs_j == diag, _FORCED_DIAG_C, tl.where(offs_j == sink, _FORCED_SINK_C, 0.0))
     visible = j_ok & (logc > float("-inf"))
     if IS_CAUSAL:
         visible = visible & (j_start <= tl.minimum(qb * BLOCK_M + BLOCK_M - 1, N - 1))
@@ -128,7 +133,7 @@ def _select_kernel(
     score = tl.where(visible, score, float("-inf"))
 
     if HAS_LB:
-        budget = tl.load(LB + b)
+        budget = tl.load(LB + b * stride_lb + qb * stride_lq)
     else:
         budget = lb_all
     out_row = OUT + ((b * S + s) * n_qb + qb) * Lb
@@ -148,23 +153,24 @@ def select_key_blocks_triton(
     q: Tensor,
     k: Tensor,
     scale: float,
-    per_batch_lb: Tensor,
+    budget_lb: Tensor,
     is_causal: bool,
     tiles: Optional[Tensor],
     real: Optional[Tensor],
     block_m: int,
     block_n: int,
     per_group: bool = True,
+    sink: Optional[Tensor] = None,
 ) -> Tensor:
-    """As block_select.select_key_blocks; `tiles` is the explicit mask's per-tile visibility
+    """As block_select.select_key_blocks (sink [B, n_qb] for packed rows, else None); `tiles` is the explicit mask's per-tile visibility
     [B, S | 1, n_qb, n_kb] bool (None without a mask) and `real` [B, Nk] bool (None: every key real).
-    per_batch_lb [B] int64 on the CPU: a batch whose sequences all get the same budget passes it as
-    a number, so no host-to-device copy waits on the stream."""
+    budget_lb [B] or [B, n_qb] (packed rows) int64 on the CPU: a batch whose query blocks all get the
+    same budget passes it as a number, so no host-to-device copy waits on the stream."""
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     S = Hkv if per_group else H
     n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
-    Lb = int(per_batch_lb.max()) if per_batch_lb.numel() else 0
+    Lb = int(budget_lb.max()) if budget_lb.numel() else 0
     if Lb == 0 or N == 0 or Nk == 0:
         return torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
     out = torch.empty((B, S, n_qb, Lb), dtype=torch.int32, device=q.device)  # the kernel writes every slot
@@ -178,8 +184,9 @@ def select_key_blocks_triton(
         k, real_arg, k_bar, log_count, *k.stride(), Hkv, Nk, D, n_kb,
         HAS_REAL=real is not None, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
     )
-    uniform = bool((per_batch_lb == per_batch_lb[0]).all())
-    lb_t = log_count if uniform else per_batch_lb.to(device=q.device, dtype=torch.int32)
+    uniform = bool((budget_lb == budget_lb.flatten()[0]).all())
+    lb_t = log_count if uniform else budget_lb.to(device=q.device, dtype=torch.int32).view(B, -1).expand(B, n_qb)
+    lb_strides = (0, 0) if uniform else lb_t.stride()
     if tiles is not None:
         tiles_t = tiles.to(torch.int8).expand(B, S, n_qb, n_kb)
         t_strides = tiles_t.stride()[:3]
@@ -189,11 +196,13 @@ def select_key_blocks_triton(
     else:
         tiles_t, t_strides = log_count, (0, 0, 0)
     NKB = max(16, triton.next_power_of_2(n_kb))
+    sink_t = log_count if sink is None else sink.to(device=q.device, dtype=torch.int32).contiguous()
     _select_kernel[(n_qb, B * S)](
-        q, k_bar, log_count, lb_t, tiles_t, out,
-        *q.stride(), *t_strides,
-        S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, Lb, int(per_batch_lb[0]), float(scale),
-        IS_CAUSAL=bool(is_causal), HAS_LB=not uniform, HAS_TILES=tiles is not None, PRECISION="ieee",
+        q, k_bar, log_count, lb_t, tiles_t, sink_t, out,
+        *q.stride(), *t_strides, *lb_strides,
+        S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, Lb, int(budget_lb.flatten()[0]), float(scale),
+        IS_CAUSAL=bool(is_causal), HAS_LB=not uniform, HAS_TILES=tiles is not None,
+        HAS_SINK=sink is not None, PRECISION="ieee",
         # Half-precision q scores on tensor cores: exact fp32 ("ieee") products of a [64, 128] x
         # [128, 128] tile ran 7.7 ms per call at LLaMA-7B's shape (N=8192) on an H200, more than the
         # attention itself. The interpreter multiplies bf16 tiles wrongly (block_sparse_triton._dot),

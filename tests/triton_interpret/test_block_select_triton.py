@@ -79,3 +79,32 @@ def test_rows_without_budget_or_keys_list_nothing():
     assert (got[1] == -1).all() and (got[0] >= 0).all()
     empty = select_key_blocks_triton(q[:, :, :0], k, 0.125, lb, False, None, None, 16, 16)
     assert empty.shape == (2, 1, 0, 2)
+
+
+def _packed_mask(lengths: list[int], causal: bool) -> torch.Tensor:
+    """[1, 1, N, N] bool block-diagonal mask of sequences packed into one row (causal inside each)."""
+    seg = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])
+    allowed = seg.view(-1, 1) == seg.view(1, -1)
+    if causal:
+        allowed &= torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
+    return allowed.view(1, 1, len(seg), len(seg))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_selection_of_packed_rows(causal):
+    """Packed rows: per-query-block budgets [B, n_qb] and each sequence's own sink block."""
+    from spt_compile.triton_ops.block_select import packed_blocks_per_query
+
+    lengths = [13, 40, 7, 80]  # not block-aligned: query blocks straddle sequences
+    N, H, Hkv, D, block = sum(lengths), 3, 1, 64, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k, _ = _inputs(N, D, H, Hkv, None, gen)
+    mask = _packed_mask(lengths, causal).expand(2, 1, N, N)
+    real = real_key_mask(mask, 2, N)
+    budget, sink = packed_blocks_per_query(mask, real, N, 0.5, None, block, block)
+    assert budget.shape == sink.shape == (2, -(-N // block)) and len(set(budget[0].tolist())) > 1
+    want = select_key_blocks(q, k, 0.125, budget, causal, mask, real, block, block, True, sink)
+    tiles = mask_tiles(mask, 2, H, Hkv, N, N, block, block, True)
+    got = select_key_blocks_triton(q, k, 0.125, budget, causal, tiles, real, block, block, True, sink)
+    assert torch.equal(got[..., 0], want[..., 0])
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
