@@ -102,6 +102,14 @@ def _const(args: dict, name: str):
     return v
 
 
+def _autocast(h, W, b, linear) -> bool:
+    """The head ran under autocast: fp32 operands, a half-precision product. The op then gets its
+    operands cast to that dtype, which is what autocast does to the dense linear."""
+    low = val(linear).dtype
+    return low in (torch.bfloat16, torch.float16) and all(
+        val(t).dtype in (low, torch.float32) for t in (h, W, b) if t is not None)
+
+
 def match(ce: Node):
     """(linear, chain, index, options) for a cross_entropy node, or Reject."""
     a = bind(ce)
@@ -125,8 +133,8 @@ def match(ce: Node):
     if not ws or len(ws) != 2 or not same(ws[0], xs[1]):
         raise Reject(f"LM head weight {ws} does not produce the {xs[1]} classes of the loss")
     dtypes = {val(t).dtype for t in (h, W, b, linear) if t is not None}
-    if len(dtypes) != 1:
-        raise Reject(f"LM head mixes dtypes {sorted(map(str, dtypes))} (autocast?)")
+    if len(dtypes) != 1 and not _autocast(h, W, b, linear):
+        raise Reject(f"LM head mixes dtypes {sorted(map(str, dtypes))}")
     others = [u for u in linear.users if u not in chain]
     if index is not None:
         hs = [static_int(s) for s in shape(h)]
@@ -187,13 +195,15 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         report.sites.append(entry)
         if not apply:
             continue
-        with graph.inserting_after(anchor):
-            hin = h if index is None else graph.call_function(operator.getitem, (h, index))
         needs = [torch.is_grad_enabled() and t is not None and requires_grad(t) for t in (h, W, b)]
         precompute = can_precompute(opts[1], needs)  # gradients formed in forward: no recomputed GEMM
-        with graph.inserting_after(hin if index is not None else anchor):
+        with graph.inserting_before(anchor.next):  # in order, right after the last input
+            hin = h if index is None else graph.call_function(operator.getitem, (h, index))
+            compute = val(linear).dtype  # under autocast: the operands in the dtype the product ran in
+            hin, Win, bin_ = (t if t is None or val(orig).dtype == compute else graph.call_method("to", (t, compute))
+                              for t, orig in ((hin, h), (W, W), (b, b)))
             call = graph.call_function(torch.ops.spt.linear_cross_entropy.default, (
-                hin, W, b, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype,
+                hin, Win, bin_, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype,
                 precompute, needs))
         with graph.inserting_after(call):
             logits = graph.call_function(operator.getitem, (call, 1))

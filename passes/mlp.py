@@ -100,6 +100,16 @@ def _base_viewed(n: Node) -> Optional[Projection]:
     return p
 
 
+def _autocast_input_cast(n: Node, linear_out: Node) -> bool:
+    """n casts the LoRA input to another dtype (PEFT casts it to lora_A's weight dtype) that the
+    linear reading it does not compute in: under autocast the linear recasts it to the autocast
+    dtype, which is what the site computes in, so the cast changes nothing the op would not."""
+    if op(n) not in ("to", "float", "type"):
+        return False
+    a, b, o = val(n.args[0]), val(n), val(linear_out)
+    return all(isinstance(t, torch.Tensor) for t in (a, b, o)) and b.dtype != o.dtype and a.dtype == o.dtype
+
+
 def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node]]]:
     """(A, B, scale, dropout p, nodes) if n = linear(linear(dropout?(x), A), B) [* scale]."""
     nodes, scale = set(), 1.0
@@ -127,7 +137,7 @@ def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node
         p = float(d["p"]) if d["training"] else 0.0
         nodes.add(xin)
         xin = d["input"]
-    while _noop_cast(xin):
+    while _noop_cast(xin) or _autocast_input_cast(xin, inner):
         nodes.add(xin)
         xin = xin.args[0]
     return (a["weight"], outer["weight"], scale, p, nodes) if xin is x else None
