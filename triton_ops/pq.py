@@ -158,7 +158,33 @@ def select_keys(
             future = key_pos.view(1, Nk) > torch.arange(r0, r1, device=q.device).view(-1, 1)
             s = s.masked_fill(future, float("-inf"))
         vals, idx = s.topk(L, dim=-1)
+        vals, idx = _ties_by_position(s, vals, idx, per_batch_l.to(q.device).view(B, 1, 1, 1))
         idx = idx.masked_fill(torch.isneginf(vals) | slot_unused, -1)
         indices[:, :, r0:r1] = idx.to(torch.int32)
     return indices
+
+
+def _ties_by_position(s: Tensor, vals: Tensor, idx: Tensor, row_l: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys whose proxy scores tie exactly (equal PQ codes) at a row's L_b-th place: keep the
+    earliest positions, as any batch would. topk alone breaks such ties differently for different
+    key counts and L, so a padded sequence could pick another of the tied keys than it does alone.
+    s [..., Nk]; vals, idx [..., L] from s.topk(L), L = max L_b; row_l broadcasts to [..., 1]. Only
+    rows with a tie at their L_b-th score are redone (slots past L_b stay for the caller to clear)."""
+    L = vals.shape[-1]
+    row_l = row_l.expand(*vals.shape[:-1], 1).clamp(min=1, max=L)
+    t = vals.gather(-1, row_l - 1)  # [..., 1] the L_b-th score
+    tied = (s == t) & torch.isfinite(t)
+    rows = tied.sum(-1) > 1
+    if not bool(rows.any()):
+        return vals, idx
+    s_r, t_r, tied_r = s[rows], t[rows], tied[rows]  # [R, Nk], [R, 1], [R, Nk]
+    above = s_r > t_r
+    room = row_l[rows] - above.sum(-1, keepdim=True)  # tied keys that fit
+    keep = above | (tied_r & (tied_r.cumsum(-1) <= room))  # [R, Nk]: exactly L_b keys
+    order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :L]
+    new_vals = s_r.gather(-1, order)
+    new_vals, by_score = new_vals.sort(dim=-1, descending=True, stable=True)  # best first, as topk lists
+    vals, idx = vals.clone(), idx.clone()
+    vals[rows], idx[rows] = new_vals, order.gather(-1, by_score)
+    return vals, idx
 
