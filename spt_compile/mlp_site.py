@@ -17,6 +17,11 @@ block (clustering.py): the site keeps a permutation of the units and applies it 
 reads, so the user's weights, LoRA adapters and checkpoints keep their order, and running every block
 is still exactly the dense MLP.
 
+With `ffn_balance` > 0 (run-time, default off), a per-block bias is subtracted from the router's scores
+before the top-k: fitted on the buffered tokens (fit_balance) so that each block's share of the
+selections moves toward ffn_active / ffn_blocks, refitted whenever the router changes, saved with the
+state. Off, the scores are used as they are.
+
 Outputs: y [*, d_out], block_mask [T, n_blocks] bool, perm [F] int64 (hidden units in block order),
 pre (the routed blocks' pre-activations, flat: an unbacked size; backward rebuilds the hidden layer
 from them instead of recomputing the projections; empty for the reference impl), meta [5 + n_blocks]
@@ -68,6 +73,7 @@ ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
 PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
 RIDGE = 1e-3  # ridge strength, relative to the mean feature energy
+BALANCE_ITERS = 200  # dual-ascent steps of fit_balance (2048 buffered tokens: a few ms per site)
 
 
 def fit_router(x: Tensor, norms: Tensor) -> Tensor:
@@ -92,6 +98,34 @@ def choose_blocks(scores: Tensor, active: int) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
 
 
+def fit_balance(scores: Tensor, active: int, strength: float, iters: int = BALANCE_ITERS) -> Tensor:
+    """Per-block bias c [nb] (fp32) for load balancing: top-`active` of (scores - c) over these tokens
+    gives block b a share of the selections moved `strength` of the way from its unbiased share
+    toward active / nb. scores [n, nb] (the router's, on its buffered tokens).
+
+    Dual ascent on the counts: a block picked too often has its bias raised, one picked too rarely
+    lowered, in steps of the scores' spread that shrink geometrically; the bias with the smallest
+    worst miss is kept (counts are integers, so the targets are met only up to a token or so)."""
+    S = scores.detach().double().cpu()
+    n, nb = S.shape
+    c = torch.zeros(nb, dtype=torch.float64)
+    if n == 0 or strength <= 0 or active >= nb:
+        return c.float()
+    counts = choose_blocks(S, active).sum(0).double()
+    fair = n * active / nb
+    target = (1 - strength) * counts + strength * fair
+    spread = S.std(dim=0).mean().clamp(min=1e-12)
+    best, best_miss = c.clone(), float((counts - target).abs().max())
+    for i in range(iters):
+        step = spread * 0.5 * (0.02 ** (i / max(iters - 1, 1)))  # 0.5 -> 0.01 of the spread
+        c += step * (counts - target) / fair
+        counts = choose_blocks(S - c, active).sum(0).double()
+        miss = float((counts - target).abs().max())
+        if miss < best_miss:
+            best, best_miss = c.clone(), miss
+    return (best - best.mean()).float()  # a common shift changes no choice
+
+
 class MlpSite(Site):
     kind = "mlp"
 
@@ -103,6 +137,11 @@ class MlpSite(Site):
         self.buffer_x = torch.zeros(0, self.d_in)  # router samples (CPU, fp32), oldest first
         self.buffer_y = torch.zeros(0, self.n_blocks)
         self.perm: Optional[Tensor] = None  # [F] hidden units in block order (None: contiguous blocks)
+        # ffn_balance: the per-block bias subtracted from the router's scores, and the (strength,
+        # active blocks) it was fitted for. Fitted lazily on the buffered tokens at the first routed call
+        # that needs it, dropped whenever the router changes.
+        self.balance: Optional[Tensor] = None  # [n_blocks]
+        self.balance_for: Optional[tuple[float, int]] = None
 
     def _fit_routing(self, weights: MlpWeights, spec: MlpSpec, options: Options, seed: int):
         """From the buffered tokens: the unit clustering (if asked) and the router fitted to the
@@ -121,7 +160,33 @@ class MlpSite(Site):
         return perm, by, fit_router(bx, by)
 
     def _set_routing(self, perm, by, router) -> None:
-        self.perm, self.buffer_y, self.router = perm, by, router
+        self.perm, self.buffer_y = perm, by
+        self._set_router(router)
+
+    def _set_router(self, router) -> None:
+        self.router = router
+        self.balance, self.balance_for = None, None  # fitted to the old router's scores
+
+    def balance_bias(self, options: Options) -> Optional[Tensor]:
+        """The ffn_balance bias for these options (None when off), fitted on the buffered tokens the
+        first time a (strength, active) pair is asked for since the router last changed. A forward
+        re-run inside backward asks with the same options, so it reuses the same bias."""
+        strength, active = float(options.ffn_balance), options.active_blocks
+        if strength == 0 or self.router is None:
+            return None
+        if self.balance_for != (strength, active):
+            self.balance = fit_balance(router_scores(self.buffer_x, self.router), active, strength)
+            self.balance_for = (strength, active)
+        return self.balance
+
+    def route(self, x2: Tensor, options: Options) -> Tensor:
+        """The routed call's block mask [T, nb]: top-ffn_active of the router's scores, less the
+        ffn_balance bias when that is on."""
+        scores = router_scores(x2, self.router.to(x2.device))
+        bias = self.balance_bias(options)
+        if bias is not None:
+            scores = scores - bias.to(scores.device)
+        return choose_blocks(scores, options.active_blocks)
 
     # --- router statistics --------------------------------------------------------------------
     def _add_samples(self, x: Tensor, norms: Tensor) -> None:
@@ -185,14 +250,14 @@ class MlpSite(Site):
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 wp = permute_hidden(weights, spec, perm)
-                block_mask = choose_blocks(router_scores(x2, self.router.to(x.device)), options.active_blocks)
+                block_mask = self.route(x2, options)
                 y, impl_meta = _run_impl(x2, wp, spec, block_mask, seed, options.ffn_impl, saved)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp, spec, block_mask, seed)
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:
-                        self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
+                        self.stage(lambda: self._set_router(fit_router(bx, by)))
         self.end(plan, training)
         impl_code, dtype_code, counts = impl_meta
         counts = list(counts) or [0] * nb
@@ -222,6 +287,9 @@ class MlpSite(Site):
         out["buffer_y"] = self.buffer_y
         if self.perm is not None:
             out["perm"] = self.perm
+        if self.balance is not None:
+            out["balance"] = self.balance
+            out["balance_for"] = torch.tensor(self.balance_for, dtype=torch.float64)
         return out
 
     def load_state_dict(self, state):
@@ -238,6 +306,18 @@ class MlpSite(Site):
         if perm is not None and not torch.equal(perm.sort().values, torch.arange(perm.numel())):
             raise SptStateError(f"saved unit permutation of MLP site {self.name} is not a permutation")
         self.perm = None if perm is None else perm.long().clone()
+        balance, balance_for = state.get("balance"), state.get("balance_for")
+        if balance is not None and (balance_for is None or tuple(balance.shape) != (self.n_blocks,)):
+            raise SptStateError(f"saved ffn_balance bias of MLP site {self.name} has shape {tuple(balance.shape)} "
+                                f"(or lacks balance_for), this compile needs ({self.n_blocks},)")
+        self.balance = None if balance is None else balance.float().clone()
+        self.balance_for = None if balance is None else (float(balance_for[0]), int(balance_for[1]))
+
+    def describe(self):
+        out = super().describe()
+        if self.balance_for is not None:
+            out["balance"] = self.balance_for[0]
+        return out
 
 
 # --- implementations ----------------------------------------------------------------------------

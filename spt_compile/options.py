@@ -38,6 +38,12 @@ class Options:
     top_l: Optional[int] = _opt(None, "A fixed number of keys per query (>= 1); overrides density.", True)
     ffn_active: Optional[int] = _opt(None, "MLP blocks each token uses; default ffn_blocks // 2. "
                                      "ffn_active == ffn_blocks is exactly the dense MLP.", True)
+    # Off by measurement (docs/ffn.md, "Load balance"): on SmolLM2 it evens the blocks' token counts
+    # (what a grouped GEMM on the GPU wants) at some cost in held-out loss.
+    ffn_balance: float = _opt(0.0, "Router load balancing, in [0, 1]: a per-block bias subtracted from the "
+                              "router's scores, fitted on the router's buffered tokens, moves each block's "
+                              "share of the selections this far from its unbiased share toward "
+                              "ffn_active / ffn_blocks (0: off, 1: equal shares).", True)
     sparse_attention: bool = _opt(True, "Run matched attention sparse (False: exact attention).", True)
     sparse_ffn: bool = _opt(True, "Run matched MLPs routed (False: every block, i.e. dense).", True)
     # Block selection by measurement: benchmarks/results/attention_*.json and docs/attention.md.
@@ -130,6 +136,11 @@ def validate(o: Options) -> None:
         raise _bad("ffn_blocks", "an int >= 1", o.ffn_blocks)
     if o.ffn_active is not None and (not is_int(o.ffn_active) or not 1 <= o.ffn_active <= o.ffn_blocks):
         raise _bad("ffn_active", f"an int in [1, ffn_blocks={o.ffn_blocks}] or None", o.ffn_active)
+    if not isinstance(o.ffn_balance, (int, float)) or isinstance(o.ffn_balance, bool) or not (
+        math.isfinite(o.ffn_balance) and 0 <= o.ffn_balance <= 1
+    ):
+        raise _bad("ffn_balance", "a float in [0, 1] (0: off, 1: every block gets an equal share of tokens)",
+                   o.ffn_balance)
     if not is_int(o.pq_subspace_dim) or o.pq_subspace_dim < 1:
         raise _bad("pq_subspace_dim", "an int >= 1", o.pq_subspace_dim)
     if not is_int(o.pq_codewords) or not 1 <= o.pq_codewords <= 256:
