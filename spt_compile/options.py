@@ -44,6 +44,10 @@ class Options:
                               "router's scores, fitted on the router's buffered tokens, moves each block's "
                               "share of the selections this far from its unbiased share toward "
                               "ffn_active / ffn_blocks (0: off, 1: equal shares).", True)
+    ffn_compensate: int = _opt(0, "Rank of the linear predictors that stand in for the MLP blocks a token skips "
+                               "(0: off): per block, x U_b V_b + m_b (reduced-rank ridge regression on the "
+                               "router's buffered tokens where the block is skipped), added to the routed "
+                               "output for each skipped block; frozen state, gradient to x only.", True)
     sparse_attention: bool = _opt(True, "Run matched attention sparse (False: exact attention).", True)
     sparse_ffn: bool = _opt(True, "Run matched MLPs routed (False: every block, i.e. dense).", True)
     # Block selection by measurement: benchmarks/results/attention_*.json and docs/attention.md.
@@ -141,6 +145,8 @@ def validate(o: Options) -> None:
     ):
         raise _bad("ffn_balance", "a float in [0, 1] (0: off, 1: every block gets an equal share of tokens)",
                    o.ffn_balance)
+    if not is_int(o.ffn_compensate) or o.ffn_compensate < 0:
+        raise _bad("ffn_compensate", "an int >= 0 (the predictors' rank; 0: off)", o.ffn_compensate)
     if not is_int(o.pq_subspace_dim) or o.pq_subspace_dim < 1:
         raise _bad("pq_subspace_dim", "an int >= 1", o.pq_subspace_dim)
     if not is_int(o.pq_codewords) or not 1 <= o.pq_codewords <= 256:
