@@ -25,6 +25,12 @@ through a forward hook, by the routed output plus each method's compensation:
 
     python benchmarks/ffn_compensation.py --loss --examples 8 --methods none mean rank16 rank64 \
         --json benchmarks/results/ffn_compensation_loss_cpu.json
+
+--cost: what the integrated option (ffn_compensate) costs at SmolLM2's MLP shape on random inputs:
+the routed MLP's forward + backward (torch path) with and without the compensation term, and one fit
+of the predictors (mlp_site.fit_compensation on ROUTER_BUFFER tokens, with the block outputs it needs):
+
+    python benchmarks/ffn_compensation.py --cost --tokens 2048
 """
 
 from __future__ import annotations
@@ -40,14 +46,14 @@ SETTINGS = ["4/2", "16/8"]
 RIDGE = 1e-3  # as mlp_site.RIDGE: relative to the mean feature energy
 
 
-def fit_linear(X, Y, rank=None):
+def fit_linear(X, Y, rank=None, ridge=RIDGE):
     """Ridge from [X, 1] to Y (fp64): returns (W [d, d_out], b [d_out]) with W of rank <= rank."""
     import torch
 
     Xd = torch.cat([X.double(), torch.ones(X.shape[0], 1, dtype=torch.float64)], 1)
     G = Xd.T @ Xd
     d = X.shape[1]
-    G[:d, :d] += RIDGE * G.diagonal()[:d].mean().clamp(min=1e-12) * torch.eye(d, dtype=torch.float64)
+    G[:d, :d] += ridge * G.diagonal()[:d].mean().clamp(min=1e-12) * torch.eye(d, dtype=torch.float64)
     W = torch.linalg.solve(G, Xd.T @ Y.double())  # [d + 1, d_out]
     if rank is not None and rank < min(W.shape):
         fitted = Xd @ W
@@ -59,7 +65,7 @@ def fit_linear(X, Y, rank=None):
     return W[:d].float(), W[d].float()
 
 
-def fit_layer(X, w, n_blocks: int, active: int, methods: list[str]):
+def fit_layer(X, w, n_blocks: int, active: int, methods: list[str], ridge: float = RIDGE):
     """Clustering, router and every method's per-block predictors, fitted on the MLP inputs X of one
     layer. Returns (spec, permuted weights, router, {method: [per block: None or (W, b)]})."""
     import torch
@@ -87,7 +93,7 @@ def fit_layer(X, w, n_blocks: int, active: int, methods: list[str]):
             if m.startswith("mean"):
                 fits[m][b] = (torch.zeros(X.shape[1], Yb.shape[1]), Yb.mean(0))
             else:
-                fits[m][b] = fit_linear(X[rows], Yb, None if m == "full" else int(m.split("_")[0][4:]))
+                fits[m][b] = fit_linear(X[rows], Yb, None if m == "full" else int(m.split("_")[0][4:]), ridge)
     return spec, wp, router, fits
 
 
@@ -105,6 +111,62 @@ def routed_plus(x, spec, wp, router, fit, active: int):
     return y
 
 
+def _median_ms(fn, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def cost(args) -> int:
+    import torch
+
+    from spt_compile.mlp_site import ROUTER_BUFFER, choose_blocks, fit_compensation
+    from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, routed_mlp
+
+    gen = torch.Generator().manual_seed(0)
+    d, F, T = 576, 1536, args.tokens  # SmolLM2-135M
+    w = MlpWeights(in_w=torch.randn(F, d, generator=gen) / d**0.5, gate_w=torch.randn(F, d, generator=gen) / d**0.5,
+                   out_w=torch.randn(d, F, generator=gen) / F**0.5)
+    x = torch.randn(T, d, generator=gen) + 0.3
+    dy = torch.randn(T, d, generator=gen)
+    rows = []
+    for n_blocks, active in [tuple(int(v) for v in s.split("/")) for s in args.settings]:
+        spec = MlpSpec("silu", True, F, n_blocks)
+        mask = choose_blocks(torch.randn(T, n_blocks, generator=gen), active)
+
+        def step(U=None, V=None, M=None):
+            xi = x.clone().requires_grad_()
+            y = routed_mlp(xi, w, spec, mask)
+            if U is not None:
+                y = y + compensation(xi, ~mask, U, V, M)
+            y.backward(dy)
+
+        base = _median_ms(step)
+        bx = x[:ROUTER_BUFFER]
+        for rank in args.ranks:
+            U = torch.randn(d, n_blocks * rank, generator=gen) / d**0.5
+            V = torch.randn(n_blocks * rank, d, generator=gen) / rank**0.5
+            M = torch.zeros(n_blocks, d)
+            with_comp = _median_ms(lambda: step(U, V, M))
+            with torch.no_grad():
+                fit = _median_ms(lambda: fit_compensation(bx, block_outputs(bx, w, spec).float(),
+                                                          ~mask[: bx.shape[0]], rank), repeats=3)
+            row = {"n_blocks": n_blocks, "active": active, "rank": rank, "tokens": T, "routed_ms": base,
+                   "routed_plus_compensation_ms": with_comp, "ratio": with_comp / base, "fit_ms": fit}
+            rows.append(row)
+            print(f"{n_blocks:2d}/{active} rank {rank:3d}: routed fwd+bwd {base:7.1f} ms, with compensation "
+                  f"{with_comp:7.1f} ms ({with_comp / base:.2f}x); one fit {fit:7.1f} ms", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="data folder (default: $SPT_DATA_DIR)")
@@ -115,8 +177,15 @@ def main(argv=None) -> int:
     p.add_argument("--loss", action="store_true", help="held-out loss with every MLP compensated (all layers)")
     p.add_argument("--examples", type=int, default=8, help="--loss: held-out GSM8K test problems")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--fit-tokens", type=int, default=None,
+                   help="fit on only the first N tokens of the fitting half (the site's buffer holds 2048)")
+    p.add_argument("--ridge", type=float, default=RIDGE, help="ridge strength of the predictors (relative)")
+    p.add_argument("--cost", action="store_true", help="time the compensation term and its fit instead")
+    p.add_argument("--tokens", type=int, default=2048, help="--cost: tokens per call")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.cost:
+        return cost(args)
 
     import torch
 
@@ -159,7 +228,8 @@ def main(argv=None) -> int:
         print(f"dense loss {dense:.4f}", flush=True)
         for n_blocks, active in settings:
             with torch.no_grad():
-                fitted = [fit_layer(inputs[i], weights(i), n_blocks, active, methods) for i in which]
+                fitted = [fit_layer(inputs[i][: args.fit_tokens], weights(i), n_blocks, active, methods, args.ridge)
+                          for i in which]
             print(f"  fitted {n_blocks}/{active}  [{time.time() - t0:.0f} s]", flush=True)
             for m in methods:
                 hooks = [layers[i].mlp.register_forward_hook(
@@ -181,9 +251,9 @@ def main(argv=None) -> int:
             for i in LAYERS:
                 X = inputs[i]
                 n = X.shape[0]
-                train, test = X[: n // 2], X[n // 2 :]
+                train, test = X[: n // 2][: args.fit_tokens], X[n // 2 :]
                 with torch.no_grad():
-                    spec, wp, router, fits = fit_layer(train, weights(i), n_blocks, active, methods)
+                    spec, wp, router, fits = fit_layer(train, weights(i), n_blocks, active, methods, args.ridge)
                     from spt_compile.triton_ops.routed_mlp import block_outputs
 
                     dense = block_outputs(test, wp, spec).float().sum(1)
@@ -201,6 +271,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"layers": list(which), "problems": args.problems, "loss": args.loss,
                                          "examples": args.examples if args.loss else None,
+                                         "fit_tokens": args.fit_tokens, "ridge": args.ridge,
                                          "tokens_per_layer": inputs[which[0]].shape[0], "results": results},
                                         indent=1))
     return 0

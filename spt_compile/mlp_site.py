@@ -22,12 +22,21 @@ before the top-k: fitted on the buffered tokens (fit_balance) so that each block
 selections moves toward ffn_active / ffn_blocks, refitted whenever the router changes, saved with the
 state. Off, the scores are used as they are.
 
+With `ffn_compensate` = r > 0 (run-time), each block a token skips is stood in for by a rank-r linear
+prediction of its output, x U_b V_b + m_b (fit_compensation: reduced-rank ridge regression on the
+buffered tokens that skip the block, with the current weights, LoRA included), added to the routed
+output. The predictors are frozen state like the router: fitted lazily, dropped when the router
+changes, saved with the state. Backward: d(x) gets the two GEMMs' transpose
+(compensation_input_grad); nothing flows to the predictors, nor through them to the weights. The term
+is dense and added beside the routed blocks, so every ffn_impl (Triton included) serves it.
+
 Outputs: y [*, d_out], block_mask [T, n_blocks] bool, perm [F] int64 (hidden units in block order),
 pre (the routed blocks' pre-activations, flat: an unbacked size; backward rebuilds the hidden layer
 from them instead of recomputing the projections; empty for the reference impl), meta [5 + n_blocks]
 int64 on the CPU (mode, dropout seed, whether perm applies, the implementation that ran (IMPL_CODES),
 the Triton compute dtype (DTYPE_CODES), tokens per block: backward runs the same implementation and
-needs no host sync for the counts).
+needs no host sync for the counts), comp (ffn_compensate's U and V, flat, in x's dtype; empty when
+nothing was added).
 
 Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (routed_mlp_triton.py), the torch
 path (routed_mlp.py) or the per-token reference. Calls the kernels cannot serve run the torch path:
@@ -75,6 +84,11 @@ ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
 PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
 RIDGE = 1e-3  # ridge strength, relative to the mean feature energy
+# The compensation's ridge strength, relative to the mean feature energy (x^2, uncentred, as RIDGE).
+# Stronger than the router's by measurement: fitted on 2048 tokens (the buffer), SmolLM2's 4-of-2
+# predictors err by 0.393 (rank 64) / 0.388 (rank 16) at 1e-3, 0.338 / 0.373 at 0.1, 0.351 / 0.380
+# at 1.0 (benchmarks/ffn_compensation.py --fit-tokens 2048 --ridge ...; 0.457 uncompensated).
+COMP_RIDGE = 0.1
 BALANCE_ITERS = 200  # dual-ascent steps of fit_balance (2048 buffered tokens: a few ms per site)
 
 
@@ -100,14 +114,15 @@ def choose_blocks(scores: Tensor, active: int) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
 
 
-def fit_compensation(x: Tensor, outs: Tensor, skipped: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def fit_compensation(x: Tensor, outs: Tensor, skipped: Tensor, rank: int,
+                     ridge: float = COMP_RIDGE) -> tuple[Tensor, Tensor, Tensor]:
     """Per block, a rank-`rank` linear predictor of its output from x, fitted on the tokens that skip
     it (what it must stand in for there, not on average): x [n, d_in], outs [n, nb, d_out] (each
     block's output), skipped [n, nb] bool -> U [d_in, nb r], V [nb r, d_out], M [nb, d_out] (fp32, CPU;
     routed_mlp.compensation's layout), r = min(rank, d_in, d_out).
 
     Reduced-rank ridge regression, in fp64 on outs' device: the ridge solution W from [x, 1] (the
-    bias unregularised, as fit_router), projected on the top-r right singular vectors of its centred
+    bias unregularised, as fit_router; strength `ridge`), projected on the top-r right singular vectors of its centred
     fitted values; M keeps the fitted mean. A block no token skips gets zeros (never used)."""
     n, nb, d_out = outs.shape
     d = x.shape[1]
@@ -126,7 +141,7 @@ def fit_compensation(x: Tensor, outs: Tensor, skipped: Tensor, rank: int) -> tup
         mean = xb.mean(0)
         xc = xb - mean
         G = xc.T @ xc
-        lam = RIDGE * G.diagonal().mean().clamp(min=1e-12)
+        lam = ridge * (xb * xb).sum(0).mean().clamp(min=1e-12)  # as fit_router's: uncentred energy
         G.diagonal().add_(lam)
         A = torch.linalg.solve(G, xc.T @ (yb - yb.mean(0)))  # [d, d_out]; centring = an unregularised bias
         fitted = xc @ A  # [n_b, d_out]

@@ -62,13 +62,12 @@ def test_fit_recovers_low_rank_linear_blocks_on_the_tokens_that_skip_them():
     outs = torch.stack([x @ A[b] + c[b] for b in range(nb)], dim=1)
     skipped = torch.rand(n, nb, generator=gen) < 0.5
     skipped[:, 2] = False
-    U, V, M = fit_compensation(x, outs, skipped, r)
+    U, V, M = fit_compensation(x, outs, skipped, r, ridge=1e-6)
     assert U.shape == (d, nb * r) and V.shape == (nb * r, d_out) and M.shape == (nb, d_out)
     for b in range(2):
         rows = skipped[:, b]
         pred = x[rows] @ U[:, b * r : (b + 1) * r] @ V[b * r : (b + 1) * r] + M[b]
-        # the ridge term (1e-3 of the feature energy) shrinks the fit a little
-        assert (pred - outs[rows, b]).norm() / outs[rows, b].norm() < 1e-2
+        assert (pred - outs[rows, b]).norm() / outs[rows, b].norm() < 1e-4
     assert U[:, 2 * r :].abs().max() == 0 and M[2].abs().max() == 0
     U_big, _, _ = fit_compensation(x, outs, skipped, 100)
     assert U_big.shape == (d, nb * min(d, d_out))
