@@ -114,6 +114,26 @@ def choose_blocks(scores: Tensor, active: int) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
 
 
+def _top_right_vectors(Fm: Tensor, r: int, iters: int = 4) -> Tensor:
+    """The top-r right singular vectors of Fm [n, d], as rows [r', d] (r' = min(r, n, d)). For r well
+    below the rank, a randomized range finder (Halko et al.: `iters` power steps on r + 8 columns from
+    a fixed seed, then an eigendecomposition of size r + 8): a full one of Fm's smaller Gram matrix
+    took 2 s per block at d 576 on this CPU, most of a fit."""
+    n, d = Fm.shape
+    k = r + 8
+    if k >= min(n, d):
+        if n < d:  # through the smaller Gram matrix
+            top = Fm.T @ torch.linalg.eigh(Fm @ Fm.T)[1][:, -r:]
+            return (top / top.norm(dim=0).clamp(min=1e-30)).T
+        return torch.linalg.eigh(Fm.T @ Fm)[1][:, -r:].T
+    gen = torch.Generator(device=Fm.device).manual_seed(0)
+    Q = torch.randn(d, k, generator=gen, device=Fm.device, dtype=Fm.dtype)
+    for _ in range(iters):
+        Q = torch.linalg.qr(Fm.T @ (Fm @ Q)).Q
+    B = Fm @ Q  # [n, k]
+    return (Q @ torch.linalg.eigh(B.T @ B)[1][:, -r:]).T
+
+
 def fit_compensation(x: Tensor, outs: Tensor, skipped: Tensor, rank: int,
                      ridge: float = COMP_RIDGE) -> tuple[Tensor, Tensor, Tensor]:
     """Per block, a rank-`rank` linear predictor of its output from x, fitted on the tokens that skip
@@ -121,41 +141,36 @@ def fit_compensation(x: Tensor, outs: Tensor, skipped: Tensor, rank: int,
     block's output), skipped [n, nb] bool -> U [d_in, nb r], V [nb r, d_out], M [nb, d_out] (fp32, CPU;
     routed_mlp.compensation's layout), r = min(rank, d_in, d_out).
 
-    Reduced-rank ridge regression, in fp64 on outs' device: the ridge solution W from [x, 1] (the
-    bias unregularised, as fit_router; strength `ridge`), projected on the top-r right singular vectors of its centred
-    fitted values; M keeps the fitted mean. A block no token skips gets zeros (never used)."""
+    Reduced-rank ridge regression, in fp32 on outs' device (the ridge bounds the condition number
+    by about 10 d_in): the ridge solution W from [x, 1] (the bias unregularised, as fit_router;
+    strength `ridge`), projected on the top-r right singular vectors of its centred fitted values;
+    M keeps the fitted mean. A block no token skips gets zeros (never used)."""
     n, nb, d_out = outs.shape
     d = x.shape[1]
     r = min(rank, d, d_out)
     dev = outs.device
-    U = torch.zeros(d, nb * r, dtype=torch.float64, device=dev)
-    V = torch.zeros(nb * r, d_out, dtype=torch.float64, device=dev)
-    M = torch.zeros(nb, d_out, dtype=torch.float64, device=dev)
-    x = x.to(device=dev, dtype=torch.float64)
+    U = torch.zeros(d, nb * r, device=dev)
+    V = torch.zeros(nb * r, d_out, device=dev)
+    M = torch.zeros(nb, d_out, device=dev)
+    x = x.to(device=dev, dtype=torch.float32)
     skipped = skipped.to(dev)
     for b in range(nb):
         rows = skipped[:, b].nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        xb, yb = x[rows], outs[rows, b].double()
+        xb, yb = x[rows], outs[rows, b].float()
         mean = xb.mean(0)
         xc = xb - mean
         G = xc.T @ xc
         lam = ridge * (xb * xb).sum(0).mean().clamp(min=1e-12)  # as fit_router's: uncentred energy
         G.diagonal().add_(lam)
         A = torch.linalg.solve(G, xc.T @ (yb - yb.mean(0)))  # [d, d_out]; centring = an unregularised bias
-        fitted = xc @ A  # [n_b, d_out]
-        if fitted.shape[0] < d_out:  # the top-r right singular vectors, from the smaller Gram matrix
-            evals, evecs = torch.linalg.eigh(fitted @ fitted.T)
-            top = fitted.T @ evecs[:, -r:]
-            Vr = (top / top.norm(dim=0).clamp(min=1e-30)).T  # [r', d_out]
-        else:
-            Vr = torch.linalg.eigh(fitted.T @ fitted)[1][:, -r:].T
-        k = Vr.shape[0]  # < r when fewer tokens than r skip the block
+        Vr = _top_right_vectors(xc @ A, r)  # [r', d_out]; r' < r when fewer tokens than r skip the block
+        k = Vr.shape[0]
         U[:, b * r : b * r + k] = A @ Vr.T
         V[b * r : b * r + k] = Vr
         M[b] = yb.mean(0) - mean @ U[:, b * r : b * r + k] @ Vr
-    return U.float().cpu(), V.float().cpu(), M.float().cpu()
+    return U.cpu(), V.cpu(), M.cpu()
 
 
 def fit_balance(scores: Tensor, active: int, strength: float, iters: int = BALANCE_ITERS) -> Tensor:

@@ -31,8 +31,8 @@ def test_bad_rank_names_the_option(value):
         make_options({"ffn_compensate": value})
 
 
-def test_compensate_is_run_time_and_off_by_default():
-    assert make_options().ffn_compensate == 0
+def test_compensate_is_run_time_and_on_by_default():
+    assert make_options().ffn_compensate == 32  # docs/ffn.md: by the held-out loss measurement
     assert "ffn_compensate" in make_options().runtime_dict()
 
 
@@ -119,7 +119,7 @@ def test_site_output_and_gradients_match_autograd_of_the_reference(impl):
 
 
 def test_compensation_lowers_the_error_and_every_block_is_still_dense():
-    model, compiled = compiled_mlp()
+    model, compiled = compiled_mlp(ffn_compensate=0)
     for i in range(3):
         compiled(inputs(i, 512))
     held = torch.cat([inputs(i) for i in range(10, 13)])
@@ -175,3 +175,19 @@ def test_compensate_state_roundtrip(tmp_path):
     bad[key] = torch.zeros(3, 24)
     with pytest.raises(spt_compile.SptStateError, match="ffn_compensate"):
         spt_compile.load_state_dict(model, bad)
+
+
+def test_randomized_top_vectors_span_the_exact_top_subspace():
+    """The range finder fit_compensation uses for r + 8 < min(n, d): on a matrix with a decaying
+    spectrum, its r vectors span the top-r right singular subspace."""
+    from spt_compile.mlp_site import _top_right_vectors
+
+    gen = torch.Generator().manual_seed(3)
+    n, d, r = 300, 120, 6
+    Fm = torch.randn(n, d, generator=gen) @ torch.diag(0.7 ** torch.arange(d, dtype=torch.float32)) @ torch.linalg.qr(
+        torch.randn(d, d, generator=gen)).Q
+    got = _top_right_vectors(Fm, r)
+    want = torch.linalg.svd(Fm.double(), full_matrices=False).Vh[:r].float()
+    assert got.shape == (r, d)
+    torch.testing.assert_close(got @ got.T, torch.eye(r), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.T @ got, want.T @ want, atol=1e-3, rtol=0)  # the same projector
