@@ -17,12 +17,26 @@ block (clustering.py): the site keeps a permutation of the units and applies it 
 reads, so the user's weights, LoRA adapters and checkpoints keep their order, and running every block
 is still exactly the dense MLP.
 
+With `ffn_balance` > 0 (run-time, default off), a per-block bias is subtracted from the router's scores
+before the top-k: fitted on the buffered tokens (fit_balance) so that each block's share of the
+selections moves toward ffn_active / ffn_blocks, refitted whenever the router changes, saved with the
+state. Off, the scores are used as they are.
+
+With `ffn_compensate` = r > 0 (run-time), each block a token skips is stood in for by a rank-r linear
+prediction of its output, x U_b V_b + m_b (fit_compensation: reduced-rank ridge regression on the
+buffered tokens that skip the block, with the current weights, LoRA included), added to the routed
+output. The predictors are frozen state like the router: fitted lazily, dropped when the router
+changes, saved with the state. Backward: d(x) gets the two GEMMs' transpose
+(compensation_input_grad); nothing flows to the predictors, nor through them to the weights. The term
+is dense and added beside the routed blocks, so every ffn_impl (Triton included) serves it.
+
 Outputs: y [*, d_out], block_mask [T, n_blocks] bool, perm [F] int64 (hidden units in block order),
 pre (the routed blocks' pre-activations, flat: an unbacked size; backward rebuilds the hidden layer
 from them instead of recomputing the projections; empty for the reference impl), meta [5 + n_blocks]
 int64 on the CPU (mode, dropout seed, whether perm applies, the implementation that ran (IMPL_CODES),
 the Triton compute dtype (DTYPE_CODES), tokens per block: backward runs the same implementation and
-needs no host sync for the counts).
+needs no host sync for the counts), comp (ffn_compensate's U and V, flat, in x's dtype; empty when
+nothing was added).
 
 Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (routed_mlp_triton.py), the torch
 path (routed_mlp.py) or the per-token reference. Calls the kernels cannot serve run the torch path:
@@ -46,6 +60,8 @@ from spt_compile.triton_ops.routed_mlp import (
     MlpSpec,
     MlpWeights,
     block_outputs,
+    compensation,
+    compensation_input_grad,
     permute_hidden,
     resolve_ffn_impl,
     routed_mlp_backward_saved,
@@ -68,6 +84,12 @@ ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
 PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
 RIDGE = 1e-3  # ridge strength, relative to the mean feature energy
+# The compensation's ridge strength, relative to the mean feature energy (x^2, uncentred, as RIDGE).
+# Stronger than the router's by measurement: fitted on 2048 tokens (the buffer), SmolLM2's 4-of-2
+# predictors err by 0.393 (rank 64) / 0.388 (rank 16) at 1e-3, 0.338 / 0.373 at 0.1, 0.351 / 0.380
+# at 1.0 (benchmarks/ffn_compensation.py --fit-tokens 2048 --ridge ...; 0.457 uncompensated).
+COMP_RIDGE = 0.1
+BALANCE_ITERS = 200  # dual-ascent steps of fit_balance (2048 buffered tokens: a few ms per site)
 
 
 def fit_router(x: Tensor, norms: Tensor) -> Tensor:
@@ -92,6 +114,93 @@ def choose_blocks(scores: Tensor, active: int) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
 
 
+def _top_right_vectors(Fm: Tensor, r: int, iters: int = 4) -> Tensor:
+    """The top-r right singular vectors of Fm [n, d], as rows [r', d] (r' = min(r, n, d)). For r well
+    below the rank, a randomized range finder (Halko et al.: `iters` power steps on r + 8 columns from
+    a fixed seed, then an eigendecomposition of size r + 8): a full one of Fm's smaller Gram matrix
+    took 2 s per block at d 576 on this CPU, most of a fit."""
+    n, d = Fm.shape
+    k = r + 8
+    if k >= min(n, d):
+        if n < d:  # through the smaller Gram matrix
+            top = Fm.T @ torch.linalg.eigh(Fm @ Fm.T)[1][:, -r:]
+            return (top / top.norm(dim=0).clamp(min=1e-30)).T
+        return torch.linalg.eigh(Fm.T @ Fm)[1][:, -r:].T
+    gen = torch.Generator(device=Fm.device).manual_seed(0)
+    Q = torch.randn(d, k, generator=gen, device=Fm.device, dtype=Fm.dtype)
+    for _ in range(iters):
+        Q = torch.linalg.qr(Fm.T @ (Fm @ Q)).Q
+    B = Fm @ Q  # [n, k]
+    return (Q @ torch.linalg.eigh(B.T @ B)[1][:, -r:]).T
+
+
+def fit_compensation(x: Tensor, outs: Tensor, skipped: Tensor, rank: int,
+                     ridge: float = COMP_RIDGE) -> tuple[Tensor, Tensor, Tensor]:
+    """Per block, a rank-`rank` linear predictor of its output from x, fitted on the tokens that skip
+    it (what it must stand in for there, not on average): x [n, d_in], outs [n, nb, d_out] (each
+    block's output), skipped [n, nb] bool -> U [d_in, nb r], V [nb r, d_out], M [nb, d_out] (fp32, CPU;
+    routed_mlp.compensation's layout), r = min(rank, d_in, d_out).
+
+    Reduced-rank ridge regression, in fp32 on outs' device (the ridge bounds the condition number
+    by about 10 d_in): the ridge solution W from [x, 1] (the bias unregularised, as fit_router;
+    strength `ridge`), projected on the top-r right singular vectors of its centred fitted values;
+    M keeps the fitted mean. A block no token skips gets zeros (never used)."""
+    n, nb, d_out = outs.shape
+    d = x.shape[1]
+    r = min(rank, d, d_out)
+    dev = outs.device
+    U = torch.zeros(d, nb * r, device=dev)
+    V = torch.zeros(nb * r, d_out, device=dev)
+    M = torch.zeros(nb, d_out, device=dev)
+    x = x.to(device=dev, dtype=torch.float32)
+    skipped = skipped.to(dev)
+    for b in range(nb):
+        rows = skipped[:, b].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        xb, yb = x[rows], outs[rows, b].float()
+        mean = xb.mean(0)
+        xc = xb - mean
+        G = xc.T @ xc
+        lam = ridge * (xb * xb).sum(0).mean().clamp(min=1e-12)  # as fit_router's: uncentred energy
+        G.diagonal().add_(lam)
+        A = torch.linalg.solve(G, xc.T @ (yb - yb.mean(0)))  # [d, d_out]; centring = an unregularised bias
+        Vr = _top_right_vectors(xc @ A, r)  # [r', d_out]; r' < r when fewer tokens than r skip the block
+        k = Vr.shape[0]
+        U[:, b * r : b * r + k] = A @ Vr.T
+        V[b * r : b * r + k] = Vr
+        M[b] = yb.mean(0) - mean @ U[:, b * r : b * r + k] @ Vr
+    return U.cpu(), V.cpu(), M.cpu()
+
+
+def fit_balance(scores: Tensor, active: int, strength: float, iters: int = BALANCE_ITERS) -> Tensor:
+    """Per-block bias c [nb] (fp32) for load balancing: top-`active` of (scores - c) over these tokens
+    gives block b a share of the selections moved `strength` of the way from its unbiased share
+    toward active / nb. scores [n, nb] (the router's, on its buffered tokens).
+
+    Dual ascent on the counts: a block picked too often has its bias raised, one picked too rarely
+    lowered, in steps of the scores' spread that shrink geometrically; the bias with the smallest
+    worst miss is kept (counts are integers, so the targets are met only up to a token or so)."""
+    S = scores.detach().double().cpu()
+    n, nb = S.shape
+    c = torch.zeros(nb, dtype=torch.float64)
+    if n == 0 or strength <= 0 or active >= nb:
+        return c.float()
+    counts = choose_blocks(S, active).sum(0).double()
+    fair = n * active / nb
+    target = (1 - strength) * counts + strength * fair
+    spread = S.std(dim=0).mean().clamp(min=1e-12)
+    best, best_miss = c.clone(), float((counts - target).abs().max())
+    for i in range(iters):
+        step = spread * 0.5 * (0.02 ** (i / max(iters - 1, 1)))  # 0.5 -> 0.01 of the spread
+        c += step * (counts - target) / fair
+        counts = choose_blocks(S - c, active).sum(0).double()
+        miss = float((counts - target).abs().max())
+        if miss < best_miss:
+            best, best_miss = c.clone(), miss
+    return (best - best.mean()).float()  # a common shift changes no choice
+
+
 class MlpSite(Site):
     kind = "mlp"
 
@@ -103,6 +212,15 @@ class MlpSite(Site):
         self.buffer_x = torch.zeros(0, self.d_in)  # router samples (CPU, fp32), oldest first
         self.buffer_y = torch.zeros(0, self.n_blocks)
         self.perm: Optional[Tensor] = None  # [F] hidden units in block order (None: contiguous blocks)
+        # ffn_balance: the per-block bias subtracted from the router's scores, and the (strength,
+        # active blocks) it was fitted for. Fitted lazily on the buffered tokens at the first routed call
+        # that needs it, dropped whenever the router changes.
+        self.balance: Optional[Tensor] = None  # [n_blocks]
+        self.balance_for: Optional[tuple[float, int]] = None
+        # ffn_compensate: (U, V, M) of routed_mlp.compensation and the (rank, active blocks, balance)
+        # they were fitted for; fitted lazily like the balance bias, dropped whenever the router changes.
+        self.comp: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self.comp_for: Optional[tuple[int, int, float]] = None
 
     def _fit_routing(self, weights: MlpWeights, spec: MlpSpec, options: Options, seed: int):
         """From the buffered tokens: the unit clustering (if asked) and the router fitted to the
@@ -121,7 +239,52 @@ class MlpSite(Site):
         return perm, by, fit_router(bx, by)
 
     def _set_routing(self, perm, by, router) -> None:
-        self.perm, self.buffer_y, self.router = perm, by, router
+        self.perm, self.buffer_y = perm, by
+        self._set_router(router)
+
+    def _set_router(self, router) -> None:
+        self.router = router
+        self.balance, self.balance_for = None, None  # fitted to the old router's scores
+        self.comp, self.comp_for = None, None  # to its choices (and to older weights)
+
+    def balance_bias(self, options: Options) -> Optional[Tensor]:
+        """The ffn_balance bias for these options (None when off), fitted on the buffered tokens the
+        first time a (strength, active) pair is asked for since the router last changed. A forward
+        re-run inside backward asks with the same options, so it reuses the same bias."""
+        strength, active = float(options.ffn_balance), options.active_blocks
+        if strength == 0 or self.router is None:
+            return None
+        if self.balance_for != (strength, active):
+            self.balance = fit_balance(router_scores(self.buffer_x, self.router), active, strength)
+            self.balance_for = (strength, active)
+        return self.balance
+
+    def compensation_terms(self, options: Options, weights: MlpWeights, spec: MlpSpec):
+        """(U, V, M) of the ffn_compensate predictors for these options (None when off), fitted on the
+        buffered tokens, with `weights` (already permuted, LoRA included), the first time a (rank,
+        active, balance) is asked for since the router last changed. The router is refitted every
+        PROBE_EVERY training calls, so the predictors follow the LoRA weights at that pace. Cost per
+        fit: every block on the buffered tokens (a dense MLP on ROUTER_BUFFER tokens) and nb ridge
+        solves of size d_in."""
+        rank = options.ffn_compensate
+        if rank == 0 or self.router is None or self.buffer_x.shape[0] == 0:
+            return None
+        key = (rank, options.active_blocks, float(options.ffn_balance))
+        if self.comp_for != key:
+            bx = self.buffer_x.to(device=weights.in_w.device, dtype=weights.in_w.dtype)
+            outs = block_outputs(bx, weights, spec).float()
+            self.comp = fit_compensation(bx, outs, ~self.route(bx, options), rank)
+            self.comp_for = key
+        return self.comp
+
+    def route(self, x2: Tensor, options: Options) -> Tensor:
+        """The routed call's block mask [T, nb]: top-ffn_active of the router's scores, less the
+        ffn_balance bias when that is on."""
+        scores = router_scores(x2, self.router.to(x2.device))
+        bias = self.balance_bias(options)
+        if bias is not None:
+            scores = scores - bias.to(scores.device)
+        return choose_blocks(scores, options.active_blocks)
 
     # --- router statistics --------------------------------------------------------------------
     def _add_samples(self, x: Tensor, norms: Tensor) -> None:
@@ -138,13 +301,15 @@ class MlpSite(Site):
         gen = torch.Generator().manual_seed(seed)
         return torch.randperm(T, generator=gen)[:n].to(device)
 
-    def _probe(self, x2, weights, spec, block_mask, seed) -> None:  # weights: already permuted
+    def _probe(self, x2, weights, spec, block_mask, seed, comp=None) -> None:  # weights: already permuted
         """Run every block on a few tokens: their norms feed the router; the routed share of the
-        dense output is the quality figure (1.0 = nothing lost)."""
+        dense output (with the compensation, if on) is the quality figure (1.0 = nothing lost)."""
         rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device)
         outs = block_outputs(x2[rows], weights, spec).float()  # [S, nb, d_out]
         dense = outs.sum(1)
         routed = (outs * block_mask[rows, :, None]).sum(1)
+        if comp is not None:
+            routed = routed + compensation(x2[rows].float(), ~block_mask[rows], *comp)
         captured = ((routed * dense).sum() / (dense * dense).sum().clamp(min=1e-30)).item()
         rel_err = ((routed - dense).norm() / dense.norm().clamp(min=1e-30)).item()
         self.note_quality(captured=captured, rel_error=rel_err)
@@ -163,6 +328,7 @@ class MlpSite(Site):
         routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb
                       or T == 0)
         perm = None
+        comp = None  # ffn_compensate's (U, V, M) on x's device, when this call adds it
         saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
             if routed and self.router is None:  # calibration_steps == 0, or calibration kept no token
@@ -185,25 +351,32 @@ class MlpSite(Site):
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 wp = permute_hidden(weights, spec, perm)
-                block_mask = choose_blocks(router_scores(x2, self.router.to(x.device)), options.active_blocks)
+                block_mask = self.route(x2, options)
                 y, impl_meta = _run_impl(x2, wp, spec, block_mask, seed, options.ffn_impl, saved)
+                terms = self.compensation_terms(options, wp, spec)
+                if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
+                    comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
+                    y = y + compensation(x2, ~block_mask, *comp).to(y.dtype)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
-                    self._probe(x2, wp, spec, block_mask, seed)
+                    self._probe(x2, wp, spec, block_mask, seed,
+                                None if terms is None else tuple(t.to(x.device) for t in terms))
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:
-                        self.stage(lambda: setattr(self, "router", fit_router(bx, by)))
+                        self.stage(lambda: self._set_router(fit_router(bx, by)))
         self.end(plan, training)
         impl_code, dtype_code, counts = impl_meta
         counts = list(counts) or [0] * nb
         meta = torch.tensor([ROUTED if routed else DENSE, seed, int(perm is not None), impl_code, dtype_code, *counts],
                             dtype=torch.int64)
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
+        # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added
+        comp_out = torch.cat([comp[0].reshape(-1), comp[1].reshape(-1)]) if comp is not None else x.new_empty(0)
         if len(saved) == 1 and saved[0]._base is None:
             pre = saved[0]  # the Triton path's flat buffer: no copy
         else:
             pre = torch.cat(saved) if saved else x.new_empty(0)
-        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, pre, meta
+        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, pre, meta, comp_out
 
     def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int) -> None:
         rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device)
@@ -222,6 +395,12 @@ class MlpSite(Site):
         out["buffer_y"] = self.buffer_y
         if self.perm is not None:
             out["perm"] = self.perm
+        if self.balance is not None:
+            out["balance"] = self.balance
+            out["balance_for"] = torch.tensor(self.balance_for, dtype=torch.float64)
+        if self.comp is not None:
+            out["comp_u"], out["comp_v"], out["comp_m"] = self.comp
+            out["comp_for"] = torch.tensor(self.comp_for, dtype=torch.float64)
         return out
 
     def load_state_dict(self, state):
@@ -238,6 +417,34 @@ class MlpSite(Site):
         if perm is not None and not torch.equal(perm.sort().values, torch.arange(perm.numel())):
             raise SptStateError(f"saved unit permutation of MLP site {self.name} is not a permutation")
         self.perm = None if perm is None else perm.long().clone()
+        balance, balance_for = state.get("balance"), state.get("balance_for")
+        if balance is not None and (balance_for is None or tuple(balance.shape) != (self.n_blocks,)):
+            raise SptStateError(f"saved ffn_balance bias of MLP site {self.name} has shape {tuple(balance.shape)} "
+                                f"(or lacks balance_for), this compile needs ({self.n_blocks},)")
+        self.balance = None if balance is None else balance.float().clone()
+        self.balance_for = None if balance is None else (float(balance_for[0]), int(balance_for[1]))
+        comp = [state.get(k) for k in ("comp_u", "comp_v", "comp_m", "comp_for")]
+        if any(t is not None for t in comp):
+            U, V, M, key = comp
+            if any(t is None for t in comp) or not (
+                    U.dim() == V.dim() == M.dim() == 2 and U.shape[0] == self.d_in and U.shape[1] == V.shape[0]
+                    and U.shape[1] % self.n_blocks == 0 and M.shape == (self.n_blocks, V.shape[1])):
+                raise SptStateError(f"saved ffn_compensate predictors of MLP site {self.name} do not fit: U "
+                                    f"{None if U is None else tuple(U.shape)}, V {None if V is None else tuple(V.shape)}, "
+                                    f"M {None if M is None else tuple(M.shape)}; this compile needs U [{self.d_in}, "
+                                    f"{self.n_blocks} r], M [{self.n_blocks}, d_out]")
+            self.comp = (U.float().clone(), V.float().clone(), M.float().clone())
+            self.comp_for = (int(key[0]), int(key[1]), float(key[2]))
+        else:
+            self.comp, self.comp_for = None, None
+
+    def describe(self):
+        out = super().describe()
+        if self.balance_for is not None:
+            out["balance"] = self.balance_for[0]
+        if self.comp_for is not None:
+            out["compensate"] = self.comp_for[0]
+        return out
 
 
 # --- implementations ----------------------------------------------------------------------------
@@ -287,7 +494,7 @@ def mlp_site(
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
     template: int, spec: str, training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
     # The first projection's weight (gate, else in) identifies the layer's site.
     site = REGISTRY.site(template, gate_w if gate_w is not None else in_w)
@@ -302,9 +509,10 @@ def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b,
     for n in x.shape[:-1]:
         T = T * n
     d_out = out_w.shape[1] if s.out_layout == "io" else out_w.shape[0]
+    ctx = torch.library.get_ctx()
     return (x.new_empty(*x.shape[:-1], d_out), x.new_empty(T, s.n_blocks, dtype=torch.bool),
-            x.new_empty(s.hidden, dtype=torch.int64), x.new_empty(torch.library.get_ctx().new_dynamic_size()),
-            torch.empty(META_FIXED + s.n_blocks, dtype=torch.int64, device="cpu"))
+            x.new_empty(s.hidden, dtype=torch.int64), x.new_empty(ctx.new_dynamic_size()),
+            torch.empty(META_FIXED + s.n_blocks, dtype=torch.int64, device="cpu"), x.new_empty(ctx.new_dynamic_size()))
 
 
 @torch.library.custom_op("spt::mlp_site_backward", mutates_args=())
@@ -313,7 +521,7 @@ def mlp_site_backward(
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    block_mask: Tensor, perm: Tensor, pre: Tensor, meta: Tensor, spec: str, needs: list[bool],
+    block_mask: Tensor, perm: Tensor, pre: Tensor, meta: Tensor, comp: Tensor, spec: str, needs: list[bool],
 ) -> list[Tensor]:
     """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
     s = MlpSpec.from_str(spec)
@@ -334,13 +542,17 @@ def mlp_site_backward(
     else:
         dx, grads = routed_mlp_backward_saved(dy2, x2, wp, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]), pre)
     grads = unpermute_grads(grads, s, p)
+    if comp.numel() and dx is not None:  # ffn_compensate: frozen U, V; only x gets a gradient through it
+        n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
+        U, V = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
+        dx = dx + compensation_input_grad(dy2.to(comp.dtype), ~block_mask, U, V).to(dx.dtype)
     return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
 
 
 @mlp_site_backward.register_fake
 def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      block_mask, perm, pre, meta, spec, needs):
+      block_mask, perm, pre, meta, comp, spec, needs):
     tensors = [x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb]
     return [t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0) for t, need in zip(tensors, needs)]
 
@@ -348,15 +560,15 @@ def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, ou
 def _setup_context(ctx, inputs, output):
     tensors = inputs[:13]
     ctx.spec = inputs[14]
-    y, block_mask, perm, pre, meta = output
+    y, block_mask, perm, pre, meta, comp = output
     ctx.present = [t is not None for t in tensors]
-    ctx.save_for_backward(*tensors, block_mask, perm, pre, meta)
+    ctx.save_for_backward(*tensors, block_mask, perm, pre, meta, comp)
 
 
-def _backward(ctx, dy, dmask, dperm, dpre, dmeta):
-    *tensors, block_mask, perm, pre, meta = ctx.saved_tensors
+def _backward(ctx, dy, dmask, dperm, dpre, dmeta, dcomp):
+    *tensors, block_mask, perm, pre, meta, comp = ctx.saved_tensors
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
-    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, pre, meta, ctx.spec, needs)
+    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, pre, meta, comp, ctx.spec, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
 

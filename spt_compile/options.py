@@ -38,6 +38,20 @@ class Options:
     top_l: Optional[int] = _opt(None, "A fixed number of keys per query (>= 1); overrides density.", True)
     ffn_active: Optional[int] = _opt(None, "MLP blocks each token uses; default ffn_blocks // 2. "
                                      "ffn_active == ffn_blocks is exactly the dense MLP.", True)
+    # Off by measurement (docs/ffn.md, "Load balance"): on SmolLM2 (GSM8K, 8 of 16 blocks) 1.0 cuts the
+    # spread of tokens per block from 12.7x to 2.4x but costs 0.9 nats of held-out loss without
+    # compensation; it pays only once a grouped GEMM makes uneven blocks cost time (not yet).
+    ffn_balance: float = _opt(0.0, "Router load balancing, in [0, 1]: a per-block bias subtracted from the "
+                              "router's scores, fitted on the router's buffered tokens, moves each block's "
+                              "share of the selections this far from its unbiased share toward "
+                              "ffn_active / ffn_blocks (0: off, 1: equal shares).", True)
+    # 32 by measurement (docs/ffn.md, "Compensating the skipped blocks"): SmolLM2 on GSM8K at 2 of 4 blocks,
+    # held-out loss 5.36 -> 2.56 (dense 1.42) for 1.07x the routed MLP's time; rank 64 reached 2.20
+    # but cost 1.29x, most of what routing saves.
+    ffn_compensate: int = _opt(32, "Rank of the linear predictors that stand in for the MLP blocks a token skips "
+                               "(0: off), per block: x U_b V_b + m_b (reduced-rank ridge regression on the "
+                               "router's buffered tokens where the block is skipped), added to the routed "
+                               "output for each skipped block; frozen state, gradient to x only.", True)
     sparse_attention: bool = _opt(True, "Run matched attention sparse (False: exact attention).", True)
     sparse_ffn: bool = _opt(True, "Run matched MLPs routed (False: every block, i.e. dense).", True)
     # Block selection by measurement: benchmarks/results/attention_*.json and docs/attention.md.
@@ -130,6 +144,13 @@ def validate(o: Options) -> None:
         raise _bad("ffn_blocks", "an int >= 1", o.ffn_blocks)
     if o.ffn_active is not None and (not is_int(o.ffn_active) or not 1 <= o.ffn_active <= o.ffn_blocks):
         raise _bad("ffn_active", f"an int in [1, ffn_blocks={o.ffn_blocks}] or None", o.ffn_active)
+    if not isinstance(o.ffn_balance, (int, float)) or isinstance(o.ffn_balance, bool) or not (
+        math.isfinite(o.ffn_balance) and 0 <= o.ffn_balance <= 1
+    ):
+        raise _bad("ffn_balance", "a float in [0, 1] (0: off, 1: every block gets an equal share of tokens)",
+                   o.ffn_balance)
+    if not is_int(o.ffn_compensate) or o.ffn_compensate < 0:
+        raise _bad("ffn_compensate", "an int >= 0 (the predictors' rank; 0: off)", o.ffn_compensate)
     if not is_int(o.pq_subspace_dim) or o.pq_subspace_dim < 1:
         raise _bad("pq_subspace_dim", "an int >= 1", o.pq_subspace_dim)
     if not is_int(o.pq_codewords) or not 1 <= o.pq_codewords <= 256:

@@ -18,7 +18,7 @@ from toy_models import GatedMLP
     ("pq_subspace_dim", 0), ("pq_codewords", 300), ("calibration_steps", -1), ("compiler", "tvm"),
     ("sparse_attention", "yes"), ("attention_selection", "tokens"), ("attention_block", 48),
     ("attention_block", 8), ("attention_impl", "cuda"), ("pq_proxy", "cosine"), ("ffn_cluster", 1),
-    ("ffn_impl", "cuda"), ("ffn_impl", None),
+    ("ffn_impl", "cuda"), ("ffn_impl", None), ("ffn_balance", -0.5), ("ffn_balance", 2.0),
     ("chunked_loss", "yes"), ("loss_chunk", 0), ("loss_chunk", 2.0),
 ])
 def test_bad_values_name_the_option(name, value):

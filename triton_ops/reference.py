@@ -130,3 +130,17 @@ def linear_cross_entropy_reference(
         logits.float().view(-1, W.shape[0]), labels.reshape(-1), ignore_index=ignore_index,
         reduction=reduction, label_smoothing=label_smoothing)
     return loss, (logits if return_logits else None)
+
+
+def compensation_reference(x: Tensor, skipped: Tensor, U: Tensor, V: Tensor, M: Tensor) -> Tensor:
+    """routed_mlp.compensation as a per-token loop over the skipped blocks (gradients by autograd)."""
+    T, nb = skipped.shape
+    r = U.shape[1] // nb
+    rows = []
+    for t in range(T):
+        y = x.new_zeros(V.shape[1])
+        for b in range(nb):
+            if skipped[t, b]:
+                y = y + (x[t] @ U[:, b * r : (b + 1) * r]) @ V[b * r : (b + 1) * r] + M[b]
+        rows.append(y)
+    return torch.stack(rows) if rows else x.new_zeros(0, V.shape[1])

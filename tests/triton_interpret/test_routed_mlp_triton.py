@@ -248,9 +248,11 @@ def test_lora_dropout_is_refused():
         routed_mlp_forward_triton(x, w, MlpSpec(**{**spec.__dict__, "in_dropout": 0.1}), mask)
 
 
-def test_site_triton_and_torch_impls_agree(monkeypatch):
+@pytest.mark.parametrize("compensate", [0, 4])
+def test_site_triton_and_torch_impls_agree(monkeypatch, compensate):
     """Through torch.compile(backend="spt"): the same routed call under ffn_impl="triton" and "torch"
-    gives the same output and gradients, and backward runs the implementation forward recorded."""
+    gives the same output and gradients, and backward runs the implementation forward recorded; with
+    ffn_compensate too (a dense term the site adds beside either implementation)."""
     from toy_models import GatedMLP
 
     import spt_compile.triton_ops.routed_mlp_triton as rmt
@@ -272,7 +274,8 @@ def test_site_triton_and_torch_impls_agree(monkeypatch):
     torch._dynamo.reset()
     model = GatedMLP(d=40, hidden=100)
     compiled = torch.compile(model, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 1,
-                                                            "ffn_blocks": 4, "ffn_active": 2})
+                                                            "ffn_blocks": 4, "ffn_active": 2,
+                                                            "ffn_compensate": compensate})
     x = torch.randn(2, 13, 40)
     for _ in range(2):  # calibration (dense, torch path), then the first routed call (probes, refits)
         compiled(x).sum().backward()
@@ -285,6 +288,8 @@ def test_site_triton_and_torch_impls_agree(monkeypatch):
             y.pow(2).sum().backward()
         results[impl] = (y.detach(), xi.grad, [p.grad.clone() for p in model.parameters()])
     assert calls["fwd"] >= 1 and calls["bwd"] >= 1
+    site = next(s for _, s in spt_compile.registry.model_sites(model))
+    assert (site.comp is not None) == bool(compensate)
     (yt, dxt, gt), (yc, dxc, gc) = results["triton"], results["torch"]
     torch.testing.assert_close(yt, yc, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(dxt, dxc, atol=1e-5, rtol=1e-4)
