@@ -273,7 +273,7 @@ def answer_loss(model, batches: list[dict]) -> float:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 1) -> float:
+def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 1, max_new_tokens: int = 320) -> float:
     """Greedy generation (dense, uncompiled model), batch_size problems at a time (left-padded);
     compares the number after ####."""
     from tqdm import tqdm
@@ -289,7 +289,7 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 1) -> floa
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             # use_cache said explicitly: load_model sets config.use_cache = False for training, and
             # without the KV cache every new token reruns the whole prefix (7x slower here).
-            out = model.generate(**inputs, max_new_tokens=320, do_sample=False, use_cache=True,
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id)
             for row, new in zip(chunk, out[:, inputs["input_ids"].shape[1]:]):
                 text = tokenizer.decode(new, skip_special_tokens=True)

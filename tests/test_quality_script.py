@@ -191,3 +191,24 @@ def test_one_step_on_sst2_end_to_end(tmp_path, data_dir):
     (row,) = record["rows"]
     assert row["metric"] == "accuracy" and row["target"] == ["points", 1.0] and row["met_spt_sparse"] is not None
     assert {"load", "evaluate", "train"} <= dense["seconds"].keys() and "calibrate" in spt["seconds"]
+
+
+@pytest.mark.slow
+def test_batched_generation_gives_the_texts_of_one_by_one(smollm2_2layer, smollm2_tokenizer, data_dir):
+    """finetune.exact_match as the script calls it (batch_size > 1, left padding) against one problem
+    at a time: the same generated texts, and the tokenizer's padding side restored."""
+    import finetune as ft
+
+    rows = ft.read_jsonl(data_dir / "gsm8k" / "test.jsonl")[:3]
+    texts = {1: [], 3: []}
+    decode = smollm2_tokenizer.decode
+    side = smollm2_tokenizer.padding_side
+    try:
+        for batch_size, out in texts.items():
+            smollm2_tokenizer.decode = lambda *a, out=out, **k: out.append(decode(*a, **k)) or out[-1]
+            ft.exact_match(smollm2_2layer, smollm2_tokenizer, rows, batch_size=batch_size, max_new_tokens=24)
+    finally:
+        smollm2_tokenizer.decode = decode
+    assert len(texts[1]) == len(texts[3]) == 3 and all(texts[1])
+    assert texts[1] == texts[3]
+    assert smollm2_tokenizer.padding_side == side
