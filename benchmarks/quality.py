@@ -17,11 +17,11 @@ compiled) and LoRA through backend="spt" (the backend's defaults unless --option
 r=16, alpha 32, dropout 0.05 on every attention and MLP projection (SmolLM2: q/k/v/o/gate/up/down;
 MiniLM: query/key/value/attention.output.dense/intermediate.dense/output.dense; its classifier is new
 and trained in full), AdamW, linear warm-up. The same LoRA initialisation, batch order and dropout
-seed in both runs. GSM8K and WikiText-2 batches have one shape (padded to the sequence length, the
+seed in both runs (the spt attention op draws its own dropout masks). GSM8K and WikiText-2 batches have one shape (padded to the sequence length, the
 last evaluation batch filled up with rows that count for nothing), so each graph compiles once.
-SST-2 batches hold sentences of similar length padded to the longest (a multiple of 8; padding all to
-64 tokens cost 3-5x the compute): Dynamo compiles the first length, then one dynamic-length graph,
-and the JSON records that every site was rewritten in each.
+SST-2 batches hold sentences of similar length padded to the longest, a multiple of 8 (train
+sentences average 13 tokens, dev 25: padding all to 64 would compute 2-4x more); Dynamo compiles the
+first length, then a dynamic-length graph, and the JSON records that every site was rewritten in each.
 
 Columns: untuned = before tuning, dense; untuned spt = before tuning through the spt-compiled model
 after its calibration calls (on training batches); dense = dense LoRA after tuning; spt sparse = the
@@ -429,7 +429,7 @@ def sst2_task(args, data: dict) -> Task:
     def by_length(examples, drop_last: bool) -> list[tuple[dict, int]]:
         """Batches of bs sentences of similar length, each padded to its longest rounded up to a
         multiple of 8: SST-2 sentences average 13 tokens (train) and 25 (dev), so padding all to 64
-        cost 3-5x the compute. The last batch is dropped or filled up with its longest sentence."""
+        would compute 2-4x more. The last batch is dropped or filled up with its longest sentence."""
         ordered = sorted(examples, key=lambda e: len(e[0]))
         out = []
         for chunk, real in filled(ordered, bs, ordered[-1]):
