@@ -319,12 +319,14 @@ def describe(m: MlpMatch) -> str:
 
 def _spec(m: MlpMatch, options: Options) -> MlpSpec:
     g = m.gate
+    x_dtype, out_dtype = val(m.x).dtype, val(m.down.output).dtype
+    autocast = x_dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)
     return MlpSpec(
         activation=m.activation, gated=g is not None, hidden=static_int(m.up.out_features),
         n_blocks=options.ffn_blocks, in_layout=m.up.layout, gate_layout=g.layout if g else "oi",
         out_layout=m.down.layout, in_scale=m.up.scale, gate_scale=g.scale if g else 1.0,
         out_scale=m.down.scale, in_dropout=m.up.dropout, gate_dropout=g.dropout if g else 0.0,
-        out_dropout=m.down.dropout,
+        out_dropout=m.down.dropout, compute=str(out_dtype).removeprefix("torch.") if autocast else "",
     )
 
 

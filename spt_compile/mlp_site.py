@@ -460,7 +460,8 @@ def _run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed
     if impl == "triton":
         from spt_compile.triton_ops.routed_mlp_triton import compute_dtype, routed_mlp_forward_triton
 
-        cd = compute_dtype(x2)
+        # The traced dtype (autocast, recorded by the pass), else autocast if active here, else x's.
+        cd = getattr(torch, spec.compute) if spec.compute else compute_dtype(x2)
         y, pre, counts = routed_mlp_forward_triton(x2, w, spec, block_mask, cd)
         saved.append(pre)
         return y, (IMPL_CODES["triton"], 0 if cd == x2.dtype else DTYPE_CODES[cd], tuple(counts))

@@ -85,6 +85,10 @@ class MlpSpec:
     in_dropout: float = 0.0  # LoRA dropout probabilities (0 when traced in eval mode)
     gate_dropout: float = 0.0
     out_dropout: float = 0.0
+    # The dtype the traced projections computed in when it differs from the input's (torch.autocast:
+    # "bfloat16" / "float16"), "" otherwise. Autocast is not active inside the custom op at run time
+    # (AOTAutograd made its casts explicit), so the op learns the compute dtype from here.
+    compute: str = ""
 
     def to_str(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
