@@ -180,8 +180,8 @@ class AttentionSite(Site):
             real = real_key_positions(mask, B, Nk, q.device)
             if int(real_lengths(mask, real).max()) < options.attention_dense_below:
                 exact = True  # a short sequence: exact attention is cheap, and sparsity would cost quality
-                if plan.updates_state:
-                    self.stage(lambda: setattr(self, "exact_short_calls", self.exact_short_calls + 1))
+                if plan.updates_state:  # a count changes no choice: no need to stage it
+                    self.exact_short_calls += 1
         if exact:
             with torch.no_grad():
                 out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)

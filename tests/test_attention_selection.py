@@ -101,8 +101,12 @@ def test_short_sequences_run_exact_attention_and_are_counted():
     compiled(torch.randint(0, 97, (1, 100)))  # calibration
     short, long = torch.randint(0, 97, (1, 100)), torch.randint(0, 97, (1, 130))
     torch.testing.assert_close(compiled(short), model(short), atol=1e-5, rtol=1e-4)  # below 120 keys: exact
+
+    def counts():
+        return [r["exact_short_calls"] for r in spt_compile.report(model) if r["kind"] == "attention"]
+
+    assert counts() == [1, 1]  # counted by the call itself, not at the next one
     assert not torch.allclose(compiled(long), model(long), atol=1e-3)  # at or above: sparse
-    counts = [r["exact_short_calls"] for r in spt_compile.report(model) if r["kind"] == "attention"]
-    assert counts == [1, 1]
+    assert counts() == [1, 1]
     with spt_compile.enable(attention_dense_below=0):
         assert not torch.allclose(compiled(short), model(short), atol=1e-3)
