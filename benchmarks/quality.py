@@ -572,7 +572,9 @@ def run(task: Task, backend: str, args, save) -> dict:
         calibration = [to_device(task.collate(draws.next()), args.device) for _ in range(max(1, n))]
         # What the passes rewrite (a dense trace, no sparse state); the run-time choices (e.g. exact
         # attention below attention_dense_below) show in report() after tuning.
-        report = timed(secs, "explain", lambda: spt_compile.explain(model, **calibration[0]))
+        # explain() takes enable()'s options: the --option values, so it reports what this run rewrites.
+        with spt_compile.enable(**args.spt_options):
+            report = timed(secs, "explain", lambda: spt_compile.explain(model, **calibration[0]))
         torch._dynamo.reset()
         part["explain"] = str(report)
         print("  " + "\n  ".join(str(report).splitlines()[:2]), flush=True)

@@ -6,7 +6,7 @@ the passes in report-only mode, and runs the model dense. No sparse state is cre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -14,12 +14,14 @@ from torch import nn
 from spt_compile.passes import SiteReport, rewrite_graph
 
 from .backend import compile_options
+from .options import Options
 
 
 @dataclass
 class ExplainReport:
     graphs: int = 0
     sites: list[SiteReport] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # the options in effect that differ from the defaults
 
     def rewritten(self, kind=None) -> list[SiteReport]:
         return [s for s in self.sites if s.status == "rewritten" and kind in (None, s.kind)]
@@ -29,7 +31,8 @@ class ExplainReport:
 
     def __str__(self) -> str:
         lines = [f"spt explain: {self.graphs} graph(s) traced"
-                 + (f" ({self.graphs - 1} graph break(s): each piece is rewritten on its own)" if self.graphs > 1 else ""),
+                 + (f" ({self.graphs - 1} graph break(s): each piece is rewritten on its own)" if self.graphs > 1 else "")
+                 + ("; options: " + ", ".join(f"{k}={v}" for k, v in self.options.items()) if self.options else ""),
                  f"  rewritten: {len(self.rewritten('attention'))} attention, {len(self.rewritten('mlp'))} MLP"
                  + (f", {len(self.rewritten('loss'))} chunked loss" if any(s.kind == "loss" for s in self.sites) else "")
                  + "; "
@@ -40,9 +43,12 @@ class ExplainReport:
 
 def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
     """Trace `model(*args, **kwargs)` and report, per attention, MLP and loss candidate, whether the spt
-    backend rewrites it (module path, pattern, shapes) or leaves it dense (and why)."""
-    report = ExplainReport()
+    backend rewrites it (module path, pattern, shapes) or leaves it dense (and why). It uses the options
+    of the enclosing `spt_compile.enable(...)` blocks and lists those that differ from the defaults."""
     options = compile_options(None)
+    defaults = Options()
+    report = ExplainReport(options={f.name: getattr(options, f.name) for f in fields(Options)
+                                    if getattr(options, f.name) != getattr(defaults, f.name)})
 
     def recording_backend(gm, example_inputs, **_):
         report.graphs += 1

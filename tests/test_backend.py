@@ -52,6 +52,14 @@ def test_explain_lists_rewritten_sites_and_reasons_and_changes_no_state():
     assert dense.path == "odd" and "activation is not one of" in dense.reason
     text = str(report)
     assert "rewritten: 1 attention, 1 MLP; left dense: 1" in text and "q (2, 4, 12, 16)" in text
+    assert "options:" not in text.splitlines()[0]  # defaults only
+    # enable()'s options reach explain, which names those that differ from the defaults; hidden 256
+    # cannot be cut into 512 blocks, so the MLP stays dense and says why
+    torch._dynamo.reset()
+    with spt_compile.enable(ffn_blocks=512, density=0.25):
+        text = str(spt_compile.explain(model, torch.randint(0, 97, (2, 12))))
+    assert "options: density=0.25, ffn_blocks=512" in text.splitlines()[0], text
+    assert "smaller than ffn_blocks=512" in text, text
 
 
 def test_report_gives_calibration_quality_per_site():

@@ -188,6 +188,7 @@ def test_one_step_on_sst2_end_to_end(tmp_path, data_dir):
     assert spt["tuned_sparse"]["accuracy"] == spt["tuned_dense"]["accuracy"]
     assert spt["tuned_sparse"]["dev_loss"] == pytest.approx(spt["tuned_dense"]["dev_loss"], rel=1e-4)
     assert all(g["attention"] == 6 and g["mlp"] == 6 for g in spt["graphs"])
+    assert "ffn_active=4" in spt["explain"].splitlines()[0]  # explain ran with the --option values
     (row,) = record["rows"]
     assert row["metric"] == "accuracy" and row["target"] == ["points", 1.0] and row["met_spt_sparse"] is not None
     assert {"load", "evaluate", "train"} <= dense["seconds"].keys() and "calibrate" in spt["seconds"]
