@@ -76,6 +76,19 @@ def _meta(mode: int, seed: int, shape, block_m: int, block_n: int, impl: str) ->
     return torch.tensor([mode, seed, *shape, block_m, block_n, IMPLS.index(impl)], dtype=torch.int64)
 
 
+def token_budget(mask: Optional[Tensor], real: Tensor, N: int, density: float, top_l: Optional[int]) -> Tensor:
+    """Keys per query: [B], one per row from its real length; or [B, N] when a row packs several
+    sequences (block_select.packed_segments), each query budgeted by its own sequence's length, as
+    if it ran alone."""
+    row = pq.keys_per_query(real_lengths(mask, real), density, top_l)  # [B]
+    found = None if mask is None else block_select.packed_segments(mask, real, N)
+    if found is None:
+        return row
+    segment, length, packed = found
+    per_query = pq.keys_per_query(length, density, top_l).gather(1, segment)  # [B, N]
+    return torch.where(packed[:, None], per_query, row.to(per_query.device)[:, None])
+
+
 def real_lengths(mask: Optional[Tensor], real: Tensor) -> Tensor:
     """Real keys per sequence [B] on the CPU; without a mask every key is real (no device sync)."""
     return torch.full((real.shape[0],), real.shape[1], dtype=torch.int64) if mask is None else real.sum(-1).cpu()
@@ -151,7 +164,8 @@ class AttentionSite(Site):
                               float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
         chosen = chosen_rows(b, i) & torch.isfinite(s)  # [R, H, Nk]
-        L_rows = per_batch_l.to(q.device)[b].view(-1, 1)  # [R, 1]
+        budget = per_batch_l.to(q.device)
+        L_rows = (budget[b] if budget.dim() == 1 else budget[b, i]).view(-1, 1)  # [R, 1]
         n_allowed = torch.isfinite(s).sum(-1)  # [R, H]
         k_true = torch.minimum(L_rows.expand_as(n_allowed), n_allowed)
         top = s.topk(int(k_true.max()), dim=-1).indices if k_true.max() > 0 else None
@@ -223,7 +237,7 @@ class AttentionSite(Site):
         """Top-L keys per query by a PQ proxy (the asymmetric inner product q . k_hat, or the number
         of subspaces whose codes agree); exact attention over them."""
         codebooks = self.codebooks.to(k.device)
-        per_batch_l = pq.keys_per_query(real_lengths(mask, real), options.density, options.top_l)
+        per_batch_l = token_budget(mask, real, q.shape[2], options.density, options.top_l)  # [B] or [B, N]
         if options.pq_proxy == "agreement":
             q_proxy, k_proxy, proxy_scale = *pq.code_onehots(q, k, codebooks), 1.0
         else:
@@ -267,7 +281,7 @@ class AttentionSite(Site):
             return blocks.repeat_interleave(bn, dim=-1)[..., :Nk]
 
         # L in keys for the probe's "true top-L": what the density asks for, not the block rounding.
-        per_batch_l = pq.keys_per_query(lengths, options.density, options.top_l)
+        per_batch_l = token_budget(mask, real, q.shape[2], options.density, options.top_l)
         return out, lse, block_idx.reshape(-1), meta, (chosen, per_batch_l)
 
     # --- persistence --------------------------------------------------------------------------

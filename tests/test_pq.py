@@ -42,7 +42,7 @@ def _select(B=2, H=4, Hkv=2, N=40, D=8, per_batch=(10, 10), causal=True, mask=No
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, N, D, generator=gen)
     k = torch.randn(B, Hkv, N, D, generator=gen)
-    idx = pq.select_keys(q, k, 0.3, torch.tensor(per_batch), causal, mask)
+    idx = pq.select_keys(q, k, 0.3, torch.as_tensor(per_batch), causal, mask)
     return q, k, idx
 
 
@@ -60,6 +60,20 @@ def test_causal_selection_never_picks_the_future_and_keeps_short_rows_whole():
         chosen = idx[b, h, i][idx[b, h, i] >= 0]
         assert chosen.unique().numel() == chosen.numel()  # no duplicates
     assert taken.numel() > 0
+
+
+def test_per_query_budgets_select_as_each_budget_alone():
+    """A [B, N] budget (packed rows: each query budgeted by its own sequence) lists, for every query,
+    what a [B] budget of that value lists for it, with -1 beyond its own budget."""
+    gen = torch.Generator().manual_seed(3)
+    budget = torch.randint(1, 12, (2, 40), generator=gen)
+    q, k, idx = _select(causal=False, per_batch=budget, seed=4)
+    assert idx.shape[-1] == int(budget.max())
+    for L in budget.unique().tolist():
+        alone = pq.select_keys(q, k, 0.3, torch.tensor([L, L]), False)  # [B, H, N, L]
+        b, i = (budget == L).nonzero(as_tuple=True)
+        assert torch.equal(idx[b, :, i, :L], alone[b, :, i])
+        assert (idx[b, :, i, L:] == -1).all()
 
 
 def test_exact_keys_give_the_exact_top_l():

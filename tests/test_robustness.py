@@ -164,21 +164,23 @@ def _packed(seqs: list[torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("sparse", [False, True, "token"])
 def test_packed_sequences_give_the_unpadded_results(sparse):
     """Packed (variable-length, one row) batches: each sequence's logits equal running it alone.
-    Sparse (density 1/2, half the FFN blocks): when every sequence starts at a multiple of
-    attention_block, so that query and key blocks fall as they do alone; with every key and block
-    kept (degenerate): any lengths."""
+    Sparse (density 1/2, half the FFN blocks): block selection when every sequence starts at a
+    multiple of attention_block, so that query and key blocks fall as they do alone; token selection
+    (each query budgeted by its own sequence's length) and every key and block kept (degenerate): any
+    lengths."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
     lm = LlamaForCausalLM(config).eval()
-    c = compiled(lm, **({} if sparse else {"density": 1.0, "ffn_active": 4}))
+    c = compiled(lm, **({"attention_selection": "token"} if sparse == "token" else {} if sparse
+                        else {"density": 1.0, "ffn_active": 4}))
     c(input_ids=torch.randint(0, 128, (1, 64)))  # calibration
-    lengths = (32, 16, 48) if sparse else (13, 40, 7)
+    lengths = (32, 16, 48) if sparse is True else (13, 40, 7)
     seqs = [torch.randint(0, 128, (n,)) for n in lengths]
     packed = c(**_packed(seqs)).logits[0].split(list(lengths))
     for seq, got in zip(seqs, packed):

@@ -45,14 +45,11 @@ def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], bloc
     return torch.ceil(keys.double() / block_n).long().clamp(min=1, max=n_kb)
 
 
-def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, top_l: Optional[int],
-                            block_m: int, block_n: int) -> Optional[tuple[Tensor, Tensor]]:
-    """Rows that pack several sequences (HF's DataCollatorWithFlattening: a block-diagonal mask) give
-    each query block the budget and the sink block of its own sequence, as if it ran alone:
-    (budget, sink), each [B, n_qb] int64 (budget on the CPU: the largest among the sequences of the
-    block's queries; sink: the first key block of the sequence of the block's last row); None when
-    no row packs two sequences (blocks_per_query of the row's length applies, sink block 0). A sequence that does not start at a multiple of
-    block_n spans one key block more than alone and gets it, so density 1.0 still lists every key.
+def packed_segments(mask: Tensor, real: Tensor, N: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """The sequences of rows that pack several (HF's DataCollatorWithFlattening: one row, a
+    block-diagonal mask): (segment [B, N] the sequence index of each position, length [B, N] the real
+    keys of sequence s at [:, s], packed [B] bool: the row holds two or more sequences with keys);
+    None when no row packs two sequences, or the mask is not square self-attention.
     A sequence starts at query i when i may see key i but not key i - 1: only the mask's diagonal
     and the one below it are read."""
     Nk = real.shape[1]
@@ -61,13 +58,30 @@ def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, 
     i = torch.arange(N, device=mask.device)
     on = allowed_mask(mask[:, :, i, i].unsqueeze(-1), 0, N).squeeze(-1).any(1)  # [B|1, N]: i sees i
     below = allowed_mask(mask[:, :, i[1:], i[:-1]].unsqueeze(-1), 0, N).squeeze(-1).any(1)  # i sees i - 1
-    starts = torch.cat([torch.ones_like(on[:, :1]), on[:, 1:] & ~below], dim=1).expand(real.shape[0], N)
-    segment = starts.long().cumsum(1) - 1  # [B, N]: the sequence of each position
     B = real.shape[0]
+    starts = torch.cat([torch.ones_like(on[:, :1]), on[:, 1:] & ~below], dim=1).expand(B, N)
+    segment = starts.long().cumsum(1) - 1  # [B, N]: the sequence of each position
     length = torch.zeros(B, N, dtype=torch.int64, device=mask.device).scatter_add_(1, segment, real.long())
     packed = (length > 0).sum(1) > 1  # [B]: rows holding two or more sequences with keys
     if not bool(packed.any()):
         return None
+    return segment, length, packed
+
+
+def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, top_l: Optional[int],
+                            block_m: int, block_n: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Rows that pack several sequences (packed_segments) give each query block the budget and the
+    sink block of its own sequence, as if it ran alone: (budget, sink), each [B, n_qb] int64 (budget
+    on the CPU: the largest among the sequences of the block's queries; sink: the first key block of
+    the sequence of the block's last row); None when no row packs two sequences (blocks_per_query of
+    the row's length applies, sink block 0). A sequence that does not start at a multiple of block_n
+    spans one key block more than alone and gets it, so density 1.0 still lists every key."""
+    found = packed_segments(mask, real, N)
+    if found is None:
+        return None
+    segment, length, packed = found
+    B, Nk = real.shape
+    i = torch.arange(N, device=mask.device)
     block = (i // block_n).expand(B, N)
     first = torch.full((B, N), N, dtype=torch.int64, device=mask.device).scatter_reduce_(1, segment, block, "amin")
     last = torch.zeros(B, N, dtype=torch.int64, device=mask.device).scatter_reduce_(1, segment, block, "amax")

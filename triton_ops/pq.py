@@ -114,8 +114,8 @@ def real_key_mask(mask: Tensor, B: int, Nk: int) -> Tensor:
 
 
 def keys_per_query(lengths: Tensor, density: float, top_l: Optional[int]) -> Tensor:
-    """L_b per sequence from its real key count [B]: top_l, or ceil(density x length), at least 1
-    when the sequence has keys, never more than it has."""
+    """L per sequence from its real key count (any shape, e.g. [B]): top_l, or ceil(density x
+    length), at least 1 when the sequence has keys, never more than it has."""
     if top_l is not None:
         return torch.clamp(lengths, max=top_l)
     return torch.clamp(torch.ceil(lengths.double() * density).long(), min=1).minimum(lengths)
@@ -125,23 +125,26 @@ def select_keys(
     q: Tensor,
     k_proxy: Tensor,
     scale: float,
-    per_batch_l: Tensor,
+    budget_l: Tensor,
     is_causal: bool,
     mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Top-L keys per query by proxy score q . k_proxy * scale (+ additive mask), never a forbidden
-    key (after the query when causal, masked, or beyond the slots of its sequence's L_b).
+    key (after the query when causal, masked, or beyond the slots of its budget).
 
-    q [B, H, N, D]; k_proxy [B, Hkv, Nk, D]; per_batch_l [B]; mask bool (True = allowed) or additive,
-    broadcastable to [B, H, N, Nk]. Returns indices [B, H, N, L] int32, L = max L_b, -1 unused."""
+    q [B, H, N, D]; k_proxy [B, Hkv, Nk, D]; budget_l: keys per query, [B] (one per sequence) or
+    [B, N] (per query: packed rows, whose sequences differ in length); mask bool (True = allowed) or
+    additive, broadcastable to [B, H, N, Nk]. Returns indices [B, H, N, L] int32, L = the largest
+    budget, -1 unused."""
     B, H, N, D = q.shape
     Hkv, Nk = k_proxy.shape[1], k_proxy.shape[2]
     G = H // Hkv
-    L = int(per_batch_l.max()) if per_batch_l.numel() else 0
+    L = int(budget_l.max()) if budget_l.numel() else 0
     indices = torch.full((B, H, N, L), -1, dtype=torch.int32, device=q.device)
     if L == 0 or N == 0:
         return indices
-    slot_unused = (torch.arange(L).view(1, L) >= per_batch_l.view(B, 1)).to(q.device).view(B, 1, 1, L)
+    row_l = budget_l.to(q.device).view(B, -1).expand(B, N)  # [B, N]
+    slots = torch.arange(L, device=q.device)
     kp_t = k_proxy.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
     C = max(1, min(N, MAX_ROWS_PER_CHUNK, _SCORE_CHUNK_ELEMENTS // max(1, B * H * Nk)))
     key_pos = torch.arange(Nk, device=q.device)
@@ -158,8 +161,9 @@ def select_keys(
             future = key_pos.view(1, Nk) > torch.arange(r0, r1, device=q.device).view(-1, 1)
             s = s.masked_fill(future, float("-inf"))
         vals, idx = s.topk(L, dim=-1)
-        vals, idx = _ties_by_position(s, vals, idx, per_batch_l.to(q.device).view(B, 1, 1, 1))
-        idx = idx.masked_fill(torch.isneginf(vals) | slot_unused, -1)
+        chunk_l = row_l[:, r0:r1].reshape(B, 1, r1 - r0, 1)  # [B, 1, C, 1]
+        vals, idx = _ties_by_position(s, vals, idx, chunk_l)
+        idx = idx.masked_fill(torch.isneginf(vals) | (slots >= chunk_l), -1)
         indices[:, :, r0:r1] = idx.to(torch.int32)
     return indices
 
