@@ -243,7 +243,10 @@ def worker(name: str, seq: int, args) -> dict:
     return out
 
 
-def run_all(args) -> list[dict]:
+def run_all(args, failures: list) -> list[dict]:
+    """Every (length, configuration) in a fresh process. A run that fails (e.g. killed for memory) is
+    recorded in `failures` and the others go on; with --json the results so far are rewritten after
+    every run, so an interrupted sweep keeps what it measured."""
     results = []
     for seq in args.seq_lens:
         for name in args.configs:
@@ -263,9 +266,21 @@ def run_all(args) -> list[dict]:
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{name} at seq {seq} failed")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit status {proc.returncode}"
+                print(f"{name} at seq {seq} failed: {why}; going on", file=sys.stderr, flush=True)
+                failures.append({"config": name, "seq": seq, "error": why})
+            else:
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if args.json:
+                write_json(args, results, failures)
     return results
+
+
+def write_json(args, results: list[dict], failures: list[dict]) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"results": results, "failures": failures, "argv": sys.argv[1:]}, indent=1))
+    tmp.replace(args.json)
 
 
 def main(argv=None) -> int:
@@ -274,16 +289,19 @@ def main(argv=None) -> int:
         name, seq = args.worker.split(":")
         print(json.dumps(worker(name, int(seq), args)))
         return 0
+    failures: list[dict] = []
     if args.load:
-        results = json.loads(args.load.read_text())["results"]
+        saved = json.loads(args.load.read_text())
+        results, failures = saved["results"], saved.get("failures", [])
     else:
-        results = run_all(args)
+        results = run_all(args, failures)
     print(table(results))
     print()
     print(breakdown_table(results))
+    for f in failures:
+        print(f"FAILED: {f['config']} at seq {f['seq']}: {f['error']}")
     if args.json and not args.load:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"results": results, "argv": sys.argv[1:]}, indent=1))
+        write_json(args, results, failures)
     prefix = args.plots or next((p.with_suffix("") for p in (args.json, args.load) if p), None)
     if prefix is not None:
         sys.path.insert(0, str(HERE))
@@ -291,7 +309,7 @@ def main(argv=None) -> int:
 
         for path in plot(results, prefix):
             print(f"wrote {path}")
-    return 0
+    return 1 if failures else 0  # a failed run is an error, after the rest were measured and kept
 
 
 def _mb(v) -> str:
