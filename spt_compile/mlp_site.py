@@ -271,6 +271,8 @@ class MlpSite(Site):
             return None
         key = (rank, options.active_blocks, float(options.ffn_balance))
         if self.comp_for != key:
+            if isinstance(weights, _LazyPermuted):
+                weights = weights.get()
             bx = self.buffer_x.to(device=weights.in_w.device, dtype=weights.in_w.dtype)
             outs = block_outputs(bx, weights, spec).float()
             self.comp = fit_compensation(bx, outs, ~self.route(bx, options), rank)
@@ -350,16 +352,16 @@ class MlpSite(Site):
                     y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
-                wp = permute_hidden(weights, spec, perm)
                 block_mask = self.route(x2, options)
-                y, impl_meta = _run_impl(x2, wp, spec, block_mask, seed, options.ffn_impl, saved)
+                y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm)
+                wp = _LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
                 terms = self.compensation_terms(options, wp, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
                     comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
                     y = y + compensation(x2, ~block_mask, *comp).to(y.dtype)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
-                    self._probe(x2, wp, spec, block_mask, seed,
+                    self._probe(x2, wp.get(), spec, block_mask, seed,
                                 None if terms is None else tuple(t.to(x.device) for t in terms))
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:
@@ -450,13 +452,29 @@ class MlpSite(Site):
 # --- implementations ----------------------------------------------------------------------------
 
 
+class _LazyPermuted:
+    """permute_hidden(weights, spec, perm), copied on the first get() (the torch path needs no copy)."""
+
+    def __init__(self, weights: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]):
+        self.weights, self.spec, self.perm, self.value = weights, spec, perm, None
+
+    def get(self) -> MlpWeights:
+        if self.value is None:
+            self.value = permute_hidden(self.weights, self.spec, self.perm)
+        return self.value
+
+
 def _run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
-              saved: list) -> tuple[Tensor, tuple[int, int, tuple]]:
-    """y by the chosen implementation; appends the pre-activations to `saved` (the torch path's layout,
-    which the Triton path shares). Returns (y, (impl code, compute dtype code, tokens per block))."""
+              saved: list, perm: Optional[Tensor] = None) -> tuple[Tensor, tuple[int, int, tuple]]:
+    """y by the chosen implementation, with hidden units reordered by perm (the clustering) if given;
+    appends what backward needs to `saved` (the pre-activations in a layout the Triton path shares; the
+    torch path appends its LoRA inputs). Returns (y, (impl code, compute dtype code, tokens per block))."""
     impl = resolve_ffn_impl(option, x2.device)
     if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
         impl = "torch"  # neither the kernels nor the reference have LoRA dropout
+    if impl == "torch":  # permutes block by block, without a copy of the whole weights
+        return routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm), (IMPL_CODES["torch"], 0, ())
+    w = permute_hidden(w, spec, perm)
     if impl == "triton":
         from spt_compile.triton_ops.routed_mlp_triton import compute_dtype, routed_mlp_forward_triton
 
@@ -465,9 +483,7 @@ def _run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed
         y, pre, counts = routed_mlp_forward_triton(x2, w, spec, block_mask, cd)
         saved.append(pre)
         return y, (IMPL_CODES["triton"], 0 if cd == x2.dtype else DTYPE_CODES[cd], tuple(counts))
-    if impl == "reference":
-        return routed_mlp_reference(x2, w, spec, block_mask), (IMPL_CODES["reference"], 0, ())
-    return routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved), (IMPL_CODES["torch"], 0, ())
+    return routed_mlp_reference(x2, w, spec, block_mask), (IMPL_CODES["reference"], 0, ())
 
 
 def _reference_backward(dy: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, needs: list[bool]):
@@ -531,24 +547,32 @@ def mlp_site_backward(
     p = perm if (mode == ROUTED and permuted) else None
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    wp = permute_hidden(weights, s, p)
     impl = IMPL_NAMES[impl_code]
-    if impl == "triton":
-        from spt_compile.triton_ops.routed_mlp_triton import routed_mlp_backward_triton
-
-        dx, grads = routed_mlp_backward_triton(dy2, x2, wp, s, block_mask, needs[0], MlpWeights(*needs[1:]), pre,
-                                               counts, DTYPES.get(dtype_code))
-    elif impl == "reference":
-        dx, grads = _reference_backward(dy2, x2, wp, s, block_mask, needs)
+    if impl == "torch":  # un-permutes block by block
+        dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]),
+                                              pre, perm=p)
     else:
-        dx, grads = routed_mlp_backward_saved(dy2, x2, wp, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]), pre)
-    grads = unpermute_grads(grads, s, p)
+        dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, counts, dtype_code, p)
     if comp.numel() and dx is not None:  # ffn_compensate: frozen U, V; only x gets a gradient through it
         n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
         U, V = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
         dx = dx + compensation_input_grad(dy2.to(comp.dtype), ~block_mask, U, V).to(dx.dtype)
     return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
+
+
+def _permuted_backward(impl: str, dy2, x2, weights: MlpWeights, s: MlpSpec, block_mask, needs, pre, counts,
+                       dtype_code: int, perm: Optional[Tensor]):
+    """The Triton or reference backward on the permuted weights, gradients un-permuted."""
+    wp = permute_hidden(weights, s, perm)
+    if impl == "triton":
+        from spt_compile.triton_ops.routed_mlp_triton import routed_mlp_backward_triton
+
+        dx, grads = routed_mlp_backward_triton(dy2, x2, wp, s, block_mask, needs[0], MlpWeights(*needs[1:]), pre,
+                                               counts, DTYPES.get(dtype_code))
+    else:
+        dx, grads = _reference_backward(dy2, x2, wp, s, block_mask, needs)
+    return dx, unpermute_grads(grads, s, perm)
 
 
 @mlp_site_backward.register_fake

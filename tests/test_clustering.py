@@ -16,6 +16,7 @@ from spt_compile.triton_ops.routed_mlp import (
     block_bounds,
     permute_hidden,
     routed_mlp_backward,
+    routed_mlp_backward_saved,
     routed_mlp_forward,
     unpermute_grads,
 )
@@ -61,6 +62,36 @@ def test_permuted_routing_matches_reference_on_permuted_weights(gated, layout):
     torch.testing.assert_close(dx, ref_grads[0], atol=1e-5, rtol=1e-4)
     for g, r in zip([g for g in grads if g is not None], ref_grads[1:]):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gated,layout,bias", [(True, "oi", False), (False, "io", True)])
+def test_torch_path_permutes_block_by_block(gated, layout, bias):
+    """routed_mlp_forward(..., perm=) equals the run on explicitly permuted weights, and
+    routed_mlp_backward_saved(..., perm=) returns the gradients in the original unit order, without
+    either copying the whole weights (the site's torch path)."""
+    gen = torch.Generator().manual_seed(3)
+    w = make_weights(13, 43, 11, gated=gated, layout=layout, gen=gen, bias=bias)
+    spec = spec_for(w, "silu" if gated else "gelu", gated, 4, layout=layout)
+    perm = torch.randperm(43, generator=gen)
+    x = torch.randn(37, 13, generator=gen)
+    mask = torch.rand(37, 4, generator=gen) < 0.5
+    dy = torch.randn(37, 11, generator=gen)
+    needs = type(w)(*[t is not None for t in w])
+
+    saved_p, saved_q = [], []
+    with torch.no_grad():  # as inside the site's custom op
+        y = routed_mlp_forward(x, w, spec, mask, saved=saved_p, perm=perm)
+        want = routed_mlp_forward(x, permute_hidden(w, spec, perm), spec, mask, saved=saved_q)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(saved_p[0], saved_q[0], atol=1e-5, rtol=1e-5)
+    dx, grads = routed_mlp_backward_saved(dy, x, w, spec, mask, 0, True, needs, saved_p[0], perm=perm)
+    dx_q, grads_q = routed_mlp_backward_saved(dy, x, permute_hidden(w, spec, perm), spec, mask, 0, True, needs,
+                                              saved_q[0])
+    torch.testing.assert_close(dx, dx_q, atol=1e-5, rtol=1e-5)
+    for name, g, q in zip(type(w)._fields, grads, unpermute_grads(grads_q, spec, perm)):
+        assert (g is None) == (q is None), name
+        if g is not None:
+            torch.testing.assert_close(g, q, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_every_block_with_clustering_is_the_dense_mlp():

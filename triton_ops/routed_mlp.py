@@ -279,6 +279,122 @@ def _rows(t: Optional[Tensor], tok: Tensor, every: bool) -> Optional[Tensor]:
     return t if t is None or every else t[tok]
 
 
+# --- the block-batched path: LoRA inside the block GEMMs --------------------------------------------
+#
+# A LoRA delta per block would be a pair of thin GEMMs (rank r) per projection per block, each
+# streaming the block's whole input: on a CPU they cost more than their FLOPs say (SmolLM2's MLP at
+# 2048 tokens: 15 thin GEMMs per block, ~15% of the routed MLP's time). So the LoRA factors ride inside
+# the block GEMMs instead:
+# - in / gate: the LoRA inputs t = dropout(x) A^T [T, r] do not depend on the block, so they are
+#   computed once per layer and appended to x as columns, X = [x | t_in | t_gate] [T, K]; a block's
+#   weight gets the matching columns, [W_b | s B_b | 0] (0 under the other projection's t), so one
+#   GEMM gives x W_b^T + s t B_b^T. Backward: dz [W_b | s B_b | 0] gives d(x) and d(t) in one GEMM.
+# - out: the block's LoRA A columns are appended to its weight as output rows, [W_out_b ; A_out_b], so
+#   one GEMM gives [h W_out_b^T | h A_out_b^T]; the rank-r part is summed over blocks and multiplied by
+#   s B_out once per layer. Backward: d(h) = [dy | s dy B_out] [W_out_b ; A_out_b], one GEMM.
+# Per block, only the LoRA B gradients (in, gate) and A gradient (out) remain thin GEMMs. With LoRA
+# dropout on the out projection, h and its LoRA input differ, so that part stays a separate GEMM.
+
+
+class _LoraColumns(NamedTuple):
+    """Where the LoRA inputs sit in X = [x | t_in | t_gate]: K columns in all."""
+
+    K: int
+    in_cols: Optional[slice]
+    gate_cols: Optional[slice]
+
+    def of(self, proj: str) -> Optional[slice]:
+        return self.in_cols if proj == "in" else self.gate_cols
+
+
+def _lora_columns(d_in: int, w: MlpWeights, spec: MlpSpec) -> _LoraColumns:
+    """Where the input projections' LoRA inputs sit in X = [x | t_in | t_gate]."""
+    k, cols = d_in, {"in": None, "gate": None}
+    for proj in ("in", "gate"):
+        A = getattr(w, f"{proj}_a")
+        if A is not None and (proj == "in" or spec.gated):
+            cols[proj] = slice(k, k + A.shape[0])
+            k += A.shape[0]
+    return _LoraColumns(k, cols["in"], cols["gate"])
+
+
+def _lora_inputs(x: Tensor, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, keep_in: Optional[Tensor],
+                 keep_gate: Optional[Tensor], out: Optional[Tensor] = None) -> Optional[Tensor]:
+    """t = [dropout(x) A_in^T | dropout(x) A_gate^T], X's columns after x: [T, K - d_in] (written into
+    `out` if given); None without LoRA on the input projections."""
+    d_in = x.shape[1]
+    if cols.K == d_in:
+        return None
+    present = [p for p in ("in", "gate") if cols.of(p) is not None]
+    if keep_in is None and keep_gate is None:  # one GEMM for both projections
+        A = torch.cat([getattr(w, f"{p}_a") for p in present]) if len(present) > 1 else getattr(w, f"{present[0]}_a")
+        return x @ A.t() if out is None else torch.mm(x, A.t(), out=out)
+    parts = [F.linear(x if (keep := keep_in if p == "in" else keep_gate) is None else x * keep, getattr(w, f"{p}_a"))
+             for p in present]  # [T, r] each
+    if out is None:
+        return torch.cat(parts, 1)
+    for p, part in zip(present, parts):
+        out[:, cols.of(p).start - d_in : cols.of(p).stop - d_in] = part
+    return out
+
+
+class _Units(NamedTuple):
+    """The hidden units of one block: lo:hi, or with a clustering permutation perm[lo:hi]."""
+
+    lo: int
+    hi: int
+    index: Optional[Tensor]  # perm[lo:hi], or None for the contiguous units lo:hi
+
+    def of(self, t: Tensor, dim: int) -> Tensor:
+        """t's slice along dim for these units (a view without a permutation, else a copy)."""
+        return t.narrow(dim, self.lo, self.hi - self.lo) if self.index is None else t.index_select(dim, self.index)
+
+
+def _extended_weight(proj: str, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, units: _Units) -> Tensor:
+    """One block of an input projection as [Fb, K] against X: [W_b | s B_b under its own LoRA
+    columns | 0 elsewhere]; the plain weight slice without LoRA columns."""
+    W = getattr(w, f"{proj}_w")
+    Wb = units.of(W, 0) if getattr(spec, f"{proj}_layout") == "oi" else units.of(W, 1).t()  # [Fb, d_in]
+    if cols.K == Wb.shape[1]:
+        return Wb
+    d_in = Wb.shape[1]
+    out = Wb.new_empty(Wb.shape[0], cols.K)
+    out[:, :d_in] = Wb
+    mine = cols.of(proj)
+    for c in (cols.in_cols, cols.gate_cols):
+        if c is not None:
+            out[:, c] = (units.of(getattr(w, f"{proj}_bb"), 0) * getattr(spec, f"{proj}_scale")) if c == mine else 0
+    return out
+
+
+def _out_weight(w: MlpWeights, spec: MlpSpec, units: _Units, with_lora_a: bool) -> Tensor:
+    """One block of the out projection as [d_out (+ r), Fb]: W_out's columns, then (with_lora_a)
+    LoRA A's columns as extra rows."""
+    Wb = units.of(w.out_w, 1) if spec.out_layout == "oi" else units.of(w.out_w, 0).t()  # [d_out, Fb]
+    return torch.cat([Wb, units.of(w.out_a, 1).to(Wb.dtype)]) if with_lora_a else Wb
+
+
+def _merges_out_lora(w: MlpWeights, spec: MlpSpec) -> bool:
+    """The out LoRA's A rides in the block's out GEMM (its input is h itself: no LoRA dropout)."""
+    return w.out_a is not None and spec.out_dropout == 0.0
+
+
+def _block_pre(Xb: Tensor, proj: str, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, units: _Units,
+               out: Optional[Tensor]) -> Tensor:
+    """A block's pre-activation of one input projection, [Tb, Fb], written into `out` if given."""
+    Wt = _extended_weight(proj, w, spec, cols, units).t()  # [K, Fb]
+    bias = getattr(w, f"{proj}_b")
+    if bias is None:
+        return Xb @ Wt if out is None else torch.mm(Xb, Wt, out=out)
+    bias = units.of(bias, 0)
+    return torch.addmm(bias, Xb, Wt) if out is None else torch.addmm(bias, Xb, Wt, out=out)
+
+
+def _input_projections(spec: MlpSpec) -> tuple[str, ...]:
+    """The input projections, in the order their pre-activations are saved."""
+    return ("gate", "in") if spec.gated else ("in",)
+
+
 def routed_mlp_forward(
     x: Tensor,
     w: MlpWeights,
@@ -287,30 +403,58 @@ def routed_mlp_forward(
     seed: int = 0,
     block_norms: Optional[Tensor] = None,
     saved: Optional[list] = None,
+    perm: Optional[Tensor] = None,
 ) -> Tensor:
-    """y [T, d_out]. If `block_norms` ([T, n_blocks]) is given, it receives ||block output|| per
-    routed token (the router's calibration target) at no extra cost. If `saved` is a list, it
-    receives each routed block's pre-activations (flattened, block after block): then
-    routed_mlp_backward_saved needs no recomputation of the projections."""
-    y = x.new_zeros(x.shape[0], out_features(w, spec))
-    keep_in, keep_gate = _lora_input_scales(x, spec, seed)
-    for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
-        xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
-        lx_in = xb if k_in is None else xb * k_in
-        lx_gate = xb if k_gate is None else xb * k_gate
-        wb = _block_weights(w, spec, lo, hi)
-        pre = _pre_activations(xb, lx_in, lx_gate, wb, spec)
-        if saved is not None:
-            saved.extend(t.reshape(-1) for t in pre)
-        yb = _block_output(_activate(pre, spec), wb, spec, _out_keep(tok.numel(), lo, hi, spec, seed, b, x))
+    """y [T, d_out]; with `perm`, that of permute_hidden(w, spec, perm) without copying the weights. If `block_norms` ([T, n_blocks]) is given, it receives ||block output|| per
+    routed token (the router's calibration target). If `saved` is a list, it receives one flat tensor:
+    each routed block's pre-activations (block after block; per block gate then up, or the single
+    pre-activation, each [Tb, Fb]), then the LoRA inputs t [T, r_in + r_gate] (see _lora_inputs):
+    with them routed_mlp_backward_saved recomputes no projection."""
+    T, d_out = x.shape[0], out_features(w, spec)
+    blocks = list(_routed_blocks(block_mask, spec))
+    projections = _input_projections(spec)
+    n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
+    cols = _lora_columns(x.shape[1], w, spec)
+    flat = t = None
+    if saved is not None:  # [pre-activations | t]: t, X's LoRA columns, [T, K - d_in]
+        flat = x.new_empty(n_pre + T * (cols.K - x.shape[1]))
+        t = flat[n_pre:].view(T, -1)
+    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed), out=t)
+    X = x if t is None else torch.cat([x, t], 1)  # [T, K]
+    r_out = 0 if w.out_a is None else w.out_a.shape[0]
+    merged = _merges_out_lora(w, spec)
+    Y = x.new_zeros(T, d_out + r_out)  # [y without the out LoRA | sum over blocks of h A_out_b^T]
+    offset = 0
+    for b, lo, hi, tok, every in blocks:
+        n, Fb = tok.numel(), hi - lo
+        units = _Units(lo, hi, None if perm is None else perm[lo:hi])
+        Xb = X if every else X[tok]  # [Tb, K]
+        pre = []
+        for proj in projections:
+            dest = None if flat is None else flat[offset : offset + n * Fb].view(n, Fb)
+            offset += n * Fb
+            pre.append(_block_pre(Xb, proj, w, spec, cols, units, dest))
+        h = _activate(tuple(pre), spec)  # [Tb, Fb]
+        yb = F.linear(h, _out_weight(w, spec, units, merged))  # [Tb, d_out (+ r)]
+        if r_out and not merged:
+            keep = _out_keep(n, lo, hi, spec, seed, b, x)
+            yb = torch.cat([yb, F.linear(h if keep is None else h * keep, units.of(w.out_a, 1))], 1)
         if block_norms is not None:
-            block_norms[tok, b] = yb.detach().float().norm(dim=-1).to(block_norms.dtype)
+            own = yb[:, :d_out]
+            if r_out:
+                own = own + (yb[:, d_out:] @ w.out_bb.t()) * spec.out_scale
+            block_norms[tok, b] = own.detach().float().norm(dim=-1).to(block_norms.dtype)
         if every:
-            y += yb
+            Y += yb
         else:
-            y.index_add_(0, tok, yb)
+            Y.index_add_(0, tok, yb)
+    if saved is not None:
+        saved.append(flat)
+    y = Y[:, :d_out]
+    if r_out:
+        y = torch.addmm(y, Y[:, d_out:], w.out_bb.t(), alpha=spec.out_scale)
     if w.out_b is not None:
-        y += w.out_b
+        y = y + w.out_b
     return y
 
 
@@ -318,14 +462,19 @@ class _Grads:
     """dx and the wanted slot gradients of one backward, accumulated block by block in fp32 (or
     wider), then cast to the inputs' dtypes."""
 
-    def __init__(self, x: Tensor, w: MlpWeights, spec: MlpSpec, needs_x: bool, needs: MlpWeights):
+    def __init__(self, x: Tensor, w: MlpWeights, spec: MlpSpec, needs_x: bool, needs: MlpWeights,
+                 zero_dx: bool = True):
         self.acc = torch.promote_types(x.dtype, torch.float32)  # half-precision grads accumulate in fp32
         self.x, self.w, self.spec = x, w, spec
-        self.dx = torch.zeros_like(x, dtype=self.acc) if needs_x else None
+        self.needs_x = needs_x
+        # zero_dx=False: the caller assigns self.dx whole instead of accumulating into it
+        self.dx = torch.zeros_like(x, dtype=self.acc) if (needs_x and zero_dx) else None
         self.grads = {slot: torch.zeros_like(t, dtype=self.acc) if (t is not None and need) else None
                       for (slot, t), need in zip(w._asdict().items(), needs)}
 
-    def add_block(self, dxb: Optional[Tensor], tok: Tensor, every: bool, block_grads: dict, lo: int, hi: int):
+    def add_block(self, dxb: Optional[Tensor], tok: Tensor, every: bool, block_grads: dict, lo: int, hi: int,
+                  units: Optional[Tensor] = None):
+        """units: the block's hidden units perm[lo:hi] when they are permuted (None: lo:hi)."""
         if self.dx is not None and dxb is not None:
             if every:
                 self.dx += dxb
@@ -333,6 +482,9 @@ class _Grads:
                 self.dx.index_add_(0, tok, dxb.to(self.acc))
         for slot, gs in block_grads.items():
             dim = _slot_slice(slot, self.spec)
+            if dim is not None and units is not None:
+                self.grads[slot].index_add_(dim, units, gs.to(self.acc))
+                continue
             target = self.grads[slot] if dim is None else self.grads[slot].narrow(dim, lo, hi - lo)
             target += gs
 
@@ -382,33 +534,18 @@ def routed_mlp_backward(
     return out.finish(dy)
 
 
-def _input_grad(dz: Tensor, W: Tensor, layout: str) -> Tensor:
-    """d(x) of z = _project(x, W, layout)."""
-    return dz @ W if layout == "oi" else dz @ W.t()
-
-
-def _weight_grad(dz: Tensor, x: Tensor, layout: str) -> Tensor:
-    return dz.t() @ x if layout == "oi" else x.t() @ dz
-
-
-def _projection_backward(dz, xb, lx, keep, W, b, A, Bm, scale, layout, prefix, wanted, grads) -> Tensor:
-    """Gradients of z = proj(xb, W) + b + (lx A^T) Bm^T * scale, lx = xb * keep: writes the wanted
-    slot grads into `grads` (keyed '<prefix>_<part>') and returns d(xb)."""
-    dx = _input_grad(dz, W, layout)
-    if f"{prefix}_w" in wanted:
-        grads[f"{prefix}_w"] = _weight_grad(dz, xb, layout)
-    if f"{prefix}_b" in wanted:
-        grads[f"{prefix}_b"] = dz.sum(0)
-    if A is not None:
-        t = lx @ A.t()  # [Tb, r]
-        dt = (dz @ Bm) * scale  # [Tb, r]
-        if f"{prefix}_bb" in wanted:
-            grads[f"{prefix}_bb"] = (dz.t() @ t) * scale
-        if f"{prefix}_a" in wanted:
-            grads[f"{prefix}_a"] = dt.t() @ lx
-        dlx = dt @ A
-        dx = dx + (dlx if keep is None else dlx * keep)
-    return dx
+def _activation_vjp(name: str, z: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """(act(z), d(act(z)) -> d(z)); aten's own backward kernels where there is one."""
+    a = ACTIVATIONS[name](z)
+    if name == "silu":
+        return a, lambda g: torch.ops.aten.silu_backward(g, z)
+    if name in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if name == "gelu_tanh" else "none"
+        return a, lambda g: torch.ops.aten.gelu_backward(g, z, approximate=approximate)
+    if name == "relu":
+        return a, lambda g: torch.ops.aten.threshold_backward(g, a, 0)
+    _, vjp = torch.func.vjp(ACTIVATIONS[name], z)
+    return a, lambda g: vjp(g)[0]
 
 
 def routed_mlp_backward_saved(
@@ -421,57 +558,122 @@ def routed_mlp_backward_saved(
     needs_x: bool,
     needs: MlpWeights,
     saved: Tensor,
+    perm: Optional[Tensor] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
-    """Gradients of routed_mlp_forward from the pre-activations it saved (flat, block after block):
-    the same results as routed_mlp_backward without recomputing any projection. Explicit formulas:
-    per block, d(hidden) from the out projection (and its LoRA), through the activation (one
-    element-wise vjp), then each input projection's d(x), LoRA A/B and, if asked, weight and bias grads."""
-    out = _Grads(x, w, spec, needs_x, needs)
+    """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t),
+    with respect to w (un-permuted: `perm` as in the forward): the same results as routed_mlp_backward without recomputing any projection. Explicit formulas, in
+    the forward's extended layout (see above): per block, d(h) from [dy | s dy B_out] in one GEMM,
+    through the activation (aten's backward kernels), then d(X) = sum over projections of
+    dz [W_b | s B_b | 0], the LoRA B (in, gate) and A (out) gradients and, if asked, weight and bias
+    gradients; per layer, d(x) and the LoRA A (in, gate) and B (out) gradients from the accumulated
+    d(X) and the sum over blocks of h A_out_b^T."""
+    out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
+    T, d_in, d_out = x.shape[0], x.shape[1], dy.shape[1]
+    blocks = list(_routed_blocks(block_mask, spec))
+    projections = _input_projections(spec)
+    n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
+    cols = _lora_columns(d_in, w, spec)
+    t = saved[n_pre:].view(T, -1) if cols.K > d_in else None  # [T, K - d_in]
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
-    act = ACTIVATIONS[spec.activation]
+    r_out = 0 if w.out_a is None else w.out_a.shape[0]
+    merged = _merges_out_lora(w, spec)
+    dt_out = (dy @ w.out_bb.to(dy.dtype)) * spec.out_scale if r_out else None  # [T, r]: d(sum h A_out_b^T)
+    dY = torch.cat([dy, dt_out], 1) if merged else dy  # [T, d_out (+ r)]
+    # d(X) [T, K] gives d(x) and the input projections' LoRA A gradients
+    wants_dX = needs_x or bool({"in_a", "gate_a"} & wanted)
+    dX = torch.zeros(T, cols.K, dtype=out.acc, device=x.device) if wants_dX else None
+    t_out = torch.zeros(T, r_out, dtype=out.acc, device=x.device) if "out_bb" in wanted else None
     offset = 0
-    for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+    for b, lo, hi, tok, every in blocks:
         n, Fb = tok.numel(), hi - lo
+        units = _Units(lo, hi, None if perm is None else perm[lo:hi])
         pre = []
-        for _ in range(2 if spec.gated else 1):
+        for _ in projections:
             pre.append(saved[offset : offset + n * Fb].view(n, Fb))
             offset += n * Fb
-        xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
-        lx_in = xb if k_in is None else xb * k_in
-        lx_gate = xb if k_gate is None else xb * k_gate
-        wb = _block_weights(w, spec, lo, hi)
-        dyb = dy if every else dy[tok]
+        dYb = dY if every else dY[tok]
+        dyb = dYb[:, :d_out]
         block_grads: dict[str, Tensor] = {}
         # hidden -> output
-        a, act_vjp = torch.func.vjp(act, pre[0])
-        h = a * pre[1] if spec.gated else a
-        out_keep = _out_keep(n, lo, hi, spec, seed, b, x)
-        dh = _input_grad(dyb, wb.out_w, spec.out_layout)  # [Tb, Fb]
+        a, act_vjp = _activation_vjp(spec.activation, pre[0])
+        h = a * pre[1] if spec.gated else a  # [Tb, Fb]
+        dh = dYb @ _out_weight(w, spec, units, merged)  # [Tb, Fb]
         if "out_w" in wanted:
-            block_grads["out_w"] = _weight_grad(dyb, h, spec.out_layout)
-        if wb.out_a is not None:
-            hk = h if out_keep is None else h * out_keep
-            dt = (dyb @ wb.out_bb) * spec.out_scale  # [Tb, r]
-            if "out_bb" in wanted:
-                block_grads["out_bb"] = (dyb.t() @ (hk @ wb.out_a.t())) * spec.out_scale
+            block_grads["out_w"] = dyb.t() @ h if spec.out_layout == "oi" else h.t() @ dyb
+        if r_out:
+            keep = None if merged else _out_keep(n, lo, hi, spec, seed, b, x)
+            dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out[tok])  # [Tb, r]
+            out_a = units.of(w.out_a, 1)  # [r, Fb]
+            if not merged:
+                dhk = dtb @ out_a
+                dh = dh + (dhk if keep is None else dhk * keep)
+            hk = h if keep is None else h * keep
             if "out_a" in wanted:
-                block_grads["out_a"] = dt.t() @ hk
-            dhk = dt @ wb.out_a
-            dh = dh + (dhk if out_keep is None else dhk * out_keep)
+                block_grads["out_a"] = dtb.t() @ hk  # [r, Fb]
+            if t_out is not None:
+                tb = F.linear(hk, out_a).to(out.acc)  # [Tb, r]
+                t_out.add_(tb) if every else t_out.index_add_(0, tok, tb)
         # through the activation to the input projections
-        dxb = None
-        if spec.gated:
-            (dg,) = act_vjp(dh * pre[1])
-            du = dh * a
-            dxb = _projection_backward(dg, xb, lx_gate, k_gate, wb.gate_w, wb.gate_b, wb.gate_a, wb.gate_bb,
-                                       spec.gate_scale, spec.gate_layout, "gate", wanted, block_grads)
-        else:
-            (du,) = act_vjp(dh)
-        dxu = _projection_backward(du, xb, lx_in, k_in, wb.in_w, wb.in_b, wb.in_a, wb.in_bb, spec.in_scale,
-                                   spec.in_layout, "in", wanted, block_grads)
-        out.add_block(dxu if dxb is None else dxb + dxu, tok, every, block_grads, lo, hi)
+        dz = {"gate": act_vjp(dh * pre[1]), "in": dh * a} if spec.gated else {"in": act_vjp(dh)}
+        tb = None if t is None else (t if every else t[tok])  # [Tb, K - d_in]
+        xb = None
+        if {"in_w", "gate_w"} & wanted:
+            xb = x if every else x[tok]
+        dXb = None
+        for proj in projections:
+            g = dz[proj]  # [Tb, Fb]
+            if dX is not None:
+                Wb = _extended_weight(proj, w, spec, cols, units)  # [Fb, K]
+                dXb = g @ Wb if dXb is None else dXb.addmm_(g, Wb)
+            if f"{proj}_w" in wanted:
+                block_grads[f"{proj}_w"] = g.t() @ xb if getattr(spec, f"{proj}_layout") == "oi" else xb.t() @ g
+            if f"{proj}_b" in wanted:
+                block_grads[f"{proj}_b"] = g.sum(0)
+            if f"{proj}_bb" in wanted:
+                c = cols.of(proj)
+                block_grads[f"{proj}_bb"] = (g.t() @ tb[:, c.start - d_in : c.stop - d_in]) * getattr(
+                    spec, f"{proj}_scale")
+        if dXb is not None:
+            dX.add_(dXb) if every else dX.index_add_(0, tok, dXb.to(out.acc))
+        out.add_block(None, tok, every, block_grads, lo, hi, units.index)
+    if dX is not None:
+        _input_lora_backward(dX, x, w, spec, cols, keep_in, keep_gate, out, wanted)
+    if t_out is not None:
+        out.grads["out_bb"] += (dy.to(out.acc).t() @ t_out) * spec.out_scale
     return out.finish(dy)
+
+
+def _input_lora_backward(dX: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns,
+                         keep_in: Optional[Tensor], keep_gate: Optional[Tensor], out: "_Grads", wanted: set) -> None:
+    """Per layer, from d(X) [T, K]: d(x) into out.dx, the in / gate LoRA A gradients into out.grads."""
+    d_in = x.shape[1]
+    dx = dX[:, :d_in]
+    present = [p for p in ("in", "gate") if cols.of(p) is not None]
+    if present and keep_in is None and keep_gate is None:  # one GEMM each way for both projections
+        dt = dX[:, d_in:]  # [T, r_in + r_gate]
+        A = torch.cat([getattr(w, f"{p}_a") for p in present]).to(out.acc)  # [r_in + r_gate, d_in]
+        if {f"{p}_a" for p in present} & wanted:
+            dA = dt.t() @ x.to(out.acc)
+            for p in present:
+                if f"{p}_a" in wanted:
+                    c = cols.of(p)
+                    out.grads[f"{p}_a"] += dA[c.start - d_in : c.stop - d_in]
+        if out.needs_x:
+            out.dx = torch.addmm(dx, dt, A)
+        return
+    for proj in present:
+        keep = keep_in if proj == "in" else keep_gate
+        c = cols.of(proj)
+        dt = dX[:, c]  # [T, r]: d(dropout(x) A^T)
+        if f"{proj}_a" in wanted:
+            lx = x if keep is None else x * keep
+            out.grads[f"{proj}_a"] += dt.t() @ lx.to(out.acc)
+        if out.needs_x:
+            dlx = dt @ getattr(w, f"{proj}_a").to(out.acc)
+            dx = dx + (dlx if keep is None else dlx * keep)
+    if out.needs_x:
+        out.dx = dx.contiguous()
 
 
 def block_outputs(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
@@ -508,7 +710,7 @@ class _RoutedMlp(torch.autograd.Function):
         w = MlpWeights(*slots)
         saved: list = []
         y = routed_mlp_forward(x, w, spec, block_mask, seed, saved=saved)
-        pre = torch.cat(saved) if saved else x.new_empty(0)
+        pre = saved[0]
         ctx.save_for_backward(x, block_mask, pre, *[t if t is not None else torch.empty(0) for t in slots])
         ctx.present = [t is not None for t in slots]
         ctx.spec, ctx.seed = spec, seed

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import spt_compile
 from spt_compile.triton_ops.reference import routed_mlp_reference
-from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, routed_mlp_forward
+from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_bounds, routed_mlp_forward
 from spt_compile.triton_ops.routed_mlp_triton import (
     Tiles,
     routed_mlp_backward_triton,
@@ -92,8 +92,11 @@ def check_case(x, w, spec, mask, *, needs_x=True, needs=None, rtol=2e-4, tiles=N
     saved: list = []
     routed_mlp_forward(x.double(), MlpWeights(*[None if t is None else t.double() for t in w]), spec, mask,
                        saved=saved)
-    pre_ref = torch.cat(saved) if saved else x.new_empty(0, dtype=torch.float64)
-    assert pre.shape == pre_ref.shape and pre.dtype == x.dtype
+    # the torch path saves the pre-activations in the same layout, then its LoRA inputs t
+    pre_ref = saved[0][: pre.numel()]
+    assert pre.dim() == 1 and pre.dtype == x.dtype
+    assert pre.numel() == (2 if spec.gated else 1) * sum(c * (hi - lo) for c, (lo, hi) in
+                                                        zip(counts, block_bounds(spec.hidden, spec.n_blocks)))
     if pre.numel():
         results["pre"] = (pre, pre_ref)
     assert counts == mask.sum(0).tolist()
