@@ -3,7 +3,9 @@
 A SwiGLU MLP with LoRA (r=16) on gate/up/down and frozen base weights, as in LoRA fine-tuning. Dense
 baselines: eager and `torch.compile` (Inductor). Routed: the same module compiled with
 `backend="spt"` at 50% and 25% of the blocks active (the real path: pass, site op, its autograd).
-Ratios are to the best dense configuration of the same shape and token count in the same run.
+Ratios are to the best dense configuration of the same shape and token count in the same run; the
+configurations of one shape and token count are timed in turns (one step each per round, --repeats
+rounds), so a slow spell of a shared machine hits them alike.
 Saved bytes count activations only (parameters that backward holds by reference are left out).
 The routed implementation: `--impl` for the plain spt-* configs (default auto: Triton on CUDA, torch
 on the CPU), or name it in the config (spt-50%-triton, spt-50%-torch).
@@ -82,7 +84,9 @@ def make_fn(config: str, module: nn.Module, args):
         ffn_impl=impl or args.impl))
 
 
-def run(config: str, shape: str, T: int, args, device, dtype) -> dict:
+def prepare(config: str, shape: str, T: int, args, device, dtype) -> dict:
+    """Build, compile (first call timed), warm up and measure the saved bytes of one configuration;
+    returns what timed_step needs."""
     torch.manual_seed(0)
     d, hidden = SHAPES[shape]
     module = SwiGLU(d, hidden).to(device=device, dtype=dtype)
@@ -106,15 +110,43 @@ def run(config: str, shape: str, T: int, args, device, dtype) -> dict:
         y = fn(x)
     y.backward(dy)
     del y
-    times = []
+    return {"step": step, "row": {"config": config, "shape": shape, "tokens": T, "saved_bytes": saved.total,
+                                  "first_call_s": first}, "times": []}
+
+
+def timed_step(state: dict, device) -> None:
+    sync(device)
+    t = time.perf_counter()
+    state["step"]()
+    sync(device)
+    state["times"].append(time.perf_counter() - t)
+
+
+def run_round_robin(configs: list[str], shape: str, T: int, args, device, dtype) -> list[dict]:
+    """Every configuration of one shape and token count, timed in turns (one step of each per round,
+    args.repeats rounds): a slow spell of a shared machine then hits every configuration alike
+    instead of whichever ran during it. Median step time per configuration."""
+    states, results = {}, []
+    for config in configs:
+        try:
+            states[config] = prepare(config, shape, T, args, device, dtype)
+        except Exception as e:  # keep the other configurations' numbers
+            results.append({"config": config, "shape": shape, "tokens": T, "error": f"{type(e).__name__}: {e}"[:300]})
+    failed = set()
     for _ in range(args.repeats):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return {"config": config, "shape": shape, "tokens": T, "time_s": statistics.median(times), "times": times,
-            "saved_bytes": saved.total, "first_call_s": first}
+        for config, state in states.items():
+            if config in failed:
+                continue
+            try:
+                timed_step(state, device)
+            except Exception as e:
+                failed.add(config)
+                results.append({**state["row"], "error": f"{type(e).__name__}: {e}"[:300]})
+    for config, state in states.items():
+        if config not in failed:
+            results.append({**state["row"], "time_s": statistics.median(state["times"]), "times": state["times"]})
+    order = {c: i for i, c in enumerate(configs)}
+    return sorted(results, key=lambda r: order[r["config"]])
 
 
 # --- --check ------------------------------------------------------------------------------------
@@ -326,16 +358,12 @@ def main(argv=None) -> int:
     results = []
     for shape in args.shapes:
         for T in args.tokens:
-            for config in args.configs:
-                try:
-                    r = run(config, shape, T, args, device, dtype)
-                except Exception as e:  # keep the other configurations' numbers
-                    r = {"config": config, "shape": shape, "tokens": T, "error": f"{type(e).__name__}: {e}"[:300]}
+            for r in run_round_robin(args.configs, shape, T, args, device, dtype):
                 results.append(r)
-                print(f"  {config:15} {shape:8} T={T:5} " + (
+                print(f"  {r['config']:15} {shape:8} T={T:5} " + (
                     f"{r['time_s'] * 1e3:9.1f} ms  saved {r['saved_bytes'] / 2**20:8.1f} MiB" if "error" not in r
                     else r["error"]), flush=True)
-                torch._dynamo.reset()
+            torch._dynamo.reset()
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

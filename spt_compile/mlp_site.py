@@ -588,11 +588,17 @@ def _setup_context(ctx, inputs, output):
     y, block_mask, perm, pre, meta, comp = output
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*tensors, block_mask, perm, pre, meta, comp)
+    # Only y carries a gradient. Without both lines autograd hands backward a zero-filled d(pre), a
+    # memset the size of every routed pre-activation, per layer and step.
+    ctx.mark_non_differentiable(block_mask, perm, pre, meta, comp)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dmask, dperm, dpre, dmeta, dcomp):
     *tensors, block_mask, perm, pre, meta, comp = ctx.saved_tensors
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
+    if dy is None:  # y took no part in the loss (grads are not materialized: see _setup_context)
+        return (None,) * 16
     grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, pre, meta, comp, ctx.spec, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
