@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--config", default="spt-block-triton")
+    p.add_argument("--config", help="a bench_attention.py config (default: spt-block-triton on CUDA, "
+                   "spt-block-torch on the CPU)")
     p.add_argument("--heads", type=int, default=9)
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.density, args.block, args.bidirectional = 1 / 8, 64, False
     dev = torch.device(args.device)
+    args.config = args.config or ("spt-block-triton" if dev.type == "cuda" else "spt-block-torch")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, h, args.n, args.head_dim, device=dev, dtype=dtype, requires_grad=True)
                for h in (args.heads, args.kv_heads, args.kv_heads))
