@@ -152,8 +152,9 @@ class AttentionSite(Site):
         gen = torch.Generator().manual_seed(seed + 1)
         pick = torch.randperm(b.numel(), generator=gen)[:PROBE_ROWS].to(q.device)
         b, i = b[pick], i[pick]
-        kk = k[b].repeat_interleave(G, dim=1).float()  # [R, H, Nk, D]
-        s = torch.einsum("rhd,rhnd->rhn", q[b, :, i].float(), kk) * scale  # [R, H, Nk]
+        R, Hkv, Nk = b.numel(), k.shape[1], k.shape[2]
+        qr = q[b, :, i].float().view(R, Hkv, G, D)  # query head h uses kv head h // G
+        s = torch.einsum("rkgd,rknd->rkgn", qr, k[b].float()).reshape(R, H, Nk) * scale  # no repeat_kv copy
         if mask is not None:
             m = mask.expand(B, H, N, mask.shape[-1])[b, :, i]
             s = s + m.float() if m.dtype != torch.bool else s
