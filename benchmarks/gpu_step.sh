@@ -6,12 +6,7 @@
 #   bash benchmarks/gpu_step.sh [SEQ ...]      # default 8192; JSON and plots to $OUT or benchmarks/results/
 # About 1-1.5 minutes per (configuration, length) on an H100/H200, most of it Inductor compiling.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out"
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'nocuda')")
+source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PYTHONPATH, $out, $gpu
 seqs=("${@:-8192}")
 layers="${SPT_STEP_LAYERS:-4}"
 python benchmarks/bench_finetune.py --device cuda --dtype bf16 --model llama7b-random --layers "$layers" \

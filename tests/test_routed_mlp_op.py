@@ -74,7 +74,7 @@ def test_matches_per_token_reference(gated, activation, layout):
 
 
 @pytest.mark.parametrize("case", ["one token", "empty block", "all tokens one block", "no bias no lora",
-                                  "lora on down only"])
+                                  "lora on down only", "lora on gate only", "lora on up and down"])
 def test_edge_cases(case):
     gen = torch.Generator().manual_seed(1)
     T = 1 if case == "one token" else 19
@@ -83,6 +83,10 @@ def test_edge_cases(case):
         kwargs = dict(bias=False, lora=())
     if case == "lora on down only":
         kwargs = dict(lora=("out",))
+    if case == "lora on gate only":  # the extended input X = [x | t_gate]: up's weight gets a zero column block
+        kwargs = dict(lora=("gate",))
+    if case == "lora on up and down":
+        kwargs = dict(lora=("in", "out"))
     w = make_weights(24, 50, 16, gated=True, gen=gen, dtype=torch.float64, **kwargs)
     spec = spec_for(w, "silu", True, 3)
     x = torch.randn(T, 24, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -94,6 +98,21 @@ def test_edge_cases(case):
         mask[:] = False
         mask[:, 1] = True
     compare(x, w, spec, mask)
+
+
+def test_input_without_grad_still_trains_lora():
+    """x needs no gradient (e.g. the first layer of a frozen stack): the LoRA A gradients of gate and up
+    still come from d(X), and match the reference."""
+    gen = torch.Generator().manual_seed(5)
+    w = make_weights(24, 50, 16, gated=True, gen=gen, dtype=torch.float64)
+    spec = spec_for(w, "silu", True, 3)
+    x = torch.randn(19, 24, generator=gen, dtype=torch.float64)
+    mask = random_mask(19, 3, 2, gen)
+    y, ref = routed_mlp(x, w, spec, mask), routed_mlp_reference(x, w, spec, mask)
+    dy = torch.randn_like(y)
+    leaves = [t for t in w if t is not None]
+    for g, r in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy)):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-7)
 
 
 def test_every_block_active_is_the_dense_mlp():
