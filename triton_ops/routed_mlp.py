@@ -418,7 +418,7 @@ def routed_mlp_forward(
     flat = t = None
     if saved is not None:  # [pre-activations | t]: t, X's LoRA columns, [T, K - d_in]
         flat = x.new_empty(n_pre + T * (cols.K - x.shape[1]))
-        t = flat[n_pre:].view(T, -1)
+        t = flat[n_pre:].view(T, cols.K - x.shape[1])
     t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed), out=t)
     X = x if t is None else torch.cat([x, t], 1)  # [T, K]
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
@@ -574,7 +574,7 @@ def routed_mlp_backward_saved(
     projections = _input_projections(spec)
     n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
     cols = _lora_columns(d_in, w, spec)
-    t = saved[n_pre:].view(T, -1) if cols.K > d_in else None  # [T, K - d_in]
+    t = saved[n_pre:].view(T, cols.K - d_in) if cols.K > d_in else None  # [T, K - d_in]
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
     merged = _merges_out_lora(w, spec)
