@@ -13,9 +13,10 @@ weights, biases and LoRA B, and columns lo:hi of the out weight and LoRA A; the 
 Shapes: x [T, d_in], block_mask [T, n_blocks] bool, y [T, d_out].
 
 This is the plain PyTorch path: tokens are grouped by block (one gather per block, one GEMM per
-projection per block, one scatter-add). Forward keeps only the routed blocks' pre-activations
-(gate and up, or the single pre-activation): with half the blocks active that is half of what the
-dense MLP saves, and backward (routed_mlp_backward_saved, explicit formulas) recomputes no
+projection per block with the LoRA factors inside it, one scatter-add; see "LoRA inside the block
+GEMMs" below). Forward keeps only the routed blocks' pre-activations (gate and up, or the single
+pre-activation) and the rank-r LoRA inputs: with half the blocks active that is about half of what
+the dense MLP saves, and backward (routed_mlp_backward_saved, explicit formulas) recomputes no
 projection. routed_mlp_backward recomputes everything from x instead (the least memory: x and the
 [T, n_blocks] mask only).
 """
