@@ -90,7 +90,7 @@ def captured(inputs, layers, sites, n_blocks: int, active: int, balance: float =
             mask = site.route(x, options)
             dense = outs.sum(1)
             routed = (outs * mask[:, :, None]).sum(1)
-            terms = site.compensation_terms(options, wp, spec)
+            terms = site.compensation_terms(options, lambda: wp, spec)
             if terms is not None:
                 routed = routed + compensation(x.float(), ~mask, *terms)
             caps.append(((routed * dense).sum() / (dense * dense).sum()).item())

@@ -45,7 +45,7 @@ LoRA dropout > 0, and dense calibration calls (they measure each block's output 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -259,9 +259,10 @@ class MlpSite(Site):
             self.balance_for = (strength, active)
         return self.balance
 
-    def compensation_terms(self, options: Options, weights: MlpWeights, spec: MlpSpec):
+    def compensation_terms(self, options: Options, weights: Callable[[], MlpWeights], spec: MlpSpec):
         """(U, V, M) of the ffn_compensate predictors for these options (None when off), fitted on the
-        buffered tokens, with `weights` (already permuted, LoRA included), the first time a (rank,
+        buffered tokens, with the weights `weights()` returns (already permuted, LoRA included; called
+        only when a fit is due, so a permuted copy is made only then), the first time a (rank,
         active, balance) is asked for since the router last changed. The router is refitted every
         PROBE_EVERY training calls, so the predictors follow the LoRA weights at that pace. Cost per
         fit: every block on the buffered tokens (a dense MLP on ROUTER_BUFFER tokens) and nb ridge
@@ -271,8 +272,7 @@ class MlpSite(Site):
             return None
         key = (rank, options.active_blocks, float(options.ffn_balance))
         if self.comp_for != key:
-            if isinstance(weights, _LazyPermuted):
-                weights = weights.get()
+            weights = weights()
             bx = self.buffer_x.to(device=weights.in_w.device, dtype=weights.in_w.dtype)
             outs = block_outputs(bx, weights, spec).float()
             self.comp = fit_compensation(bx, outs, ~self.route(bx, options), rank)
@@ -355,7 +355,7 @@ class MlpSite(Site):
                 block_mask = self.route(x2, options)
                 y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm)
                 wp = _LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
-                terms = self.compensation_terms(options, wp, spec)
+                terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
                     comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
                     y = y + compensation(x2, ~block_mask, *comp).to(y.dtype)

@@ -599,13 +599,14 @@ def routed_mlp_backward_saved(
         # hidden -> output
         a, act_vjp = _activation_vjp(spec.activation, pre[0])
         h = a * pre[1] if spec.gated else a  # [Tb, Fb]
-        dh = dYb @ _out_weight(w, spec, units, merged)  # [Tb, Fb]
+        Wo = _out_weight(w, spec, units, merged)  # [d_out (+ r), Fb]
+        dh = dYb @ Wo  # [Tb, Fb]
         if "out_w" in wanted:
             block_grads["out_w"] = dyb.t() @ h if spec.out_layout == "oi" else h.t() @ dyb
         if r_out:
             keep = None if merged else _out_keep(n, lo, hi, spec, seed, b, x)
             dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out[tok])  # [Tb, r]
-            out_a = units.of(w.out_a, 1)  # [r, Fb]
+            out_a = Wo[d_out:] if merged else units.of(w.out_a, 1)  # [r, Fb]
             if not merged:
                 dhk = dtb @ out_a
                 dh = dh + (dhk if keep is None else dhk * keep)
