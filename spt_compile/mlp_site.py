@@ -353,12 +353,11 @@ class MlpSite(Site):
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 block_mask = self.route(x2, options)
-                y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm)
                 wp = _LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
                     comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
-                    y = y + compensation(x2, ~block_mask, *comp).to(y.dtype)
+                y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp.get(), spec, block_mask, seed,
@@ -465,16 +464,25 @@ class _LazyPermuted:
 
 
 def _run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
-              saved: list, perm: Optional[Tensor] = None) -> tuple[Tensor, tuple[int, int, tuple]]:
-    """y by the chosen implementation, with hidden units reordered by perm (the clustering) if given;
-    appends what backward needs to `saved` (the pre-activations in a layout the Triton path shares; the
-    torch path appends its LoRA inputs). Returns (y, (impl code, compute dtype code, tokens per block))."""
+              saved: list, perm: Optional[Tensor] = None,
+              comp: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, tuple[int, int, tuple]]:
+    """y by the chosen implementation, with hidden units reordered by perm (the clustering) if given,
+    plus compensation(x2, ~block_mask, *comp) if given; appends what backward needs to `saved` (the
+    pre-activations in a layout the Triton path shares; the torch path appends its LoRA inputs).
+    Returns (y, (impl code, compute dtype code, tokens per block))."""
     impl = resolve_ffn_impl(option, x2.device)
     if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
         impl = "torch"  # neither the kernels nor the reference have LoRA dropout
-    if impl == "torch":  # permutes block by block, without a copy of the whole weights
-        return routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm), (IMPL_CODES["torch"], 0, ())
-    w = permute_hidden(w, spec, perm)
+    if impl == "torch":  # adds the compensation where its blocks accumulate; puts units in block order itself
+        y = routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm, comp=comp)
+        return y, (IMPL_CODES["torch"], 0, ())
+    y, meta = _run_kernel_impl(impl, x2, permute_hidden(w, spec, perm), spec, block_mask, saved)
+    return (y if comp is None else y + compensation(x2, ~block_mask, *comp).to(y.dtype)), meta
+
+
+def _run_kernel_impl(impl: str, x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor,
+                     saved: list) -> tuple[Tensor, tuple[int, int, tuple]]:
+    """The Triton kernels or the reference, on weights already in block order."""
     if impl == "triton":
         from spt_compile.triton_ops.routed_mlp_triton import compute_dtype, routed_mlp_forward_triton
 
@@ -548,15 +556,17 @@ def mlp_site_backward(
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
     impl = IMPL_NAMES[impl_code]
-    if impl == "torch":  # un-permutes block by block
+    UV = None
+    if comp.numel():  # ffn_compensate: frozen U, V; only x gets a gradient through it
+        n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
+        UV = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
+    if impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
         dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]),
-                                              pre, perm=p)
+                                              pre, perm=p, comp=UV)
     else:
         dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, counts, dtype_code, p)
-    if comp.numel() and dx is not None:  # ffn_compensate: frozen U, V; only x gets a gradient through it
-        n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
-        U, V = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
-        dx = dx + compensation_input_grad(dy2.to(comp.dtype), ~block_mask, U, V).to(dx.dtype)
+        if UV is not None and dx is not None:
+            dx = dx + compensation_input_grad(dy2.to(comp.dtype), ~block_mask, *UV).to(dx.dtype)
     return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
 

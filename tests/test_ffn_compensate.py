@@ -20,8 +20,11 @@ from spt_compile.triton_ops.routed_mlp import (
     compensation,
     compensation_input_grad,
     permute_hidden,
+    routed_mlp_backward_saved,
+    routed_mlp_forward,
 )
 
+from test_routed_mlp_op import make_weights, spec_for
 from toy_models import GatedMLP
 
 
@@ -49,6 +52,15 @@ def test_compensation_and_its_input_grad_match_the_per_token_reference(T, d_in, 
     dy = torch.randn(T, d_out, generator=gen, dtype=torch.float64)
     (want,) = torch.autograd.grad(ref, x, dy)
     torch.testing.assert_close(compensation_input_grad(dy, skipped, U, V), want, atol=1e-12, rtol=1e-12)
+    # written into strided views (the torch path's accumulators), the columns beside them untouched
+    buf = torch.full((T, d_out + 2), 7.0, dtype=torch.float64)
+    compensation(x.detach(), skipped, U, V, M, out=buf[:, :d_out])
+    torch.testing.assert_close(buf[:, :d_out], ref.detach(), atol=1e-12, rtol=1e-12)
+    assert (buf[:, d_out:] == 7).all()
+    buf = torch.full((T, d_in + 3), 7.0, dtype=torch.float64)
+    compensation_input_grad(dy, skipped, U, V, out=buf[:, :d_in])
+    torch.testing.assert_close(buf[:, :d_in], want, atol=1e-12, rtol=1e-12)
+    assert (buf[:, d_in:] == 7).all()
 
 
 def test_fit_recovers_low_rank_linear_blocks_on_the_tokens_that_skip_them():
@@ -191,3 +203,35 @@ def test_randomized_top_vectors_span_the_exact_top_subspace():
     assert got.shape == (r, d)
     torch.testing.assert_close(got @ got.T, torch.eye(r), atol=1e-4, rtol=0)
     torch.testing.assert_close(got.T @ got, want.T @ want, atol=1e-3, rtol=0)  # the same projector
+
+
+@pytest.mark.parametrize("needs_x", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_torch_path_adds_the_term_where_its_blocks_accumulate(needs_x, dropout):
+    """routed_mlp_forward(..., comp=) is the routed output plus compensation(); its backward (comp=)
+    adds compensation_input_grad to d(x) and nothing to the weights' gradients."""
+    gen = torch.Generator().manual_seed(5)
+    w = make_weights(13, 43, 11, gated=True, gen=gen)
+    spec = spec_for(w, "silu", True, 4, in_dropout=dropout, out_dropout=dropout)
+    x = torch.randn(37, 13, generator=gen, dtype=torch.float64)
+    mask = torch.rand(37, 4, generator=gen) < 0.5
+    dy = torch.randn(37, 11, generator=gen, dtype=torch.float64)
+    U, V, M = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((13, 8), (8, 11), (4, 11)))
+    w = MlpWeights(*[None if t is None else t.double() for t in w])
+    perm = torch.randperm(43, generator=gen)
+    needs = MlpWeights(*[t is not None for t in w])
+    plain, with_comp = [], []
+    y = routed_mlp_forward(x, w, spec, mask, 3, saved=plain, perm=perm)
+    y_comp = routed_mlp_forward(x, w, spec, mask, 3, saved=with_comp, perm=perm, comp=(U, V, M))
+    torch.testing.assert_close(y_comp, y + compensation(x, ~mask, U, V, M), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(with_comp[0], plain[0], atol=0, rtol=0)  # the saved tensors are the routed blocks'
+    dx, grads = routed_mlp_backward_saved(dy, x, w, spec, mask, 3, needs_x, needs, plain[0], perm=perm)
+    dx_c, grads_c = routed_mlp_backward_saved(dy, x, w, spec, mask, 3, needs_x, needs, plain[0], perm=perm, comp=(U, V))
+    if needs_x:
+        torch.testing.assert_close(dx_c, dx + compensation_input_grad(dy, ~mask, U, V), atol=1e-12, rtol=1e-12)
+    else:
+        assert dx is None and dx_c is None
+    for name, g, gc in zip(MlpWeights._fields, grads, grads_c):
+        assert (g is None) == (gc is None), name
+        if g is not None:
+            torch.testing.assert_close(gc, g, atol=1e-12, rtol=1e-12, msg=name)

@@ -339,40 +339,102 @@ def _lora_inputs(x: Tensor, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, ke
     return out
 
 
-class _Units(NamedTuple):
-    """The hidden units of one block: lo:hi, or with a clustering permutation perm[lo:hi]."""
-
-    lo: int
-    hi: int
-    index: Optional[Tensor]  # perm[lo:hi], or None for the contiguous units lo:hi
-
-    def of(self, t: Tensor, dim: int) -> Tensor:
-        """t's slice along dim for these units (a view without a permutation, else a copy)."""
-        return t.narrow(dim, self.lo, self.hi - self.lo) if self.index is None else t.index_select(dim, self.index)
+def _take(t: Optional[Tensor], dim: int, perm: Optional[Tensor]) -> Optional[Tensor]:
+    """t with its hidden units (along dim) in block order: t itself without a permutation."""
+    return t if (t is None or perm is None) else t.index_select(dim, perm)
 
 
-def _extended_weight(proj: str, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, units: _Units) -> Tensor:
-    """One block of an input projection as [Fb, K] against X: [W_b | s B_b under its own LoRA
-    columns | 0 elsewhere]; the plain weight slice without LoRA columns."""
+def _gather_into(dest: Tensor, t: Tensor, dim: int, perm: Optional[Tensor]) -> None:
+    """dest = _take(t, dim, perm), written in place (dest may be a strided view)."""
+    if perm is None:
+        dest.copy_(t)
+    else:
+        torch.index_select(t, dim, perm, out=dest)
+
+
+class _BlockOrderWeights:
+    """One call's weights with the hidden units in block order (the clustering permutation, if any,
+    applied) and the LoRA factors inside them, in the layouts the block GEMMs read; a block is a
+    slice of them (a view). Built once per forward and once per backward, freed after: transient,
+    never saved for backward.
+
+    Built whole rather than block by block because of the out projection: gathering a block's
+    columns of W_out [d_out, F] after the GEMMs have evicted it reads a cache line per element (0.7 ms
+    per block for SmolLM2's MLP on this CPU), while gathering all of them row by row costs 0.35 ms.
+
+        inputs[proj]  [F, K]              [W | s B under the projection's LoRA columns of X | 0]
+        biases[proj]  [F]
+        out           [d_out (+ r), F]    W_out, then (LoRA merged into the out GEMM) A_out as rows
+        out_a         [r, F]              A_out when its input differs from h (LoRA dropout)
+    """
+
+    @torch.no_grad()  # the torch path's gradients are explicit (routed_mlp_backward_saved)
+    def __init__(self, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, perm: Optional[Tensor], merged: bool,
+                 with_inputs: bool = True):
+        """with_inputs=False: no input projections (a backward that needs no d(X))."""
+        self.perm = perm
+        projections = _input_projections(spec) if with_inputs else ()
+        self.inputs = {p: _extended_input(p, w, spec, cols, perm) for p in projections}
+        self.biases = {p: _take(getattr(w, f"{p}_b"), 0, perm) for p in projections}
+        self.out = _extended_out(w, spec, perm, merged)
+        self.out_a = None if (w.out_a is None or merged) else _take(w.out_a, 1, perm)
+
+    def input_block(self, proj: str, lo: int, hi: int) -> Tensor:
+        return self.inputs[proj][lo:hi]  # [Fb, K]
+
+    def bias_block(self, proj: str, lo: int, hi: int) -> Optional[Tensor]:
+        b = self.biases[proj]
+        return None if b is None else b[lo:hi]  # [Fb]
+
+    def out_block(self, lo: int, hi: int) -> Tensor:
+        return self.out[:, lo:hi]  # [d_out (+ r), Fb]
+
+    def out_a_block(self, lo: int, hi: int) -> Tensor:
+        return self.out_a[:, lo:hi]  # [r, Fb]
+
+    def units(self, lo: int, hi: int) -> Optional[Tensor]:
+        """The original indices of the block's hidden units (None: they are lo:hi)."""
+        return None if self.perm is None else self.perm[lo:hi]
+
+
+def _extended_input(proj: str, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, perm: Optional[Tensor]) -> Tensor:
+    """An input projection as [F, K] against X, units in block order (a view where nothing is added
+    or moved; strided for the "io" layout)."""
     W = getattr(w, f"{proj}_w")
-    Wb = units.of(W, 0) if getattr(spec, f"{proj}_layout") == "oi" else units.of(W, 1).t()  # [Fb, d_in]
-    if cols.K == Wb.shape[1]:
-        return Wb
-    d_in = Wb.shape[1]
-    out = Wb.new_empty(Wb.shape[0], cols.K)
-    out[:, :d_in] = Wb
+    oi = getattr(spec, f"{proj}_layout") == "oi"
+    unit_dim = 0 if oi else 1
+    if cols.K == W.shape[1 - unit_dim]:  # no LoRA columns
+        Wp = _take(W, unit_dim, perm)
+        return Wp if oi else Wp.t()
+    d_in, F_ = W.shape[1 - unit_dim], W.shape[unit_dim]
+    # oi: rows are units, built as [F, K]; io: built as [K, F] (row by row from W [d_in, F]), viewed [F, K]
+    ext = W.new_empty(F_, cols.K) if oi else W.new_empty(cols.K, F_).t()
+    _gather_into(ext[:, :d_in] if oi else ext[:, :d_in].t(), W, unit_dim, perm)
     mine = cols.of(proj)
     for c in (cols.in_cols, cols.gate_cols):
-        if c is not None:
-            out[:, c] = (units.of(getattr(w, f"{proj}_bb"), 0) * getattr(spec, f"{proj}_scale")) if c == mine else 0
-    return out
+        if c is None:
+            continue
+        if c == mine:
+            ext[:, c] = _take(getattr(w, f"{proj}_bb"), 0, perm) * getattr(spec, f"{proj}_scale")
+        else:
+            ext[:, c] = 0
+    return ext
 
 
-def _out_weight(w: MlpWeights, spec: MlpSpec, units: _Units, with_lora_a: bool) -> Tensor:
-    """One block of the out projection as [d_out (+ r), Fb]: W_out's columns, then (with_lora_a)
-    LoRA A's columns as extra rows."""
-    Wb = units.of(w.out_w, 1) if spec.out_layout == "oi" else units.of(w.out_w, 0).t()  # [d_out, Fb]
-    return torch.cat([Wb, units.of(w.out_a, 1).to(Wb.dtype)]) if with_lora_a else Wb
+def _extended_out(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor], with_lora_a: bool) -> Tensor:
+    """The out projection as [d_out (+ r), F], units in block order: W_out's columns, then (with_lora_a)
+    LoRA A's as extra rows."""
+    W = w.out_w
+    oi = spec.out_layout == "oi"
+    unit_dim = 1 if oi else 0
+    if not with_lora_a:
+        Wp = _take(W, unit_dim, perm)
+        return Wp if oi else Wp.t()
+    d_out, F_, r = W.shape[1 - unit_dim], W.shape[unit_dim], w.out_a.shape[0]
+    ext = W.new_empty(d_out + r, F_) if oi else W.new_empty(F_, d_out + r).t()
+    _gather_into(ext[:d_out] if oi else ext[:d_out].t(), W, unit_dim, perm)
+    ext[d_out:] = _take(w.out_a, 1, perm)
+    return ext
 
 
 def _merges_out_lora(w: MlpWeights, spec: MlpSpec) -> bool:
@@ -380,14 +442,12 @@ def _merges_out_lora(w: MlpWeights, spec: MlpSpec) -> bool:
     return w.out_a is not None and spec.out_dropout == 0.0
 
 
-def _block_pre(Xb: Tensor, proj: str, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, units: _Units,
-               out: Optional[Tensor]) -> Tensor:
+def _block_pre(Xb: Tensor, proj: str, bw: _BlockOrderWeights, lo: int, hi: int, out: Optional[Tensor]) -> Tensor:
     """A block's pre-activation of one input projection, [Tb, Fb], written into `out` if given."""
-    Wt = _extended_weight(proj, w, spec, cols, units).t()  # [K, Fb]
-    bias = getattr(w, f"{proj}_b")
+    Wt = bw.input_block(proj, lo, hi).t()  # [K, Fb]
+    bias = bw.bias_block(proj, lo, hi)
     if bias is None:
         return Xb @ Wt if out is None else torch.mm(Xb, Wt, out=out)
-    bias = units.of(bias, 0)
     return torch.addmm(bias, Xb, Wt) if out is None else torch.addmm(bias, Xb, Wt, out=out)
 
 
@@ -396,6 +456,7 @@ def _input_projections(spec: MlpSpec) -> tuple[str, ...]:
     return ("gate", "in") if spec.gated else ("in",)
 
 
+@torch.no_grad()  # gradients: routed_mlp_backward_saved (routed_mlp wraps both in an autograd.Function)
 def routed_mlp_forward(
     x: Tensor,
     w: MlpWeights,
@@ -405,9 +466,12 @@ def routed_mlp_forward(
     block_norms: Optional[Tensor] = None,
     saved: Optional[list] = None,
     perm: Optional[Tensor] = None,
+    comp: Optional[tuple[Tensor, Tensor, Tensor]] = None,
 ) -> Tensor:
-    """y [T, d_out]; with `perm`, that of permute_hidden(w, spec, perm) without copying the weights. If `block_norms` ([T, n_blocks]) is given, it receives ||block output|| per
-    routed token (the router's calibration target). If `saved` is a list, it receives one flat tensor:
+    """y [T, d_out], plus compensation(x, ~block_mask, *comp) if `comp` (U, V, M) is given (written
+    where the blocks' outputs accumulate: no zero fill, no extra pass); with `perm`, that of permute_hidden(w, spec, perm) (the weights are put in block
+    order once per call: _BlockOrderWeights). If `block_norms` ([T, n_blocks]) is given, it receives
+    ||block output|| per routed token (the router's calibration target). If `saved` is a list, it receives one flat tensor:
     each routed block's pre-activations (block after block; per block gate then up, or the single
     pre-activation, each [Tb, Fb]), then the LoRA inputs t [T, r_in + r_gate] (see _lora_inputs):
     with them routed_mlp_backward_saved recomputes no projection."""
@@ -424,22 +488,27 @@ def routed_mlp_forward(
     X = x if t is None else torch.cat([x, t], 1)  # [T, K]
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
     merged = _merges_out_lora(w, spec)
-    Y = x.new_zeros(T, d_out + r_out)  # [y without the out LoRA | sum over blocks of h A_out_b^T]
+    bw = _BlockOrderWeights(w, spec, cols, perm, merged)
+    Y = x.new_empty(T, d_out + r_out)  # [y without the out LoRA | sum over blocks of h A_out_b^T]
+    if comp is None:
+        Y.zero_()
+    else:
+        compensation(x, ~block_mask, *comp, out=Y[:, :d_out])
+        Y[:, d_out:].zero_()
     offset = 0
     for b, lo, hi, tok, every in blocks:
         n, Fb = tok.numel(), hi - lo
-        units = _Units(lo, hi, None if perm is None else perm[lo:hi])
-        Xb = X if every else X[tok]  # [Tb, K]
+        Xb = X if every else X.index_select(0, tok)  # [Tb, K]
         pre = []
         for proj in projections:
             dest = None if flat is None else flat[offset : offset + n * Fb].view(n, Fb)
             offset += n * Fb
-            pre.append(_block_pre(Xb, proj, w, spec, cols, units, dest))
+            pre.append(_block_pre(Xb, proj, bw, lo, hi, dest))
         h = _activate(tuple(pre), spec)  # [Tb, Fb]
-        yb = F.linear(h, _out_weight(w, spec, units, merged))  # [Tb, d_out (+ r)]
+        yb = F.linear(h, bw.out_block(lo, hi))  # [Tb, d_out (+ r)]
         if r_out and not merged:
             keep = _out_keep(n, lo, hi, spec, seed, b, x)
-            yb = torch.cat([yb, F.linear(h if keep is None else h * keep, units.of(w.out_a, 1))], 1)
+            yb = torch.cat([yb, F.linear(h if keep is None else h * keep, bw.out_a_block(lo, hi))], 1)
         if block_norms is not None:
             own = yb[:, :d_out]
             if r_out:
@@ -560,10 +629,12 @@ def routed_mlp_backward_saved(
     needs: MlpWeights,
     saved: Tensor,
     perm: Optional[Tensor] = None,
+    comp: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t),
-    with respect to w (un-permuted: `perm` as in the forward): the same results as routed_mlp_backward without recomputing any projection. Explicit formulas, in
-    the forward's extended layout (see above): per block, d(h) from [dy | s dy B_out] in one GEMM,
+    with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
+    compensation, whose d(x) is added here): the same results as routed_mlp_backward without
+    recomputing any projection. Explicit formulas, in the forward's extended layout (see above): per block, d(h) from [dy | s dy B_out] in one GEMM,
     through the activation (aten's backward kernels), then d(X) = sum over projections of
     dz [W_b | s B_b | 0], the LoRA B (in, gate) and A (out) gradients and, if asked, weight and bias
     gradients; per layer, d(x) and the LoRA A (in, gate) and B (out) gradients from the accumulated
@@ -583,30 +654,36 @@ def routed_mlp_backward_saved(
     dY = torch.cat([dy, dt_out], 1) if merged else dy  # [T, d_out (+ r)]
     # d(X) [T, K] gives d(x) and the input projections' LoRA A gradients
     wants_dX = needs_x or bool({"in_a", "gate_a"} & wanted)
-    dX = torch.zeros(T, cols.K, dtype=out.acc, device=x.device) if wants_dX else None
+    dX = torch.empty(T, cols.K, dtype=out.acc, device=x.device) if wants_dX else None
+    if dX is not None and comp is not None and needs_x:  # the compensation's d(x) starts the sum
+        U, V = (c.to(out.acc) for c in comp)
+        compensation_input_grad(dy.to(out.acc), ~block_mask, U, V, out=dX[:, :d_in])
+        dX[:, d_in:].zero_()
+    elif dX is not None:
+        dX.zero_()
     t_out = torch.zeros(T, r_out, dtype=out.acc, device=x.device) if "out_bb" in wanted else None
+    bw = _BlockOrderWeights(w, spec, cols, perm, merged, with_inputs=dX is not None)
     offset = 0
     for b, lo, hi, tok, every in blocks:
         n, Fb = tok.numel(), hi - lo
-        units = _Units(lo, hi, None if perm is None else perm[lo:hi])
         pre = []
         for _ in projections:
             pre.append(saved[offset : offset + n * Fb].view(n, Fb))
             offset += n * Fb
-        dYb = dY if every else dY[tok]
+        dYb = dY if every else dY.index_select(0, tok)
         dyb = dYb[:, :d_out]
         block_grads: dict[str, Tensor] = {}
         # hidden -> output
         a, act_vjp = _activation_vjp(spec.activation, pre[0])
         h = a * pre[1] if spec.gated else a  # [Tb, Fb]
-        Wo = _out_weight(w, spec, units, merged)  # [d_out (+ r), Fb]
+        Wo = bw.out_block(lo, hi)  # [d_out (+ r), Fb]
         dh = dYb @ Wo  # [Tb, Fb]
         if "out_w" in wanted:
             block_grads["out_w"] = dyb.t() @ h if spec.out_layout == "oi" else h.t() @ dyb
         if r_out:
             keep = None if merged else _out_keep(n, lo, hi, spec, seed, b, x)
-            dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out[tok])  # [Tb, r]
-            out_a = Wo[d_out:] if merged else units.of(w.out_a, 1)  # [r, Fb]
+            dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out.index_select(0, tok))  # [Tb, r]
+            out_a = Wo[d_out:] if merged else bw.out_a_block(lo, hi)  # [r, Fb]
             if not merged:
                 dhk = dtb @ out_a
                 dh = dh + (dhk if keep is None else dhk * keep)
@@ -618,15 +695,15 @@ def routed_mlp_backward_saved(
                 t_out.add_(tb) if every else t_out.index_add_(0, tok, tb)
         # through the activation to the input projections
         dz = {"gate": act_vjp(dh * pre[1]), "in": dh * a} if spec.gated else {"in": act_vjp(dh)}
-        tb = None if t is None else (t if every else t[tok])  # [Tb, K - d_in]
+        tb = None if t is None else (t if every else t.index_select(0, tok))  # [Tb, K - d_in]
         xb = None
         if {"in_w", "gate_w"} & wanted:
-            xb = x if every else x[tok]
+            xb = x if every else x.index_select(0, tok)
         dXb = None
         for proj in projections:
             g = dz[proj]  # [Tb, Fb]
             if dX is not None:
-                Wb = _extended_weight(proj, w, spec, cols, units)  # [Fb, K]
+                Wb = bw.input_block(proj, lo, hi)  # [Fb, K]
                 dXb = g @ Wb if dXb is None else dXb.addmm_(g, Wb)
             if f"{proj}_w" in wanted:
                 block_grads[f"{proj}_w"] = g.t() @ xb if getattr(spec, f"{proj}_layout") == "oi" else xb.t() @ g
@@ -638,7 +715,7 @@ def routed_mlp_backward_saved(
                     spec, f"{proj}_scale")
         if dXb is not None:
             dX.add_(dXb) if every else dX.index_add_(0, tok, dXb.to(out.acc))
-        out.add_block(None, tok, every, block_grads, lo, hi, units.index)
+        out.add_block(None, tok, every, block_grads, lo, hi, bw.units(lo, hi))
     if dX is not None:
         _input_lora_backward(dX, x, w, spec, cols, keep_in, keep_gate, out, wanted)
     if t_out is not None:
@@ -687,23 +764,31 @@ def block_outputs(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
     return torch.stack(outs, dim=1)
 
 
-def compensation(x: Tensor, skipped: Tensor, U: Tensor, V: Tensor, M: Tensor) -> Tensor:
+def compensation(x: Tensor, skipped: Tensor, U: Tensor, V: Tensor, M: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """What the blocks a token skips are predicted to add (ffn_compensate): for each skipped block b,
     x U_b V_b + M_b. x [T, d_in], skipped [T, nb] bool, U [d_in, nb * r] (U_b: columns b r : (b + 1) r),
-    V [nb * r, d_out] (V_b: rows b r : (b + 1) r), M [nb, d_out] -> [T, d_out] in x's dtype.
-    One GEMM into every block's rank-r coordinates, masked, one GEMM out: T (d_in + d_out) nb r
-    multiply-adds (SmolLM2, 4 blocks, r 16: 74k per token, 6% of the routed MLP at 2 of 4 blocks)."""
+    V [nb * r, d_out] (V_b: rows b r : (b + 1) r), M [nb, d_out] -> [T, d_out] in x's dtype (written
+    into `out` if given; it may be a strided view). One GEMM into every block's rank-r coordinates,
+    masked, one GEMM out, with the skip indicators as extra coordinates and M as V's extra rows (a
+    separate [T, nb] x [nb, d_out] product and the add took a quarter of the term's time on this
+    CPU): T (d_in + d_out) nb r multiply-adds (SmolLM2, 4 blocks, r 32: 148k per token)."""
     T, nb = skipped.shape
+    nbr = U.shape[1]
+    C = x.new_empty(T, nbr + nb)  # [the skipped blocks' coordinates (others 0) | skip indicators]
+    torch.mm(x, U, out=C[:, :nbr])
     s = skipped.to(x.dtype)
-    t = (x @ U).view(T, nb, -1) * s[:, :, None]  # [T, nb, r]
-    return t.view(T, -1) @ V + s @ M
+    C[:, :nbr].view(T, nb, -1).mul_(s[:, :, None])
+    C[:, nbr:] = s
+    VM = torch.cat([V, M])  # [nb r + nb, d_out]
+    return C @ VM if out is None else torch.mm(C, VM, out=out)
 
 
-def compensation_input_grad(dy: Tensor, skipped: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    """d(x) of compensation(x, skipped, U, V, M) (U, V and M are constants): [T, d_in]."""
+def compensation_input_grad(dy: Tensor, skipped: Tensor, U: Tensor, V: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """d(x) of compensation(x, skipped, U, V, M) (U, V and M are constants): [T, d_in] (written into
+    `out` if given)."""
     T, nb = skipped.shape
-    dt = (dy @ V.t()).view(T, nb, -1) * skipped.to(dy.dtype)[:, :, None]  # [T, nb, r]
-    return dt.view(T, -1) @ U.t()
+    dt = (dy @ V.t()).view(T, nb, -1).mul_(skipped.to(dy.dtype)[:, :, None])  # [T, nb, r]
+    return dt.view(T, -1) @ U.t() if out is None else torch.mm(dt.view(T, -1), U.t(), out=out)
 
 
 class _RoutedMlp(torch.autograd.Function):
