@@ -64,12 +64,32 @@ def _softmax_minus_target_(z: Tensor, lse: Tensor, y: Tensor, valid: Tensor, eps
     return z.scatter_add_(1, idx, torch.full(idx.shape, -(1.0 - eps), dtype=z.dtype, device=z.device))
 
 
+def _scaled_softmax_minus_target_(e: Tensor, row_over_total: Tensor, row: Tensor, y: Tensor, valid: Tensor,
+                                   eps: float) -> Tensor:
+    """In place on e = exp(logits - m) [C, V] fp32 with row sums `total`: row * (softmax - smoothed
+    one-hot), given row_over_total = row / total [C] (the forward's one pass over e: no second exp)."""
+    e.mul_(row_over_total[:, None])
+    if eps > 0.0:
+        e.sub_((row * (eps / e.shape[1]))[:, None])
+    idx = torch.where(valid, y, 0)[:, None]
+    return e.scatter_add_(1, idx, (-(1.0 - eps) * row)[:, None].to(e.dtype))
+
+
+def _linear_into(hc: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+    """F.linear(hc, W, b), written into `out` (a contiguous row block) if given."""
+    if out is None:
+        return F.linear(hc, W, b)
+    if b is None:
+        return torch.mm(hc, W.t(), out=out)
+    return torch.addmm(b, hc, W.t(), out=out)
+
+
 def _backprop_chunk(g: Tensor, hc: Tensor, W: Tensor, dh: Optional[Tensor], dW: Optional[Tensor],
                     db: Optional[Tensor]) -> None:
     """g [C, V] fp32 d(logits) of the rows hc [C, d]: adds into dh (those rows) and the fp32 dW, db."""
     gc = g.to(hc.dtype)  # as the dense .float()'s backward casts d(logits) back
     if dh is not None:
-        dh += gc @ W
+        dh.addmm_(gc, W)
     if dW is not None:
         if gc.dtype == torch.float32:
             dW.addmm_(gc.T, hc)
@@ -106,26 +126,37 @@ def linear_cross_entropy_forward(
     grads = _grad_buffers(h2, W, needs) if precompute else (None, None, None)
     if precompute:
         unit = _row_scale(torch.ones((T,) if reduction == "none" else (), device=h.device), valid_all, reduction)
+    work = None  # [chunk, V] fp32: the chunk's shifted logits, reused chunk after chunk
     for r0 in range(0, T, chunk):
         r1 = min(T, r0 + chunk)
-        z = F.linear(h2[r0:r1], W, b)  # [C, V], h's dtype: rounded as the dense linear rounds
-        if return_logits:
-            logits[r0:r1] = z
-        zf = z.float()
-        lse_c = torch.logsumexp(zf, dim=-1)  # [C]
+        # [C, V] in h's dtype (rounded as the dense linear rounds), straight into the returned logits
+        z = _linear_into(h2[r0:r1], W, b, logits[r0:r1] if return_logits else None)
         yc, valid = y[r0:r1], valid_all[r0:r1]
-        z_y = zf.gather(1, torch.where(valid, yc, 0)[:, None]).squeeze(1)  # [C]
+        z_y = z.gather(1, torch.where(valid, yc, 0)[:, None]).squeeze(1).float()  # [C]
+        m = z.amax(dim=-1).float()  # [C]
+        m = m.masked_fill(m.isinf(), 0.0)  # rows of -inf keep lse = -inf, as torch.logsumexp
+        mean_c = z.mean(dim=-1, dtype=torch.float32) if label_smoothing > 0.0 else None
+        # e = exp(z - m) [C, V] fp32, in place where z is fp32 and not returned, else into `work`
+        if z.dtype == torch.float32 and not return_logits:
+            e = z.sub_(m[:, None])
+        else:
+            if work is None:
+                work = torch.empty(min(chunk, T), V, dtype=torch.float32, device=h.device)
+            e = torch.sub(z, m[:, None], out=work[: r1 - r0])
+        e.exp_()
+        total = e.sum(dim=-1)  # [C]
+        lse_c = m + total.log()
         loss_c = lse_c - z_y
         if label_smoothing > 0.0:
-            loss_c = (1.0 - label_smoothing) * loss_c + label_smoothing * (lse_c - zf.mean(dim=-1))
+            loss_c = (1.0 - label_smoothing) * loss_c + label_smoothing * (lse_c - mean_c)
         lse[r0:r1] = lse_c
         rows[r0:r1] = torch.where(valid, loss_c, 0.0)
-        g = None
         if precompute:  # the backward's work, now, while the chunk's logits exist: no recompute
-            g = _softmax_minus_target_(zf, lse_c, yc, valid, label_smoothing).mul_(unit[r0:r1, None])
+            g = _scaled_softmax_minus_target_(e, unit[r0:r1] / total, unit[r0:r1], yc, valid, label_smoothing)
             dh, dW, db = grads
             _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
-        del z, zf, g  # free this chunk's [C, V] before the next one is allocated
+            del g
+        del z, e  # free this chunk's [C, V] before the next one is allocated
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
