@@ -110,3 +110,44 @@ def test_short_sequences_run_exact_attention_and_are_counted():
     assert counts() == [1, 1]
     with spt_compile.enable(attention_dense_below=0):
         assert not torch.allclose(compiled(short), model(short), atol=1e-3)
+
+
+def test_an_explicit_causal_mask_runs_as_is_causal():
+    """Hugging Face's SDPA path passes the causal triangle as a boolean mask: the site reads it as
+    is_causal (as_causal), with the same sparse output and gradients as the is_causal form; a mask
+    that differs anywhere stays a mask."""
+    from spt_compile.attention_site import as_causal
+    from toy_models import GQAAttention
+
+    tri = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    assert as_causal(tri, False, 9, 9) == (None, True)
+    assert as_causal(tri.expand(2, 1, 9, 9), False, 9, 9) == (None, True)
+    padded = tri.clone()
+    padded[..., 0] = False  # key 0 padded
+    for m, n, nk in [(padded, 9, 9), (tri.float(), 9, 9), (tri[..., :8], 9, 8)]:
+        got, causal = as_causal(m, False, n, nk)
+        assert got is m and causal is False
+    assert as_causal(tri, False, 9, 9) == (None, True)
+    tri[0, 0, 8, 0] = False  # changed in place after a verdict: checked again, not cached
+    assert as_causal(tri, False, 9, 9)[1] is False
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GQAAttention(d=64, heads=4, kv_heads=2)
+    opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, "attention_dense_below": 0,
+            "attention_block": 16, "density": 0.25}
+    x = torch.randn(2, 100, 64)
+    mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()
+    results = []
+    for m in (None, mask):
+        compiled = torch.compile(lambda x, m=m: model(x, m), backend="spt", options=opts)
+        compiled(x)  # calibration (dense)
+        xr = x.clone().requires_grad_()
+        y = compiled(xr)
+        results.append((y, torch.autograd.grad(y.pow(2).mean(), [xr, *model.parameters()])))
+    (y0, g0), (y1, g1) = results
+    dense = model(x, None)
+    assert not torch.allclose(y0, dense, atol=1e-4), "density 0.25 must run sparse"
+    torch.testing.assert_close(y1, y0, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
