@@ -279,14 +279,18 @@ class MlpSite(Site):
             self.comp_for = key
         return self.comp
 
-    def route(self, x2: Tensor, options: Options) -> Tensor:
+    def route(self, x2: Tensor, options: Options, lead: tuple = ()) -> Tensor:
         """The routed call's block mask [T, nb]: top-ffn_active of the router's scores, less the
-        ffn_balance bias when that is on."""
+        ffn_balance bias when that is on; with `lead` (the input's [batch, seq] dims) the first
+        ffn_dense_first positions of each sequence get every block."""
         scores = router_scores(x2, self.router.to(x2.device))
         bias = self.balance_bias(options)
         if bias is not None:
             scores = scores - bias.to(scores.device)
-        return choose_blocks(scores, options.active_blocks)
+        mask = choose_blocks(scores, options.active_blocks)
+        if options.ffn_dense_first and len(lead) >= 2:
+            mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
+        return mask
 
     # --- router statistics --------------------------------------------------------------------
     def _add_samples(self, x: Tensor, norms: Tensor) -> None:
@@ -352,7 +356,7 @@ class MlpSite(Site):
                     y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
-                block_mask = self.route(x2, options)
+                block_mask = self.route(x2, options, tuple(x.shape[:-1]))
                 wp = _LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl

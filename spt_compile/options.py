@@ -52,6 +52,10 @@ class Options:
                                "(0: off), per block: x U_b V_b + m_b (reduced-rank ridge regression on the "
                                "router's buffered tokens where the block is skipped), added to the routed "
                                "output for each skipped block; frozen state, gradient to x only.", True)
+    ffn_dense_first: int = _opt(1, "Tokens at the start of each sequence that run every MLP block (0: none): "
+                                "the first token ([CLS] of an encoder, the attention sink of a decoder) "
+                                "feeds every later one. Needs the MLP input's sequence dimension "
+                                "([batch, seq, d]); positions, not real tokens, so left padding shifts them.", True)
     sparse_attention: bool = _opt(True, "Run matched attention sparse (False: exact attention).", True)
     sparse_ffn: bool = _opt(True, "Run matched MLPs routed (False: every block, i.e. dense).", True)
     # Block selection by measurement: benchmarks/results/attention_*.json and docs/attention.md.
@@ -149,6 +153,8 @@ def validate(o: Options) -> None:
     ):
         raise _bad("ffn_balance", "a float in [0, 1] (0: off, 1: every block gets an equal share of tokens)",
                    o.ffn_balance)
+    if not is_int(o.ffn_dense_first) or o.ffn_dense_first < 0:
+        raise _bad("ffn_dense_first", "an int >= 0 (tokens per sequence that run every MLP block)", o.ffn_dense_first)
     if not is_int(o.ffn_compensate) or o.ffn_compensate < 0:
         raise _bad("ffn_compensate", "an int >= 0 (the predictors' rank; 0: off)", o.ffn_compensate)
     if not is_int(o.pq_subspace_dim) or o.pq_subspace_dim < 1:
