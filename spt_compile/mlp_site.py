@@ -17,6 +17,10 @@ block (clustering.py): the site keeps a permutation of the units and applies it 
 reads, so the user's weights, LoRA adapters and checkpoints keep their order, and running every block
 is still exactly the dense MLP.
 
+With `ffn_dense_first` = k > 0 (run-time, default 1), the first k positions of each sequence (the
+input's [batch, seq] dims; a flattened [tokens, d] input has none) get every block: [CLS] in an
+encoder, the attention sink in a decoder, tokens every later one reads.
+
 With `ffn_balance` > 0 (run-time, default off), a per-block bias is subtracted from the router's scores
 before the top-k: fitted on the buffered tokens (fit_balance) so that each block's share of the
 selections moves toward ffn_active / ffn_blocks, refitted whenever the router changes, saved with the
