@@ -17,7 +17,7 @@ block (clustering.py): the site keeps a permutation of the units and applies it 
 reads, so the user's weights, LoRA adapters and checkpoints keep their order, and running every block
 is still exactly the dense MLP.
 
-With `ffn_dense_first` = k > 0 (run-time, default 1), the first k positions of each sequence (the
+With `ffn_dense_first` = k > 0 (run-time, default off), the first k positions of each row (the
 input's [batch, seq] dims; a flattened [tokens, d] input has none) get every block: [CLS] in an
 encoder, the attention sink in a decoder, tokens every later one reads.
 
