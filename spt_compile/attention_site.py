@@ -22,7 +22,6 @@ implementation). Backward uses what forward saved and never reads the options ag
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import weakref
 from typing import Optional
@@ -66,11 +65,6 @@ def dense_attention(q, k, v, mask, is_causal: bool, scale: float, dropout_p: flo
                                               is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
-@functools.lru_cache(maxsize=4)
-def _causal_triangle(N: int, device: torch.device) -> Tensor:
-    return torch.ones(N, N, dtype=torch.bool, device=device).tril()  # [N, N]: query i sees keys 0..i
-
-
 def as_causal(mask: Optional[Tensor], is_causal: bool, N: int, Nk: int) -> tuple[Optional[Tensor], bool]:
     """(None, True) when `mask` is a boolean mask allowing exactly the causal lower triangle for every
     batch row and head, else (mask, is_causal) unchanged. Hugging Face's SDPA path passes such a mask
@@ -98,7 +92,9 @@ def _is_causal_triangle(mask: Tensor) -> bool:
     if version is not None and last is not None and last[0]() is mask and last[1] == version:
         return last[2]
     N = mask.shape[-1]
-    verdict = torch.equal(mask, _causal_triangle(N, mask.device).expand(mask.shape))
+    # [N, N]: query i sees keys 0..i. Built per check (once per step), not kept: at N=8192 it is 64 MB.
+    triangle = torch.ones(N, N, dtype=torch.bool, device=mask.device).tril()
+    verdict = torch.equal(mask, triangle.expand(mask.shape))
     if version is not None:
         _last_verdict = (weakref.ref(mask), version, verdict)
     return verdict
