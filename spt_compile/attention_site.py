@@ -71,7 +71,8 @@ def as_causal(mask: Optional[Tensor], is_causal: bool, N: int, Nk: int) -> tuple
     [B, 1, N, N] instead of is_causal=True when nothing is padded; read as causal, the block path
     skips the per-element masking and the tile reductions a general mask needs (one compare of the
     mask here instead). Forward and backward both call it on the same mask, so they agree."""
-    if mask is None or is_causal or mask.dtype != torch.bool or N != Nk or mask.dim() != 4 or mask.shape[-2:] != (N, Nk):
+    if (mask is None or is_causal or mask.dtype != torch.bool or N != Nk or mask.dim() != 4
+            or mask.shape[-2:] != (N, Nk)):
         return mask, is_causal
     return (None, True) if _is_causal_triangle(mask) else (mask, is_causal)
 

@@ -469,9 +469,10 @@ def routed_mlp_forward(
     comp: Optional[tuple[Tensor, Tensor, Tensor]] = None,
 ) -> Tensor:
     """y [T, d_out], plus compensation(x, ~block_mask, *comp) if `comp` (U, V, M) is given (written
-    where the blocks' outputs accumulate: no zero fill, no extra pass); with `perm`, that of permute_hidden(w, spec, perm) (the weights are put in block
-    order once per call: _BlockOrderWeights). If `block_norms` ([T, n_blocks]) is given, it receives
-    ||block output|| per routed token (the router's calibration target). If `saved` is a list, it receives one flat tensor:
+    where the blocks' outputs accumulate: no zero fill, no extra pass); with `perm`, that of
+    permute_hidden(w, spec, perm) (the weights are put in block order once per call:
+    _BlockOrderWeights). If `block_norms` ([T, n_blocks]) is given, it receives ||block output|| per
+    routed token (the router's calibration target). If `saved` is a list, it receives one flat tensor:
     each routed block's pre-activations (block after block; per block gate then up, or the single
     pre-activation, each [Tb, Fb]), then the LoRA inputs t [T, r_in + r_gate] (see _lora_inputs):
     with them routed_mlp_backward_saved recomputes no projection."""
@@ -634,9 +635,9 @@ def routed_mlp_backward_saved(
     """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t),
     with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
     compensation, whose d(x) is added here): the same results as routed_mlp_backward without
-    recomputing any projection. Explicit formulas, in the forward's extended layout (see above): per block, d(h) from [dy | s dy B_out] in one GEMM,
-    through the activation (aten's backward kernels), then d(X) = sum over projections of
-    dz [W_b | s B_b | 0], the LoRA B (in, gate) and A (out) gradients and, if asked, weight and bias
+    recomputing any projection. Explicit formulas, in the forward's extended layout (see above): per
+    block, d(h) from [dy | s dy B_out] in one GEMM, through the activation (aten's backward kernels),
+    then d(X) = sum over projections of dz [W_b | s B_b | 0], the LoRA B (in, gate) and A (out) gradients and, if asked, weight and bias
     gradients; per layer, d(x) and the LoRA A (in, gate) and B (out) gradients from the accumulated
     d(X) and the sum over blocks of h A_out_b^T."""
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
