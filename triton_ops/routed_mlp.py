@@ -637,8 +637,8 @@ def routed_mlp_backward_saved(
     compensation, whose d(x) is added here): the same results as routed_mlp_backward without
     recomputing any projection. Explicit formulas, in the forward's extended layout (see above): per
     block, d(h) from [dy | s dy B_out] in one GEMM, through the activation (aten's backward kernels),
-    then d(X) = sum over projections of dz [W_b | s B_b | 0], the LoRA B (in, gate) and A (out) gradients and, if asked, weight and bias
-    gradients; per layer, d(x) and the LoRA A (in, gate) and B (out) gradients from the accumulated
+    then d(X) = sum over projections of dz [W_b | s B_b | 0], the LoRA B (in, gate) and A (out)
+    gradients and, if asked, weight and bias gradients; per layer, d(x) and the LoRA A (in, gate) and B (out) gradients from the accumulated
     d(X) and the sum over blocks of h A_out_b^T."""
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
