@@ -14,7 +14,7 @@ from spt_compile.mlp_site import choose_blocks, fit_balance, router_scores
 from spt_compile.options import SptOptionError, make_options
 from spt_compile.registry import model_sites
 
-from toy_models import GatedMLP
+from toy_models import compiled_gated_mlp
 
 
 def skewed_scores(n, nb, gen):
@@ -67,11 +67,7 @@ def test_balance_at_half_strength_moves_shares_half_way():
 
 def compiled_mlp(seed=0, **options):
     """A GatedMLP whose inputs share an offset, so that the router favours some blocks."""
-    torch.manual_seed(seed)
-    torch._dynamo.reset()
-    model = GatedMLP(d=32, hidden=96)
-    opts = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4, **options}
-    return model, torch.compile(model, backend="spt", options=opts)
+    return compiled_gated_mlp(32, 96, seed, **options)
 
 
 def inputs(i, n=128):

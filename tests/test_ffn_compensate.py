@@ -25,7 +25,7 @@ from spt_compile.triton_ops.routed_mlp import (
 )
 
 from test_routed_mlp_op import make_weights, spec_for
-from toy_models import GatedMLP
+from toy_models import compiled_gated_mlp
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "16", None])
@@ -86,11 +86,7 @@ def test_fit_recovers_low_rank_linear_blocks_on_the_tokens_that_skip_them():
 
 
 def compiled_mlp(seed=0, **options):
-    torch.manual_seed(seed)
-    torch._dynamo.reset()
-    model = GatedMLP(d=24, hidden=72)
-    opts = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4, **options}
-    return model, torch.compile(model, backend="spt", options=opts)
+    return compiled_gated_mlp(24, 72, seed, **options)
 
 
 def inputs(i, n=96):

@@ -9,19 +9,11 @@ import torch
 import spt_compile
 from spt_compile.options import SptOptionError, make_options
 
-from toy_models import GatedMLP
-
-
-def compiled_mlp():
-    torch.manual_seed(0)
-    torch._dynamo.reset()
-    model = GatedMLP(d=24, hidden=72)
-    opts = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4, "ffn_compensate": 0}
-    return model, torch.compile(model, backend="spt", options=opts)
+from toy_models import compiled_gated_mlp
 
 
 def test_first_positions_of_each_sequence_run_every_block():
-    model, compiled = compiled_mlp()
+    model, compiled = compiled_gated_mlp(24, 72, ffn_compensate=0)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):  # calibration (dense)
         compiled(torch.randn(3, 32, 24, generator=gen))

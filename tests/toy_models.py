@@ -74,6 +74,16 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def compiled_gated_mlp(d: int, hidden: int, seed: int = 0, **options):
+    """(GatedMLP(d, hidden), the same model under torch.compile(backend="spt")) from a fresh Dynamo
+    cache, with the routed-MLP tests' defaults: aot_eager, 2 calibration calls, 4 blocks."""
+    torch.manual_seed(seed)
+    torch._dynamo.reset()  # many compiles of one forward would hit Dynamo's recompile limit
+    model = GatedMLP(d=d, hidden=hidden)
+    opts = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4, **options}
+    return model, torch.compile(model, backend="spt", options=opts)
+
+
 class PlainMLP(nn.Module):
     def __init__(self, d=32, hidden=80, act=F.gelu):
         super().__init__()
