@@ -4,7 +4,6 @@ every-block-active case the dense MLP."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from spt_compile.mlp_site import choose_blocks, fit_balance, router_scores
 from spt_compile.options import SptOptionError, make_options
 from spt_compile.registry import model_sites
 
-from toy_models import compiled_gated_mlp
+from toy_models import clone_with_saved_state, compiled_gated_mlp
 
 
 def skewed_scores(n, nb, gen):
@@ -142,11 +141,7 @@ def test_balance_state_roundtrip(tmp_path):
     assert torch.equal(state[key], site.balance)
     torch.save(state, tmp_path / "spt.pt")
 
-    clone = copy.deepcopy(model)
-    spt_compile.load_state_dict(clone, torch.load(tmp_path / "spt.pt"))
-    torch._dynamo.reset()
-    compiled_clone = torch.compile(clone, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 2,
-                                                                  "ffn_blocks": 4, "ffn_balance": 1.0})
+    clone, compiled_clone = clone_with_saved_state(model, tmp_path / "spt.pt", ffn_balance=1.0)
     for i in range(4, 7):
         torch.testing.assert_close(compiled_clone(inputs(i)), compiled(inputs(i)), atol=0, rtol=0)
     clone_site = next(s for _, s in model_sites(clone))

@@ -4,7 +4,6 @@ them is exact; nothing is added when every block runs; they are saved with the s
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from spt_compile.triton_ops.routed_mlp import (
 )
 
 from test_routed_mlp_op import make_weights, spec_for
-from toy_models import compiled_gated_mlp
+from toy_models import clone_with_saved_state, compiled_gated_mlp
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "16", None])
@@ -168,11 +167,7 @@ def test_compensate_state_roundtrip(tmp_path):
         assert torch.equal(state[key], t)
     torch.save(state, tmp_path / "spt.pt")
 
-    clone = copy.deepcopy(model)
-    spt_compile.load_state_dict(clone, torch.load(tmp_path / "spt.pt"))
-    torch._dynamo.reset()
-    compiled_clone = torch.compile(clone, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 2,
-                                                                  "ffn_blocks": 4, "ffn_compensate": 4})
+    clone, compiled_clone = clone_with_saved_state(model, tmp_path / "spt.pt", ffn_compensate=4)
     for i in range(4, 7):
         torch.testing.assert_close(compiled_clone(inputs(i)), compiled(inputs(i)), atol=0, rtol=0)
     clone_site = next(s for _, s in model_sites(clone))

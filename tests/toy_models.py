@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -74,14 +75,28 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+# The routed-MLP tests' options: aot_eager, 2 calibration calls, 4 blocks.
+MLP_TEST_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4}
+
+
 def compiled_gated_mlp(d: int, hidden: int, seed: int = 0, **options):
     """(GatedMLP(d, hidden), the same model under torch.compile(backend="spt")) from a fresh Dynamo
-    cache, with the routed-MLP tests' defaults: aot_eager, 2 calibration calls, 4 blocks."""
+    cache, with MLP_TEST_OPTIONS and `options`."""
     torch.manual_seed(seed)
     torch._dynamo.reset()  # many compiles of one forward would hit Dynamo's recompile limit
     model = GatedMLP(d=d, hidden=hidden)
-    opts = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4, **options}
-    return model, torch.compile(model, backend="spt", options=opts)
+    return model, torch.compile(model, backend="spt", options={**MLP_TEST_OPTIONS, **options})
+
+
+def clone_with_saved_state(model: nn.Module, path, **options):
+    """(a deep copy of `model` with the sparse state saved at `path` loaded, that copy compiled from a
+    fresh Dynamo cache with MLP_TEST_OPTIONS and `options`)."""
+    import spt_compile
+
+    clone = copy.deepcopy(model)
+    spt_compile.load_state_dict(clone, torch.load(path))
+    torch._dynamo.reset()
+    return clone, torch.compile(clone, backend="spt", options={**MLP_TEST_OPTIONS, **options})
 
 
 class PlainMLP(nn.Module):
