@@ -55,19 +55,11 @@ def can_precompute(reduction: str, needs: list[bool]) -> bool:
     return any(needs) and (reduction != "none" or not (needs[1] or needs[2]))
 
 
-def _softmax_minus_target_(z: Tensor, lse: Tensor, y: Tensor, valid: Tensor, eps: float) -> Tensor:
-    """In place on fp32 logits z [C, V]: d(row loss)/d(logits) = softmax - smoothed one-hot."""
-    z.sub_(lse[:, None]).exp_()
-    if eps > 0.0:
-        z.sub_(eps / z.shape[1])
-    idx = torch.where(valid, y, 0)[:, None]
-    return z.scatter_add_(1, idx, torch.full(idx.shape, -(1.0 - eps), dtype=z.dtype, device=z.device))
-
-
 def _scaled_softmax_minus_target_(e: Tensor, row_over_total: Tensor, row: Tensor, y: Tensor, valid: Tensor,
                                    eps: float) -> Tensor:
     """In place on e = exp(logits - m) [C, V] fp32 with row sums `total`: row * (softmax - smoothed
-    one-hot), given row_over_total = row / total [C] (the forward's one pass over e: no second exp)."""
+    one-hot) = d(loss)/d(logits) for row scales `row` [C], given row_over_total = row / total (the
+    forward's one pass over e: no second exp; backward's recompute passes m = lse, so total = 1)."""
     e.mul_(row_over_total[:, None])
     if eps > 0.0:
         e.sub_((row * (eps / e.shape[1]))[:, None])
@@ -197,8 +189,9 @@ def linear_cross_entropy_backward(
         for r0 in range(0, T, chunk):
             r1 = min(T, r0 + chunk)
             g = F.linear(h2[r0:r1], W, b).float()  # [C, V]: the chunk's logits again
-            g = _softmax_minus_target_(g, lse[r0:r1], y[r0:r1], valid[r0:r1], label_smoothing)
-            g.mul_(scale[r0:r1, None])  # ignored rows -> 0
+            g.sub_(lse[r0:r1, None]).exp_()  # softmax: lse is the rows' log-sum-exp
+            sc = scale[r0:r1]  # ignored rows -> 0
+            g = _scaled_softmax_minus_target_(g, sc, sc, y[r0:r1], valid[r0:r1], label_smoothing)
             if dl2 is not None:
                 g.add_(dl2[r0:r1])
             _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
