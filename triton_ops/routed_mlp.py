@@ -287,9 +287,11 @@ def _rows(t: Optional[Tensor], tok: Tensor, every: bool) -> Optional[Tensor]:
 # 2048 tokens: 15 thin GEMMs per block, ~15% of the routed MLP's time). So the LoRA factors ride inside
 # the block GEMMs instead:
 # - in / gate: the LoRA inputs t = dropout(x) A^T [T, r] do not depend on the block, so they are
-#   computed once per layer and appended to x as columns, X = [x | t_in | t_gate] [T, K]; a block's
-#   weight gets the matching columns, [W_b | s B_b | 0] (0 under the other projection's t), so one
-#   GEMM gives x W_b^T + s t B_b^T. Backward: dz [W_b | s B_b | 0] gives d(x) and d(t) in one GEMM.
+#   computed once per layer and put beside x as columns, X = [t_gate | x | t_in] [T, K]; each
+#   projection reads its window of X (gate [t_gate | x], in [x | t_in]: no zero columns for the
+#   other projection's t) against a block weight with the matching columns, [s B_b | W_b] or
+#   [W_b | s B_b], so one GEMM gives x W_b^T + s t B_b^T. Backward: dz [W_b | s B_b] gives d(x) and
+#   d(t) in one GEMM, into the projection's window of d(X).
 # - out: the block's LoRA A columns are appended to its weight as output rows, [W_out_b ; A_out_b], so
 #   one GEMM gives [h W_out_b^T | h A_out_b^T]; the rank-r part is summed over blocks and multiplied by
 #   s B_out once per layer. Backward: d(h) = [dy | s dy B_out] [W_out_b ; A_out_b], one GEMM.
@@ -298,35 +300,52 @@ def _rows(t: Optional[Tensor], tok: Tensor, every: bool) -> Optional[Tensor]:
 
 
 class _LoraColumns(NamedTuple):
-    """Where the LoRA inputs sit in X = [x | t_in | t_gate]: K columns in all."""
+    """Where things sit in X = [t_gate | x | t_in] (a t only with that projection's LoRA): K columns in
+    all. t, X without x, is [t_gate | t_in]."""
 
     K: int
+    x_cols: slice
     in_cols: Optional[slice]
     gate_cols: Optional[slice]
 
     def of(self, proj: str) -> Optional[slice]:
+        """The projection's LoRA input t in X."""
         return self.in_cols if proj == "in" else self.gate_cols
+
+    def window(self, proj: str) -> slice:
+        """The columns of X the projection reads: x and its own t."""
+        own = self.of(proj)
+        if own is None:
+            return self.x_cols
+        return slice(self.x_cols.start, own.stop) if proj == "in" else slice(own.start, self.x_cols.stop)
+
+    def in_t(self, proj: str) -> slice:
+        """The projection's LoRA input in t = [t_gate | t_in]."""
+        c, shift = self.of(proj), (self.x_cols.stop - self.x_cols.start if proj == "in" else 0)
+        return slice(c.start - shift, c.stop - shift)
+
+    def present(self) -> tuple[str, ...]:
+        """The projections with a LoRA input, in t's order."""
+        return tuple(p for p in ("gate", "in") if self.of(p) is not None)
 
 
 def _lora_columns(d_in: int, w: MlpWeights, spec: MlpSpec) -> _LoraColumns:
-    """Where the input projections' LoRA inputs sit in X = [x | t_in | t_gate]."""
-    k, cols = d_in, {"in": None, "gate": None}
-    for proj in ("in", "gate"):
-        A = getattr(w, f"{proj}_a")
-        if A is not None and (proj == "in" or spec.gated):
-            cols[proj] = slice(k, k + A.shape[0])
-            k += A.shape[0]
-    return _LoraColumns(k, cols["in"], cols["gate"])
+    """Where the input projections' LoRA inputs sit in X = [t_gate | x | t_in]."""
+    r_gate = w.gate_a.shape[0] if (spec.gated and w.gate_a is not None) else 0
+    r_in = 0 if w.in_a is None else w.in_a.shape[0]
+    return _LoraColumns(r_gate + d_in + r_in, slice(r_gate, r_gate + d_in),
+                        slice(r_gate + d_in, r_gate + d_in + r_in) if r_in else None,
+                        slice(0, r_gate) if r_gate else None)
 
 
 def _lora_inputs(x: Tensor, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, keep_in: Optional[Tensor],
                  keep_gate: Optional[Tensor], out: Optional[Tensor] = None) -> Optional[Tensor]:
-    """t = [dropout(x) A_in^T | dropout(x) A_gate^T], X's columns after x: [T, K - d_in] (written into
+    """t = [dropout(x) A_gate^T | dropout(x) A_in^T], X's columns beside x: [T, K - d_in] (written into
     `out` if given); None without LoRA on the input projections."""
     d_in = x.shape[1]
     if cols.K == d_in:
         return None
-    present = [p for p in ("in", "gate") if cols.of(p) is not None]
+    present = cols.present()
     if keep_in is None and keep_gate is None:  # one GEMM for both projections
         A = torch.cat([getattr(w, f"{p}_a") for p in present]) if len(present) > 1 else getattr(w, f"{present[0]}_a")
         return x @ A.t() if out is None else torch.mm(x, A.t(), out=out)
@@ -335,8 +354,19 @@ def _lora_inputs(x: Tensor, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, ke
     if out is None:
         return torch.cat(parts, 1)
     for p, part in zip(present, parts):
-        out[:, cols.of(p).start - d_in : cols.of(p).stop - d_in] = part
+        out[:, cols.in_t(p)] = part
     return out
+
+
+def _with_lora_inputs(x: Tensor, t: Optional[Tensor], cols: _LoraColumns) -> Tensor:
+    """X = [t_gate | x | t_in] [T, K] from x and t = [t_gate | t_in]."""
+    if t is None:
+        return x
+    parts = [t[:, cols.in_t("gate")]] if cols.gate_cols is not None else []
+    parts.append(x)
+    if cols.in_cols is not None:
+        parts.append(t[:, cols.in_t("in")])
+    return torch.cat(parts, 1)
 
 
 def _take(t: Optional[Tensor], dim: int, perm: Optional[Tensor]) -> Optional[Tensor]:
@@ -362,7 +392,8 @@ class _BlockOrderWeights:
     columns of W_out [d_out, F] after the GEMMs have evicted it reads a cache line per element (0.7 ms
     per block for SmolLM2's MLP on this CPU), while gathering all of them row by row costs 0.35 ms.
 
-        inputs[proj]  [F, K]              [W | s B under the projection's LoRA columns of X | 0]
+        inputs[proj]  [F, window]         against the projection's window of X: [s B | W] (gate),
+                                          [W | s B] (in), W alone without LoRA
         biases[proj]  [F]
         out           [d_out (+ r), F]    W_out, then (LoRA merged into the out GEMM) A_out as rows
         out_a         [r, F]              A_out when its input differs from h (LoRA dropout)
@@ -372,7 +403,7 @@ class _BlockOrderWeights:
     def __init__(self, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, perm: Optional[Tensor], merged: bool,
                  with_inputs: bool = True):
         """with_inputs=False: no input projections (a backward that needs no d(X))."""
-        self.perm = perm
+        self.perm, self.cols = perm, cols
         projections = _input_projections(spec) if with_inputs else ()
         self.inputs = {p: _extended_input(p, w, spec, cols, perm) for p in projections}
         self.biases = {p: _take(getattr(w, f"{p}_b"), 0, perm) for p in projections}
@@ -380,7 +411,7 @@ class _BlockOrderWeights:
         self.out_a = None if (w.out_a is None or merged) else _take(w.out_a, 1, perm)
 
     def input_block(self, proj: str, lo: int, hi: int) -> Tensor:
-        return self.inputs[proj][lo:hi]  # [Fb, K]
+        return self.inputs[proj][lo:hi]  # [Fb, width of the projection's window of X]
 
     def bias_block(self, proj: str, lo: int, hi: int) -> Optional[Tensor]:
         b = self.biases[proj]
@@ -398,26 +429,23 @@ class _BlockOrderWeights:
 
 
 def _extended_input(proj: str, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns, perm: Optional[Tensor]) -> Tensor:
-    """An input projection as [F, K] against X, units in block order (a view where nothing is added
-    or moved; strided for the "io" layout)."""
+    """An input projection as [F, width] against its window of X (cols.window), units in block order (a
+    view where nothing is added or moved; strided for the "io" layout)."""
     W = getattr(w, f"{proj}_w")
     oi = getattr(spec, f"{proj}_layout") == "oi"
     unit_dim = 0 if oi else 1
-    if cols.K == W.shape[1 - unit_dim]:  # no LoRA columns
+    own = cols.of(proj)
+    if own is None:  # no LoRA columns
         Wp = _take(W, unit_dim, perm)
         return Wp if oi else Wp.t()
-    d_in, F_ = W.shape[1 - unit_dim], W.shape[unit_dim]
-    # oi: rows are units, built as [F, K]; io: built as [K, F] (row by row from W [d_in, F]), viewed [F, K]
-    ext = W.new_empty(F_, cols.K) if oi else W.new_empty(cols.K, F_).t()
-    _gather_into(ext[:, :d_in] if oi else ext[:, :d_in].t(), W, unit_dim, perm)
-    mine = cols.of(proj)
-    for c in (cols.in_cols, cols.gate_cols):
-        if c is None:
-            continue
-        if c == mine:
-            ext[:, c] = _take(getattr(w, f"{proj}_bb"), 0, perm) * getattr(spec, f"{proj}_scale")
-        else:
-            ext[:, c] = 0
+    win = cols.window(proj)
+    d_in, F_, width = W.shape[1 - unit_dim], W.shape[unit_dim], win.stop - win.start
+    # oi: rows are units, built as [F, width]; io: built as [width, F] (row by row from W [d_in, F]), viewed [F, width]
+    ext = W.new_empty(F_, width) if oi else W.new_empty(width, F_).t()
+    x_at = cols.x_cols.start - win.start
+    _gather_into(ext[:, x_at : x_at + d_in] if oi else ext[:, x_at : x_at + d_in].t(), W, unit_dim, perm)
+    ext[:, own.start - win.start : own.stop - win.start] = (
+        _take(getattr(w, f"{proj}_bb"), 0, perm) * getattr(spec, f"{proj}_scale"))
     return ext
 
 
@@ -444,7 +472,8 @@ def _merges_out_lora(w: MlpWeights, spec: MlpSpec) -> bool:
 
 def _block_pre(Xb: Tensor, proj: str, bw: _BlockOrderWeights, lo: int, hi: int, out: Optional[Tensor]) -> Tensor:
     """A block's pre-activation of one input projection, [Tb, Fb], written into `out` if given."""
-    Wt = bw.input_block(proj, lo, hi).t()  # [K, Fb]
+    Xb = Xb[:, bw.cols.window(proj)]  # [Tb, width]
+    Wt = bw.input_block(proj, lo, hi).t()  # [width, Fb]
     bias = bw.bias_block(proj, lo, hi)
     if bias is None:
         return Xb @ Wt if out is None else torch.mm(Xb, Wt, out=out)
@@ -475,21 +504,27 @@ def routed_mlp_forward(
     routed token (the router's calibration target). If `saved` is a list, it receives one flat tensor:
     each routed block's pre-activations (block after block; per block gate then up, or the single
     pre-activation, each [Tb, Fb]), then the LoRA inputs t [T, r_in + r_gate] (see _lora_inputs):
-    with them routed_mlp_backward_saved recomputes no projection."""
+    with them routed_mlp_backward_saved recomputes no projection; then (with a LoRA on the out
+    projection) t_out = sum over blocks of dropout(h_b) A_out_b^T [T, r_out], which B_out's gradient
+    needs."""
     T, d_out = x.shape[0], out_features(w, spec)
     blocks = list(_routed_blocks(block_mask, spec))
     projections = _input_projections(spec)
     n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
     cols = _lora_columns(x.shape[1], w, spec)
-    flat = t = None
-    if saved is not None:  # [pre-activations | t]: t, X's LoRA columns, [T, K - d_in]
-        flat = x.new_empty(n_pre + T * (cols.K - x.shape[1]))
-        t = flat[n_pre:].view(T, cols.K - x.shape[1])
-    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed), out=t)
-    X = x if t is None else torch.cat([x, t], 1)  # [T, K]
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
+    n_t = T * (cols.K - x.shape[1])
+    flat = t = t_out = None
+    if saved is not None:  # [pre-activations | t | t_out]: t, X's LoRA columns, [T, K - d_in]
+        flat = x.new_empty(n_pre + n_t + T * r_out)
+        t = flat[n_pre : n_pre + n_t].view(T, cols.K - x.shape[1])
+        t_out = flat[n_pre + n_t :].view(T, r_out)
+    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed), out=t)
+    X = _with_lora_inputs(x, t, cols)  # [T, K]
     merged = _merges_out_lora(w, spec)
     bw = _BlockOrderWeights(w, spec, cols, perm, merged)
+    # One accumulator: index_add_ of a block's [Tb, d_out + r] output into two would read it strided,
+    # 8x slower on this CPU than the whole row.
     Y = x.new_empty(T, d_out + r_out)  # [y without the out LoRA | sum over blocks of h A_out_b^T]
     if comp is None:
         Y.zero_()
@@ -520,6 +555,8 @@ def routed_mlp_forward(
         else:
             Y.index_add_(0, tok, yb)
     if saved is not None:
+        if r_out:
+            t_out.copy_(Y[:, d_out:])
         saved.append(flat)
     y = Y[:, :d_out]
     if r_out:
@@ -619,6 +656,7 @@ def _activation_vjp(name: str, z: Tensor) -> tuple[Tensor, Callable[[Tensor], Te
     return a, lambda g: vjp(g)[0]
 
 
+@torch.no_grad()  # explicit formulas: nothing here is differentiated again
 def routed_mlp_backward_saved(
     dy: Tensor,
     x: Tensor,
@@ -632,7 +670,7 @@ def routed_mlp_backward_saved(
     perm: Optional[Tensor] = None,
     comp: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
-    """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t),
+    """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t and t_out),
     with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
     compensation, whose d(x) is added here): the same results as routed_mlp_backward without
     recomputing any projection. Explicit formulas, in the forward's extended layout (see above): per
@@ -647,9 +685,11 @@ def routed_mlp_backward_saved(
     projections = _input_projections(spec)
     n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
     cols = _lora_columns(d_in, w, spec)
-    t = saved[n_pre:].view(T, cols.K - d_in) if cols.K > d_in else None  # [T, K - d_in]
+    n_t = T * (cols.K - d_in)
+    t = saved[n_pre : n_pre + n_t].view(T, cols.K - d_in) if cols.K > d_in else None  # [T, K - d_in]
     keep_in, keep_gate = _lora_input_scales(x, spec, seed)
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
+    t_out = saved[n_pre + n_t :].view(T, r_out) if r_out else None  # [T, r]: sum over blocks of h A_out_b^T
     merged = _merges_out_lora(w, spec)
     dt_out = (dy @ w.out_bb.to(dy.dtype)) * spec.out_scale if r_out else None  # [T, r]: d(sum h A_out_b^T)
     dY = torch.cat([dy, dt_out], 1) if merged else dy  # [T, d_out (+ r)]
@@ -658,12 +698,12 @@ def routed_mlp_backward_saved(
     dX = torch.empty(T, cols.K, dtype=out.acc, device=x.device) if wants_dX else None
     if dX is not None and comp is not None and needs_x:  # the compensation's d(x) starts the sum
         U, V = (c.to(out.acc) for c in comp)
-        compensation_input_grad(dy.to(out.acc), ~block_mask, U, V, out=dX[:, :d_in])
-        dX[:, d_in:].zero_()
+        compensation_input_grad(dy.to(out.acc), ~block_mask, U, V, out=dX[:, cols.x_cols])
+        dX[:, : cols.x_cols.start].zero_()
+        dX[:, cols.x_cols.stop :].zero_()
     elif dX is not None:
         dX.zero_()
-    t_out = torch.zeros(T, r_out, dtype=out.acc, device=x.device) if "out_bb" in wanted else None
-    bw = _BlockOrderWeights(w, spec, cols, perm, merged, with_inputs=dX is not None)
+    bw = _BlockOrderWeights(w, spec, cols, perm, merged, with_inputs=wants_dX)
     offset = 0
     for b, lo, hi, tok, every in blocks:
         n, Fb = tok.numel(), hi - lo
@@ -691,61 +731,59 @@ def routed_mlp_backward_saved(
             hk = h if keep is None else h * keep
             if "out_a" in wanted:
                 block_grads["out_a"] = dtb.t() @ hk  # [r, Fb]
-            if t_out is not None:
-                tb = F.linear(hk, out_a).to(out.acc)  # [Tb, r]
-                t_out.add_(tb) if every else t_out.index_add_(0, tok, tb)
         # through the activation to the input projections
         dz = {"gate": act_vjp(dh * pre[1]), "in": dh * a} if spec.gated else {"in": act_vjp(dh)}
-        tb = None if t is None else (t if every else t.index_select(0, tok))  # [Tb, K - d_in]
+        tb = None if t is None else (t if every else t.index_select(0, tok))  # [Tb, K - d_in]: [t_gate | t_in]
         xb = None
         if {"in_w", "gate_w"} & wanted:
             xb = x if every else x.index_select(0, tok)
         dXb = None
         for proj in projections:
             g = dz[proj]  # [Tb, Fb]
-            if dX is not None:
-                Wb = bw.input_block(proj, lo, hi)  # [Fb, K]
-                dXb = g @ Wb if dXb is None else dXb.addmm_(g, Wb)
+            if wants_dX:  # into the projection's window of d(X_b) [Tb, K]
+                Wb, win = bw.input_block(proj, lo, hi), cols.window(proj)  # [Fb, width]
+                if dXb is None:
+                    dXb = g.new_empty(n, cols.K)
+                    torch.mm(g, Wb, out=dXb[:, win])
+                    dXb[:, : win.start].zero_()
+                    dXb[:, win.stop :].zero_()
+                else:
+                    dXb[:, win].addmm_(g, Wb)
             if f"{proj}_w" in wanted:
                 block_grads[f"{proj}_w"] = g.t() @ xb if getattr(spec, f"{proj}_layout") == "oi" else xb.t() @ g
             if f"{proj}_b" in wanted:
                 block_grads[f"{proj}_b"] = g.sum(0)
             if f"{proj}_bb" in wanted:
-                c = cols.of(proj)
-                block_grads[f"{proj}_bb"] = (g.t() @ tb[:, c.start - d_in : c.stop - d_in]) * getattr(
-                    spec, f"{proj}_scale")
+                block_grads[f"{proj}_bb"] = (g.t() @ tb[:, cols.in_t(proj)]) * getattr(spec, f"{proj}_scale")
         if dXb is not None:
             dX.add_(dXb) if every else dX.index_add_(0, tok, dXb.to(out.acc))
         out.add_block(None, tok, every, block_grads, lo, hi, bw.units(lo, hi))
-    if dX is not None:
+    if wants_dX:
         _input_lora_backward(dX, x, w, spec, cols, keep_in, keep_gate, out, wanted)
-    if t_out is not None:
-        out.grads["out_bb"] += (dy.to(out.acc).t() @ t_out) * spec.out_scale
+    if "out_bb" in wanted:
+        out.grads["out_bb"] += (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale
     return out.finish(dy)
 
 
 def _input_lora_backward(dX: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns,
                          keep_in: Optional[Tensor], keep_gate: Optional[Tensor], out: "_Grads", wanted: set) -> None:
     """Per layer, from d(X) [T, K]: d(x) into out.dx, the in / gate LoRA A gradients into out.grads."""
-    d_in = x.shape[1]
-    dx = dX[:, :d_in]
-    present = [p for p in ("in", "gate") if cols.of(p) is not None]
+    dx = dX[:, cols.x_cols]
+    present = cols.present()
     if present and keep_in is None and keep_gate is None:  # one GEMM each way for both projections
-        dt = dX[:, d_in:]  # [T, r_in + r_gate]
-        A = torch.cat([getattr(w, f"{p}_a") for p in present]).to(out.acc)  # [r_in + r_gate, d_in]
+        dt = torch.cat([dX[:, cols.of(p)] for p in present], 1) if len(present) > 1 else dX[:, cols.of(present[0])]
+        A = torch.cat([getattr(w, f"{p}_a") for p in present]).to(out.acc)  # [r_gate + r_in, d_in]
         if {f"{p}_a" for p in present} & wanted:
             dA = dt.t() @ x.to(out.acc)
             for p in present:
                 if f"{p}_a" in wanted:
-                    c = cols.of(p)
-                    out.grads[f"{p}_a"] += dA[c.start - d_in : c.stop - d_in]
+                    out.grads[f"{p}_a"] += dA[cols.in_t(p)]
         if out.needs_x:
             out.dx = torch.addmm(dx, dt, A)
         return
     for proj in present:
         keep = keep_in if proj == "in" else keep_gate
-        c = cols.of(proj)
-        dt = dX[:, c]  # [T, r]: d(dropout(x) A^T)
+        dt = dX[:, cols.of(proj)]  # [T, r]: d(dropout(x) A^T)
         if f"{proj}_a" in wanted:
             lx = x if keep is None else x * keep
             out.grads[f"{proj}_a"] += dt.t() @ lx.to(out.acc)
