@@ -279,7 +279,12 @@ def run_all(args, failures: list) -> list[dict]:
 def write_json(args, results: list[dict], failures: list[dict]) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"results": results, "failures": failures, "argv": sys.argv[1:]}, indent=1))
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from provenance import source_commit
+
+    tmp.write_text(json.dumps({"results": results, "failures": failures, "argv": sys.argv[1:],
+                               "commit": source_commit()}, indent=1))
     tmp.replace(args.json)
 
 

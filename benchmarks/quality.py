@@ -310,6 +310,7 @@ class Task:
     evaluate: Callable[[Any], dict]          # model -> metrics (on its held-out batches)
     generate: Optional[Callable[[Any], dict]] = None  # uncompiled model -> metrics (dense only)
     config: dict = dataclasses.field(default_factory=dict)
+    held_out: list = dataclasses.field(default_factory=list)  # the batches evaluate reads (for probes)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -349,7 +350,7 @@ def gsm8k_task(args, data: dict) -> Task:
                 lambda model: {"answer_loss": ft.answer_loss(model, eval_batches)}, generate,
                 config={"source": data["source"], "train_problems": len(train), "held_out_problems": len(held),
                         "generate_problems": len(rows), "generate_batch": args.generate_batch,
-                        "max_new_tokens": MAX_NEW_TOKENS})
+                        "max_new_tokens": MAX_NEW_TOKENS}, held_out=eval_batches)
 
 
 def tokenizer_of_smollm2():
@@ -397,7 +398,7 @@ def wikitext2_task(args, data: dict) -> Task:
                 config={"source": data["source"], "train_windows": len(train), "wikitext2_test_windows": len(wiki),
                         "shakespeare_held_out_windows": len(shakespeare),
                         "shakespeare_split": f"first {1 - SHAKESPEARE_HELD_OUT:.0%} of the characters train, "
-                                             f"the rest held out"})
+                                             f"the rest held out"}, held_out=wiki_batches + shakespeare_batches)
 
 
 def minilm_folder() -> Path:
@@ -481,7 +482,8 @@ def sst2_task(args, data: dict) -> Task:
                         "train_sentences": len(train_batches) * bs, "train_subset_seed": SST2_SUBSET_SEED,
                         "dev_sentences": len(held), "truncated_train": cut_train, "truncated_dev": cut_dev,
                         "batches": "sentences of similar length together, padded to the longest (multiple of 8)",
-                        "lora_targets": MINILM_TARGETS, "trained_in_full": ["classifier"]})
+                        "lora_targets": MINILM_TARGETS, "trained_in_full": ["classifier"]},
+                held_out=[b for b, _ in eval_batches])
 
 
 BUILDERS = {"gsm8k": gsm8k_task, "sst2": sst2_task, "wikitext2": wikitext2_task}

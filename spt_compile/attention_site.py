@@ -38,7 +38,9 @@ from spt_compile.triton_ops import block_select, pq
 from spt_compile.triton_ops.block_sparse import IMPLS, block_sparse_backward, block_sparse_forward, resolve_impl
 from spt_compile.triton_ops.sparse_attention import sparse_attention_backward, sparse_attention_forward
 
-DENSE, TOKEN, BLOCK = 0, 1, 2  # meta[0]: how the call ran
+# meta[0]: how the call ran. DENSE_LSE: exact by the CPU flash kernel, whose logsumexp the op returns
+# as its lse, so that backward runs the kernel's own backward instead of recomputing the forward.
+DENSE, TOKEN, BLOCK, DENSE_LSE = 0, 1, 2, 3
 META_LEN = 8  # mode, seed, d0, d1, d2 (shape of the selection), block_m, block_n, implementation
 KEYS_PER_CALL = 1024  # keys per kv head sampled from each calibration / training call
 KEY_BUFFER = 4096  # keys per kv head kept for the calibration k-means
@@ -63,6 +65,29 @@ def dense_attention(q, k, v, mask, is_causal: bool, scale: float, dropout_p: flo
     with ctx:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=gqa)
+
+
+def _cpu_flash_applies(q: Tensor, k: Tensor, mask: Optional[Tensor], dropout_p: float) -> bool:
+    """Whether exact attention can run as aten's CPU flash kernel called directly (what SDPA picks on
+    the CPU for these inputs, GQA included: the kernel reads grouped key heads itself): no dropout
+    (SDPA then takes its math path, and backward must replay the mask), a float dtype."""
+    return (q.device.type == "cpu" and dropout_p == 0.0 and q.shape[1] % k.shape[1] == 0
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            and (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype))
+
+
+def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A boolean mask as SDPA turns it into an additive one before its kernels (False -> -inf)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def dense_attention_with_lse(q, k, v, mask, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """dense_attention and its logsumexp [B, H, N] (fp32 for half inputs), by the CPU flash kernel; only
+    where _cpu_flash_applies."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
 
 
 def as_causal(mask: Optional[Tensor], is_causal: bool, N: int, Nk: int) -> tuple[Optional[Tensor], bool]:
@@ -235,14 +260,20 @@ class AttentionSite(Site):
                 if plan.updates_state:  # a count changes no choice: no need to stage it
                     self.exact_short_calls += 1
         if exact:
+            lse = None
             with torch.no_grad():
-                out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
+                if _cpu_flash_applies(q, k, mask, dropout_p):  # lse returned: backward recomputes nothing
+                    out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
+                    meta = _meta(DENSE_LSE, seed, (0, 0, 0), 0, 0, "torch")
+                else:
+                    out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 if calibrating and plan.updates_state:
                     self._calibrate(k, real_key_positions(mask, B, Nk, q.device), plan, seed)
             self.end(plan, training)
-            lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+            lse_dtype = torch.promote_types(q.dtype, torch.float32)
+            lse = torch.zeros(B, H, N, dtype=lse_dtype, device=q.device) if lse is None else lse.to(lse_dtype)
             # SDPA may return a transposed layout; the fake kernel promises a contiguous one.
-            return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
+            return out.contiguous(), lse.contiguous(), q.new_empty(0, dtype=torch.int32), meta
 
         with torch.no_grad():
             if self.codebooks is None:  # calibration_steps == 0, or calibration saw no usable key
@@ -407,6 +438,11 @@ def attention_site_backward(
     if mode == TOKEN:
         grads = sparse_attention_backward(dout, q, k, v, indices.view(B, d0, d1, d2), out, lse, scale, bias,
                                           dropout_p, seed)
+        return tuple(g.contiguous() for g in grads)
+    if mode == DENSE_LSE:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal,
+            attn_mask=_float_mask(mask, q.dtype), scale=scale)
         return tuple(g.contiguous() for g in grads)
     if mode == BLOCK:
         grads = block_sparse_backward(dout, q, k, v, indices.view(B, d0, d1, d2), out, lse, scale, is_causal, mask,

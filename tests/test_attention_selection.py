@@ -151,3 +151,43 @@ def test_an_explicit_causal_mask_runs_as_is_causal():
     torch.testing.assert_close(y1, y0, atol=1e-6, rtol=1e-5)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["is_causal", "causal bool", "padded bool", "padded float"])
+def test_exact_calls_keep_the_flash_kernels_logsumexp(mask_kind, monkeypatch):
+    """On the CPU an exact call (here: shorter than attention_dense_below) runs aten's flash kernel
+    and returns its logsumexp, so that backward runs the kernel's backward instead of recomputing the
+    forward: outputs and gradients equal eager SDPA's, and backward calls no dense forward."""
+    from spt_compile import attention_site
+    from toy_models import GQAAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GQAAttention(d=64, heads=4, kv_heads=2)
+    x = torch.randn(2, 40, 64)
+    mask = None if mask_kind == "is_causal" else torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
+    if mask_kind.startswith("padded"):
+        mask[1, :, :, 30:] = False  # the second row's last 10 keys are padding
+    if mask_kind == "padded float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    opts = {"compiler": "aot_eager", "calibration_steps": 0, "sparse_ffn": False, "attention_dense_below": 4096}
+    compiled = torch.compile(lambda x: model(x, mask), backend="spt", options=opts)
+    calls = {"flash": 0, "sdpa": 0}
+    for name in ("dense_attention_with_lse", "dense_attention"):
+        original = getattr(attention_site, name)
+
+        def counted(*args, _original=original, _key="flash" if name.endswith("lse") else "sdpa", **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(attention_site, name, counted)
+    results = []
+    for fn in (compiled, lambda x: model(x, mask)):
+        xr = x.clone().requires_grad_()
+        y = fn(xr)
+        results.append((y, torch.autograd.grad(y.pow(2).mean(), [xr, *model.parameters()])))
+    (y, grads), (want, want_grads) = results
+    assert calls == {"flash": 1, "sdpa": 0}, calls  # one forward; backward recomputed nothing
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

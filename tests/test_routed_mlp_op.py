@@ -83,7 +83,7 @@ def test_edge_cases(case):
         kwargs = dict(bias=False, lora=())
     if case == "lora on down only":
         kwargs = dict(lora=("out",))
-    if case == "lora on gate only":  # the extended input X = [x | t_gate]: up's weight gets a zero column block
+    if case == "lora on gate only":  # X = [t_gate | x]: gate reads all of it, up only the x window
         kwargs = dict(lora=("gate",))
     if case == "lora on up and down":
         kwargs = dict(lora=("in", "out"))
