@@ -5,8 +5,10 @@
              positions padding): does it matter that the MLP sites draw their router samples from
              every position, padding included? Held-out answer loss at the defaults (2 of 4 blocks),
              ffn_compensate off and at its default, with the sites' samples drawn from every
-             position (as the backend does) and from real tokens only (the sampler swapped for this
-             check), over --seeds.
+             position (as the backend did before it read the attention mask for this; here by
+             switching REGISTRY.real_rows off) and from real tokens only (the backend's sampler since),
+             over --seeds. (benchmarks/results/routing_suspects_cpu.json ran at 88823ce, before the
+             backend did it, with the sampler swapped by this script instead.)
   positions  MiniLM on SST-2 (length-bucketed batches; quality.py's four calibration batches are 8 to
              32 tokens wide while dev sentences run to 64): the routed MLP's relative output error on
              dev tokens by position, calibrated on quality.py's calibration batches and on batches of
@@ -37,9 +39,8 @@ def padding_check(data: Path, seeds: list[int], examples: int) -> list[dict]:
 
     import finetune as ft
     import spt_compile
-    from spt_compile import mlp_site
     from spt_compile.options import make_options
-    from spt_compile.registry import model_sites
+    from spt_compile.registry import REGISTRY, model_sites
 
     run_args = ft.parse_args(["--seq-len", "256", "--batch-size", "4"])
     model, tokenizer = ft.load_model(run_args)
@@ -57,31 +58,21 @@ def padding_check(data: Path, seeds: list[int], examples: int) -> list[dict]:
                  "real_share_of_calibration_positions": real_share}]
     print(f"padding: dense {rows[0]['loss']:.4f}; real tokens {real_share:.0%} of the calibration positions", flush=True)
 
-    everywhere = mlp_site.MlpSite._sample_rows
-    real_rows = {"mask": None}  # the current calibration batch's real positions, flattened
-
-    def sample_real_rows(site, T, n, seed, device):
-        mask = real_rows["mask"]
-        if mask is None or mask.numel() != T:
-            return everywhere(site, T, n, seed, device)
-        idx = mask.nonzero().squeeze(1)
-        return idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed))[:n]].to(device)
+    real_rows = REGISTRY.real_rows  # the bound method: which rows the attention mask marks real
 
     try:
         for seed in seeds:
             for samples in ("every position", "real tokens only"):
                 torch.manual_seed(seed)
                 torch._dynamo.reset()
-                mlp_site.MlpSite._sample_rows = everywhere if samples == "every position" else sample_real_rows
+                REGISTRY.real_rows = (lambda lead: None) if samples == "every position" else real_rows
                 # a fresh model: the sites are keyed by its weights, and calibrated ones keep their state
                 model, _ = ft.load_model(run_args)
                 model.eval()
                 compiled = torch.compile(model, backend="spt", options={"sparse_attention": False})
                 with torch.no_grad():
                     for batch in calibration:
-                        real_rows["mask"] = batch["attention_mask"].reshape(-1).bool()
                         compiled(**batch)
-                real_rows["mask"] = None
                 for _, site in model_sites(model):
                     site.apply_staged()
                 for rank in (0, make_options({}).ffn_compensate):
@@ -92,7 +83,7 @@ def padding_check(data: Path, seeds: list[int], examples: int) -> list[dict]:
                     print(f"padding: seed {seed} samples from {samples:16} ffn_compensate {rank:2d}: loss {loss:.4f}",
                           flush=True)
     finally:
-        mlp_site.MlpSite._sample_rows = everywhere
+        REGISTRY.real_rows = real_rows
     return rows
 
 

@@ -389,6 +389,7 @@ def attention_site(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
     site = REGISTRY.site(template, anchor)
+    REGISTRY.note_attention_mask(mask)  # the MLP sites after it sample real tokens only
     mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])
     common = _common_dtype(q, k, v)
     if common is None:

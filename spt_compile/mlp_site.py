@@ -307,14 +307,21 @@ class MlpSite(Site):
         self.buffer_x = torch.cat([self.buffer_x, x])[-ROUTER_BUFFER:]
         self.buffer_y = torch.cat([self.buffer_y, norms])[-ROUTER_BUFFER:]
 
-    def _sample_rows(self, T: int, n: int, seed: int, device) -> Tensor:
+    def _sample_rows(self, T: int, n: int, seed: int, device, lead: tuple = ()) -> Tensor:
+        """n of the T rows at random (all if fewer): of the real tokens only where the attention call
+        before this MLP marked padding (REGISTRY.real_rows; lead: the input's [B, N])."""
         gen = torch.Generator().manual_seed(seed)
+        real = REGISTRY.real_rows(lead)
+        if real is not None and real.numel() == T:
+            idx = real.nonzero().squeeze(1).cpu()  # one sync, on calls that sample (calibration, probes)
+            if idx.numel():
+                return idx[torch.randperm(idx.numel(), generator=gen)[:n]].to(device)
         return torch.randperm(T, generator=gen)[:n].to(device)
 
-    def _probe(self, x2, weights, spec, block_mask, seed, comp=None) -> None:  # weights: already permuted
+    def _probe(self, x2, weights, spec, block_mask, seed, comp=None, lead: tuple = ()) -> None:  # weights: permuted
         """Run every block on a few tokens: their norms feed the router; the routed share of the
         dense output (with the compensation, if on) is the quality figure (1.0 = nothing lost)."""
-        rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device)
+        rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device, lead)
         outs = block_outputs(x2[rows], weights, spec).float()  # [S, nb, d_out]
         dense = outs.sum(1)
         routed = (outs * block_mask[rows, :, None]).sum(1)
@@ -342,7 +349,7 @@ class MlpSite(Site):
         saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
             if routed and self.router is None:  # calibration_steps == 0, or calibration kept no token
-                rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device)
+                rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device, tuple(x.shape[:-1]))
                 self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
                 fitted = self._fit_routing(weights, spec, options, seed)
                 if fitted is None:  # nothing finite to fit on: this call runs every block
@@ -355,7 +362,7 @@ class MlpSite(Site):
                 norms = torch.zeros(T, nb, device=x.device) if collect else None
                 if collect:  # the torch path: it measures the block norms on the way
                     y, impl_meta = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms, saved), (0, 0, ())
-                    self._calibrate(x2, norms, weights, spec, plan, seed)
+                    self._calibrate(x2, norms, weights, spec, plan, seed, tuple(x.shape[:-1]))
                 else:
                     y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             else:
@@ -369,7 +376,7 @@ class MlpSite(Site):
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp.get(), spec, block_mask, seed,
-                                None if terms is None else tuple(t.to(x.device) for t in terms))
+                                None if terms is None else tuple(t.to(x.device) for t in terms), tuple(x.shape[:-1]))
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:
                         self.stage(lambda: self._set_router(fit_router(bx, by)))
@@ -387,8 +394,8 @@ class MlpSite(Site):
             pre = torch.cat(saved) if saved else x.new_empty(0)
         return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, pre, meta, comp_out
 
-    def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int) -> None:
-        rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device)
+    def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int, lead: tuple = ()) -> None:
+        rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device, lead)
         self._add_samples(x2[rows], norms[rows])
         if plan.index == plan.options.calibration_steps - 1:  # last calibration call
             fitted = self._fit_routing(weights, spec, plan.options, seed)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .options import Options
+from .triton_ops.pq import real_key_mask
 
 _TAG = re.compile(r"^(?P<name>.+)@(?P<kind>[a-z]+)(?P<ordinal>\d+)/(?P<field>[\w.]+)$")
 
@@ -207,6 +208,35 @@ class Registry:
         self._by_anchor: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> {(kind, ordinal): Site}
         self._by_name: dict[tuple[str, str, int], Site] = {}  # sites without an anchor
         self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded before the site existed
+        # The mask of the latest attention call (a weak reference; None: that call had none), read by
+        # the MLP sites that follow it in the same forward: see real_rows.
+        self._attention_mask: Optional[weakref.ref] = None
+        self._real_rows: Optional[tuple] = None  # (mask weakref, mask version, lead, real_rows' answer)
+
+    def note_attention_mask(self, mask: Optional[Tensor]) -> None:
+        """Every attention call records the mask it got (None: no mask, nothing padded)."""
+        self._attention_mask = None if mask is None else weakref.ref(mask)
+
+    def real_rows(self, lead: tuple) -> Optional[Tensor]:
+        """Which rows of an MLP input [B, N, d] (lead = (B, N)) are real tokens, [B * N] bool, by the
+        latest attention call's mask (a key no query may attend is padding); None when that mask is
+        gone, does not fit [B, N], or pads nothing. The MLP sites draw their router samples from the
+        real rows: padding positions (a quarter of GSM8K batches padded to 256 tokens) fitted the
+        router, clustering and compensation to tokens nothing reads (benchmarks/routing_suspects.py)."""
+        mask = None if self._attention_mask is None else self._attention_mask()
+        if mask is None or len(lead) != 2 or mask.dim() != 4:
+            return None
+        B, N = lead
+        if mask.shape[-1] != N or mask.shape[-2] not in (1, N) or mask.shape[0] not in (1, B):
+            return None
+        version = getattr(mask, "_version", None) if not mask.is_inference() else None
+        last = self._real_rows
+        if last is not None and version is not None and last[0]() is mask and last[1:3] == (version, lead):
+            return last[3]  # every MLP of a forward asks about the same mask: read it once
+        real = real_key_mask(mask, B, N)  # [B, N]
+        answer = None if bool(real.all()) else real.reshape(-1)
+        self._real_rows = (weakref.ref(mask), version, lead, answer)
+        return answer
 
     def template_id(self, template: SiteTemplate) -> int:
         """Templates travel through the graph as a small int (custom ops take no dataclasses)."""
