@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend
 
 from .context import resolve
 from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
@@ -67,13 +68,19 @@ def dense_attention(q, k, v, mask, is_causal: bool, scale: float, dropout_p: flo
                                               is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
-def _cpu_flash_applies(q: Tensor, k: Tensor, mask: Optional[Tensor], dropout_p: float) -> bool:
-    """Whether exact attention can run as aten's CPU flash kernel called directly (what SDPA picks on
-    the CPU for these inputs, GQA included: the kernel reads grouped key heads itself): no dropout
-    (SDPA then takes its math path, and backward must replay the mask), a float dtype."""
-    return (q.device.type == "cpu" and dropout_p == 0.0 and q.shape[1] % k.shape[1] == 0
-            and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-            and (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype))
+def _cpu_flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+                       dropout_p: float) -> bool:
+    """Whether SDPA itself would run these inputs on the CPU flash kernel (its own backend choice:
+    no dropout, no empty sequence, matching head dims, ...; GQA included, the kernel reads grouped
+    key heads itself). Then the exact call runs that kernel directly and keeps its logsumexp."""
+    if q.device.type != "cpu":
+        return False
+    try:
+        choice = torch._fused_sdp_choice(query=q, key=k, value=v, attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    except (RuntimeError, TypeError, AttributeError):  # a private helper: if it changes, keep the old path
+        return False
+    return choice == SDPBackend.FLASH_ATTENTION.value
 
 
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -262,7 +269,7 @@ class AttentionSite(Site):
         if exact:
             lse = None
             with torch.no_grad():
-                if _cpu_flash_applies(q, k, mask, dropout_p):  # lse returned: backward recomputes nothing
+                if _cpu_flash_applies(q, k, v, mask, is_causal, scale, dropout_p):  # lse kept: no recompute
                     out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
                     meta = _meta(DENSE_LSE, seed, (0, 0, 0), 0, 0, "torch")
                 else:
