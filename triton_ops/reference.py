@@ -53,31 +53,68 @@ def block_sparse_attention_reference(
     True, an additive one by a value above MASK_FORBIDDEN_AT_OR_BELOW (lower forbids the key, not
     just down-weights it). Allowed keys get score q.k * scale (+ the additive mask). Rows with no
     allowed key give zeros."""
+    s, allowed, listed = _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n)
+    p = torch.softmax(s.masked_fill(~(allowed & listed), float("-inf")), dim=-1).nan_to_num(0.0)  # empty rows -> 0
+    return (p @ _grouped(v, q.shape[1]).to(p.dtype)).to(q.dtype)
+
+
+def _grouped(kv: Tensor, H: int) -> Tensor:
+    """[B, Hkv, Nk, E] -> [B, H, Nk, E]: query head h reads kv head h // (H // Hkv)."""
+    return kv.repeat_interleave(H // kv.shape[1], dim=1)
+
+
+def _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores [B, H, N, Nk] (fp32, or the inputs' wider dtype) with an additive mask added, allowed [B, H, N, Nk] bool by the causal
+    rule and the mask, listed [B, H, N, Nk] bool by block_idx) for the references above and below."""
     from .pq import MASK_FORBIDDEN_AT_OR_BELOW
 
     B, H, N, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    G = H // Hkv
+    Nk = k.shape[2]
     if scale is None:
         scale = D**-0.5
     n_kb = -(-Nk // block_n)
     if block_idx.shape[1] != H:  # one list per GQA group (block_idx [B, Hkv, ...]) serves its heads
         block_idx = block_idx.repeat_interleave(H // block_idx.shape[1], dim=1)
-    listed = torch.zeros(B, H, block_idx.shape[2], n_kb + 1, dtype=torch.bool, device=q.device)
-    listed.scatter_(-1, torch.where(block_idx < 0, n_kb, block_idx).long(), True)  # -1 -> extra column
+    blocks = torch.zeros(B, H, block_idx.shape[2], n_kb + 1, dtype=torch.bool, device=q.device)
+    blocks.scatter_(-1, torch.where(block_idx < 0, n_kb, block_idx).long(), True)  # -1 -> extra column
     q_block = torch.arange(N, device=q.device) // block_m
     k_block = torch.arange(Nk, device=q.device) // block_n
-    allowed = listed[:, :, q_block][..., k_block]  # [B, H, N, Nk]
+    listed = blocks[:, :, q_block][..., k_block]  # [B, H, N, Nk]
+    allowed = torch.ones(1, 1, N, Nk, dtype=torch.bool, device=q.device)
     if is_causal:
         allowed = allowed & (torch.arange(Nk, device=q.device).view(1, -1) <= torch.arange(N, device=q.device).view(-1, 1))
-    s = (q.float() @ k.repeat_interleave(G, dim=1).float().transpose(-1, -2)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(acc) @ _grouped(k, H).to(acc).transpose(-1, -2)) * scale
     if bias is not None and bias.dtype == torch.bool:  # True = allowed
         allowed = allowed & bias
     elif bias is not None:
-        s = s + bias.float()
+        s = s + bias.to(acc)
         allowed = allowed & (bias > MASK_FORBIDDEN_AT_OR_BELOW)
+    return s, allowed.expand(B, H, N, Nk), listed
+
+
+def exact_forward_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_idx: Tensor,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    bias: Optional[Tensor] = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> Tensor:
+    """Exact attention (every allowed key: the dense output) whose gradients are the exact Jacobian
+    masked to the (query, key) pairs block_idx lists, as block_sparse_attention_reference lists them:
+    the scores of unlisted pairs and the values they read are detached, while the softmax is over
+    every allowed key (so its normaliser and rowsum(dP * P) are the full ones). The semantics of the
+    attention site's exact_forward backward."""
+    s, allowed, listed = _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n)
+    s = torch.where(listed, s, s.detach())
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)  # empty rows -> 0
-    return (p @ v.repeat_interleave(G, dim=1).float()).to(q.dtype)
+    pick = (listed & allowed).to(p.dtype)
+    vg = _grouped(v, q.shape[1]).to(p.dtype)
+    return ((p * pick) @ vg + (p * (1 - pick)) @ vg.detach()).to(q.dtype)
 
 
 def routed_mlp_reference(
@@ -117,6 +154,19 @@ def routed_mlp_reference(
         return x.new_zeros(0, d_out)
     return torch.cat(rows)
 
+
+def exact_forward_mlp_reference(
+    x: Tensor, weights: MlpWeights, spec: MlpSpec, block_mask: Tensor
+) -> Tensor:
+    """The dense MLP's output whose gradients are the exact Jacobian masked to the routed (token,
+    block) pairs: the pairs block_mask leaves out add their output with every input detached, except
+    the out projection's LoRA B, which (applied once per layer to every block's h A_out^T) keeps its
+    exact gradient. routed_mlp.exact_mlp_forward's semantics, as a per-token loop."""
+    routed = routed_mlp_reference(x, weights, spec, block_mask)
+    frozen = {n: (None if t is None else t.detach()) for n, t in weights._asdict().items()}
+    frozen["out_b"] = None  # added once, by the routed part
+    frozen["out_bb"] = weights.out_bb
+    return routed + routed_mlp_reference(x.detach(), MlpWeights(**frozen), spec, ~block_mask)
 
 
 def linear_cross_entropy_reference(

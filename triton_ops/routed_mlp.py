@@ -669,6 +669,8 @@ def routed_mlp_backward_saved(
     saved: Tensor,
     perm: Optional[Tensor] = None,
     comp: Optional[tuple[Tensor, Tensor]] = None,
+    exact_forward: bool = False,
+    pair_scale: Optional[Tensor] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t and t_out),
     with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
@@ -677,7 +679,13 @@ def routed_mlp_backward_saved(
     block, d(h) from [dy | s dy B_out] in one GEMM, through the activation (aten's backward kernels),
     then d(X) = sum over projections of dz [W_b | s B_b | 0], the LoRA B (in, gate) and A (out)
     gradients and, if asked, weight and bias gradients; per layer, d(x) and the LoRA A (in, gate) and B (out) gradients from the accumulated
-    d(X) and the sum over blocks of h A_out_b^T."""
+    d(X) and the sum over blocks of h A_out_b^T.
+
+    exact_forward: what `saved` holds came from exact_mlp_forward (every block ran forward; block_mask
+    is the backward's choice): the result is the exact Jacobian masked to the routed (token, block)
+    pairs, and the out LoRA's dropout masks are replayed as that forward drew them, for every token.
+    pair_scale [T, nb]: each routed pair's backward is scaled by it (sampled pairs weighted by their
+    inverse inclusion probability make the masked Jacobian an unbiased estimate of the full one)."""
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
     T, d_in, d_out = x.shape[0], x.shape[1], dy.shape[1]
@@ -712,6 +720,10 @@ def routed_mlp_backward_saved(
             pre.append(saved[offset : offset + n * Fb].view(n, Fb))
             offset += n * Fb
         dYb = dY if every else dY.index_select(0, tok)
+        ws = None
+        if pair_scale is not None:  # this block's pairs, weighted
+            ws = (pair_scale[:, b] if every else pair_scale[tok, b]).to(dYb.dtype)[:, None]  # [Tb, 1]
+            dYb = dYb * ws
         dyb = dYb[:, :d_out]
         block_grads: dict[str, Tensor] = {}
         # hidden -> output
@@ -722,8 +734,12 @@ def routed_mlp_backward_saved(
         if "out_w" in wanted:
             block_grads["out_w"] = dyb.t() @ h if spec.out_layout == "oi" else h.t() @ dyb
         if r_out:
-            keep = None if merged else _out_keep(n, lo, hi, spec, seed, b, x)
+            keep = None if merged else _out_keep(T if exact_forward else n, lo, hi, spec, seed, b, x)
+            if keep is not None and exact_forward and not every:
+                keep = keep.index_select(0, tok)  # the exact forward drew it for every token
             dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out.index_select(0, tok))  # [Tb, r]
+            if ws is not None and not merged:
+                dtb = dtb * ws
             out_a = Wo[d_out:] if merged else bw.out_a_block(lo, hi)  # [r, Fb]
             if not merged:
                 dhk = dtb @ out_a
@@ -792,6 +808,100 @@ def _input_lora_backward(dX: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, co
             dx = dx + (dlx if keep is None else dlx * keep)
     if out.needs_x:
         out.dx = dx.contiguous()
+
+
+# How exact_mlp_forward scores a (token, block) pair for the backward (BACKWARD_IMPORTANCE):
+#   "jacobian"      sum over the block's units of a bound on the unit's Jacobian norm,
+#                   ||w_out_j|| (|u_j act'(g_j)| ||w_gate_j|| + |act(g_j)| ||w_up_j||) (plain: ||w_out_j||
+#                   |act'(z_j)| ||w_in_j||): what the unit passes back to x and to its LoRA factors;
+#   "output"        sum over the block's units of |h_j| ||w_out_j|| (a bound on the block's output norm);
+#   "block_output"  the block's output norm itself (one GEMM per block for the out projection).
+IMPORTANCES = ("jacobian", "output", "block_output")
+
+
+def _unit_norms(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> dict[str, Tensor]:
+    """Per hidden unit (block order), the norm of its weight row in each input projection and of its
+    column in the out projection (base weights): {proj: [F]} fp32."""
+    out = {}
+    for proj in _input_projections(spec) + ("out",):
+        W = getattr(w, f"{proj}_w")
+        unit_dim = _slot_slice(f"{proj}_w", spec)
+        out[proj] = _take(W.float().norm(dim=1 - unit_dim), 0, perm)
+    return out
+
+
+@torch.no_grad()  # gradients: routed_mlp_backward_saved(..., exact_forward=True)
+def exact_mlp_forward(
+    x: Tensor,
+    w: MlpWeights,
+    spec: MlpSpec,
+    choose: Callable[[Tensor], Tensor],
+    seed: int = 0,
+    saved: Optional[list] = None,
+    perm: Optional[Tensor] = None,
+    importance: str = "jacobian",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
+    sparse: one GEMM per projection over the whole hidden layer. Returns (y [T, d_out], block_mask
+    [T, nb], scores [T, nb]): `scores` rates each (token, block) pair for the backward (`importance`,
+    see IMPORTANCES), and block_mask = choose(scores) the pairs the backward keeps (every pair: the
+    dense MLP, whose backward is routed_mlp_backward_saved over every block).
+
+    `saved` receives routed_mlp_forward's flat layout for that mask: the routed pairs'
+    pre-activations, t, and t_out, the latter from *every* unit (the exact forward's, so B_out's
+    gradient is exact). The whole layer's pre-activations exist only while this runs (two [T, F]
+    for a gated MLP); only the routed pairs' are kept, so the saved bytes are the routed forward's."""
+    T, d_in = x.shape
+    d_out, nb = out_features(w, spec), spec.n_blocks
+    projections = _input_projections(spec)
+    cols = _lora_columns(d_in, w, spec)
+    r_out = 0 if w.out_a is None else w.out_a.shape[0]
+    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed))  # [T, K - d_in] or None
+    X = _with_lora_inputs(x, t, cols)  # [T, K]
+    merged = _merges_out_lora(w, spec)
+    bw = _BlockOrderWeights(w, spec, cols, perm, merged)
+    bounds = block_bounds(spec.hidden, nb)
+    pre = tuple(_block_pre(X, proj, bw, 0, spec.hidden, None) for proj in projections)  # each [T, F]
+    a, act_vjp = _activation_vjp(spec.activation, pre[0])
+    h = a * pre[1] if spec.gated else a  # [T, F]
+    Y = F.linear(h, bw.out)  # [T, d_out (+ r)]: y without the out LoRA | h A_out^T (merged)
+    if r_out and not merged:  # the out LoRA's dropout, drawn per block as routed_mlp_forward draws it
+        keep = torch.cat([_out_keep(T, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+        Y = torch.cat([Y, F.linear(h * keep, bw.out_a)], 1)
+    scores = torch.empty(T, nb, dtype=torch.float32, device=x.device)
+    if importance == "block_output":
+        for b, (lo, hi) in enumerate(bounds):
+            own = F.linear(h[:, lo:hi], bw.out_block(lo, hi)[:d_out])
+            if r_out:
+                lora = F.linear(h[:, lo:hi], (bw.out_block(lo, hi)[d_out:] if merged else bw.out_a_block(lo, hi)))
+                own = torch.addmm(own, lora, w.out_bb.t(), alpha=spec.out_scale)
+            scores[:, b] = own.float().norm(dim=-1)
+    else:
+        norms = _unit_norms(w, spec, perm)
+        if importance == "output":
+            unit = h.abs().float() * norms["out"]
+        elif spec.gated:
+            unit = (act_vjp(pre[1]).abs().float() * norms["gate"] + a.abs().float() * norms["in"]) * norms["out"]
+        else:
+            unit = act_vjp(torch.ones_like(pre[0])).abs().float() * (norms["in"] * norms["out"])
+        for b, (lo, hi) in enumerate(bounds):
+            scores[:, b] = unit[:, lo:hi].sum(1)
+    block_mask = choose(scores)
+    if saved is not None:
+        parts = []
+        for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+            parts += [(p[:, lo:hi] if every else p[:, lo:hi].index_select(0, tok)).reshape(-1) for p in pre]
+        if t is not None:
+            parts.append(t.reshape(-1))
+        if r_out:
+            parts.append(Y[:, d_out:].reshape(-1))
+        saved.append(torch.cat(parts) if parts else x.new_empty(0))
+    y = Y[:, :d_out]
+    if r_out:
+        y = torch.addmm(y, Y[:, d_out:], w.out_bb.t(), alpha=spec.out_scale)
+    if w.out_b is not None:
+        y = y + w.out_b
+    return y, block_mask, scores
 
 
 def block_outputs(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:

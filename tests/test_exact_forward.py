@@ -1,0 +1,214 @@
+"""exact_forward: training calls run the exact forward and only the backward is sparse.
+
+The ops' backward is the exact Jacobian masked to the routed (token, block) pairs and to the selected
+(query block, key block) tiles, checked against references that say so with autograd
+(reference.exact_forward_mlp_reference, exact_forward_attention_reference); the compiled model's
+forward under exact_forward equals the same model's forward inside disable(), bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spt_compile
+from spt_compile.mlp_site import choose_blocks
+from spt_compile.options import make_options
+from spt_compile.triton_ops.block_sparse import block_sparse_backward_torch
+from spt_compile.triton_ops.reference import exact_forward_attention_reference, exact_forward_mlp_reference
+from spt_compile.triton_ops.routed_mlp import (
+    MlpWeights,
+    exact_mlp_forward,
+    permute_hidden,
+    routed_mlp_backward_saved,
+    routed_mlp_forward,
+)
+
+from test_block_sparse_op import make_mask, random_blocks
+from test_routed_mlp_op import make_weights, spec_for
+from toy_models import GQAAttention, compiled_gated_mlp
+
+
+def test_off_by_default_and_run_time():
+    assert "exact_forward" in make_options().runtime_dict()
+
+
+def _detached(w: MlpWeights) -> MlpWeights:
+    return MlpWeights(*[None if t is None else t.detach() for t in w])
+
+
+@pytest.mark.parametrize("gated,layout,lora,T,hidden,nb,active", [
+    (True, "oi", ("in", "gate", "out"), 29, 40, 4, 2),
+    (True, "io", ("gate", "out"), 17, 36, 3, 1),
+    (False, "oi", ("in", "out"), 1, 21, 4, 3),
+    (False, "io", ("out",), 33, 50, 5, 2),
+    (True, "oi", (), 8, 16, 2, 1),
+])
+def test_mlp_backward_is_the_masked_jacobian(gated, layout, lora, T, hidden, nb, active):
+    """Outputs: the dense MLP's; gradients: exact_forward_mlp_reference's (fp64, permuted blocks)."""
+    gen = torch.Generator().manual_seed(T + hidden)
+    w = make_weights(13, hidden, 11, gated=gated, layout=layout, lora=lora, dtype=torch.float64, gen=gen)
+    spec = spec_for(w, "silu" if gated else "gelu", gated, nb, layout)
+    x = torch.randn(T, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    perm = torch.randperm(hidden, generator=gen)
+    saved: list = []
+    y, mask, norms = exact_mlp_forward(x.detach(), _detached(w), spec, lambda n: choose_blocks(n, active), 0, saved,
+                                       perm)
+    assert mask.sum(1).eq(active).all() and norms.shape == (T, nb)
+    assert mask.equal(choose_blocks(norms, active))
+    ref = exact_forward_mlp_reference(x, permute_hidden(w, spec, perm), spec, mask)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
+    every, _, _ = exact_mlp_forward(x.detach(), _detached(w), spec, lambda n: torch.ones_like(mask), 0, None, perm)
+    assert torch.equal(y, every), "the output never depends on the backward's choice"
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    needs = MlpWeights(*[t is not None for t in w])
+    dx, grads = routed_mlp_backward_saved(dy, x.detach(), _detached(w), spec, mask, 0, True, needs, saved[0],
+                                          perm=perm, exact_forward=True)
+    names = ["x"] + [n for n, t in w._asdict().items() if t is not None]
+    leaves = [x] + [t for t in w if t is not None]
+    want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
+    got = [dx] + [g for g, t in zip(grads, w) if t is not None]
+    for name, g, r in zip(names, got, want):
+        r = torch.zeros_like(g) if r is None else r
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_mlp_saves_only_the_routed_pairs():
+    """The saved flat tensor is the routed forward's for the same mask: pre-activations of the routed
+    pairs, t and t_out; so the memory gain of routing stays."""
+    gen = torch.Generator().manual_seed(3)
+    w = _detached(make_weights(16, 48, 16, gated=True, dtype=torch.float64, gen=gen))
+    spec = spec_for(w, "silu", True, 4)
+    x = torch.randn(64, 16, dtype=torch.float64, generator=gen)
+    exact: list = []
+    _, mask, _ = exact_mlp_forward(x, w, spec, lambda n: choose_blocks(n, 2), 0, exact)
+    routed: list = []
+    routed_mlp_forward(x, w, spec, mask, 0, saved=routed)
+    n_t = 64 * (3 + 3)  # t: the gate and up LoRA inputs (r 3 each)
+    assert exact[0].numel() == routed[0].numel()
+    torch.testing.assert_close(exact[0][: -(n_t + 64 * 3)], routed[0][: -(n_t + 64 * 3)], atol=0, rtol=0)
+    assert exact[0].numel() < 64 * 48 * 2  # less than the dense MLP's two pre-activations
+
+
+def test_mlp_lora_dropout_is_replayed():
+    """With LoRA dropout, backward draws the masks the exact forward drew (for every token): with every
+    block routed it equals the routed path's backward, whose forward drew the same masks."""
+    gen = torch.Generator().manual_seed(5)
+    w = _detached(make_weights(12, 32, 12, gated=True, dtype=torch.float64, gen=gen))
+    spec = spec_for(w, "silu", True, 4, in_dropout=0.3, gate_dropout=0.2, out_dropout=0.25)
+    x = torch.randn(20, 12, dtype=torch.float64, generator=gen)
+    saved_e, saved_r = [], []
+    y_e, mask, _ = exact_mlp_forward(x, w, spec, lambda n: torch.ones_like(n, dtype=torch.bool), 7, saved_e)
+    y_r = routed_mlp_forward(x, w, spec, mask, 7, saved=saved_r)
+    torch.testing.assert_close(y_e, y_r, atol=1e-12, rtol=0)
+    dy = torch.randn(y_e.shape, dtype=torch.float64, generator=gen)
+    needs = MlpWeights(*[t is not None for t in w])
+    got = routed_mlp_backward_saved(dy, x, w, spec, mask, 7, True, needs, saved_e[0], exact_forward=True)
+    want = routed_mlp_backward_saved(dy, x, w, spec, mask, 7, True, needs, saved_r[0])
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=0)
+    for g, r in zip(got[1], want[1]):
+        if r is not None:
+            torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("N,H,Hkv,causal,mask_kind,grouped", [
+    (100, 4, 2, True, None, True),
+    (77, 2, 2, False, "pad-additive", False),
+    (96, 4, 1, True, "bool", True),
+    (64, 3, 3, False, "additive", False),
+])
+def test_attention_backward_over_selected_tiles_is_the_masked_jacobian(N, H, Hkv, causal, mask_kind, grouped):
+    """The block-sparse backward fed the *exact* output and lse computes the exact Jacobian masked to
+    the listed tiles (what the site runs under exact_forward)."""
+    gen = torch.Generator().manual_seed(N)
+    B, D, bm = 2, 16, 16
+    q = torch.randn(B, H, N, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, N, D, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    n_b = -(-N // bm)
+    idx = random_blocks(B, Hkv if grouped else H, n_b, n_b, 3, gen)
+    mask = make_mask(mask_kind, B, N, gen)
+    mask = mask.double() if mask is not None and mask.is_floating_point() else mask
+    scale = D**-0.5
+    ref = exact_forward_attention_reference(q, k, v, idx, scale, causal, mask, bm, bm)
+    every = torch.arange(n_b, dtype=torch.int32).expand(B, H, n_b, n_b)
+    dense = exact_forward_attention_reference(q, k, v, every, scale, causal, mask, bm, bm)
+    torch.testing.assert_close(ref, dense, atol=1e-14, rtol=1e-12)  # the forward is exact whatever the listing
+    from spt_compile.triton_ops.block_sparse import block_sparse_forward_torch
+
+    out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), every, scale, causal, mask, bm, bm)
+    torch.testing.assert_close(out, ref.detach(), atol=1e-6, rtol=1e-5)
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    got = block_sparse_backward_torch(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, scale, causal, mask,
+                                      bm, bm)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    for name, g, r in zip("qkv", got, want):  # the kernel keeps lse in fp32: fp32-level agreement
+        torch.testing.assert_close(g, r, atol=2e-6, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    full = torch.autograd.grad(dense, (q, k, v), dout)
+    assert any((g - f).abs().max() > 1e-6 for g, f in zip(want, full)), "the listing must drop some pairs"
+
+
+def _gqa_setup(seed=0, N=160):
+    torch.manual_seed(seed)
+    torch._dynamo.reset()
+    model = GQAAttention(d=64, heads=4, kv_heads=2).train()
+    x = torch.randn(2, N, 64, requires_grad=True)
+    return model, x
+
+
+ATTN_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 16,
+                "density": 0.25}
+
+
+def test_attention_site_forward_equals_disable_and_density_one_equals_dense():
+    model, x = _gqa_setup()
+    compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "exact_forward": True})
+    compiled(x).sum().backward()  # calibration call
+    with spt_compile.disable():
+        want = compiled(x.detach())
+    got = compiled(x)
+    assert torch.equal(got, want), "exact_forward's training forward is the dense forward, bit for bit"
+    x.grad = None
+    got.pow(2).sum().backward()
+    sparse_grad = x.grad.clone()
+    with spt_compile.enable(density=1.0):  # every key block listed: the full Jacobian
+        x.grad = None
+        compiled(x).pow(2).sum().backward()
+    ref_model, xr = _gqa_setup()
+    ref_model.load_state_dict(model.state_dict())
+    ref_model(xr).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    assert (sparse_grad - xr.grad).abs().max() > 1e-4, "density 0.25 must drop pairs from the backward"
+
+
+def test_mlp_site_forward_equals_disable_bit_for_bit():
+    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True)
+    x = torch.randn(3, 37, 24, requires_grad=True)
+    for _ in range(3):  # calibration (2 calls), then exact-forward calls
+        compiled(x).sum().backward()
+    with spt_compile.disable():
+        want = compiled(x.detach())
+    got = compiled(x)
+    assert torch.equal(got, want)
+    with spt_compile.enable(exact_forward=False):  # the routed forward differs
+        assert not torch.allclose(compiled(x), want, atol=1e-4)
+    got.sum().backward()
+    report = spt_compile.report(model)
+    assert report and report[0]["captured"] < 1.0  # the backward kept 2 of 4 blocks
+
+
+def test_eval_calls_run_exact_unless_sparse_inference():
+    """Calls without gradients run exact by default (evaluation measures the model users ship);
+    sparse_inference=True runs the routed forward, and report() counts how each call ran."""
+    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True)
+    x = torch.randn(2, 19, 24)
+    for _ in range(2):
+        compiled(x.requires_grad_()).sum().backward()
+    with torch.no_grad():
+        default = compiled(x)
+        with spt_compile.enable(sparse_inference=True):
+            sparse = compiled(x)
+        with spt_compile.disable():
+            dense = compiled(x)
+    assert torch.equal(default, dense)
+    assert not torch.allclose(sparse, dense, atol=1e-4)
+    runs = spt_compile.report(model)[0]["runs"]
+    assert runs == {"calibration": 2, "exact_inference": 1, "routed": 1, "disabled": 1}, runs
