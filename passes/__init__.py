@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 
 from spt_compile.options import Options
 
-from . import attention, loss, mlp
+from . import attention, loss, loss_rows, mlp
 from .float_inputs import copy_graph_module, float_inputs, specialize
 from .fx_utils import op
 from .report import GraphReport, SiteReport
@@ -33,19 +33,24 @@ def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool
         if not apply:
             gm = copy_graph_module(gm)
         specialize(gm, report.floats)
-    _rewrite(gm, options, report, apply, ordinals={})
+    # Which rows carry a loss (an operand of the MLP sites): found before the loss pass rewrites it.
+    found = loss_rows.find(gm)
+    report.loss_rows = found if isinstance(found, str) else found.detail
+    _rewrite(gm, options, report, apply, ordinals={}, rows=loss_rows.RowsSource(gm.graph, found))
     return report
 
 
-def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
+def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
+             rows: loss_rows.RowsSource) -> None:
     for node in list(gm.graph.nodes):
         if op(node) == "checkpoint" and node.args and getattr(node.args[0], "op", None) == "get_attr":
             body = getattr(gm, node.args[0].target)
             if isinstance(body, GraphModule):
-                _rewrite(body, options, report, apply, ordinals)
+                _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body))
     attention.run(gm, options, report, apply, ordinals)
-    mlp.run(gm, options, report, apply, ordinals)
+    mlp.run(gm, options, report, apply, ordinals, rows)
     loss.run(gm, options, report, apply, ordinals)
     if apply:
         gm.graph.lint()
         gm.recompile()
+

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -30,6 +30,9 @@ from .fx_utils import (
     static_int, users_outside, val,
 )
 from .report import GraphReport, SiteReport
+
+if TYPE_CHECKING:
+    from .loss_rows import RowsSource
 
 MAX_CHAIN = 64  # element-wise nodes an activation may be written with
 
@@ -334,7 +337,9 @@ def _slots(p: Optional[Projection]) -> tuple:
     return (None, None, None, None) if p is None else (p.weight, p.bias, p.lora_a, p.lora_b)
 
 
-def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
+def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
+        rows: Optional["RowsSource"] = None) -> None:
+    """rows: where the sites get the loss-row mask from (passes/loss_rows.py); None: no operand."""
     from spt_compile.registry import REGISTRY, SiteTemplate
 
     graph = gm.graph
@@ -363,7 +368,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             continue
         units_used = [p for p in (m.up, m.gate, m.down) if p is not None]
         path = common_path([p.output for p in units_used])
-        entry = SiteReport("mlp", "rewritten", m.pattern, path, describe(m))
+        entry = SiteReport("mlp", "rewritten", m.pattern, path,
+                           describe(m) + ("" if rows is None else f", {rows.note(m.x)}"))
         report.sites.append(entry)
         done |= {p.output for p in units_used}
         if not apply:
@@ -375,9 +381,10 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         template = REGISTRY.template_id(SiteTemplate("mlp", ordinal, path, options, (static_int(m.up.in_features),)))
         args = (m.x, *_slots(m.up), *_slots(m.gate), *_slots(m.down))
         training = torch.is_grad_enabled() and any(requires_grad(a) for a in args if a is not None)
+        loss_rows = None if rows is None else rows.for_input(m.x)[0]
         with graph.inserting_before(m.down.output):
             call = graph.call_function(torch.ops.spt.mlp_site.default, (
-                *args, template, _spec(m, options).to_str(), training))
+                *args, loss_rows, template, _spec(m, options).to_str(), training))
             out = graph.call_function(operator.getitem, (call, 0))
             out.meta.update(m.down.output.meta)
             want = val(m.down.output).dtype

@@ -67,6 +67,7 @@ class GraphCapture:
             ok = n.target in SPT_OPS or (n.op == "call_function" and any(a.target in SPT_OPS for a in n.all_input_nodes
                                                                           if isinstance(a, Node)))
             ok = ok or n.meta.get("spt_decomposed")  # a replaced call written out (passes/mha.py)
+            ok = ok or n.meta.get("spt_loss_rows")  # the MLP sites' loss-row operand (passes/loss_rows.py)
             ok = ok or n.target in (torch.logical_not, torch.logical_and, torch.logical_or, torch.masked_fill,
                                     torch.where, operator.add) or n.target in ("to", "flatten") \
                 or n.target.__name__ == "getitem"
@@ -76,7 +77,11 @@ class GraphCapture:
         for n in after:
             if n in added_set:
                 continue
-            assert _signature(_parts(n), added_set) == _signature(parts[n], removed_set), \
+            now = _parts(n)
+            if getattr(n.target, "__name__", None) == "tag_activation_checkpoint":  # the loss rows threaded in
+                while now[2] and isinstance(now[2][-1], Node) and now[2][-1].meta.get("spt_loss_rows"):
+                    now = (now[0], now[1], now[2][:-1], now[3])
+            assert _signature(now, added_set) == _signature(parts[n], removed_set), \
                 f"node changed: {n.format_node()}"
         self.checked += 1
 

@@ -1,0 +1,158 @@
+"""The loss-row operand: the MLP sites receive, as an input of the graph, which rows carry a loss
+(passes/loss_rows.py), in Hugging Face's ForCausalLMLoss, a nanoGPT-style shifted loss, a plain
+cross_entropy with ignore_index, and inside activation-checkpoint bodies; explain() says where it
+comes from, or why a site has none. Under exact_forward with ffn_loss_rows="dense" those rows keep
+every block in the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import spt_compile
+from spt_compile import mlp_site
+from spt_compile.options import SptOptionError, make_options
+
+from graph_check import GraphCapture
+from toy_models import GatedMLP
+
+OPTIONS = {"compiler": "aot_eager", "calibration_steps": 1, "ffn_blocks": 4, "exact_forward": True}
+
+
+@pytest.fixture()
+def seen(monkeypatch):
+    """The loss_rows each MLP site call received, and the backward masks exact_forward chose."""
+    got = {"rows": [], "masks": []}
+    forward, choose = mlp_site.MlpSite.forward, mlp_site.MlpSite.backward_mask
+
+    def record_forward(self, x, weights, spec, options, training, loss_rows=None):
+        got["rows"].append(None if loss_rows is None else loss_rows.detach().clone())
+        return forward(self, x, weights, spec, options, training, loss_rows)
+
+    def record_mask(self, *args, **kwargs):
+        mask = choose(self, *args, **kwargs)
+        got["masks"].append(mask.clone())
+        return mask
+
+    monkeypatch.setattr(mlp_site.MlpSite, "forward", record_forward)
+    monkeypatch.setattr(mlp_site.MlpSite, "backward_mask", record_mask)
+    return got
+
+
+class TinyLM(nn.Module):
+    """Embedding, gated MLP blocks (optionally checkpointed), LM head; the loss in forward, as
+    nanoGPT writes it: `shifted` slices the logits, else the targets come pre-aligned."""
+
+    def __init__(self, vocab=53, d=16, layers=2, shifted=False, ckpt=False, ignore=-1):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mlps = nn.ModuleList([GatedMLP(d, 40) for _ in range(layers)])
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.shifted, self.ckpt, self.ignore = shifted, ckpt, ignore
+
+    def forward(self, ids, targets):
+        h = self.emb(ids)
+        for mlp in self.mlps:
+            h = h + (checkpoint(mlp, h, use_reentrant=False) if self.ckpt else mlp(h))
+        logits = self.head(h)
+        V = logits.shape[-1]
+        if self.shifted:
+            return F.cross_entropy(logits[:, :-1, :].reshape(-1, V), targets[:, 1:].reshape(-1), ignore_index=self.ignore)
+        return F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=self.ignore)
+
+
+def _batch(B=2, N=12, vocab=53, ignore=-1):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (B, N), generator=gen)
+    targets = torch.randint(0, vocab, (B, N), generator=gen)
+    targets[0, :5] = ignore  # a prompt
+    targets[1, 9:] = ignore  # padding
+    return ids, targets
+
+
+def _train(model, ids, targets, steps=3, **options):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={**OPTIONS, **options})
+    for _ in range(steps):
+        compiled(ids, targets).backward()
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_rows_reach_the_mlp_sites(seen, shifted, ckpt):
+    torch.manual_seed(0)
+    ids, targets = _batch()
+    _train(TinyLM(shifted=shifted, ckpt=ckpt), ids, targets, ffn_loss_rows="dense")
+    if shifted:  # position t carries the loss of target t + 1; the last position none
+        want = F.pad(targets[:, 1:] != -1, (0, 1), value=False).reshape(-1)
+    else:
+        want = (targets != -1).reshape(-1)
+    assert seen["rows"] and all(r is not None and torch.equal(r, want) for r in seen["rows"])
+    # exact_forward's backward keeps every block of those rows ("dense"), 2 of 4 elsewhere
+    assert seen["masks"]
+    for mask in seen["masks"]:
+        assert mask[want].all() and (mask[~want].sum(1) == 2).all()
+
+
+def test_hugging_face_causal_lm_loss(seen):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[1, 11:] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={**OPTIONS, "ffn_loss_rows": "first"})
+    for _ in range(2):
+        compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    want = F.pad(labels[:, 1:] != -100, (0, 1), value=False).reshape(-1)  # ForCausalLMLoss's shift
+    assert len(seen["rows"]) == 4 and all(torch.equal(r, want) for r in seen["rows"])
+    text = str(spt_compile.explain(model, input_ids=ids, attention_mask=mask, labels=labels))
+    assert text.count("loss rows from the labels") == 2, text
+
+
+def test_graph_shows_the_operand_and_nothing_else_changed():
+    """The copied label nodes and the mask are the pass's own (graph_check accepts only those)."""
+    ids, targets = _batch()
+    torch._dynamo.reset()
+    cap = GraphCapture({"ffn_blocks": 4})
+    torch.compile(TinyLM(shifted=True, ckpt=True), backend=cap)(ids, targets)
+    report = cap.reports[0]
+    assert "labels via" in report.loss_rows
+    assert all("loss rows from the labels" in s.detail for s in report.rewritten("mlp")), report.sites
+
+
+def test_no_loss_in_the_graph_is_explained(seen):
+    """A model that returns logits (the loss outside the compiled graph): sites run without rows."""
+
+    class Logits(TinyLM):
+        def forward(self, ids):
+            h = self.emb(ids)
+            for mlp in self.mlps:
+                h = h + mlp(h)
+            return self.head(h)
+
+    ids, targets = _batch()
+    model = Logits()
+    text = str(spt_compile.explain(model, ids))
+    assert "no loss rows: no cross_entropy in this graph" in text
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options=OPTIONS)
+    for _ in range(2):
+        F.cross_entropy(compiled(ids).view(-1, 53), targets.view(-1), ignore_index=-1).backward()
+    assert seen["rows"] and all(r is None for r in seen["rows"])
+
+
+@pytest.mark.parametrize("value", ["on", True, None])
+def test_bad_values_name_the_option(value):
+    with pytest.raises(SptOptionError, match="ffn_loss_rows"):
+        make_options({"ffn_loss_rows": value})
