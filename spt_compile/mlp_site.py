@@ -66,6 +66,7 @@ from spt_compile.triton_ops.routed_mlp import (
     block_outputs,
     compensation,
     compensation_input_grad,
+    exact_mlp_forward,
     permute_hidden,
     resolve_ffn_impl,
     routed_mlp_backward_saved,
@@ -74,7 +75,19 @@ from spt_compile.triton_ops.routed_mlp import (
     unpermute_grads,
 )
 
-DENSE, ROUTED = 0, 1
+# meta[0]: DENSE (every block, no routing), ROUTED (only the routed blocks ran), EXACT (exact_forward:
+# every block ran forward; backward keeps the routed pairs, replaying dropout drawn for every token).
+DENSE, ROUTED, EXACT, EXACT_SAMPLED = 0, 1, 2, 3  # EXACT_SAMPLED: `pre` ends with the pairs' weights [T, nb]
+# How exact_forward picks a token's blocks for backward: "measured", the blocks whose outputs the exact
+# forward measured largest (free: it computed them all), or "router", the router's prediction.
+# "measured" by measurement (benchmarks/research/quality_probe.py; docs/quality.md).
+BACKWARD_SELECT = "measured"
+SKIP_PADDING_BACKWARD = True
+BACKWARD_IMPORTANCE = "jacobian"  # routed_mlp.IMPORTANCES
+# Research only (benchmarks/research/quality_probe.py --loss-rows): [T] bool, rows whose position
+# carries a loss; under exact_forward they keep every block in backward.
+LOSS_ROWS_PROBE: Optional[Tensor] = None
+LOSS_ROWS_MODE = "dense"  # as the option ffn_loss_rows: "dense" or "first"
 # meta[3]: the implementation that ran forward (backward runs the same one).
 IMPL_CODES = {"torch": 0, "triton": 1, "reference": 2}
 IMPL_NAMES = {v: k for k, v in IMPL_CODES.items()}
@@ -105,6 +118,27 @@ def fit_router(x: Tensor, norms: Tensor) -> Tensor:
     lam = RIDGE * G.diagonal()[:d].mean().clamp(min=1e-12)
     G[:d, :d] += lam * torch.eye(d, dtype=torch.float64)
     return torch.linalg.solve(G, X.T @ norms.double().cpu()).float()
+
+
+def sample_blocks(norms: Tensor, active: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Unbiased block sampling for the backward: each (token, block) pair is kept with probability
+    pi = min(1, c * norm), c per token such that the pi sum to `active` (the largest blocks are kept
+    for sure, the rest in proportion to their measured output), and weighted 1 / pi. norms [T, nb]
+    -> (mask [T, nb] bool, weights [T, nb] fp32, 0 where dropped). Tokens keep `active` blocks on
+    average, not exactly."""
+    T, nb = norms.shape
+    n = norms.float().nan_to_num(0.0).clamp(min=0) + 1e-12
+    s = n.sort(dim=1, descending=True).values  # [T, nb]
+    tail = s.flip(1).cumsum(1).flip(1)  # [T, nb]: sum of s[:, j:]
+    c = None
+    for j in range(active):  # the first j blocks certain, the rest proportional
+        cj = (active - j) / tail[:, j]
+        ok = cj * s[:, j] <= 1
+        c = torch.where(ok, cj, torch.zeros_like(cj)) if c is None else torch.where((c == 0) & ok, cj, c)
+    pi = (c[:, None] * n).clamp(max=1.0)
+    gen = torch.Generator(device=norms.device).manual_seed(seed % (2**63 - 1))
+    keep = torch.rand(T, nb, generator=gen, device=norms.device) < pi
+    return keep, torch.where(keep, 1.0 / pi, torch.zeros_like(pi))
 
 
 def router_scores(x: Tensor, router: Tensor) -> Tensor:
@@ -283,6 +317,47 @@ class MlpSite(Site):
             self.comp_for = key
         return self.comp
 
+    def backward_mask(self, norms: Tensor, x2: Tensor, options: Options, lead: tuple = (),
+                      loss_rows: Optional[Tensor] = None) -> Tensor:
+        """exact_forward's choice of (token, block) pairs for backward, [T, nb] bool: the ffn_active blocks
+        with the largest measured outputs (norms [T, nb], from the exact forward), or the router's
+        (BACKWARD_SELECT); ffn_dense_first positions keep every block."""
+        if BACKWARD_SELECT == "router":
+            return self.route(x2, options, lead)
+        if BACKWARD_SELECT == "sampled":
+            mask, self._pair_scale = sample_blocks(norms, options.active_blocks, self._sample_seed)
+            if options.ffn_dense_first and len(lead) >= 2:
+                mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
+                self._pair_scale.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = 1.0
+            return mask
+        real = REGISTRY.real_rows(lead) if SKIP_PADDING_BACKWARD else None
+        if real is not None and real.numel() != norms.shape[0]:
+            real = None
+        if options.ffn_loss_rows == "off" or loss_rows is None or loss_rows.numel() != norms.shape[0]:
+            loss_rows = None
+        mode = options.ffn_loss_rows
+        if LOSS_ROWS_PROBE is not None and LOSS_ROWS_PROBE.numel() == norms.shape[0]:  # research override
+            loss_rows, mode = LOSS_ROWS_PROBE, LOSS_ROWS_MODE
+        if BACKWARD_SELECT == "global":  # the batch's largest (token, block) pairs, active per real token on average
+            n = norms if real is None else norms.masked_fill(~real[:, None], float("-inf"))
+            if loss_rows is not None and mode == "first":
+                n = torch.where(loss_rows.to(n.device)[:, None], n + 1e30, n)
+            budget = options.active_blocks * (norms.shape[0] if real is None else int(real.sum()))
+            mask = torch.zeros_like(norms, dtype=torch.bool)
+            if budget:
+                mask.view(-1)[n.reshape(-1).topk(min(budget, n.numel())).indices] = True
+                if real is not None:
+                    mask &= real[:, None]
+        else:
+            mask = choose_blocks(norms, options.active_blocks)
+            if real is not None:  # padding rows: nothing reads them and no loss is on them, so their d(y) is 0
+                mask &= real[:, None]
+        if loss_rows is not None and mode == "dense":
+            mask |= loss_rows.to(mask.device)[:, None]
+        if options.ffn_dense_first and len(lead) >= 2:
+            mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
+        return mask
+
     def route(self, x2: Tensor, options: Options, lead: tuple = ()) -> Tensor:
         """The routed call's block mask [T, nb]: top-ffn_active of the router's scores, less the
         ffn_balance bias when that is on; with `lead` (the input's [batch, seq] dims) the first
@@ -333,7 +408,8 @@ class MlpSite(Site):
         self._add_samples(x2[rows], outs.norm(dim=-1))
 
     # --- the call -----------------------------------------------------------------------------
-    def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool):
+    def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool,
+                loss_rows: Optional[Tensor] = None):
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced)
         self.check_finite(plan, x=x)
@@ -342,8 +418,13 @@ class MlpSite(Site):
         T = x2.shape[0]
         nb = spec.n_blocks
         calibrating = self.calibrating(plan)
+        inference_exact = not training and not options.sparse_inference
         routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb
-                      or T == 0)
+                      or T == 0 or inference_exact)
+        exact = routed and training and options.exact_forward  # exact forward, sparse backward
+        mode = (EXACT if exact else ROUTED) if routed else DENSE
+        self.count_run(plan, "calibration" if calibrating else "exact_forward" if exact else "routed" if routed
+                       else "exact_inference" if inference_exact and options.sparse_ffn and T else "dense")
         perm = None
         comp = None  # ffn_compensate's (U, V, M) on x's device, when this call adds it
         saved: list = []  # the routed blocks' pre-activations, for backward
@@ -363,8 +444,33 @@ class MlpSite(Site):
                 if collect:  # the torch path: it measures the block norms on the way
                     y, impl_meta = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms, saved), (0, 0, ())
                     self._calibrate(x2, norms, weights, spec, plan, seed, tuple(x.shape[:-1]))
+                elif _torch_path(options.ffn_impl, x2, spec):
+                    # exact_forward's code with every block kept, in the clustered block order when there is
+                    # one: the same sums in the same order as its training calls, so disable() reproduces
+                    # their forward bit for bit.
+                    perm = None if self.perm is None else self.perm.to(x.device)
+                    y, _, _ = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
+                                                seed, saved, perm, BACKWARD_IMPORTANCE)
+                    impl_meta = (IMPL_CODES["torch"], 0, ())
                 else:
                     y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
+            elif exact:
+                perm = None if self.perm is None else self.perm.to(x.device)
+                lead = tuple(x.shape[:-1])
+                self._pair_scale, self._sample_seed = None, seed + 3
+                y, block_mask, _ = exact_mlp_forward(x2, weights, spec, lambda n: self.backward_mask(n, x2, options, lead, loss_rows),
+                                                     seed, saved, perm, BACKWARD_IMPORTANCE)
+                if self._pair_scale is not None:
+                    mode = EXACT_SAMPLED
+                    saved[0] = torch.cat([saved[0], self._pair_scale.to(saved[0].dtype).reshape(-1)])
+                    self._pair_scale = None
+                impl_meta = (IMPL_CODES["torch"], 0, ())
+                if plan.updates_state and (self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
+                    # captured / rel_error: what the backward's blocks hold of the exact output
+                    self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, lead)
+                    bx, by = self.buffer_x, self.buffer_y
+                    if bx.shape[0]:  # the router still serves calls without gradient (sparse inference)
+                        self.stage(lambda: self._set_router(fit_router(bx, by)))
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 block_mask = self.route(x2, options, tuple(x.shape[:-1]))
@@ -383,7 +489,7 @@ class MlpSite(Site):
         self.end(plan, training)
         impl_code, dtype_code, counts = impl_meta
         counts = list(counts) or [0] * nb
-        meta = torch.tensor([ROUTED if routed else DENSE, seed, int(perm is not None), impl_code, dtype_code, *counts],
+        meta = torch.tensor([mode, seed, int(perm is not None), impl_code, dtype_code, *counts],
                             dtype=torch.int64)
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
         # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added
@@ -478,6 +584,11 @@ class _LazyPermuted:
         return self.value
 
 
+def _torch_path(option: str, x2: Tensor, spec: MlpSpec) -> bool:
+    """Whether a call runs the torch path (ffn_impl, or LoRA dropout, which only it has)."""
+    return resolve_ffn_impl(option, x2.device) == "torch" or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout)
+
+
 def _run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
               saved: list, perm: Optional[Tensor] = None,
               comp: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, tuple[int, int, tuple]]:
@@ -533,17 +644,19 @@ def mlp_site(
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    template: int, spec: str, training: bool,
+    loss_rows: Optional[Tensor], template: int, spec: str, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """loss_rows: [T] bool, the rows whose position carries a loss (passes/loss_rows.py), or None."""
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
     # The first projection's weight (gate, else in) identifies the layer's site.
     site = REGISTRY.site(template, gate_w if gate_w is not None else in_w)
-    return site.forward(x, weights, MlpSpec.from_str(spec), REGISTRY.templates[template].options, training)
+    return site.forward(x, weights, MlpSpec.from_str(spec), REGISTRY.templates[template].options, training,
+                        loss_rows)
 
 
 @mlp_site.register_fake
 def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      template, spec, training):
+      loss_rows, template, spec, training):
     s = MlpSpec.from_str(spec)
     T = 1
     for n in x.shape[:-1]:
@@ -567,7 +680,7 @@ def mlp_site_backward(
     s = MlpSpec.from_str(spec)
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
     mode, seed, permuted, impl_code, dtype_code, *counts = meta.tolist()
-    p = perm if (mode == ROUTED and permuted) else None
+    p = perm if permuted else None
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
     impl = IMPL_NAMES[impl_code]
@@ -575,9 +688,14 @@ def mlp_site_backward(
     if comp.numel():  # ffn_compensate: frozen U, V; only x gets a gradient through it
         n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
         UV = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
+    pair_scale = None
+    if mode == EXACT_SAMPLED:  # the sampled pairs' weights ride at the end of pre
+        T, nb = block_mask.shape
+        pair_scale, pre = pre[pre.numel() - T * nb :].view(T, nb), pre[: pre.numel() - T * nb]
     if impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
         dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]),
-                                              pre, perm=p, comp=UV)
+                                              pre, perm=p, comp=UV, exact_forward=mode in (EXACT, EXACT_SAMPLED),
+                                              pair_scale=pair_scale)
     else:
         dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, counts, dtype_code, p)
         if UV is not None and dx is not None:
@@ -608,8 +726,8 @@ def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, ou
 
 
 def _setup_context(ctx, inputs, output):
-    tensors = inputs[:13]
-    ctx.spec = inputs[14]
+    tensors = inputs[:13]  # x and the 12 weight slots; then loss_rows, template, spec, training
+    ctx.spec = inputs[15]
     y, block_mask, perm, pre, meta, comp = output
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*tensors, block_mask, perm, pre, meta, comp)
@@ -623,9 +741,9 @@ def _backward(ctx, dy, dmask, dperm, dpre, dmeta, dcomp):
     *tensors, block_mask, perm, pre, meta, comp = ctx.saved_tensors
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
     if dy is None:  # y took no part in the loss (grads are not materialized: see _setup_context)
-        return (None,) * 16
+        return (None,) * 17
     grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, pre, meta, comp, ctx.spec, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
 
 
 mlp_site.register_autograd(_backward, setup_context=_setup_context)

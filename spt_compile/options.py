@@ -60,6 +60,20 @@ class Options:
                                 "feeds every later one. Needs the MLP input's sequence dimension "
                                 "([batch, seq, d]); positions of the row, not real tokens: left padding or packed "
                                 "sequences shift them.", True)
+    exact_forward: bool = _opt(False, "Training calls (those that need gradients) run the exact forward: every MLP "
+                               "block and exact attention, so the loss is the dense model's and the tuned model has "
+                               "no train/eval mismatch. Only the backward is sparse: the exact Jacobian masked to "
+                               "each token's ffn_active blocks with the largest measured outputs, and to the key "
+                               "blocks selection picks (docs/quality.md). Calls without gradients follow "
+                               "sparse_inference.", True)
+    ffn_loss_rows: str = _opt("off", "Rows whose position carries a loss (its shifted label is not ignore_index; "
+                              "found from the labels in the graph) under exact_forward: 'dense' keeps every MLP "
+                              "block for them in the backward (beyond the ffn_active budget), 'first' fills the "
+                              "budget with their blocks first, 'off' treats them like the others.", True)
+    sparse_inference: bool = _opt(False, "Calls without gradients (evaluation, generation) run the sparse forward: "
+                                  "routed MLPs and selected keys, as in training without exact_forward. Off: they "
+                                  "run exact, so evaluating through the compiled model measures the model you ship.",
+                                  True)
     sparse_attention: bool = _opt(True, "Run matched attention sparse (False: exact attention).", True)
     sparse_ffn: bool = _opt(True, "Run matched MLPs routed (False: every block, i.e. dense).", True)
     # Block selection by measurement: benchmarks/results/attention_*.json and docs/attention.md.
@@ -133,7 +147,7 @@ def validate(o: Options) -> None:
         raise _bad("density", "a float in (0, 1]", o.density)
     if o.top_l is not None and (not is_int(o.top_l) or o.top_l < 1):
         raise _bad("top_l", "an int >= 1 or None", o.top_l)
-    for name in ("sparse_attention", "sparse_ffn", "ffn_cluster", "chunked_loss", "check_finite"):
+    for name in ("exact_forward", "sparse_inference", "sparse_attention", "sparse_ffn", "ffn_cluster", "chunked_loss", "check_finite"):
         if not isinstance(getattr(o, name), bool):
             raise _bad(name, "True or False", getattr(o, name))
     if o.attention_selection not in SELECTIONS:
@@ -142,6 +156,8 @@ def validate(o: Options) -> None:
         raise _bad("attention_dense_below", "an int >= 0", o.attention_dense_below)
     if not is_int(o.attention_block) or o.attention_block < 16 or o.attention_block & (o.attention_block - 1):
         raise _bad("attention_block", "a power of two >= 16", o.attention_block)
+    if o.ffn_loss_rows not in ("dense", "first", "off"):
+        raise _bad("ffn_loss_rows", "'dense', 'first' or 'off'", o.ffn_loss_rows)
     if o.pq_proxy not in ("adc", "agreement"):
         raise _bad("pq_proxy", "'adc' or 'agreement'", o.pq_proxy)
     if o.attention_impl not in IMPLS:

@@ -86,6 +86,9 @@ class Site:
         self._staged: list[Callable[[], None]] = []
         self._last: Optional[CallPlan] = None
         self.quality: dict[str, float] = {}
+        # How each call ran (report()): e.g. calibration, dense, routed / sparse, exact_forward,
+        # exact_inference, exact_short; disabled for calls inside disable(). Diagnostics, not state.
+        self.runs: dict[str, int] = {}
 
     @property
     def anchor(self) -> Optional[Tensor]:
@@ -107,6 +110,12 @@ class Site:
         if plan.updates_state:
             self.calls += 1
             self.train_calls += int(training)
+
+    def count_run(self, plan: "CallPlan", how: str) -> None:
+        """Counts how a call ran (a forward re-run inside backward is not a new call)."""
+        if not plan.recompute:
+            how = "disabled" if plan.dense_forced else how
+            self.runs[how] = self.runs.get(how, 0) + 1
 
     def stage(self, update: Callable[[], None]) -> None:
         self._staged.append(update)
@@ -172,7 +181,7 @@ class Site:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "calls": self.calls, "train_calls": self.train_calls,
-                **{k: round(v, 4) for k, v in self.quality.items()}}
+                **{k: round(v, 4) for k, v in self.quality.items()}, "runs": dict(self.runs)}
 
 
 @dataclass(frozen=True)
