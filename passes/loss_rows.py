@@ -117,15 +117,16 @@ def insert(graph: Graph, found: LossRows) -> Node:
     h_lead = shape(found.head_input)[:-1]
     with graph.inserting_after(point):
         carries = graph.call_function(torch.ne, (copies[found.target], found.ignore_index))
-    with graph.inserting_after(carries):
-        rows = carries
-        if found.index is not None:  # logits[..., :-1, :]: the last position of that dim carries no loss
-            d = _drops_last(found.index, shape(found.head_input))
-            cut = list(h_lead)
-            cut[d] = static_int(cut[d]) - 1
-            view = graph.call_method("view", (carries, tuple(static_int(s) for s in cut)))
-            pad = [0, 0] * (len(h_lead) - 1 - d) + [0, 1]
-            rows = graph.call_function(F.pad, (view, pad), {"value": False})
+    rows = carries
+    if found.index is not None:  # logits[..., :-1, :]: the last position of that dim carries no loss
+        d = _drops_last(found.index, shape(found.head_input))
+        cut = list(h_lead)
+        cut[d] = static_int(cut[d]) - 1
+        with graph.inserting_after(rows):
+            rows = graph.call_method("view", (rows, tuple(static_int(s) for s in cut)))
+        with graph.inserting_after(rows):
+            rows = graph.call_function(F.pad, (rows, [0, 0] * (len(h_lead) - 1 - d) + [0, 1]), {"value": False})
+    with graph.inserting_after(rows):
         out = graph.call_method("reshape", (rows, -1))
     for n in [*copies.values(), *_between(carries, out)]:  # this pass's own nodes (tests/graph_check.py)
         n.meta["spt_loss_rows"] = True

@@ -76,18 +76,12 @@ from spt_compile.triton_ops.routed_mlp import (
 )
 
 # meta[0]: DENSE (every block, no routing), ROUTED (only the routed blocks ran), EXACT (exact_forward:
-# every block ran forward; backward keeps the routed pairs, replaying dropout drawn for every token).
-DENSE, ROUTED, EXACT, EXACT_SAMPLED = 0, 1, 2, 3  # EXACT_SAMPLED: `pre` ends with the pairs' weights [T, nb]
-# How exact_forward picks a token's blocks for backward: "measured", the blocks whose outputs the exact
-# forward measured largest (free: it computed them all), or "router", the router's prediction.
-# "measured" by measurement (benchmarks/research/quality_probe.py; docs/quality.md).
-BACKWARD_SELECT = "measured"
-SKIP_PADDING_BACKWARD = True
-BACKWARD_IMPORTANCE = "jacobian"  # routed_mlp.IMPORTANCES
-# Research only (benchmarks/research/quality_probe.py --loss-rows): [T] bool, rows whose position
-# carries a loss; under exact_forward they keep every block in backward.
-LOSS_ROWS_PROBE: Optional[Tensor] = None
-LOSS_ROWS_MODE = "dense"  # as the option ffn_loss_rows: "dense" or "first"
+# every block ran forward; backward keeps the chosen pairs, replaying dropout drawn for every token).
+DENSE, ROUTED, EXACT = 0, 1, 2
+# exact_forward's score of a (token, block) pair for the backward (routed_mlp.IMPORTANCES). "jacobian" by
+# measurement: GSM8K probe (docs/quality.md) held-out loss 1.1594 against 1.1517 for the exact block output
+# norms, within seed noise, and it needs no extra GEMM.
+BACKWARD_IMPORTANCE = "jacobian"
 # meta[3]: the implementation that ran forward (backward runs the same one).
 IMPL_CODES = {"torch": 0, "triton": 1, "reference": 2}
 IMPL_NAMES = {v: k for k, v in IMPL_CODES.items()}
@@ -118,27 +112,6 @@ def fit_router(x: Tensor, norms: Tensor) -> Tensor:
     lam = RIDGE * G.diagonal()[:d].mean().clamp(min=1e-12)
     G[:d, :d] += lam * torch.eye(d, dtype=torch.float64)
     return torch.linalg.solve(G, X.T @ norms.double().cpu()).float()
-
-
-def sample_blocks(norms: Tensor, active: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Unbiased block sampling for the backward: each (token, block) pair is kept with probability
-    pi = min(1, c * norm), c per token such that the pi sum to `active` (the largest blocks are kept
-    for sure, the rest in proportion to their measured output), and weighted 1 / pi. norms [T, nb]
-    -> (mask [T, nb] bool, weights [T, nb] fp32, 0 where dropped). Tokens keep `active` blocks on
-    average, not exactly."""
-    T, nb = norms.shape
-    n = norms.float().nan_to_num(0.0).clamp(min=0) + 1e-12
-    s = n.sort(dim=1, descending=True).values  # [T, nb]
-    tail = s.flip(1).cumsum(1).flip(1)  # [T, nb]: sum of s[:, j:]
-    c = None
-    for j in range(active):  # the first j blocks certain, the rest proportional
-        cj = (active - j) / tail[:, j]
-        ok = cj * s[:, j] <= 1
-        c = torch.where(ok, cj, torch.zeros_like(cj)) if c is None else torch.where((c == 0) & ok, cj, c)
-    pi = (c[:, None] * n).clamp(max=1.0)
-    gen = torch.Generator(device=norms.device).manual_seed(seed % (2**63 - 1))
-    keep = torch.rand(T, nb, generator=gen, device=norms.device) < pi
-    return keep, torch.where(keep, 1.0 / pi, torch.zeros_like(pi))
 
 
 def router_scores(x: Tensor, router: Tensor) -> Tensor:
@@ -317,43 +290,35 @@ class MlpSite(Site):
             self.comp_for = key
         return self.comp
 
-    def backward_mask(self, norms: Tensor, x2: Tensor, options: Options, lead: tuple = (),
+    def backward_mask(self, scores: Tensor, options: Options, lead: tuple = (),
                       loss_rows: Optional[Tensor] = None) -> Tensor:
-        """exact_forward's choice of (token, block) pairs for backward, [T, nb] bool: the ffn_active blocks
-        with the largest measured outputs (norms [T, nb], from the exact forward), or the router's
-        (BACKWARD_SELECT); ffn_dense_first positions keep every block."""
-        if BACKWARD_SELECT == "router":
-            return self.route(x2, options, lead)
-        if BACKWARD_SELECT == "sampled":
-            mask, self._pair_scale = sample_blocks(norms, options.active_blocks, self._sample_seed)
-            if options.ffn_dense_first and len(lead) >= 2:
-                mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
-                self._pair_scale.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = 1.0
-            return mask
-        real = REGISTRY.real_rows(lead) if SKIP_PADDING_BACKWARD else None
-        if real is not None and real.numel() != norms.shape[0]:
+        """exact_forward's choice of (token, block) pairs for backward, [T, nb] bool, from the exact
+        forward's scores [T, nb] (routed_mlp.IMPORTANCES): the batch's highest-scoring pairs, ffn_active
+        per real token on average (a token with much in play gets more blocks, one with little fewer).
+        Padding rows get none: nothing reads them and no loss is on them, so their d(y) is exactly 0.
+        Rows that carry a loss (loss_rows [T] bool, the graph's operand) come first under
+        ffn_loss_rows="first", keep every block under "dense". ffn_dense_first positions keep every block.
+
+        Global rather than per token by measurement (GSM8K probe, docs/quality.md): held-out loss 1.1517
+        against 1.1607 at 2 of 4 blocks; loss rows first at the same budget 1.1348 (dense 1.1261)."""
+        T = scores.shape[0]
+        real = REGISTRY.real_rows(lead)
+        if real is not None and real.numel() != T:
             real = None
-        if options.ffn_loss_rows == "off" or loss_rows is None or loss_rows.numel() != norms.shape[0]:
-            loss_rows = None
         mode = options.ffn_loss_rows
-        if LOSS_ROWS_PROBE is not None and LOSS_ROWS_PROBE.numel() == norms.shape[0]:  # research override
-            loss_rows, mode = LOSS_ROWS_PROBE, LOSS_ROWS_MODE
-        if BACKWARD_SELECT == "global":  # the batch's largest (token, block) pairs, active per real token on average
-            n = norms if real is None else norms.masked_fill(~real[:, None], float("-inf"))
-            if loss_rows is not None and mode == "first":
-                n = torch.where(loss_rows.to(n.device)[:, None], n + 1e30, n)
-            budget = options.active_blocks * (norms.shape[0] if real is None else int(real.sum()))
-            mask = torch.zeros_like(norms, dtype=torch.bool)
-            if budget:
-                mask.view(-1)[n.reshape(-1).topk(min(budget, n.numel())).indices] = True
-                if real is not None:
-                    mask &= real[:, None]
-        else:
-            mask = choose_blocks(norms, options.active_blocks)
-            if real is not None:  # padding rows: nothing reads them and no loss is on them, so their d(y) is 0
-                mask &= real[:, None]
+        if mode == "off" or loss_rows is None or loss_rows.numel() != T:
+            loss_rows = None
+        s = scores if real is None else scores.masked_fill(~real[:, None], float("-inf"))
+        if loss_rows is not None and mode == "first":  # ranked above every other pair, by their own scores
+            s = torch.where(loss_rows[:, None], s + 1e30, s)
+        budget = options.active_blocks * (T if real is None else int(real.sum()))  # one sync, as real_rows
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        if budget:
+            mask.view(-1)[s.reshape(-1).topk(min(budget, s.numel())).indices] = True
+        if real is not None:
+            mask &= real[:, None]
         if loss_rows is not None and mode == "dense":
-            mask |= loss_rows.to(mask.device)[:, None]
+            mask |= loss_rows[:, None]
         if options.ffn_dense_first and len(lead) >= 2:
             mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
         return mask
@@ -457,13 +422,9 @@ class MlpSite(Site):
             elif exact:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 lead = tuple(x.shape[:-1])
-                self._pair_scale, self._sample_seed = None, seed + 3
-                y, block_mask, _ = exact_mlp_forward(x2, weights, spec, lambda n: self.backward_mask(n, x2, options, lead, loss_rows),
+                rows = None if loss_rows is None else loss_rows.to(x.device)
+                y, block_mask, _ = exact_mlp_forward(x2, weights, spec, lambda s: self.backward_mask(s, options, lead, rows),
                                                      seed, saved, perm, BACKWARD_IMPORTANCE)
-                if self._pair_scale is not None:
-                    mode = EXACT_SAMPLED
-                    saved[0] = torch.cat([saved[0], self._pair_scale.to(saved[0].dtype).reshape(-1)])
-                    self._pair_scale = None
                 impl_meta = (IMPL_CODES["torch"], 0, ())
                 if plan.updates_state and (self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     # captured / rel_error: what the backward's blocks hold of the exact output
@@ -474,6 +435,8 @@ class MlpSite(Site):
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 block_mask = self.route(x2, options, tuple(x.shape[:-1]))
+                if options.ffn_loss_rows == "dense" and loss_rows is not None and loss_rows.numel() == T:
+                    block_mask |= loss_rows.to(x.device)[:, None]  # rows that carry a loss run every block
                 wp = _LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
@@ -688,14 +651,9 @@ def mlp_site_backward(
     if comp.numel():  # ffn_compensate: frozen U, V; only x gets a gradient through it
         n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
         UV = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
-    pair_scale = None
-    if mode == EXACT_SAMPLED:  # the sampled pairs' weights ride at the end of pre
-        T, nb = block_mask.shape
-        pair_scale, pre = pre[pre.numel() - T * nb :].view(T, nb), pre[: pre.numel() - T * nb]
     if impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
         dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]),
-                                              pre, perm=p, comp=UV, exact_forward=mode in (EXACT, EXACT_SAMPLED),
-                                              pair_scale=pair_scale)
+                                              pre, perm=p, comp=UV, exact_forward=mode == EXACT)
     else:
         dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, counts, dtype_code, p)
         if UV is not None and dx is not None:

@@ -670,7 +670,6 @@ def routed_mlp_backward_saved(
     perm: Optional[Tensor] = None,
     comp: Optional[tuple[Tensor, Tensor]] = None,
     exact_forward: bool = False,
-    pair_scale: Optional[Tensor] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t and t_out),
     with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
@@ -683,9 +682,7 @@ def routed_mlp_backward_saved(
 
     exact_forward: what `saved` holds came from exact_mlp_forward (every block ran forward; block_mask
     is the backward's choice): the result is the exact Jacobian masked to the routed (token, block)
-    pairs, and the out LoRA's dropout masks are replayed as that forward drew them, for every token.
-    pair_scale [T, nb]: each routed pair's backward is scaled by it (sampled pairs weighted by their
-    inverse inclusion probability make the masked Jacobian an unbiased estimate of the full one)."""
+    pairs, and the out LoRA's dropout masks are replayed as that forward drew them, for every token."""
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
     T, d_in, d_out = x.shape[0], x.shape[1], dy.shape[1]
@@ -720,10 +717,6 @@ def routed_mlp_backward_saved(
             pre.append(saved[offset : offset + n * Fb].view(n, Fb))
             offset += n * Fb
         dYb = dY if every else dY.index_select(0, tok)
-        ws = None
-        if pair_scale is not None:  # this block's pairs, weighted
-            ws = (pair_scale[:, b] if every else pair_scale[tok, b]).to(dYb.dtype)[:, None]  # [Tb, 1]
-            dYb = dYb * ws
         dyb = dYb[:, :d_out]
         block_grads: dict[str, Tensor] = {}
         # hidden -> output
@@ -738,8 +731,6 @@ def routed_mlp_backward_saved(
             if keep is not None and exact_forward and not every:
                 keep = keep.index_select(0, tok)  # the exact forward drew it for every token
             dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out.index_select(0, tok))  # [Tb, r]
-            if ws is not None and not merged:
-                dtb = dtb * ws
             out_a = Wo[d_out:] if merged else bw.out_a_block(lo, hi)  # [r, Fb]
             if not merged:
                 dhk = dtb @ out_a

@@ -56,12 +56,8 @@ def main(argv=None) -> int:
                    help="an spt configuration to probe (repeatable)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense LoRA run (compare across files)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                   help="set a module constant for every spt run, e.g. spt_compile.mlp_site.BACKWARD_SELECT=router "
+                   help="set a module constant for every spt run, e.g. spt_compile.mlp_site.BACKWARD_IMPORTANCE=output "
                         "(research switches that are not options)")
-    p.add_argument("--loss-rows", action="store_true",
-                   help="research: tell the MLP sites which rows carry a loss (a forward pre-hook reading the "
-                        "batch's labels; spt_compile.mlp_site.LOSS_ROWS_PROBE), so exact_forward's backward keeps "
-                        "every block there")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data", type=Path, default=None)
@@ -112,8 +108,6 @@ def main(argv=None) -> int:
         for name, options in runs:
             args = q.parse_args(qargv + ["--seed", str(seed)] + [f"--option={k}={v}" for k, v in (options or {}).items()])
             task = q.BUILDERS[a.task](args, data)
-            if a.loss_rows:
-                task.build = with_loss_rows(task.build)
             entry = {"variant": name, "seed": seed, "options": options}
             record["runs"].append(entry)
             part = q.run(task, "eager" if options is None else "spt", args, lambda part: (entry.update(part=part), save()))
@@ -121,26 +115,6 @@ def main(argv=None) -> int:
             save()
     print(table(record["runs"], metric, better))
     return 0
-
-
-def with_loss_rows(build):
-    """build, with a forward pre-hook that hands the MLP sites the rows whose (shifted) label counts."""
-    import torch
-    import torch.nn.functional as F
-
-    from spt_compile import mlp_site
-
-    def hook(module, args, kwargs):
-        labels = kwargs.get("labels")
-        mlp_site.LOSS_ROWS_PROBE = None if labels is None or labels.dim() != 2 else (
-            F.pad(labels[:, 1:] != -100, (0, 1), value=False).reshape(-1))
-
-    def built():
-        model = build()
-        model.register_forward_pre_hook(hook, with_kwargs=True)
-        return model
-
-    return built
 
 
 def table(runs: list[dict], metric: str, better: str) -> str:
