@@ -3,15 +3,22 @@
 
 Each (configuration, sequence length) runs in a fresh process. A step is forward + backward +
 AdamW on the LoRA parameters (r=16 on q/k/v/o/gate/up/down), batch of random tokens, no padding,
-labels = inputs (HF's causal-LM loss). Configurations:
+labels = inputs (HF's causal-LM loss; with --prompt-frac, the first tokens of each row carry none, as
+the prompt in instruction tuning: spt's backward then spends its MLP budget on the rows that carry a
+loss). Configurations:
 
   eager-sdpa            eager PyTorch, SDPA attention                 (dense)
   eager-attn            eager PyTorch, attn_implementation="eager"    (dense; the SPT paper's baseline)
   inductor              torch.compile, Inductor                        (dense)
-  spt                   backend="spt" at its defaults (density 1/8, 2 of 4 FFN blocks, chunked loss)
+  spt                   backend="spt" at its defaults (exact forward; backward: density 1/8, 3 of 4 FFN
+                        blocks, every block on rows that carry a loss; chunked loss)
+  spt-50%               spt with 2 of 4 FFN blocks in the backward
+  spt-sparse-forward    the defaults before issue 16: the forward sparse too (exact_forward=False), 2 of 4
+                        FFN blocks, loss rows ranked like the others
+  spt-sparse-forward-25%  the same with 1 of 4 FFN blocks
   spt-no-chunked-loss   spt without the chunked LM head + loss, so the loss pass's share shows
   spt-inductor          spt with Inductor downstream
-  spt-25%               spt with 1 of 4 FFN blocks active
+  spt-25%               spt with 1 of 4 FFN blocks in the backward
   spt-25%-no-chunked-loss
   spt-16blocks          spt with 8 of 16 FFN blocks (finer blocks: more of the MLP output kept)
   spt-16blocks-25%      spt with 4 of 16 FFN blocks
@@ -55,7 +62,10 @@ CONFIGS = {
     "eager-sdpa": ("eager", None, "sdpa"),
     "eager-attn": ("eager", None, "eager"),
     "inductor": ("inductor", None, "sdpa"),
-    "spt": ("spt", {}, "sdpa"),  # defaults: density 1/8, 2 of 4 FFN blocks, chunked loss, aot_eager
+    "spt": ("spt", {}, "sdpa"),  # defaults: exact forward, backward density 1/8 and 3 of 4 FFN blocks, chunked loss
+    "spt-50%": ("spt", {"ffn_active": 2}, "sdpa"),
+    "spt-sparse-forward": ("spt", {"exact_forward": False, "ffn_active": 2, "ffn_loss_rows": "off"}, "sdpa"),
+    "spt-sparse-forward-25%": ("spt", {"exact_forward": False, "ffn_active": 1, "ffn_loss_rows": "off"}, "sdpa"),
     "spt-no-chunked-loss": ("spt", {"chunked_loss": False}, "sdpa"),
     "spt-inductor": ("spt", {"compiler": "inductor"}, "sdpa"),
     "spt-25%": ("spt", {"ffn_active": 1}, "sdpa"),
@@ -81,6 +91,9 @@ def parse_args(argv=None):
                    choices=list(CONFIGS), metavar="CONFIG", help="any of: " + ", ".join(CONFIGS).replace("%", "%%"))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[512, 1024])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-frac", type=float, default=0.0,
+                   help="share of each row's first tokens whose labels are -100, as a prompt in instruction "
+                        "tuning (default 0: every token carries a loss, as in LM tuning)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (spt: after calibration)")
     p.add_argument("--layers", type=int, default=None, help="truncate the model (default: all 30 layers)")
@@ -182,6 +195,8 @@ def worker(name: str, seq: int, args) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, seq),
                         generator=torch.Generator().manual_seed(1)).to(args.device)
+    labels = ids.clone()
+    labels[:, : int(args.prompt_frac * seq)] = -100  # a prompt: no loss there
 
     def step(measure_saved=False):
         saved = SavedBytes(model.parameters())
@@ -190,9 +205,9 @@ def worker(name: str, seq: int, args) -> dict:
         t0 = time.perf_counter()
         if measure_saved:
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                loss = run(input_ids=ids, labels=ids).loss
+                loss = run(input_ids=ids, labels=labels).loss
         else:
-            loss = run(input_ids=ids, labels=ids).loss
+            loss = run(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -214,7 +229,8 @@ def worker(name: str, seq: int, args) -> dict:
     median = statistics.median(times)
     # Compile time: the first step minus a step of the same kind (dense for spt's calibration).
     like_first = statistics.median(dense_steps[1:]) if len(dense_steps) > 1 else median
-    out = {"config": name, "seq": seq, "batch": args.batch, "compile_s": first - like_first, "step_s": median,
+    out = {"config": name, "seq": seq, "batch": args.batch, "prompt_frac": args.prompt_frac,
+           "compile_s": first - like_first, "step_s": median,
            "step_times": times, "tokens_per_s": args.batch * seq / median, "saved_bytes": saved_bytes,
            "loss": losses[-1], "threads": torch.get_num_threads(), "torch": torch.__version__,
            "attn_implementation": attn, "spt_options": options, "model": args.model, "dtype": args.dtype,
@@ -238,7 +254,8 @@ def worker(name: str, seq: int, args) -> dict:
     out["rss_loaded_bytes"] = rss_loaded
     out["peak_rss_above_model_bytes"] = peak_rss_bytes() - rss_loaded
     if backend == "spt":
-        limit, spt_parts, dense_parts = flop_limit(Dims.from_config(model.config), seq, args.batch, options)
+        loss_frac = 1.0 - int(args.prompt_frac * seq) / seq
+        limit, spt_parts, dense_parts = flop_limit(Dims.from_config(model.config), seq, args.batch, options, loss_frac)
         out.update(flop_limit=limit, flops_spt=spt_parts, flops_dense=dense_parts)
     return out
 
@@ -251,6 +268,7 @@ def run_all(args, failures: list) -> list[dict]:
     for seq in args.seq_lens:
         for name in args.configs:
             cmd = [sys.executable, __file__, "--worker", f"{name}:{seq}", "--batch", str(args.batch),
+                   "--prompt-frac", str(args.prompt_frac),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--model", args.model,
                    "--device", args.device, "--dtype", args.dtype]
             if args.layers:

@@ -77,8 +77,10 @@ def step_flops(dims: Dims, N: int, batch: int = 1, *, density: float = 1.0, ffn_
     return parts
 
 
-def spt_settings(options: dict, N: int) -> dict:
-    """step_flops keyword arguments for an spt configuration (its options over the defaults)."""
+def spt_settings(options: dict, N: int, loss_frac: float = 1.0) -> dict:
+    """step_flops keyword arguments for an spt configuration (its options over the defaults).
+    loss_frac: the share of rows that carry a loss; under exact_forward with ffn_loss_rows="dense"
+    they keep every MLP block in the backward, so the MLP's backward share is at least that."""
     import sys
     from pathlib import Path
 
@@ -87,12 +89,15 @@ def spt_settings(options: dict, N: int) -> dict:
 
     o = make_options(options)
     sparse_attention = o.sparse_attention and N >= o.attention_dense_below
+    frac = o.active_blocks / o.ffn_blocks if o.sparse_ffn else 1.0
+    if o.ffn_loss_rows == "dense" and o.sparse_ffn:
+        frac = max(frac, min(1.0, loss_frac))
     return {"density": (o.top_l / N if o.top_l else o.density), "sparse_attention": sparse_attention,
-            "ffn_frac": o.active_blocks / o.ffn_blocks if o.sparse_ffn else 1.0, "exact_forward": o.exact_forward}
+            "ffn_frac": frac, "exact_forward": o.exact_forward}
 
 
-def flop_limit(dims: Dims, N: int, batch: int, options: dict) -> tuple[float, dict, dict]:
+def flop_limit(dims: Dims, N: int, batch: int, options: dict, loss_frac: float = 1.0) -> tuple[float, dict, dict]:
     """(spt FLOPs / dense FLOPs, spt parts, dense parts) for an spt configuration."""
     dense = step_flops(dims, N, batch)
-    spt = step_flops(dims, N, batch, **spt_settings(options, N))
+    spt = step_flops(dims, N, batch, **spt_settings(options, N, loss_frac))
     return spt["total"] / dense["total"], spt, dense

@@ -591,16 +591,19 @@ def evaluate_sparse(secs: dict, task: Task, compiled, model) -> dict:
     MLP calls must grow (else UserError). Attention runs exact below attention_dense_below either way."""
     import spt_compile
 
-    def routed_calls():
-        return sum(s["runs"].get("routed", 0) for s in spt_compile.report(model) if s["kind"] == "mlp")
+    def mlp_runs(kind: str) -> int:
+        return sum(s["runs"].get(kind, 0) for s in spt_compile.report(model) if s["kind"] == "mlp")
 
-    before = routed_calls()
+    before = {k: mlp_runs(k) for k in ("routed", "dense", "exact_inference")}
     with spt_compile.enable(sparse_inference=True):
         metrics = timed(secs, "evaluate", task.evaluate, compiled)
-    ran = routed_calls() - before
-    options = spt_compile.report(model)
-    if ran == 0 and any(s["kind"] == "mlp" for s in options):
-        raise UserError("the sparse evaluation ran no routed MLP call (sparse_ffn off, or every block active?)")
+    grew = {k: mlp_runs(k) - v for k, v in before.items()}
+    has_mlp = any(s["kind"] == "mlp" for s in spt_compile.report(model))
+    # "dense" counts the degenerate configuration (every block active) and sparse_ffn off: the sparse
+    # forward itself, only with nothing to leave out. exact_inference would mean the option did not reach.
+    if has_mlp and (grew["exact_inference"] or not (grew["routed"] or grew["dense"])):
+        raise UserError(f"the sparse evaluation did not run the sparse forward (MLP calls: {grew})")
+    ran = grew["routed"]
     return {**metrics, "routed_mlp_calls": ran}
 
 

@@ -1,15 +1,22 @@
-"""Which token rows carry a loss: a [T] bool operand the MLP sites receive (loss-carrying rows keep
-every MLP block in the backward; options.ffn_loss_rows).
+"""Which token rows carry a loss: a [T] bool operand the MLP sites receive (under exact_forward those
+rows keep every MLP block in the backward: options.ffn_loss_rows).
 
-The mask depends only on the labels, a graph input, so it is computed once, at the top of the graph:
-the nodes that turn the labels into the cross-entropy's target (Hugging Face pads and shifts them,
-nanoGPT slices them) are copied there, then `target != ignore_index` is laid out over the LM head's
-input rows, which are the rows of every MLP input of the same leading shape. Nothing travels by a
-side channel: the operand is in the graph, also into activation-checkpoint bodies (passes/__init__.py).
+The mask depends only on the labels, a graph input. The nodes that turn the labels into the
+cross-entropy's target (Hugging Face pads and shifts them, nanoGPT slices them) are copied to the top
+of the graph, followed by `target != ignore_index`. Each MLP site then lays that out over its input's
+rows, right after the input. Nothing travels by a side channel: the operand is in the graph, and
+inside activation-checkpoint bodies it is one more operand of the checkpoint call
+(passes/__init__.py).
 
-Found only when the loss is in the graph and its target is computed from graph inputs by the ops
-listed in _PURE, and the logits' token slice (if any) drops the last position (the shifted-logits
-form). Otherwise `find` says why, and the MLP sites run without it (explain() shows the reason).
+Two kinds of loss are read:
+  * tokens: an LM head and its cross-entropy (passes/loss.py's match). The target's rows are the LM
+    head input's rows, or all positions but the last when the logits are sliced that way
+    (logits[:, :-1]).
+  * pooled: sequence classification on one position, `cross_entropy(head(h[:, p]), labels)` through
+    linear layers, activations and dropout (BERT's pooler and classifier read position 0). Row p of
+    each sequence carries the loss.
+Otherwise, or when the target is not computed from graph inputs by the ops in _PURE_*, `find` says
+why and the sites run without it (explain() shows the reason).
 """
 
 from __future__ import annotations
@@ -26,42 +33,61 @@ from .fx_utils import bind, op, same, shape, static_int, val
 from .loss import Reject, match
 
 # Ops the labels may pass through on the way to the target (no arithmetic on activations, no state).
-_PURE_FUNCTIONS = {F.pad, torch._C._nn.pad, operator.getitem, torch.reshape, torch.flatten, torch.cat, torch.roll, torch.narrow,
-                   torch.squeeze, torch.unsqueeze, torch.where, torch.masked_fill}
+_PURE_FUNCTIONS = {F.pad, torch._C._nn.pad, operator.getitem, torch.reshape, torch.flatten, torch.cat, torch.roll,
+                   torch.narrow, torch.squeeze, torch.unsqueeze, torch.where, torch.masked_fill}
 _PURE_METHODS = {"view", "reshape", "flatten", "contiguous", "to", "long", "int", "clone", "squeeze", "unsqueeze",
                  "narrow", "roll", "masked_fill", "expand", "__getitem__"}
+# Between a pooled position and the classification loss: what a classification head is made of.
+_HEAD_OPS = {"linear", "tanh", "dropout", "gelu", "relu", "silu", "sigmoid", "to", "float", "type", "contiguous",
+             "view", "reshape"}
 
 
 @dataclass
 class LossRows:
-    """Where the loss reads its labels: the target node, ignore_index, and the LM head input."""
+    """Where the loss reads its labels, and how its rows map onto the MLP inputs' rows."""
 
     target: Node  # [T_loss] class indices
     ignore_index: int
-    head_input: Node  # h [..., d]: the LM head's input; the target's rows are h's rows (after `index`)
-    index: Optional[tuple]  # the token slice applied to the logits, or None
-    detail: str  # for explain()
+    kind: str  # "tokens" | "pooled"
+    lead: tuple  # tokens: the LM head input's leading sizes; pooled: (B, N) of the pooled tensor
+    index: Optional[tuple] = None  # tokens: the logits' token slice, or None
+    position: int = 0  # pooled: the position each sequence's head reads
+    detail: str = ""  # for explain()
 
 
 def find(gm: GraphModule) -> Union[LossRows, str]:
     """The loss of this graph whose target comes from graph inputs, or the reason there is none."""
     reason = "no cross_entropy in this graph (the loss is computed outside it: a graph break or per-block compile)"
     for ce in [n for n in gm.graph.nodes if op(n) == "cross_entropy"]:
-        try:
-            linear, _, index, (ignore, _, _), _ = match(ce)
-        except Reject as why:
-            reason = f"the loss is not an LM head + cross_entropy the loss pass reads ({why})"
+        a = bind(ce)
+        target, ignore = a["target"], a.get("ignore_index", -100)
+        if not isinstance(target, Node) or not isinstance(ignore, int):
+            reason = "the loss's target or ignore_index is not a graph value and a constant"
             continue
-        target = bind(ce)["target"]
         impure = _impure_ancestor(target)
         if impure is not None:
             reason = f"the loss's target is not computed from graph inputs alone ('{impure.name}')"
             continue
+        try:
+            linear, _, index, _, _ = match(ce)
+        except Reject as why:
+            pooled = _pooled(a["input"])
+            if pooled is None:
+                reason = f"the loss is neither an LM head + cross_entropy ({why}) nor a classification of one position"
+                continue
+            h, position = pooled
+            return LossRows(target, ignore, "pooled", tuple(shape(h)[:2]), position=position,
+                            detail=f"labels via '{target.name}' on position {position} (ignore_index={ignore})")
         h = bind(linear)["input"]
+        pooled = _pooled(h) if index is None else None
+        if pooled is not None:  # a classifier head over one position (a linear the loss pass also reads)
+            return LossRows(target, ignore, "pooled", tuple(shape(pooled[0])[:2]), position=pooled[1],
+                            detail=f"labels via '{target.name}' on position {pooled[1]} (ignore_index={ignore})")
         if index is not None and _drops_last(index, shape(h)) is None:
             reason = f"the logits' token slice {index} is not the shifted-logits form (all positions but the last)"
             continue
-        return LossRows(target, ignore, h, index, f"labels via '{target.name}' (ignore_index={ignore})")
+        return LossRows(target, ignore, "tokens", tuple(shape(h)[:-1]), index=index,
+                        detail=f"labels via '{target.name}' (ignore_index={ignore})")
     return reason
 
 
@@ -83,6 +109,26 @@ def _impure_ancestor(target: Node) -> Optional[Node]:
     return None
 
 
+def _pooled(x: Node) -> Optional[tuple[Node, int]]:
+    """(h [B, N, d], p) when x, the loss's [B, C] input, is a classification head over h[:, p]."""
+    n = x
+    for _ in range(16):
+        if not isinstance(n, Node):
+            return None
+        if op(n) == "getitem":
+            h, index = n.args
+            hs = shape(h)
+            if (hs and len(hs) == 3 and isinstance(index, tuple) and len(index) >= 2
+                    and index[0] == slice(None, None, None) and isinstance(index[1], int) and index[1] >= 0
+                    and all(i == slice(None, None, None) for i in index[2:])):
+                return h, index[1]
+            return None
+        if op(n) not in _HEAD_OPS:
+            return None
+        n = bind(n)["input"] if op(n) in ("linear", "dropout") else n.args[0]
+    return None
+
+
 def _drops_last(index, h_shape) -> Optional[int]:
     """The dim of h that `index` cuts to all positions but the last (logits[:, :-1]), or None."""
     index = index if isinstance(index, tuple) else (index,)
@@ -98,9 +144,9 @@ def _drops_last(index, h_shape) -> Optional[int]:
     return d if i.stop in (-1, n - 1) else None
 
 
-def insert(graph: Graph, found: LossRows) -> Node:
-    """Copies the target's computation to the top of `graph` (after the last placeholder) and adds
-    the [T] bool loss-row mask over the LM head input's rows; returns its node."""
+def insert_carries(graph: Graph, found: LossRows) -> Node:
+    """Copies the target's computation to the top of `graph` (after the last placeholder), then
+    `target != ignore_index`: [T_loss] bool; returns that node."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     ancestors, todo = set(), [found.target]
     while todo:
@@ -108,48 +154,83 @@ def insert(graph: Graph, found: LossRows) -> Node:
         if n not in ancestors and n.op != "placeholder":
             ancestors.add(n)
             todo.extend(n.all_input_nodes)
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    point = [n for n in graph.nodes if n.op == "placeholder"][-1]
     copies: dict[Node, Node] = {}
-    point = last_input
     for n in sorted(ancestors, key=order.get):
         with graph.inserting_after(point):
             point = copies[n] = graph.node_copy(n, lambda a: copies.get(a, a))
-    h_lead = shape(found.head_input)[:-1]
     with graph.inserting_after(point):
         carries = graph.call_function(torch.ne, (copies[found.target], found.ignore_index))
-    rows = carries
-    if found.index is not None:  # logits[..., :-1, :]: the last position of that dim carries no loss
-        d = _drops_last(found.index, shape(found.head_input))
-        cut = list(h_lead)
-        cut[d] = static_int(cut[d]) - 1
-        with graph.inserting_after(rows):
-            rows = graph.call_method("view", (rows, tuple(static_int(s) for s in cut)))
-        with graph.inserting_after(rows):
-            rows = graph.call_function(F.pad, (rows, [0, 0] * (len(h_lead) - 1 - d) + [0, 1]), {"value": False})
-    with graph.inserting_after(rows):
-        out = graph.call_method("reshape", (rows, -1))
-    for n in [*copies.values(), *_between(carries, out)]:  # this pass's own nodes (tests/graph_check.py)
-        n.meta["spt_loss_rows"] = True
     example = val(found.target)
-    if example is not None:  # for later passes that read shapes
-        lead = 1
-        for s in h_lead:
-            lead = lead * s
-        for node in (carries, out):
-            node.meta["example_value"] = torch.empty(
-                lead if node is out else example.shape, dtype=torch.bool, device=example.device)
+    if example is not None:
+        carries.meta["example_value"] = torch.empty_like(example, dtype=torch.bool)  # fake, symbolic sizes kept
+    for n in [*copies.values(), carries]:  # this pass's own nodes (tests/graph_check.py)
+        n.meta["spt_loss_rows"] = True
+    return carries
+
+
+def finish(graph: Graph, carries: Node, found: LossRows, x: Node) -> Node:
+    """The [T] bool mask over the rows of the MLP input x, built from `carries` right after x (or
+    after carries, when x comes first: a placeholder of a checkpoint body)."""
+    made = []
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    start = max(x, carries, key=order.get)
+
+    def add(kind, target, args, kwargs=None):
+        with graph.inserting_after(made[-1] if made else start):
+            node = (graph.call_method if kind == "method" else graph.call_function)(target, args, kwargs or {})
+        made.append(node)
+        return node
+
+    if found.kind == "pooled":  # [B, N]: position p of each sequence, where its label counts
+        n = add("method", "size", (x, 1))
+        device = val(carries).device if isinstance(val(carries), torch.Tensor) else None
+        positions = add("function", torch.arange, (n,), {"device": device})
+        at = add("function", operator.eq, (positions, found.position))
+        rows = add("function", operator.and_, (add("method", "unsqueeze", (at, 0)),
+                                               add("method", "unsqueeze", (carries, 1))))
+    elif found.index is not None:  # logits[..., :-1, :]: the last position of that dim carries no loss
+        d = _drops_last(found.index, found.lead + (None,))
+        cut = [static_int(s) for s in found.lead]
+        cut[d] -= 1
+        view = add("method", "view", (carries, tuple(cut)))
+        rows = add("function", F.pad, (view, [0, 0] * (len(found.lead) - 1 - d) + [0, 1]), {"value": False})
+    else:
+        rows = carries
+    out = add("method", "reshape", (rows, -1))
+    for node in made:
+        node.meta["spt_loss_rows"] = True
+    xv = val(x)
+    if isinstance(xv, torch.Tensor):
+        out.meta["example_value"] = xv.new_empty(xv.shape[:-1], dtype=torch.bool).reshape(-1)
     return out
 
 
-class RowsSource:
-    """The loss-row mask of one graph, inserted the first time an MLP site asks for it; inside an
-    activation-checkpoint body (`into_body`), a placeholder fed by the outer graph's mask."""
+def fits(found: LossRows, x_shape: Optional[tuple]) -> bool:
+    """Whether the mask can be laid over the rows of an MLP input x [..., d]."""
+    if x_shape is None:
+        return False
+    lead = x_shape[:-1]
+    if found.kind == "pooled":
+        return len(lead) == 2 and all(same(a, b) for a, b in zip(lead, found.lead))
+    if len(lead) == len(found.lead):
+        return all(same(a, b) for a, b in zip(lead, found.lead))
+    total_a, total_b = 1, 1
+    for s in lead:
+        total_a = total_a * s
+    for s in found.lead:
+        total_b = total_b * s
+    return same(total_a, total_b) and found.index is None
 
-    def __init__(self, graph: Graph, found: Union[LossRows, str], lead: Optional[tuple] = None,
-                 outer: Optional["RowsSource"] = None, call: Optional[Node] = None):
+
+class RowsSource:
+    """The loss rows of one graph: `carries` inserted at the top the first time an MLP site asks;
+    inside an activation-checkpoint body (`into_body`), a placeholder fed by the outer graph's."""
+
+    def __init__(self, graph: Graph, found: Union[LossRows, str], outer: Optional["RowsSource"] = None,
+                 call: Optional[Node] = None):
         self.graph, self.found, self.outer, self.call = graph, found, outer, call
-        self.lead = tuple(shape(found.head_input)[:-1]) if isinstance(found, LossRows) else lead
-        self.node: Optional[Node] = None
+        self.carries: Optional[Node] = None
 
     @property
     def reason(self) -> str:
@@ -157,56 +238,32 @@ class RowsSource:
         return self.found if isinstance(self.found, str) else ""
 
     def into_body(self, call: Node, body: GraphModule) -> "RowsSource":
-        """The source for the body of a checkpoint call: the mask becomes one more operand of `call`."""
-        return RowsSource(body.graph, self.found, self.lead, outer=self, call=call)
+        """The source for the body of a checkpoint call: `carries` becomes one more operand of `call`."""
+        return RowsSource(body.graph, self.found, outer=self, call=call)
 
     def note(self, x: Node) -> str:
         """What an MLP site with input x gets, for explain() (inserts nothing)."""
         if self.reason:
             return f"no loss rows: {self.reason}"
-        if not fits(self.lead, shape(x)):
-            return f"no loss rows: the MLP input {tuple(shape(x))} has not the LM head's rows {self.lead}"
-        return "loss rows from the labels"
+        if not fits(self.found, shape(x)):
+            return f"no loss rows: the MLP input {tuple(shape(x) or ())} does not have the loss's rows {self.found.lead}"
+        return "loss rows from the labels" + (f" (position {self.found.position})" if self.found.kind == "pooled" else "")
 
     def for_input(self, x: Node) -> tuple[Optional[Node], str]:
         """(the mask node for an MLP input x, or None; the note for explain())."""
         note = self.note(x)
-        if self.reason or not fits(self.lead, shape(x)):
+        if self.reason or not fits(self.found, shape(x)):
             return None, note
-        if self.node is None and self.outer is None:
-            self.node = insert(self.graph, self.found)
-        elif self.node is None:  # thread the outer mask into the checkpoint body
-            outer, _ = self.outer.for_input(x)
+        return finish(self.graph, self._carries(), self.found, x), note
+
+    def _carries(self) -> Node:
+        if self.carries is None and self.outer is None:
+            self.carries = insert_carries(self.graph, self.found)
+        elif self.carries is None:  # thread the outer graph's into the checkpoint body
+            outer = self.outer._carries()
             last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last):
-                self.node = self.graph.placeholder("spt_loss_rows")
-            self.node.meta.update(outer.meta)
-            self.node.meta["spt_loss_rows"] = True
+                self.carries = self.graph.placeholder("spt_loss_rows")
+            self.carries.meta.update(outer.meta)
             self.call.args = (*self.call.args, outer)
-        return self.node, note
-
-
-def _between(first: Node, last: Node) -> list[Node]:
-    """The nodes from first to last in graph order."""
-    out, n = [], first
-    while n is not None and n.op != "root":
-        out.append(n)
-        if n is last:
-            break
-        n = n.next
-    return out
-
-
-def fits(rows_lead: tuple, x_shape: Optional[tuple]) -> bool:
-    """Whether an MLP input x [..., d] has the LM head input's rows (same leading sizes)."""
-    if x_shape is None:
-        return False
-    lead = x_shape[:-1]
-    if len(lead) == len(rows_lead):
-        return all(same(a, b) for a, b in zip(lead, rows_lead))
-    total_a, total_b = 1, 1
-    for s in lead:
-        total_a = total_a * s
-    for s in rows_lead:
-        total_b = total_b * s
-    return same(total_a, total_b)
+        return self.carries

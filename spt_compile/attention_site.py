@@ -328,7 +328,8 @@ class AttentionSite(Site):
         them: P = exp(s - lse) is the full softmax's, and rowsum(dO * O) the full output's."""
         if _cpu_flash_applies(q, k, v, mask, is_causal, scale, 0.0):
             out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
-            return out.contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32))
+            # the kernel's layouts may be transposed; the fake kernel promises contiguous ones
+            return out.contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
         bm = bn = options.attention_block
         n_kb = block_select.n_blocks(k.shape[2], bn)
         every = torch.full((q.shape[0],), n_kb, dtype=torch.int64)

@@ -89,7 +89,9 @@ IMPL_NAMES = {v: k for k, v in IMPL_CODES.items()}
 # usually runs outside the autocast region, computes in the same one.
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-META_FIXED = 5  # mode, seed, permuted, impl, compute dtype; then the tokens per block (n_blocks values)
+# mode, seed, permuted, impl, compute dtype, whole (exact_mlp_forward kept every pair and saved the
+# pre-activations as [T, F] per projection); then the tokens per block (n_blocks values)
+META_FIXED = 6
 TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibration call
 ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
@@ -290,14 +292,29 @@ class MlpSite(Site):
             self.comp_for = key
         return self.comp
 
+    def loss_rows_only(self, options: Options, lead: tuple, loss_rows: Optional[Tensor]) -> Optional[Tensor]:
+        """The backward's mask when ffn_loss_rows="dense" leaves nothing to rank: every real row
+        carries a loss (LM tuning), so the loss rows keep every block and the others (padding) none;
+        [T, nb] bool, else None. Saves the scores' cost where they would change nothing."""
+        if options.ffn_loss_rows != "dense" or loss_rows is None or options.ffn_dense_first:
+            return None
+        T = loss_rows.numel()
+        real = REGISTRY.real_rows(lead)
+        others = ~loss_rows if real is None or real.numel() != T else real & ~loss_rows
+        if bool(others.any()):  # one sync, on a [T] mask
+            return None
+        return loss_rows[:, None].expand(T, self.n_blocks).clone()
+
     def backward_mask(self, scores: Tensor, options: Options, lead: tuple = (),
                       loss_rows: Optional[Tensor] = None) -> Tensor:
         """exact_forward's choice of (token, block) pairs for backward, [T, nb] bool, from the exact
         forward's scores [T, nb] (routed_mlp.IMPORTANCES): the batch's highest-scoring pairs, ffn_active
         per real token on average (a token with much in play gets more blocks, one with little fewer).
         Padding rows get none: nothing reads them and no loss is on them, so their d(y) is exactly 0.
-        Rows that carry a loss (loss_rows [T] bool, the graph's operand) come first under
-        ffn_loss_rows="first", keep every block under "dense". ffn_dense_first positions keep every block.
+        Rows that carry a loss (loss_rows [T] bool, the graph's operand) come first: under
+        ffn_loss_rows="dense" they keep every block, beyond the budget if need be (what is left of it
+        goes to the other rows); under "first" they fill the budget and no more. ffn_dense_first
+        positions keep every block.
 
         Global rather than per token by measurement (GSM8K probe, docs/quality.md): held-out loss 1.1517
         against 1.1607 at 2 of 4 blocks; loss rows first at the same budget 1.1348 (dense 1.1261)."""
@@ -309,16 +326,16 @@ class MlpSite(Site):
         if mode == "off" or loss_rows is None or loss_rows.numel() != T:
             loss_rows = None
         s = scores if real is None else scores.masked_fill(~real[:, None], float("-inf"))
-        if loss_rows is not None and mode == "first":  # ranked above every other pair, by their own scores
-            s = torch.where(loss_rows[:, None], s + 1e30, s)
         budget = options.active_blocks * (T if real is None else int(real.sum()))  # one sync, as real_rows
+        if loss_rows is not None:  # ranked above every other pair, by their own scores
+            s = torch.where(loss_rows[:, None], s + 1e30, s)
+            if mode == "dense":  # every pair of theirs, whatever the budget; what is left goes to the others
+                budget = max(budget, int(loss_rows.sum()) * scores.shape[1])
         mask = torch.zeros_like(scores, dtype=torch.bool)
         if budget:
             mask.view(-1)[s.reshape(-1).topk(min(budget, s.numel())).indices] = True
         if real is not None:
             mask &= real[:, None]
-        if loss_rows is not None and mode == "dense":
-            mask |= loss_rows[:, None]
         if options.ffn_dense_first and len(lead) >= 2:
             mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
         return mask
@@ -391,6 +408,7 @@ class MlpSite(Site):
         self.count_run(plan, "calibration" if calibrating else "exact_forward" if exact else "routed" if routed
                        else "exact_inference" if inference_exact and options.sparse_ffn and T else "dense")
         perm = None
+        whole = False  # exact_mlp_forward saved every pair as [T, F] per projection
         comp = None  # ffn_compensate's (U, V, M) on x's device, when this call adds it
         saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
@@ -405,17 +423,18 @@ class MlpSite(Site):
             if not routed:
                 block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
                 collect = calibrating and plan.updates_state
-                norms = torch.zeros(T, nb, device=x.device) if collect else None
-                if collect:  # the torch path: it measures the block norms on the way
-                    y, impl_meta = routed_mlp_forward(x2, weights, spec, block_mask, seed, norms, saved), (0, 0, ())
+                if collect:  # the torch path, measuring each block's output norm on the way (the router's target)
+                    y, _, norms, whole = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
+                                                           seed, saved, None, "block_output")
+                    impl_meta = (IMPL_CODES["torch"], 0, ())
                     self._calibrate(x2, norms, weights, spec, plan, seed, tuple(x.shape[:-1]))
                 elif _torch_path(options.ffn_impl, x2, spec):
                     # exact_forward's code with every block kept, in the clustered block order when there is
                     # one: the same sums in the same order as its training calls, so disable() reproduces
                     # their forward bit for bit.
                     perm = None if self.perm is None else self.perm.to(x.device)
-                    y, _, _ = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
-                                                seed, saved, perm, BACKWARD_IMPORTANCE)
+                    y, _, _, whole = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
+                                                       seed, saved, perm, BACKWARD_IMPORTANCE)
                     impl_meta = (IMPL_CODES["torch"], 0, ())
                 else:
                     y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
@@ -423,8 +442,11 @@ class MlpSite(Site):
                 perm = None if self.perm is None else self.perm.to(x.device)
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
-                y, block_mask, _ = exact_mlp_forward(x2, weights, spec, lambda s: self.backward_mask(s, options, lead, rows),
-                                                     seed, saved, perm, BACKWARD_IMPORTANCE)
+                preset = self.loss_rows_only(options, lead, rows)  # no pair to rank: no scores to compute
+                y, block_mask, _, whole = exact_mlp_forward(
+                    x2, weights, spec, (lambda s: preset) if preset is not None else (
+                        lambda s: self.backward_mask(s, options, lead, rows)), seed, saved, perm,
+                    None if preset is not None else BACKWARD_IMPORTANCE)
                 impl_meta = (IMPL_CODES["torch"], 0, ())
                 if plan.updates_state and (self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     # captured / rel_error: what the backward's blocks hold of the exact output
@@ -435,8 +457,10 @@ class MlpSite(Site):
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 block_mask = self.route(x2, options, tuple(x.shape[:-1]))
-                if options.ffn_loss_rows == "dense" and loss_rows is not None and loss_rows.numel() == T:
-                    block_mask |= loss_rows.to(x.device)[:, None]  # rows that carry a loss run every block
+                if training and options.ffn_loss_rows == "dense" and loss_rows is not None and loss_rows.numel() == T:
+                    # rows that carry a loss run every block; not without gradients: an evaluation that
+                    # passes labels must still measure the sparse forward
+                    block_mask |= loss_rows.to(x.device)[:, None]
                 wp = _LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
@@ -452,7 +476,7 @@ class MlpSite(Site):
         self.end(plan, training)
         impl_code, dtype_code, counts = impl_meta
         counts = list(counts) or [0] * nb
-        meta = torch.tensor([mode, seed, int(perm is not None), impl_code, dtype_code, *counts],
+        meta = torch.tensor([mode, seed, int(perm is not None), impl_code, dtype_code, int(whole), *counts],
                             dtype=torch.int64)
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
         # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added
@@ -642,7 +666,7 @@ def mlp_site_backward(
     """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
     s = MlpSpec.from_str(spec)
     weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
-    mode, seed, permuted, impl_code, dtype_code, *counts = meta.tolist()
+    mode, seed, permuted, impl_code, dtype_code, whole, *counts = meta.tolist()
     p = perm if permuted else None
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
@@ -653,7 +677,7 @@ def mlp_site_backward(
         UV = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
     if impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
         dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]),
-                                              pre, perm=p, comp=UV, exact_forward=mode == EXACT)
+                                              pre, perm=p, comp=UV, exact_forward=mode == EXACT, whole=bool(whole))
     else:
         dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, counts, dtype_code, p)
         if UV is not None and dx is not None:

@@ -16,8 +16,9 @@ def compiled_gpt(seed=0, dropout=0.0, **options):
     torch._dynamo.reset()  # a fresh cache: many compiles of one forward would hit Dynamo's recompile limit
     torch.manual_seed(seed)
     model = NanoGPT(d=64, heads=4, layers=2, block_size=160, dropout=dropout)
+    # exact_forward off: these tests are about the sparse forward (tests/test_exact_forward.py has the default)
     opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, "attention_dense_below": 0,
-            **options}
+            "exact_forward": False, **options}
     return model, torch.compile(model, backend="spt", options=opts)
 
 
@@ -135,7 +136,7 @@ def test_an_explicit_causal_mask_runs_as_is_causal():
     torch.manual_seed(0)
     model = GQAAttention(d=64, heads=4, kv_heads=2)
     opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, "attention_dense_below": 0,
-            "attention_block": 16, "density": 0.25}
+            "attention_block": 16, "density": 0.25, "exact_forward": False}
     x = torch.randn(2, 100, 64)
     mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()
     results = []

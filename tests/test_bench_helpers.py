@@ -22,10 +22,16 @@ def test_flop_limit_is_one_when_nothing_is_dropped():
 
 
 def test_flop_limit_follows_density_and_blocks():
-    at_2048 = flop_limit(SMOLLM2, 2048, 1, {})[0]
-    at_25 = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 1})[0]
+    sparse_forward = {"exact_forward": False, "ffn_active": 2, "ffn_loss_rows": "off"}  # the old defaults
+    at_2048 = flop_limit(SMOLLM2, 2048, 1, sparse_forward)[0]
+    at_25 = flop_limit(SMOLLM2, 2048, 1, {**sparse_forward, "ffn_active": 1})[0]
     short = flop_limit(SMOLLM2, 512, 1, {})  # attention runs exact below 2048 tokens by default
     assert 0.4 < at_25 < at_2048 < 0.8
+    # exact_forward: the forward whole; loss rows (here every row, as in LM tuning) keep the MLP backward whole
+    exact_half = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2}, loss_frac=0.0)[0]
+    lm = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2}, loss_frac=1.0)[0]
+    assert at_2048 < exact_half < lm < 1.0
+    assert abs(exact_half - 0.753) < 0.01  # docs/quality.md's table
     assert short[1]["attention"] == short[2]["attention"]
     dense = step_flops(SMOLLM2, 2048)
     half = step_flops(SMOLLM2, 2048, ffn_frac=0.5)

@@ -67,7 +67,7 @@ def test_triton_on_cpu_is_a_clear_error(monkeypatch):
 
 def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
     """ffn_impl='reference' through torch.compile: the reference runs forward and backward, and gives the
-    torch path's output and gradients; meta is [5 + n_blocks]."""
+    torch path's output and gradients; meta is [META_FIXED + n_blocks]."""
     calls = {"reference": 0, "reference_bwd": 0}
     ref, ref_bwd = mlp_site.routed_mlp_reference, mlp_site._reference_backward
 
@@ -85,7 +85,8 @@ def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
     torch._dynamo.reset()
     model = GatedMLP(d=16, hidden=36)
     compiled = torch.compile(model, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 1,
-                                                            "ffn_blocks": 3, "ffn_active": 1})
+                                                            "ffn_blocks": 3, "ffn_active": 1,
+                                                            "exact_forward": False})  # the routed forward's impl
     x = torch.randn(9, 16)
     for _ in range(2):  # calibration, then the first routed call (probes and refits the router)
         compiled(x).sum().backward()
@@ -107,5 +108,5 @@ def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
     with FakeTensorMode(shape_env=ShapeEnv()):  # pre has a data-dependent size
         w = torch.empty(36, 16)
         outs = torch.ops.spt.mlp_site(torch.empty(9, 16), w, None, None, None, w, None, None, None,
-                                      torch.empty(16, 36), None, None, None, 0, spec, True)
+                                      torch.empty(16, 36), None, None, None, None, 0, spec, True)
     assert outs[4].shape == (mlp_site.META_FIXED + 3,)  # the fake's meta follows n_blocks

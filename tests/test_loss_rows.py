@@ -19,7 +19,7 @@ from spt_compile.options import SptOptionError, make_options
 from graph_check import GraphCapture
 from toy_models import GatedMLP
 
-OPTIONS = {"compiler": "aot_eager", "calibration_steps": 1, "ffn_blocks": 4, "exact_forward": True}
+OPTIONS = {"compiler": "aot_eager", "calibration_steps": 1, "ffn_blocks": 4, "ffn_active": 2, "exact_forward": True}
 
 
 @pytest.fixture()
@@ -68,8 +68,8 @@ def _batch(B=2, N=12, vocab=53, ignore=-1):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, N), generator=gen)
     targets = torch.randint(0, vocab, (B, N), generator=gen)
-    targets[0, :5] = ignore  # a prompt
-    targets[1, 9:] = ignore  # padding
+    targets[0, :10] = ignore  # a prompt
+    targets[1, 6:] = ignore  # padding
     return ids, targets
 
 
@@ -91,15 +91,30 @@ def test_rows_reach_the_mlp_sites(seen, shifted, ckpt, mode):
     else:
         want = (targets != -1).reshape(-1)
     assert seen["rows"] and all(r is not None and torch.equal(r, want) for r in seen["rows"])
-    # The backward's budget is 2 of 4 blocks per row on average (48 pairs of 24 rows x 4 blocks). The 15-16
-    # loss rows' 60-64 pairs exceed it: "first" spends all of it on them, "dense" keeps all of theirs and
-    # gives the budget's pairs to the highest-scoring others too.
+    # The backward's budget is 2 of 4 blocks per row on average (48 pairs of 24 rows x 4 blocks); the 7-8
+    # loss rows take every block first, the rest of the budget goes to the other rows.
     assert seen["masks"]
     for mask in seen["masks"]:
-        if mode == "first":
-            assert mask.sum() == 48 and not mask[~want].any()
-        else:
-            assert mask[want].all() and 0 < mask[~want].sum() <= 48
+        assert mask[want].all() and mask.sum() == 48
+
+
+@pytest.mark.parametrize("mode,loss,want_pairs", [("dense", 10, 40), ("first", 10, 20), ("dense", 3, 20),
+                                                  ("first", 3, 20), ("off", 10, 20)])
+def test_backward_budget_and_loss_rows(mode, loss, want_pairs):
+    """10 rows, 4 blocks, 2 per row on average: 20 pairs. "dense" keeps every block of every loss row
+    even past the budget; "first" ranks them first within it; "off" ignores them."""
+    from spt_compile.registry import SiteTemplate
+
+    options = make_options({"ffn_blocks": 4, "ffn_active": 2, "ffn_loss_rows": mode})
+    site = mlp_site.MlpSite(SiteTemplate("mlp", 0, "test", options, (8,)), None)
+    scores = torch.rand(10, 4, generator=torch.Generator().manual_seed(0))
+    rows = torch.arange(10) < loss
+    mask = site.backward_mask(scores, options, (), rows)
+    assert mask.sum() == want_pairs
+    if mode != "off":
+        assert mask[rows].all() if 4 * loss <= want_pairs else mask[rows].sum() == want_pairs
+    else:  # the 20 highest scores, whoever they belong to
+        assert torch.equal(mask.view(-1), torch.zeros(40, dtype=torch.bool).index_fill_(0, scores.view(-1).topk(20).indices, True))
 
 
 def test_hugging_face_causal_lm_loss(seen):
@@ -161,3 +176,52 @@ def test_no_loss_in_the_graph_is_explained(seen):
 def test_bad_values_name_the_option(value):
     with pytest.raises(SptOptionError, match="ffn_loss_rows"):
         make_options({"ffn_loss_rows": value})
+
+
+def test_sparse_evaluation_ignores_loss_rows(monkeypatch):
+    """An evaluation that passes labels still measures the sparse forward: without gradients the loss
+    rows change nothing (ffn_loss_rows="dense" would otherwise run them through every block)."""
+    masks = []
+    run_impl = mlp_site._run_impl
+
+    def record(x2, w, spec, block_mask, *args, **kwargs):
+        masks.append(block_mask.clone())
+        return run_impl(x2, w, spec, block_mask, *args, **kwargs)
+
+    monkeypatch.setattr(mlp_site, "_run_impl", record)
+    ids, targets = _batch()
+    torch.manual_seed(0)
+    model = TinyLM()
+    _train(model, ids, targets, steps=2, ffn_loss_rows="dense")  # calibrates; training calls run exact
+    masks.clear()
+    with torch.no_grad(), spt_compile.enable(sparse_inference=True):
+        model_out = torch.compile(model, backend="spt", options={**OPTIONS, "ffn_loss_rows": "dense"})(ids, targets)
+    assert torch.isfinite(model_out)
+    assert masks and all((m.sum(1) == 2).all() for m in masks), [m.sum(1) for m in masks]
+
+
+def test_sequence_classification_pooled_position(seen):
+    """BERT's sequence classification reads position 0 (its pooler and classifier): that row of each
+    sequence with a label carries the loss."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config).train()
+    ids = torch.randint(1, 101, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    labels = torch.tensor([0, 1, -100])  # the third sequence has no label
+    text = str(spt_compile.explain(model, input_ids=ids, attention_mask=mask, labels=labels))
+    assert text.count("loss rows from the labels (position 0)") == 2, text
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options=OPTIONS)
+    for _ in range(2):
+        compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    want = torch.zeros(3, 10, dtype=torch.bool)
+    want[:2, 0] = True
+    assert len(seen["rows"]) == 4 and all(torch.equal(r, want.reshape(-1)) for r in seen["rows"])
+    for m in seen["masks"]:  # position 0 of the labelled sequences keeps every block (ffn_loss_rows "dense")
+        assert m[want.reshape(-1)].all()

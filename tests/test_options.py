@@ -34,8 +34,9 @@ def test_unknown_option_suggests_the_close_name():
 def test_defaults():
     o = Options()
     assert (o.density, o.top_l, o.ffn_blocks, o.active_blocks, o.pq_subspace_dim, o.pq_codewords) == (
-        0.125, None, 4, 2, 8, 16)
-    assert Options(ffn_blocks=8).active_blocks == 4
+        0.125, None, 4, 3, 8, 16)
+    assert Options(ffn_blocks=8).active_blocks == 6  # 3/4 by default (docs/quality.md)
+    assert Options(ffn_blocks=1).active_blocks == 1
 
 
 def test_enable_validates_eagerly():

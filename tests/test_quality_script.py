@@ -23,13 +23,14 @@ def test_per_task_arguments_and_options():
     args = quality.parse_args(["--steps", "7", "--lr", "sst2=1e-3", "--option", "density=0.25",
                                "--option", "ffn_cluster=false", "--option", "attention_selection=token",
                                "--option", "top_l=none", "--option", "ffn_active=3"])
-    assert args.steps == {"gsm8k": 7, "sst2": 7, "wikitext2": 7}
+    assert args.steps == {"gsm8k": 7, "sst2": 7, "wikitext2": 7, "wikitext2_long": 7}
     assert args.lr == {**quality.DEFAULTS["lr"], "sst2": 1e-3}
     assert args.spt_options == {"density": 0.25, "ffn_cluster": False, "attention_selection": "token",
                                 "top_l": None, "ffn_active": 3}
     args = quality.parse_args(["--tasks", "sst2,gsm8k", "--steps", "gsm8k=5,sst2=3", "--eval", "wikitext2=4"])
     assert args.tasks == ["sst2", "gsm8k"]
-    assert args.steps == {"gsm8k": 5, "sst2": 3, "wikitext2": quality.DEFAULTS["steps"]["wikitext2"]}
+    assert args.steps == {"gsm8k": 5, "sst2": 3, "wikitext2": quality.DEFAULTS["steps"]["wikitext2"],
+                          "wikitext2_long": quality.DEFAULTS["steps"]["wikitext2_long"]}
     assert args.eval["wikitext2"] == 4 and args.eval["gsm8k"] == quality.DEFAULTS["eval"]["gsm8k"]
 
 

@@ -75,8 +75,11 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-# The routed-MLP tests' options: aot_eager, 2 calibration calls, 4 blocks.
-MLP_TEST_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4}
+# The routed-MLP tests' options: aot_eager, 2 calibration calls, 4 blocks, and the sparse forward they
+# exercise (exact_forward off, 2 of 4 blocks: the defaults before issue 16; tests/test_exact_forward.py
+# covers exact_forward).
+MLP_TEST_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4, "exact_forward": False,
+                    "ffn_active": 2}
 
 
 def compiled_gated_mlp(d: int, hidden: int, seed: int = 0, **options):

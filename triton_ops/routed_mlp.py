@@ -670,6 +670,7 @@ def routed_mlp_backward_saved(
     perm: Optional[Tensor] = None,
     comp: Optional[tuple[Tensor, Tensor]] = None,
     exact_forward: bool = False,
+    whole: bool = False,
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t and t_out),
     with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
@@ -682,7 +683,9 @@ def routed_mlp_backward_saved(
 
     exact_forward: what `saved` holds came from exact_mlp_forward (every block ran forward; block_mask
     is the backward's choice): the result is the exact Jacobian masked to the routed (token, block)
-    pairs, and the out LoRA's dropout masks are replayed as that forward drew them, for every token."""
+    pairs, and the out LoRA's dropout masks are replayed as that forward drew them, for every token.
+    whole: every pair was kept and `saved` holds each projection's pre-activations as one [T, F]
+    (exact_mlp_forward's layout then: no gather); each block reads its columns."""
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
     T, d_in, d_out = x.shape[0], x.shape[1], dy.shape[1]
@@ -710,10 +713,15 @@ def routed_mlp_backward_saved(
         dX.zero_()
     bw = _BlockOrderWeights(w, spec, cols, perm, merged, with_inputs=wants_dX)
     offset = 0
+    full = [saved[i * T * spec.hidden : (i + 1) * T * spec.hidden].view(T, spec.hidden)
+            for i in range(len(projections))] if whole else None  # [T, F] each
     for b, lo, hi, tok, every in blocks:
         n, Fb = tok.numel(), hi - lo
         pre = []
-        for _ in projections:
+        for i, _ in enumerate(projections):
+            if full is not None:
+                pre.append(full[i][:, lo:hi])
+                continue
             pre.append(saved[offset : offset + n * Fb].view(n, Fb))
             offset += n * Fb
         dYb = dY if every else dY.index_select(0, tok)
@@ -830,18 +838,21 @@ def exact_mlp_forward(
     seed: int = 0,
     saved: Optional[list] = None,
     perm: Optional[Tensor] = None,
-    importance: str = "jacobian",
-) -> tuple[Tensor, Tensor, Tensor]:
+    importance: Optional[str] = "jacobian",
+) -> tuple[Tensor, Tensor, Optional[Tensor], bool]:
     """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
     sparse: one GEMM per projection over the whole hidden layer. Returns (y [T, d_out], block_mask
-    [T, nb], scores [T, nb]): `scores` rates each (token, block) pair for the backward (`importance`,
-    see IMPORTANCES), and block_mask = choose(scores) the pairs the backward keeps (every pair: the
-    dense MLP, whose backward is routed_mlp_backward_saved over every block).
+    [T, nb], scores [T, nb], whole: every pair kept, see below): `scores` rates each (token, block) pair for the backward (`importance`,
+    see IMPORTANCES; None: not computed, choose(None) decides alone), and block_mask = choose(scores)
+    the pairs the backward keeps (every pair: the dense MLP, whose backward is routed_mlp_backward_saved
+    over every block).
 
     `saved` receives routed_mlp_forward's flat layout for that mask: the routed pairs'
     pre-activations, t, and t_out, the latter from *every* unit (the exact forward's, so B_out's
     gradient is exact). The whole layer's pre-activations exist only while this runs (two [T, F]
-    for a gated MLP); only the routed pairs' are kept, so the saved bytes are the routed forward's."""
+    for a gated MLP); only the routed pairs' are kept, so the saved bytes are the routed forward's.
+    When every pair is kept, `saved` holds them whole instead ([T, F] per projection, the buffer the
+    GEMMs wrote: no gather; routed_mlp_backward_saved(..., whole=True))."""
     T, d_in = x.shape
     d_out, nb = out_features(w, spec), spec.n_blocks
     projections = _input_projections(spec)
@@ -852,15 +863,22 @@ def exact_mlp_forward(
     merged = _merges_out_lora(w, spec)
     bw = _BlockOrderWeights(w, spec, cols, perm, merged)
     bounds = block_bounds(spec.hidden, nb)
-    pre = tuple(_block_pre(X, proj, bw, 0, spec.hidden, None) for proj in projections)  # each [T, F]
+    # The pre-activations go straight into what a dense call saves, [pre per projection (T x F each) | t |
+    # t_out]; when the backward keeps fewer pairs, the kept ones are gathered out of it instead.
+    n_t = T * (cols.K - d_in)
+    flat = x.new_empty(len(projections) * T * spec.hidden + n_t + T * r_out)
+    pre = tuple(_block_pre(X, proj, bw, 0, spec.hidden, flat[i * T * spec.hidden : (i + 1) * T * spec.hidden]
+                           .view(T, spec.hidden)) for i, proj in enumerate(projections))  # each [T, F]
     a, act_vjp = _activation_vjp(spec.activation, pre[0])
     h = a * pre[1] if spec.gated else a  # [T, F]
     Y = F.linear(h, bw.out)  # [T, d_out (+ r)]: y without the out LoRA | h A_out^T (merged)
     if r_out and not merged:  # the out LoRA's dropout, drawn per block as routed_mlp_forward draws it
         keep = torch.cat([_out_keep(T, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
         Y = torch.cat([Y, F.linear(h * keep, bw.out_a)], 1)
-    scores = torch.empty(T, nb, dtype=torch.float32, device=x.device)
-    if importance == "block_output":
+    scores = None if importance is None else torch.empty(T, nb, dtype=torch.float32, device=x.device)
+    if importance is None:
+        pass  # choose() decides without scores
+    elif importance == "block_output":
         for b, (lo, hi) in enumerate(bounds):
             own = F.linear(h[:, lo:hi], bw.out_block(lo, hi)[:d_out])
             if r_out:
@@ -878,21 +896,26 @@ def exact_mlp_forward(
         for b, (lo, hi) in enumerate(bounds):
             scores[:, b] = unit[:, lo:hi].sum(1)
     block_mask = choose(scores)
+    whole = bool(block_mask.all())
     if saved is not None:
-        parts = []
-        for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
-            parts += [(p[:, lo:hi] if every else p[:, lo:hi].index_select(0, tok)).reshape(-1) for p in pre]
+        n_pre = len(projections) * T * spec.hidden
         if t is not None:
-            parts.append(t.reshape(-1))
+            flat[n_pre : n_pre + n_t] = t.reshape(-1)
         if r_out:
-            parts.append(Y[:, d_out:].reshape(-1))
-        saved.append(torch.cat(parts) if parts else x.new_empty(0))
+            flat[n_pre + n_t :] = Y[:, d_out:].reshape(-1)
+        if whole:  # every pair kept: save it whole (routed_mlp_backward_saved(whole=True))
+            saved.append(flat)
+        else:
+            parts = []
+            for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+                parts += [(p[:, lo:hi] if every else p[:, lo:hi].index_select(0, tok)).reshape(-1) for p in pre]
+            saved.append(torch.cat(parts + [flat[n_pre:]]))
     y = Y[:, :d_out]
     if r_out:
         y = torch.addmm(y, Y[:, d_out:], w.out_bb.t(), alpha=spec.out_scale)
     if w.out_b is not None:
         y = y + w.out_b
-    return y, block_mask, scores
+    return y, block_mask, scores, whole
 
 
 def block_outputs(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
