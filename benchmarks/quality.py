@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Quality of record: dense LoRA against LoRA tuned through backend="spt", same seed, data and steps,
-each spt-tuned adapter evaluated both sparse and dense, on three tasks:
+each spt-tuned adapter evaluated both sparse and dense, on four tasks:
 
   gsm8k      SmolLM2-135M-Instruct on GSM8K train (loss on the answer tokens): held-out answer loss
              on the first 64 test problems; exact match of the final #### answer by greedy
@@ -10,6 +10,8 @@ each spt-tuned adapter evaluated both sparse and dense, on three tasks:
   wikitext2  SmolLM2-135M-Instruct tuned on Tiny Shakespeare windows (first 90% of the text, the
              nanoGPT split): perplexity on WikiText-2 test windows (24 x 512 tokens) and on held-out
              Tiny Shakespeare (the last 10%, 8 windows).
+  wikitext2_long  SmolLM2-135M-Instruct tuned on WikiText-2 validation windows of 2048 tokens (where
+             the defaults run sparse attention): perplexity on 8 WikiText-2 test windows of 2048.
 
 Each task runs twice from the same seed: dense LoRA (eager PyTorch, the dense baseline of the
 README's quality table, `finetune.py --backend eager`; --dense-backend inductor is the same model
@@ -27,17 +29,25 @@ Columns: untuned = before tuning, dense; untuned spt = before tuning through the
 after its calibration calls (on training batches); dense = dense LoRA after tuning; spt sparse = the
 spt-tuned adapter through the spt-compiled model; spt dense-eval = the same weights with the same
 compiled model inside spt_compile.disable() (exact attention, every MLP block: no recompile).
+Calls without gradients run exact unless sparse_inference is on, so the sparse column is measured
+inside spt_compile.enable(sparse_inference=True), with proof from report() that the MLPs ran routed.
+kept = (spt dense-eval - untuned) / (dense - untuned): the share of dense LoRA's improvement the
+spt-tuned model keeps.
 Exact match generates with the uncompiled model (KV-cache decoding has one query against many keys,
 which the attention pass leaves dense, and each new length would compile again), so it has no sparse
-column. Targets (the issue): spt within 2% of dense held-out loss and perplexity (relative, lower is
-better), within 1 point of dense SST-2 accuracy; checked for both spt columns.
+column. Targets (issue 16): spt dense-eval within 2% of dense held-out loss and perplexity
+(relative, lower is better), within 1 point of dense SST-2 accuracy, and kept >= 0.9; spt sparse
+within the same bands (the issue's sparse bands are wider: +5% / 2 points, read them off the diff).
+--load A.json B.json prints the tables again and each metric's spread over the seeds.
 
-At these lengths (64 to 512 tokens) the backend's defaults run attention exact (attention_dense_below
-= 2048, docs/attention.md) and route the MLPs (2 of 4 blocks); the script prints the options in
-effect, explain()'s summary and, after tuning, how many attention calls ran exact.
+The backend's defaults (docs/quality.md): training calls run the exact forward and a sparse backward
+(3 of 4 MLP blocks per token on average, every block on rows that carry a loss; key blocks at
+density 1/8 from 2048 keys on; below that attention is exact both ways). The script prints the
+options in effect, explain()'s summary and, after tuning, how many attention calls ran exact.
 
 Defaults: gsm8k 100 steps (seq 256, batch 2), sst2 200 steps (seq 64, batch 32), wikitext2 80
-steps (seq 512, batch 1), all within about an hour on the 2-core development CPU. Short runs at one
+steps (seq 512, batch 1), wikitext2_long 30 steps (seq 2048, batch 1); the first three within about
+an hour on the 2-core development CPU, wikitext2_long about 20 minutes more. Short runs at one
 thread beside another job measured, per step dense / spt: gsm8k 5.4 / 4.6 s, sst2 0.43 / 0.74 s,
 wikitext2 5.6 / 5.5 s; a forward of 512 tokens 2.2-2.5 s; 8 problems generated in 55 s: 31 + 6 + 23
 = 60 min in all. With both cores free (the README's step times: 3.15 s dense on gsm8k) about 35 min.
@@ -182,6 +192,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write every number here, after every part")
+    p.add_argument("--load", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print the tables of these records again and, for several (seeds), "
+                        "each metric's spread across them")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -706,6 +719,17 @@ def meets(diff: Optional[float], target) -> Optional[bool]:
     return diff <= bound if kind == "relative" else diff >= -bound
 
 
+KEPT_TARGET = 0.9  # the issue: spt keeps at least 90% of dense LoRA's improvement over the untuned model
+
+
+def kept(value: Optional[float], dense: Optional[float], untuned: Optional[float]) -> Optional[float]:
+    """The share of dense LoRA's improvement over the untuned model that `value` keeps:
+    (value - untuned) / (dense - untuned), the same for lower- and higher-is-better metrics."""
+    if value is None or dense is None or untuned is None or dense == untuned:
+        return None
+    return (value - untuned) / (dense - untuned)
+
+
 def task_rows(task: str, parts: dict) -> list[dict]:
     """One row per metric of a task from its dense and spt parts (missing parts give None)."""
     dense, spt = parts.get("dense", {}), parts.get("spt", {})
@@ -721,6 +745,10 @@ def task_rows(task: str, parts: dict) -> list[dict]:
         for col in ("spt_sparse", "spt_dense"):
             row[f"diff_{col}"] = difference(row[col], row["dense"], kind)
             row[f"met_{col}"] = meets(row[f"diff_{col}"], target)
+            row[f"kept_{col}"] = kept(row[col], row["dense"], row["untuned"])
+        if target is not None and row["kept_spt_dense"] is not None and row["met_spt_dense"] is not None:
+            # the shipped model's target has two parts: within the band, and most of the improvement kept
+            row["met_spt_dense"] = row["met_spt_dense"] and row["kept_spt_dense"] >= KEPT_TARGET
         rows.append(row)
     return rows
 
@@ -743,19 +771,21 @@ def fmt_diff(d: Optional[float], row: dict) -> str:
 def fmt_target(target) -> str:
     if target is None:
         return "-"
-    return f"<= +{100 * target[1]:g}%" if target[0] == "relative" else f">= -{target[1]:g} pt"
+    band = f"<= +{100 * target[1]:g}%" if target[0] == "relative" else f">= -{target[1]:g} pt"
+    return f"{band}, kept >= {KEPT_TARGET:g}"
 
 
 def table(rows: list[dict]) -> str:
     head = ["task", "metric", "untuned", "untuned spt", "dense", "spt sparse", "spt dense-eval",
-            "sparse vs dense", "dense-eval vs dense", "target", "met (sparse / dense-eval)"]
+            "sparse vs dense", "dense-eval vs dense", "kept (dense-eval)", "target", "met (sparse / dense-eval)"]
     body = []
     yes = {True: "yes", False: "no", None: "-"}
     for r in rows:
         m = r["metric"]
         body.append([r["task"], r["label"], fmt_value(r["untuned"], m), fmt_value(r["untuned_sparse"], m),
                      fmt_value(r["dense"], m), fmt_value(r["spt_sparse"], m), fmt_value(r["spt_dense"], m),
-                     fmt_diff(r["diff_spt_sparse"], r), fmt_diff(r["diff_spt_dense"], r), fmt_target(r["target"]),
+                     fmt_diff(r["diff_spt_sparse"], r), fmt_diff(r["diff_spt_dense"], r),
+                     "-" if r.get("kept_spt_dense") is None else f"{r['kept_spt_dense']:.3f}", fmt_target(r["target"]),
                      "-" if r["target"] is None else f"{yes[r['met_spt_sparse']]} / {yes[r['met_spt_dense']]}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(line, widths)))
@@ -794,7 +824,11 @@ def main_run(args) -> dict:
         torch.set_num_threads(args.threads)
     root = data_root(args.data)
     data = {t: read_data(t, root) for t in args.tasks}  # every file parsed before any model loads
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from provenance import source_commit
+
     record = {
+        "commit": source_commit(),
         "what": "dense LoRA vs LoRA through backend='spt' (same seed, data, steps); the spt adapter "
                 "evaluated sparse and dense (benchmarks/quality.py)",
         "command": "python benchmarks/quality.py " + " ".join(args.argv),
@@ -844,9 +878,54 @@ def main_run(args) -> dict:
     return record
 
 
+def spread(records: list[dict]) -> str:
+    """Each targeted metric across records (seeds): dense, spt dense-eval and spt sparse per record,
+    their differences and kept shares, and the range of each over the records."""
+    lines = []
+    by_metric: dict[tuple, list] = {}
+    for rec in records:
+        for task, parts in rec["tasks"].items():
+            for r in task_rows(task, parts):
+                if r["target"] is not None:
+                    by_metric.setdefault((task, r["label"]), []).append((rec.get("seed"), r))
+    for (task, label), rs in by_metric.items():
+        lines.append(f"{task}, {label}:")
+        for seed, r in rs:
+            kept = "-" if r["kept_spt_dense"] is None else f"{r['kept_spt_dense']:.3f}"
+            lines.append(f"  seed {seed}: dense {fmt_value(r['dense'], r['metric'])}, spt dense-eval "
+                         f"{fmt_value(r['spt_dense'], r['metric'])} ({fmt_diff(r['diff_spt_dense'], r)}, kept {kept}), "
+                         f"spt sparse {fmt_value(r['spt_sparse'], r['metric'])} ({fmt_diff(r['diff_spt_sparse'], r)})")
+        for col in ("dense", "spt_dense", "diff_spt_dense", "diff_spt_sparse"):
+            vals = [r[col] for _, r in rs if r[col] is not None]
+            if len(vals) > 1:
+                shown = [fmt_diff(v, rs[0][1]) if col.startswith("diff") else fmt_value(v, rs[0][1]["metric"])
+                         for v in (min(vals), max(vals))]
+                lines.append(f"  {col}: {shown[0]} .. {shown[1]} over {len(vals)} seeds")
+    return "\n".join(lines)
+
+
+def main_load(paths: list[Path]) -> None:
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--load {path}: {e}") from None
+        if "tasks" not in records[-1]:
+            raise UserError(f"--load {path}: not a quality.py record (no 'tasks')")
+        rec = records[-1]
+        print(f"{path} (seed {rec.get('seed')}, {rec.get('command')}):")
+        print(table([r for t in rec["tasks"] for r in task_rows(t, rec["tasks"][t])]) + "\n")
+    if len(records) > 1:
+        print(spread(records))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.load:
+            main_load(args.load)
+            return 0
         main_run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -146,6 +146,13 @@ def test_targets_loss_within_two_percent_accuracy_within_one_point():
     assert row["diff_spt_dense"] == pytest.approx(-1.01) and row["met_spt_dense"] is False
     assert row["untuned_sparse"] is None  # the spt part had no untuned evaluation
 
+    # kept: the share of dense LoRA's improvement over the untuned model (1.5 here) that spt keeps
+    assert loss["kept_spt_dense"] == pytest.approx(0.98) and row["kept_spt_dense"] == pytest.approx(0.3399 / 0.35)
+    barely = parts(1.0, 1.0, 1.01)
+    barely["dense"]["untuned"]["answer_loss"] = 1.02  # within +2%, but half of a small improvement
+    (short, _) = quality.task_rows("gsm8k", barely)
+    assert short["kept_spt_dense"] == pytest.approx(0.5) and short["met_spt_dense"] is False
+
     text = quality.table(quality.task_rows("gsm8k", parts(1.0, 1.03, 1.01)) + [row])
     lines = text.splitlines()
     assert "met (sparse / dense-eval)" in lines[0] and set(lines[1]) == {"-"}
@@ -178,6 +185,7 @@ def test_one_step_on_sst2_end_to_end(tmp_path, data_dir):
     task = record["tasks"]["sst2"]
     assert task["steps"] == 1 and task["dev_sentences"] == 64 and task["seq_len"] == 64
     assert record["spt_options_in_effect"]["ffn_active"] == 4 and record["torch"] == torch.__version__
+    assert "commit" in record  # the source it ran (None outside a git checkout)
     dense, spt = task["dense"], task["spt"]
     assert len(dense["history"]) == len(spt["history"]) == 1
     # the same initialisation in both runs (new classifier head included): before tuning, every block
@@ -214,3 +222,19 @@ def test_batched_generation_gives_the_texts_of_one_by_one(smollm2_2layer, smollm
     assert len(texts[1]) == len(texts[3]) == 3 and all(texts[1])
     assert texts[1] == texts[3]
     assert smollm2_tokenizer.padding_side == side
+
+
+def test_load_prints_the_tables_again_and_the_spread_over_seeds(tmp_path, capsys):
+    paths = []
+    for seed, spt_dense in ((0, 1.01), (1, 1.05)):
+        path = tmp_path / f"seed{seed}.json"
+        path.write_text(json.dumps({"seed": seed, "command": "x", "tasks": {"gsm8k": parts(1.0, 1.5, spt_dense)}}))
+        paths.append(str(path))
+    assert quality.main(["--load", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: dense 1.0000, spt dense-eval 1.0100 (+1.00%, kept 0.980)" in out
+    assert "seed 1: dense 1.0000, spt dense-eval 1.0500 (+5.00%, kept 0.900)" in out
+    assert "diff_spt_dense: +1.00% .. +5.00% over 2 seeds" in out
+    (tmp_path / "bad.json").write_text("{}")
+    assert quality.main(["--load", str(tmp_path / "bad.json")]) == 2
+    assert "not a quality.py record" in capsys.readouterr().err
