@@ -44,6 +44,8 @@ def test_short_run_then_exact_resume(tmp_path, data_dir):
     assert "after tuning (sparse)" in out.stdout and "after tuning (dense)" in out.stdout
     metrics = json.loads((straight / "metrics.json").read_text())
     assert {"loss_before", "loss_after_sparse", "loss_after_dense"} <= metrics.keys()
+    # the sparse figure ran the sparse forward (evaluation runs exact unless sparse_inference asks for it)
+    assert metrics["loss_after_sparse"] != metrics["loss_after_dense"]
     assert (straight / "adapter" / "adapter_model.safetensors").is_file()
     assert (straight / "spt_state.safetensors").is_file()
     assert len(metrics["sites"]) == 4  # 2 attention + 2 MLP sites, with their calibration figures
