@@ -35,7 +35,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def data_dir(arg: str | None) -> Path:
-    for c in (arg, os.environ.get("SPT_DATA_DIR"), REPO.parent / "shared" / "data", "/work/shared/data"):
+    for c in (arg, os.environ.get("SPT_DATA_DIR"), REPO.parent / "shared" / "data"):
         if c and (Path(c) / "gsm8k" / "test.jsonl").is_file():
             return Path(c)
     raise SystemExit("shared data not found: pass --data or set SPT_DATA_DIR to the folder holding gsm8k/")

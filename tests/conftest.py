@@ -28,8 +28,8 @@ def package_dir(name: str) -> Path:
 
 
 def find_data_dir() -> Path | None:
-    """The shared real data: $SPT_DATA_DIR, else ../shared/data beside the checkout, else /work/shared/data."""
-    candidates = [os.environ.get("SPT_DATA_DIR"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    """The shared real data: $SPT_DATA_DIR, else ../shared/data beside the checkout."""
+    candidates = [os.environ.get("SPT_DATA_DIR"), REPO.parent / "shared" / "data"]
     for c in candidates:
         if c and (Path(c) / "gsm8k" / "train.jsonl").is_file():
             return Path(c)
