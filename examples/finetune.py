@@ -101,13 +101,20 @@ def spt_options(args) -> dict:
 # --- data --------------------------------------------------------------------------------------------
 
 
+# The project's shared data folder when this checkout sits beside it (../shared/data); used only if it exists.
+BESIDE_CHECKOUT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 def find_gsm8k(data: Path | None) -> tuple[dict, str]:
-    """Rows of the train and test splits and a sentence saying where they came from."""
+    """Rows of the train and test splits and a sentence saying where they came from: --data, else
+    $SPT_DATA_DIR, else ../shared/data beside the checkout if it holds GSM8K, else the hub."""
     candidates = []
     if data is not None:
         candidates.append(("--data", data))
     elif os.environ.get("SPT_DATA_DIR"):
         candidates.append(("$SPT_DATA_DIR", Path(os.environ["SPT_DATA_DIR"])))
+    elif (BESIDE_CHECKOUT / "gsm8k" / "train.jsonl").is_file():
+        candidates.append(("../shared/data beside the checkout", BESIDE_CHECKOUT))
     for how, root in candidates:
         for folder in (root / "gsm8k", root):
             if (folder / "train.jsonl").is_file() or (folder / "test.jsonl").is_file():
@@ -123,7 +130,8 @@ def find_gsm8k(data: Path | None) -> tuple[dict, str]:
         return splits, "GSM8K from the Hugging Face hub (openai/gsm8k)"
     except Exception as e:  # noqa: BLE001 - any failure means: no hub here
         raise UserError("GSM8K not found: pass --data FOLDER (holding gsm8k/train.jsonl and test.jsonl), or set "
-                        f"SPT_DATA_DIR, or install `datasets` with internet access (hub attempt: {type(e).__name__})") from None
+                        "SPT_DATA_DIR, or install `datasets` (pip install datasets) on a machine with internet access "
+                        f"(hub attempt: {type(e).__name__}: {e})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -90,3 +90,40 @@ def test_too_long_sequence_and_nan_loss_leave_checkpoints_alone(tmp_path, data_d
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)  # from a step before it broke
     assert ckpt["step"] < 3
     assert all(torch.isfinite(v).all() for v in ckpt["lora"].values()), "a broken state was saved"
+
+
+def test_data_comes_from_the_first_place_that_has_it(tmp_path, monkeypatch):
+    """--data, then $SPT_DATA_DIR, then ../shared/data beside the checkout, then the hub (a local
+    stand-in for `datasets.load_dataset` here); with none of them it says what to pass."""
+    import types
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import finetune as ft
+
+    rows = [{"question": "1+1?", "answer": "#### 2"}]
+    folder = tmp_path / "mine" / "gsm8k"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    monkeypatch.setattr(ft, "BESIDE_CHECKOUT", tmp_path / "absent")
+    monkeypatch.delenv("SPT_DATA_DIR", raising=False)
+    assert "(--data)" in ft.find_gsm8k(tmp_path / "mine")[1]
+    monkeypatch.setenv("SPT_DATA_DIR", str(tmp_path / "mine"))
+    assert "($SPT_DATA_DIR)" in ft.find_gsm8k(None)[1]
+    monkeypatch.delenv("SPT_DATA_DIR")
+    monkeypatch.setattr(ft, "BESIDE_CHECKOUT", tmp_path / "mine")
+    assert "beside the checkout" in ft.find_gsm8k(None)[1]
+
+    monkeypatch.setattr(ft, "BESIDE_CHECKOUT", tmp_path / "absent")
+    hub = types.ModuleType("datasets")
+    hub.load_dataset = lambda name, config: {"train": rows, "test": rows} if name == "openai/gsm8k" else None
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    splits, source = ft.find_gsm8k(None)
+    assert "hub" in source and splits["train"] == rows
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    hub.load_dataset = offline
+    with pytest.raises(ft.UserError, match="pass --data FOLDER.*SPT_DATA_DIR.*internet access.*no network"):
+        ft.find_gsm8k(None)
