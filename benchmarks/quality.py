@@ -626,7 +626,7 @@ def run(task: Task, backend: str, args, save) -> dict:
     import torch
 
     import spt_compile
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
     from spt_compile.options import make_options
 
     spt = backend == "spt"
@@ -650,7 +650,7 @@ def run(task: Task, backend: str, args, save) -> dict:
         part["explain"] = str(report)
         print("  " + "\n  ".join(str(report).splitlines()[:2]), flush=True)
     compiled = compile_for(model, backend, args.spt_options)
-    graphs_before = len(COMPILE_REPORTS)
+    graphs_before = len(compile_reports(model))
     if spt:
         timed(secs, "calibrate", calibrate, compiled, calibration[:n])
         part["untuned_sparse"] = evaluate_sparse(secs, task, compiled, model)
@@ -673,7 +673,7 @@ def run(task: Task, backend: str, args, save) -> dict:
         part["sites"] = spt_compile.report(model)
         # Every graph Dynamo compiled (train and eval mode; a second length compiles a dynamic one)
         part["graphs"] = [{kind: len(r.rewritten(kind)) for kind in ("attention", "mlp", "loss")}
-                          | {"left_dense": len(r.dense())} for r in COMPILE_REPORTS[graphs_before:]]
+                          | {"left_dense": len(r.dense())} for r in compile_reports(model)[graphs_before:]]
         print("  " + sites_summary(part["sites"], part["graphs"], make_options(args.spt_options)), flush=True)
     else:
         part["tuned"] = timed(secs, "evaluate", task.evaluate, compiled)

@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 
 from spt_compile.options import Options
 
-from . import attention, loss, loss_rows, mlp
+from . import attention, loss, loss_rows, mlp, real_rows
 from .float_inputs import copy_graph_module, float_inputs, specialize
 from .fx_utils import op
 from .report import GraphReport, SiteReport
@@ -48,7 +48,7 @@ def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool
             if isinstance(body, GraphModule):
                 _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body))
     attention.run(gm, options, report, apply, ordinals)
-    mlp.run(gm, options, report, apply, ordinals, rows)
+    mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph))
     loss.run(gm, options, report, apply, ordinals)
     if apply:
         gm.graph.lint()

@@ -501,6 +501,17 @@ def describe(m: AttentionMatch) -> str:
             f"scale={m.scale:.4g} dropout={m.dropout_p}")
 
 
+def _short_note(m: AttentionMatch, options: Options) -> str:
+    """Said when the traced key length is below attention_dense_below: such calls run exact attention
+    whatever density / top_l ask (report() counts them as exact_short)."""
+    n_keys = static_int(_shape4(m.k, m.merged)[2])
+    if n_keys is None or n_keys >= options.attention_dense_below:
+        return ""
+    asked = f"top_l={options.top_l}" if options.top_l is not None else f"density={options.density:.4g}"
+    return (f"; at {n_keys} keys calls run exact attention, not {asked}: below attention_dense_below="
+            f"{options.attention_dense_below} (set it lower to sparsify shorter sequences)")
+
+
 def anchor_weight(start: Node, depth: int = 16) -> Optional[Node]:
     """The weight of the nearest projection feeding `start` (breadth-first). The op receives it so
     that, at run time, each layer finds its own site by this tensor's identity."""
@@ -561,7 +572,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             continue
         m.pattern = pattern if finish is not None else m.pattern
         path = module_path(node)
-        entry = SiteReport("attention", "rewritten", m.pattern, path, describe(m))
+        entry = SiteReport("attention", "rewritten", m.pattern, path, describe(m) + _short_note(m, options))
         report.sites.append(entry)
         if not apply:
             if finish is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -33,6 +33,7 @@ from .report import GraphReport, SiteReport
 
 if TYPE_CHECKING:
     from .loss_rows import RowsSource
+    from .real_rows import RealRowsSource
 
 MAX_CHAIN = 64  # element-wise nodes an activation may be written with
 
@@ -72,7 +73,32 @@ def _noop_cast(n: Node) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device
 
 
+def _transposed(n: Any) -> Optional[Node]:
+    """W when n is a 2-D W transposed: W.T, W.mT, W.t(), W.transpose(0, 1) or W.permute(1, 0)."""
+    if not isinstance(n, Node):
+        return None
+    w = None
+    if n.op == "call_function" and n.target is getattr and n.args[1] in ("T", "mT"):
+        w = n.args[0]
+    elif op(n) == "t" or (n.op == "call_function" and n.target is torch.t):
+        w = n.args[0]
+    elif op(n) == "transpose":
+        a = bind(n)
+        dims = (a.get("dim0"), a.get("dim1"))
+        if all(isinstance(d, int) for d in dims) and {d % 2 for d in dims} == {0, 1}:  # a 2-D W's two dims
+            w = a["input"]
+    elif op(n) == "permute" and tuple(n.args[1:]) in (((1, 0),), (1, 0)):
+        w = n.args[0]
+    s = shape(w) if isinstance(w, Node) else None
+    return w if s is not None and len(s) == 2 else None
+
+
 def _base(n: Node) -> Optional[Projection]:
+    if op(n) == "matmul":  # x @ W.T, as custom Linear subclasses write it
+        a = bind(n)
+        w = _transposed(a["other"])
+        if w is not None and len(shape(a["input"]) or ()) >= 2:
+            return Projection(a["input"], w, None, "oi", n, {n, a["other"]})
     if op(n) == "linear":
         a = bind(n)
         w = shape(a["weight"])
@@ -83,6 +109,20 @@ def _base(n: Node) -> Optional[Projection]:
         w = shape(a["mat2"])
         if a["beta"] == 1 and a["alpha"] == 1 and w is not None and len(w) == 2 and len(shape(a["input"]) or ()) == 1:
             return Projection(a["mat1"], a["mat2"], a["input"], "io", n, {n})
+    return None
+
+
+def _base_with_bias(n: Node) -> Optional[Projection]:
+    """_base(n), or `x @ W.T + b`: a bias-free base projection plus a 1-D bias of its output size."""
+    if op(n) != "add":
+        return _base(n)
+    for base_node, b in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+        p = _base(base_node) if isinstance(base_node, Node) else None
+        bs = shape(b) if isinstance(b, Node) else None
+        if p is not None and p.bias is None and bs is not None and len(bs) == 1 and same(bs[0], p.out_features):
+            p.bias, p.output = b, n
+            p.nodes.add(n)
+            return p
     return None
 
 
@@ -154,15 +194,14 @@ def parse_projection(n: Node) -> Optional[Projection]:
         n = n.args[0]
     if op(n) == "add":
         for base_node, delta in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
-            p = (_base(base_node) or _base_viewed(base_node)) if isinstance(base_node, Node) else None
+            p = (_base_with_bias(base_node) or _base_viewed(base_node)) if isinstance(base_node, Node) else None
             lora = _lora(delta, p.x) if p is not None and isinstance(delta, Node) else None
             if lora is not None:
                 p.lora_a, p.lora_b, p.scale, p.dropout, lora_nodes = lora
                 p.nodes |= nodes | lora_nodes | {n}
                 p.output = out
                 return p
-        return None
-    p = _base(n)
+    p = _base_with_bias(n)
     if p is not None:
         p.nodes |= nodes
         p.output = out
@@ -182,12 +221,38 @@ class _Chain:
     unit: Projection
     nodes: set[Node]  # element-wise nodes (root included)
     views: set[Node]
+    half: Optional[int] = None  # leaf is half `half` (0 or 1) of the unit's output, split on its last dim
+
+
+def _chunk_half(n: Node, units: dict) -> Optional[tuple[Node, int, set[Node]]]:
+    """(unit output, half, nodes) when n = chunk(P, 2, dim=-1)[i] or split(P, F, dim=-1)[i] of a
+    projection output P [..., 2F]: one half of a fused gate/up projection."""
+    if op(n) != "getitem" or not isinstance(n.args[1], int) or n.args[1] not in (0, 1):
+        return None
+    c = n.args[0]
+    if not isinstance(c, Node) or c.args[0] not in units:
+        return None
+    kind = c.target if c.op == "call_method" else getattr(c.target, "__name__", None)
+    if kind not in ("chunk", "split"):
+        return None
+    size = c.args[1] if len(c.args) > 1 else c.kwargs.get("chunks", c.kwargs.get("split_size_or_sections",
+                                                                                  c.kwargs.get("split_size")))
+    dim = c.args[2] if len(c.args) > 2 else c.kwargs.get("dim", 0)
+    out = shape(c.args[0])
+    if out is None or dim not in (-1, len(out) - 1) or static_int(out[-1]) is None or static_int(out[-1]) % 2:
+        return None
+    if (kind == "chunk" and size != 2) or (kind == "split" and size != static_int(out[-1]) // 2):
+        return None
+    if any(u.op == "call_function" and op(u) != "getitem" for u in c.users):
+        return None
+    return c.args[0], n.args[1], {n, c}
 
 
 def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
     """Follow element-wise ops back from root to a single projection output (the chain is empty if
     root is one). None if root reaches something else, or more than one projection."""
     chain, views, leaves = set(), set(), set()
+    halves: dict[Node, tuple] = {}
     live_dropout: list[Node] = []
     stack = [root]
     while stack:
@@ -200,6 +265,11 @@ def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
         if _view_keeping_last(n) and n.args[0] in units:
             leaves.add(n)
             views.add(n)
+            continue
+        half = _chunk_half(n, units)
+        if half is not None:  # one half of a fused gate/up projection
+            leaves.add(n)
+            halves[n] = half
             continue
         if op(n) == "dropout":  # T5's DenseReluDense: act -> dropout -> wo
             d = bind(n)
@@ -218,6 +288,9 @@ def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
         raise Reject(f"dropout '{live_dropout[0].name}' (p > 0, training) inside the MLP's hidden layer: the "
                      "routed op has none (it is exact in eval mode or with p = 0)")
     leaf = leaves.pop()
+    if leaf in halves:
+        unit_node, half, split_nodes = halves[leaf]
+        return _Chain(leaf, units[unit_node], chain, views | split_nodes, half)
     unit = units[leaf.args[0]] if leaf in views else units[leaf]
     return _Chain(leaf, unit, chain, views)
 
@@ -252,10 +325,18 @@ class MlpMatch:
     down: Projection
     activation: str
     nodes: set[Node]
+    # A fused gate/up projection split by chunk/split: "gate_up" (the gate is the first half) or
+    # "up_gate"; then gate is that projection and up is None (the op splits the weights).
+    fused: str = ""
 
     @property
     def pattern(self) -> str:
-        return f"{'gated ' if self.gate else ''}{self.activation}"
+        return f"{'gated ' if self.gate else ''}{'fused ' if self.fused else ''}{self.activation}"
+
+    @property
+    def hidden(self):
+        """F, the hidden size (half the fused projection's outputs)."""
+        return self.gate.out_features // 2 if self.fused else self.up.out_features
 
 
 def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
@@ -283,6 +364,16 @@ def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
         activation = identify_activation(g, h.args[sides.index(g)])
         gate, up = g.unit, u.unit
         nodes = g.nodes | g.views | u.views | {h}
+        if (g.half is None) != (u.half is None) or (g.half is not None and (gate is not up or g.half == u.half)):
+            raise Reject("the gated MLP's two halves come from different splits of a projection")
+        if g.half is not None:  # act(W_gu x [.., :F]) * (W_gu x)[.., F:], one fused projection
+            if gate.layout != "oi":
+                raise Reject("a fused gate/up projection in the Conv1D layout ([in, out] weight)")
+            if gate.dropout:
+                raise Reject("LoRA dropout on a fused gate/up projection: the op would draw each half's mask "
+                             "separately (it is exact with lora_dropout=0 or in eval mode)")
+            return MlpMatch(gate.x, None, gate, down, activation, nodes | views,
+                            fused="gate_up" if g.half == 0 else "up_gate")
         if gate.x is not up.x:
             raise Reject("gate and up projections read different inputs")
     else:
@@ -291,8 +382,8 @@ def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
 
 
 def check(m: MlpMatch, options: Options) -> None:
-    F = m.up.out_features
-    if m.gate is not None and not same(m.gate.out_features, F):
+    F = m.hidden
+    if m.gate is not None and not m.fused and not same(m.gate.out_features, F):
         raise Reject(f"gate ({m.gate.out_features}) and up ({F}) projections differ in size")
     if not same(m.down.in_features, F):
         raise Reject(f"down projection reads {m.down.in_features} features, the hidden layer has {F}")
@@ -316,20 +407,24 @@ def check(m: MlpMatch, options: Options) -> None:
 
 def describe(m: MlpMatch) -> str:
     lora = [name for name, p in (("in", m.up), ("gate", m.gate), ("out", m.down)) if p is not None and p.lora_a is not None]
-    layout = " Conv1D" if m.up.layout == "io" else ""
-    return f"x {tuple(shape(m.x))} hidden={m.up.out_features}{layout} LoRA={'/'.join(lora) or 'none'}"
+    first = m.up or m.gate
+    layout = " Conv1D" if first.layout == "io" else ""
+    fused = f" fused gate/up ({m.fused.replace('_', ' then ')})" if m.fused else ""
+    return f"x {tuple(shape(m.x))} hidden={m.hidden}{layout}{fused} LoRA={'/'.join(lora) or 'none'}"
 
 
 def _spec(m: MlpMatch, options: Options) -> MlpSpec:
     g = m.gate
     x_dtype, out_dtype = val(m.x).dtype, val(m.down.output).dtype
     autocast = x_dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)
+    up = m.up or g  # fused: both halves are the gate projection's
     return MlpSpec(
-        activation=m.activation, gated=g is not None, hidden=static_int(m.up.out_features),
-        n_blocks=options.ffn_blocks, in_layout=m.up.layout, gate_layout=g.layout if g else "oi",
-        out_layout=m.down.layout, in_scale=m.up.scale, gate_scale=g.scale if g else 1.0,
-        out_scale=m.down.scale, in_dropout=m.up.dropout, gate_dropout=g.dropout if g else 0.0,
+        activation=m.activation, gated=g is not None, hidden=static_int(m.hidden),
+        n_blocks=options.ffn_blocks, in_layout=up.layout, gate_layout=g.layout if g else "oi",
+        out_layout=m.down.layout, in_scale=up.scale, gate_scale=g.scale if g else 1.0,
+        out_scale=m.down.scale, in_dropout=up.dropout, gate_dropout=g.dropout if g else 0.0,
         out_dropout=m.down.dropout, compute=str(out_dtype).removeprefix("torch.") if autocast else "",
+        fused=m.fused,
     )
 
 
@@ -338,8 +433,9 @@ def _slots(p: Optional[Projection]) -> tuple:
 
 
 def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
-        rows: Optional["RowsSource"] = None) -> None:
-    """rows: where the sites get the loss-row mask from (passes/loss_rows.py); None: no operand."""
+        rows: Optional["RowsSource"] = None, real: Optional["RealRowsSource"] = None) -> None:
+    """rows: where the sites get the loss-row mask from (passes/loss_rows.py); real: their real-token
+    rows (passes/real_rows.py, after the attention pass ran on this graph); None: no operand."""
     from spt_compile.registry import REGISTRY, SiteTemplate
 
     graph = gm.graph
@@ -369,7 +465,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         units_used = [p for p in (m.up, m.gate, m.down) if p is not None]
         path = common_path([p.output for p in units_used])
         entry = SiteReport("mlp", "rewritten", m.pattern, path,
-                           describe(m) + ("" if rows is None else f", {rows.note(m.x)}"))
+                           describe(m) + ("" if rows is None else f", {rows.note(m.x)}")
+                           + ("" if real is None else f", {real.note(m.x)}"))
         report.sites.append(entry)
         done |= {p.output for p in units_used}
         if not apply:
@@ -378,13 +475,14 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         key = ("mlp", anchor)
         ordinal = ordinals.get(key, 0)
         ordinals[key] = ordinal + 1
-        template = REGISTRY.template_id(SiteTemplate("mlp", ordinal, path, options, (static_int(m.up.in_features),)))
+        template = REGISTRY.template_id(SiteTemplate("mlp", ordinal, path, options, (static_int((m.up or m.gate).in_features),)))
         args = (m.x, *_slots(m.up), *_slots(m.gate), *_slots(m.down))
         training = torch.is_grad_enabled() and any(requires_grad(a) for a in args if a is not None)
         loss_rows = None if rows is None else rows.for_input(m.x)[0]
+        real_rows = None if real is None else real.for_input(m.x)
         with graph.inserting_before(m.down.output):
             call = graph.call_function(torch.ops.spt.mlp_site.default, (
-                *args, loss_rows, template, _spec(m, options).to_str(), training))
+                *args, loss_rows, real_rows, template, _spec(m, options).to_str(), training))
             out = graph.call_function(operator.getitem, (call, 0))
             out.meta.update(m.down.output.meta)
             want = val(m.down.output).dtype

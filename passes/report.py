@@ -32,6 +32,7 @@ class GraphReport:
     sites: list[SiteReport] = field(default_factory=list)
     floats: list = field(default_factory=list)  # FloatInputs read as constants (float_inputs.py)
     loss_rows: str = ""  # where the MLP sites' loss-row mask comes from, or why there is none (loss_rows.py)
+    order: int = 0  # compile order in this process (spt_compile.compile_reports)
 
     def rewritten(self, kind: Optional[str] = None) -> list[SiteReport]:
         return [s for s in self.sites if s.status == "rewritten" and (kind is None or s.kind == kind)]

@@ -4,6 +4,7 @@
     with spt_compile.enable(density=1/8, ffn_active=2): ...   # torch.compile(model) uses spt here
     with spt_compile.disable(): ...                           # spt-compiled models run dense here
     print(spt_compile.explain(model, **batch))                # what was rewritten, what was not, why
+    spt_compile.compile_reports(model), spt_compile.report(model)  # what compiling did; how calls ran
     torch.save(spt_compile.state_dict(model), path)           # sparse state beside the checkpoint
 """
 
@@ -19,6 +20,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(
 
 from . import ops  # noqa: E402  (registers the spt:: custom ops)
 from .backend import spt_backend  # noqa: E402
+from .compile_reports import compile_reports  # noqa: E402
 from .context import disable, enable  # noqa: E402
 from .explain import explain  # noqa: E402
 from .options import Options, SptOptionError, options_help  # noqa: E402
@@ -40,6 +42,6 @@ _register_for_source_runs()
 __version__ = "0.1.0"
 
 __all__ = [
-    "Options", "SptOptionError", "SptStateError", "disable", "enable", "explain", "load_state_dict",
+    "Options", "SptOptionError", "SptStateError", "compile_reports", "disable", "enable", "explain", "load_state_dict",
     "ops", "options_help", "report", "spt_backend", "state_dict",
 ]

@@ -252,6 +252,7 @@ class AttentionSite(Site):
     def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training):
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced)
+        options = plan.options  # a recompute inside backward replays its forward's, whatever the context
         self.check_finite(plan, q=q, k=k, v=v)  # not the mask: -inf there is how it forbids keys
         seed = self.call_seed(plan.index)
         B, H, N, _ = q.shape
@@ -427,7 +428,6 @@ def attention_site(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
     site = REGISTRY.site(template, anchor)
-    REGISTRY.note_attention_mask(mask)  # the MLP sites after it sample real tokens only
     mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])
     common = _common_dtype(q, k, v)
     if common is None:

@@ -13,17 +13,14 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule
 
+from .compile_reports import record
 from .context import compile_overrides
 from .options import Options, make_options
 
-from spt_compile.passes import GraphReport, rewrite_graph
+from spt_compile.passes import rewrite_graph
 from spt_compile.passes.float_inputs import FloatGuard, copy_graph_module, float_inputs
 
 log = logging.getLogger("spt_compile")
-
-# Reports of the graphs compiled in this process, newest last (explain() and tests read them).
-COMPILE_REPORTS: list[GraphReport] = []
-
 
 def compile_options(options: Optional[dict[str, Any]]) -> Options:
     """enable()'s options, then torch.compile(options=...) on top, validated."""
@@ -72,7 +69,7 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     # of them changes (passes/float_inputs.py).
     as_traced = copy_graph_module(gm) if float_inputs(gm, example_inputs) else None
     report = rewrite_graph(gm, example_inputs, opts)
-    COMPILE_REPORTS.append(report)
+    record(report, example_inputs)  # spt_compile.compile_reports(model)
     if report.rewritten("attention") or report.rewritten("mlp"):
         allow_run_time_sizes(example_inputs)
     log.info("spt: %s", report.summary())

@@ -5,11 +5,17 @@ Inside `enable(...)`:
   * spt-compiled models that run inside it use its run-time options (they override the options
     given to torch.compile; nested `enable` blocks override outer ones).
 Inside `disable()`: spt-compiled models run dense (exact attention, every MLP block), no recompile.
+
+Both are context-local (contextvars): a thread or an asyncio task sees only the blocks it entered
+itself, and a new thread starts with none. A call's options are fixed when its forward runs; a
+forward re-run inside backward (activation checkpointing, which on CUDA may run on autograd's own
+threads) replays them (registry.Site.begin), whatever context the backward runs in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from dataclasses import replace
 from typing import Any, Iterator
@@ -19,16 +25,26 @@ import torch
 from .options import RUNTIME_NAMES, Options, SptOptionError, check_names, is_int, make_options
 
 # Innermost last. Each entry: the run-time overrides of one enable() block, or {"dense": True}.
-_STACK: list[dict[str, Any]] = []
-# Structural options of the innermost enable() block, for graphs compiled inside it.
-_COMPILE_STACK: list[dict[str, Any]] = []
+_STACK: contextvars.ContextVar[tuple[dict[str, Any], ...]] = contextvars.ContextVar("spt_stack", default=())
+# Structural options of the enclosing enable() blocks, for graphs compiled inside them.
+_COMPILE_STACK: contextvars.ContextVar[tuple[dict[str, Any], ...]] = contextvars.ContextVar(
+    "spt_compile_stack", default=())
+
+
+@contextlib.contextmanager
+def _pushed(var: contextvars.ContextVar, entry: dict[str, Any]) -> Iterator[None]:
+    token = var.set(var.get() + (entry,))
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 def resolve(options: Options) -> tuple[Options, bool]:
     """The options a site uses right now, and whether it must run dense."""
     dense = False
     overrides: dict[str, Any] = {}
-    for entry in _STACK:
+    for entry in _STACK.get():
         if entry.get("dense"):
             dense = True
         else:
@@ -43,7 +59,7 @@ def resolve(options: Options) -> tuple[Options, bool]:
 
 def compile_overrides() -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for entry in _COMPILE_STACK:
+    for entry in _COMPILE_STACK.get():
         merged.update(entry)
     return merged
 
@@ -109,22 +125,14 @@ def enable(**options: Any) -> Iterator[None]:
     models run inside the block. Raises SptOptionError for an unknown name or a bad value."""
     _validate_partial(options)
     runtime = {k: v for k, v in options.items() if k in RUNTIME_NAMES}
-    _STACK.append(runtime)
-    _COMPILE_STACK.append(dict(options))
-    try:
+    with _pushed(_STACK, runtime), _pushed(_COMPILE_STACK, dict(options)):
         with _default_backend(_DefaultSpt(compile_overrides())):
             yield
-    finally:
-        _STACK.pop()
-        _COMPILE_STACK.pop()
 
 
 @contextlib.contextmanager
 def disable() -> Iterator[None]:
     """Run spt-compiled models dense inside the block (exact attention, every MLP block), without
     recompiling. Sparse state is not updated by calls made inside it."""
-    _STACK.append({"dense": True})
-    try:
+    with _pushed(_STACK, {"dense": True}):
         yield
-    finally:
-        _STACK.pop()

@@ -49,13 +49,16 @@ LoRA dropout > 0, and dense calibration calls (they measure each block's output 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .context import resolve
+from .ffn_budget import block_flops, error_curve
 from .options import Options
+from .real_rows import rows_of
 from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 
 from spt_compile.triton_ops.clustering import cluster_neurons
@@ -71,6 +74,8 @@ from spt_compile.triton_ops.routed_mlp import (
     resolve_ffn_impl,
     routed_mlp_backward_saved,
     routed_mlp_forward,
+    join_fused,
+    split_fused,
     unit_importance,
     unpermute_grads,
 )
@@ -234,22 +239,34 @@ class MlpSite(Site):
         # they were fitted for; fitted lazily like the balance bias, dropped whenever the router changes.
         self.comp: Optional[tuple[Tensor, Tensor, Tensor]] = None
         self.comp_for: Optional[tuple[int, int, float]] = None
+        # ffn_budget: the relative squared output error at k = 0 .. n_blocks blocks per token (ffn_budget.py)
+        # and one block's matmul FLOPs per token, measured when the routing is fitted. Set at once rather
+        # than staged: only the allocation reads them, and a call's plan records the allocation it used.
+        self.err_curve: Optional[Tensor] = None  # [n_blocks + 1] fp64
+        self.block_flops: Optional[float] = None
 
     def _fit_routing(self, weights: MlpWeights, spec: MlpSpec, options: Options, seed: int):
         """From the buffered tokens: the unit clustering (if asked) and the router fitted to the
         block output norms of the blocks it defines. Returns (perm, buffer_y, router), or None
-        while the buffer holds no token (every one so far was padding-free but empty, or NaN/inf)."""
+        while the buffer holds no token (every one so far was padding-free but empty, or NaN/inf).
+        Sets the ffn_budget error curve of that routing on the way (one dense MLP on the buffer)."""
         bx = self.buffer_x
         if bx.shape[0] == 0:
             return None
         perm, by = None, self.buffer_y
+        x = bx.to(device=weights.in_w.device, dtype=weights.in_w.dtype)
         if options.ffn_cluster and spec.n_blocks > 1:
-            x = bx.to(device=weights.in_w.device, dtype=weights.in_w.dtype)
             perm = cluster_neurons(unit_importance(x, weights, spec), spec.n_blocks,
                                    generator=torch.Generator().manual_seed(seed))
-            wp = permute_hidden(weights, spec, perm.to(weights.in_w.device))
-            by = block_outputs(x, wp, spec).float().norm(dim=-1).cpu()
-        return perm, by, fit_router(bx, by)
+            outs = block_outputs(x, permute_hidden(weights, spec, perm.to(weights.in_w.device)), spec).float()
+            by = outs.norm(dim=-1).cpu()
+        else:
+            outs = block_outputs(x, weights, spec).float()
+        router = fit_router(bx, by)
+        self.err_curve = error_curve(outs, router_scores(x, router.to(x.device)))
+        self.block_flops = block_flops(self.d_in, outs.shape[-1], spec.hidden, spec.n_blocks, spec.gated)
+        REGISTRY.budget_changed()
+        return perm, by, router
 
     def _set_routing(self, perm, by, router) -> None:
         self.perm, self.buffer_y = perm, by
@@ -259,6 +276,18 @@ class MlpSite(Site):
         self.router = router
         self.balance, self.balance_for = None, None  # fitted to the old router's scores
         self.comp, self.comp_for = None, None  # to its choices (and to older weights)
+
+    def begin(self, options: Options, dense_forced: bool) -> CallPlan:
+        """As Site.begin, with ffn_budget's allocation for this layer written into the plan's ffn_active:
+        the call runs with it, and a forward re-run inside backward replays it."""
+        plan = super().begin(options, dense_forced)
+        if plan.recompute or options.ffn_budget is None or self.err_curve is None:
+            return plan
+        active = REGISTRY.ffn_allocation(options.ffn_budget).get(self)
+        if active is not None and active != options.active_blocks:
+            plan = replace(plan, options=replace(options, ffn_active=active))
+            self._last = plan
+        return plan
 
     def balance_bias(self, options: Options) -> Optional[Tensor]:
         """The ffn_balance bias for these options (None when off), fitted on the buffered tokens the
@@ -292,25 +321,24 @@ class MlpSite(Site):
             self.comp_for = key
         return self.comp
 
-    def loss_rows_only(self, options: Options, lead: tuple, loss_rows: Optional[Tensor]) -> Optional[Tensor]:
+    def loss_rows_only(self, options: Options, loss_rows: Optional[Tensor], real: Optional[Tensor]) -> Optional[Tensor]:
         """The backward's mask when ffn_loss_rows="dense" leaves nothing to rank: every real row
         carries a loss (LM tuning), so the loss rows keep every block and the others (padding) none;
         [T, nb] bool, else None. Saves the scores' cost where they would change nothing."""
         if options.ffn_loss_rows != "dense" or loss_rows is None or options.ffn_dense_first:
             return None
-        T = loss_rows.numel()
-        real = REGISTRY.real_rows(lead)
-        others = ~loss_rows if real is None or real.numel() != T else real & ~loss_rows
+        others = ~loss_rows if real is None else real & ~loss_rows
         if bool(others.any()):  # one sync, on a [T] mask
             return None
-        return loss_rows[:, None].expand(T, self.n_blocks).clone()
+        return loss_rows[:, None].expand(loss_rows.numel(), self.n_blocks).clone()
 
     def backward_mask(self, scores: Tensor, options: Options, lead: tuple = (),
-                      loss_rows: Optional[Tensor] = None) -> Tensor:
+                      loss_rows: Optional[Tensor] = None, real: Optional[Tensor] = None) -> Tensor:
         """exact_forward's choice of (token, block) pairs for backward, [T, nb] bool, from the exact
         forward's scores [T, nb] (routed_mlp.IMPORTANCES): the batch's highest-scoring pairs, ffn_active
         per real token on average (a token with much in play gets more blocks, one with little fewer).
-        Padding rows get none: nothing reads them and no loss is on them, so their d(y) is exactly 0.
+        Padding rows (not `real`, the graph's spt::real_rows operand) get none: nothing reads them and
+        no loss is on them, so their d(y) is exactly 0.
         Rows that carry a loss (loss_rows [T] bool, the graph's operand) come first: under
         ffn_loss_rows="dense" they keep every block, beyond the budget if need be (what is left of it
         goes to the other rows); under "first" they fill the budget and no more. ffn_dense_first
@@ -319,9 +347,7 @@ class MlpSite(Site):
         Global rather than per token by measurement (GSM8K probe, docs/quality.md): held-out loss 1.1517
         against 1.1607 at 2 of 4 blocks; loss rows first at the same budget 1.1348 (dense 1.1261)."""
         T = scores.shape[0]
-        real = REGISTRY.real_rows(lead)
-        if real is not None and real.numel() != T:
-            real = None
+        real = rows_of(real, T)
         mode = options.ffn_loss_rows
         if mode == "off" or loss_rows is None or loss_rows.numel() != T:
             loss_rows = None
@@ -364,21 +390,21 @@ class MlpSite(Site):
         self.buffer_x = torch.cat([self.buffer_x, x])[-ROUTER_BUFFER:]
         self.buffer_y = torch.cat([self.buffer_y, norms])[-ROUTER_BUFFER:]
 
-    def _sample_rows(self, T: int, n: int, seed: int, device, lead: tuple = ()) -> Tensor:
-        """n of the T rows at random (all if fewer): of the real tokens only where the attention call
-        before this MLP marked padding (REGISTRY.real_rows; lead: the input's [B, N])."""
+    def _sample_rows(self, T: int, n: int, seed: int, device, real: Optional[Tensor] = None) -> Tensor:
+        """n of the T rows at random (all if fewer): of the real tokens only where the attention mask
+        before this MLP marks padding (real: [T] bool, the spt::real_rows operand)."""
         gen = torch.Generator().manual_seed(seed)
-        real = REGISTRY.real_rows(lead)
-        if real is not None and real.numel() == T:
+        real = rows_of(real, T)
+        if real is not None:
             idx = real.nonzero().squeeze(1).cpu()  # one sync, on calls that sample (calibration, probes)
             if idx.numel():
                 return idx[torch.randperm(idx.numel(), generator=gen)[:n]].to(device)
         return torch.randperm(T, generator=gen)[:n].to(device)
 
-    def _probe(self, x2, weights, spec, block_mask, seed, comp=None, lead: tuple = ()) -> None:  # weights: permuted
+    def _probe(self, x2, weights, spec, block_mask, seed, comp=None, real: Optional[Tensor] = None) -> None:  # weights: permuted
         """Run every block on a few tokens: their norms feed the router; the routed share of the
         dense output (with the compensation, if on) is the quality figure (1.0 = nothing lost)."""
-        rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device, lead)
+        rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device, real)
         outs = block_outputs(x2[rows], weights, spec).float()  # [S, nb, d_out]
         dense = outs.sum(1)
         routed = (outs * block_mask[rows, :, None]).sum(1)
@@ -391,13 +417,17 @@ class MlpSite(Site):
 
     # --- the call -----------------------------------------------------------------------------
     def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool,
-                loss_rows: Optional[Tensor] = None):
+                loss_rows: Optional[Tensor] = None, real_rows: Optional[Tensor] = None):
+        """loss_rows, real_rows: [T] bool operands (the rows that carry a loss; the rows that are real
+        tokens, empty when none is padding), or None."""
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced)
+        options = plan.options  # with ffn_budget's allocation; a recompute's are its forward's
         self.check_finite(plan, x=x)
         seed = self.call_seed(plan.index)
         x2 = x.reshape(-1, x.shape[-1])
         T = x2.shape[0]
+        real = rows_of(None if real_rows is None else real_rows.to(x.device), T)
         nb = spec.n_blocks
         calibrating = self.calibrating(plan)
         inference_exact = not training and not options.sparse_inference
@@ -413,7 +443,7 @@ class MlpSite(Site):
         saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
             if routed and self.router is None:  # calibration_steps == 0, or calibration kept no token
-                rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device, tuple(x.shape[:-1]))
+                rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device, real)
                 self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
                 fitted = self._fit_routing(weights, spec, options, seed)
                 if fitted is None:  # nothing finite to fit on: this call runs every block
@@ -427,7 +457,7 @@ class MlpSite(Site):
                     y, _, norms, whole = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
                                                            seed, saved, None, "block_output")
                     impl_meta = (IMPL_CODES["torch"], 0, ())
-                    self._calibrate(x2, norms, weights, spec, plan, seed, tuple(x.shape[:-1]))
+                    self._calibrate(x2, norms, weights, spec, plan, seed, real)
                 elif _torch_path(options.ffn_impl, x2, spec):
                     # exact_forward's code with every block kept, in the clustered block order when there is
                     # one: the same sums in the same order as its training calls, so disable() reproduces
@@ -442,15 +472,15 @@ class MlpSite(Site):
                 perm = None if self.perm is None else self.perm.to(x.device)
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
-                preset = self.loss_rows_only(options, lead, rows)  # no pair to rank: no scores to compute
+                preset = self.loss_rows_only(options, rows, real)  # no pair to rank: no scores to compute
                 y, block_mask, _, whole = exact_mlp_forward(
                     x2, weights, spec, (lambda s: preset) if preset is not None else (
-                        lambda s: self.backward_mask(s, options, lead, rows)), seed, saved, perm,
+                        lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
                     None if preset is not None else BACKWARD_IMPORTANCE)
                 impl_meta = (IMPL_CODES["torch"], 0, ())
                 if plan.updates_state and (self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     # captured / rel_error: what the backward's blocks hold of the exact output
-                    self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, lead)
+                    self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, real)
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:  # the router still serves calls without gradient (sparse inference)
                         self.stage(lambda: self._set_router(fit_router(bx, by)))
@@ -469,7 +499,7 @@ class MlpSite(Site):
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp.get(), spec, block_mask, seed,
-                                None if terms is None else tuple(t.to(x.device) for t in terms), tuple(x.shape[:-1]))
+                                None if terms is None else tuple(t.to(x.device) for t in terms), real)
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:
                         self.stage(lambda: self._set_router(fit_router(bx, by)))
@@ -487,8 +517,9 @@ class MlpSite(Site):
             pre = torch.cat(saved) if saved else x.new_empty(0)
         return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, pre, meta, comp_out
 
-    def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int, lead: tuple = ()) -> None:
-        rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device, lead)
+    def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int,
+                   real: Optional[Tensor] = None) -> None:
+        rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device, real)
         self._add_samples(x2[rows], norms[rows])
         if plan.index == plan.options.calibration_steps - 1:  # last calibration call
             fitted = self._fit_routing(weights, spec, plan.options, seed)
@@ -510,6 +541,9 @@ class MlpSite(Site):
         if self.comp is not None:
             out["comp_u"], out["comp_v"], out["comp_m"] = self.comp
             out["comp_for"] = torch.tensor(self.comp_for, dtype=torch.float64)
+        if self.err_curve is not None:
+            out["err_curve"] = self.err_curve
+            out["block_flops"] = torch.tensor(self.block_flops, dtype=torch.float64)
         return out
 
     def load_state_dict(self, state):
@@ -546,9 +580,18 @@ class MlpSite(Site):
             self.comp_for = (int(key[0]), int(key[1]), float(key[2]))
         else:
             self.comp, self.comp_for = None, None
+        curve, flops = state.get("err_curve"), state.get("block_flops")
+        if curve is not None and (flops is None or tuple(curve.shape) != (self.n_blocks + 1,)):
+            raise SptStateError(f"saved ffn_budget error curve of MLP site {self.name} has shape {tuple(curve.shape)} "
+                                f"(or lacks block_flops), this compile needs ({self.n_blocks + 1},)")
+        self.err_curve = None if curve is None else curve.double().clone()
+        self.block_flops = None if curve is None else float(flops)
+        REGISTRY.budget_changed()
 
     def describe(self):
         out = super().describe()
+        if self._last is not None and self._last.options.ffn_budget is not None:
+            out["ffn_active"] = self._last.options.active_blocks  # this layer's share under ffn_budget
         if self.balance_for is not None:
             out["balance"] = self.balance_for[0]
         if self.comp_for is not None:
@@ -631,19 +674,21 @@ def mlp_site(
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
     gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
     out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    loss_rows: Optional[Tensor], template: int, spec: str, training: bool,
+    loss_rows: Optional[Tensor], real_rows: Optional[Tensor], template: int, spec: str, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss_rows: [T] bool, the rows whose position carries a loss (passes/loss_rows.py), or None."""
-    weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
-    # The first projection's weight (gate, else in) identifies the layer's site.
+    """loss_rows: [T] bool, the rows whose position carries a loss (passes/loss_rows.py), or None.
+    real_rows: spt::real_rows of the attention mask before this MLP (empty: none padded), or None."""
+    s = MlpSpec.from_str(spec)
+    weights = split_fused(MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a,
+                                     out_bb), s)
+    # The first projection's weight (gate, else in; a fused gate/up one whole) identifies the layer's site.
     site = REGISTRY.site(template, gate_w if gate_w is not None else in_w)
-    return site.forward(x, weights, MlpSpec.from_str(spec), REGISTRY.templates[template].options, training,
-                        loss_rows)
+    return site.forward(x, weights, s, REGISTRY.templates[template].options, training, loss_rows, real_rows)
 
 
 @mlp_site.register_fake
 def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      loss_rows, template, spec, training):
+      loss_rows, real_rows, template, spec, training):
     s = MlpSpec.from_str(spec)
     T = 1
     for n in x.shape[:-1]:
@@ -665,7 +710,10 @@ def mlp_site_backward(
 ) -> list[Tensor]:
     """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
     s = MlpSpec.from_str(spec)
-    weights = MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb)
+    weights = split_fused(MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a,
+                                     out_bb), s)
+    if s.fused:  # the fused projection's needs stand for both halves
+        needs = needs[:1] + needs[5:9] + needs[5:]
     mode, seed, permuted, impl_code, dtype_code, whole, *counts = meta.tolist()
     p = perm if permuted else None
     x2 = x.reshape(-1, x.shape[-1])
@@ -682,6 +730,7 @@ def mlp_site_backward(
         dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, counts, dtype_code, p)
         if UV is not None and dx is not None:
             dx = dx + compensation_input_grad(dy2.to(comp.dtype), ~block_mask, *UV).to(dx.dtype)
+    grads = join_fused(MlpWeights(*grads), s)
     return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
 
@@ -708,8 +757,8 @@ def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, ou
 
 
 def _setup_context(ctx, inputs, output):
-    tensors = inputs[:13]  # x and the 12 weight slots; then loss_rows, template, spec, training
-    ctx.spec = inputs[15]
+    tensors = inputs[:13]  # x and the 12 weight slots; then loss_rows, real_rows, template, spec, training
+    ctx.spec = inputs[16]
     y, block_mask, perm, pre, meta, comp = output
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*tensors, block_mask, perm, pre, meta, comp)
@@ -723,9 +772,9 @@ def _backward(ctx, dy, dmask, dperm, dpre, dmeta, dcomp):
     *tensors, block_mask, perm, pre, meta, comp = ctx.saved_tensors
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
     if dy is None:  # y took no part in the loss (grads are not materialized: see _setup_context)
-        return (None,) * 17
+        return (None,) * 18
     grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, pre, meta, comp, ctx.spec, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 5
 
 
 mlp_site.register_autograd(_backward, setup_context=_setup_context)

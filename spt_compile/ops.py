@@ -7,7 +7,7 @@ from spt_compile.triton_ops.reference import (
 from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_bounds, routed_mlp
 from spt_compile.triton_ops.sparse_attention import sparse_attention
 
-from . import attention_site, mlp_site  # noqa: F401  (the ops the passes emit)
+from . import attention_site, mlp_site, real_rows  # noqa: F401  (the ops the passes emit)
 
 __all__ = [
     "sparse_attention", "sparse_attention_reference", "routed_mlp", "routed_mlp_reference", "block_bounds",

@@ -42,6 +42,12 @@ class Options:
                                      "exact_forward, the backward's budget, on average over the batch's real tokens; "
                                      "without it, each token's blocks in the forward. ffn_active == ffn_blocks is "
                                      "exactly the dense MLP.", True)
+    ffn_budget: Optional[float] = _opt(None, "Per-layer MLP budgets: the share of the dense MLPs' matmul FLOPs the "
+                                       "routed MLPs may use, in [1/ffn_blocks, 1]; replaces ffn_active where set. Each "
+                                       "layer measures its output error at every block count when it fits its router, "
+                                       "and the blocks go where they remove the most error per FLOP: a layer may get "
+                                       "more than ffn_active, or all (spt_compile/ffn_budget.py). report() shows each "
+                                       "layer's share.", True)
     # Off by measurement (docs/ffn.md, "Load balance"): on SmolLM2 (GSM8K, 8 of 16 blocks) 1.0 cuts the
     # spread of tokens per block from 12.7x to 2.4x but costs 0.9 nats of held-out loss without
     # compensation; it pays only once a grouped GEMM makes uneven blocks cost time (not yet).
@@ -178,6 +184,11 @@ def validate(o: Options) -> None:
         raise _bad("ffn_blocks", "an int >= 1", o.ffn_blocks)
     if o.ffn_active is not None and (not is_int(o.ffn_active) or not 1 <= o.ffn_active <= o.ffn_blocks):
         raise _bad("ffn_active", f"an int in [1, ffn_blocks={o.ffn_blocks}] or None", o.ffn_active)
+    if o.ffn_budget is not None and (
+            not isinstance(o.ffn_budget, (int, float)) or isinstance(o.ffn_budget, bool)
+            or not (math.isfinite(o.ffn_budget) and 1 / o.ffn_blocks <= o.ffn_budget <= 1)):
+        raise _bad("ffn_budget", f"None or a float in [1/ffn_blocks, 1] = [{1 / o.ffn_blocks:.4g}, 1] (every layer "
+                   "keeps at least one block per token; use more ffn_blocks for a smaller share)", o.ffn_budget)
     if not isinstance(o.ffn_balance, (int, float)) or isinstance(o.ffn_balance, bool) or not (
         math.isfinite(o.ffn_balance) and 0 <= o.ffn_balance <= 1
     ):

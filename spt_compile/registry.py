@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .options import Options
-from .triton_ops.pq import real_key_mask
 
 _TAG = re.compile(r"^(?P<name>.+)@(?P<kind>[a-z]+)(?P<ordinal>\d+)/(?P<field>[\w.]+)$")
 
@@ -217,35 +216,38 @@ class Registry:
         self._by_anchor: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> {(kind, ordinal): Site}
         self._by_name: dict[tuple[str, str, int], Site] = {}  # sites without an anchor
         self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded before the site existed
-        # The mask of the latest attention call (a weak reference; None: that call had none), read by
-        # the MLP sites that follow it in the same forward: see real_rows.
-        self._attention_mask: Optional[weakref.ref] = None
-        self._real_rows: Optional[tuple] = None  # (mask weakref, mask version, lead, real_rows' answer)
+        # ffn_budget: the latest allocation ((budget, version) -> {site: blocks}); version counts changes
+        # of any MLP site's error curve, so a new curve (a site calibrated or loaded) reallocates.
+        self._budget_version = 0
+        self._allocation: Optional[tuple[tuple[float, int], dict]] = None
 
-    def note_attention_mask(self, mask: Optional[Tensor]) -> None:
-        """Every attention call records the mask it got (None: no mask, nothing padded)."""
-        self._attention_mask = None if mask is None else weakref.ref(mask)
+    def _prune(self) -> None:
+        """Forgets sites whose anchor was freed (their model is gone) or that a recompile with other
+        structural options replaced, so that the list does not grow with every model built."""
+        def live(s: Site) -> bool:
+            if s._anchor is not None and s.anchor is None:
+                return False
+            return self.find(s.kind, s.anchor, s.ordinal, s.name) is s
 
-    def real_rows(self, lead: tuple) -> Optional[Tensor]:
-        """Which rows of an MLP input [B, N, d] (lead = (B, N)) are real tokens, [B * N] bool, by the
-        latest attention call's mask (a key no query may attend is padding); None when that mask is
-        gone, does not fit [B, N], or pads nothing. The MLP sites draw their router samples from the
-        real rows: padding positions (a quarter of GSM8K batches padded to 256 tokens) fitted the
-        router, clustering and compensation to tokens nothing reads (benchmarks/routing_suspects.py)."""
-        mask = None if self._attention_mask is None else self._attention_mask()
-        if mask is None or len(lead) != 2 or mask.dim() != 4:
-            return None
-        B, N = lead
-        if mask.shape[-1] != N or mask.shape[-2] not in (1, N) or mask.shape[0] not in (1, B):
-            return None
-        version = getattr(mask, "_version", None) if not mask.is_inference() else None
-        last = self._real_rows
-        if last is not None and version is not None and last[0]() is mask and last[1:3] == (version, lead):
-            return last[3]  # every MLP of a forward asks about the same mask: read it once
-        real = real_key_mask(mask, B, N)  # [B, N]
-        answer = None if bool(real.all()) else real.reshape(-1)
-        self._real_rows = (weakref.ref(mask), version, lead, answer)
-        return answer
+        self.sites = [s for s in self.sites if live(s)]
+
+    def budget_changed(self) -> None:
+        """An MLP site's ffn_budget error curve changed: the next allocation is computed afresh."""
+        self._budget_version += 1
+
+    def ffn_allocation(self, budget: float) -> dict:
+        """ffn_budget's blocks per token for every live MLP site that has an error curve, {site: k},
+        allocated over all of them together (ffn_budget.allocate): the sites of every model compiled in
+        this process share one budget. Recomputed only when a curve changed."""
+        from .ffn_budget import allocate  # no cycle: ffn_budget imports only torch
+
+        key = (float(budget), self._budget_version)
+        if self._allocation is None or self._allocation[0] != key:
+            sites = [s for s in self.sites if s.kind == "mlp" and getattr(s, "err_curve", None) is not None
+                     and s.anchor is not None and self.find(s.kind, s.anchor, s.ordinal, s.name) is s]
+            k = allocate([s.err_curve for s in sites], [s.block_flops for s in sites], budget)
+            self._allocation = (key, dict(zip(sites, k)))
+        return self._allocation[1]
 
     def template_id(self, template: SiteTemplate) -> int:
         """Templates travel through the graph as a small int (custom ops take no dataclasses)."""
@@ -267,6 +269,7 @@ class Registry:
         if site is not None and site.compatible(t):
             return site
         site = SITE_TYPES[t.kind](t, anchor)
+        self._prune()
         self.sites.append(site)
         if anchor is not None:
             self._by_anchor.setdefault(anchor, {})[(t.kind, t.ordinal)] = site

@@ -68,6 +68,7 @@ class GraphCapture:
                                                                           if isinstance(a, Node)))
             ok = ok or n.meta.get("spt_decomposed")  # a replaced call written out (passes/mha.py)
             ok = ok or n.meta.get("spt_loss_rows")  # the MLP sites' loss-row operand (passes/loss_rows.py)
+            ok = ok or n.meta.get("spt_real_rows")  # their real-token rows (passes/real_rows.py)
             ok = ok or n.target in (torch.logical_not, torch.logical_and, torch.logical_or, torch.masked_fill,
                                     torch.where, operator.add) or n.target in ("to", "flatten") \
                 or n.target.__name__ == "getitem"

@@ -21,8 +21,8 @@ def test_backend_is_found_by_name_without_importing_the_package():
         assert "spt_compile" not in sys.modules
         y = torch.compile(m, backend="spt", options={"compiler": "eager", "calibration_steps": 0, "attention_dense_below": 0})(torch.randn(3, 16))
         assert y.shape == (3, 16) and "spt_compile" in sys.modules
-        from spt_compile.backend import COMPILE_REPORTS
-        assert len(COMPILE_REPORTS[-1].rewritten("mlp")) == 1
+        from spt_compile import compile_reports
+        assert len(compile_reports(m)[-1].rewritten("mlp")) == 1
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -77,3 +77,24 @@ def test_report_gives_calibration_quality_per_site():
             assert 0 < r["recall"] <= 1 and 0 < r["mass"] <= 1
         else:
             assert 0 < r["captured"] <= 1.5 and r["rel_error"] >= 0
+
+
+def test_compile_reports_belong_to_the_model_and_go_with_it():
+    """What compiling did is kept per model (filed under the parameters the graph reads): another model
+    has none, and a freed model takes its reports with it."""
+    import gc
+
+    from spt_compile.compile_reports import tensors_with_reports
+
+    torch._dynamo.reset()
+    model = PlainMLP()
+    compiled = torch.compile(model, backend="spt", options={"compiler": "eager", "calibration_steps": 0})
+    compiled(torch.randn(2, 5, 32))
+    (report,) = spt_compile.compile_reports(model)
+    assert len(report.rewritten("mlp")) == 1
+    assert spt_compile.compile_reports(PlainMLP()) == []
+    held = tensors_with_reports()
+    del model, compiled, report
+    torch._dynamo.reset()
+    gc.collect()
+    assert tensors_with_reports() <= held - 4  # its 4 parameters no longer hold a report

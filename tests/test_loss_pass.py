@@ -221,10 +221,10 @@ def test_smollm2_loss_and_lora_grads_equal_dense(smollm2_2layer):
     torch._dynamo.reset()
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, backend="spt", options={**EVERY, "loss_chunk": 7, "compiler": "aot_eager"})
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     got = hf_run(compiled, **{"ids": ids, "labels": labels}, attention_mask=mask)
-    assert len(COMPILE_REPORTS[-1].rewritten("loss")) == 1
+    assert len(compile_reports(model)[-1].rewritten("loss")) == 1
     want = hf_run(ref, **{"ids": ids, "labels": labels}, attention_mask=mask)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=5e-5, rtol=1e-4)
@@ -239,9 +239,9 @@ def test_dynamic_shapes():
     model = Head(form="none", bias=True)
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, backend="spt", dynamic=True, options={**EVERY, "compiler": "aot_eager"})
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     for N in (7, 12):
         x, targets = head_inputs(N=N, seed=N)
         torch.testing.assert_close(compiled(x, targets), ref(x, targets), atol=1e-5, rtol=1e-5)
-        assert len(COMPILE_REPORTS[-1].rewritten("loss")) == 1
+        assert len(compile_reports(model)[-1].rewritten("loss")) == 1

@@ -28,9 +28,9 @@ def seen(monkeypatch):
     got = {"rows": [], "masks": []}
     forward, choose = mlp_site.MlpSite.forward, mlp_site.MlpSite.backward_mask
 
-    def record_forward(self, x, weights, spec, options, training, loss_rows=None):
+    def record_forward(self, x, weights, spec, options, training, loss_rows=None, real_rows=None):
         got["rows"].append(None if loss_rows is None else loss_rows.detach().clone())
-        return forward(self, x, weights, spec, options, training, loss_rows)
+        return forward(self, x, weights, spec, options, training, loss_rows, real_rows)
 
     def record_mask(self, *args, **kwargs):
         mask = choose(self, *args, **kwargs)

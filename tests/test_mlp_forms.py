@@ -88,6 +88,51 @@ class T5DenseReluDense(nn.Module):
         return self.wo(self.dropout(F.relu(self.wi(x))))
 
 
+class MatmulLinear(nn.Linear):
+    """A custom Linear that writes its projection as `x @ W.T (+ b)` (as some model families do)."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y + self.bias if self.bias is not None else y
+
+
+class TransposedLinear(nn.Linear):
+    """The same with W.t() and the bias first."""
+
+    def forward(self, x):
+        return self.bias + torch.matmul(x, self.weight.t()) if self.bias is not None else x.matmul(self.weight.t())
+
+
+class SubclassMlp(nn.Module):
+    def __init__(self, linear=MatmulLinear, gated=False, bias=True, d=24, hidden=64):
+        super().__init__()
+        self.up, self.down = linear(d, hidden, bias=bias), linear(hidden, d, bias=bias)
+        self.gate = linear(d, hidden, bias=bias) if gated else None
+
+    def forward(self, x):
+        if self.gate is None:
+            return self.down(F.gelu(self.up(x)))
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class FusedGateUpMlp(nn.Module):
+    """One projection for gate and up, split in the model (Phi-3's gate_up_proj + chunk); with
+    up_first, split() and the up half first."""
+
+    def __init__(self, d=24, hidden=64, up_first=False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(d, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.hidden, self.up_first = hidden, up_first
+
+    def forward(self, x):
+        if self.up_first:
+            up, gate = self.gate_up_proj(x).split(self.hidden, dim=-1)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
 def sequential(act):
     return nn.Sequential(nn.Linear(24, 80), act, nn.Linear(80, 24))
 
@@ -103,6 +148,15 @@ CASES = {
     "functional-linear": (FunctionalMlp, None, "silu", "LoRA=none"),
     "functional-linear-lora": (lambda: FunctionalMlp(lora=True), None, "silu", "LoRA=in/out"),
     "t5-dense-relu-dense-lora": (T5DenseReluDense, ["wi", "wo"], "relu", "LoRA=in/out"),
+    "fused-gate-up-chunk": (FusedGateUpMlp, None, "gated fused silu", "fused gate/up (gate then up) LoRA=none"),
+    "fused-gate-up-chunk-lora": (FusedGateUpMlp, ["gate_up_proj", "down_proj"], "gated fused silu", "LoRA=gate/out"),
+    "fused-up-gate-split-lora": (lambda: FusedGateUpMlp(up_first=True), ["gate_up_proj"], "gated fused silu",
+                                 "fused gate/up (up then gate) LoRA=gate"),
+    "linear-subclass-x-at-wT-bias": (SubclassMlp, None, "gelu", "LoRA=none"),
+    "linear-subclass-x-at-wT-bias-lora": (SubclassMlp, ["up", "down"], "gelu", "LoRA=in/out"),
+    "linear-subclass-t-bias-first": (lambda: SubclassMlp(TransposedLinear), None, "gelu", "LoRA=none"),
+    "linear-subclass-gated-no-bias-lora": (lambda: SubclassMlp(gated=True, bias=False), ["gate", "up", "down"],
+                                           "gated silu", "LoRA=in/gate/out"),
 }
 
 

@@ -62,6 +62,36 @@ def test_enable_overrides_nest_and_disable_forces_dense():
     assert resolve(base) == (base, False)
 
 
+def test_enable_and_disable_are_context_local():
+    """A thread sees only the blocks it entered itself: another thread's enable() or disable() does not
+    leak into it, and a thread started inside a block starts with none (contextvars)."""
+    import threading
+
+    base = Options(density=0.5)
+    inside, entered, release = {}, threading.Event(), threading.Event()
+
+    def other():
+        with spt_compile.disable(), spt_compile.enable(density=0.125):
+            entered.set()
+            release.wait(5)
+            inside["other"] = resolve(base)
+
+    with spt_compile.enable(density=0.25):
+        t = threading.Thread(target=other)
+        t.start()
+        entered.wait(5)
+        inside["main"] = resolve(base)  # while the other thread is inside its own blocks
+        release.set()
+        t.join()
+        fresh = threading.Thread(target=lambda: inside.update(fresh=resolve(base)))
+        fresh.start()
+        fresh.join()
+    assert (inside["main"][0].density, inside["main"][1]) == (0.25, False)
+    assert (inside["other"][0].density, inside["other"][1]) == (0.125, True)
+    assert inside["fresh"] == (base, False)
+    assert resolve(base) == (base, False)
+
+
 def test_enable_ffn_active_beyond_a_sites_blocks_is_named_at_run_time():
     with spt_compile.enable(ffn_active=6):
         with pytest.raises(SptOptionError, match="ffn_active"):
@@ -69,18 +99,18 @@ def test_enable_ffn_active_beyond_a_sites_blocks_is_named_at_run_time():
 
 
 def test_enable_makes_spt_the_default_backend_only_inside():
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     torch._dynamo.reset()
     mlp = GatedMLP()
     x = torch.randn(2, 5, 32)
-    before = len(COMPILE_REPORTS)
+    before = len(compile_reports(mlp))
     with spt_compile.enable(compiler="eager", calibration_steps=0):
         torch.compile(mlp)(x)
         named = torch.compile(GatedMLP(), backend="eager")  # an explicitly named backend is left alone
         named(x)
-    assert len(COMPILE_REPORTS) == before + 1
-    assert COMPILE_REPORTS[-1].rewritten("mlp")
+    assert len(compile_reports(mlp)) == before + 1
+    assert compile_reports(mlp)[-1].rewritten("mlp")
     assert torch.compiler.get_default_backend() == "inductor"
 
 

@@ -279,7 +279,7 @@ def test_passes_rewrite_inside_activation_checkpoint_bodies():
 
 
 def test_dynamic_shapes_rewrite_and_do_not_recompile_per_length():
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     torch._dynamo.reset()
     model = NanoGPT(layers=1)
@@ -287,10 +287,10 @@ def test_dynamic_shapes_rewrite_and_do_not_recompile_per_length():
                              options={"compiler": "aot_eager", "calibration_steps": 0, "density": 0.5,
                                       "attention_dense_below": 0})
     compiled(torch.randint(0, 97, (2, 9))).sum().backward()
-    after_first = len(COMPILE_REPORTS)
-    last = COMPILE_REPORTS[-1]
+    after_first = len(compile_reports(model))
+    last = compile_reports(model)[-1]
     assert len(last.rewritten("attention")) == 1 and len(last.rewritten("mlp")) == 1
     assert "s" in last.rewritten("attention")[0].detail  # symbolic sizes in the matched shapes
     for n in (17, 30):
         compiled(torch.randint(0, 97, (2, n))).sum().backward()
-    assert len(COMPILE_REPORTS) == after_first, "a new length must not recompile"
+    assert len(compile_reports(model)) == after_first, "a new length must not recompile"

@@ -1,14 +1,13 @@
-"""The MLP sites draw their router samples (calibration, probes) from real tokens only: the attention
-call before them records its mask, and keys no query may attend are padding (REGISTRY.real_rows)."""
+"""The MLP sites draw their router samples (calibration, probes) from real tokens only: each receives
+spt::real_rows of the attention mask before it as an operand (keys no query may attend are padding)."""
 
 from __future__ import annotations
-
-import gc
 
 import torch
 from torch import nn
 
-from spt_compile.registry import REGISTRY, model_sites
+from spt_compile.real_rows import real_rows, rows_of
+from spt_compile.registry import model_sites
 from toy_models import MLP_TEST_OPTIONS, GatedMLP, GQAAttention
 
 
@@ -20,26 +19,16 @@ def padded_causal_mask(B: int, N: int, lengths: list[int]) -> torch.Tensor:
     return mask
 
 
-def test_real_rows_reads_the_latest_attention_mask():
+def test_real_rows_op_reads_padding_from_the_mask():
     mask = padded_causal_mask(2, 6, [6, 4])
-    REGISTRY.note_attention_mask(mask)
     want = torch.tensor([True] * 6 + [True] * 4 + [False] * 2)
-    assert torch.equal(REGISTRY.real_rows((2, 6)), want)
+    assert torch.equal(real_rows(mask, 2, 6), want)
     additive = torch.zeros(2, 1, 1, 6).masked_fill(~torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
                                                    [:, None, None, :], float("-inf"))
-    REGISTRY.note_attention_mask(additive)  # an encoder's [B, 1, 1, N] additive mask
-    assert torch.equal(REGISTRY.real_rows((2, 6)), want)
-    assert REGISTRY.real_rows((2, 5)) is None  # another length: not this mask's tokens
-    assert REGISTRY.real_rows((12,)) is None  # no [B, N] to map rows to
-    REGISTRY.note_attention_mask(padded_causal_mask(2, 6, [6, 6]))
-    assert REGISTRY.real_rows((2, 6)) is None  # nothing padded
-    REGISTRY.note_attention_mask(None)
-    assert REGISTRY.real_rows((2, 6)) is None
-    kept = padded_causal_mask(2, 6, [6, 4])
-    REGISTRY.note_attention_mask(kept)
-    del kept
-    gc.collect()
-    assert REGISTRY.real_rows((2, 6)) is None  # a weak reference: a freed mask says nothing
+    assert torch.equal(real_rows(additive, 2, 6), want)  # an encoder's [B, 1, 1, N] additive mask
+    assert real_rows(mask, 2, 5).numel() == 0  # another length: not this mask's tokens
+    assert real_rows(padded_causal_mask(2, 6, [6, 6]), 2, 6).numel() == 0  # nothing padded
+    assert rows_of(real_rows(mask, 2, 6), 12) is not None and rows_of(real_rows(mask, 2, 6), 10) is None
 
 
 class Block(nn.Module):
@@ -72,3 +61,26 @@ def test_padding_rows_never_enter_the_router_samples():
     # each calibration call offers 512 samples: every real row then, and no padding row
     assert site.router is not None and site.buffer_x.shape[0] >= MLP_TEST_OPTIONS["calibration_steps"] * sum(lengths)
     assert site.buffer_x.abs().max() < 100
+
+
+def test_the_real_rows_are_an_operand_of_the_mlp_site_in_the_graph():
+    """The dependency is an edge: spt::real_rows reads the attention site's mask and feeds the MLP site."""
+    from spt_compile.options import make_options
+    from spt_compile.passes import rewrite_graph
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        rewrite_graph(gm, example_inputs, make_options({**MLP_TEST_OPTIONS, "compiler": "eager"}))
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block()
+    torch.compile(model, backend=backend)(torch.randn(2, 16, 64), padded_causal_mask(2, 16, [16, 9]))
+    (g,) = graphs
+    (attn,) = [n for n in g.graph.nodes if n.target is torch.ops.spt.attention_site.default]
+    (rows,) = [n for n in g.graph.nodes if n.target is torch.ops.spt.real_rows.default]
+    (mlp,) = [n for n in g.graph.nodes if n.target is torch.ops.spt.mlp_site.default]
+    assert rows.args[0] is attn.args[3] and rows in mlp.args

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spt_compile
-from spt_compile.backend import COMPILE_REPORTS
+from spt_compile import compile_reports
 from spt_compile.registry import model_sites
 
 from toy_models import GatedMLP, GQAAttention, NanoGPT
@@ -81,11 +81,11 @@ def test_check_finite_names_the_site_and_the_input():
     with pytest.raises(FloatingPointError, match=r"non-finite values \(NaN or inf\) in 'q' of the attention site"):
         c_att(with_bad_row(torch.randn(2, 64, 64), float("inf")))
     c_mlp(torch.randn(2, 64, 32))
-    n = len(COMPILE_REPORTS)
+    n = len(compile_reports(mlp))
     with spt_compile.enable(check_finite=True):  # a run-time option: no recompile
         with pytest.raises(FloatingPointError, match=r"in 'x' of the mlp site .*lower|learning rate"):
             c_mlp(with_bad_row(torch.randn(2, 64, 32), float("nan")))
-    assert len(COMPILE_REPORTS) == n
+    assert len(compile_reports(mlp)) == n
 
 
 def test_nan_loss_backward_gives_nan_grads_as_dense_and_keeps_the_state():
@@ -198,9 +198,10 @@ def test_devices_and_options_that_cannot_work_are_named():
     with pytest.raises(spt_compile.SptOptionError, match="attention_impl='triton' needs CUDA tensors.*'auto' or 'torch'"):
         c(torch.randn(2, 64, 64))
 
-    c = compiled(GatedMLP(d=32, hidden=80), ffn_blocks=100)  # more blocks than hidden units: left dense, said why
+    mlp = GatedMLP(d=32, hidden=80)
+    c = compiled(mlp, ffn_blocks=100)  # more blocks than hidden units: left dense, said why
     c(torch.randn(2, 8, 32))
-    assert [s.reason for s in COMPILE_REPORTS[-1].dense()] == ["hidden size 80 is smaller than ffn_blocks=100"]
+    assert [s.reason for s in compile_reports(mlp)[-1].dense()] == ["hidden size 80 is smaller than ffn_blocks=100"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spt_compile
-from spt_compile.backend import COMPILE_REPORTS
+from spt_compile import compile_reports
 from spt_compile.registry import REGISTRY, SptStateError, model_sites
 
 from toy_models import NanoGPT
@@ -59,14 +59,14 @@ def test_calibration_runs_dense_then_fits_state():
 def test_run_time_options_change_without_recompiling():
     model, compiled = compiled_gpt(calibration_steps=0)
     step(compiled, 0)
-    n = len(COMPILE_REPORTS)
+    n = len(compile_reports(model))
     with spt_compile.enable(density=1.0, ffn_active=4):
         every = step(compiled, 1)
     with spt_compile.enable(top_l=2, ffn_active=1):
         sparse = step(compiled, 1)
     with spt_compile.disable():
         dense = step(compiled, 1)
-    assert len(COMPILE_REPORTS) == n, "run-time options must not recompile"
+    assert len(compile_reports(model)) == n, "run-time options must not recompile"
     torch.testing.assert_close(every, dense, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(sparse, dense, atol=1e-3)
 
@@ -177,11 +177,10 @@ def test_models_sharing_one_compiled_graph_keep_their_own_sites():
     a, b = NanoGPT(layers=2, block_size=64), NanoGPT(layers=2, block_size=64)
     opts = {"compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0}
     ca, cb = (torch.compile(m, backend="spt", options=opts) for m in (a, b))
-    before = len(COMPILE_REPORTS)
     for i in range(2):
         step(ca, i)
     step(cb, 5)
-    assert len(COMPILE_REPORTS) == before + 1, "b runs a's graph"
+    assert len(compile_reports(a)) == 1 and not compile_reports(b), "b runs a's graph"
     sa, sb = sites(a), sites(b)
     assert len(sa) == len(sb) == 4 and not set(map(id, sa.values())) & set(map(id, sb.values()))
     assert [s.calls for s in sa.values()] == [2] * 4 and [s.calls for s in sb.values()] == [1] * 4
@@ -218,3 +217,23 @@ def test_recompiling_with_other_clustering_starts_fresh_sites():
     after = {n: s for n, s in model_sites(model) if s.kind == "mlp"}
     assert after.keys() == before.keys()
     assert all(after[n] is not before[n] and after[n].perm is not None for n in after)
+
+
+def test_a_freed_model_leaves_no_sites_behind():
+    """Sparse state belongs to its model: once the model is freed, its sites go too (the registry
+    forgets them when it next builds one), so a process that builds many models does not grow."""
+    import gc
+    import weakref
+
+    model, compiled = compiled_gpt()
+    step(compiled, 0)
+    refs = [weakref.ref(site) for site in sites(model).values()]
+    assert len(refs) == 4
+    del model, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    other, compiled = compiled_gpt(seed=1)
+    step(compiled, 0)
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(REGISTRY.sites) == len([s for s in REGISTRY.sites if s.anchor is not None])

@@ -303,7 +303,7 @@ def train_steps(model, compiled, steps=3, seq_lens=(48,), **batch_kw):
 def test_hf_gradient_checkpointing_gives_the_same_run():
     """model.gradient_checkpointing_enable(): every site is still rewritten, the recomputed forward
     makes the same sparse choices (calls are not counted twice), and the losses equal the plain run's."""
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     runs = []
     for checkpointing in (False, True):
@@ -313,12 +313,12 @@ def test_hf_gradient_checkpointing_gives_the_same_run():
         model.train()
         torch._dynamo.reset()
         torch.manual_seed(1)  # the same site seeds in both runs
-        n = len(COMPILE_REPORTS)
+        n = len(compile_reports(model))
         # HF's checkpointing breaks the graph before the loss, so the sites there get no loss rows
         # (passes/loss_rows.py); compared without them, the runs must match exactly
         compiled = torch.compile(model, backend="spt", options={**OPTS, "ffn_loss_rows": "off"})
         runs.append(train_steps(model, compiled, steps=2))  # calibration, then a sparse step
-        assert sum(len(r.rewritten("attention")) + len(r.rewritten("mlp")) for r in COMPILE_REPORTS[n:]) == 4
+        assert sum(len(r.rewritten("attention")) + len(r.rewritten("mlp")) for r in compile_reports(model)[n:]) == 4
         assert [site.calls for _, site in model_sites(model)] == [2, 2, 2, 2]
     assert runs[0] == runs[1]
 
@@ -326,15 +326,15 @@ def test_hf_gradient_checkpointing_gives_the_same_run():
 def test_changing_sequence_lengths_recompile_once():
     """Batches padded to their longest sequence: Dynamo compiles the first shape, then one graph
     with a dynamic length (its automatic dynamic shapes); every later length reuses it."""
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     model = tiny_lora_llama()
     torch._dynamo.reset()
-    n = len(COMPILE_REPORTS)
+    n = len(compile_reports(model))
     compiled = torch.compile(model, backend="spt", options=OPTS)
     losses = train_steps(model, compiled, steps=5, seq_lens=(24, 32, 40, 48, 20))
     assert all(l == l for l in losses)
-    reports = COMPILE_REPORTS[n:]
+    reports = compile_reports(model)[n:]
     assert len(reports) == 2
     assert all(len(r.rewritten("attention")) == 2 and len(r.rewritten("mlp")) == 2 for r in reports)
 
@@ -345,16 +345,16 @@ def test_dynamic_true_on_hf_llama_rewrites_every_site():
     rewritten, one graph serves every length, and with every key and block kept it equals dense."""
     import copy
 
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     model = no_dropout(tiny_lora_llama())
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
-    n = len(COMPILE_REPORTS)
+    n = len(compile_reports(model))
     compiled = torch.compile(model, backend="spt", options={**OPTS, "density": 1.0, "ffn_active": 4}, dynamic=True)
     got = train_steps(model, compiled, steps=3, seq_lens=(24, 40, 32))
     want = train_steps(reference, reference, steps=3, seq_lens=(24, 40, 32))
-    reports = COMPILE_REPORTS[n:]
+    reports = compile_reports(model)[n:]
     assert reports[0].floats and len(reports[0].rewritten("attention")) == 2 and len(reports[0].rewritten("mlp")) == 2
     assert all(len(r.rewritten("attention")) == 2 and len(r.rewritten("mlp")) == 2 for r in reports)
     assert len(reports) <= 2  # no compile per length
@@ -370,7 +370,7 @@ def test_dynamic_true_changed_float_attribute_is_never_stale(compiler, caplog):
     import copy
     import logging
 
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     model = no_dropout(tiny_lora_llama()).eval()
     reference = copy.deepcopy(model)
@@ -380,7 +380,7 @@ def test_dynamic_true_changed_float_attribute_is_never_stale(compiler, caplog):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-        n = len(COMPILE_REPORTS)
+        n = len(compile_reports(model))
         for m in (model, reference):
             m.base_model.model.model.layers[0].mlp.up_proj.scaling["default"] = 0.5
         with caplog.at_level(logging.WARNING, logger="spt_compile"):
@@ -389,9 +389,9 @@ def test_dynamic_true_changed_float_attribute_is_never_stale(compiler, caplog):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     warned = [r for r in caplog.records if "up_proj_scaling" in r.getMessage() and "specialize_float" in r.getMessage()]
     if compiler == "eager":
-        assert warned and len(COMPILE_REPORTS) == n  # the backend's check, no recompile
+        assert warned and len(compile_reports(model)) == n  # the backend's check, no recompile
     else:
-        assert not warned and len(COMPILE_REPORTS) > n  # Dynamo's guard: a recompile with the new value
+        assert not warned and len(compile_reports(model)) > n  # Dynamo's guard: a recompile with the new value
 
 
 def test_bf16_autocast_on_hf_llama_matches_dense_autocast():
@@ -402,12 +402,12 @@ def test_bf16_autocast_on_hf_llama_matches_dense_autocast():
     to bf16, as autocast casts them for the dense linear)."""
     import copy
 
-    from spt_compile.backend import COMPILE_REPORTS
+    from spt_compile import compile_reports
 
     model = no_dropout(tiny_lora_llama())
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
-    n = len(COMPILE_REPORTS)
+    n = len(compile_reports(model))
     compiled = torch.compile(model, backend="spt", options={**OPTS, "density": 1.0, "ffn_active": 4})
     ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # calibration, then the sparse path (every key kept)
@@ -418,9 +418,9 @@ def test_bf16_autocast_on_hf_llama_matches_dense_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             want = reference(input_ids=ids, labels=ids).loss
         want.backward()
-    assert sum(len(r.rewritten("attention")) for r in COMPILE_REPORTS[n:]) == 2
-    assert sum(len(r.rewritten("mlp")) for r in COMPILE_REPORTS[n:]) == 2
-    assert sum(len(r.rewritten("loss")) for r in COMPILE_REPORTS[n:]) == 1
+    assert sum(len(r.rewritten("attention")) for r in compile_reports(model)[n:]) == 2
+    assert sum(len(r.rewritten("mlp")) for r in compile_reports(model)[n:]) == 2
+    assert sum(len(r.rewritten("loss")) for r in compile_reports(model)[n:]) == 1
     assert loss.item() == pytest.approx(want.item(), rel=1e-3)
     grads = [(name, p.grad, r.grad) for (name, p), r in zip(model.named_parameters(), reference.parameters())
              if p.grad is not None]

@@ -90,6 +90,10 @@ class MlpSpec:
     # "bfloat16" / "float16"), "" otherwise. Autocast is not active inside the custom op at run time
     # (AOTAutograd made its casts explicit), so the op learns the compute dtype from here.
     compute: str = ""
+    # A fused gate/up projection (one weight [2F, d] split by chunk/split in the model): "gate_up" (the
+    # gate is the first half) or "up_gate". The op receives it in the gate slots and splits it
+    # (split_fused); its gradients are joined back (join_fused). "": separate projections.
+    fused: str = ""
 
     def to_str(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -147,6 +151,45 @@ def _block_weights(w: MlpWeights, spec: MlpSpec, lo: int, hi: int) -> MlpWeights
         else:
             sliced[slot] = t if dim is None else t.narrow(dim, lo, hi - lo)
     return MlpWeights(**sliced)
+
+
+def _fused_halves(spec: MlpSpec) -> tuple[slice, slice]:
+    """(the gate's rows, the up projection's rows) of a fused [2F, d] weight."""
+    F = spec.hidden
+    first, second = slice(0, F), slice(F, 2 * F)
+    return (first, second) if spec.fused == "gate_up" else (second, first)
+
+
+def split_fused(w: MlpWeights, spec: MlpSpec) -> MlpWeights:
+    """A fused gate/up projection (in the gate slots) as two: row views of its weight, bias and LoRA B;
+    both halves share its LoRA A. Unchanged when spec.fused is empty."""
+    if not spec.fused:
+        return w
+    g, u = _fused_halves(spec)
+
+    def rows(t: Optional[Tensor], sl: slice) -> Optional[Tensor]:
+        return None if t is None else t[sl]
+
+    return w._replace(in_w=rows(w.gate_w, u), in_b=rows(w.gate_b, u), in_a=w.gate_a, in_bb=rows(w.gate_bb, u),
+                      gate_w=rows(w.gate_w, g), gate_b=rows(w.gate_b, g), gate_bb=rows(w.gate_bb, g))
+
+
+def join_fused(grads: MlpWeights, spec: MlpSpec) -> MlpWeights:
+    """Gradients of split_fused's two projections as gradients of the fused one (the in slots become
+    None): the halves' rows concatenated in the fused order, the shared LoRA A's summed."""
+    if not spec.fused:
+        return grads
+    g, _ = _fused_halves(spec)
+
+    def cat(gate: Optional[Tensor], up: Optional[Tensor]) -> Optional[Tensor]:
+        if gate is None and up is None:
+            return None
+        return torch.cat([gate, up] if g.start == 0 else [up, gate])
+
+    shared = [t for t in (grads.gate_a, grads.in_a) if t is not None]
+    return grads._replace(gate_w=cat(grads.gate_w, grads.in_w), gate_b=cat(grads.gate_b, grads.in_b),
+                          gate_a=sum(shared[1:], shared[0]) if shared else None,
+                          gate_bb=cat(grads.gate_bb, grads.in_bb), in_w=None, in_b=None, in_a=None, in_bb=None)
 
 
 def permute_hidden(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> MlpWeights:

@@ -1,0 +1,70 @@
+"""The real-token rows an MLP site receives: `spt::real_rows(mask, B, N)` of the attention mask before it.
+
+The MLP pass asks for each site's input x [B, N, d]: the nearest attention site before x in the same
+graph gives its mask operand, and one spt::real_rows node per (mask, [B, N]) is inserted right after
+the first input that needs it, so that every later MLP of the same shape reuses it. No attention site
+before x, a site without a mask (causal only: nothing padded), or an input that is not [B, N, d]:
+no operand (the site treats every row as real).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import Graph, Node
+
+from .fx_utils import shape, static_int
+
+TAG = "spt_real_rows"  # meta flag of the nodes this pass adds (tests/graph_check.py)
+
+
+class RealRowsSource:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.made: dict[tuple, Node] = {}
+
+    def mask_before(self, x: Node) -> Optional[Node]:
+        """The mask operand of the last attention site before x in graph order, or None."""
+        mask = None
+        for n in self.graph.nodes:
+            if n is x:
+                break
+            if n.op == "call_function" and n.target is torch.ops.spt.attention_site.default:
+                mask = n.args[3] if isinstance(n.args[3], Node) else None
+        return mask
+
+    def note(self, x: Node) -> str:
+        """What a site with input x gets, for explain() (inserts nothing)."""
+        lead = shape(x)
+        if lead is None or len(lead) != 3:
+            return "every row real (the input is not [batch, seq, d])"
+        if self.mask_before(x) is None:
+            return "every row real (no attention mask before it in this graph)"
+        return "real rows from the attention mask"
+
+    def for_input(self, x: Node) -> Optional[Node]:
+        """The spt::real_rows node for MLP input x, or None."""
+        s = shape(x)
+        mask = self.mask_before(x)
+        if s is None or len(s) != 3 or mask is None:
+            return None
+        key = (mask, str(s[0]), str(s[1]))
+        if key not in self.made:
+            made = []
+            sizes = []
+            point = x
+            for d in (0, 1):
+                size = static_int(s[d])
+                if size is None:  # symbolic: read it from x at run time
+                    with self.graph.inserting_after(point):
+                        point = size = self.graph.call_method("size", (x, d))
+                    made.append(size)
+                sizes.append(size)
+            with self.graph.inserting_after(point):
+                node = self.graph.call_function(torch.ops.spt.real_rows.default, (mask, *sizes))
+            made.append(node)
+            for n in made:
+                n.meta[TAG] = True
+            self.made[key] = node
+        return self.made[key]
