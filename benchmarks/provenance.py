@@ -20,3 +20,41 @@ def source_commit() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("-dirty" if dirty else "")
+
+
+def _machine_paths() -> list[tuple[str, str]]:
+    """(path, placeholder) pairs, longest first: where this machine keeps the data, the packages, the
+    checkout and temporary files. Records name these by placeholder, never by path."""
+    import os
+    import site
+    import sys
+    import tempfile
+
+    pairs = []
+    data = os.environ.get("SPT_DATA_DIR")
+    for root in filter(None, [data, str(REPO.parent / "shared" / "data")]):
+        pairs.append((str(Path(root).resolve()), "<data>"))
+        pairs.append((root.rstrip("/"), "<data>"))
+    for packages in site.getsitepackages() + [site.getusersitepackages()]:
+        pairs.append((packages, "<site-packages>"))
+    pairs += [(sys.prefix, "<python>"), (str(REPO), "<repo>"), (tempfile.gettempdir(), "<tmp>"),
+              (str(Path.home()), "~")]
+    return sorted({p: r for p, r in pairs if p and p != "/"}.items(), key=lambda pr: -len(pr[0]))
+
+
+def scrub_paths(obj):
+    """obj (JSON-like: dicts, lists, strings) with every machine path replaced by its placeholder."""
+    pairs = _machine_paths()
+
+    def scrub(v):
+        if isinstance(v, str):
+            for path, placeholder in pairs:
+                v = v.replace(path, placeholder)
+            return v
+        if isinstance(v, dict):
+            return {scrub(k): scrub(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [scrub(x) for x in v]
+        return v
+
+    return scrub(obj)

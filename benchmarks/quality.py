@@ -800,7 +800,9 @@ def write_json(path: Path, record: dict) -> None:
     """Write to a temporary file, then rename: an interrupted run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
+    from provenance import scrub_paths  # no machine path in a committed record
+
+    tmp.write_text(json.dumps(scrub_paths(json.loads(json.dumps(record, default=str))), indent=1))
     os.replace(tmp, path)
 
 

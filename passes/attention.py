@@ -434,8 +434,8 @@ def check(m: AttentionMatch, options: Options) -> None:
         raise Reject("query length differs from key length (e.g. decoding with a KV cache); "
                      "sparse selection is for full-sequence training steps")
     d = static_int(D)
-    if d is None or d % options.pq_subspace_dim != 0:
-        raise Reject(f"head size {D} is not a multiple of pq_subspace_dim={options.pq_subspace_dim}")
+    if d is None:
+        raise Reject(f"head size {D} is not a constant")
     if m.scale is None:
         m.scale = d ** -0.5
     if isinstance(m.scale, torch.SymFloat) or not math.isfinite(float(m.scale)):

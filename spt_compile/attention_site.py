@@ -4,7 +4,8 @@
 one matched attention. It finds its layer's site from `anchor` (the q projection's weight) and
 `template` (see registry.py). Each call it reads the run-time options, then either
   * runs exact attention (inside disable(), with sparse_attention=False, or during the site's first
-    `calibration_steps` calls, which also sample keys for the k-means codebooks), or
+    `calibration_steps` calls, which under token selection also sample keys for the k-means
+    codebooks), or
   * encodes the keys with the site's PQ codebooks, selects the top-L keys of every query by the
     asymmetric proxy q . k_hat, and runs exact attention over just those (SDDMM -> softmax -> SpMM).
 L comes from the options at run time, so the number of selected keys is an unbacked size in the
@@ -12,7 +13,9 @@ graph (`new_dynamic_size`): changing `density` never recompiles.
 
 Selection is by key blocks by default (`attention_selection="block"`, block_select.py: a block of
 queries attends to its chosen key blocks, one list per GQA group) or per query (`"token"`: top-L keys
-by the PQ proxy).
+by the PQ proxy). Only token selection reads PQ codebooks, so only it pays for them: they are fitted
+from the keys buffered by calibration calls that ran under token selection, or, when token selection
+is first chosen later (a run-time option), from that call's keys.
 
 Outputs: out [B, H, N, Dv], lse [B, H, N], selection (the block or token indices, flattened: an
 unbacked size), meta [8] int64 (mode, dropout seed, the selection's shape, block sizes,
@@ -193,12 +196,21 @@ class AttentionSite(Site):
         pick = torch.randperm(b.numel(), generator=gen)[:KEYS_PER_CALL].to(k.device)
         return k[b[pick], :, n[pick], :].transpose(0, 1).float().detach()  # [Hkv, n, D]
 
-    def _fit(self, keys: Tensor, seed: int) -> Tensor:
+    def _fit(self, keys: Tensor, seed: int, options: Options) -> Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return pq.fit_codebooks(keys, self.options.pq_subspace_dim, self.options.pq_codewords,
-                                KMEANS_ITERS, gen)
+        return pq.fit_codebooks(keys, options.pq_subspace_dim, options.pq_codewords, KMEANS_ITERS, gen)
+
+    def _codebooks_fit(self, options: Options) -> bool:
+        """Whether the codebooks exist and have the shape these options' PQ asks for."""
+        want = (self.n_kv_heads, self.head_dim // options.pq_subspace_dim, options.pq_codewords,
+                options.pq_subspace_dim)
+        return self.codebooks is not None and tuple(self.codebooks.shape) == want
 
     def _calibrate(self, k: Tensor, real: Tensor, plan: CallPlan, seed: int) -> None:
+        """Under token selection, buffers keys for the codebooks, fitted at the last calibration call;
+        under block selection nothing (no PQ is needed)."""
+        if plan.options.attention_selection != "token":
+            return
         keys = self._sample_keys(k, real, seed)
         if keys.shape[1]:
             buf = keys if self.key_buffer is None else torch.cat([self.key_buffer, keys], dim=1)
@@ -207,7 +219,7 @@ class AttentionSite(Site):
             buffer = self.key_buffer
 
             def fit() -> None:
-                self.codebooks = self._fit(buffer, seed)
+                self.codebooks = self._fit(buffer, seed, plan.options)
                 self.key_buffer = None
 
             self.stage(fit)
@@ -292,14 +304,23 @@ class AttentionSite(Site):
             return out.contiguous(), lse.contiguous(), q.new_empty(0, dtype=torch.int32), meta
 
         with torch.no_grad():
-            if self.codebooks is None:  # calibration_steps == 0, or calibration saw no usable key
+            token = options.attention_selection == "token"
+            if token and self.head_dim % options.pq_subspace_dim:
+                raise SptOptionError(
+                    f"spt option attention_selection='token' needs a head size that is a multiple of "
+                    f"pq_subspace_dim={options.pq_subspace_dim}; the attention at {self.name or '<top>'} has "
+                    f"{self.head_dim}: use attention_selection='block', or compile with a pq_subspace_dim that "
+                    f"divides {self.head_dim}", option="attention_selection")
+            if token and not self._codebooks_fit(options):
+                # calibration ran under block selection, calibration_steps == 0, it saw no usable key, or
+                # the PQ options changed: fit on this call's keys
                 keys = self._sample_keys(k, real, seed)
                 if keys.shape[1] == 0:  # no finite real key to fit on: this call runs exact
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                     self.end(plan, training)
                     lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
                     return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
-                self.codebooks = self._fit(keys, seed)
+                self.codebooks = self._fit(keys, seed, options)
             bias = mask if mask is not None and mask.dtype != torch.bool else None
             # exact_forward (training calls): the exact output and its lse; the selection below decides
             # only which tiles backward computes (the exact Jacobian masked to them: see _exact_with_lse)

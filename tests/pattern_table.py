@@ -3,7 +3,7 @@
     python tests/pattern_table.py            # print the table
     python tests/pattern_table.py --write    # replace it in README.md
 
-tests/test_pattern_table.py fails when the README's copy differs from this output, so the table
+tests/passes/test_pattern_table.py fails when the README's copy differs from this output, so the table
 cannot drift from the forms the tests run (tests/attention_forms.py, test_attention_forms.py,
 test_mlp_forms.py, test_model_families.py, test_models.py).
 """
@@ -52,7 +52,9 @@ def _cell(text: str) -> str:
 
 
 def table() -> str:
-    sys.path.insert(0, str(HERE))
+    for folder in (HERE, HERE / "passes"):  # attention_forms; test_mlp_forms (and the helpers it imports)
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     from attention_forms import FORMS
     from test_mlp_forms import CASES
 
@@ -68,7 +70,7 @@ def table() -> str:
         how = how + (f" ({', '.join(extras)})" if extras else "")
         result = "rewritten" if f.expect == "matched" else f"dense: explain says \"...{f.reason}...\""
         lines.append(f"| {name} | {_cell(how)} | {_cell(result)} |")
-    lines += ["", "**MLP forms** (tests/test_mlp_forms.py; every block active = the dense MLP, gradients included):", "",
+    lines += ["", "**MLP forms** (tests/passes/test_mlp_forms.py; every block active = the dense MLP, gradients included):", "",
               "| form | pattern | LoRA |", "|---|---|---|"]
     for name, (_, targets, pattern, detail) in CASES.items():
         lora = "PEFT on " + ", ".join(targets) if targets else ("written out" if "LoRA=in/out" in detail else "none")

@@ -76,7 +76,7 @@ class GatedMLP(nn.Module):
 
 
 # The routed-MLP tests' options: aot_eager, 2 calibration calls, 4 blocks, and the sparse forward they
-# exercise (exact_forward off, 2 of 4 blocks: the defaults before issue 16; tests/test_exact_forward.py
+# exercise (exact_forward off, 2 of 4 blocks: the defaults before issue 16; tests/sites/test_exact_forward.py
 # covers exact_forward).
 MLP_TEST_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 2, "ffn_blocks": 4, "exact_forward": False,
                     "ffn_active": 2}

@@ -1,0 +1,64 @@
+"""The step benchmark's helpers: the FLOP model, the op attribution and the allocation peak."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from bench_memory import allocation_peak  # noqa: E402
+from flops import Dims, flop_limit, step_flops  # noqa: E402
+from step_breakdown import Sizes, classify  # noqa: E402
+
+SMOLLM2 = Dims(d=576, H=9, Hkv=3, D=64, F=1536, V=49152, layers=30)
+
+
+def test_flop_limit_is_one_when_nothing_is_dropped():
+    exact = {"density": 1.0, "ffn_active": 4, "attention_dense_below": 0}
+    assert abs(flop_limit(SMOLLM2, 2048, 1, exact)[0] - 1.0) < 1e-9
+
+
+def test_flop_limit_follows_density_and_blocks():
+    sparse_forward = {"exact_forward": False, "ffn_active": 2, "ffn_loss_rows": "off"}  # the old defaults
+    at_2048 = flop_limit(SMOLLM2, 2048, 1, sparse_forward)[0]
+    at_25 = flop_limit(SMOLLM2, 2048, 1, {**sparse_forward, "ffn_active": 1})[0]
+    short = flop_limit(SMOLLM2, 512, 1, {})  # attention runs exact below 2048 tokens by default
+    assert 0.4 < at_25 < at_2048 < 0.8
+    # exact_forward: the forward whole; loss rows (here every row, as in LM tuning) keep the MLP backward whole
+    exact_half = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2}, loss_frac=0.0)[0]
+    lm = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2}, loss_frac=1.0)[0]
+    assert at_2048 < exact_half < lm < 1.0
+    assert abs(exact_half - 0.753) < 0.01  # docs/quality.md's table
+    assert short[1]["attention"] == short[2]["attention"]
+    dense = step_flops(SMOLLM2, 2048)
+    half = step_flops(SMOLLM2, 2048, ffn_frac=0.5)
+    assert 0.5 * dense["ffn"] < half["ffn"] < 0.6 * dense["ffn"]  # LoRA factors on the token side stay
+
+
+def test_ops_are_attributed_by_name_and_shape():
+    sizes = Sizes(vocab=49152, intermediate=1536, heads=(9, 3))
+    assert classify("spt::mlp_site_backward", [], sizes) == "ffn"
+    assert classify("spt::linear_cross_entropy", [], sizes) == "lm_head_loss"
+    assert classify("aten::_scaled_dot_product_flash_attention_for_cpu", [], sizes) == "attention"
+    assert classify("Optimizer.step#AdamW.step", [], sizes) == "optimizer"
+    assert classify("aten::mm", [[2048, 576], [576, 49152]], sizes) == "lm_head_loss"
+    assert classify("aten::mm", [[2048, 1536], [1536, 576]], sizes) == "ffn"
+    assert classify("aten::matmul", [[1, 9, 2048, 64], [1, 9, 64, 2048]], sizes) == "attention"
+    assert classify("aten::mm", [[2048, 576], [576, 192]], sizes) == "qkvo"
+    assert classify("aten::add", [[1, 2048, 576], [1, 2048, 576]], sizes) is None  # -> other
+
+
+def test_allocation_peak_counts_what_is_alive_at_once():
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)
+        del a, b
+        c = torch.empty(1 << 20, dtype=torch.uint8)
+        del c
+    peak = allocation_peak(prof)
+    assert 3 << 20 <= peak < (3 << 20) + 4096

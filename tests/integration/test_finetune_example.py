@@ -1,0 +1,129 @@
+"""examples/finetune.py as a user runs it: a short real run, exact resume, and bad input refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples" / "finetune.py"
+QUICK = ["--layers", "2", "--seq-len", "96", "--batch-size", "2", "--eval-examples", "4", "--lora-r", "4",
+         "--compiler", "aot_eager", "--calibration-steps", "1", "--threads", "2"]
+
+
+def finetune(*args, data=None, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    if data is not None:
+        env["SPT_DATA_DIR"] = str(data)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def history(output: Path) -> list[float]:
+    return [h["loss"] for h in torch.load(output / "checkpoint.pt", weights_only=False)["history"]]
+
+
+def test_help():
+    out = finetune("--help")
+    assert out.returncode == 0 and "--resume" in out.stdout and "--backend" in out.stdout
+
+
+def test_short_run_then_exact_resume(tmp_path, data_dir):
+    straight = tmp_path / "straight"
+    out = finetune(*QUICK, "--steps", "4", "--save-every", "2", "--output", str(straight), data=data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"GSM8K from {data_dir / 'gsm8k'} ($SPT_DATA_DIR)" in out.stdout
+    assert "held-out answer loss before tuning" in out.stdout
+    assert "after tuning (sparse)" in out.stdout and "after tuning (dense)" in out.stdout
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert {"loss_before", "loss_after_sparse", "loss_after_dense"} <= metrics.keys()
+    # the sparse figure ran the sparse forward (evaluation runs exact unless sparse_inference asks for it)
+    assert metrics["loss_after_sparse"] != metrics["loss_after_dense"]
+    assert (straight / "adapter" / "adapter_model.safetensors").is_file()
+    assert (straight / "spt_state.safetensors").is_file()
+    assert len(metrics["sites"]) == 4  # 2 attention + 2 MLP sites, with their calibration figures
+
+    # An interrupted run: stops after the step-2 checkpoint, then resumes to step 4.
+    broken = tmp_path / "resumed"
+    assert finetune(*QUICK, "--steps", "2", "--save-every", "2", "--output", str(broken), data=data_dir).returncode == 0
+    out = finetune(*QUICK, "--steps", "4", "--save-every", "2", "--output", str(broken), "--resume", data=data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed at step 2" in out.stdout
+    assert history(broken) == pytest.approx(history(straight), rel=1e-5), "resume must reproduce the loss curve"
+
+
+@pytest.mark.parametrize("problem,args,message", [
+    ("missing folder", ["--data", "/nonexistent/data"], "holds neither gsm8k/train.jsonl"),
+    ("bad option", ["--density", "2"], "'density' must be a float in (0, 1]"),
+    ("bad flag value", ["--steps", "0"], "--steps must be at least 1"),
+])
+def test_bad_input_is_named(tmp_path, data_dir, problem, args, message):
+    out = finetune(*QUICK, "--output", str(tmp_path), *args, data=data_dir)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+
+
+def test_malformed_rows_and_empty_files_are_named(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n{"question": "no answer"}\n')
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+    out = finetune(*QUICK, "--data", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and "train.jsonl:2: a GSM8K row needs string fields" in out.stderr
+    (tmp_path / "train.jsonl").write_text("\n")
+    out = finetune(*QUICK, "--data", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and "holds no rows" in out.stderr
+
+
+def test_too_long_sequence_and_nan_loss_leave_checkpoints_alone(tmp_path, data_dir):
+    out = finetune(*QUICK, "--seq-len", "9000", "--output", str(tmp_path / "long"), data=data_dir)
+    assert out.returncode == 2 and "longer than the model allows (8192" in out.stderr
+
+    run = tmp_path / "nan"
+    out = finetune(*QUICK, "--steps", "3", "--save-every", "1", "--lr", "1e38", "--output", str(run), data=data_dir)
+    assert out.returncode == 2 and "nothing was saved" in out.stderr, out.stderr[-2000:]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)  # from a step before it broke
+    assert ckpt["step"] < 3
+    assert all(torch.isfinite(v).all() for v in ckpt["lora"].values()), "a broken state was saved"
+
+
+def test_data_comes_from_the_first_place_that_has_it(tmp_path, monkeypatch):
+    """--data, then $SPT_DATA_DIR, then ../shared/data beside the checkout, then the hub (a local
+    stand-in for `datasets.load_dataset` here); with none of them it says what to pass."""
+    import types
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import finetune as ft
+
+    rows = [{"question": "1+1?", "answer": "#### 2"}]
+    folder = tmp_path / "mine" / "gsm8k"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    monkeypatch.setattr(ft, "BESIDE_CHECKOUT", tmp_path / "absent")
+    monkeypatch.delenv("SPT_DATA_DIR", raising=False)
+    assert "(--data)" in ft.find_gsm8k(tmp_path / "mine")[1]
+    monkeypatch.setenv("SPT_DATA_DIR", str(tmp_path / "mine"))
+    assert "($SPT_DATA_DIR)" in ft.find_gsm8k(None)[1]
+    monkeypatch.delenv("SPT_DATA_DIR")
+    monkeypatch.setattr(ft, "BESIDE_CHECKOUT", tmp_path / "mine")
+    assert "beside the checkout" in ft.find_gsm8k(None)[1]
+
+    monkeypatch.setattr(ft, "BESIDE_CHECKOUT", tmp_path / "absent")
+    hub = types.ModuleType("datasets")
+    hub.load_dataset = lambda name, config: {"train": rows, "test": rows} if name == "openai/gsm8k" else None
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    splits, source = ft.find_gsm8k(None)
+    assert "hub" in source and splits["train"] == rows
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    hub.load_dataset = offline
+    with pytest.raises(ft.UserError, match="pass --data FOLDER.*SPT_DATA_DIR.*internet access.*no network"):
+        ft.find_gsm8k(None)

@@ -1,0 +1,296 @@
+"""Block-sparse Triton attention vs block_sparse_attention_reference: out, lse, dq, dk, dv.
+
+Runs only under TRITON_INTERPRET=1 (tests/conftest.py skips this folder otherwise;
+tests/ops/test_triton_interpret.py runs it in a subprocess with the variable set). The helpers follow
+their inputs' device, so a GPU script can feed check_case CUDA tensors. The interpreter is
+slow (a 257-row, 3-head case takes seconds), so the shapes are small and awkward rather than big, and
+the cases below cover each axis without taking the full cartesian product.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from spt_compile.triton_ops.block_sparse_triton import (
+    block_sparse_backward_triton,
+    block_sparse_forward_triton,
+    reverse_block_index,
+    reverse_block_index_triton,
+)
+from spt_compile.triton_ops.pq import MASK_FORBIDDEN_AT_OR_BELOW
+from spt_compile.triton_ops.reference import block_sparse_attention_reference
+
+@dataclass(frozen=True)
+class Case:
+    N: int
+    D: int
+    Dv: int
+    H: int
+    Hkv: int
+    causal: bool
+    block_m: int
+    block_n: int
+    bias: Optional[str]  # None, "pad" ([B, 1, 1, Nk] key padding) or "mask" ([B, 1, N, Nk] additive)
+    Lb: int
+
+    def __str__(self) -> str:
+        return (f"N{self.N}-D{self.D}-Dv{self.Dv}-H{self.H}:{self.Hkv}-{'causal' if self.causal else 'full'}"
+                f"-bm{self.block_m}-bn{self.block_n}-{self.bias}-Lb{self.Lb}")
+
+
+# Every N in {1, 17, 100, 257} appears causal and not; D 64/80, GQA 3:1 (and one 4:2), both block
+# shapes, all bias kinds and Lb above the number of key blocks are spread across them.
+CASES = [
+    Case(1, 64, 64, 1, 1, False, 16, 16, None, 3),
+    Case(1, 80, 80, 3, 1, True, 32, 16, "pad", 2),
+    Case(17, 80, 80, 1, 1, False, 16, 16, "mask", 4),
+    Case(17, 64, 64, 3, 1, True, 32, 16, None, 3),
+    Case(17, 80, 64, 4, 2, False, 32, 16, "pad", 3),
+    Case(100, 64, 64, 3, 1, False, 32, 16, "pad", 5),
+    Case(100, 80, 80, 1, 1, True, 16, 16, "mask", 9),
+    Case(100, 80, 64, 3, 1, True, 16, 16, "pad", 4),
+    Case(257, 80, 80, 1, 1, False, 32, 16, "mask", 6),
+    Case(257, 64, 64, 3, 1, True, 16, 16, "pad", 4),
+    Case(257, 64, 80, 1, 1, True, 32, 16, None, 20),
+    Case(257, 80, 80, 3, 1, False, 32, 16, "mask", 5),
+    Case(100, 64, 64, 4, 2, True, 32, 16, "mask", 3),
+    # Every key block listed by ~40 (head, query block) pairs: dk/dv work items split each list.
+    Case(257, 64, 64, 3, 1, False, 16, 16, None, 17),
+]
+
+B = 2
+
+
+def random_block_idx(B: int, H: int, Mb: int, Nb: int, Lb: int, gen: torch.Generator) -> torch.Tensor:
+    """int32 [B, H, Mb, Lb]: distinct key blocks per row in random slots, about a quarter of the slots
+    -1, some rows all -1, and -1 padding wherever Lb exceeds the Nb key blocks."""
+    picked = torch.rand(B, H, Mb, Nb, generator=gen).argsort(-1)[..., :Lb]  # distinct per row
+    idx = torch.full((B, H, Mb, Lb), -1, dtype=torch.int64)
+    idx[..., : picked.shape[-1]] = picked
+    idx[torch.rand(B, H, Mb, Lb, generator=gen) < 0.25] = -1
+    idx[torch.rand(B, H, Mb, generator=gen) < 0.15] = -1  # whole rows with nothing listed
+    slots = torch.rand(B, H, Mb, Lb, generator=gen).argsort(-1)  # move the -1s to random slots
+    idx = torch.gather(idx, -1, slots)
+    # Surely one empty row and two that list key block 0 (so N = 1 has both kinds too); the first
+    # query block of (0, 0) meets make_bias's all-threshold row there.
+    idx[0, 0, -1] = -1
+    idx[-1, -1, 0] = -1
+    idx[-1, -1, 0, -1] = 0
+    if Mb > 1:
+        idx[0, 0, 0] = torch.where(idx[0, 0, 0] == 0, -1, idx[0, 0, 0])
+        idx[0, 0, 0, 0] = 0
+    return idx.to(torch.int32)
+
+
+def make_bias(kind: Optional[str], N: int, Nk: int, dtype: torch.dtype, gen: torch.Generator) -> Optional[torch.Tensor]:
+    if kind is None:
+        return None
+    neg = torch.finfo(dtype).min
+    if kind == "pad":  # the second sequence is padded: its last third of keys are forbidden
+        bias = torch.zeros(B, 1, 1, Nk)
+        bias[1, ..., Nk - Nk // 3 :] = neg
+        return bias.to(dtype)
+    # An explicit additive mask: mostly small finite values, with finfo.min, -inf and exactly the
+    # forbidding threshold (-1e4, forbidden) sprinkled in.
+    bias = 0.5 * torch.randn(B, 1, N, Nk, generator=gen)
+    u = torch.rand(B, 1, N, Nk, generator=gen)
+    bias[u < 0.10] = neg
+    bias[(u >= 0.10) & (u < 0.15)] = float("-inf")
+    bias[(u >= 0.15) & (u < 0.18)] = MASK_FORBIDDEN_AT_OR_BELOW
+    bias[0, 0, 0] = MASK_FORBIDDEN_AT_OR_BELOW  # a row with only threshold values must come out empty
+    return bias.to(dtype)
+
+
+def reference_lse(q, k, block_idx, scale, causal, bias, block_m, block_n) -> torch.Tensor:
+    """Natural-log log-sum-exp [B, H, N] of the reference's allowed scores (same masking rules)."""
+    Bq, H, N, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    n_kb = -(-Nk // block_n)
+    dev = q.device
+    block_idx = block_idx.repeat_interleave(H // block_idx.shape[1], dim=1)  # grouped lists: per head
+    listed = torch.zeros(Bq, H, block_idx.shape[2], n_kb + 1, dtype=torch.bool, device=dev)
+    listed.scatter_(-1, torch.where(block_idx < 0, n_kb, block_idx).long(), True)
+    allowed = listed[:, :, torch.arange(N, device=dev) // block_m][..., torch.arange(Nk, device=dev) // block_n]
+    if causal:
+        allowed &= torch.arange(Nk, device=dev).view(1, -1) <= torch.arange(N, device=dev).view(-1, 1)
+    s = q.double() @ k.repeat_interleave(H // Hkv, dim=1).double().transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.double()
+        allowed &= bias > MASK_FORBIDDEN_AT_OR_BELOW
+    return torch.logsumexp(s.masked_fill(~allowed, float("-inf")), dim=-1).float()
+
+
+def make_inputs(c: Case, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, c.H, c.N, c.D, generator=gen).to(dtype)
+    k = torch.randn(B, c.Hkv, c.N, c.D, generator=gen).to(dtype)
+    v = torch.randn(B, c.Hkv, c.N, c.Dv, generator=gen).to(dtype)
+    Mb, Nb = -(-c.N // c.block_m), -(-c.N // c.block_n)
+    block_idx = random_block_idx(B, c.H, Mb, Nb, c.Lb, gen)
+    bias = make_bias(c.bias, c.N, c.N, dtype, gen)
+    dout = torch.randn(B, c.H, c.N, c.Dv, generator=gen).to(dtype)
+    return q, k, v, block_idx, bias, dout
+
+
+def reference_grads(q, k, v, block_idx, scale, causal, bias, block_m, block_n, dout):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention_reference(q, k, v, block_idx, scale, causal, bias, block_m, block_n)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return out.detach(), dq, dk, dv
+
+
+def check_case(c: Case, q, k, v, block_idx, bias, dout, atol: float, rtol: float) -> None:
+    scale = c.D**-0.5
+    out, lse = block_sparse_forward_triton(q, k, v, block_idx, scale, c.causal, bias, c.block_m, c.block_n)
+    assert out.dtype == q.dtype and out.shape == (B, c.H, c.N, c.Dv)
+    assert lse.dtype == torch.float32 and lse.shape == (B, c.H, c.N)
+    ref_out, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, block_idx, scale, c.causal, bias, c.block_m, c.block_n, dout)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+
+    ref_lse = reference_lse(q, k, block_idx, scale, c.causal, bias, c.block_m, c.block_n)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly for the rows with no allowed key"
+    assert torch.all(out[empty] == 0)
+    torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=atol, rtol=rtol)
+
+    dq, dk, dv = block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    assert (dq.dtype, dk.dtype, dv.dtype) == (q.dtype, k.dtype, v.dtype)
+    for name, got, want in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("c", CASES, ids=str)
+def test_matches_reference_fp32(c: Case):
+    q, k, v, block_idx, bias, dout = make_inputs(c, torch.float32, seed=zlib.crc32(str(c).encode()))
+    # The masks must actually bite: some rows empty, some not.
+    lse_ref = reference_lse(q, k, block_idx, c.D**-0.5, c.causal, bias, c.block_m, c.block_n)
+    assert torch.isneginf(lse_ref).any() and torch.isfinite(lse_ref).any()
+    check_case(c, q, k, v, block_idx, bias, dout, atol=1e-4, rtol=1e-4)
+
+
+HALF_CASES = [
+    (torch.bfloat16, Case(100, 80, 80, 3, 1, True, 32, 16, "mask", 5)),
+    (torch.float16, Case(33, 64, 64, 2, 1, False, 16, 16, "pad", 3)),
+    # bf16 rounds the threshold -1e4 to -9984: a bias of -9984 must still forbid (as in the reference).
+    (torch.bfloat16, Case(130, 80, 80, 3, 1, True, 64, 64, "mask", 3)),
+]
+
+
+@pytest.mark.parametrize("dtype, c", HALF_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_matches_reference_half(dtype: torch.dtype, c: Case):
+    q, k, v, block_idx, bias, dout = make_inputs(c, dtype, seed=7)
+    # p and ds are rounded to the input dtype before each tl.dot (as on tensor cores): allow that error.
+    check_case(c, q, k, v, block_idx, bias, dout, atol=3e-2, rtol=3e-2)
+
+
+def test_strided_views():
+    """Inputs as the callers may pass them: transposed [B, N, H, D] storage, a broadcast bias view and
+    a non-contiguous block_idx; results match those of contiguous copies exactly."""
+    c = Case(40, 80, 80, 3, 1, True, 16, 16, "pad", 3)
+    q, k, v, block_idx, bias, dout = make_inputs(c, torch.float32, seed=3)
+    tq, tk, tv, tdo = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, dout))
+    tidx = block_idx.transpose(-1, -2).contiguous().transpose(-1, -2)
+    tbias = bias.expand(B, c.H, c.N, c.N)  # strides (.., 0, 0, ..) on the broadcast dims
+    assert not tq.is_contiguous() and not tidx.is_contiguous()
+    scale = c.D**-0.5
+    out, lse = block_sparse_forward_triton(q, k, v, block_idx, scale, True, bias, 16, 16)
+    tout, tlse = block_sparse_forward_triton(tq, tk, tv, tidx, scale, True, tbias, 16, 16)
+    torch.testing.assert_close(tout, out, atol=0, rtol=0)
+    torch.testing.assert_close(tlse, lse, atol=0, rtol=0)
+    grads = block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale, True, bias, 16, 16)
+    tgrads = block_sparse_backward_triton(tdo, tq, tk, tv, tidx, tout.transpose(1, 2).contiguous().transpose(1, 2),
+                                          tlse, scale, True, tbias, 16, 16)
+    for g, tg in zip(grads, tgrads):
+        torch.testing.assert_close(tg, g, atol=0, rtol=0)
+    _, ref_dq, _, _ = reference_grads(q, k, v, block_idx, scale, True, bias, 16, 16, dout)
+    torch.testing.assert_close(tgrads[0], ref_dq, atol=1e-4, rtol=1e-4)
+
+
+def test_no_slots_gives_zeros():
+    """Lb = 0: every row is empty: out 0, lse -inf, all gradients 0 (no kernel sees an empty tensor)."""
+    q, k, v = torch.randn(1, 2, 20, 64), torch.randn(1, 1, 20, 64), torch.randn(1, 1, 20, 64)
+    block_idx = torch.zeros(1, 2, 2, 0, dtype=torch.int32)
+    out, lse = block_sparse_forward_triton(q, k, v, block_idx, 0.125, False, None, 16, 16)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    grads = block_sparse_backward_triton(torch.randn_like(out), q, k, v, block_idx, out, lse, 0.125, False, None, 16, 16)
+    assert all(torch.all(g == 0) and g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+
+
+def test_reverse_block_index_matches_loop():
+    """The CSR transpose lists, per (b, kv head, key block), exactly the (h, query block) pairs that
+    listed it (causal: minus those wholly above the diagonal), in (h, query block) order."""
+    gen = torch.Generator().manual_seed(0)
+    Bq, H, Hkv, Mb, Nb, Lb, bm, bn = 2, 4, 2, 5, 9, 4, 32, 16
+    block_idx = random_block_idx(Bq, H, Mb, Nb, Lb, gen)
+    for causal in (False, True):
+        offsets, pairs = reverse_block_index(block_idx, Hkv, Nb, bm, bn, causal)
+        assert offsets.dtype == pairs.dtype == torch.int32 and offsets.shape == (Bq * Hkv * Nb + 1,)
+        assert pairs.shape == (block_idx.numel(),)  # sized by the shape, not the data
+        for b in range(Bq):
+            for kvh in range(Hkv):
+                for kb in range(Nb):
+                    want = [h * Mb + mb for h in range(kvh * (H // Hkv), (kvh + 1) * (H // Hkv)) for mb in range(Mb)
+                            if kb in block_idx[b, h, mb].tolist() and (not causal or kb * bn < (mb + 1) * bm)]
+                    t = (b * Hkv + kvh) * Nb + kb
+                    assert pairs[offsets[t] : offsets[t + 1]].tolist() == want
+
+
+@pytest.mark.parametrize("block_m, block_n", [(8, 16), (16, 24), (48, 16)])
+def test_rejects_bad_block_sizes(block_m: int, block_n: int):
+    q = torch.randn(1, 1, 8, 64)
+    block_idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="power of two"):
+        block_sparse_forward_triton(q, q, q, block_idx, 0.125, False, None, block_m, block_n)
+
+
+def test_triton_reverse_index_lists_the_same_pairs():
+    """The device-built index (atomics place the entries) has the reference's offsets and, per key
+    block, the same pairs in some order."""
+    gen = torch.Generator().manual_seed(5)
+    for Bq, S, Hkv, Mb, Nb, Lb, bm, bn in ((2, 4, 2, 5, 9, 4, 32, 16), (1, 3, 3, 7, 7, 7, 16, 16), (2, 1, 1, 3, 4, 0, 16, 16)):
+        block_idx = random_block_idx(Bq, S, Mb, Nb, Lb, gen) if Lb else torch.zeros(Bq, S, Mb, 0, dtype=torch.int32)
+        for causal in (False, True):
+            want_off, want_pairs = reverse_block_index(block_idx, Hkv, Nb, bm, bn, causal)
+            off, pairs = reverse_block_index_triton(block_idx, Hkv, Nb, bm, bn, causal)
+            assert off.dtype == pairs.dtype == torch.int32
+            assert torch.equal(off, want_off)
+            for t in range(off.numel() - 1):
+                got = sorted(pairs[off[t] : off[t + 1]].tolist())
+                assert got == sorted(want_pairs[want_off[t] : want_off[t + 1]].tolist())
+
+
+GROUPED_CASES = [
+    Case(100, 64, 64, 3, 1, True, 16, 16, "pad", 4),
+    Case(257, 80, 80, 4, 2, False, 32, 16, "mask", 5),
+    Case(257, 64, 64, 3, 1, False, 16, 16, None, 17),  # long lists: work items split each pair's heads
+]
+
+
+@pytest.mark.parametrize("c", GROUPED_CASES, ids=str)
+def test_grouped_lists(c: Case):
+    """One list per GQA group ([B, Hkv, Mb, Lb], what block selection returns): the kernels read it
+    for each query head of the group, with the results of the per-head expansion and the reference."""
+    q, k, v, _, bias, dout = make_inputs(c, torch.float32, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    grouped = random_block_idx(B, c.Hkv, -(-c.N // c.block_m), -(-c.N // c.block_n), c.Lb, gen)
+    per_head = grouped.repeat_interleave(c.H // c.Hkv, dim=1)
+    check_case(c, q, k, v, grouped, bias, dout, atol=1e-4, rtol=1e-4)  # against the reference (per-head lists)
+    scale = c.D**-0.5
+    out, lse = block_sparse_forward_triton(q, k, v, grouped, scale, c.causal, bias, c.block_m, c.block_n)
+    out_h, lse_h = block_sparse_forward_triton(q, k, v, per_head, scale, c.causal, bias, c.block_m, c.block_n)
+    torch.testing.assert_close(out, out_h, atol=0, rtol=0)
+    g = block_sparse_backward_triton(dout, q, k, v, grouped, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    g_h = block_sparse_backward_triton(dout, q, k, v, per_head, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    for a, b_ in zip(g, g_h):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)  # dk/dv: atomics sum in another order
+
+
+def test_rejects_lists_that_span_kv_heads():
+    q, k = torch.randn(1, 4, 16, 64), torch.randn(1, 2, 16, 64)
+    with pytest.raises(ValueError, match="block_idx must be"):
+        block_sparse_forward_triton(q, k, k, torch.zeros(1, 1, 1, 1, dtype=torch.int32), 0.125, False, None, 16, 16)
