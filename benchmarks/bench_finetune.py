@@ -64,13 +64,17 @@ CONFIGS = {
     "inductor": ("inductor", None, "sdpa"),
     "spt": ("spt", {}, "sdpa"),  # defaults: exact forward, backward density 1/8 and 3 of 4 FFN blocks, chunked loss
     "spt-50%": ("spt", {"ffn_active": 2}, "sdpa"),
+    # issue 16's ablation: exact forward with the backward's pairs ranked without regard to the loss
+    # rows, or with the loss rows ranked first (and no more blocks than the budget)
+    "spt-exact-only-50%": ("spt", {"ffn_active": 2, "ffn_loss_rows": "off"}, "sdpa"),
+    "spt-loss-rows-first-50%": ("spt", {"ffn_active": 2, "ffn_loss_rows": "first"}, "sdpa"),
     "spt-sparse-forward": ("spt", {"exact_forward": False, "ffn_active": 2, "ffn_loss_rows": "off"}, "sdpa"),
     "spt-sparse-forward-25%": ("spt", {"exact_forward": False, "ffn_active": 1, "ffn_loss_rows": "off"}, "sdpa"),
     "spt-no-chunked-loss": ("spt", {"chunked_loss": False}, "sdpa"),
     "spt-inductor": ("spt", {"compiler": "inductor"}, "sdpa"),
     "spt-25%": ("spt", {"ffn_active": 1}, "sdpa"),
     "spt-25%-no-chunked-loss": ("spt", {"ffn_active": 1, "chunked_loss": False}, "sdpa"),
-    # Finer FFN blocks keep more of the MLP output at the same share (benchmarks/routing_quality.py)
+    # Finer FFN blocks keep more of the MLP output at the same share (benchmarks/research/routing_quality.py)
     "spt-16blocks": ("spt", {"ffn_blocks": 16}, "sdpa"),
     "spt-16blocks-25%": ("spt", {"ffn_blocks": 16, "ffn_active": 4}, "sdpa"),
 }
@@ -299,10 +303,10 @@ def write_json(args, results: list[dict], failures: list[dict]) -> None:
     tmp = args.json.with_suffix(".json.tmp")
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from provenance import source_commit
+    from provenance import scrub_paths, source_commit
 
-    tmp.write_text(json.dumps({"results": results, "failures": failures, "argv": sys.argv[1:],
-                               "commit": source_commit()}, indent=1))
+    tmp.write_text(json.dumps(scrub_paths({"results": results, "failures": failures, "argv": sys.argv[1:],
+                                           "commit": source_commit()}), indent=1))
     tmp.replace(args.json)
 
 
