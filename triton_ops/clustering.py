@@ -4,7 +4,7 @@ With contiguous blocks, even the best possible block choice per token keeps litt
 output (SmolLM2, 2 of 4 blocks: relative error 0.49 for an oracle), while choosing the same number
 of individual units per token would err by 0.09: the units a token needs are spread over all
 blocks. Grouping co-active units raises what a block choice can keep (0.49 -> 0.37 oracle, 0.51 ->
-0.39 with the backend's router; benchmarks/routing_analysis.py).
+0.39 with the backend's router; benchmarks/research/routing_analysis.py).
 
 Method: each unit's profile is its importance |h_j(t)| * ||W_out[:, j]|| over calibration tokens t,
 normalised; balanced spherical k-means groups profiles into n_blocks clusters of equal size (as equal
