@@ -69,7 +69,7 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     # of them changes (passes/float_inputs.py).
     as_traced = copy_graph_module(gm) if float_inputs(gm, example_inputs) else None
     report = rewrite_graph(gm, example_inputs, opts)
-    record(report, example_inputs)  # spt_compile.compile_reports(model)
+    record(report, example_inputs, gm)  # spt_compile.compile_reports(model)
     if report.rewritten("attention") or report.rewritten("mlp"):
         allow_run_time_sizes(example_inputs)
     log.info("spt: %s", report.summary())

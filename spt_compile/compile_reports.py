@@ -21,10 +21,13 @@ _UNOWNED: deque = deque(maxlen=16)  # reports of graphs without parameters, newe
 _ORDER = itertools.count()
 
 
-def record(report: GraphReport, example_inputs) -> None:
-    """Files `report` under every parameter among the graph's inputs."""
+def record(report: GraphReport, example_inputs, gm: nn.Module | None = None) -> None:
+    """Files `report` under every parameter among the graph's inputs, and under those the graph module
+    holds as attributes (Dynamo keeps parameters there instead when it does not inline nn.Modules)."""
     report.order = next(_ORDER)
     params = [t for t in example_inputs if isinstance(t, nn.Parameter)]
+    if gm is not None:
+        params += list(gm.parameters())
     if not params:
         _UNOWNED.append(report)
     for p in params:
