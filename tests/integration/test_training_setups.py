@@ -318,7 +318,9 @@ def test_hf_gradient_checkpointing_gives_the_same_run():
         # (passes/loss_rows.py); compared without them, the runs must match exactly
         compiled = torch.compile(model, backend="spt", options={**OPTS, "ffn_loss_rows": "off"})
         runs.append(train_steps(model, compiled, steps=2))  # calibration, then a sparse step
-        assert sum(len(r.rewritten("attention")) + len(r.rewritten("mlp")) for r in compile_reports(model)[n:]) == 4
+        reports = compile_reports(model)[n:]
+        assert sum(len(r.rewritten("attention")) + len(r.rewritten("mlp")) for r in reports) == 4, (
+            checkpointing, n, [r.summary() for r in reports], [r.summary() for r in compile_reports()])
         assert [site.calls for _, site in model_sites(model)] == [2, 2, 2, 2]
     assert runs[0] == runs[1]
 
