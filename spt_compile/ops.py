@@ -1,13 +1,13 @@
 """Public building blocks. Importing this module registers every spt:: custom op."""
 
-from spt_compile.triton_ops.linear_cross_entropy import linear_cross_entropy
-from spt_compile.triton_ops.reference import (
-    linear_cross_entropy_reference, routed_mlp_reference, sparse_attention_reference,
-)
-from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_bounds, routed_mlp
-from spt_compile.triton_ops.sparse_attention import sparse_attention
+from spt_compile.kernels.attention.reference import sparse_attention_reference
+from spt_compile.kernels.attention.token_sparse import sparse_attention
+from spt_compile.kernels.linear_cross_entropy import linear_cross_entropy
+from spt_compile.kernels.linear_cross_entropy.reference import linear_cross_entropy_reference
+from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_bounds, routed_mlp
+from spt_compile.kernels.routed_mlp.reference import routed_mlp_reference
 
-from . import attention_site, mlp_site, real_rows  # noqa: F401  (the ops the passes emit)
+from . import real_rows, sites  # noqa: F401  (the ops the passes emit)
 
 __all__ = [
     "sparse_attention", "sparse_attention_reference", "routed_mlp", "routed_mlp_reference", "block_bounds",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .fitting.ffn_budget import allocate
 from .options import Options
 
 _TAG = re.compile(r"^(?P<name>.+)@(?P<kind>[a-z]+)(?P<ordinal>\d+)/(?P<field>[\w.]+)$")
@@ -203,7 +204,7 @@ class SiteTemplate:
         return (self.kind, self.shape) + per_kind
 
 
-# kind -> Site subclass; attention_site.py and mlp_site.py register themselves.
+# kind -> Site subclass; sites/attention.py and sites/mlp.py register themselves.
 SITE_TYPES: dict[str, type] = {}
 
 
@@ -240,8 +241,6 @@ class Registry:
         """ffn_budget's blocks per token for every live MLP site that has an error curve, {site: k},
         allocated over all of them together (ffn_budget.allocate): the sites of every model compiled in
         this process share one budget. Recomputed only when a curve changed."""
-        from .ffn_budget import allocate  # no cycle: ffn_budget imports only torch
-
         key = (float(budget), self._budget_version)
         if self._allocation is None or self._allocation[0] != key:
             sites = [s for s in self.sites if s.kind == "mlp" and getattr(s, "err_curve", None) is not None

@@ -5,37 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spt_compile.triton_ops import pq
-
-
-def test_kmeans_finds_separated_clusters():
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [0.0, -6.0]])
-    x = (centers[torch.arange(300) % 3] + 0.1 * torch.randn(300, 2, generator=gen))[None]
-    found = pq.kmeans(x, 3, iters=20, generator=gen)[0]
-    dist = torch.cdist(centers, found).min(dim=1).values
-    assert dist.max() < 0.1
+from spt_compile.fitting.pq_codebooks import fit_codebooks
+from spt_compile.kernels.attention import pq
 
 
 def test_encode_decode_reconstructs_with_enough_codewords():
     gen = torch.Generator().manual_seed(1)
     keys = torch.randn(2, 3, 50, 16, generator=gen)  # [B, Hkv, N, D]
-    codebooks = pq.fit_codebooks(keys.transpose(0, 1).reshape(3, 100, 16), dsub=4, K=100, iters=5, generator=gen)
+    codebooks = fit_codebooks(keys.transpose(0, 1).reshape(3, 100, 16), dsub=4, K=100, iters=5, generator=gen)
     assert codebooks.shape == (3, 4, 100, 4)
     codes = pq.pq_encode(keys, codebooks)
     assert codes.shape == (2, 3, 50, 4) and codes.dtype == torch.uint8
     # 100 codewords for 100 points per subspace: k-means seeded on the points reconstructs them well
     err = (pq.pq_decode(codes, codebooks) - keys).norm() / keys.norm()
     assert err < 0.2
-
-
-def test_ema_update_moves_codewords_toward_assigned_means():
-    codebooks = torch.zeros(1, 1, 2, 2)
-    codebooks[0, 0, 1] = torch.tensor([10.0, 10.0])
-    keys = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])  # all nearest to codeword 0
-    new = pq.ema_update(codebooks, keys, decay=0.5)
-    torch.testing.assert_close(new[0, 0, 0], torch.tensor([0.5, 0.5]))
-    torch.testing.assert_close(new[0, 0, 1], torch.tensor([10.0, 10.0]))  # no keys: unchanged
 
 
 def _select(B=2, H=4, Hkv=2, N=40, D=8, per_batch=(10, 10), causal=True, mask=None, seed=0):
@@ -117,7 +100,7 @@ def test_keys_per_query_bounds(density):
 
 
 def test_code_agreement_proxy_counts_equal_codes():
-    from spt_compile.triton_ops.pq import code_onehots, fit_codebooks, pq_encode
+    from spt_compile.kernels.attention.pq import code_onehots, pq_encode
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, N, D = 2, 4, 2, 30, 16

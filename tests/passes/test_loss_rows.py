@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import spt_compile
-from spt_compile import mlp_site
+from spt_compile.sites import mlp as mlp_site
 from spt_compile.options import SptOptionError, make_options
 
 from graph_check import GraphCapture
@@ -182,13 +182,13 @@ def test_sparse_evaluation_ignores_loss_rows(monkeypatch):
     """An evaluation that passes labels still measures the sparse forward: without gradients the loss
     rows change nothing (ffn_loss_rows="dense" would otherwise run them through every block)."""
     masks = []
-    run_impl = mlp_site._run_impl
+    run_impl = mlp_site.run_impl
 
     def record(x2, w, spec, block_mask, *args, **kwargs):
         masks.append(block_mask.clone())
         return run_impl(x2, w, spec, block_mask, *args, **kwargs)
 
-    monkeypatch.setattr(mlp_site, "_run_impl", record)
+    monkeypatch.setattr(mlp_site, "run_impl", record)
     ids, targets = _batch()
     torch.manual_seed(0)
     model = TinyLM()

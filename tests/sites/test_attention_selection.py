@@ -117,7 +117,7 @@ def test_an_explicit_causal_mask_runs_as_is_causal():
     """Hugging Face's SDPA path passes the causal triangle as a boolean mask: the site reads it as
     is_causal (as_causal), with the same sparse output and gradients as the is_causal form; a mask
     that differs anywhere stays a mask."""
-    from spt_compile.attention_site import as_causal
+    from spt_compile.sites.attention import as_causal
     from toy_models import GQAAttention
 
     tri = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
@@ -159,7 +159,7 @@ def test_exact_calls_keep_the_flash_kernels_logsumexp(mask_kind, monkeypatch):
     """On the CPU an exact call (here: shorter than attention_dense_below) runs aten's flash kernel
     and returns its logsumexp, so that backward runs the kernel's backward instead of recomputing the
     forward: outputs and gradients equal eager SDPA's, and backward calls no dense forward."""
-    from spt_compile import attention_site
+    from spt_compile.sites import attention as attention_site
     from toy_models import GQAAttention
 
     torch._dynamo.reset()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import spt_compile
-from spt_compile.mlp_site import choose_blocks, fit_balance, router_scores
+from spt_compile.fitting.balance import fit_balance
+from spt_compile.fitting.router import choose_blocks, router_scores
 from spt_compile.options import SptOptionError, make_options
 from spt_compile.registry import model_sites
 

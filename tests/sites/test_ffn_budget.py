@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import spt_compile
-from spt_compile.ffn_budget import allocate, block_flops, error_curve, flop_share
+from spt_compile.fitting.ffn_budget import allocate, block_flops, error_curve, flop_share
 from spt_compile.options import SptOptionError, make_options
 from spt_compile.registry import model_sites
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import spt_compile
-from spt_compile.mlp_site import fit_compensation
+from spt_compile.fitting.compensation import fit_compensation
 from spt_compile.options import SptOptionError, make_options
 from spt_compile.registry import model_sites
-from spt_compile.triton_ops.reference import compensation_reference, routed_mlp_reference
-from spt_compile.triton_ops.routed_mlp import (
+from spt_compile.kernels.routed_mlp.reference import compensation_reference, routed_mlp_reference
+from spt_compile.kernels.routed_mlp import (
     MlpSpec,
     MlpWeights,
     compensation,
@@ -183,7 +183,7 @@ def test_compensate_state_roundtrip(tmp_path):
 def test_randomized_top_vectors_span_the_exact_top_subspace():
     """The range finder fit_compensation uses for r + 8 < min(n, d): on a matrix with a decaying
     spectrum, its r vectors span the top-r right singular subspace."""
-    from spt_compile.mlp_site import _top_right_vectors
+    from spt_compile.fitting.compensation import _top_right_vectors
 
     gen = torch.Generator().manual_seed(3)
     n, d, r = 300, 120, 6

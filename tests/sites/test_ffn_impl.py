@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import spt_compile
-import spt_compile.mlp_site as mlp_site
+from spt_compile.sites import mlp_impl, mlp_op
+from spt_compile.sites.meta import MlpMeta
 from spt_compile.options import SptOptionError, make_options
-from spt_compile.triton_ops.routed_mlp import FFN_IMPL_ENV, MlpSpec, MlpWeights, resolve_ffn_impl
+from spt_compile.kernels.routed_mlp import FFN_IMPL_ENV, MlpSpec, MlpWeights, resolve_ffn_impl
 
 from toy_models import GatedMLP
 
@@ -53,8 +54,8 @@ def _small(dropout: float = 0.0):
 def test_lora_dropout_falls_back_to_torch(impl):
     x, w, spec, mask = _small(dropout=0.2)
     saved: list = []
-    y, (code, dtype_code, counts) = mlp_site._run_impl(x, w, spec, mask, 3, impl, saved)
-    assert code == mlp_site.IMPL_CODES["torch"] and len(saved) == 1
+    y, run = mlp_impl.run_impl(x, w, spec, mask, 3, impl, saved)
+    assert run.impl == "torch" and len(saved) == 1
     assert y.shape == (5, 8)
 
 
@@ -62,14 +63,14 @@ def test_triton_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, w, spec, mask = _small()
     with pytest.raises(ValueError, match="CUDA"):
-        mlp_site._run_impl(x, w, spec, mask, 0, "triton", [])
+        mlp_impl.run_impl(x, w, spec, mask, 0, "triton", [])
 
 
 def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
     """ffn_impl='reference' through torch.compile: the reference runs forward and backward, and gives the
-    torch path's output and gradients; meta is [META_FIXED + n_blocks]."""
+    torch path's output and gradients; meta is [MlpMeta.FIXED + n_blocks]."""
     calls = {"reference": 0, "reference_bwd": 0}
-    ref, ref_bwd = mlp_site.routed_mlp_reference, mlp_site._reference_backward
+    ref, ref_bwd = mlp_impl.routed_mlp_reference, mlp_op.reference_backward
 
     def spy(*a, **k):
         calls["reference"] += 1
@@ -79,8 +80,8 @@ def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
         calls["reference_bwd"] += 1
         return ref_bwd(*a, **k)
 
-    monkeypatch.setattr(mlp_site, "routed_mlp_reference", spy)
-    monkeypatch.setattr(mlp_site, "_reference_backward", spy_bwd)
+    monkeypatch.setattr(mlp_impl, "routed_mlp_reference", spy)
+    monkeypatch.setattr(mlp_op, "reference_backward", spy_bwd)
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = GatedMLP(d=16, hidden=36)
@@ -109,4 +110,4 @@ def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
         w = torch.empty(36, 16)
         outs = torch.ops.spt.mlp_site(torch.empty(9, 16), w, None, None, None, w, None, None, None,
                                       torch.empty(16, 36), None, None, None, None, None, 0, spec, True)
-    assert outs[4].shape == (mlp_site.META_FIXED + 3,)  # the fake's meta follows n_blocks
+    assert outs[4].shape == (MlpMeta.FIXED + 3,)  # the fake's meta follows n_blocks

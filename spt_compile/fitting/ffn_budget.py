@@ -7,7 +7,7 @@ allocation (allocate) then hands out blocks one at a time, each to the layer whe
 error per FLOP, until the budget is spent. A layer whose output is concentrated in few blocks gives
 its share to one that is not; a sensitive layer may end dense.
 
-Pure functions on tensors and lists, no site state: mlp_site.py feeds them and keeps the results.
+Pure functions on tensors and lists, no site state: sites/mlp.py feeds them and keeps the results.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .block_select import n_blocks
+from .select import n_blocks
 from .pq import MASK_FORBIDDEN_AT_OR_BELOW
-from .sparse_attention import _acc, _dropout_keep  # same accumulation dtype and replayable dropout
+from .token_sparse import _acc, _dropout_keep  # same accumulation dtype and replayable dropout
 
 IMPLS = ("auto", "triton", "torch", "reference")
 IMPL_ENV = "SPT_ATTENTION_IMPL"

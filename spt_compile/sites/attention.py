@@ -1,8 +1,6 @@
-"""The op the attention pass emits, and the per-layer state behind it.
+"""The attention site: the per-layer state behind spt::attention_site (attention_op.py) and how a call runs.
 
-`spt::attention_site(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training)` replaces
-one matched attention. It finds its layer's site from `anchor` (the q projection's weight) and
-`template` (see registry.py). Each call it reads the run-time options, then either
+Each call the site reads the run-time options, then either
   * runs exact attention (inside disable(), with sparse_attention=False, or during the site's first
     `calibration_steps` calls, which under token selection also sample keys for the k-means
     codebooks), or
@@ -11,15 +9,11 @@ one matched attention. It finds its layer's site from `anchor` (the q projection
 L comes from the options at run time, so the number of selected keys is an unbacked size in the
 graph (`new_dynamic_size`): changing `density` never recompiles.
 
-Selection is by key blocks by default (`attention_selection="block"`, block_select.py: a block of
+Selection is by key blocks by default (`attention_selection="block"`, kernels/attention/select.py: a block of
 queries attends to its chosen key blocks, one list per GQA group) or per query (`"token"`: top-L keys
 by the PQ proxy). Only token selection reads PQ codebooks, so only it pays for them: they are fitted
 from the keys buffered by calibration calls that ran under token selection, or, when token selection
 is first chosen later (a run-time option), from that call's keys.
-
-Outputs: out [B, H, N, Dv], lse [B, H, N], selection (the block or token indices, flattened: an
-unbacked size), meta [8] int64 (mode, dropout seed, the selection's shape, block sizes,
-implementation). Backward uses what forward saved and never reads the options again.
 """
 
 from __future__ import annotations
@@ -34,18 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend
 
-from .context import resolve
-from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
-from .options import Options, SptOptionError
+from spt_compile.context import resolve
+from spt_compile.fitting import pq_codebooks
+from spt_compile.options import Options, SptOptionError
+from spt_compile.registry import SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 
-from spt_compile.triton_ops import block_select, pq
-from spt_compile.triton_ops.block_sparse import IMPLS, block_sparse_backward, block_sparse_forward, resolve_impl
-from spt_compile.triton_ops.sparse_attention import sparse_attention_backward, sparse_attention_forward
+from spt_compile.kernels.attention import pq, select as block_select
+from spt_compile.kernels.attention.block_sparse import block_sparse_forward, resolve_impl
+from spt_compile.kernels.attention.token_sparse import sparse_attention_forward
 
-# meta[0]: how the call ran. DENSE_LSE: exact by the CPU flash kernel, whose logsumexp the op returns
-# as its lse, so that backward runs the kernel's own backward instead of recomputing the forward.
-DENSE, TOKEN, BLOCK, DENSE_LSE = 0, 1, 2, 3
-META_LEN = 8  # mode, seed, d0, d1, d2 (shape of the selection), block_m, block_n, implementation
+from .meta import AttentionMeta
+
 KEYS_PER_CALL = 1024  # keys per kv head sampled from each calibration / training call
 KEY_BUFFER = 4096  # keys per kv head kept for the calibration k-means
 KMEANS_ITERS = 15
@@ -143,11 +136,6 @@ def real_key_positions(mask: Optional[Tensor], B: int, Nk: int, device) -> Tenso
     return pq.real_key_mask(mask, B, Nk)
 
 
-def _meta(mode: int, seed: int, shape, block_m: int, block_n: int, impl: str) -> Tensor:
-    """Kept on the CPU whatever the inputs' device: backward reads it without a device sync."""
-    return torch.tensor([mode, seed, *shape, block_m, block_n, IMPLS.index(impl)], dtype=torch.int64)
-
-
 def token_budget(mask: Optional[Tensor], real: Tensor, N: int, density: float, top_l: Optional[int]) -> Tensor:
     """Keys per query: [B], one per row from its real length; or [B, N] when a row packs several
     sequences (block_select.packed_segments), each query budgeted by its own sequence's length, as
@@ -198,7 +186,7 @@ class AttentionSite(Site):
 
     def _fit(self, keys: Tensor, seed: int, options: Options) -> Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return pq.fit_codebooks(keys, options.pq_subspace_dim, options.pq_codewords, KMEANS_ITERS, gen)
+        return pq_codebooks.fit_codebooks(keys, options.pq_subspace_dim, options.pq_codewords, KMEANS_ITERS, gen)
 
     def _codebooks_fit(self, options: Options) -> bool:
         """Whether the codebooks exist and have the shape these options' PQ asks for."""
@@ -269,7 +257,7 @@ class AttentionSite(Site):
         seed = self.call_seed(plan.index)
         B, H, N, _ = q.shape
         Nk = k.shape[2]
-        meta = _meta(DENSE, seed, (0, 0, 0), 0, 0, "torch")
+        meta = AttentionMeta(AttentionMeta.DENSE, seed).tensor()
         calibrating = self.calibrating(plan)
         # exact_forward with dropout: exact both ways (the sparse backward could not replay SDPA's masks)
         inference_exact = not training and not options.sparse_inference
@@ -292,7 +280,7 @@ class AttentionSite(Site):
             with torch.no_grad():
                 if _cpu_flash_applies(q, k, v, mask, is_causal, scale, dropout_p):  # lse kept: no recompute
                     out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
-                    meta = _meta(DENSE_LSE, seed, (0, 0, 0), 0, 0, "torch")
+                    meta = AttentionMeta(AttentionMeta.DENSE_LSE, seed).tensor()
                 else:
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 if calibrating and plan.updates_state:
@@ -336,7 +324,7 @@ class AttentionSite(Site):
                 if options.attention_selection == "token":  # only the token proxy reads the codebooks
                     keys = self._sample_keys(k, real, seed)
                     if keys.shape[1]:
-                        self.stage(lambda: setattr(self, "codebooks", pq.ema_update(self.codebooks, keys.to(
+                        self.stage(lambda: setattr(self, "codebooks", pq_codebooks.ema_update(self.codebooks, keys.to(
                             self.codebooks.device), EMA_DECAY)))
                 if self.train_calls % PROBE_EVERY == 0 or "recall" not in self.quality:
                     self._probe(q, k, mask, is_causal, scale, chosen, options, real, seed)
@@ -372,7 +360,7 @@ class AttentionSite(Site):
         indices = pq.select_keys(q_proxy, k_proxy, proxy_scale, per_batch_l, is_causal, mask)  # [B, H, N, L]
         out, lse = given if given is not None else sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p,
                                                                              seed)
-        meta = _meta(TOKEN, seed, indices.shape[1:], 0, 0, "torch")
+        meta = AttentionMeta(AttentionMeta.TOKEN, seed, tuple(indices.shape[1:])).tensor()
 
         def chosen(b, i):  # [R, H, Nk] bool: keys listed for rows (b, i)
             return _token_rows_to_keys(indices[b, :, i], k.shape[2])
@@ -401,7 +389,7 @@ class AttentionSite(Site):
                                                sink=sink)
         out, lse = given if given is not None else block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm,
                                                                          bn, dropout_p, seed, impl)
-        meta = _meta(BLOCK, seed, block_idx.shape[1:], bm, bn, impl)
+        meta = AttentionMeta(AttentionMeta.BLOCK, seed, tuple(block_idx.shape[1:]), bm, bn, impl).tensor()
         G = q.shape[1] // block_idx.shape[1]
 
         def chosen(b, i):  # [R, H, Nk] bool: keys whose block is listed for rows (b, i)
@@ -436,101 +424,4 @@ class AttentionSite(Site):
         self.key_buffer = None if kb is None else kb.float().clone()
 
 
-# --- the custom ops ---------------------------------------------------------------------------
-
-
 SITE_TYPES["attention"] = AttentionSite
-
-
-@torch.library.custom_op("spt::attention_site", mutates_args=())
-def attention_site(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], anchor: Optional[Tensor], template: int,
-    is_causal: bool, scale: float, dropout_p: float, training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
-    site = REGISTRY.site(template, anchor)
-    mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])
-    common = _common_dtype(q, k, v)
-    if common is None:
-        return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p,
-                            training)
-    q_, k_, v_, mask_ = _cast(common, q, k, v, mask)
-    out, lse, selection, meta = site.forward(q_, k_, v_, mask_, REGISTRY.templates[template].options, is_causal,
-                                             scale, dropout_p, training)
-    return out.to(q.dtype), lse.float(), selection, meta
-
-
-def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> Optional[torch.dtype]:
-    """None when q, k, v share a dtype. Under torch.autocast they may not (HF's RoPE leaves q and k in
-    fp32 while v comes from a bf16 linear): dense SDPA would run in the autocast dtype, which is the
-    narrowest of the three, so the site does the same (forward and backward alike)."""
-    if q.dtype == k.dtype == v.dtype:
-        return None
-    return min((q.dtype, k.dtype, v.dtype), key=lambda d: torch.finfo(d).bits)
-
-
-def _cast(dtype, *tensors):
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
-@attention_site.register_fake
-def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
-    B, H, N, _ = q.shape
-    n = torch.library.get_ctx().new_dynamic_size()  # size of the selection: decided at run time
-    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
-            q.new_empty(n, dtype=torch.int32), torch.empty(META_LEN, dtype=torch.int64, device="cpu"))
-
-
-@torch.library.custom_op("spt::attention_site_backward", mutates_args=())
-def attention_site_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
-    indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    common = _common_dtype(q, k, v)
-    if common is not None:  # as the forward ran: in the narrowest dtype, grads back in each input's
-        grads = attention_site_backward(*_cast(common, dout, q, k, v, mask, out), lse, indices, meta, is_causal,
-                                        scale, dropout_p)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])  # as forward read it
-    mode, seed, d0, d1, d2, block_m, block_n, impl = meta.tolist()
-    bias = mask if mask is not None and mask.dtype != torch.bool else None
-    B = q.shape[0]
-    if mode == TOKEN:
-        grads = sparse_attention_backward(dout, q, k, v, indices.view(B, d0, d1, d2), out, lse, scale, bias,
-                                          dropout_p, seed)
-        return tuple(g.contiguous() for g in grads)
-    if mode == DENSE_LSE:
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, is_causal,
-            attn_mask=_float_mask(mask, q.dtype), scale=scale)
-        return tuple(g.contiguous() for g in grads)
-    if mode == BLOCK:
-        grads = block_sparse_backward(dout, q, k, v, indices.view(B, d0, d1, d2), out, lse, scale, is_causal, mask,
-                                      block_m, block_n, dropout_p, seed, IMPLS[impl])
-        return tuple(g.contiguous() for g in grads)
-    # Dense calls saved no attention weights: recompute them (same dropout seed). torch.func.vjp,
-    # not autograd.grad: inside a custom op's kernel autograd records nothing.
-    _, vjp = torch.func.vjp(lambda q_, k_, v_: dense_attention(q_, k_, v_, mask, is_causal, scale, dropout_p, seed),
-                            q, k, v)
-    return tuple(g.contiguous() for g in vjp(dout))
-
-
-@attention_site_backward.register_fake
-def _(dout, q, k, v, mask, out, lse, indices, meta, is_causal, scale, dropout_p):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training = inputs
-    out, lse, indices, meta = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, indices, meta)
-    ctx.args = (is_causal, scale, dropout_p)
-
-
-def _backward(ctx, dout, dlse, dindices, dmeta):
-    q, k, v, mask, out, lse, indices, meta = ctx.saved_tensors
-    dq, dk, dv = attention_site_backward(dout.contiguous(), q, k, v, mask, out, lse, indices, meta, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-attention_site.register_autograd(_backward, setup_context=_setup_context)

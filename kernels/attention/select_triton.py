@@ -1,6 +1,6 @@
-"""Block selection in Triton: the pooled-key proxy of block_select.py in two kernel launches.
+"""Block selection in Triton: the pooled-key proxy of select.py in two kernel launches.
 
-The PyTorch selection (block_select.select_key_blocks) is about a hundred small operations per call
+The PyTorch selection (select.select_key_blocks) is about a hundred small operations per call
 at N=8192 (pooling, one score GEMM, softmax, masks, top-k, per chunk of query blocks). On a GPU
 each is a kernel launch of a few microseconds of work, so the host spends milliseconds launching
 what the device does in tens of microseconds, and the [B, H, rows, n_kb] scores take memory. Here:
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_select import _FORCED_DIAG, _FORCED_SINK, n_blocks
+from .select import _FORCED_DIAG, _FORCED_SINK, n_blocks
 
 MAX_KEY_BLOCKS = 256  # [block_m, 256] fp32 scores and a [256, D] k_bar tile per program
 _FORCED_DIAG_C = tl.constexpr(_FORCED_DIAG)

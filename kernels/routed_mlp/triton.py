@@ -1,9 +1,9 @@
 """Routed MLP in Triton: gather -> grouped GEMM -> scatter, forward and backward.
 
-Same semantics as routed_mlp.py (hard routing, weight 1 per chosen block; every block chosen is the
+Same semantics as the torch path (forward.py; hard routing, weight 1 per chosen block; every block chosen is the
 dense MLP), same saved pre-activations in the same layout (each routed block's [n_b, F_b] gate then
 up, or its single pre-activation, block after block), so either backward can read what either
-forward saved. No LoRA dropout here: callers fall back to the torch path for that (mlp_site.py).
+forward saved. No LoRA dropout here: callers fall back to the torch path for that (spt_compile/sites/mlp_impl.py).
 
 Shapes (T tokens, K = d_in, F hidden, N = d_out, r LoRA rank, nb blocks, S = routed (block, token)
 pairs = sum of the per-block token counts n_b):
@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_sparse_triton import _dot  # fp32-accumulated tl.dot with the interpreter's bf16 workaround
-from .routed_mlp import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds, out_features
+from ..attention.block_sparse_triton import _dot  # fp32-accumulated tl.dot with the interpreter's bf16 workaround
+from .spec import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds, out_features
 
 # Activation codes the kernels switch on (constexpr), by MlpSpec.activation.
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}

@@ -1,7 +1,6 @@
-"""The op the MLP pass emits, and the router state behind it.
+"""The MLP site: the router state behind spt::mlp_site (mlp_op.py) and how a call runs.
 
-`spt::mlp_site(x, <12 weight slots>, template, spec, training)` replaces one matched MLP; the first
-projection's weight identifies its layer's site (registry.py). Each call it reads the run-time
+The first projection's weight identifies a layer's site (registry.py). Each call it reads the run-time
 options, then either runs every block (inside disable(), with sparse_ffn=False, with ffn_active ==
 ffn_blocks, or during the first `calibration_steps` calls) or lets the router pick `ffn_active`
 blocks per token (hard routing, weight 1) and runs only those.
@@ -33,18 +32,6 @@ output. The predictors are frozen state like the router: fitted lazily, dropped 
 changes, saved with the state. Backward: d(x) gets the two GEMMs' transpose
 (compensation_input_grad); nothing flows to the predictors, nor through them to the weights. The term
 is dense and added beside the routed blocks, so every ffn_impl (Triton included) serves it.
-
-Outputs: y [*, d_out], block_mask [T, n_blocks] bool, perm [F] int64 (hidden units in block order),
-pre (the routed blocks' pre-activations, flat: an unbacked size; backward rebuilds the hidden layer
-from them instead of recomputing the projections; empty for the reference impl), meta [5 + n_blocks]
-int64 on the CPU (mode, dropout seed, whether perm applies, the implementation that ran (IMPL_CODES),
-the Triton compute dtype (DTYPE_CODES), tokens per block: backward runs the same implementation and
-needs no host sync for the counts), comp (ffn_compensate's U and V, flat, in x's dtype; empty when
-nothing was added).
-
-Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (routed_mlp_triton.py), the torch
-path (routed_mlp.py) or the per-token reference. Calls the kernels cannot serve run the torch path:
-LoRA dropout > 0, and dense calibration calls (they measure each block's output norm on the way).
 """
 
 from __future__ import annotations
@@ -55,168 +42,30 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .context import resolve
-from .ffn_budget import block_flops, error_curve
-from .options import Options
-from .real_rows import rows_of
-from .registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
-
-from spt_compile.triton_ops.clustering import cluster_neurons
-from spt_compile.triton_ops.reference import routed_mlp_reference
-from spt_compile.triton_ops.routed_mlp import (
-    MlpSpec,
-    MlpWeights,
-    block_outputs,
-    compensation,
-    compensation_input_grad,
-    exact_mlp_forward,
-    permute_hidden,
-    resolve_ffn_impl,
-    routed_mlp_backward_saved,
-    routed_mlp_forward,
-    join_fused,
-    split_fused,
-    unit_importance,
-    unpermute_grads,
+from spt_compile.context import resolve
+from spt_compile.fitting.balance import fit_balance
+from spt_compile.fitting.clustering import cluster_neurons
+from spt_compile.fitting.compensation import fit_compensation
+from spt_compile.fitting.ffn_budget import block_flops, error_curve
+from spt_compile.fitting.router import choose_blocks, fit_router, router_scores
+from spt_compile.options import Options
+from spt_compile.real_rows import rows_of
+from spt_compile.registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
+from spt_compile.kernels.routed_mlp import (
+    MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, unit_importance,
 )
 
-# meta[0]: DENSE (every block, no routing), ROUTED (only the routed blocks ran), EXACT (exact_forward:
-# every block ran forward; backward keeps the chosen pairs, replaying dropout drawn for every token).
-DENSE, ROUTED, EXACT = 0, 1, 2
+from .meta import MlpMeta, MlpRun
+from .mlp_impl import LazyPermuted, run_impl, takes_torch_path
+
 # exact_forward's score of a (token, block) pair for the backward (routed_mlp.IMPORTANCES). "jacobian" by
 # measurement: GSM8K probe (docs/quality.md) held-out loss 1.1594 against 1.1517 for the exact block output
 # norms, within seed noise, and it needs no extra GEMM.
 BACKWARD_IMPORTANCE = "jacobian"
-# meta[3]: the implementation that ran forward (backward runs the same one).
-IMPL_CODES = {"torch": 0, "triton": 1, "reference": 2}
-IMPL_NAMES = {v: k for k, v in IMPL_CODES.items()}
-# meta[4]: the dtype the Triton GEMMs ran in (0: x's own; autocast's otherwise), so that backward, which
-# usually runs outside the autocast region, computes in the same one.
-DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-# mode, seed, permuted, impl, compute dtype, whole (exact_mlp_forward kept every pair and saved the
-# pre-activations as [T, F] per projection); then the tokens per block (n_blocks values)
-META_FIXED = 6
 TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibration call
 ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
 PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
-RIDGE = 1e-3  # ridge strength, relative to the mean feature energy
-# The compensation's ridge strength, relative to the mean feature energy (x^2, uncentred, as RIDGE).
-# Stronger than the router's by measurement: fitted on 2048 tokens (the buffer), SmolLM2's 4-of-2
-# predictors err by 0.393 (rank 64) / 0.388 (rank 16) at 1e-3, 0.338 / 0.373 at 0.1, 0.351 / 0.380
-# at 1.0 (benchmarks/research/ffn_compensation.py --fit-tokens 2048 --ridge ...; 0.457 uncompensated).
-COMP_RIDGE = 0.1
-BALANCE_ITERS = 200  # dual-ascent steps of fit_balance (2048 buffered tokens: a few ms per site)
-
-
-def fit_router(x: Tensor, norms: Tensor) -> Tensor:
-    """Ridge regression from features [x, 1] to block output norms: x [n, d], norms [n, nb]
-    -> weights [d + 1, nb] (fp32). Solved in fp64 on the CPU; the bias is not regularised."""
-    X = torch.cat([x.double().cpu(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    G = X.T @ X
-    d = x.shape[1]
-    lam = RIDGE * G.diagonal()[:d].mean().clamp(min=1e-12)
-    G[:d, :d] += lam * torch.eye(d, dtype=torch.float64)
-    return torch.linalg.solve(G, X.T @ norms.double().cpu()).float()
-
-
-def router_scores(x: Tensor, router: Tensor) -> Tensor:
-    """x [T, d] -> predicted block output norms [T, nb]."""
-    return x.float() @ router[:-1] + router[-1]
-
-
-def choose_blocks(scores: Tensor, active: int) -> Tensor:
-    """Hard top-k routing: [T, nb] scores -> [T, nb] bool mask with `active` True per row."""
-    top = scores.topk(active, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-
-
-def _top_right_vectors(Fm: Tensor, r: int, iters: int = 4) -> Tensor:
-    """The top-r right singular vectors of Fm [n, d], as rows [r', d] (r' = min(r, n, d)). For r well
-    below the rank, a randomized range finder (Halko et al.: `iters` power steps on r + 8 columns from
-    a fixed seed, then an eigendecomposition of size r + 8): a full one of Fm's smaller Gram matrix
-    took 2 s per block at d 576 on this CPU, most of a fit."""
-    n, d = Fm.shape
-    k = r + 8
-    if k >= min(n, d):
-        if n < d:  # through the smaller Gram matrix
-            top = Fm.T @ torch.linalg.eigh(Fm @ Fm.T)[1][:, -r:]
-            return (top / top.norm(dim=0).clamp(min=1e-30)).T
-        return torch.linalg.eigh(Fm.T @ Fm)[1][:, -r:].T
-    gen = torch.Generator(device=Fm.device).manual_seed(0)
-    Q = torch.randn(d, k, generator=gen, device=Fm.device, dtype=Fm.dtype)
-    for _ in range(iters):
-        Q = torch.linalg.qr(Fm.T @ (Fm @ Q)).Q
-    B = Fm @ Q  # [n, k]
-    return (Q @ torch.linalg.eigh(B.T @ B)[1][:, -r:]).T
-
-
-def fit_compensation(x: Tensor, outs: Tensor, skipped: Tensor, rank: int,
-                     ridge: float = COMP_RIDGE) -> tuple[Tensor, Tensor, Tensor]:
-    """Per block, a rank-`rank` linear predictor of its output from x, fitted on the tokens that skip
-    it (what it must stand in for there, not on average): x [n, d_in], outs [n, nb, d_out] (each
-    block's output), skipped [n, nb] bool -> U [d_in, nb r], V [nb r, d_out], M [nb, d_out] (fp32, CPU;
-    routed_mlp.compensation's layout), r = min(rank, d_in, d_out).
-
-    Reduced-rank ridge regression, in fp32 on outs' device (the ridge bounds the condition number
-    by about 10 d_in): the ridge solution W from [x, 1] (the bias unregularised, as fit_router;
-    strength `ridge`), projected on the top-r right singular vectors of its centred fitted values;
-    M keeps the fitted mean. A block no token skips gets zeros (never used)."""
-    n, nb, d_out = outs.shape
-    d = x.shape[1]
-    r = min(rank, d, d_out)
-    dev = outs.device
-    U = torch.zeros(d, nb * r, device=dev)
-    V = torch.zeros(nb * r, d_out, device=dev)
-    M = torch.zeros(nb, d_out, device=dev)
-    x = x.to(device=dev, dtype=torch.float32)
-    skipped = skipped.to(dev)
-    for b in range(nb):
-        rows = skipped[:, b].nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        xb, yb = x[rows], outs[rows, b].float()
-        mean = xb.mean(0)
-        xc = xb - mean
-        G = xc.T @ xc
-        lam = ridge * (xb * xb).sum(0).mean().clamp(min=1e-12)  # as fit_router's: uncentred energy
-        G.diagonal().add_(lam)
-        A = torch.linalg.solve(G, xc.T @ (yb - yb.mean(0)))  # [d, d_out]; centring = an unregularised bias
-        Vr = _top_right_vectors(xc @ A, r)  # [r', d_out]; r' < r when fewer tokens than r skip the block
-        k = Vr.shape[0]
-        U[:, b * r : b * r + k] = A @ Vr.T
-        V[b * r : b * r + k] = Vr
-        M[b] = yb.mean(0) - mean @ U[:, b * r : b * r + k] @ Vr
-    return U.cpu(), V.cpu(), M.cpu()
-
-
-def fit_balance(scores: Tensor, active: int, strength: float, iters: int = BALANCE_ITERS) -> Tensor:
-    """Per-block bias c [nb] (fp32) for load balancing: top-`active` of (scores - c) over these tokens
-    gives block b a share of the selections moved `strength` of the way from its unbiased share
-    toward active / nb. scores [n, nb] (the router's, on its buffered tokens).
-
-    Dual ascent on the counts: a block picked too often has its bias raised, one picked too rarely
-    lowered, in steps of the scores' spread that shrink geometrically; the bias with the smallest
-    worst miss is kept (counts are integers, so the targets are met only up to a token or so)."""
-    S = scores.detach().double().cpu()
-    n, nb = S.shape
-    c = torch.zeros(nb, dtype=torch.float64)
-    if n == 0 or strength <= 0 or active >= nb:
-        return c.float()
-    counts = choose_blocks(S, active).sum(0).double()
-    fair = n * active / nb
-    target = (1 - strength) * counts + strength * fair
-    spread = S.std(dim=0).mean().clamp(min=1e-12)
-    best, best_miss = c.clone(), float((counts - target).abs().max())
-    for i in range(iters):
-        step = spread * 0.5 * (0.02 ** (i / max(iters - 1, 1)))  # 0.5 -> 0.01 of the spread
-        c += step * (counts - target) / fair
-        counts = choose_blocks(S - c, active).sum(0).double()
-        miss = float((counts - target).abs().max())
-        if miss < best_miss:
-            best, best_miss = c.clone(), miss
-    return (best - best.mean()).float()  # a common shift changes no choice
 
 
 class MlpSite(Site):
@@ -434,7 +283,7 @@ class MlpSite(Site):
         routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb
                       or T == 0 or inference_exact)
         exact = routed and training and options.exact_forward  # exact forward, sparse backward
-        mode = (EXACT if exact else ROUTED) if routed else DENSE
+        mode = (MlpMeta.EXACT if exact else MlpMeta.ROUTED) if routed else MlpMeta.DENSE
         self.count_run(plan, "calibration" if calibrating else "exact_forward" if exact else "routed" if routed
                        else "exact_inference" if inference_exact and options.sparse_ffn and T else "dense")
         perm = None
@@ -456,18 +305,18 @@ class MlpSite(Site):
                 if collect:  # the torch path, measuring each block's output norm on the way (the router's target)
                     y, _, norms, whole = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
                                                            seed, saved, None, "block_output")
-                    impl_meta = (IMPL_CODES["torch"], 0, ())
+                    run = MlpRun()
                     self._calibrate(x2, norms, weights, spec, plan, seed, real)
-                elif _torch_path(options.ffn_impl, x2, spec):
+                elif takes_torch_path(options.ffn_impl, x2, spec):
                     # exact_forward's code with every block kept, in the clustered block order when there is
                     # one: the same sums in the same order as its training calls, so disable() reproduces
                     # their forward bit for bit.
                     perm = None if self.perm is None else self.perm.to(x.device)
                     y, _, _, whole = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
                                                        seed, saved, perm, BACKWARD_IMPORTANCE)
-                    impl_meta = (IMPL_CODES["torch"], 0, ())
+                    run = MlpRun()
                 else:
-                    y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
+                    y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             elif exact:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 lead = tuple(x.shape[:-1])
@@ -477,7 +326,7 @@ class MlpSite(Site):
                     x2, weights, spec, (lambda s: preset) if preset is not None else (
                         lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
                     None if preset is not None else BACKWARD_IMPORTANCE)
-                impl_meta = (IMPL_CODES["torch"], 0, ())
+                run = MlpRun()
                 if plan.updates_state and (self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     # captured / rel_error: what the backward's blocks hold of the exact output
                     self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, real)
@@ -491,11 +340,11 @@ class MlpSite(Site):
                     # rows that carry a loss run every block; not without gradients: an evaluation that
                     # passes labels must still measure the sparse forward
                     block_mask |= loss_rows.to(x.device)[:, None]
-                wp = _LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
+                wp = LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
                     comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
-                y, impl_meta = _run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp)
+                y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp)
                 if plan.updates_state and training and (
                         self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
                     self._probe(x2, wp.get(), spec, block_mask, seed,
@@ -504,10 +353,7 @@ class MlpSite(Site):
                     if bx.shape[0]:
                         self.stage(lambda: self._set_router(fit_router(bx, by)))
         self.end(plan, training)
-        impl_code, dtype_code, counts = impl_meta
-        counts = list(counts) or [0] * nb
-        meta = torch.tensor([mode, seed, int(perm is not None), impl_code, dtype_code, int(whole), *counts],
-                            dtype=torch.int64)
+        meta = MlpMeta(mode, seed, perm is not None, run, bool(whole), nb).tensor()
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
         # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added
         comp_out = torch.cat([comp[0].reshape(-1), comp[1].reshape(-1)]) if comp is not None else x.new_empty(0)
@@ -599,182 +445,4 @@ class MlpSite(Site):
         return out
 
 
-# --- implementations ----------------------------------------------------------------------------
-
-
-class _LazyPermuted:
-    """permute_hidden(weights, spec, perm), copied on the first get() (the torch path needs no copy)."""
-
-    def __init__(self, weights: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]):
-        self.weights, self.spec, self.perm, self.value = weights, spec, perm, None
-
-    def get(self) -> MlpWeights:
-        if self.value is None:
-            self.value = permute_hidden(self.weights, self.spec, self.perm)
-        return self.value
-
-
-def _torch_path(option: str, x2: Tensor, spec: MlpSpec) -> bool:
-    """Whether a call runs the torch path (ffn_impl, or LoRA dropout, which only it has)."""
-    return resolve_ffn_impl(option, x2.device) == "torch" or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout)
-
-
-def _run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
-              saved: list, perm: Optional[Tensor] = None,
-              comp: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, tuple[int, int, tuple]]:
-    """y by the chosen implementation, with hidden units reordered by perm (the clustering) if given,
-    plus compensation(x2, ~block_mask, *comp) if given; appends what backward needs to `saved` (the
-    pre-activations in a layout the Triton path shares; the torch path appends its LoRA inputs).
-    Returns (y, (impl code, compute dtype code, tokens per block))."""
-    impl = resolve_ffn_impl(option, x2.device)
-    if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
-        impl = "torch"  # neither the kernels nor the reference have LoRA dropout
-    if impl == "torch":  # adds the compensation where its blocks accumulate; puts units in block order itself
-        y = routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm, comp=comp)
-        return y, (IMPL_CODES["torch"], 0, ())
-    y, meta = _run_kernel_impl(impl, x2, permute_hidden(w, spec, perm), spec, block_mask, saved)
-    return (y if comp is None else y + compensation(x2, ~block_mask, *comp).to(y.dtype)), meta
-
-
-def _run_kernel_impl(impl: str, x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor,
-                     saved: list) -> tuple[Tensor, tuple[int, int, tuple]]:
-    """The Triton kernels or the reference, on weights already in block order."""
-    if impl == "triton":
-        from spt_compile.triton_ops.routed_mlp_triton import compute_dtype, routed_mlp_forward_triton
-
-        # The traced dtype (autocast, recorded by the pass), else autocast if active here, else x's.
-        cd = getattr(torch, spec.compute) if spec.compute else compute_dtype(x2)
-        y, pre, counts = routed_mlp_forward_triton(x2, w, spec, block_mask, cd)
-        saved.append(pre)
-        return y, (IMPL_CODES["triton"], 0 if cd == x2.dtype else DTYPE_CODES[cd], tuple(counts))
-    return routed_mlp_reference(x2, w, spec, block_mask), (IMPL_CODES["reference"], 0, ())
-
-
-def _reference_backward(dy: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, needs: list[bool]):
-    """Gradients of routed_mlp_reference by torch.func.vjp (recomputes everything: for checks only)."""
-    slots = [n for n, t, need in zip(MlpWeights._fields, w, needs[1:]) if t is not None and need]
-
-    def f(xv, *ts):
-        return routed_mlp_reference(xv, w._replace(**dict(zip(slots, ts))), spec, block_mask)
-
-    _, vjp = torch.func.vjp(f, x, *[getattr(w, n) for n in slots])
-    dx, *gs = vjp(dy)
-    got = dict(zip(slots, gs))
-    return (dx if needs[0] else None), MlpWeights(**{n: got.get(n) for n in MlpWeights._fields})
-
-
-# --- the custom ops ---------------------------------------------------------------------------
-
 SITE_TYPES["mlp"] = MlpSite
-
-
-@torch.library.custom_op("spt::mlp_site", mutates_args=())
-def mlp_site(
-    x: Tensor,
-    in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
-    gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
-    out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    loss_rows: Optional[Tensor], real_rows: Optional[Tensor], template: int, spec: str, training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss_rows: [T] bool, the rows whose position carries a loss (passes/loss_rows.py), or None.
-    real_rows: spt::real_rows of the attention mask before this MLP (empty: none padded), or None."""
-    s = MlpSpec.from_str(spec)
-    weights = split_fused(MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a,
-                                     out_bb), s)
-    # The first projection's weight (gate, else in; a fused gate/up one whole) identifies the layer's site.
-    site = REGISTRY.site(template, gate_w if gate_w is not None else in_w)
-    return site.forward(x, weights, s, REGISTRY.templates[template].options, training, loss_rows, real_rows)
-
-
-@mlp_site.register_fake
-def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      loss_rows, real_rows, template, spec, training):
-    s = MlpSpec.from_str(spec)
-    T = 1
-    for n in x.shape[:-1]:
-        T = T * n
-    d_out = out_w.shape[1] if s.out_layout == "io" else out_w.shape[0]
-    ctx = torch.library.get_ctx()
-    return (x.new_empty(*x.shape[:-1], d_out), x.new_empty(T, s.n_blocks, dtype=torch.bool),
-            x.new_empty(s.hidden, dtype=torch.int64), x.new_empty(ctx.new_dynamic_size()),
-            torch.empty(META_FIXED + s.n_blocks, dtype=torch.int64, device="cpu"), x.new_empty(ctx.new_dynamic_size()))
-
-
-@torch.library.custom_op("spt::mlp_site_backward", mutates_args=())
-def mlp_site_backward(
-    dy: Tensor, x: Tensor,
-    in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
-    gate_w: Optional[Tensor], gate_b: Optional[Tensor], gate_a: Optional[Tensor], gate_bb: Optional[Tensor],
-    out_w: Tensor, out_b: Optional[Tensor], out_a: Optional[Tensor], out_bb: Optional[Tensor],
-    block_mask: Tensor, perm: Tensor, pre: Tensor, meta: Tensor, comp: Tensor, spec: str, needs: list[bool],
-) -> list[Tensor]:
-    """Returns 13 tensors: dx, then one per weight slot; an empty tensor where no grad is needed."""
-    s = MlpSpec.from_str(spec)
-    weights = split_fused(MlpWeights(in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a,
-                                     out_bb), s)
-    if s.fused:  # the fused projection's needs stand for both halves
-        needs = needs[:1] + needs[5:9] + needs[5:]
-    mode, seed, permuted, impl_code, dtype_code, whole, *counts = meta.tolist()
-    p = perm if permuted else None
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    impl = IMPL_NAMES[impl_code]
-    UV = None
-    if comp.numel():  # ffn_compensate: frozen U, V; only x gets a gradient through it
-        n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
-        UV = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
-    if impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
-        dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, seed, needs[0], MlpWeights(*needs[1:]),
-                                              pre, perm=p, comp=UV, exact_forward=mode == EXACT, whole=bool(whole))
-    else:
-        dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, counts, dtype_code, p)
-        if UV is not None and dx is not None:
-            dx = dx + compensation_input_grad(dy2.to(comp.dtype), ~block_mask, *UV).to(dx.dtype)
-    grads = join_fused(MlpWeights(*grads), s)
-    return ([x.new_empty(0) if dx is None else dx.reshape(x.shape).contiguous()]
-            + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
-
-
-def _permuted_backward(impl: str, dy2, x2, weights: MlpWeights, s: MlpSpec, block_mask, needs, pre, counts,
-                       dtype_code: int, perm: Optional[Tensor]):
-    """The Triton or reference backward on the permuted weights, gradients un-permuted."""
-    wp = permute_hidden(weights, s, perm)
-    if impl == "triton":
-        from spt_compile.triton_ops.routed_mlp_triton import routed_mlp_backward_triton
-
-        dx, grads = routed_mlp_backward_triton(dy2, x2, wp, s, block_mask, needs[0], MlpWeights(*needs[1:]), pre,
-                                               counts, DTYPES.get(dtype_code))
-    else:
-        dx, grads = _reference_backward(dy2, x2, wp, s, block_mask, needs)
-    return dx, unpermute_grads(grads, s, perm)
-
-
-@mlp_site_backward.register_fake
-def _(dy, x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb,
-      block_mask, perm, pre, meta, comp, spec, needs):
-    tensors = [x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b, out_a, out_bb]
-    return [t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0) for t, need in zip(tensors, needs)]
-
-
-def _setup_context(ctx, inputs, output):
-    tensors = inputs[:13]  # x and the 12 weight slots; then loss_rows, real_rows, template, spec, training
-    ctx.spec = inputs[16]
-    y, block_mask, perm, pre, meta, comp = output
-    ctx.present = [t is not None for t in tensors]
-    ctx.save_for_backward(*tensors, block_mask, perm, pre, meta, comp)
-    # Only y carries a gradient. Without both lines autograd hands backward a zero-filled d(pre), a
-    # memset the size of every routed pre-activation, per layer and step.
-    ctx.mark_non_differentiable(block_mask, perm, pre, meta, comp)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dy, dmask, dperm, dpre, dmeta, dcomp):
-    *tensors, block_mask, perm, pre, meta, comp = ctx.saved_tensors
-    needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:13], ctx.present)]
-    if dy is None:  # y took no part in the loss (grads are not materialized: see _setup_context)
-        return (None,) * 18
-    grads = mlp_site_backward(dy.contiguous(), *tensors, block_mask, perm, pre, meta, comp, ctx.spec, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 5
-
-
-mlp_site.register_autograd(_backward, setup_context=_setup_context)

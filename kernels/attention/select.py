@@ -229,10 +229,10 @@ def select_blocks(
     real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True, sink: Optional[Tensor] = None,
 ) -> Tensor:
     """select_key_blocks through the implementation `impl` names: the Triton kernels
-    (block_select_triton.py: two launches instead of about a hundred small operations, which is
+    (select_triton.py: two launches instead of about a hundred small operations, which is
     what the GPU path needs) when impl is 'triton' and the key blocks fit one program, else PyTorch."""
     if impl == "triton":
-        from .block_select_triton import select_key_blocks_triton, supported
+        from .select_triton import select_key_blocks_triton, supported
 
         if supported(k.shape[2], block_n):
             B, H, N, _ = q.shape

@@ -1,0 +1,11 @@
+"""The sparse ops' kernels, one folder per op: Triton kernels, the PyTorch paths that serve where
+Triton does not (the CPU, LoRA dropout), and a plain reference per op with the same signature that
+every path is tested against. Installed as spt_compile.kernels.
+
+    attention/             block selection, block-sparse attention (SDDMM -> softmax -> SpMM), PQ token selection
+    routed_mlp/            the routed two-layer MLP: spec, forward, backward, exact forward, compensation
+    linear_cross_entropy/  the LM head and its loss in chunks
+
+Kernels hold no state: what is fitted (routers, codebooks, clusters) lives in spt_compile/fitting/,
+and what persists in the sites (spt_compile/sites/).
+"""

@@ -1,0 +1,8 @@
+"""Sparse attention kernels.
+
+    select.py, select_triton.py              which key blocks each query block reads (block selection)
+    block_sparse.py, block_sparse_triton.py  exact attention over the selected key blocks (torch path and
+                                             implementation choice; Triton kernels)
+    pq.py, token_sparse.py                   PQ-guided selection of single keys, and attention over them
+    reference.py                             the plain references every path is tested against
+"""

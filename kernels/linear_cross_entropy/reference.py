@@ -1,0 +1,21 @@
+"""Plain reference of the chunked linear + cross-entropy: the dense form, with the same signature."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def linear_cross_entropy_reference(
+    h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, chunk: int = 1024, return_logits: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The dense form as Hugging Face writes it: the whole [T, V] logits, upcast, one cross_entropy.
+    `chunk` is accepted for the same signature and ignored."""
+    logits = torch.nn.functional.linear(h, W, b)  # [*, V]
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().view(-1, W.shape[0]), labels.reshape(-1), ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing)
+    return loss, (logits if return_logits else None)

@@ -1,0 +1,126 @@
+"""The exact forward with a sparse backward: every unit for every token, and per (token, block)
+pair a score that decides which pairs the backward keeps."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blocks import (
+    _BlockOrderWeights, _activation_vjp, _block_pre, _input_projections, _lora_columns,
+    _lora_input_scales, _lora_inputs, _merges_out_lora, _out_keep, _routed_blocks, _take,
+    _with_lora_inputs,
+)
+from .spec import MlpSpec, MlpWeights, _slot_slice, block_bounds, out_features
+
+
+# How exact_mlp_forward scores a (token, block) pair for the backward (BACKWARD_IMPORTANCE):
+#   "jacobian"      sum over the block's units of a bound on the unit's Jacobian norm,
+#                   ||w_out_j|| (|u_j act'(g_j)| ||w_gate_j|| + |act(g_j)| ||w_up_j||) (plain: ||w_out_j||
+#                   |act'(z_j)| ||w_in_j||): what the unit passes back to x and to its LoRA factors;
+#   "output"        sum over the block's units of |h_j| ||w_out_j|| (a bound on the block's output norm);
+#   "block_output"  the block's output norm itself (one GEMM per block for the out projection).
+IMPORTANCES = ("jacobian", "output", "block_output")
+
+
+def _unit_norms(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> dict[str, Tensor]:
+    """Per hidden unit (block order), the norm of its weight row in each input projection and of its
+    column in the out projection (base weights): {proj: [F]} fp32."""
+    out = {}
+    for proj in _input_projections(spec) + ("out",):
+        W = getattr(w, f"{proj}_w")
+        unit_dim = _slot_slice(f"{proj}_w", spec)
+        out[proj] = _take(W.float().norm(dim=1 - unit_dim), 0, perm)
+    return out
+
+
+@torch.no_grad()  # gradients: routed_mlp_backward_saved(..., exact_forward=True)
+def exact_mlp_forward(
+    x: Tensor,
+    w: MlpWeights,
+    spec: MlpSpec,
+    choose: Callable[[Tensor], Tensor],
+    seed: int = 0,
+    saved: Optional[list] = None,
+    perm: Optional[Tensor] = None,
+    importance: Optional[str] = "jacobian",
+) -> tuple[Tensor, Tensor, Optional[Tensor], bool]:
+    """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
+    sparse: one GEMM per projection over the whole hidden layer. Returns (y [T, d_out], block_mask
+    [T, nb], scores [T, nb], whole: every pair kept, see below): `scores` rates each (token, block) pair for the backward (`importance`,
+    see IMPORTANCES; None: not computed, choose(None) decides alone), and block_mask = choose(scores)
+    the pairs the backward keeps (every pair: the dense MLP, whose backward is routed_mlp_backward_saved
+    over every block).
+
+    `saved` receives routed_mlp_forward's flat layout for that mask: the routed pairs'
+    pre-activations, t, and t_out, the latter from *every* unit (the exact forward's, so B_out's
+    gradient is exact). The whole layer's pre-activations exist only while this runs (two [T, F]
+    for a gated MLP); only the routed pairs' are kept, so the saved bytes are the routed forward's.
+    When every pair is kept, `saved` holds them whole instead ([T, F] per projection, the buffer the
+    GEMMs wrote: no gather; routed_mlp_backward_saved(..., whole=True))."""
+    T, d_in = x.shape
+    d_out, nb = out_features(w, spec), spec.n_blocks
+    projections = _input_projections(spec)
+    cols = _lora_columns(d_in, w, spec)
+    r_out = 0 if w.out_a is None else w.out_a.shape[0]
+    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed))  # [T, K - d_in] or None
+    X = _with_lora_inputs(x, t, cols)  # [T, K]
+    merged = _merges_out_lora(w, spec)
+    bw = _BlockOrderWeights(w, spec, cols, perm, merged)
+    bounds = block_bounds(spec.hidden, nb)
+    # The pre-activations go straight into what a dense call saves, [pre per projection (T x F each) | t |
+    # t_out]; when the backward keeps fewer pairs, the kept ones are gathered out of it instead.
+    n_t = T * (cols.K - d_in)
+    flat = x.new_empty(len(projections) * T * spec.hidden + n_t + T * r_out)
+    pre = tuple(_block_pre(X, proj, bw, 0, spec.hidden, flat[i * T * spec.hidden : (i + 1) * T * spec.hidden]
+                           .view(T, spec.hidden)) for i, proj in enumerate(projections))  # each [T, F]
+    a, act_vjp = _activation_vjp(spec.activation, pre[0])
+    h = a * pre[1] if spec.gated else a  # [T, F]
+    Y = F.linear(h, bw.out)  # [T, d_out (+ r)]: y without the out LoRA | h A_out^T (merged)
+    if r_out and not merged:  # the out LoRA's dropout, drawn per block as routed_mlp_forward draws it
+        keep = torch.cat([_out_keep(T, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+        Y = torch.cat([Y, F.linear(h * keep, bw.out_a)], 1)
+    scores = None if importance is None else torch.empty(T, nb, dtype=torch.float32, device=x.device)
+    if importance is None:
+        pass  # choose() decides without scores
+    elif importance == "block_output":
+        for b, (lo, hi) in enumerate(bounds):
+            own = F.linear(h[:, lo:hi], bw.out_block(lo, hi)[:d_out])
+            if r_out:
+                lora = F.linear(h[:, lo:hi], (bw.out_block(lo, hi)[d_out:] if merged else bw.out_a_block(lo, hi)))
+                own = torch.addmm(own, lora, w.out_bb.t(), alpha=spec.out_scale)
+            scores[:, b] = own.float().norm(dim=-1)
+    else:
+        norms = _unit_norms(w, spec, perm)
+        if importance == "output":
+            unit = h.abs().float() * norms["out"]
+        elif spec.gated:
+            unit = (act_vjp(pre[1]).abs().float() * norms["gate"] + a.abs().float() * norms["in"]) * norms["out"]
+        else:
+            unit = act_vjp(torch.ones_like(pre[0])).abs().float() * (norms["in"] * norms["out"])
+        for b, (lo, hi) in enumerate(bounds):
+            scores[:, b] = unit[:, lo:hi].sum(1)
+    block_mask = choose(scores)
+    whole = bool(block_mask.all())
+    if saved is not None:
+        n_pre = len(projections) * T * spec.hidden
+        if t is not None:
+            flat[n_pre : n_pre + n_t] = t.reshape(-1)
+        if r_out:
+            flat[n_pre + n_t :] = Y[:, d_out:].reshape(-1)
+        if whole:  # every pair kept: save it whole (routed_mlp_backward_saved(whole=True))
+            saved.append(flat)
+        else:
+            parts = []
+            for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+                parts += [(p[:, lo:hi] if every else p[:, lo:hi].index_select(0, tok)).reshape(-1) for p in pre]
+            saved.append(torch.cat(parts + [flat[n_pre:]]))
+    y = Y[:, :d_out]
+    if r_out:
+        y = torch.addmm(y, Y[:, d_out:], w.out_bb.t(), alpha=spec.out_scale)
+    if w.out_b is not None:
+        y = y + w.out_b
+    return y, block_mask, scores, whole

@@ -1,0 +1,118 @@
+"""spt::attention_site, the op the attention pass emits, and its backward.
+
+`spt::attention_site(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training)` replaces
+one matched attention. It finds its layer's site (sites/attention.py) from `anchor` (the q
+projection's weight) and `template` (registry.py), which decides how the call runs.
+
+Outputs: out [B, H, N, Dv], lse [B, H, N], selection (the block or token indices, flattened: an
+unbacked size), meta (AttentionMeta: how the call ran). Backward uses what forward saved and never
+reads the options again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from spt_compile.kernels.attention.block_sparse import block_sparse_backward
+from spt_compile.kernels.attention.token_sparse import sparse_attention_backward
+from spt_compile.registry import REGISTRY
+
+from .attention import _float_mask, as_causal, dense_attention
+from .meta import AttentionMeta
+
+
+@torch.library.custom_op("spt::attention_site", mutates_args=())
+def attention_site(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], anchor: Optional[Tensor], template: int,
+    is_causal: bool, scale: float, dropout_p: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
+    site = REGISTRY.site(template, anchor)
+    mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])
+    common = _common_dtype(q, k, v)
+    if common is None:
+        return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p,
+                            training)
+    q_, k_, v_, mask_ = _cast(common, q, k, v, mask)
+    out, lse, selection, meta = site.forward(q_, k_, v_, mask_, REGISTRY.templates[template].options, is_causal,
+                                             scale, dropout_p, training)
+    return out.to(q.dtype), lse.float(), selection, meta
+
+
+def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> Optional[torch.dtype]:
+    """None when q, k, v share a dtype. Under torch.autocast they may not (HF's RoPE leaves q and k in
+    fp32 while v comes from a bf16 linear): dense SDPA would run in the autocast dtype, which is the
+    narrowest of the three, so the site does the same (forward and backward alike)."""
+    if q.dtype == k.dtype == v.dtype:
+        return None
+    return min((q.dtype, k.dtype, v.dtype), key=lambda d: torch.finfo(d).bits)
+
+
+def _cast(dtype, *tensors):
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+@attention_site.register_fake
+def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
+    B, H, N, _ = q.shape
+    n = torch.library.get_ctx().new_dynamic_size()  # size of the selection: decided at run time
+    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
+            q.new_empty(n, dtype=torch.int32), AttentionMeta.fake())
+
+
+@torch.library.custom_op("spt::attention_site_backward", mutates_args=())
+def attention_site_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
+    indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    common = _common_dtype(q, k, v)
+    if common is not None:  # as the forward ran: in the narrowest dtype, grads back in each input's
+        grads = attention_site_backward(*_cast(common, dout, q, k, v, mask, out), lse, indices, meta, is_causal,
+                                        scale, dropout_p)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+    mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])  # as forward read it
+    run = AttentionMeta.read(meta)
+    bias = mask if mask is not None and mask.dtype != torch.bool else None
+    B = q.shape[0]
+    if run.mode == AttentionMeta.TOKEN:
+        grads = sparse_attention_backward(dout, q, k, v, indices.view(B, *run.shape), out, lse, scale, bias,
+                                          dropout_p, run.seed)
+        return tuple(g.contiguous() for g in grads)
+    if run.mode == AttentionMeta.DENSE_LSE:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal,
+            attn_mask=_float_mask(mask, q.dtype), scale=scale)
+        return tuple(g.contiguous() for g in grads)
+    if run.mode == AttentionMeta.BLOCK:
+        grads = block_sparse_backward(dout, q, k, v, indices.view(B, *run.shape), out, lse, scale, is_causal, mask,
+                                      run.block_m, run.block_n, dropout_p, run.seed, run.impl)
+        return tuple(g.contiguous() for g in grads)
+    # Dense calls saved no attention weights: recompute them (same dropout seed). torch.func.vjp,
+    # not autograd.grad: inside a custom op's kernel autograd records nothing.
+    _, vjp = torch.func.vjp(lambda q_, k_, v_: dense_attention(q_, k_, v_, mask, is_causal, scale, dropout_p, run.seed),
+                            q, k, v)
+    return tuple(g.contiguous() for g in vjp(dout))
+
+
+@attention_site_backward.register_fake
+def _(dout, q, k, v, mask, out, lse, indices, meta, is_causal, scale, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training = inputs
+    out, lse, indices, meta = output
+    ctx.save_for_backward(q, k, v, mask, out, lse, indices, meta)
+    ctx.args = (is_causal, scale, dropout_p)
+
+
+def _backward(ctx, dout, dlse, dindices, dmeta):
+    q, k, v, mask, out, lse, indices, meta = ctx.saved_tensors
+    dq, dk, dv = attention_site_backward(dout.contiguous(), q, k, v, mask, out, lse, indices, meta, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_site.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,82 @@
+"""Which implementation of the routed MLP a call runs, and running it.
+
+Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (kernels/routed_mlp/triton.py), the
+torch path (kernels/routed_mlp/forward.py, backward.py) or the per-token reference. Calls the kernels
+cannot serve run the torch path: LoRA dropout > 0, and dense calibration calls (they measure each
+block's output norm on the way).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from spt_compile.kernels.routed_mlp import (
+    MlpSpec, MlpWeights, compensation, permute_hidden, resolve_ffn_impl, routed_mlp_forward,
+)
+from spt_compile.kernels.routed_mlp.reference import routed_mlp_reference
+
+from .meta import MlpRun
+
+
+class LazyPermuted:
+    """permute_hidden(weights, spec, perm), copied on the first get() (the torch path needs no copy)."""
+
+    def __init__(self, weights: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]):
+        self.weights, self.spec, self.perm, self.value = weights, spec, perm, None
+
+    def get(self) -> MlpWeights:
+        if self.value is None:
+            self.value = permute_hidden(self.weights, self.spec, self.perm)
+        return self.value
+
+
+def takes_torch_path(option: str, x2: Tensor, spec: MlpSpec) -> bool:
+    """Whether a call runs the torch path (ffn_impl, or LoRA dropout, which only it has)."""
+    return resolve_ffn_impl(option, x2.device) == "torch" or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout)
+
+
+def run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
+             saved: list, perm: Optional[Tensor] = None,
+              comp: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, MlpRun]:
+    """y by the chosen implementation, with hidden units reordered by perm (the clustering) if given,
+    plus compensation(x2, ~block_mask, *comp) if given; appends what backward needs to `saved` (the
+    pre-activations in a layout the Triton path shares; the torch path appends its LoRA inputs).
+    Returns (y, how it ran)."""
+    impl = resolve_ffn_impl(option, x2.device)
+    if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
+        impl = "torch"  # neither the kernels nor the reference have LoRA dropout
+    if impl == "torch":  # adds the compensation where its blocks accumulate; puts units in block order itself
+        y = routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm, comp=comp)
+        return y, MlpRun()
+    y, run = _run_kernel_impl(impl, x2, permute_hidden(w, spec, perm), spec, block_mask, saved)
+    return (y if comp is None else y + compensation(x2, ~block_mask, *comp).to(y.dtype)), run
+
+
+def _run_kernel_impl(impl: str, x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor,
+                     saved: list) -> tuple[Tensor, MlpRun]:
+    """The Triton kernels or the reference, on weights already in block order."""
+    if impl == "triton":
+        from spt_compile.kernels.routed_mlp.triton import compute_dtype, routed_mlp_forward_triton
+
+        # The traced dtype (autocast, recorded by the pass), else autocast if active here, else x's.
+        cd = getattr(torch, spec.compute) if spec.compute else compute_dtype(x2)
+        y, pre, counts = routed_mlp_forward_triton(x2, w, spec, block_mask, cd)
+        saved.append(pre)
+        return y, MlpRun("triton", None if cd == x2.dtype else cd, tuple(counts))
+    return routed_mlp_reference(x2, w, spec, block_mask), MlpRun("reference")
+
+
+def reference_backward(dy: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, needs: list[bool]):
+    """Gradients of routed_mlp_reference by torch.func.vjp (recomputes everything: for checks only)."""
+    slots = [n for n, t, need in zip(MlpWeights._fields, w, needs[1:]) if t is not None and need]
+
+    def f(xv, *ts):
+        return routed_mlp_reference(xv, w._replace(**dict(zip(slots, ts))), spec, block_mask)
+
+    _, vjp = torch.func.vjp(f, x, *[getattr(w, n) for n in slots])
+    dx, *gs = vjp(dy)
+    got = dict(zip(slots, gs))
+    return (dx if needs[0] else None), MlpWeights(**{n: got.get(n) for n in MlpWeights._fields})
