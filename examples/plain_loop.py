@@ -8,14 +8,13 @@ The loop is what you would write for dense training; spt adds one line (torch.co
 backend="spt") and one entry in the checkpoint (spt_compile.state_dict). The checkpoint is written to
 a temporary file, synced and renamed, so a run killed at any moment leaves the previous checkpoint
 whole, and --resume reproduces the uninterrupted run's losses step for step (same seed, CPU).
-Data and model loading are shared with examples/finetune.py (the full job: evaluation, schedules).
+Data and model loading come from spt_compile.recipes, as in examples/finetune.py (the full job:
+evaluation, schedules).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -42,40 +41,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def spt_options(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        try:
-            out[name] = json.loads(value)
-        except json.JSONDecodeError:
-            out[name] = value  # a string option, e.g. compiler=eager
-    return out
-
-
-def save_atomically(state: dict, path: Path) -> None:
-    """Old checkpoint or new one, never half of one: write aside, sync to disk, rename over."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import peft
-    from finetune import UserError, collate, encode, find_gsm8k, load_model
 
     import spt_compile
+    from spt_compile.recipes import UserError
+    from spt_compile.recipes.checkpoints import save_atomically  # write aside, sync, rename over
+    from spt_compile.recipes.cli import spt_option_pairs
+    from spt_compile.recipes.data import collate, encode, find_gsm8k
+    from spt_compile.recipes.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         rows = find_gsm8k(args.data)[0]["train"]
-        model, tokenizer = load_model(args)
+        model, tokenizer = load_model(args.model, layers=args.layers, seq_len=args.seq_len)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -85,7 +66,7 @@ def main(argv=None) -> int:
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
 
-    compiled = torch.compile(model, backend="spt", options=spt_options(args.spt))  # <- the spt line
+    compiled = torch.compile(model, backend="spt", options=spt_option_pairs(args.spt))  # <- the spt line
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     step, position, losses = 0, 0, []

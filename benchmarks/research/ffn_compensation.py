@@ -70,9 +70,9 @@ def fit_layer(X, w, n_blocks: int, active: int, methods: list[str], ridge: float
     layer. Returns (spec, permuted weights, router, {method: [per block: None or (W, b)]})."""
     import torch
 
-    from spt_compile.mlp_site import choose_blocks, fit_router, router_scores
-    from spt_compile.triton_ops.clustering import cluster_neurons
-    from spt_compile.triton_ops.routed_mlp import MlpSpec, block_outputs, permute_hidden, unit_importance
+    from spt_compile.fitting.router import choose_blocks, fit_router, router_scores
+    from spt_compile.fitting.clustering import cluster_neurons
+    from spt_compile.kernels.routed_mlp import MlpSpec, block_outputs, permute_hidden, unit_importance
 
     spec = MlpSpec("silu", True, w.in_w.shape[0], n_blocks)
     perm = cluster_neurons(unit_importance(X, w, spec), n_blocks, generator=torch.Generator().manual_seed(0))
@@ -99,8 +99,8 @@ def fit_layer(X, w, n_blocks: int, active: int, methods: list[str], ridge: float
 
 def routed_plus(x, spec, wp, router, fit, active: int):
     """Routed output (no out bias: SmolLM2 has none) plus the predictions of the skipped blocks."""
-    from spt_compile.mlp_site import choose_blocks, router_scores
-    from spt_compile.triton_ops.routed_mlp import routed_mlp_forward
+    from spt_compile.fitting.router import choose_blocks, router_scores
+    from spt_compile.kernels.routed_mlp import routed_mlp_forward
 
     mask = choose_blocks(router_scores(x, router), active)
     y = routed_mlp_forward(x, wp, spec, mask)
@@ -125,8 +125,10 @@ def _median_ms(fn, repeats: int = 5, warmup: int = 1) -> float:
 def cost(args) -> int:
     import torch
 
-    from spt_compile.mlp_site import ROUTER_BUFFER, choose_blocks, fit_compensation
-    from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, routed_mlp
+    from spt_compile.fitting.compensation import fit_compensation
+    from spt_compile.fitting.router import choose_blocks
+    from spt_compile.sites.mlp import ROUTER_BUFFER
+    from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, routed_mlp
 
     gen = torch.Generator().manual_seed(0)
     d, F, T = 576, 1536, args.tokens  # SmolLM2-135M
@@ -192,16 +194,17 @@ def main(argv=None) -> int:
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-    import finetune as ft
-    from spt_compile.triton_ops.routed_mlp import MlpWeights
+    from spt_compile.recipes.data import collate, encode, find_gsm8k
+    from spt_compile.recipes.evaluate import answer_loss
+    from spt_compile.recipes.models import load_model
+    from spt_compile.kernels.routed_mlp import MlpWeights
 
     methods = args.methods or (["none", "mean", "mean_all"] + [f"rank{r}" for r in args.ranks]
                                + [f"rank{r}_all" for r in args.ranks] + ["full"])
     settings = [tuple(int(v) for v in s.split("/")) for s in args.settings]
-    splits, source = ft.find_gsm8k(args.data)
+    splits, source = find_gsm8k(args.data)
     print(source, file=sys.stderr)
-    model, tokenizer = ft.load_model(ft.parse_args(["--seq-len", str(args.seq_len)]))
+    model, tokenizer = load_model(seq_len=args.seq_len)
     model.eval()
     layers = list(model.model.layers)
     which = range(len(layers)) if args.loss else LAYERS
@@ -223,10 +226,10 @@ def main(argv=None) -> int:
     results = []
     t0 = time.time()
     if args.loss:
-        held = [e for e in (ft.encode(tokenizer, r, args.seq_len) for r in splits["test"][: args.examples]) if e]
-        batches = [ft.collate(held[i : i + 4], args.seq_len, tokenizer.pad_token_id) for i in range(0, len(held), 4)]
+        held = [e for e in (encode(tokenizer, r, args.seq_len) for r in splits["test"][: args.examples]) if e]
+        batches = [collate(held[i : i + 4], args.seq_len, tokenizer.pad_token_id) for i in range(0, len(held), 4)]
         with torch.no_grad():
-            dense = ft.answer_loss(model, batches)
+            dense = answer_loss(model, batches)
         results.append({"config": "dense", "loss": dense})
         print(f"dense loss {dense:.4f}", flush=True)
         for n_blocks, active in settings:
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
                     for i in which]
                 try:
                     with torch.no_grad():
-                        loss = ft.answer_loss(model, batches)
+                        loss = answer_loss(model, batches)
                 finally:
                     for h in hooks:
                         h.remove()
@@ -257,7 +260,7 @@ def main(argv=None) -> int:
                 train, test = X[: n // 2][: args.fit_tokens], X[n // 2 :]
                 with torch.no_grad():
                     spec, wp, router, fits = fit_layer(train, weights(i), n_blocks, active, methods, args.ridge)
-                    from spt_compile.triton_ops.routed_mlp import block_outputs
+                    from spt_compile.kernels.routed_mlp import block_outputs
 
                     dense = block_outputs(test, wp, spec).float().sum(1)
                     for m in methods:

@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
 # Sparse attention only; attention_dense_below=0 because at this length the default runs attention
 # exact (docs/attention.md).
 ATTN = {"sparse_ffn": False, "attention_dense_below": 0}
@@ -47,24 +45,25 @@ def main(argv=None) -> int:
 
     import torch
 
-    import finetune as ft
     import spt_compile
+    from spt_compile.recipes.data import collate, encode, find_gsm8k
+    from spt_compile.recipes.evaluate import answer_loss, calibrate, calibration_batches
+    from spt_compile.recipes.models import load_model
 
-    run_args = ft.parse_args(["--seq-len", str(args.seq_len), "--batch-size", "4"])
-    splits, source = ft.find_gsm8k(args.data)
+    splits, source = find_gsm8k(args.data)
     print(source, file=sys.stderr)
-    model, tokenizer = ft.load_model(run_args)
+    model, tokenizer = load_model(seq_len=args.seq_len)
     model.eval()
     pad = tokenizer.pad_token_id
-    held = [e for e in (ft.encode(tokenizer, r, args.seq_len) for r in splits["test"][: args.examples]) if e]
-    batches = [ft.collate(held[i : i + 4], args.seq_len, pad) for i in range(0, len(held), 4)]
-    train = [e for e in (ft.encode(tokenizer, r, args.seq_len) for r in splits["train"][:64]) if e]
+    held = [e for e in (encode(tokenizer, r, args.seq_len) for r in splits["test"][: args.examples]) if e]
+    batches = [collate(held[i : i + 4], args.seq_len, pad) for i in range(0, len(held), 4)]
+    train = [e for e in (encode(tokenizer, r, args.seq_len) for r in splits["train"][:64]) if e]
     compiled = torch.compile(model, backend="spt")
-    ft.calibrate(compiled, train, run_args, pad)
+    calibrate(compiled, calibration_batches(train, 4, args.seq_len, pad))
     results = []
     for name, options in CONFIGS:
         with (spt_compile.disable() if options is None else spt_compile.enable(**options)):
-            loss = ft.answer_loss(compiled, batches)
+            loss = answer_loss(compiled, batches)
         results.append({"config": name, "options": options, "held_out_answer_loss": loss})
         print(f"{name:26} {loss:.4f}", flush=True)
     if args.json:

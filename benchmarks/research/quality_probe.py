@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                    help="an spt configuration to probe (repeatable)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense LoRA run (compare across files)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                   help="set a module constant for every spt run, e.g. spt_compile.mlp_site.BACKWARD_IMPORTANCE=output "
+                   help="set a module constant for every spt run, e.g. spt_compile.sites.mlp.BACKWARD_IMPORTANCE=output "
                         "(research switches that are not options)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--threads", type=int, default=None)

@@ -33,15 +33,15 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-    import finetune as ft
-    from spt_compile.mlp_site import choose_blocks, fit_router, router_scores
-    from spt_compile.triton_ops.clustering import cluster_neurons
-    from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, permute_hidden, unit_importance
+    from spt_compile.recipes.data import find_gsm8k
+    from spt_compile.recipes.models import load_model
+    from spt_compile.fitting.router import choose_blocks, fit_router, router_scores
+    from spt_compile.fitting.clustering import cluster_neurons
+    from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_outputs, permute_hidden, unit_importance
 
-    splits, source = ft.find_gsm8k(args.data)
+    splits, source = find_gsm8k(args.data)
     print(source, file=sys.stderr)
-    model, tokenizer = ft.load_model(ft.parse_args([]))
+    model, tokenizer = load_model(seq_len=256)
     inputs: dict[int, list] = {}
     hooks = [layer.mlp.register_forward_pre_hook(
         lambda mod, a, i=i: inputs.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1])))

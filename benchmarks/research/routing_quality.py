@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "examples"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -60,7 +59,7 @@ def wikitext_windows(tokenizer, path: Path, seq_len: int, count: int, skip: int 
 
 def mlp_parts(layer):
     """The dense SwiGLU weights of one LLaMA layer as the routed op sees them."""
-    from spt_compile.triton_ops.routed_mlp import MlpWeights
+    from spt_compile.kernels.routed_mlp import MlpWeights
 
     m = layer.mlp
     return MlpWeights(in_w=m.up_proj.weight, gate_w=m.gate_proj.weight, out_w=m.down_proj.weight)
@@ -74,7 +73,7 @@ def captured(inputs, layers, sites, n_blocks: int, active: int, balance: float =
     import torch
 
     from spt_compile.options import make_options
-    from spt_compile.triton_ops.routed_mlp import MlpSpec, block_outputs, compensation, permute_hidden
+    from spt_compile.kernels.routed_mlp import MlpSpec, block_outputs, compensation, permute_hidden
 
     options = make_options({"ffn_blocks": n_blocks, "ffn_active": active, "ffn_balance": balance,
                             "ffn_compensate": compensate})
@@ -125,8 +124,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    import finetune as ft
     import spt_compile
+    from spt_compile.recipes.data import collate, encode, find_gsm8k
+    from spt_compile.recipes.evaluate import answer_loss, calibrate, calibration_batches
+    from spt_compile.recipes.models import load_model
     from spt_compile.registry import model_sites
 
     data = args.data or (Path(os.environ["SPT_DATA_DIR"]) if os.environ.get("SPT_DATA_DIR") else None)
@@ -135,8 +136,7 @@ def main(argv=None) -> int:
     # torch's initial seed is drawn per process: without this, each run calibrates on other token
     # samples, and the held-out loss at 2 of 4 blocks moved between 5.36 and 5.67 over seven runs.
     torch.manual_seed(args.seed)
-    run_args = ft.parse_args(["--seq-len", str(args.seq_len), "--batch-size", "4"])
-    model, tokenizer = ft.load_model(run_args)
+    model, tokenizer = load_model(seq_len=args.seq_len)
     model.eval()
     layers = list(model.model.layers)
     pad = tokenizer.pad_token_id
@@ -144,13 +144,13 @@ def main(argv=None) -> int:
     t_start = time.time()
     for dataset in args.datasets:
         if dataset == "gsm8k":
-            splits, _ = ft.find_gsm8k(data)
-            held = [e for e in (ft.encode(tokenizer, r, args.seq_len) for r in splits["test"][: args.examples]) if e]
-            train = [e for e in (ft.encode(tokenizer, r, args.seq_len) for r in splits["train"][:64]) if e]
+            splits, _ = find_gsm8k(data)
+            held = [e for e in (encode(tokenizer, r, args.seq_len) for r in splits["test"][: args.examples]) if e]
+            train = [e for e in (encode(tokenizer, r, args.seq_len) for r in splits["train"][:64]) if e]
         else:
             held = wikitext_windows(tokenizer, data / "wikitext2" / "test.txt", args.seq_len, args.examples)
             train = wikitext_windows(tokenizer, data / "wikitext2" / "valid.txt", args.seq_len, 64)
-        batches = [ft.collate(held[i : i + 4], args.seq_len, pad) for i in range(0, len(held), 4)]
+        batches = [collate(held[i : i + 4], args.seq_len, pad) for i in range(0, len(held), 4)]
 
         # Held-out MLP inputs (dense model), a fixed sample of real tokens per layer.
         inputs: dict[int, list] = {}
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             for i, layer in enumerate(layers)]
         real = torch.cat([b["attention_mask"].reshape(-1).bool() for b in batches])
         with torch.no_grad():
-            dense_loss = ft.answer_loss(model, batches)
+            dense_loss = answer_loss(model, batches)
         for h in hooks:
             h.remove()
         pick = real.nonzero().squeeze(1)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                 torch._dynamo.reset()
                 options = {"ffn_blocks": n_blocks, "ffn_cluster": cluster, "sparse_attention": False}
                 compiled = torch.compile(model, backend="spt", options=options)
-                ft.calibrate(compiled, train, run_args, pad)
+                calibrate(compiled, calibration_batches(train, 4, args.seq_len, pad))
                 by_layer = {name.split(".mlp.")[0]: s for name, s in model_sites(model)
                             if s.kind == "mlp" and s.n_blocks == n_blocks and s.options.ffn_cluster == cluster}
                 sites = [by_layer[f"model.layers.{i}"] for i in range(len(layers))]
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                                 s._set_router(r)
                         try:
                             with spt_compile.enable(ffn_active=active, ffn_balance=balance, ffn_compensate=rank):
-                                loss = ft.answer_loss(compiled, batches)
+                                loss = answer_loss(compiled, batches)
                             q = captured(inputs, layers, sites, n_blocks, active, balance, rank)
                         finally:
                             for s, r in zip(sites, saved):

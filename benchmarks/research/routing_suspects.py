@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-for p in (REPO, REPO / "examples", REPO / "benchmarks"):
+for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -37,24 +37,26 @@ POSITION_BUCKETS = ((0, 8), (8, 16), (16, 32), (32, 64))
 def padding_check(data: Path, seeds: list[int], examples: int) -> list[dict]:
     import torch
 
-    import finetune as ft
     import spt_compile
     from spt_compile.options import make_options
     from spt_compile.registry import REGISTRY, model_sites
 
-    run_args = ft.parse_args(["--seq-len", "256", "--batch-size", "4"])
-    model, tokenizer = ft.load_model(run_args)
+    from spt_compile.recipes.data import collate, encode, find_gsm8k
+    from spt_compile.recipes.evaluate import answer_loss
+    from spt_compile.recipes.models import load_model
+
+    model, tokenizer = load_model(seq_len=256)
     model.eval()
     pad = tokenizer.pad_token_id
-    splits, _ = ft.find_gsm8k(data)
-    held = [e for e in (ft.encode(tokenizer, r, 256) for r in splits["test"][:examples]) if e]
-    train = [e for e in (ft.encode(tokenizer, r, 256) for r in splits["train"][:64]) if e]
-    held_batches = [ft.collate(held[i : i + 4], 256, pad) for i in range(0, len(held), 4)]
+    splits, _ = find_gsm8k(data)
+    held = [e for e in (encode(tokenizer, r, 256) for r in splits["test"][:examples]) if e]
+    train = [e for e in (encode(tokenizer, r, 256) for r in splits["train"][:64]) if e]
+    held_batches = [collate(held[i : i + 4], 256, pad) for i in range(0, len(held), 4)]
     steps = make_options({}).calibration_steps
-    calibration = [ft.collate(train[i * 4 : (i + 1) * 4], 256, pad) for i in range(steps)]
+    calibration = [collate(train[i * 4 : (i + 1) * 4], 256, pad) for i in range(steps)]
     real_share = float(torch.cat([b["attention_mask"].reshape(-1) for b in calibration]).float().mean())
     with torch.no_grad():
-        rows = [{"check": "padding", "config": "dense", "loss": ft.answer_loss(model, held_batches),
+        rows = [{"check": "padding", "config": "dense", "loss": answer_loss(model, held_batches),
                  "real_share_of_calibration_positions": real_share}]
     print(f"padding: dense {rows[0]['loss']:.4f}; real tokens {real_share:.0%} of the calibration positions", flush=True)
 
@@ -67,7 +69,7 @@ def padding_check(data: Path, seeds: list[int], examples: int) -> list[dict]:
                 torch._dynamo.reset()
                 REGISTRY.real_rows = (lambda lead: None) if samples == "every position" else real_rows
                 # a fresh model: the sites are keyed by its weights, and calibrated ones keep their state
-                model, _ = ft.load_model(run_args)
+                model, _ = load_model(seq_len=256)
                 model.eval()
                 compiled = torch.compile(model, backend="spt", options={"sparse_attention": False})
                 with torch.no_grad():
@@ -77,7 +79,7 @@ def padding_check(data: Path, seeds: list[int], examples: int) -> list[dict]:
                     site.apply_staged()
                 for rank in (0, make_options({}).ffn_compensate):
                     with spt_compile.enable(ffn_compensate=rank):
-                        loss = ft.answer_loss(compiled, held_batches)
+                        loss = answer_loss(compiled, held_batches)
                     rows.append({"check": "padding", "seed": seed, "samples": samples, "ffn_compensate": rank,
                                  "loss": loss})
                     print(f"padding: seed {seed} samples from {samples:16} ffn_compensate {rank:2d}: loss {loss:.4f}",
@@ -91,15 +93,16 @@ def positions_check(args) -> list[dict]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    import finetune as ft
     import quality as q
     from spt_compile.options import make_options
     from spt_compile.registry import model_sites
-    from spt_compile.triton_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, permute_hidden
+    from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, permute_hidden
+    from spt_compile.recipes.data import Batches
+    from spt_compile.recipes.models import minilm_dir
 
     qargs = q.parse_args(["--tasks", "sst2", "--seed", str(args.seeds[0])] + (["--data", str(args.data)] if args.data else []))
     task = q.BUILDERS["sst2"](qargs, q.read_data("sst2", q.data_root(qargs.data)))
-    draws = ft.Batches(task.train_examples, task.draw, qargs.seed + 2)  # quality.py's calibration draws
+    draws = Batches(task.train_examples, task.draw, qargs.seed + 2)  # quality.py's calibration draws
     n_cal = make_options({}).calibration_steps
     as_quality = [task.collate(draws.next()) for _ in range(n_cal)]
     by_width = {}
@@ -109,7 +112,7 @@ def positions_check(args) -> list[dict]:
     dev = task.held_out  # the dev batches quality.py evaluates
 
     def load():
-        return AutoModelForSequenceClassification.from_pretrained(q.minilm_folder(), num_labels=2,
+        return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2,
                                                                   dtype=torch.float32).eval()
 
     # the MLP inputs of the dense model on the dev sentences, and each row's position / realness

@@ -1,17 +1,13 @@
-"""The step benchmark's helpers: the FLOP model, the op attribution and the allocation peak."""
+"""The step benchmark's measurement conventions (spt_compile.recipes): the FLOP model, the op
+attribution and the allocation peak."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from bench_memory import allocation_peak  # noqa: E402
-from flops import Dims, flop_limit, step_flops  # noqa: E402
-from step_breakdown import Sizes, classify  # noqa: E402
+from spt_compile.recipes.flops import Dims, flop_limit, step_flops
+from spt_compile.recipes.memory import allocation_peak
+from spt_compile.recipes.step_breakdown import Sizes, classify
 
 SMOLLM2 = Dims(d=576, H=9, Hkv=3, D=64, F=1536, V=49152, layers=30)
 

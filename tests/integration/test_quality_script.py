@@ -1,10 +1,13 @@
-"""benchmarks/quality.py: its argument and data checks, the target logic of its table, and a tiny
-real run (MiniLM on SST-2, one step)."""
+"""benchmarks/quality.py, run as a user runs it (a subprocess each time): its argument and data
+checks, the settings it resolves (--dry-run), the target logic of its table (records read back with
+--load), and a tiny real run (MiniLM on SST-2, one step). The data readers it uses are tested in
+test_recipes.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +17,40 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "quality.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import quality  # noqa: E402
+
+def run_script(*args, data=None, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    env.pop("SPT_DATA_DIR", None)
+    if data is not None:
+        env["SPT_DATA_DIR"] = str(data)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def dry_run(*args) -> dict:
+    out = run_script("--dry-run", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
 
 
 def test_per_task_arguments_and_options():
-    args = quality.parse_args(["--steps", "7", "--lr", "sst2=1e-3", "--option", "density=0.25",
-                               "--option", "ffn_cluster=false", "--option", "attention_selection=token",
-                               "--option", "top_l=none", "--option", "ffn_active=3"])
-    assert args.steps == {"gsm8k": 7, "sst2": 7, "wikitext2": 7, "wikitext2_long": 7}
-    assert args.lr == {**quality.DEFAULTS["lr"], "sst2": 1e-3}
-    assert args.spt_options == {"density": 0.25, "ffn_cluster": False, "attention_selection": "token",
-                                "top_l": None, "ffn_active": 3}
-    args = quality.parse_args(["--tasks", "sst2,gsm8k", "--steps", "gsm8k=5,sst2=3", "--eval", "wikitext2=4"])
-    assert args.tasks == ["sst2", "gsm8k"]
-    assert args.steps == {"gsm8k": 5, "sst2": 3, "wikitext2": quality.DEFAULTS["steps"]["wikitext2"],
-                          "wikitext2_long": quality.DEFAULTS["steps"]["wikitext2_long"]}
-    assert args.eval["wikitext2"] == 4 and args.eval["gsm8k"] == quality.DEFAULTS["eval"]["gsm8k"]
+    defaults = dry_run()
+    assert defaults["tasks"] == ["gsm8k", "sst2", "wikitext2", "wikitext2_long"] and defaults["spt_options_given"] == {}
+    args = dry_run("--steps", "7", "--lr", "sst2=1e-3", "--option", "density=0.25",
+                   "--option", "ffn_cluster=false", "--option", "attention_selection=token",
+                   "--option", "top_l=none", "--option", "ffn_active=3")
+    assert args["steps"] == {"gsm8k": 7, "sst2": 7, "wikitext2": 7, "wikitext2_long": 7}
+    assert args["lr"] == {**defaults["lr"], "sst2": 1e-3}
+    assert args["spt_options_given"] == {"density": 0.25, "ffn_cluster": False, "attention_selection": "token",
+                                         "top_l": None, "ffn_active": 3}
+    in_effect = args["spt_options_in_effect"]
+    assert in_effect["density"] == 0.25 and in_effect["ffn_active"] == 3 and in_effect["ffn_cluster"] is False
+    args = dry_run("--tasks", "sst2,gsm8k", "--steps", "gsm8k=5,sst2=3", "--eval", "wikitext2=4")
+    assert args["tasks"] == ["sst2", "gsm8k"]
+    assert args["steps"] == {"gsm8k": 5, "sst2": 3, "wikitext2": defaults["steps"]["wikitext2"],
+                             "wikitext2_long": defaults["steps"]["wikitext2_long"]}
+    assert args["eval"]["wikitext2"] == 4 and args["eval"]["gsm8k"] == defaults["eval"]["gsm8k"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -42,10 +61,9 @@ def test_per_task_arguments_and_options():
     (["--option", "density"], "expected NAME=VALUE"),
     (["--eval", "gsm8k=0"], "--eval must be at least 1 for gsm8k and wikitext2"),
 ])
-def test_bad_arguments_are_named(capsys, argv, message):
-    with pytest.raises(SystemExit):
-        quality.parse_args(argv)
-    assert message in capsys.readouterr().err
+def test_bad_arguments_are_named(argv, message):
+    out = run_script(*argv, "--dry-run")
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
 
 
 def write(path: Path, data: bytes | str) -> Path:
@@ -54,71 +72,28 @@ def write(path: Path, data: bytes | str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("content,message", [
-    ("sentence\tlabel\nfine film \t1\n", None),
-    ("text\tlabel\nfine film \t1\n", "sst2.tsv:1: expected the header 'sentence<TAB>label'"),
-    ("sentence\tlabel\nfine film \t1\nno label here\n", "sst2.tsv:3: expected 2 tab-separated fields"),
-    ("sentence\tlabel\nfine film \t1\nbad film \t2\n", "sst2.tsv:3: the label must be 0 or 1, got '2'"),
-    ("sentence\tlabel\n \t1\n", "sst2.tsv:2: empty sentence"),
-    (b"sentence\tlabel\nfine \xff film\t1\n", "sst2.tsv:2: not UTF-8"),
-    ("sentence\tlabel\n\n", "holds no rows"),
-])
-def test_sst2_rows_are_checked(tmp_path, content, message):
-    path = write(tmp_path / "sst2.tsv", content)
-    if message is None:
-        assert quality.read_sst2(path) == [("fine film", 1)]
-        return
-    with pytest.raises(quality.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        quality.read_sst2(path)
+def test_bad_data_is_named_before_any_model_loads(tmp_path):
+    def error(*argv, data=None) -> str:
+        out = run_script(*argv, data=data)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "==" not in out.stdout  # no task started: nothing was loaded
+        return out.stderr
 
-
-def test_text_files_and_folders_are_checked(tmp_path):
-    with pytest.raises(quality.UserError, match="missing data file .*input.txt"):
-        quality.read_text(tmp_path / "input.txt")
-    with pytest.raises(quality.UserError, match="holds no text"):
-        quality.read_text(write(tmp_path / "empty.txt", "\n \n"))
-    with pytest.raises(quality.UserError, match=r"bad.txt:3: not UTF-8"):
-        quality.read_text(write(tmp_path / "bad.txt", b"one\ntwo\n\xc3(\n"))
-    assert quality.read_text(write(tmp_path / "ok.txt", "one\r\ntwo\n")) == "one\ntwo"
-
-
-def run_script(*args, data=None, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("SPT_DATA_DIR", None)
-    if data is not None:
-        env["SPT_DATA_DIR"] = str(data)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-def test_bad_data_is_named_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    def error(*argv) -> str:
-        assert quality.main(list(argv)) == 2
-        return capsys.readouterr().err
-
-    monkeypatch.delenv("SPT_DATA_DIR", raising=False)
     assert "pass --data FOLDER or set SPT_DATA_DIR" in error("--tasks", "wikitext2")
     write(tmp_path / "sst2" / "train.tsv", "sentence\tlabel\ngood \t1\n")
-    monkeypatch.setenv("SPT_DATA_DIR", str(tmp_path))
-    assert f"missing data file {tmp_path / 'sst2' / 'dev.tsv'}" in error("--tasks", "sst2")
+    assert f"missing data file {tmp_path / 'sst2' / 'dev.tsv'}" in error("--tasks", "sst2", data=tmp_path)
     write(tmp_path / "gsm8k" / "train.jsonl", '{"question": "q", "answer": "a #### 1"}\n')
     write(tmp_path / "gsm8k" / "test.jsonl", '{"question": "q", "answer": "a #### 1"}\n{"question": 3}\n')
     assert "test.jsonl:2: a GSM8K row needs string fields" in error("--tasks", "gsm8k", "--data", str(tmp_path))
-    assert "did you mean 'density'" in error("--tasks", "sst2", "--option", "densty=0.5")
+    assert "did you mean 'density'" in error("--tasks", "sst2", "--option", "densty=0.5", data=tmp_path)
 
 
-def test_cuda_asked_without_a_gpu_is_an_error(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert quality.main(["--device", "cuda", "--tasks", "sst2"]) == 2
-    assert "--device cuda: torch" in (err := capsys.readouterr().err) and "sees no CUDA device" in err
-    assert quality.main(["--device", "tpu", "--tasks", "sst2"]) == 2
-    assert "--device must be cpu or cuda" in capsys.readouterr().err
-
-
-def test_batches_are_filled_to_one_shape_and_windows_cut():
-    assert quality.filled([1, 2, 3, 4, 5], 2, 0) == [([1, 2], 2), ([3, 4], 2), ([5, 0], 1)]
-    assert quality.windows(list(range(10)), 4) == [([0, 1, 2, 3],) * 2, ([4, 5, 6, 7],) * 2]
-    assert len(quality.windows(list(range(100)), 4, count=3)) == 3
+def test_cuda_asked_without_a_gpu_is_an_error():
+    out = run_script("--device", "cuda", "--tasks", "sst2", env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 2 and "--device cuda: torch" in out.stderr and "sees no CUDA device" in out.stderr, \
+        out.stderr[-2000:]
+    out = run_script("--device", "tpu", "--tasks", "sst2")
+    assert out.returncode == 2 and "--device must be cpu or cuda" in out.stderr, out.stderr[-2000:]
 
 
 def parts(dense_loss, spt_sparse_loss, spt_dense_loss, dense_acc=None, spt_acc=None):
@@ -129,32 +104,62 @@ def parts(dense_loss, spt_sparse_loss, spt_dense_loss, dense_acc=None, spt_acc=N
                     "tuned_dense": {"answer_loss": spt_dense_loss, "exact_match": 0.1875}}}
 
 
-def test_targets_loss_within_two_percent_accuracy_within_one_point():
-    loss, em = quality.task_rows("gsm8k", parts(1.0, 1.03, 1.01))
-    assert loss["diff_spt_sparse"] == pytest.approx(0.03) and loss["met_spt_sparse"] is False
-    assert loss["diff_spt_dense"] == pytest.approx(0.01) and loss["met_spt_dense"] is True
-    assert quality.task_rows("gsm8k", parts(1.0, 0.9, 1.02))[0]["met_spt_sparse"] is True  # better is fine
-    assert quality.task_rows("gsm8k", parts(1.0, 0.9, 1.0201))[0]["met_spt_dense"] is False
-    # exact match: generated dense only, so no sparse column; no target of its own
-    assert em["spt_sparse"] is None and em["diff_spt_sparse"] is None and em["met_spt_dense"] is None
-    assert em["diff_spt_dense"] == pytest.approx(-6.25)  # points
+def load_tables(tmp_path, records: dict) -> dict:
+    """Each record (name -> its tasks) written to a file and read back with --load: per name, the
+    lines of the table printed for it and its rows as {column heading: cell}."""
+    paths = {}
+    for name, tasks in records.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps({"seed": 0, "command": name, "tasks": tasks}))
+    out = run_script("--load", *map(str, paths.values()))
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout.splitlines()
+    tables = {}
+    for name, path in paths.items():
+        start = next(i for i, line in enumerate(printed) if line.startswith(f"{path} (seed 0, {name})"))
+        end = printed.index("", start)
+        lines = printed[start + 1 : end]
+        head = re.split(r"\s{2,}", lines[0].strip())
+        rows = []
+        for line in lines[2:]:
+            cells = re.split(r"\s{2,}", line.strip())
+            assert len(cells) == len(head), line
+            rows.append(dict(zip(head, cells)))
+        tables[name] = (lines, rows)
+    return tables
 
+
+def test_targets_loss_within_two_percent_accuracy_within_one_point(tmp_path):
     acc = {"dense": {"untuned": {"accuracy": 0.5}, "tuned": {"accuracy": 0.85}},
            "spt": {"tuned_sparse": {"accuracy": 0.845}, "tuned_dense": {"accuracy": 0.8399}}}
-    (row,) = quality.task_rows("sst2", acc)
-    assert row["diff_spt_sparse"] == pytest.approx(-0.5) and row["met_spt_sparse"] is True
-    assert row["diff_spt_dense"] == pytest.approx(-1.01) and row["met_spt_dense"] is False
-    assert row["untuned_sparse"] is None  # the spt part had no untuned evaluation
-
-    # kept: the share of dense LoRA's improvement over the untuned model (1.5 here) that spt keeps
-    assert loss["kept_spt_dense"] == pytest.approx(0.98) and row["kept_spt_dense"] == pytest.approx(0.3399 / 0.35)
     barely = parts(1.0, 1.0, 1.01)
     barely["dense"]["untuned"]["answer_loss"] = 1.02  # within +2%, but half of a small improvement
-    (short, _) = quality.task_rows("gsm8k", barely)
-    assert short["kept_spt_dense"] == pytest.approx(0.5) and short["met_spt_dense"] is False
+    tables = load_tables(tmp_path, {
+        "main": {"gsm8k": parts(1.0, 1.03, 1.01), "sst2": acc},
+        "better": {"gsm8k": parts(1.0, 0.9, 1.02)},
+        "just_out": {"gsm8k": parts(1.0, 0.9, 1.0201)},
+        "barely": {"gsm8k": barely},
+    })
+    lines, (loss, em, row) = tables["main"]
+    assert loss["sparse vs dense"] == "+3.00%" and loss["dense-eval vs dense"] == "+1.00%"
+    assert loss["met (sparse / dense-eval)"] == "no / yes" and loss["target"] == "<= +2%, kept >= 0.9"
+    assert tables["better"][1][0]["met (sparse / dense-eval)"].startswith("yes / ")  # better is fine
+    just_out = tables["just_out"][1][0]
+    assert just_out["dense-eval vs dense"] == "+2.01%" and just_out["met (sparse / dense-eval)"].endswith(" / no")
+    # exact match: generated dense only, so no sparse column; no target of its own
+    assert em["spt sparse"] == "-" and em["sparse vs dense"] == "-" and em["met (sparse / dense-eval)"] == "-"
+    assert em["dense-eval vs dense"] == "-6.25 pt" and em["target"] == "-"
 
-    text = quality.table(quality.task_rows("gsm8k", parts(1.0, 1.03, 1.01)) + [row])
-    lines = text.splitlines()
+    assert row["sparse vs dense"] == "-0.50 pt" and row["dense-eval vs dense"] == "-1.01 pt"
+    assert row["met (sparse / dense-eval)"] == "yes / no"
+    assert row["untuned spt"] == "-"  # the spt part had no untuned evaluation
+
+    # kept: the share of dense LoRA's improvement over the untuned model (1.5 here) that spt keeps
+    assert loss["kept (dense-eval)"] == "0.980" and row["kept (dense-eval)"] == f"{0.3399 / 0.35:.3f}"
+    short = tables["barely"][1][0]
+    assert short["dense-eval vs dense"] == "+1.00%"  # within the band ...
+    assert short["kept (dense-eval)"] == "0.500" and short["met (sparse / dense-eval)"].endswith(" / no")  # ... not kept
+
     assert "met (sparse / dense-eval)" in lines[0] and set(lines[1]) == {"-"}
     assert "held-out answer loss" in lines[2] and "+3.00%" in lines[2] and "+1.00%" in lines[2]
     assert lines[2].rstrip().endswith("no / yes") and "<= +2%" in lines[2]
@@ -162,10 +167,12 @@ def test_targets_loss_within_two_percent_accuracy_within_one_point():
     assert "84.5%" in lines[4] and "-0.50 pt" in lines[4] and lines[4].rstrip().endswith("yes / no")
 
 
-def test_an_interrupted_task_still_tabulates():
-    rows = quality.task_rows("wikitext2", {"dense": {"untuned": {"wikitext2_ppl": 20.0, "shakespeare_ppl": 30.0}}})
-    assert [r["dense"] for r in rows] == [None, None] and all(r["met_spt_sparse"] is None for r in rows)
-    assert "20.00" in quality.table(rows)
+def test_an_interrupted_task_still_tabulates(tmp_path):
+    tasks = {"wikitext2": {"dense": {"untuned": {"wikitext2_ppl": 20.0, "shakespeare_ppl": 30.0}}}}
+    lines, rows = load_tables(tmp_path, {"interrupted": tasks})["interrupted"]
+    assert len(rows) == 2 and [r["dense"] for r in rows] == ["-", "-"]
+    assert [r["met (sparse / dense-eval)"] for r in rows] == ["- / -", "-"]
+    assert rows[0]["untuned"] == "20.00" and rows[1]["untuned"] == "30.00"
 
 
 @pytest.mark.slow
@@ -203,38 +210,17 @@ def test_one_step_on_sst2_end_to_end(tmp_path, data_dir):
     assert {"load", "evaluate", "train"} <= dense["seconds"].keys() and "calibrate" in spt["seconds"]
 
 
-@pytest.mark.slow
-def test_batched_generation_gives_the_texts_of_one_by_one(smollm2_2layer, smollm2_tokenizer, data_dir):
-    """finetune.exact_match as the script calls it (batch_size > 1, left padding) against one problem
-    at a time: the same generated texts, and the tokenizer's padding side restored."""
-    import finetune as ft
-
-    rows = ft.read_jsonl(data_dir / "gsm8k" / "test.jsonl")[:3]
-    texts = {1: [], 3: []}
-    decode = smollm2_tokenizer.decode
-    side = smollm2_tokenizer.padding_side
-    try:
-        for batch_size, out in texts.items():
-            smollm2_tokenizer.decode = lambda *a, out=out, **k: out.append(decode(*a, **k)) or out[-1]
-            ft.exact_match(smollm2_2layer, smollm2_tokenizer, rows, batch_size=batch_size, max_new_tokens=24)
-    finally:
-        smollm2_tokenizer.decode = decode
-    assert len(texts[1]) == len(texts[3]) == 3 and all(texts[1])
-    assert texts[1] == texts[3]
-    assert smollm2_tokenizer.padding_side == side
-
-
-def test_load_prints_the_tables_again_and_the_spread_over_seeds(tmp_path, capsys):
+def test_load_prints_the_tables_again_and_the_spread_over_seeds(tmp_path):
     paths = []
     for seed, spt_dense in ((0, 1.01), (1, 1.05)):
         path = tmp_path / f"seed{seed}.json"
         path.write_text(json.dumps({"seed": seed, "command": "x", "tasks": {"gsm8k": parts(1.0, 1.5, spt_dense)}}))
         paths.append(str(path))
-    assert quality.main(["--load", *paths]) == 0
-    out = capsys.readouterr().out
-    assert "seed 0: dense 1.0000, spt dense-eval 1.0100 (+1.00%, kept 0.980)" in out
-    assert "seed 1: dense 1.0000, spt dense-eval 1.0500 (+5.00%, kept 0.900)" in out
-    assert "diff_spt_dense: +1.00% .. +5.00% over 2 seeds" in out
+    out = run_script("--load", *paths)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "seed 0: dense 1.0000, spt dense-eval 1.0100 (+1.00%, kept 0.980)" in out.stdout
+    assert "seed 1: dense 1.0000, spt dense-eval 1.0500 (+5.00%, kept 0.900)" in out.stdout
+    assert "diff_spt_dense: +1.00% .. +5.00% over 2 seeds" in out.stdout
     (tmp_path / "bad.json").write_text("{}")
-    assert quality.main(["--load", str(tmp_path / "bad.json")]) == 2
-    assert "not a quality.py record" in capsys.readouterr().err
+    out = run_script("--load", str(tmp_path / "bad.json"))
+    assert out.returncode == 2 and "not a quality.py record" in out.stderr, out.stderr[-2000:]

@@ -1,8 +1,8 @@
 """Matmul FLOPs of one LoRA fine-tuning step (forward + backward), per part, dense vs spt.
 
 The *FLOP-count limit* of an spt configuration is spt FLOPs / dense FLOPs: the step-time ratio it
-would reach if time followed matmul FLOPs. The bench prints it beside the measured ratio so the
-gap shows. Conventions (per token-row, x [T, a] -> [T, b] costs 2*T*a*b forward):
+would reach if time followed matmul FLOPs. benchmarks/bench_finetune.py prints it beside the
+measured ratio so the gap shows. Conventions (per token-row, x [T, a] -> [T, b] costs 2*T*a*b forward):
 
 * frozen base weight: forward + d(x) = 2x forward; trainable LoRA factor: forward + d(x) + d(W) = 3x;
 * attention (QK^T and PV, 4*H*D per query-key pair): forward + backward = 3x forward, causal pairs
@@ -81,10 +81,6 @@ def spt_settings(options: dict, N: int, loss_frac: float = 1.0) -> dict:
     """step_flops keyword arguments for an spt configuration (its options over the defaults).
     loss_frac: the share of rows that carry a loss; under exact_forward with ffn_loss_rows="dense"
     they keep every MLP block in the backward, so the MLP's backward share is at least that."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from spt_compile.options import make_options
 
     o = make_options(options)

@@ -1,4 +1,4 @@
-"""Memory measurements shared by the benchmarks (CPU and CUDA).
+"""Memory measurements of the benchmarks (CPU and CUDA).
 
 allocation_peak(prof): the highest bytes-alive level reached during a torch.profiler run with
 profile_memory=True, from its [memory] events (signed allocation sizes, replayed in time order) and
