@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import GraphModule
 
 from .compile_reports import record
+from .distributed import ddp
 from .context import compile_overrides
 from .options import Options, make_options
 
@@ -53,12 +54,22 @@ def downstream(gm: GraphModule, example_inputs, compiler: str, mode: Optional[st
 
 
 def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any]] = None,
-                mode: Optional[str] = None, **_: Any):
+                mode: Optional[str] = None, lower: Optional[Callable] = None, **_: Any):
     """Dynamo backend: gm is the torch-level graph of one traced region.
 
     torch.compile refuses `mode=` together with `options=`, so an Inductor mode can also be given
-    as options={"compiler": "inductor", "mode": "max-autotune"}."""
+    as options={"compiler": "inductor", "mode": "max-autotune"}.
+
+    `lower(gm, example_inputs, compile)` hands the rewritten graph to the downstream compiler
+    `compile(gm, example_inputs)`; by default at once. Under DDP, distributed/ddp.py passes one that
+    splits the rewritten graph at gradient-bucket boundaries first."""
     options = dict(options or {})
+    if lower is None and ddp.splitting_without_spt():
+        log.warning("spt: DDP split this graph into gradient buckets before spt saw it (DDPOptimizer is not "
+                    "wrapped in this torch version): a site cut by a bucket boundary stays dense. Set "
+                    "torch._dynamo.config.optimize_ddp = False to rewrite every site (all-reduce then waits "
+                    "for the whole backward)")
+    lower = lower or (lambda g, inputs, compile: compile(g, inputs))
     if "mode" in options:
         mode = options.pop("mode")
     opts = compile_options(options)
@@ -75,8 +86,11 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     log.info("spt: %s", report.summary())
     for site in report.dense():
         log.info("spt: left dense: %s %s: %s", site.kind, site.path or "<top>", site.reason)
+    def compile(g, inputs):
+        return downstream(g, inputs, opts.compiler, mode)
+
     if as_traced is None:
-        return downstream(gm, example_inputs, opts.compiler, mode)
+        return lower(gm, example_inputs, compile)
     if not report.rewritten():  # nothing needed the constants: compile the graph as traced, no guard
-        return downstream(as_traced, example_inputs, opts.compiler, mode)
-    return FloatGuard(downstream(gm, example_inputs, opts.compiler, mode), as_traced.forward, report.floats)
+        return lower(as_traced, example_inputs, compile)
+    return FloatGuard(lower(gm, example_inputs, compile), as_traced.forward, report.floats)

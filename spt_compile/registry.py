@@ -26,8 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .distributed import sync
 from .fitting.ffn_budget import allocate
 from .options import Options
+
 
 _TAG = re.compile(r"^(?P<name>.+)@(?P<kind>[a-z]+)(?P<ordinal>\d+)/(?P<field>[\w.]+)$")
 
@@ -59,10 +61,14 @@ class CallPlan:
     index: int  # the site's call counter at this call
     recompute: bool  # a forward re-run inside backward: change nothing
     dense_forced: bool  # inside spt_compile.disable(): run dense, change nothing
+    # A call without gradients under torch.distributed: it runs with the state as it is and changes
+    # nothing, not even the call counter, since other ranks may not make it (evaluation on rank 0 only):
+    # state changes and their collectives happen at the same training calls on every rank.
+    frozen: bool = False
 
     @property
     def updates_state(self) -> bool:
-        return not (self.recompute or self.dense_forced)
+        return not (self.recompute or self.dense_forced or self.frozen)
 
 
 class Site:
@@ -95,14 +101,15 @@ class Site:
         return self._anchor() if self._anchor is not None else None
 
     # --- one call ---------------------------------------------------------------------------
-    def begin(self, options: Options, dense_forced: bool) -> "CallPlan":
+    def begin(self, options: Options, dense_forced: bool, training: bool = True) -> "CallPlan":
         """How this call runs. A call made while autograd runs a backward pass is a recompute of the
         last forward (activation checkpointing): it replays that forward's plan exactly."""
         if torch._C._current_graph_task_id() != -1 and self._last is not None:
             return replace(self._last, recompute=True)
-        if not dense_forced:
+        frozen = not training and sync.active()
+        if not (dense_forced or frozen):
             self.apply_staged()
-        plan = CallPlan(options, self.calls, recompute=False, dense_forced=dense_forced)
+        plan = CallPlan(options, self.calls, recompute=False, dense_forced=dense_forced, frozen=frozen)
         self._last = plan
         return plan
 
@@ -146,8 +153,10 @@ class Site:
         return plan.index < plan.options.calibration_steps
 
     def note_quality(self, **values: float) -> None:
-        """Exponential moving averages of probe results (the first probe sets them). A probe that
-        saw non-finite activations is not counted: it would stay NaN in the average for good."""
+        """Exponential moving averages of probe results (the first probe sets them), averaged over
+        ranks under torch.distributed. A probe that saw non-finite activations is not counted: it
+        would stay NaN in the average for good."""
+        values = sync.mean_over_ranks(self, values)
         if not all(math.isfinite(v) for v in values.values()):
             return
         n = self.quality.get("probes", 0.0)
@@ -284,8 +293,23 @@ class Registry:
 REGISTRY = Registry()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside torch.compile's and DistributedDataParallel's wrappers (in any order),
+    so that sparse state is named the same with or without them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Parameter and buffer names as the user's model spells them (compiled wrappers removed)."""
+    """Parameter and buffer names as the user's model spells them (compiled and DDP wrappers removed)."""
+    model = unwrap(model)
     out = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         out.setdefault(name.replace("_orig_mod.", ""), t)

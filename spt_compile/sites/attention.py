@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 from spt_compile.context import resolve
+from spt_compile.distributed import sync
 from spt_compile.fitting import pq_codebooks
 from spt_compile.options import Options, SptOptionError
 from spt_compile.registry import SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
@@ -199,18 +200,25 @@ class AttentionSite(Site):
         under block selection nothing (no PQ is needed)."""
         if plan.options.attention_selection != "token":
             return
-        keys = self._sample_keys(k, real, seed)
+        keys = self._shared_keys(self._sample_keys(k, real, seed))
         if keys.shape[1]:
             buf = keys if self.key_buffer is None else torch.cat([self.key_buffer, keys], dim=1)
             self.key_buffer = buf[:, -KEY_BUFFER:]
         if plan.index == plan.options.calibration_steps - 1 and self.key_buffer is not None:  # last calibration call
             buffer = self.key_buffer
+            fitted = None if not sync.active() else sync.from_rank0(self, "codebooks", self._fit(buffer, seed, plan.options))[0]
 
             def fit() -> None:
-                self.codebooks = self._fit(buffer, seed, plan.options)
+                self.codebooks = fitted if fitted is not None else self._fit(buffer, seed, plan.options)
                 self.key_buffer = None
 
             self.stage(fit)
+
+    def _shared_keys(self, keys: Tensor) -> Tensor:
+        """keys [Hkv, n, D] sampled here; under torch.distributed every rank's, in rank order."""
+        if not sync.active():
+            return keys
+        return sync.gather_rows(self, "key samples", keys.transpose(0, 1).contiguous())[0].transpose(0, 1)
 
     def _probe(self, q, k, mask, is_causal, scale, chosen_fn, options, real, seed) -> None:
         """Recall of the true top-L keys and attention mass kept, on a few query positions."""
@@ -239,7 +247,8 @@ class AttentionSite(Site):
         n_allowed = torch.isfinite(s).sum(-1)  # [R, H]
         k_true = torch.minimum(L_rows.expand_as(n_allowed), n_allowed)
         top = s.topk(int(k_true.max()), dim=-1).indices if k_true.max() > 0 else None
-        if top is None:
+        if top is None:  # nothing to measure (still reported: under torch.distributed the average waits for it)
+            self.note_quality(recall=float("nan"), mass=float("nan"))
             return
         true_mask = torch.zeros_like(chosen).scatter_(
             -1, top, torch.arange(top.shape[-1], device=q.device).view(1, 1, -1) < k_true[..., None])
@@ -251,7 +260,7 @@ class AttentionSite(Site):
     # --- the call -----------------------------------------------------------------------------
     def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training):
         options, dense_forced = resolve(options)
-        plan = self.begin(options, dense_forced)
+        plan = self.begin(options, dense_forced, training)
         options = plan.options  # a recompute inside backward replays its forward's, whatever the context
         self.check_finite(plan, q=q, k=k, v=v)  # not the mask: -inf there is how it forbids keys
         seed = self.call_seed(plan.index)
@@ -299,16 +308,22 @@ class AttentionSite(Site):
                     f"pq_subspace_dim={options.pq_subspace_dim}; the attention at {self.name or '<top>'} has "
                     f"{self.head_dim}: use attention_selection='block', or compile with a pq_subspace_dim that "
                     f"divides {self.head_dim}", option="attention_selection")
+            if token and not self._codebooks_fit(options) and not plan.updates_state:
+                # no codebooks to select with, and a call that may not fit them: this call runs exact
+                out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
+                self.end(plan, training)
+                lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+                return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
             if token and not self._codebooks_fit(options):
                 # calibration ran under block selection, calibration_steps == 0, it saw no usable key, or
                 # the PQ options changed: fit on this call's keys
-                keys = self._sample_keys(k, real, seed)
+                keys = self._shared_keys(self._sample_keys(k, real, seed))
                 if keys.shape[1] == 0:  # no finite real key to fit on: this call runs exact
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                     self.end(plan, training)
                     lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
                     return out.contiguous(), lse, q.new_empty(0, dtype=torch.int32), meta
-                self.codebooks = self._fit(keys, seed, options)
+                self.codebooks = sync.from_rank0(self, "codebooks", self._fit(keys, seed, options))[0]
             bias = mask if mask is not None and mask.dtype != torch.bool else None
             # exact_forward (training calls): the exact output and its lse; the selection below decides
             # only which tiles backward computes (the exact Jacobian masked to them: see _exact_with_lse)
@@ -322,8 +337,12 @@ class AttentionSite(Site):
                                                                          is_causal, scale, dropout_p, seed, given)
             if plan.updates_state and training:
                 if options.attention_selection == "token":  # only the token proxy reads the codebooks
-                    keys = self._sample_keys(k, real, seed)
-                    if keys.shape[1]:
+                    keys = self._shared_keys(self._sample_keys(k, real, seed))
+                    if keys.shape[1] and sync.active():  # updated now, rank 0's kept
+                        moved = sync.from_rank0(self, "codebooks", pq_codebooks.ema_update(
+                            self.codebooks, keys.to(self.codebooks.device), EMA_DECAY))[0]
+                        self.stage(lambda: setattr(self, "codebooks", moved))
+                    elif keys.shape[1]:
                         self.stage(lambda: setattr(self, "codebooks", pq_codebooks.ema_update(self.codebooks, keys.to(
                             self.codebooks.device), EMA_DECAY)))
                 if self.train_calls % PROBE_EVERY == 0 or "recall" not in self.quality:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from spt_compile.context import resolve
+from spt_compile.distributed import sync
 from spt_compile.fitting.balance import fit_balance
 from spt_compile.fitting.clustering import cluster_neurons
 from spt_compile.fitting.compensation import fit_compensation
@@ -117,6 +118,23 @@ class MlpSite(Site):
         REGISTRY.budget_changed()
         return perm, by, router
 
+    def refit_router(self, bx: Tensor, by: Tensor) -> None:
+        """Stages a router fitted on the buffered tokens (applied at the next call). Under
+        torch.distributed it is fitted now and rank 0's is kept, so that every rank stages the same."""
+        if not sync.active():
+            self.stage(lambda: self._set_router(fit_router(bx, by)))
+            return
+        router, = sync.from_rank0(self, "router", fit_router(bx, by))
+        self.stage(lambda: self._set_router(router))
+
+    def _agreed_routing(self, fitted):
+        """_fit_routing's result, with rank 0's router, unit order and error curve on every rank."""
+        if fitted is None or not sync.active():
+            return fitted
+        perm, by, router = fitted
+        perm, router, self.err_curve = sync.from_rank0(self, "routing", perm, router, self.err_curve)
+        return perm, by, router
+
     def _set_routing(self, perm, by, router) -> None:
         self.perm, self.buffer_y = perm, by
         self._set_router(router)
@@ -126,10 +144,10 @@ class MlpSite(Site):
         self.balance, self.balance_for = None, None  # fitted to the old router's scores
         self.comp, self.comp_for = None, None  # to its choices (and to older weights)
 
-    def begin(self, options: Options, dense_forced: bool) -> CallPlan:
+    def begin(self, options: Options, dense_forced: bool, training: bool = True) -> CallPlan:
         """As Site.begin, with ffn_budget's allocation for this layer written into the plan's ffn_active:
         the call runs with it, and a forward re-run inside backward replays it."""
-        plan = super().begin(options, dense_forced)
+        plan = super().begin(options, dense_forced, training)
         if plan.recompute or options.ffn_budget is None or self.err_curve is None:
             return plan
         active = REGISTRY.ffn_allocation(options.ffn_budget).get(self)
@@ -236,6 +254,7 @@ class MlpSite(Site):
         ok = torch.isfinite(x).all(-1) & torch.isfinite(norms).all(-1)
         if not bool(ok.all()):
             x, norms = x[ok], norms[ok]
+        x, norms = sync.gather_rows(self, "router samples", x, norms)  # every rank's, in rank order
         self.buffer_x = torch.cat([self.buffer_x, x])[-ROUTER_BUFFER:]
         self.buffer_y = torch.cat([self.buffer_y, norms])[-ROUTER_BUFFER:]
 
@@ -270,7 +289,7 @@ class MlpSite(Site):
         """loss_rows, real_rows: [T] bool operands (the rows that carry a loss; the rows that are real
         tokens, empty when none is padding), or None."""
         options, dense_forced = resolve(options)
-        plan = self.begin(options, dense_forced)
+        plan = self.begin(options, dense_forced, training)
         options = plan.options  # with ffn_budget's allocation; a recompute's are its forward's
         self.check_finite(plan, x=x)
         seed = self.call_seed(plan.index)
@@ -291,10 +310,13 @@ class MlpSite(Site):
         comp = None  # ffn_compensate's (U, V, M) on x's device, when this call adds it
         saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
+            if routed and self.router is None and not plan.updates_state:  # no router, and no fitting here
+                routed = exact = False
+                mode = MlpMeta.DENSE
             if routed and self.router is None:  # calibration_steps == 0, or calibration kept no token
                 rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device, real)
                 self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
-                fitted = self._fit_routing(weights, spec, options, seed)
+                fitted = self._agreed_routing(self._fit_routing(weights, spec, options, seed))
                 if fitted is None:  # nothing finite to fit on: this call runs every block
                     routed = False
                 else:
@@ -332,7 +354,7 @@ class MlpSite(Site):
                     self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, real)
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:  # the router still serves calls without gradient (sparse inference)
-                        self.stage(lambda: self._set_router(fit_router(bx, by)))
+                        self.refit_router(bx, by)
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 block_mask = self.route(x2, options, tuple(x.shape[:-1]))
@@ -351,7 +373,7 @@ class MlpSite(Site):
                                 None if terms is None else tuple(t.to(x.device) for t in terms), real)
                     bx, by = self.buffer_x, self.buffer_y
                     if bx.shape[0]:
-                        self.stage(lambda: self._set_router(fit_router(bx, by)))
+                        self.refit_router(bx, by)
         self.end(plan, training)
         meta = MlpMeta(mode, seed, perm is not None, run, bool(whole), nb).tensor()
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
@@ -368,7 +390,7 @@ class MlpSite(Site):
         rows = self._sample_rows(x2.shape[0], TOKENS_PER_CALL, seed, x2.device, real)
         self._add_samples(x2[rows], norms[rows])
         if plan.index == plan.options.calibration_steps - 1:  # last calibration call
-            fitted = self._fit_routing(weights, spec, plan.options, seed)
+            fitted = self._agreed_routing(self._fit_routing(weights, spec, plan.options, seed))
             if fitted is not None:
                 self.stage(lambda: self._set_routing(*fitted))
 
