@@ -8,8 +8,10 @@ first (float_inputs.py); report.floats lists them, and the caller must guard on 
 
 attention.py, mlp.py and loss.py each hold their pattern family: parsers for the forms, a semantic
 check, and the rewrite to one spt:: op per site (loss.py: the LM head + cross-entropy, chunked). Higher-order-op bodies (activation checkpointing puts
-each layer into a tag_activation_checkpoint subgraph) are rewritten too. Installed as
-spt_compile.passes.
+each layer into a tag_activation_checkpoint subgraph) are rewritten too. Last, unmatched.py reports
+every attention- or MLP-like chain the passes neither rewrote nor reported (a form no parser
+recognises, or one inside a higher-order-op body they do not enter) as dense, with what it saw.
+Installed as spt_compile.passes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.fx import GraphModule
 
 from spt_compile.options import Options
 
-from . import attention, loss, loss_rows, mlp, real_rows
+from . import attention, loss, loss_rows, mlp, real_rows, unmatched
 from .float_inputs import copy_graph_module, float_inputs, specialize
 from .fx_utils import op
 from .report import GraphReport, SiteReport
@@ -36,19 +38,22 @@ def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool
     # Which rows carry a loss (an operand of the MLP sites): found before the loss pass rewrites it.
     found = loss_rows.find(gm)
     report.loss_rows = found if isinstance(found, str) else found.detail
-    _rewrite(gm, options, report, apply, ordinals={}, rows=loss_rows.RowsSource(gm.graph, found))
+    seen = unmatched.Seen()
+    _rewrite(gm, options, report, apply, ordinals={}, rows=loss_rows.RowsSource(gm.graph, found), seen=seen)
+    unmatched.run(gm, report, seen)  # what no pass rewrote or reported, as dense with what it saw
     return report
 
 
 def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
-             rows: loss_rows.RowsSource) -> None:
+             rows: loss_rows.RowsSource, seen: unmatched.Seen) -> None:
+    seen.graphs.add(gm)
     for node in list(gm.graph.nodes):
         if op(node) == "checkpoint" and node.args and getattr(node.args[0], "op", None) == "get_attr":
             body = getattr(gm, node.args[0].target)
             if isinstance(body, GraphModule):
-                _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body))
-    attention.run(gm, options, report, apply, ordinals)
-    mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph))
+                _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body), seen)
+    attention.run(gm, options, report, apply, ordinals, seen.nodes)
+    mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph), seen.nodes)
     loss.run(gm, options, report, apply, ordinals)
     if apply:
         gm.graph.lint()

@@ -539,10 +539,13 @@ def _upstream(node: Node, hops: int) -> set[Node]:
     return found
 
 
-def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict) -> None:
+def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
+        seen: Optional[set[Node]] = None) -> None:
+    """seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it)."""
     from spt_compile.registry import REGISTRY, SiteTemplate
 
     graph = gm.graph
+    seen = set() if seen is None else seen
     softmaxes = {n for n in graph.nodes if op(n) == "softmax" and len(shape(n) or ()) == 4}
     products = ("sdpa", "matmul", "bmm", "einsum", "mha")
     for node in list(graph.nodes):
@@ -553,6 +556,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             continue
         pattern = {"sdpa": "sdpa", "mha": "multihead_attention"}.get(name, "matmul-softmax")
         finish = None
+        call = node
         try:
             if name == "mha":  # written out as in-projection, SDPA, out-projection; undone unless rewritten
                 try:
@@ -568,12 +572,14 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             if finish is not None:
                 finish(False)
             softmaxes -= _upstream(node, 4)  # its softmax is reported here, not again below
+            seen.update({call, node}, _upstream(node, 4))
             report.sites.append(SiteReport("attention", "dense", pattern, module_path(node), reason=str(why)))
             continue
         m.pattern = pattern if finish is not None else m.pattern
         path = module_path(node)
         entry = SiteReport("attention", "rewritten", m.pattern, path, describe(m) + _short_note(m, options))
         report.sites.append(entry)
+        seen.update({call, m.output}, m.nodes)
         if not apply:
             if finish is not None:
                 finish(False)
@@ -603,6 +609,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         m.output.replace_all_uses_with(out)
         entry.replaced = replaced + [n.name for n in erase_unused(graph, m.nodes | m.glue)]
     for n in softmaxes:  # a softmax over scores whose way to V was not recognised
+        seen.add(n)
         report.sites.append(SiteReport(
             "attention", "dense", "softmax", module_path(n),
             reason="4-D softmax whose scores or path to V are not a recognised product (matmul, bmm or einsum "

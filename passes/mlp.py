@@ -428,17 +428,35 @@ def _spec(m: MlpMatch, options: Options) -> MlpSpec:
     )
 
 
+def _hidden_layer(h: Node, units: dict) -> set[Node]:
+    """The element-wise nodes and views between an MLP's projections, read back from the down
+    projection's input h (what a rejected candidate covers)."""
+    found, stack = set(), [h]
+    while stack and len(found) < MAX_CHAIN:
+        n = stack.pop()
+        if not isinstance(n, Node) or n in found or n in units:
+            continue
+        if not (op(n) in POINTWISE or op(n) == "dropout" or _view_keeping_last(n) or _chunk_half(n, units)):
+            continue
+        found.add(n)
+        stack.extend(n.all_input_nodes)
+    return found
+
+
 def _slots(p: Optional[Projection]) -> tuple:
     return (None, None, None, None) if p is None else (p.weight, p.bias, p.lora_a, p.lora_b)
 
 
 def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
-        rows: Optional["RowsSource"] = None, real: Optional["RealRowsSource"] = None) -> None:
+        rows: Optional["RowsSource"] = None, real: Optional["RealRowsSource"] = None,
+        seen: Optional[set[Node]] = None) -> None:
     """rows: where the sites get the loss-row mask from (passes/loss_rows.py); real: their real-token
-    rows (passes/real_rows.py, after the attention pass ran on this graph); None: no operand."""
+    rows (passes/real_rows.py, after the attention pass ran on this graph); None: no operand.
+    seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it)."""
     from spt_compile.registry import REGISTRY, SiteTemplate
 
     graph = gm.graph
+    seen = set() if seen is None else seen
     # Projection units, outermost first (a LoRA unit's add/cast comes after its base linear).
     units: dict[Node, Projection] = {}
     claimed: set[Node] = set()
@@ -461,6 +479,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             check(m, options)
         except Reject as why:
             report.sites.append(SiteReport("mlp", "dense", "mlp", common_path([down.output, down.x]), reason=str(why)))
+            seen.update(down.nodes, _hidden_layer(down.x, units))
             continue
         units_used = [p for p in (m.up, m.gate, m.down) if p is not None]
         path = common_path([p.output for p in units_used])
@@ -469,6 +488,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                            + ("" if real is None else f", {real.note(m.x)}"))
         report.sites.append(entry)
         done |= {p.output for p in units_used}
+        seen.update(m.nodes, *(p.nodes for p in units_used))
         if not apply:
             continue
         anchor = (m.gate or m.up).weight  # the op finds the layer's site by this tensor at run time

@@ -2,6 +2,10 @@
 
 Traces the model with Dynamo exactly as torch.compile would (one call with the given inputs), runs
 the passes in report-only mode, and runs the model dense. No sparse state is created or changed.
+
+A region Dynamo could not trace inside a higher-order op (a graph break inside an activation-
+checkpointed layer) runs eagerly: no graph of it reaches the backend, so none of its sites can be
+listed. explain() lists those graph breaks instead (`not_traced`), with Dynamo's reason.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class ExplainReport:
     graphs: int = 0
     sites: list[SiteReport] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # the options in effect that differ from the defaults
+    not_traced: list[str] = field(default_factory=list)  # regions Dynamo ran eagerly, with its reason
 
     def rewritten(self, kind=None) -> list[SiteReport]:
         return [s for s in self.sites if s.status == "rewritten" and kind in (None, s.kind)]
@@ -36,8 +41,10 @@ class ExplainReport:
                  f"  rewritten: {len(self.rewritten('attention'))} attention, {len(self.rewritten('mlp'))} MLP"
                  + (f", {len(self.rewritten('loss'))} chunked loss" if any(s.kind == "loss" for s in self.sites) else "")
                  + "; "
-                 f"left dense: {len(self.dense())}"]
+                 f"left dense: {len(self.dense())}"
+                 + (f"; regions not traced: {len(self.not_traced)}" if self.not_traced else "")]
         lines += ["  " + s.line() for s in self.sites]
+        lines += [f"  not traced: {reason}" for reason in self.not_traced]
         return "\n".join(lines)
 
 
@@ -55,6 +62,33 @@ def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
         report.sites += rewrite_graph(gm, example_inputs, options, apply=False).sites
         return gm.forward
 
+    from torch._dynamo.utils import counters
+
+    kinds = ("graph_break", "unimplemented")  # Dynamo counts a break it cannot resume from under the latter
+    before = {kind: dict(counters[kind]) for kind in kinds}
     target = getattr(model, "_orig_mod", model)
     torch.compile(target, backend=recording_backend)(*args, **kwargs)
+    for kind in kinds:
+        for message, n in counters[kind].items():
+            if n > before[kind].get(message, 0) and message.startswith("HOP"):
+                text = _not_traced(message)
+                if text not in report.not_traced:
+                    report.not_traced.append(text)
     return report
+
+
+def _not_traced(message: str) -> str:
+    """Dynamo's graph-break message inside a higher-order op, shortened to what the user needs."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    context = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Developer debug context:")), "")
+    text = lines[0] + (f" ({context})" if context else "")
+    text += (": Dynamo ran that higher-order-op region (e.g. an activation-checkpointed layer) eagerly, so no "
+             "attention or MLP in it is rewritten or listed")
+    if "skip_fwd_side_effects_in_bwd_under_checkpoint" in message:
+        # transformers >= 5.25 wraps attention's forward with the kernels package's use_kernelized_func,
+        # which sets a module-level variable on every call: such a side effect inside
+        # torch.utils.checkpoint makes Dynamo give up on the whole layer.
+        text += ("; if side effects of the checkpointed forward need not be replayed during the recomputation "
+                 "(transformers >= 5.25's kernel-function switch need not), set "
+                 "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before compiling")
+    return text
