@@ -127,9 +127,9 @@ def run_config(config: str, N: int, args, device, dtype) -> dict:
 
 def check_kernels(args, device, dtype) -> list[str]:
     """The sparse implementations against the dense reference on a small awkward shape."""
-    from spt_compile.kernels.attention.select import blocks_per_query, select_key_blocks
-    from spt_compile.kernels.attention.block_sparse import block_sparse_backward, block_sparse_forward
-    from spt_compile.kernels.attention.reference import block_sparse_attention_reference
+    from spt_compile.sparse_ops.attention.select import blocks_per_query, select_key_blocks
+    from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward, block_sparse_forward
+    from spt_compile.sparse_ops.attention.reference import block_sparse_attention_reference
 
     lines = []
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -157,7 +157,7 @@ def check_kernels(args, device, dtype) -> list[str]:
             lines.append(f"check {impl:7} N={N} causal={causal}: max |err| out/dq/dk/dv = "
                          + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
         if "triton" in impls:  # the Triton selection lists the same blocks as the PyTorch one
-            from spt_compile.kernels.attention.select import select_blocks
+            from spt_compile.sparse_ops.attention.select import select_blocks
 
             got = select_blocks(q.detach(), k.detach(), D**-0.5, lb, causal, None, real, 64, 64, "triton")
             # bf16 scores on tensor cores may swap near-tied blocks: compare the lists as sets per row.

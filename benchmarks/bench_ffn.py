@@ -154,7 +154,7 @@ def run_round_robin(configs: list[str], shape: str, T: int, args, device, dtype)
 
 
 def _weights(d, F, d_out, gated, layout, lora, r, dtype, device, gen, bias=True):
-    from spt_compile.kernels.routed_mlp import MlpWeights
+    from spt_compile.sparse_ops.routed_mlp import MlpWeights
 
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype)
@@ -199,7 +199,7 @@ def _line(label: str, errs: dict, tol: float, against: dict = None) -> str:
 
 
 def _triton_grads(x, w, spec, mask, dy, needs):
-    from spt_compile.kernels.routed_mlp.triton import routed_mlp_backward_triton, routed_mlp_forward_triton
+    from spt_compile.sparse_ops.routed_mlp.triton import routed_mlp_backward_triton, routed_mlp_forward_triton
 
     y, pre, counts = routed_mlp_forward_triton(x, w, spec, mask)
     dx, grads = routed_mlp_backward_triton(dy, x, w, spec, mask, True, needs, pre, counts)
@@ -207,7 +207,7 @@ def _triton_grads(x, w, spec, mask, dy, needs):
 
 
 def _torch_grads(x, w, spec, mask, dy, needs):
-    from spt_compile.kernels.routed_mlp import MlpWeights, routed_mlp_backward_saved, routed_mlp_forward
+    from spt_compile.sparse_ops.routed_mlp import MlpWeights, routed_mlp_backward_saved, routed_mlp_forward
 
     saved: list = []
     y = routed_mlp_forward(x, w, spec, mask, saved=saved)
@@ -220,8 +220,8 @@ def check_kernels(args, device, dtype) -> list[str]:
     fp32 and the benchmark's dtype; (2) at the benchmark's shape against the torch path in fp32, next to
     the torch path in the benchmark's dtype; (3) through torch.compile(backend="spt"), ffn_impl triton
     against torch on the same routing."""
-    from spt_compile.kernels.routed_mlp.reference import routed_mlp_reference
-    from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights
+    from spt_compile.sparse_ops.routed_mlp.reference import routed_mlp_reference
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights
 
     lines = []
     tf32 = torch.backends.cuda.matmul.allow_tf32

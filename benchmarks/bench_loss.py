@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from source (the GPU machine has no install)
     sys.path.insert(0, str(REPO))
 
-from spt_compile.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
-from spt_compile.kernels.linear_cross_entropy.reference import linear_cross_entropy_reference  # noqa: E402
+from spt_compile.sparse_ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from spt_compile.sparse_ops.linear_cross_entropy.reference import linear_cross_entropy_reference  # noqa: E402
 from spt_compile.recipes.memory import allocation_peak  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from spt_compile.options import Options
-from spt_compile.kernels.linear_cross_entropy import REDUCTIONS, can_precompute
+from spt_compile.sparse_ops.linear_cross_entropy import REDUCTIONS, can_precompute
 
 from .fx_utils import bind, common_path, erase_unused, op, requires_grad, same, shape, static_int, val
 from .mlp import parse_projection

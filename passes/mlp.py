@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from spt_compile.options import Options
-from spt_compile.kernels.routed_mlp import ACTIVATIONS, MlpSpec
+from spt_compile.sparse_ops.routed_mlp import ACTIVATIONS, MlpSpec
 
 from .fx_utils import (
     POINTWISE, bind, common_path, erase_unused, is_number, op, requires_grad, same, shape,

@@ -10,8 +10,8 @@
 
 import os as _os
 
-# In a source checkout passes/ and kernels/ sit beside this folder (the layout the project asked
-# for); an installed wheel puts them inside it. Let spt_compile.passes / .kernels resolve in both.
+# In a source checkout passes/ and sparse_ops/ sit beside this folder (the layout the project asked
+# for); an installed wheel puts them inside it. Let spt_compile.passes / .sparse_ops resolve in both.
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(
     _os.path.join(_root, "passes", "__init__.py")

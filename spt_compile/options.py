@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional
 
-from spt_compile.kernels.attention.block_sparse import IMPLS
-from spt_compile.kernels.routed_mlp import FFN_IMPLS
+from spt_compile.sparse_ops.attention.block_sparse import IMPLS
+from spt_compile.sparse_ops.routed_mlp import FFN_IMPLS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 SELECTIONS = ("block", "token")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spt_compile.kernels.attention.pq import real_key_mask
+from spt_compile.sparse_ops.attention.pq import real_key_mask
 
 
 @torch.library.custom_op("spt::real_rows", mutates_args=())

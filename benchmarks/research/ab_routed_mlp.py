@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """A/B of the routed MLP's torch path: triton_ops/routed_mlp.py at a git revision (A) against the
-working tree (B). Revisions before the split into kernels/routed_mlp/ (one module) only: it loads that file, both loaded into one process and timed in alternating rounds.
+working tree (B). Revisions before the split into sparse_ops/routed_mlp/ (one module) only: it loads that file, both loaded into one process and timed in alternating rounds.
 
 On this shared 2-core machine the same configuration's median moves by 5-10% between runs of
 bench_ffn.py; alternating A and B in one process lets both see the same slow spells, so per-round

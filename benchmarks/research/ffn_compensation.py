@@ -72,7 +72,7 @@ def fit_layer(X, w, n_blocks: int, active: int, methods: list[str], ridge: float
 
     from spt_compile.fitting.router import choose_blocks, fit_router, router_scores
     from spt_compile.fitting.clustering import cluster_neurons
-    from spt_compile.kernels.routed_mlp import MlpSpec, block_outputs, permute_hidden, unit_importance
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, block_outputs, permute_hidden, unit_importance
 
     spec = MlpSpec("silu", True, w.in_w.shape[0], n_blocks)
     perm = cluster_neurons(unit_importance(X, w, spec), n_blocks, generator=torch.Generator().manual_seed(0))
@@ -100,7 +100,7 @@ def fit_layer(X, w, n_blocks: int, active: int, methods: list[str], ridge: float
 def routed_plus(x, spec, wp, router, fit, active: int):
     """Routed output (no out bias: SmolLM2 has none) plus the predictions of the skipped blocks."""
     from spt_compile.fitting.router import choose_blocks, router_scores
-    from spt_compile.kernels.routed_mlp import routed_mlp_forward
+    from spt_compile.sparse_ops.routed_mlp import routed_mlp_forward
 
     mask = choose_blocks(router_scores(x, router), active)
     y = routed_mlp_forward(x, wp, spec, mask)
@@ -128,7 +128,7 @@ def cost(args) -> int:
     from spt_compile.fitting.compensation import fit_compensation
     from spt_compile.fitting.router import choose_blocks
     from spt_compile.sites.mlp import ROUTER_BUFFER
-    from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, routed_mlp
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, routed_mlp
 
     gen = torch.Generator().manual_seed(0)
     d, F, T = 576, 1536, args.tokens  # SmolLM2-135M
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     from spt_compile.recipes.data import collate, encode, find_gsm8k
     from spt_compile.recipes.evaluate import answer_loss
     from spt_compile.recipes.models import load_model
-    from spt_compile.kernels.routed_mlp import MlpWeights
+    from spt_compile.sparse_ops.routed_mlp import MlpWeights
 
     methods = args.methods or (["none", "mean", "mean_all"] + [f"rank{r}" for r in args.ranks]
                                + [f"rank{r}_all" for r in args.ranks] + ["full"])
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
                 train, test = X[: n // 2][: args.fit_tokens], X[n // 2 :]
                 with torch.no_grad():
                     spec, wp, router, fits = fit_layer(train, weights(i), n_blocks, active, methods, args.ridge)
-                    from spt_compile.kernels.routed_mlp import block_outputs
+                    from spt_compile.sparse_ops.routed_mlp import block_outputs
 
                     dense = block_outputs(test, wp, spec).float().sum(1)
                     for m in methods:

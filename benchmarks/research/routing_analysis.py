@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from spt_compile.recipes.models import load_model
     from spt_compile.fitting.router import choose_blocks, fit_router, router_scores
     from spt_compile.fitting.clustering import cluster_neurons
-    from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_outputs, permute_hidden, unit_importance
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, permute_hidden, unit_importance
 
     splits, source = find_gsm8k(args.data)
     print(source, file=sys.stderr)

@@ -59,7 +59,7 @@ def wikitext_windows(tokenizer, path: Path, seq_len: int, count: int, skip: int 
 
 def mlp_parts(layer):
     """The dense SwiGLU weights of one LLaMA layer as the routed op sees them."""
-    from spt_compile.kernels.routed_mlp import MlpWeights
+    from spt_compile.sparse_ops.routed_mlp import MlpWeights
 
     m = layer.mlp
     return MlpWeights(in_w=m.up_proj.weight, gate_w=m.gate_proj.weight, out_w=m.down_proj.weight)
@@ -73,7 +73,7 @@ def captured(inputs, layers, sites, n_blocks: int, active: int, balance: float =
     import torch
 
     from spt_compile.options import make_options
-    from spt_compile.kernels.routed_mlp import MlpSpec, block_outputs, compensation, permute_hidden
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, block_outputs, compensation, permute_hidden
 
     options = make_options({"ffn_blocks": n_blocks, "ffn_active": active, "ffn_balance": balance,
                             "ffn_compensate": compensate})

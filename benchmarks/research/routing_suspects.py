@@ -96,7 +96,7 @@ def positions_check(args) -> list[dict]:
     import quality as q
     from spt_compile.options import make_options
     from spt_compile.registry import model_sites
-    from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, permute_hidden
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights, block_outputs, compensation, permute_hidden
     from spt_compile.recipes.data import Batches
     from spt_compile.recipes.models import minilm_dir
 

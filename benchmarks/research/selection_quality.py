@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from spt_compile.kernels.attention import pq, select as block_select  # noqa: E402
+from spt_compile.sparse_ops.attention import pq, select as block_select  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

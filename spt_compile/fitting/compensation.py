@@ -1,5 +1,5 @@
 """Fitting ffn_compensate's predictors: per block, a rank-r linear prediction of its output from the
-MLP input, for the tokens that skip it (applied by kernels/routed_mlp/compensation.py)."""
+MLP input, for the tokens that skip it (applied by sparse_ops/routed_mlp/compensation.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Fitting product-quantization codebooks for token selection: batched k-means at calibration, an
-online k-means step on training calls. Shapes as in kernels/attention/pq.py."""
+online k-means step on training calls. Shapes as in sparse_ops/attention/pq.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.kernels.attention.pq import pq_encode
+from spt_compile.sparse_ops.attention.pq import pq_encode
 
 
 def kmeans(x: Tensor, K: int, iters: int = 10, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -9,7 +9,7 @@ Each call the site reads the run-time options, then either
 L comes from the options at run time, so the number of selected keys is an unbacked size in the
 graph (`new_dynamic_size`): changing `density` never recompiles.
 
-Selection is by key blocks by default (`attention_selection="block"`, kernels/attention/select.py: a block of
+Selection is by key blocks by default (`attention_selection="block"`, sparse_ops/attention/select.py: a block of
 queries attends to its chosen key blocks, one list per GQA group) or per query (`"token"`: top-L keys
 by the PQ proxy). Only token selection reads PQ codebooks, so only it pays for them: they are fitted
 from the keys buffered by calibration calls that ran under token selection, or, when token selection
@@ -34,9 +34,9 @@ from spt_compile.fitting import pq_codebooks
 from spt_compile.options import Options, SptOptionError
 from spt_compile.registry import SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 
-from spt_compile.kernels.attention import pq, select as block_select
-from spt_compile.kernels.attention.block_sparse import block_sparse_forward, resolve_impl
-from spt_compile.kernels.attention.token_sparse import sparse_attention_forward
+from spt_compile.sparse_ops.attention import pq, select as block_select
+from spt_compile.sparse_ops.attention.block_sparse import block_sparse_forward, resolve_impl
+from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_forward
 
 from .meta import AttentionMeta
 

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.kernels.attention.block_sparse import block_sparse_backward
-from spt_compile.kernels.attention.token_sparse import sparse_attention_backward
+from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward
+from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_backward
 from spt_compile.registry import REGISTRY
 
 from .attention import _float_mask, as_causal, dense_attention

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.kernels.attention.block_sparse import IMPLS as ATTENTION_IMPLS
+from spt_compile.sparse_ops.attention.block_sparse import IMPLS as ATTENTION_IMPLS
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from spt_compile.fitting.router import choose_blocks, fit_router, router_scores
 from spt_compile.options import Options
 from spt_compile.real_rows import rows_of
 from spt_compile.registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
-from spt_compile.kernels.routed_mlp import (
+from spt_compile.sparse_ops.routed_mlp import (
     MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, unit_importance,
 )
 

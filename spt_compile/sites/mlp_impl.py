@@ -1,7 +1,7 @@
 """Which implementation of the routed MLP a call runs, and running it.
 
-Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (kernels/routed_mlp/triton.py), the
-torch path (kernels/routed_mlp/forward.py, backward.py) or the per-token reference. Calls the kernels
+Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (sparse_ops/routed_mlp/triton.py), the
+torch path (sparse_ops/routed_mlp/forward.py, backward.py) or the per-token reference. Calls the kernels
 cannot serve run the torch path: LoRA dropout > 0, and dense calibration calls (they measure each
 block's output norm on the way).
 """
@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.kernels.routed_mlp import (
+from spt_compile.sparse_ops.routed_mlp import (
     MlpSpec, MlpWeights, compensation, permute_hidden, resolve_ffn_impl, routed_mlp_forward,
 )
-from spt_compile.kernels.routed_mlp.reference import routed_mlp_reference
+from spt_compile.sparse_ops.routed_mlp.reference import routed_mlp_reference
 
 from .meta import MlpRun
 
@@ -59,7 +59,7 @@ def _run_kernel_impl(impl: str, x2: Tensor, w: MlpWeights, spec: MlpSpec, block_
                      saved: list) -> tuple[Tensor, MlpRun]:
     """The Triton kernels or the reference, on weights already in block order."""
     if impl == "triton":
-        from spt_compile.kernels.routed_mlp.triton import compute_dtype, routed_mlp_forward_triton
+        from spt_compile.sparse_ops.routed_mlp.triton import compute_dtype, routed_mlp_forward_triton
 
         # The traced dtype (autocast, recorded by the pass), else autocast if active here, else x's.
         cd = getattr(torch, spec.compute) if spec.compute else compute_dtype(x2)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spt_compile.kernels.routed_mlp import (
+from spt_compile.sparse_ops.routed_mlp import (
     MlpSpec, MlpWeights, compensation_input_grad, join_fused, permute_hidden, routed_mlp_backward_saved, split_fused,
     unpermute_grads,
 )
@@ -107,7 +107,7 @@ def _permuted_backward(impl: str, dy2, x2, weights: MlpWeights, s: MlpSpec, bloc
     """The Triton or reference backward on the permuted weights, gradients un-permuted."""
     wp = permute_hidden(weights, s, perm)
     if impl == "triton":
-        from spt_compile.kernels.routed_mlp.triton import routed_mlp_backward_triton
+        from spt_compile.sparse_ops.routed_mlp.triton import routed_mlp_backward_triton
 
         dx, grads = routed_mlp_backward_triton(dy2, x2, wp, s, block_mask, needs[0], MlpWeights(*needs[1:]), pre,
                                                list(run.counts), run.compute)

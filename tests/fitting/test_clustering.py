@@ -11,8 +11,8 @@ import torch
 import spt_compile
 from spt_compile.registry import model_sites
 from spt_compile.fitting.clustering import cluster_neurons
-from spt_compile.kernels.routed_mlp.reference import routed_mlp_reference
-from spt_compile.kernels.routed_mlp import (
+from spt_compile.sparse_ops.routed_mlp.reference import routed_mlp_reference
+from spt_compile.sparse_ops.routed_mlp import (
     block_bounds,
     permute_hidden,
     routed_mlp_backward,

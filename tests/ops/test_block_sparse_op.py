@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spt_compile.kernels.attention.select import blocks_per_query, oracle_key_blocks, select_key_blocks
-from spt_compile.kernels.attention.block_sparse import (
+from spt_compile.sparse_ops.attention.select import blocks_per_query, oracle_key_blocks, select_key_blocks
+from spt_compile.sparse_ops.attention.block_sparse import (
     block_sparse_backward,
     block_sparse_backward_torch,
     block_sparse_forward,
     block_sparse_forward_torch,
     resolve_impl,
 )
-from spt_compile.kernels.attention.reference import block_sparse_attention_reference
+from spt_compile.sparse_ops.attention.reference import block_sparse_attention_reference
 
 
 def random_blocks(B, S, n_qb, n_kb, Lb, gen, unused=0.2):
@@ -188,8 +188,8 @@ def test_impl_choice(monkeypatch):
 def test_packed_rows_budget_and_sink_per_sequence():
     """A block-diagonal mask (sequences packed into one row): each query block gets its own
     sequence's budget and first block as sink; one sequence per row (causal, padding) gives None."""
-    from spt_compile.kernels.attention.select import packed_blocks_per_query
-    from spt_compile.kernels.attention.pq import real_key_mask
+    from spt_compile.sparse_ops.attention.select import packed_blocks_per_query
+    from spt_compile.sparse_ops.attention.pq import real_key_mask
 
     lengths = (32, 16, 48)  # aligned to blocks of 16: starts at blocks 0, 2, 3
     seg = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spt_compile.kernels.linear_cross_entropy import linear_cross_entropy
-from spt_compile.kernels.linear_cross_entropy.reference import linear_cross_entropy_reference
+from spt_compile.sparse_ops.linear_cross_entropy import linear_cross_entropy
+from spt_compile.sparse_ops.linear_cross_entropy.reference import linear_cross_entropy_reference
 
 
 def make(lead, d, V, dtype, bias, ignored=0.25, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spt_compile.fitting.pq_codebooks import fit_codebooks
-from spt_compile.kernels.attention import pq
+from spt_compile.sparse_ops.attention import pq
 
 
 def test_encode_decode_reconstructs_with_enough_codewords():
@@ -100,7 +100,7 @@ def test_keys_per_query_bounds(density):
 
 
 def test_code_agreement_proxy_counts_equal_codes():
-    from spt_compile.kernels.attention.pq import code_onehots, pq_encode
+    from spt_compile.sparse_ops.attention.pq import code_onehots, pq_encode
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, N, D = 2, 4, 2, 30, 16

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 from spt_compile.ops import MlpSpec, MlpWeights, routed_mlp, routed_mlp_reference, sparse_attention
 from spt_compile.ops import sparse_attention_reference
-from spt_compile.kernels.attention import pq
-from spt_compile.kernels.attention.select import blocks_per_query, select_key_blocks
-from spt_compile.kernels.attention.block_sparse import block_sparse_backward_torch, block_sparse_forward_torch
-from spt_compile.kernels.attention.reference import block_sparse_attention_reference
-from spt_compile.kernels.routed_mlp import ACTIVATIONS
+from spt_compile.sparse_ops.attention import pq
+from spt_compile.sparse_ops.attention.select import blocks_per_query, select_key_blocks
+from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward_torch, block_sparse_forward_torch
+from spt_compile.sparse_ops.attention.reference import block_sparse_attention_reference
+from spt_compile.sparse_ops.routed_mlp import ACTIVATIONS
 
 # SPT_HYPOTHESIS_EXAMPLES=500 for a deeper search than CI's
 PROPERTY = settings(max_examples=int(os.environ.get("SPT_HYPOTHESIS_EXAMPLES", 40)), deadline=None,
@@ -184,7 +184,7 @@ def test_token_selection_with_every_real_key_is_dense_masked_attention(c):
     chosen.scatter_(-1, torch.where(idx < 0, N, idx.long()), True)
     assert torch.equal(chosen[..., :N], allowed), "selection at density 1 must be exactly the allowed keys"
     bias = mask if mask is not None and mask.dtype != torch.bool else None
-    from spt_compile.kernels.attention.token_sparse import sparse_attention_forward
+    from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_forward
 
     out, _ = sparse_attention_forward(q.detach(), k.detach(), v.detach(), idx, 0.25, bias)
     torch.testing.assert_close(out, dense_masked_attention(q, k, v, allowed, bias, 0.25).detach(), **ATOL)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from spt_compile.ops import MlpSpec, MlpWeights, routed_mlp, routed_mlp_reference
-from spt_compile.kernels.routed_mlp import block_outputs
+from spt_compile.sparse_ops.routed_mlp import block_outputs
 
 
 def make_weights(d_in, hidden, d_out, *, gated, layout="oi", bias=True, lora=("in", "gate", "out"), r=3,

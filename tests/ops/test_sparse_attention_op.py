@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spt_compile.ops import sparse_attention, sparse_attention_reference
-from spt_compile.kernels.attention.token_sparse import sparse_attention_backward, sparse_attention_forward
+from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_backward, sparse_attention_forward
 
 
 def random_indices(B, H, N, Nk, L, causal: bool, unused: float, gen) -> torch.Tensor:

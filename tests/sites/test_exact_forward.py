@@ -13,10 +13,10 @@ import torch
 import spt_compile
 from spt_compile.fitting.router import choose_blocks
 from spt_compile.options import make_options
-from spt_compile.kernels.attention.block_sparse import block_sparse_backward_torch
-from spt_compile.kernels.attention.reference import exact_forward_attention_reference
-from spt_compile.kernels.routed_mlp.reference import exact_forward_mlp_reference
-from spt_compile.kernels.routed_mlp import (
+from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward_torch
+from spt_compile.sparse_ops.attention.reference import exact_forward_attention_reference
+from spt_compile.sparse_ops.routed_mlp.reference import exact_forward_mlp_reference
+from spt_compile.sparse_ops.routed_mlp import (
     MlpWeights,
     exact_mlp_forward,
     permute_hidden,
@@ -135,7 +135,7 @@ def test_attention_backward_over_selected_tiles_is_the_masked_jacobian(N, H, Hkv
     every = torch.arange(n_b, dtype=torch.int32).expand(B, H, n_b, n_b)
     dense = exact_forward_attention_reference(q, k, v, every, scale, causal, mask, bm, bm)
     torch.testing.assert_close(ref, dense, atol=1e-14, rtol=1e-12)  # the forward is exact whatever the listing
-    from spt_compile.kernels.attention.block_sparse import block_sparse_forward_torch
+    from spt_compile.sparse_ops.attention.block_sparse import block_sparse_forward_torch
 
     out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), every, scale, causal, mask, bm, bm)
     torch.testing.assert_close(out, ref.detach(), atol=1e-6, rtol=1e-5)

@@ -12,8 +12,8 @@ import spt_compile
 from spt_compile.fitting.compensation import fit_compensation
 from spt_compile.options import SptOptionError, make_options
 from spt_compile.registry import model_sites
-from spt_compile.kernels.routed_mlp.reference import compensation_reference, routed_mlp_reference
-from spt_compile.kernels.routed_mlp import (
+from spt_compile.sparse_ops.routed_mlp.reference import compensation_reference, routed_mlp_reference
+from spt_compile.sparse_ops.routed_mlp import (
     MlpSpec,
     MlpWeights,
     compensation,

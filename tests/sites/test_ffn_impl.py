@@ -11,7 +11,7 @@ import spt_compile
 from spt_compile.sites import mlp_impl, mlp_op
 from spt_compile.sites.meta import MlpMeta
 from spt_compile.options import SptOptionError, make_options
-from spt_compile.kernels.routed_mlp import FFN_IMPL_ENV, MlpSpec, MlpWeights, resolve_ffn_impl
+from spt_compile.sparse_ops.routed_mlp import FFN_IMPL_ENV, MlpSpec, MlpWeights, resolve_ffn_impl
 
 from toy_models import GatedMLP
 

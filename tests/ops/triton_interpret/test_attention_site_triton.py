@@ -14,7 +14,7 @@ from toy_models import GQAAttention
 
 def spy_kernels(monkeypatch) -> dict:
     """Counts the block-sparse Triton forward and backward calls."""
-    import spt_compile.kernels.attention.block_sparse_triton as bst
+    import spt_compile.sparse_ops.attention.block_sparse_triton as bst
 
     seen = {"fwd": 0, "bwd": 0}
     fwd, bwd = bst.block_sparse_forward_triton, bst.block_sparse_backward_triton

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spt_compile.kernels.attention.select import mask_tiles, select_blocks, select_key_blocks
-from spt_compile.kernels.attention.select_triton import select_key_blocks_triton
-from spt_compile.kernels.attention.pq import real_key_mask
+from spt_compile.sparse_ops.attention.select import mask_tiles, select_blocks, select_key_blocks
+from spt_compile.sparse_ops.attention.select_triton import select_key_blocks_triton
+from spt_compile.sparse_ops.attention.pq import real_key_mask
 
 # (N, D, H, Hkv, causal, block, mask kind, per-batch key budgets, per_group)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # log(0) = -inf: wanted
@@ -93,7 +93,7 @@ def _packed_mask(lengths: list[int], causal: bool) -> torch.Tensor:
 @pytest.mark.parametrize("causal", [True, False])
 def test_triton_selection_of_packed_rows(causal):
     """Packed rows: per-query-block budgets [B, n_qb] and each sequence's own sink block."""
-    from spt_compile.kernels.attention.select import packed_blocks_per_query
+    from spt_compile.sparse_ops.attention.select import packed_blocks_per_query
 
     lengths = [13, 40, 7, 80]  # not block-aligned: query blocks straddle sequences
     N, H, Hkv, D, block = sum(lengths), 3, 1, 64, 16

@@ -16,14 +16,14 @@ from typing import Optional
 import pytest
 import torch
 
-from spt_compile.kernels.attention.block_sparse_triton import (
+from spt_compile.sparse_ops.attention.block_sparse_triton import (
     block_sparse_backward_triton,
     block_sparse_forward_triton,
     reverse_block_index,
     reverse_block_index_triton,
 )
-from spt_compile.kernels.attention.pq import MASK_FORBIDDEN_AT_OR_BELOW
-from spt_compile.kernels.attention.reference import block_sparse_attention_reference
+from spt_compile.sparse_ops.attention.pq import MASK_FORBIDDEN_AT_OR_BELOW
+from spt_compile.sparse_ops.attention.reference import block_sparse_attention_reference
 
 @dataclass(frozen=True)
 class Case:

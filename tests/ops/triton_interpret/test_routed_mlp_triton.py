@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import spt_compile
-from spt_compile.kernels.routed_mlp.reference import routed_mlp_reference
-from spt_compile.kernels.routed_mlp import MlpSpec, MlpWeights, block_bounds, routed_mlp_forward
-from spt_compile.kernels.routed_mlp.triton import (
+from spt_compile.sparse_ops.routed_mlp.reference import routed_mlp_reference
+from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights, block_bounds, routed_mlp_forward
+from spt_compile.sparse_ops.routed_mlp.triton import (
     Tiles,
     routed_mlp_backward_triton,
     routed_mlp_forward_triton,
@@ -253,7 +253,7 @@ def test_lora_dropout_is_refused():
 
 def spy_triton_calls(monkeypatch) -> dict:
     """Records the compute dtype of every Triton routed-MLP forward and backward call."""
-    import spt_compile.kernels.routed_mlp.triton as rmt
+    import spt_compile.sparse_ops.routed_mlp.triton as rmt
 
     seen = {"fwd": [], "bwd": []}
     fwd, bwd = rmt.routed_mlp_forward_triton, rmt.routed_mlp_backward_triton

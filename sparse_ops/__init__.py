@@ -1,6 +1,6 @@
 """The sparse ops' kernels, one folder per op: Triton kernels, the PyTorch paths that serve where
 Triton does not (the CPU, LoRA dropout), and a plain reference per op with the same signature that
-every path is tested against. Installed as spt_compile.kernels.
+every path is tested against. Installed as spt_compile.sparse_ops.
 
     attention/             block selection, block-sparse attention (SDDMM -> softmax -> SpMM), PQ token selection
     routed_mlp/            the routed two-layer MLP: spec, forward, backward, exact forward, compensation
