@@ -6,11 +6,14 @@
 Module float attributes that Dynamo passed as graph inputs (dynamic shapes) are read as constants
 first (float_inputs.py); report.floats lists them, and the caller must guard on them at run time.
 
-attention.py, mlp.py and loss.py each hold their pattern family: parsers for the forms, a semantic
-check, and the rewrite to one spt:: op per site (loss.py: the LM head + cross-entropy, chunked). Higher-order-op bodies (activation checkpointing puts
-each layer into a tag_activation_checkpoint subgraph) are rewritten too. Last, unmatched.py reports
-every attention- or MLP-like chain the passes neither rewrote nor reported (a form no parser
-recognises, or one inside a higher-order-op body they do not enter) as dense, with what it saw.
+attention/, mlp/ and loss.py each hold their pattern family: parsers for the forms, a semantic
+check, and the rewrite to one spt:: op per site (attention/ and mlp/ are packages: forms, checks,
+rewrite, and run() in the __init__, which maps the modules; loss.py: the LM head + cross-entropy,
+chunked).
+Higher-order-op bodies (activation checkpointing puts each layer into a tag_activation_checkpoint
+subgraph) are rewritten too. Last, unmatched.py reports every attention- or MLP-like chain the
+passes neither rewrote nor reported (a form no parser recognises, or one inside a higher-order-op
+body they do not enter) as dense, with what it saw.
 Installed as spt_compile.passes.
 """
 

@@ -192,7 +192,7 @@ class _Sweep:
         elif rank not in (3, 4):
             why = f"the softmax is over {rank}-D scores (the attention pass reads 3-D and 4-D)"
         else:
-            why = "the attention pass recognised no form in it (passes/attention.py, match_matmul_softmax)"
+            why = "the attention pass recognised no form in it (passes/attention/forms.py, match_matmul_softmax)"
         self._add("attention", "attention-like chain", [first, s, product], what, why)
 
     def _mlp(self, down: Node, hidden: "_Hidden") -> None:

@@ -3,7 +3,7 @@
 The MLP sites draw their router samples from real tokens only, and exact_forward's backward gives
 padding rows no blocks (padding positions were a quarter of GSM8K batches padded to 256 tokens, and
 fitted the router to tokens nothing reads: benchmarks/research/routing_suspects.py). The MLP pass
-(passes/mlp.py) feeds each MLP site the mask of the attention site before it through this op, once
+(passes/mlp/) feeds each MLP site the mask of the attention site before it through this op, once
 per mask and input shape, so the dependency is an edge of the graph.
 
 Output: [B * N] bool, a row per position of the MLP input [B, N, d]; or an empty tensor when nothing

@@ -1,0 +1,116 @@
+"""The rewrite of a checked attention match: the report's description of the site (describe, and a
+note when calls will run exact for being short), the weight the op finds its site by at run time
+(anchor_weight), the op's one mask built from the matched pieces (_mask_argument), and emit, which
+inserts spt::attention_site and erases what it replaced."""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from spt_compile.options import Options
+
+from ..fx_utils import bind, erase_unused, op, requires_grad, shape, static_int, val
+from .match import AttentionMatch, _shape4
+
+
+def _as_4d(graph, node: Node) -> Node:
+    n = len(shape(node))
+    return node if n == 4 else graph.call_function(operator.getitem, (node, (None,) * (4 - n)))
+
+
+def _combine(graph, nodes: list[Node], fn) -> Optional[Node]:
+    out = None
+    for n in nodes:
+        n = _as_4d(graph, n)
+        out = n if out is None else graph.call_function(fn, (out, n))
+    return out
+
+
+def _mask_argument(graph, m: AttentionMatch) -> Optional[Node]:
+    """The op's mask: bool (True = allowed) or additive float, built from the matched pieces
+    (several additive masks are summed, several boolean ones combined)."""
+    additive = _combine(graph, m.additive, operator.add)
+    allow = _combine(graph, m.allow, torch.logical_and)
+    forbid = _combine(graph, m.forbid, torch.logical_or)
+    if allow is not None and forbid is not None:
+        allow = graph.call_function(torch.logical_and, (allow, graph.call_function(torch.logical_not, (forbid,))))
+        forbid = None
+    if additive is None:
+        return allow if forbid is None else graph.call_function(torch.logical_not, (forbid,))
+    if forbid is not None:
+        return graph.call_function(torch.masked_fill, (additive, forbid, float("-inf")))
+    if allow is not None:
+        return graph.call_function(torch.where, (allow, additive, float("-inf")))
+    return additive
+
+
+def describe(m: AttentionMatch) -> str:
+    qs, ks = _shape4(m.q, m.merged), _shape4(m.k, m.merged)
+    mask = ("additive" if m.additive else "") + (" bool" if m.allow or m.forbid else "")
+    gqa = f" GQA {qs[1]}:{ks[1]}" if qs[1] != ks[1] else ""
+    return (f"q {tuple(qs)} k {tuple(ks)}{gqa} causal={m.is_causal} mask={mask.strip() or 'none'} "
+            f"scale={m.scale:.4g} dropout={m.dropout_p}")
+
+
+def _short_note(m: AttentionMatch, options: Options) -> str:
+    """Said when the traced key length is below attention_dense_below: such calls run exact attention
+    whatever density / top_l ask (report() counts them as exact_short)."""
+    n_keys = static_int(_shape4(m.k, m.merged)[2])
+    if n_keys is None or n_keys >= options.attention_dense_below:
+        return ""
+    asked = f"top_l={options.top_l}" if options.top_l is not None else f"density={options.density:.4g}"
+    return (f"; at {n_keys} keys calls run exact attention, not {asked}: below attention_dense_below="
+            f"{options.attention_dense_below} (set it lower to sparsify shorter sequences)")
+
+
+def anchor_weight(start: Node, depth: int = 16) -> Optional[Node]:
+    """The weight of the nearest projection feeding `start` (breadth-first). The op receives it so
+    that, at run time, each layer finds its own site by this tensor's identity."""
+    frontier, seen = [start], {start}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if op(n) in ("linear", "addmm"):
+                w = bind(n)["weight" if op(n) == "linear" else "mat2"]
+                if isinstance(w, Node) and w.op in ("placeholder", "get_attr"):
+                    return w
+            for arg in n.all_input_nodes:
+                if arg not in seen:
+                    seen.add(arg)
+                    nxt.append(arg)
+        frontier = nxt
+    return None
+
+
+def emit(graph, m: AttentionMatch, options: Options, path: str, ordinals: dict) -> list[str]:
+    """Insert spt::attention_site before m.output, hand it m.output's uses, and erase the matched
+    nodes (and the glue nothing else reads); returns the names of the erased nodes."""
+    from spt_compile.registry import REGISTRY, SiteTemplate
+
+    anchor = anchor_weight(m.q)
+    key = ("attention", anchor if anchor is not None else path)
+    ordinal = ordinals.get(key, 0)
+    ordinals[key] = ordinal + 1
+    k4 = _shape4(m.k, m.merged)
+    shape_kv = (static_int(k4[1]), static_int(k4[3]))
+    template = REGISTRY.template_id(SiteTemplate("attention", ordinal, path, options, shape_kv))
+    training = torch.is_grad_enabled() and any(requires_grad(t) for t in (m.q, m.k, m.v))
+    with graph.inserting_before(m.output):
+        mask = _mask_argument(graph, m)
+        q, k, v = (graph.call_function(operator.getitem, (t, None)) if m.merged else t for t in (m.q, m.k, m.v))
+        call = graph.call_function(torch.ops.spt.attention_site.default, (
+            q, k, v, mask, anchor, template, m.is_causal, m.scale, m.dropout_p, training))
+        out = graph.call_function(operator.getitem, (call, 0))
+        if len(shape(m.output)) == 3:  # [1, B*H, N, Dv] or [B, H, N, Dv] -> [B*H, N, Dv]
+            out = graph.call_method("flatten", (out, 0, 1))
+        out.meta.update(m.output.meta)
+        want = val(m.output).dtype
+        if want != val(m.q).dtype:  # e.g. a float32 softmax path without a cast back
+            out = graph.call_method("to", (out, want))
+            out.meta.update(m.output.meta)
+    m.output.replace_all_uses_with(out)
+    return [n.name for n in erase_unused(graph, m.nodes | m.glue)]
