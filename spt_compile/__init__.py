@@ -6,6 +6,7 @@
     print(spt_compile.explain(model, **batch))                # what was rewritten, what was not, why
     spt_compile.compile_reports(model), spt_compile.report(model)  # what compiling did; how calls ran
     torch.save(spt_compile.state_dict(model), path)           # sparse state beside the checkpoint
+    dcp.save({..., "spt": spt_compile.SptState(model)}, ...)  # or in torch.distributed.checkpoint
 """
 
 import os as _os
@@ -22,6 +23,7 @@ from . import ops  # noqa: E402  (registers the spt:: custom ops)
 from .backend import spt_backend  # noqa: E402
 from .compile_reports import compile_reports  # noqa: E402
 from .context import disable, enable  # noqa: E402
+from .distributed.checkpoint import SptState  # noqa: E402
 from .explain import explain  # noqa: E402
 from .options import Options, SptOptionError, options_help  # noqa: E402
 from .registry import SptStateError, load_state_dict, report, state_dict  # noqa: E402
@@ -42,6 +44,6 @@ _register_for_source_runs()
 __version__ = "0.1.0"
 
 __all__ = [
-    "Options", "SptOptionError", "SptStateError", "compile_reports", "disable", "enable", "explain", "load_state_dict",
+    "Options", "SptOptionError", "SptState", "SptStateError", "compile_reports", "disable", "enable", "explain", "load_state_dict",
     "ops", "options_help", "report", "spt_backend", "state_dict",
 ]

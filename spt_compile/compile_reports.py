@@ -40,8 +40,10 @@ def compile_reports(model: nn.Module | None = None) -> list[GraphReport]:
     compiled for another instance of its class (Dynamo reuses it) has no report of its own."""
     if model is None:
         return list(_UNOWNED)
+    from .registry import _named_tensors  # the parameters as the graphs saw them (FSDP2: unsharded)
+
     found: dict[int, GraphReport] = {}
-    for p in model.parameters():
+    for p in list(model.parameters()) + list(_named_tensors(model).values()):
         for r in _BY_TENSOR.get(p, ()):
             found[id(r)] = r
     return sorted(found.values(), key=lambda r: r.order)

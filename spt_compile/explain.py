@@ -19,6 +19,7 @@ from spt_compile.passes import SiteReport, rewrite_graph
 
 from .backend import compile_options
 from .options import Options
+from .registry import unwrap
 
 
 @dataclass
@@ -66,7 +67,9 @@ def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
 
     kinds = ("graph_break", "unimplemented")  # Dynamo counts a break it cannot resume from under the latter
     before = {kind: dict(counters[kind]) for kind in kinds}
-    target = getattr(model, "_orig_mod", model)
+    # The model inside torch.compile's and DDP's wrappers: under DDP the backend rewrites the whole graph
+    # before DDP splits it into gradient buckets (distributed/ddp.py), so this is the graph it sees.
+    target = unwrap(model)
     torch.compile(target, backend=recording_backend)(*args, **kwargs)
     for kind in kinds:
         for message, n in counters[kind].items():

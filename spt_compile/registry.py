@@ -45,7 +45,8 @@ def _new_site_seed(anchor: Optional[Tensor], template: "SiteTemplate") -> int:
         base = int(torch.randint(0, 2**62, (1,)).item())
     ident = f"{template.kind}{template.ordinal}".encode()
     if anchor is not None:
-        ident += anchor.detach().reshape(-1)[:16].float().cpu().numpy().tobytes()
+        ident += anchor.detach().reshape(-1)[:16].float().cpu().clone().numpy().tobytes()  # a copy: a numpy view would
+        # make the weight's storage non-resizable, which FSDP2 needs (it frees unsharded weights by resizing)
     else:
         ident += template.name.encode()
     return (base + zlib.crc32(ident) * 0x9E3779B97F4A7C15) % (2**62)
@@ -227,6 +228,8 @@ class Registry:
         self._by_anchor: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> {(kind, ordinal): Site}
         self._by_name: dict[tuple[str, str, int], Site] = {}  # sites without an anchor
         self._pending: WeakIdKeyDictionary = WeakIdKeyDictionary()  # loaded before the site existed
+        # FSDP2: sharded parameter -> its FSDPParam, for state loaded before the unsharded one existed
+        self._fsdp_pending_params: WeakIdKeyDictionary = WeakIdKeyDictionary()
         # ffn_budget: the latest allocation ((budget, version) -> {site: blocks}); version counts changes
         # of any MLP site's error curve, so a new curve (a site calibrated or loaded) reallocates.
         self._budget_version = 0
@@ -265,6 +268,14 @@ class Registry:
             self.templates.append(template)
         return self._template_ids[template]
 
+    def _pending_for_unsharded(self, anchor: Tensor, t: SiteTemplate) -> Optional[dict]:
+        """State loaded under FSDP2 before the first forward, keyed by the sharded parameter whose
+        unsharded one `anchor` is."""
+        for sharded, fp in list(self._fsdp_pending_params.items()):
+            if getattr(fp, "_unsharded_param", None) is anchor:
+                return self._pending.get(sharded, {}).pop((t.kind, t.ordinal), None)
+        return None
+
     def find(self, kind: str, anchor: Optional[Tensor], ordinal: int, name: str) -> Optional[Site]:
         if anchor is not None:
             return self._by_anchor.get(anchor, {}).get((kind, ordinal))
@@ -283,6 +294,8 @@ class Registry:
         if anchor is not None:
             self._by_anchor.setdefault(anchor, {})[(t.kind, t.ordinal)] = site
             pending = self._pending.get(anchor, {}).pop((t.kind, t.ordinal), None)
+            if pending is None:
+                pending = self._pending_for_unsharded(anchor, t)
             if pending is not None:
                 site.load_state_dict(pending)
         else:
@@ -307,12 +320,43 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _fsdp_params(model: nn.Module) -> dict[str, Any]:
+    """FSDP2 (fully_shard): {parameter name: its FSDPParam}. Between forwards a sharded module holds
+    sharded DTensors, while the sites read (and are keyed by) the unsharded parameter FSDP gathers
+    into, one object for the whole run, made at the first all-gather. Private FSDP2 attributes; {}
+    where they are missing."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+        for fp in getattr(group, "fsdp_params", ()):
+            info = getattr(fp, "_module_info", None)
+            if info is not None and id(info.module) in names:
+                prefix = names[id(info.module)]
+                out[(prefix + "." if prefix else "") + info.param_name] = fp
+    return out
+
+
 def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Parameter and buffer names as the user's model spells them (compiled and DDP wrappers removed)."""
+    """Parameter and buffer names as the user's model spells them (compiled and DDP wrappers removed).
+    Under FSDP2 a parameter's tensor is the unsharded one the sites see, or, before the first forward
+    made it, the sharded one (load_state_dict then waits for the unsharded one: Registry.site)."""
     model = unwrap(model)
     out = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         out.setdefault(name.replace("_orig_mod.", ""), t)
+    for name, fp in _fsdp_params(model).items():
+        unsharded = getattr(fp, "_unsharded_param", None)
+        if unsharded is not None:
+            out[name] = unsharded
+        elif name in out:
+            REGISTRY._fsdp_pending_params[out[name]] = fp
     return out
 
 

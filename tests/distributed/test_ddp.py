@@ -154,22 +154,31 @@ def test_ddp_split_graph_rewrites_every_site_and_every_rank_holds_the_same_state
 OPTIONS = {"calibration_steps": 2, "attention_dense_below": 0, "compiler": "aot_eager"}
 
 
-def _train(rank, world, steps, save_to=None, load_from=None):
+def _train(rank, world, steps, save_to=None, load_from=None, with_dcp=False):
     import spt_compile
     import spt_compile.sites.mlp as mlp_site
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     mlp_site.PROBE_EVERY = 2
     model = tiny_llama(lora=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    if load_from is not None:
+    first = 0
+    if load_from is not None and with_dcp:  # every rank reads; SptState loads the sparse state
+        model_sd, opt_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": opt_sd, "spt": spt_compile.SptState(model), "step": torch.tensor(0)}
+        dcp.load(state, checkpoint_id=load_from)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        first = int(state["step"])
+    elif load_from is not None:
         ckpt = torch.load(load_from, weights_only=False)
         model.load_state_dict(ckpt["model"], strict=False)
         opt.load_state_dict(ckpt["optimizer"])
         spt_compile.load_state_dict(model, ckpt["spt"])  # on every rank
+        first = ckpt["step"]
     compiled = torch.compile(DDP(model), backend="spt", options=OPTIONS)
     data = batch(rows=4 * 6)
-    first = 0 if load_from is None else ckpt["step"]
     losses = []
     for step in range(first, first + steps):
         ids = rows_of_rank(data[4 * step : 4 * step + 4], rank, world)
@@ -178,18 +187,23 @@ def _train(rank, world, steps, save_to=None, load_from=None):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    if save_to is not None and rank == 0:  # the sparse state is the same on every rank: rank 0 writes it
+    if save_to is not None and with_dcp:  # every rank takes part; one copy of the sparse state is written
+        model_sd, opt_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": opt_sd, "spt": spt_compile.SptState(model),
+                  "step": torch.tensor(first + steps)}, checkpoint_id=save_to)
+    elif save_to is not None and rank == 0:  # the sparse state is the same on every rank: rank 0 writes it
         trained = {n: p for n, p in model.state_dict().items() if "lora_" in n}
         torch.save({"model": trained, "optimizer": opt.state_dict(), "spt": spt_compile.state_dict(model),
                     "step": first + steps}, save_to)
     return losses
 
 
-def test_killed_run_resumed_from_its_checkpoint_gives_the_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("with_dcp", [False, True], ids=["torch.save", "dcp"])
+def test_killed_run_resumed_from_its_checkpoint_gives_the_uninterrupted_losses(tmp_path, with_dcp):
     whole = run_ranks(_train, world=2, args=(6,))
-    ckpt = str(tmp_path / "ckpt.pt")
-    first = run_ranks(_train, world=2, args=(3, ckpt))  # then every rank stops, as when one is killed
-    resumed = run_ranks(_train, world=2, args=(3, None, ckpt))
+    ckpt = str(tmp_path / ("ckpt" if with_dcp else "ckpt.pt"))
+    first = run_ranks(_train, world=2, args=(3, ckpt, None, with_dcp))  # then every rank stops, as when one is killed
+    resumed = run_ranks(_train, world=2, args=(3, None, ckpt, with_dcp))
     for rank in range(2):
         assert first[rank] == whole[rank][:3]
         assert resumed[rank] == whole[rank][3:], (rank, resumed[rank], whole[rank][3:])

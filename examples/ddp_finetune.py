@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""LoRA fine-tuning of SmolLM2-135M-Instruct on GSM8K on several processes: DDP or FSDP2, each
+compiled with torch.compile(backend="spt").
+
+    torchrun --nproc_per_node 2 examples/ddp_finetune.py --steps 50              # DDP
+    torchrun --nproc_per_node 2 examples/ddp_finetune.py --steps 50 --fsdp       # FSDP2 (fully_shard)
+    torchrun --nproc_per_node 2 examples/ddp_finetune.py --steps 100 --resume    # continue a run
+
+One process per GPU (NCCL) or, without GPUs, per group of CPU cores (gloo). Every step's global batch
+(--batch-size rows) is the single-process script's, split over the ranks; gradients are averaged by
+DDP / FSDP. spt keeps one sparse state on every rank (routers, unit orders, codebooks: the samples
+are gathered from all ranks, the fits broadcast from rank 0), so any rank's state describes the run.
+
+Checkpoints go to OUTPUT/checkpoint/ every --save-every steps through torch.distributed.checkpoint
+(model, optimizer, spt_compile.SptState, data position); --resume continues from the last one, with
+the same number of processes. The held-out answer loss is measured before and after tuning, each
+rank on its share of the examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spt_compile.recipes.cli import spt_option_pairs
+from spt_compile.recipes.data import Batches, collate, encode, find_gsm8k
+from spt_compile.recipes.errors import UserError
+from spt_compile.recipes.lora import add_lora
+from spt_compile.recipes.models import load_model
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per layer) instead of DDP")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder, or a hub id")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quick checks)")
+    p.add_argument("--data", type=Path, default=None, help="a folder holding gsm8k/{train,test}.jsonl "
+                   "(default: $SPT_DATA_DIR, ../shared/data, then the hub)")
+    p.add_argument("--output", type=Path, default=Path("runs/gsm8k-ddp"), help="checkpoints (default: runs/gsm8k-ddp)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default: 50)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per step over all ranks (default: 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: 256)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--save-every", type=int, default=25, help="checkpoint every K steps (default: 25)")
+    p.add_argument("--eval-examples", type=int, default=32, help="held-out GSM8K examples (default: 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spt", action="append", default=[], metavar="NAME=VALUE",
+                   help="an spt option, e.g. --spt ffn_active=3 (see spt_compile.options_help())")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "save_every", "lora_r"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def start() -> tuple[int, int, torch.device]:
+    """The process group torchrun describes (NCCL on GPUs, gloo on CPUs)."""
+    if "RANK" not in os.environ:
+        raise UserError("run me with torchrun, e.g. torchrun --nproc_per_node 2 examples/ddp_finetune.py "
+                        "(examples/finetune.py is the single-process job)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wrap(model, fsdp: bool, device: torch.device):
+    if not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@torch.no_grad()
+def held_out_loss(compiled, batches: list[dict], rank: int, world: int) -> float:
+    """The answer loss over the held-out batches, each rank on its share, weighted by their answer
+    tokens. Every rank runs the same number of forwards (DDP syncs buffers in each one): a rank short
+    of batches repeats one and does not count it."""
+    mine = [(b, True) for b in batches[rank::world]]
+    mine += [(batches[0], False)] * (-(-len(batches) // world) - len(mine))
+    total = torch.zeros(2, dtype=torch.float64)
+    compiled.eval()
+    for batch, counts in mine:
+        loss = float(compiled(**batch).loss)
+        if counts:
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += torch.tensor([loss * n, n], dtype=torch.float64)
+    compiled.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def train(args) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from tqdm import tqdm
+
+    import spt_compile
+
+    rank, world, device = start()
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
+    options = spt_option_pairs(args.spt)
+    try:
+        spt_compile.options.make_options(options, where="--spt")
+    except spt_compile.SptOptionError as e:
+        raise UserError(str(e)) from None
+    splits, source = find_gsm8k(args.data)
+    torch.manual_seed(args.seed)  # the same initial adapter on every rank
+    model, tokenizer = load_model(args.model, layers=args.layers, seq_len=args.seq_len)
+    model = add_lora(model, args.lora_r).to(device)
+    model.train()
+    examples = [e for e in (encode(tokenizer, r, args.seq_len) for r in splits["train"]) if e is not None]
+    held_out = [e for e in (encode(tokenizer, r, args.seq_len) for r in splits["test"][: args.eval_examples]) if e]
+    eval_batches = [{k: v.to(device) for k, v in collate(held_out[i : i + 2], args.seq_len, tokenizer.pad_token_id).items()}
+                    for i in range(0, len(held_out), 2)]
+    if not eval_batches:
+        raise UserError(f"no held-out example fits --seq-len {args.seq_len}; raise it or --eval-examples")
+    wrapped = wrap(model, args.fsdp, device)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    batches, step = Batches(examples, args.batch_size, args.seed), 0
+    ckpt = args.output / "checkpoint"
+
+    trained_only = StateDictOptions(ignore_frozen_params=True, strict=False)  # the adapter, not the base model
+
+    def state() -> dict:
+        model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=trained_only)
+        return {"model": model_sd, "optim": optim_sd, "spt": spt_compile.SptState(wrapped),
+                "progress": torch.tensor([step, batches.epoch, batches.position])}
+
+    if args.resume:
+        if not (ckpt / ".metadata").is_file():
+            raise UserError(f"--resume: no checkpoint at {ckpt}")
+        loaded = state()
+        dcp.load(loaded, checkpoint_id=str(ckpt))
+        set_state_dict(wrapped, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                       options=trained_only)
+        step, batches.epoch, batches.position = loaded["progress"].tolist()
+    compiled = torch.compile(wrapped, backend="spt", options=options)
+    if rank == 0:
+        print(f"{source}; {world} processes ({'FSDP2' if args.fsdp else 'DDP'}, {device.type})", flush=True)
+    metrics, first = {}, step
+    with spt_compile.disable():
+        metrics["loss_before"] = held_out_loss(compiled, eval_batches, rank, world)
+    bar = tqdm(total=args.steps, initial=step, desc="fine-tune (spt, distributed)", unit="step", disable=rank != 0)
+    while step < args.steps:
+        rows = batches.next()[rank::world]  # this rank's share of the global batch
+        batch = {k: v.to(device) for k, v in collate(rows, args.seq_len, tokenizer.pad_token_id).items()}
+        loss = compiled(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+        if step % args.save_every == 0 or step == args.steps:
+            dcp.save(state(), checkpoint_id=str(ckpt))  # every rank takes part
+    bar.close()
+    metrics["loss_after"] = held_out_loss(compiled, eval_batches, rank, world)
+    if rank == 0:
+        print(f"held-out answer loss: {metrics['loss_before']:.4f} at step {first} (dense), {metrics['loss_after']:.4f} "
+              f"at step {step} (evaluated through the compiled model)", flush=True)
+        sites = spt_compile.report(wrapped)  # the sites that ran, one per layer and kind
+        print(f"sparse sites: {sum(s['kind'] == 'attention' for s in sites)} attention, "
+              f"{sum(s['kind'] == 'mlp' for s in sites)} MLP (the same state on every rank); checkpoint in {ckpt}",
+              flush=True)
+    dist.destroy_process_group()
+    return metrics
+
+
+def main(argv=None) -> int:
+    try:
+        train(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
