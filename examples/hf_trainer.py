@@ -3,6 +3,7 @@
 
     python examples/hf_trainer.py --steps 20                # sparse training, a checkpoint every 10 steps
     python examples/hf_trainer.py --steps 40 --resume       # continue from the last checkpoint, exactly
+    torchrun --nproc_per_node 2 examples/hf_trainer.py      # DDP: Trainer wraps the compiled model
 
 Trainer code as usual, plus two things:
   * `model.compile(backend="spt", options=...)` before building the Trainer. Trainer's own switch does
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,16 +76,20 @@ def main(argv=None) -> int:
     # Enough examples for the run, each padded to --seq-len (one shape: each graph compiles once).
     examples = [e for e in (encode(tokenizer, r, args.seq_len) for r in rows[: 4 * args.steps * args.batch_size]) if e]
     train = [{k: v[0] for k, v in collate([e], args.seq_len, tokenizer.pad_token_id).items()} for e in examples]
+    on_cpu = not torch.cuda.is_available()  # under torchrun on CPUs Trainer runs DDP only when told gloo
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     training_args = TrainingArguments(
         output_dir=str(args.output), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, save_steps=args.save_steps, logging_steps=1, seed=args.seed, report_to=[])
+        learning_rate=args.lr, save_steps=args.save_steps, logging_steps=1, seed=args.seed, report_to=[],
+        use_cpu=on_cpu, ddp_backend="gloo" if on_cpu and distributed else None)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       callbacks=[SptStateCallback()])  # <- sparse state in each checkpoint
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     sites = spt_compile.report(model)
-    print(json.dumps({"losses": losses, "sparse_sites": len(sites)}), flush=True)
+    print(json.dumps({"losses": losses, "sparse_sites": len(sites), "world_size": training_args.world_size,
+                      "rank": training_args.process_index}), flush=True)
     return 0
 
 

@@ -59,6 +59,10 @@ def load_model(model: str = "smollm2", *, layers: int | None = None, seq_len: in
         folder, kwargs = model, {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    if "gguf_file" in kwargs:
+        # The GGUF weights are dequantized to float32 on load, but transformers still marks the model
+        # quantized, and Trainer then refuses to train it ("quantized with GGUF ... does not support training").
+        lm.is_quantized, lm.hf_quantizer = False, None
     if layers is not None:
         if not 1 <= layers <= lm.config.num_hidden_layers:
             raise UserError(f"--layers must be in 1..{lm.config.num_hidden_layers}")

@@ -345,7 +345,7 @@ class AttentionSite(Site):
                     elif keys.shape[1]:
                         self.stage(lambda: setattr(self, "codebooks", pq_codebooks.ema_update(self.codebooks, keys.to(
                             self.codebooks.device), EMA_DECAY)))
-                if self.train_calls % PROBE_EVERY == 0 or "recall" not in self.quality:
+                if self.train_calls % sync.probe_interval(PROBE_EVERY) == 0 or "recall" not in self.quality:
                     self._probe(q, k, mask, is_causal, scale, chosen, options, real, seed)
         self.end(plan, training)
         return out, lse, selection, meta

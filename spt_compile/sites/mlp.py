@@ -247,14 +247,14 @@ class MlpSite(Site):
         return mask
 
     # --- router statistics --------------------------------------------------------------------
-    def _add_samples(self, x: Tensor, norms: Tensor) -> None:
+    def _add_samples(self, x: Tensor, norms: Tensor, what: str = "calibration samples") -> None:
         """Tokens whose input or block norms hold NaN/inf are dropped: one would turn the router
         into NaN for good (the copy to the CPU syncs anyway, so the test costs no extra sync)."""
         x, norms = x.detach().float().cpu(), norms.detach().float().cpu()
         ok = torch.isfinite(x).all(-1) & torch.isfinite(norms).all(-1)
         if not bool(ok.all()):
             x, norms = x[ok], norms[ok]
-        x, norms = sync.gather_rows(self, "router samples", x, norms)  # every rank's, in rank order
+        x, norms = sync.gather_rows(self, what, x, norms)  # every rank's, in rank order
         self.buffer_x = torch.cat([self.buffer_x, x])[-ROUTER_BUFFER:]
         self.buffer_y = torch.cat([self.buffer_y, norms])[-ROUTER_BUFFER:]
 
@@ -281,7 +281,7 @@ class MlpSite(Site):
         captured = ((routed * dense).sum() / (dense * dense).sum().clamp(min=1e-30)).item()
         rel_err = ((routed - dense).norm() / dense.norm().clamp(min=1e-30)).item()
         self.note_quality(captured=captured, rel_error=rel_err)
-        self._add_samples(x2[rows], outs.norm(dim=-1))
+        self._add_samples(x2[rows], outs.norm(dim=-1), "probe samples")
 
     # --- the call -----------------------------------------------------------------------------
     def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool,
@@ -349,7 +349,8 @@ class MlpSite(Site):
                         lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
                     None if preset is not None else BACKWARD_IMPORTANCE)
                 run = MlpRun()
-                if plan.updates_state and (self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
+                probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0
+                if plan.updates_state and (probe_due or "captured" not in self.quality):
                     # captured / rel_error: what the backward's blocks hold of the exact output
                     self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, real)
                     bx, by = self.buffer_x, self.buffer_y
@@ -368,7 +369,7 @@ class MlpSite(Site):
                     comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
                 y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp)
                 if plan.updates_state and training and (
-                        self.train_calls % PROBE_EVERY == 0 or "captured" not in self.quality):
+                        self.train_calls % sync.probe_interval(PROBE_EVERY) == 0 or "captured" not in self.quality):
                     self._probe(x2, wp.get(), spec, block_mask, seed,
                                 None if terms is None else tuple(t.to(x.device) for t in terms), real)
                     bx, by = self.buffer_x, self.buffer_y
