@@ -92,6 +92,7 @@ class Site:
         self.train_calls = 0
         self._staged: list[Callable[[], None]] = []
         self._last: Optional[CallPlan] = None
+        self._ranks_checked = False  # under torch.distributed: the ranks' agreement on this site
         self.quality: dict[str, float] = {}
         # How each call ran (report()): e.g. calibration, dense, routed / sparse, exact_forward,
         # exact_inference, exact_short; disabled for calls inside disable(). Diagnostics, not state.
@@ -109,6 +110,11 @@ class Site:
             return replace(self._last, recompute=True)
         frozen = not training and sync.active()
         if not (dense_forced or frozen):
+            if sync.active() and not self._ranks_checked:
+                # every rank's first training call of this site in this process: ranks built from other
+                # options, or resumed from state loaded on some ranks only, fail here, before any sync
+                sync.check_agreement(self, "first training call")
+                self._ranks_checked = True
             self.apply_staged()
         plan = CallPlan(options, self.calls, recompute=False, dense_forced=dense_forced, frozen=frozen)
         self._last = plan

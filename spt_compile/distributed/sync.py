@@ -18,8 +18,9 @@ calibration calls and the probe/refit calls, counted in training calls). A call 
 (evaluation, which scripts often run on rank 0 only) changes no state under torch.distributed
 (registry.CallPlan.frozen). With no process group initialised every function here returns its input.
 
-Each collective first compares a signature of the site (its name, kind, structure, options and call
-count) across ranks, as a hash in one 2-element all-reduce, and raises SptStateError naming what
+Each site's first training call in a process (registry.Site.begin), and each collective, first
+compares a signature of the site (its name, kind, structure, options and call counts) across ranks,
+as a hash in one 2-element all-reduce, and raises SptStateError naming what
 differs: ranks compiled with different options, or state loaded on some ranks only, fail at the
 first reduction instead of hanging or silently diverging.
 """

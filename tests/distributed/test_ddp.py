@@ -223,3 +223,23 @@ def _different_options(rank, world):
 def test_ranks_compiled_with_different_options_fail_clearly_at_the_first_sync():
     with pytest.raises(AssertionError, match=r"SptStateError.*differ in the options"):
         run_ranks(_different_options, world=2, timeout=300)
+
+
+def _state_on_rank0_only(rank, world, ckpt):
+    import spt_compile
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = tiny_llama(lora=True)
+    if rank == 0:
+        spt_compile.load_state_dict(model, torch.load(ckpt, weights_only=False)["spt"])
+    compiled = torch.compile(DDP(model), backend="spt", options=OPTIONS)
+    ids = rows_of_rank(batch(), rank, world)
+    for _ in range(3):  # rank 0 resumes past calibration, rank 1 calibrates: the first sync refuses
+        compiled(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_state_loaded_on_one_rank_only_fails_clearly(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    run_ranks(_train, world=2, args=(3, ckpt))
+    with pytest.raises(AssertionError, match=r"SptStateError.*differ in the (calls|training calls)"):
+        run_ranks(_state_on_rank0_only, world=2, args=(ckpt,), timeout=300)

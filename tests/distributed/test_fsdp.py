@@ -16,16 +16,41 @@ pytestmark = pytest.mark.slow
 OPTIONS = {"calibration_steps": 2, "attention_dense_below": 0, "compiler": "aot_eager"}
 
 
-def sharded_llama(world: int):
+def sharded_llama(world: int, compile_blocks: bool = False):
+    """fully_shard per decoder layer, then the root; compile_blocks: each layer compiled on its own
+    first (torchtitan's recipe), else the caller compiles the whole model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     model = tiny_llama(lora=True)
     for layer in model.base_model.model.model.layers:
+        if compile_blocks:
+            layer.compile(backend="spt", options=OPTIONS)
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def _blocks_compiled(rank, world):
+    import spt_compile
+
+    model = sharded_llama(world, compile_blocks=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = rows_of_rank(batch(), rank, world)
+    for _ in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    kinds = [entry["kind"] for entry in spt_compile.report(model)]
+    return {"kinds": sorted(kinds), "hash": state_hash(model)}
+
+
+def test_fsdp2_with_each_block_compiled_rewrites_every_layer():
+    ranks = run_ranks(_blocks_compiled, world=2)
+    for r in ranks:
+        assert r["kinds"] == ["attention", "attention", "mlp", "mlp"], r["kinds"]
+    assert ranks[0]["hash"] == ranks[1]["hash"]
 
 
 def _train_sharded(rank, world, steps, save_to=None, load_from=None):
