@@ -15,6 +15,7 @@ Rounds alternate A, B, A, B, ...; the ratio B / A of the medians over rounds dec
 
     git worktree add /tmp/ab_old 579457e
     python benchmarks/research/ab_refactor.py /tmp/ab_old . --rounds 5 --json benchmarks/research/results/ab_refactor_cpu.json
+    python benchmarks/research/ab_refactor.py /tmp/ab_old . --step --rounds 5 --json ...   # whole steps
 """
 
 from __future__ import annotations
@@ -71,15 +72,42 @@ print("RESULT", mlp_s, att_s, has_exact)
 '''
 
 
-def run(tree: Path, threads: int) -> tuple[float, float]:
+STEP = r'''
+import statistics, time, torch
+import spt_compile
+from spt_compile.options import Options
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+torch.set_num_threads(THREADS)
+has_exact = "exact_forward" in Options.__dataclass_fields__
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+opts = {"ffn_active": 2, "attention_dense_below": 0}
+if has_exact: opts.update(exact_forward=False, ffn_loss_rows="off")  # the older revision's only path
+compiled = torch.compile(model, backend="spt", options=opts)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(0, 49152, (1, 2048), generator=torch.Generator().manual_seed(1))
+times = []
+for i in range(4 + 4):  # 4 calibration steps, then 4 timed sparse steps
+    t0 = time.perf_counter()
+    compiled(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad()
+    if i >= 4: times.append(time.perf_counter() - t0)
+print("RESULT", statistics.median(times), 0.0, has_exact)
+'''
+
+
+def run(tree: Path, threads: int, child: str = CHILD) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
-    out = subprocess.run([sys.executable, "-c", CHILD.replace("THREADS", str(threads))], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", child.replace("THREADS", str(threads))], capture_output=True,
                          text=True, env=env, cwd=str(tree), timeout=900)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
     if not line:
         raise SystemExit(f"{tree}: no result\n{out.stderr[-3000:]}")
-    _, mlp_s, att_s, _ = line[0].split()
-    return float(mlp_s), float(att_s)
+    _, first, second, _ = line[0].split()
+    return float(first), float(second)
 
 
 def main(argv=None) -> int:
@@ -88,16 +116,20 @@ def main(argv=None) -> int:
     p.add_argument("b", type=Path, help="tree B (this one)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--step", action="store_true",
+                   help="instead: whole LoRA steps of a random SmolLM2-shaped model (4 layers, 2048 tokens, "
+                        "2 of 4 blocks, sparse forward, chunked loss, AdamW)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     rows = {"a": [], "b": []}
+    names = ("step",) if args.step else ("mlp", "attention")
     for r in range(args.rounds):
         for side, tree in (("a", args.a), ("b", args.b)):
-            rows[side].append(run(tree, args.threads))
-            print(f"round {r + 1} {side}: mlp {rows[side][-1][0] * 1e3:.1f} ms, attention {rows[side][-1][1] * 1e3:.1f} ms",
+            rows[side].append(run(tree, args.threads, STEP if args.step else CHILD))
+            print(f"round {r + 1} {side}: " + ", ".join(f"{n} {rows[side][-1][i] * 1e3:.1f} ms" for i, n in enumerate(names)),
                   flush=True)
     result = {}
-    for i, name in enumerate(("mlp", "attention")):
+    for i, name in enumerate(names):
         a = statistics.median(x[i] for x in rows["a"])
         b = statistics.median(x[i] for x in rows["b"])
         result[name] = {"a_ms": a * 1e3, "b_ms": b * 1e3, "b_over_a": b / a}
