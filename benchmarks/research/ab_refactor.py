@@ -13,9 +13,9 @@ Options not named here take each revision's defaults, so against a revision whos
 the redesign with those; against the revision before the redesign it isolates it.
 Rounds alternate A, B, A, B, ...; the ratio B / A of the medians over rounds decides.
 
-    git worktree add /tmp/ab_old 579457e
-    python benchmarks/research/ab_refactor.py /tmp/ab_old . --rounds 5 --json benchmarks/research/results/ab_refactor_cpu.json
-    python benchmarks/research/ab_refactor.py /tmp/ab_old . --step --rounds 5 --json ...   # whole steps
+    git worktree add ../spt-579457e 579457e
+    python benchmarks/research/ab_refactor.py ../spt-579457e . --rounds 5 --json benchmarks/research/results/ab_refactor_cpu.json
+    python benchmarks/research/ab_refactor.py ../spt-579457e . --step --rounds 5 --json ...   # whole steps
 """
 
 from __future__ import annotations
