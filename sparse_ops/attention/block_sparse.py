@@ -146,31 +146,28 @@ def _chunk_mask(idx: Tensor, r0: int, lay: _Layout, Nk: int, block_n: int, is_ca
     return lay.flat_rows(allowed.expand(*allowed.shape[:4], bm, Lb * block_n)), bias_vals
 
 
-def _tiles_simple(idx: Tensor, qb0: int, lay: _Layout, Nk: int, block_n: int, is_causal: bool) -> bool:
-    """True when a chunk needs only per-slot masks and, if causal, the causal pattern on slot 0: no
-    partial last key block listed, and (causal) block_m == block_n, N == Nk, slot 0 holds each query
-    block's diagonal block and every other slot an earlier block. select_key_blocks lists blocks so."""
-    if Nk % block_n and bool((idx == Nk // block_n).any()):
+def _tiles_simple(lay: _Layout, Nk: int, block_n: int, is_causal: bool, diag_first: bool) -> bool:
+    """True when a chunk needs only per-slot masks and, if causal, the causal pattern on slot 0: the
+    keys fill whole blocks (no partial last block to mask), and (causal) block_m == block_n, N == Nk
+    and the caller promises `diag_first`: slot 0 holds each query block's diagonal block and every
+    other slot an earlier one, as select_key_blocks lists them. Decided from shapes and that promise
+    alone: checking the indices would read device data on the host every chunk."""
+    if Nk % block_n:
         return False
     if not is_causal:
         return True
-    if lay.block_m != block_n or lay.N != Nk:
-        return False
-    qb = torch.arange(qb0, qb0 + idx.shape[2], device=idx.device).view(1, 1, -1)
-    return bool((idx[..., 0] == qb).all()) and bool((idx[..., 1:] < qb[..., None]).all())
+    return diag_first and lay.block_m == block_n and lay.N == Nk
 
 
 def _scores(qc: Tensor, kg: Tensor, idx: Tensor, qb0: int, r0: int, lay: _Layout, Nk: int, block_n: int,
-            scale: float, is_causal: bool, bias: Optional[Tensor]) -> Tensor:
+            scale: float, is_causal: bool, bias: Optional[Tensor], diag_first: bool) -> Tensor:
     """qc [B, S, C, R, D] x kg [B, S, C, Lb * block_n, D] -> scores [B, S, C, R, Lb * block_n], -inf
     where a key is not allowed, bias added."""
     s = torch.matmul(qc * scale, kg.transpose(-1, -2))
-    if bias is None and _tiles_simple(idx, qb0, lay, Nk, block_n, is_causal):
+    if bias is None and _tiles_simple(lay, Nk, block_n, is_causal, diag_first):
         B, S, C, Lb = idx.shape
         s6 = s.view(B, S, C, s.shape[3], Lb, block_n)
-        unused = idx < 0
-        if bool(unused.any()):
-            s6.masked_fill_(unused.view(B, S, C, 1, Lb, 1), float("-inf"))
+        s6.masked_fill_((idx < 0).view(B, S, C, 1, Lb, 1), float("-inf"))  # unused slots (no sync to skip it)
         if is_causal:  # key j of the diagonal tile is after row i of it iff j > i
             r = torch.arange(s.shape[3], device=s.device) % lay.block_m
             s6[..., 0, :].masked_fill_(r.view(-1, 1) < torch.arange(block_n, device=s.device).view(1, -1),
@@ -183,7 +180,7 @@ def _scores(qc: Tensor, kg: Tensor, idx: Tensor, qb0: int, r0: int, lay: _Layout
 
 
 def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,
-                               dropout_p=0.0, seed=0) -> tuple[Tensor, Tensor]:
+                               dropout_p=0.0, seed=0, diag_first=False) -> tuple[Tensor, Tensor]:
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     acc = _acc(q.dtype)
@@ -200,7 +197,8 @@ def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=
         r0, r1 = qb0 * block_m, min(N, (qb0 + C) * block_m)
         idx = block_idx[:, :, qb0 : qb0 + C]
         _, kg, vg = tiles.gather(idx)
-        s = _scores(lay.flat_rows(lay.rows(q, r0, C, acc)), kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias)
+        s = _scores(lay.flat_rows(lay.rows(q, r0, C, acc)), kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias,
+                    diag_first)
         row_lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [B, S, C, R, 1]
         p = s.sub_(row_lse.nan_to_num(neginf=0.0)).exp_()  # 0 where not allowed
         if dropout_p > 0.0:
@@ -211,7 +209,8 @@ def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=
 
 
 def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None,
-                                block_m=64, block_n=64, dropout_p=0.0, seed=0) -> tuple[Tensor, Tensor, Tensor]:
+                                block_m=64, block_n=64, dropout_p=0.0, seed=0,
+                                diag_first=False) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     acc = _acc(q.dtype)
@@ -234,7 +233,7 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
             idx = block_idx[:, :, qb0 : qb0 + C]
             _, kg, vg = tiles.gather(idx)
             qc = lay.flat_rows(lay.rows(q, r0, C, acc))  # [B, S, C, R, D]
-            s = _scores(qc, kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias)
+            s = _scores(qc, kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias, diag_first)
             p = s.sub_(lay.flat_rows(lay.rows(lse_rows, r0, C, torch.float32)).to(acc)).exp_()
             do = lay.flat_rows(lay.rows(dout, r0, C, acc))  # [B, S, C, R, Dv]
             dp = torch.matmul(do, vg.transpose(-1, -2))  # [B, S, C, R, Lb * block_n]
@@ -267,9 +266,11 @@ def additive(bias: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,
-                         dropout_p=0.0, seed=0, impl="auto") -> tuple[Tensor, Tensor]:
+                         dropout_p=0.0, seed=0, impl="auto", diag_first=False) -> tuple[Tensor, Tensor]:
     """(out, lse) by the chosen implementation. The Triton kernels have no dropout: with dropout_p > 0
-    the torch path runs (same results, slower on GPU)."""
+    the torch path runs (same results, slower on GPU). diag_first: block_idx lists, for causal
+    attention, each query block's diagonal block in slot 0 and earlier blocks after it (what
+    select_key_blocks makes), so the torch path masks only the diagonal tile; False: any layout."""
     impl = resolve_impl(impl, q.device)
     if impl == "reference" and dropout_p == 0.0:  # lse unused: backward differentiates the reference
         from .reference import block_sparse_attention_reference
@@ -281,11 +282,13 @@ def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, 
 
         return block_sparse_forward_triton(q, k, v, block_idx, scale, is_causal,
                                            additive(bias), block_m, block_n)
-    return block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n, dropout_p, seed)
+    return block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n, dropout_p, seed,
+                                      diag_first)
 
 
 def block_sparse_backward(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None, block_m=64,
-                          block_n=64, dropout_p=0.0, seed=0, impl="auto") -> tuple[Tensor, Tensor, Tensor]:
+                          block_n=64, dropout_p=0.0, seed=0, impl="auto",
+                          diag_first=False) -> tuple[Tensor, Tensor, Tensor]:
     impl = resolve_impl(impl, q.device)
     if impl == "reference" and dropout_p == 0.0:
         from .reference import block_sparse_attention_reference
@@ -299,4 +302,4 @@ def block_sparse_backward(dout, q, k, v, block_idx, out, lse, scale, is_causal=F
         return block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale,
                                             is_causal, additive(bias), block_m, block_n)
     return block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal, bias, block_m,
-                                       block_n, dropout_p, seed)
+                                       block_n, dropout_p, seed, diag_first)

@@ -45,13 +45,15 @@ def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], bloc
     return torch.ceil(keys.double() / block_n).long().clamp(min=1, max=n_kb)
 
 
-def packed_segments(mask: Tensor, real: Tensor, N: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+def packed_segments(mask: Tensor, real: Tensor, N: int,
+                    packed_known: bool = False) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """The sequences of rows that pack several (HF's DataCollatorWithFlattening: one row, a
     block-diagonal mask): (segment [B, N] the sequence index of each position, length [B, N] the real
     keys of sequence s at [:, s], packed [B] bool: the row holds two or more sequences with keys);
     None when no row packs two sequences, or the mask is not square self-attention.
     A sequence starts at query i when i may see key i but not key i - 1: only the mask's diagonal
-    and the one below it are read."""
+    and the one below it are read. packed_known: return the segments whatever `packed` says (the
+    caller reads it on the host with other facts, in one transfer), not None."""
     Nk = real.shape[1]
     if N != Nk or N < 2 or mask.shape[2] != N:
         return None
@@ -63,28 +65,30 @@ def packed_segments(mask: Tensor, real: Tensor, N: int) -> Optional[tuple[Tensor
     segment = starts.long().cumsum(1) - 1  # [B, N]: the sequence of each position
     length = torch.zeros(B, N, dtype=torch.int64, device=mask.device).scatter_add_(1, segment, real.long())
     packed = (length > 0).sum(1) > 1  # [B]: rows holding two or more sequences with keys
-    if not bool(packed.any()):
+    if not (packed_known or bool(packed.any())):
         return None
     return segment, length, packed
 
 
 def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, top_l: Optional[int],
-                            block_m: int, block_n: int) -> Optional[tuple[Tensor, Tensor]]:
+                            block_m: int, block_n: int, found=None) -> Optional[tuple[Tensor, Tensor]]:
     """Rows that pack several sequences (packed_segments) give each query block the budget and the
     sink block of its own sequence, as if it ran alone: (budget, sink), each [B, n_qb] int64 (budget
     on the CPU: the largest among the sequences of the block's queries; sink: the first key block of
     the sequence of the block's last row); None when no row packs two sequences (blocks_per_query of
     the row's length applies, sink block 0). A sequence that does not start at a multiple of block_n
-    spans one key block more than alone and gets it, so density 1.0 still lists every key."""
-    found = packed_segments(mask, real, N)
+    spans one key block more than alone and gets it, so density 1.0 still lists every key.
+    found: packed_segments of this mask when the caller has them; with them and `real` on the host,
+    everything is computed on the host (sink too) and no device memory is read."""
+    found = packed_segments(mask, real, N) if found is None else found
     if found is None:
         return None
     segment, length, packed = found
     B, Nk = real.shape
-    i = torch.arange(N, device=mask.device)
+    i = torch.arange(N, device=segment.device)
     block = (i // block_n).expand(B, N)
-    first = torch.full((B, N), N, dtype=torch.int64, device=mask.device).scatter_reduce_(1, segment, block, "amin")
-    last = torch.zeros(B, N, dtype=torch.int64, device=mask.device).scatter_reduce_(1, segment, block, "amax")
+    first = torch.full((B, N), N, dtype=torch.int64, device=segment.device).scatter_reduce_(1, segment, block, "amin")
+    last = torch.zeros(B, N, dtype=torch.int64, device=segment.device).scatter_reduce_(1, segment, block, "amax")
     spanned = (last - first + 1).clamp(min=1)  # [B, N] key blocks each sequence covers
     alone = torch.ceil(length.double() / block_n).long()  # ... and would cover alone
     budget = (blocks_per_query(length, density, top_l, block_n, N) + spanned - alone).minimum(spanned)
@@ -92,7 +96,7 @@ def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, 
     n_qb = n_blocks(N, block_m)
     per_block = _pad_to(per_query, 1, n_qb * block_m, 0).view(B, n_qb, block_m).amax(-1)  # [B, n_qb]
     whole_row = blocks_per_query(real.sum(1), density, top_l, block_n, n_blocks(Nk, block_n))
-    last_row = (torch.arange(n_qb, device=mask.device) * block_m + block_m - 1).clamp(max=N - 1)
+    last_row = (torch.arange(n_qb, device=segment.device) * block_m + block_m - 1).clamp(max=N - 1)
     sink = first.gather(1, segment[:, last_row])  # [B, n_qb]
     sink = torch.where(packed[:, None], sink, 0)
     return torch.where(packed[:, None], per_block, whole_row[:, None].to(per_block.device)).cpu(), sink

@@ -149,6 +149,15 @@ def supported(Nk: int, block_n: int) -> bool:
     return n_blocks(Nk, block_n) <= MAX_KEY_BLOCKS
 
 
+def _host_uniform(budget_lb: Tensor) -> bool:
+    """Whether every query block has the same budget. The budgets are host data (decided from the
+    mask's lengths once per step), so this reads no device memory."""
+    if budget_lb.device.type != "cpu":
+        raise ValueError("select_key_blocks_triton: budget_lb must be a CPU tensor (host data), "
+                         f"got one on {budget_lb.device}")
+    return bool((budget_lb == budget_lb.flatten()[0]).all())
+
+
 def select_key_blocks_triton(
     q: Tensor,
     k: Tensor,
@@ -184,7 +193,7 @@ def select_key_blocks_triton(
         k, real_arg, k_bar, log_count, *k.stride(), Hkv, Nk, D, n_kb,
         HAS_REAL=real is not None, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
     )
-    uniform = bool((budget_lb == budget_lb.flatten()[0]).all())
+    uniform = _host_uniform(budget_lb)
     lb_t = log_count if uniform else budget_lb.to(device=q.device, dtype=torch.int32).view(B, -1).expand(B, n_qb)
     lb_strides = (0, 0) if uniform else lb_t.stride()
     if tiles is not None:

@@ -19,8 +19,8 @@ is first chosen later (a run-time option), from that call's keys.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -38,6 +38,7 @@ from spt_compile.sparse_ops.attention import pq, select as block_select
 from spt_compile.sparse_ops.attention.block_sparse import block_sparse_forward, resolve_impl
 from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_forward
 
+from . import mask_memo
 from .meta import AttentionMeta
 
 KEYS_PER_CALL = 1024  # keys per kv head sampled from each calibration / training call
@@ -94,55 +95,88 @@ def dense_attention_with_lse(q, k, v, mask, is_causal: bool, scale: float) -> tu
         q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
 
 
-def as_causal(mask: Optional[Tensor], is_causal: bool, N: int, Nk: int) -> tuple[Optional[Tensor], bool]:
+@dataclass(frozen=True)
+class MaskFacts:
+    """What the site reads from an attention mask [B|1, H|1, N|1, Nk], found once per mask
+    (mask_memo: every layer of a step gets the same mask tensor) with one device-to-host transfer.
+
+    causal: a boolean mask allowing exactly the causal lower triangle for every row and head;
+    real [B, Nk] bool: keys some query may attend (device); lengths [B] int64: real keys per row
+    (host); packed: block_select.packed_segments (segment, length, packed), or None when no row
+    packs two sequences; packed_host: the same and `real` on the host (the packed rows' block
+    budgets are computed there, without another sync)."""
+
+    causal: bool
+    real: Tensor
+    lengths: Tensor
+    packed: Optional[tuple[Tensor, Tensor, Tensor]]
+    packed_host: Optional[tuple[tuple[Tensor, Tensor, Tensor], Tensor]] = None
+
+
+def mask_facts(mask: Tensor, B: int, N: int, Nk: int) -> MaskFacts:
+    def analyse() -> MaskFacts:
+        real = pq.real_key_mask(mask, B, Nk)  # [B, Nk]
+        found = block_select.packed_segments(mask, real, N, packed_known=True)
+        packed_rows = found[2] if found is not None else real.new_zeros(B)
+        if (mask.dtype == torch.bool and mask.dim() == 4 and N == Nk and mask.shape[-2:] == (N, Nk)):
+            # [N, N]: query i sees keys 0..i. Built per analysis, not kept: at N=8192 it is 64 MB.
+            triangle = torch.ones(N, N, dtype=torch.bool, device=mask.device).tril()
+            causal = (mask == triangle).all().view(1)
+        else:
+            causal = real.new_zeros(1)
+        # the analysis's one sync: every host fact in one transfer (segments too: a few int64 per key)
+        parts = [causal.long(), real.sum(-1), packed_rows.long()]
+        if found is not None:
+            parts += [found[0].reshape(-1), found[1].reshape(-1), real.long().reshape(-1)]
+        host = torch.cat(parts).cpu()
+        packed = found is not None and bool(host[1 + B : 1 + 2 * B].any())
+        packed_host = None
+        if packed:
+            o = 1 + 2 * B
+            segment, length, rows = (host[o + j * B * N: o + (j + 1) * B * N].view(B, N) for j in range(3))
+            packed_host = ((segment, length, host[1 + B : o].bool()), rows[:, :Nk].bool())
+        return MaskFacts(bool(host[0]), real, host[1 : 1 + B], found if packed else None, packed_host)
+
+    return mask_memo.memo(mask, ("facts", B, N, Nk), analyse)
+
+
+def _host_packed_budgets(mask: Tensor, on_host, N: int, options: Options, bm: int, bn: int, device):
+    """Packed rows' block budgets and sink blocks (select.packed_blocks_per_query), computed on the
+    host from the mask's analysis (MaskFacts.packed_host): no device memory is read. The sink list
+    goes to the device once per mask."""
+    found, real_host = on_host
+    if any(t.device.type != "cpu" for t in (*found, real_host)):
+        raise ValueError("_host_packed_budgets: the mask's packed segments must be host tensors")
+    budget, sink = block_select.packed_blocks_per_query(mask, real_host, N, options.density, options.top_l, bm, bn,
+                                                        found)
+    return budget, sink.to(device)
+
+
+def as_causal(mask: Optional[Tensor], is_causal: bool, B: int, N: int, Nk: int) -> tuple[Optional[Tensor], bool]:
     """(None, True) when `mask` is a boolean mask allowing exactly the causal lower triangle for every
     batch row and head, else (mask, is_causal) unchanged. Hugging Face's SDPA path passes such a mask
     [B, 1, N, N] instead of is_causal=True when nothing is padded; read as causal, the block path
-    skips the per-element masking and the tile reductions a general mask needs (one compare of the
-    mask here instead). Forward and backward both call it on the same mask, so they agree."""
+    skips the per-element masking and the tile reductions a general mask needs (the mask's analysis,
+    once per step, decides it). Forward and backward both call it on the same mask, so they agree."""
     if (mask is None or is_causal or mask.dtype != torch.bool or N != Nk or mask.dim() != 4
             or mask.shape[-2:] != (N, Nk)):
         return mask, is_causal
-    return (None, True) if _is_causal_triangle(mask) else (mask, is_causal)
+    return (None, True) if mask_facts(mask, B, N, Nk).causal else (mask, is_causal)
 
 
-# The last verdict of _is_causal_triangle: every layer of a step gets the same mask tensor (forward and
-# backward), so one compare per step instead of one per layer and direction (1.5 ms each at N=2048
-# on this CPU). Kept with a weak reference: the same live tensor at the same version has the same values.
-_last_verdict: Optional[tuple] = None  # (weakref to the mask, its _version, verdict)
-
-
-def _is_causal_triangle(mask: Tensor) -> bool:
-    global _last_verdict
-    try:
-        version = mask._version
-    except RuntimeError:  # inference tensors keep no version counter: no cache
-        version = None
-    last = _last_verdict
-    if version is not None and last is not None and last[0]() is mask and last[1] == version:
-        return last[2]
-    N = mask.shape[-1]
-    # [N, N]: query i sees keys 0..i. Built per check (once per step), not kept: at N=8192 it is 64 MB.
-    triangle = torch.ones(N, N, dtype=torch.bool, device=mask.device).tril()
-    verdict = torch.equal(mask, triangle.expand(mask.shape))
-    if version is not None:
-        _last_verdict = (weakref.ref(mask), version, verdict)
-    return verdict
-
-
-def real_key_positions(mask: Optional[Tensor], B: int, Nk: int, device) -> Tensor:
+def real_key_positions(mask: Optional[Tensor], B: int, N: int, Nk: int, device) -> Tensor:
     """[B, Nk] bool: keys some query may attend (padding is never one)."""
     if mask is None:
         return torch.ones(B, Nk, dtype=torch.bool, device=device)
-    return pq.real_key_mask(mask, B, Nk)
+    return mask_facts(mask, B, N, Nk).real
 
 
 def token_budget(mask: Optional[Tensor], real: Tensor, N: int, density: float, top_l: Optional[int]) -> Tensor:
     """Keys per query: [B], one per row from its real length; or [B, N] when a row packs several
     sequences (block_select.packed_segments), each query budgeted by its own sequence's length, as
     if it ran alone."""
-    row = pq.keys_per_query(real_lengths(mask, real), density, top_l)  # [B]
-    found = None if mask is None else block_select.packed_segments(mask, real, N)
+    row = pq.keys_per_query(real_lengths(mask, real, N), density, top_l)  # [B]
+    found = None if mask is None else mask_facts(mask, real.shape[0], N, real.shape[1]).packed
     if found is None:
         return row
     segment, length, packed = found
@@ -150,9 +184,12 @@ def token_budget(mask: Optional[Tensor], real: Tensor, N: int, density: float, t
     return torch.where(packed[:, None], per_query, row.to(per_query.device)[:, None])
 
 
-def real_lengths(mask: Optional[Tensor], real: Tensor) -> Tensor:
-    """Real keys per sequence [B] on the CPU; without a mask every key is real (no device sync)."""
-    return torch.full((real.shape[0],), real.shape[1], dtype=torch.int64) if mask is None else real.sum(-1).cpu()
+def real_lengths(mask: Optional[Tensor], real: Tensor, N: int) -> Tensor:
+    """Real keys per sequence [B] on the CPU; without a mask every key is real, with one from the
+    mask's analysis (mask_facts: one sync per mask). `real` must be real_key_positions of that mask."""
+    if mask is None:
+        return torch.full((real.shape[0],), real.shape[1], dtype=torch.int64)
+    return mask_facts(mask, real.shape[0], N, real.shape[1]).lengths
 
 
 def _token_rows_to_keys(sel: Tensor, n: int) -> Tensor:
@@ -276,9 +313,9 @@ class AttentionSite(Site):
                else "exact_forward_dropout" if options.sparse_attention and dropout_p > 0 else "dense")
         real = None
         if not exact:
-            real = real_key_positions(mask, B, Nk, q.device)
+            real = real_key_positions(mask, B, N, Nk, q.device)
             how = "exact_forward" if training and options.exact_forward else "sparse"
-            if int(real_lengths(mask, real).max()) < options.attention_dense_below:
+            if int(real_lengths(mask, real, N).max()) < options.attention_dense_below:
                 exact = True  # a short sequence: exact attention is cheap, and sparsity would cost quality
                 how = "exact_short"
                 if plan.updates_state:  # a count changes no choice: no need to stage it
@@ -293,7 +330,7 @@ class AttentionSite(Site):
                 else:
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 if calibrating and plan.updates_state:
-                    self._calibrate(k, real_key_positions(mask, B, Nk, q.device), plan, seed)
+                    self._calibrate(k, real_key_positions(mask, B, N, Nk, q.device), plan, seed)
             self.end(plan, training)
             lse_dtype = torch.promote_types(q.dtype, torch.float32)
             lse = torch.zeros(B, H, N, dtype=lse_dtype, device=q.device) if lse is None else lse.to(lse_dtype)
@@ -364,7 +401,7 @@ class AttentionSite(Site):
         every = torch.full((q.shape[0],), n_kb, dtype=torch.int64)
         impl = resolve_impl(options.attention_impl, q.device)
         block_idx = block_select.select_blocks(q, k, scale, every, is_causal, mask, real, bm, bn, impl)
-        return block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, 0.0, 0, impl)
+        return block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, 0.0, 0, impl, diag_first=True)
 
     def _token_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None):
         """Top-L keys per query by a PQ proxy (the asymmetric inner product q . k_hat, or the number
@@ -392,11 +429,14 @@ class AttentionSite(Site):
         bm = bn = options.attention_block
         Nk = k.shape[2]
         n_kb = block_select.n_blocks(Nk, bn)
-        lengths = real_lengths(mask, real)
+        lengths = real_lengths(mask, real, q.shape[2])
         # Packed rows (several sequences, a block-diagonal mask): each query block's budget comes from
         # its own sequence's length, as if it ran alone.
-        packed = None if mask is None else block_select.packed_blocks_per_query(
-            mask, real, q.shape[2], options.density, options.top_l, bm, bn)
+        on_host = None if mask is None else mask_facts(mask, q.shape[0], q.shape[2], Nk).packed_host
+
+        packed = None if on_host is None else mask_memo.memo(
+            mask, ("packed blocks", q.shape[2], tuple(real.shape), options.density, options.top_l, bm, bn),
+            lambda: _host_packed_budgets(mask, on_host, q.shape[2], options, bm, bn, q.device))
         budget_lb, sink = (block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb), None) \
             if packed is None else packed
         impl = resolve_impl(options.attention_impl, q.device)
@@ -406,8 +446,9 @@ class AttentionSite(Site):
                                  option="attention_impl")
         block_idx = block_select.select_blocks(q, k, scale, budget_lb, is_causal, mask, real, bm, bn, impl,
                                                sink=sink)
+        # select_blocks lists each query block's diagonal block first (diag_first: no per-chunk check)
         out, lse = given if given is not None else block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm,
-                                                                         bn, dropout_p, seed, impl)
+                                                                         bn, dropout_p, seed, impl, diag_first=True)
         meta = AttentionMeta(AttentionMeta.BLOCK, seed, tuple(block_idx.shape[1:]), bm, bn, impl).tensor()
         G = q.shape[1] // block_idx.shape[1]
 

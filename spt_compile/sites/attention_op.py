@@ -31,7 +31,7 @@ def attention_site(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
     site = REGISTRY.site(template, anchor)
-    mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])
+    mask, is_causal = as_causal(mask, is_causal, q.shape[0], q.shape[2], k.shape[2])
     common = _common_dtype(q, k, v)
     if common is None:
         return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p,
@@ -73,7 +73,7 @@ def attention_site_backward(
         grads = attention_site_backward(*_cast(common, dout, q, k, v, mask, out), lse, indices, meta, is_causal,
                                         scale, dropout_p)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
-    mask, is_causal = as_causal(mask, is_causal, q.shape[2], k.shape[2])  # as forward read it
+    mask, is_causal = as_causal(mask, is_causal, q.shape[0], q.shape[2], k.shape[2])  # as forward read it
     run = AttentionMeta.read(meta)
     bias = mask if mask is not None and mask.dtype != torch.bool else None
     B = q.shape[0]
@@ -88,7 +88,8 @@ def attention_site_backward(
         return tuple(g.contiguous() for g in grads)
     if run.mode == AttentionMeta.BLOCK:
         grads = block_sparse_backward(dout, q, k, v, indices.view(B, *run.shape), out, lse, scale, is_causal, mask,
-                                      run.block_m, run.block_n, dropout_p, run.seed, run.impl)
+                                      run.block_m, run.block_n, dropout_p, run.seed, run.impl,
+                                      diag_first=True)  # the site's selection (select_blocks) made them
         return tuple(g.contiguous() for g in grads)
     # Dense calls saved no attention weights: recompute them (same dropout seed). torch.func.vjp,
     # not autograd.grad: inside a custom op's kernel autograd records nothing.

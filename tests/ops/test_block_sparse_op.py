@@ -81,11 +81,13 @@ def test_more_slots_than_blocks_and_causal_mask_together():
           grouped=True, seed=2)
 
 
-def test_selected_blocks_causal_fast_path_matches_reference():
-    """select_key_blocks lists each query block's diagonal block first, which the torch path masks
-    on that tile only; the result must still be exact."""
+@pytest.mark.parametrize("N,diag_first", [(256, True), (256, False), (257, True)])
+def test_selected_blocks_causal_fast_path_matches_reference(N, diag_first):
+    """select_key_blocks lists each query block's diagonal block first; told so (diag_first), the
+    torch path masks the causal pattern on that tile only (N = 256: whole blocks), else, or with a
+    partial last block (N = 257), it masks every tile. Both must be exact."""
     gen = torch.Generator().manual_seed(3)
-    B, H, Hkv, N, D = 2, 6, 2, 257, 64
+    B, H, Hkv, D = 2, 6, 2, 64
     q = torch.randn(B, H, N, D, generator=gen, requires_grad=True)
     k, v = (torch.randn(B, Hkv, N, D, generator=gen, requires_grad=True) for _ in range(2))
     real = torch.ones(B, N, dtype=torch.bool)
@@ -93,11 +95,12 @@ def test_selected_blocks_causal_fast_path_matches_reference():
     idx = select_key_blocks(q.detach(), k.detach(), D**-0.5, lb, True, None, real, 16, 16)
     assert idx.shape == (B, Hkv, -(-N // 16), int(lb.max()))
     assert (idx[..., 0] == torch.arange(idx.shape[2]).view(1, 1, -1)).all(), "diagonal block in slot 0"
-    out, lse = block_sparse_forward(q.detach(), k.detach(), v.detach(), idx, D**-0.5, True, None, 16, 16, impl="torch")
+    out, lse = block_sparse_forward(q.detach(), k.detach(), v.detach(), idx, D**-0.5, True, None, 16, 16, impl="torch",
+                                    diag_first=diag_first)
     ref = block_sparse_attention_reference(q, k, v, idx, D**-0.5, True, None, 16, 16)
     dout = torch.randn(ref.shape, generator=gen)
     grads = block_sparse_backward(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, D**-0.5, True, None, 16, 16,
-                                  impl="torch")
+                                  impl="torch", diag_first=diag_first)
     torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4)
     for g, r in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
         torch.testing.assert_close(g, r, atol=3e-5, rtol=1e-4)

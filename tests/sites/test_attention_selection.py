@@ -121,16 +121,16 @@ def test_an_explicit_causal_mask_runs_as_is_causal():
     from toy_models import GQAAttention
 
     tri = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
-    assert as_causal(tri, False, 9, 9) == (None, True)
-    assert as_causal(tri.expand(2, 1, 9, 9), False, 9, 9) == (None, True)
+    assert as_causal(tri, False, 1, 9, 9) == (None, True)
+    assert as_causal(tri.expand(2, 1, 9, 9), False, 2, 9, 9) == (None, True)
     padded = tri.clone()
     padded[..., 0] = False  # key 0 padded
     for m, n, nk in [(padded, 9, 9), (tri.float(), 9, 9), (tri[..., :8], 9, 8)]:
-        got, causal = as_causal(m, False, n, nk)
+        got, causal = as_causal(m, False, 1, n, nk)
         assert got is m and causal is False
-    assert as_causal(tri, False, 9, 9) == (None, True)
+    assert as_causal(tri, False, 1, 9, 9) == (None, True)
     tri[0, 0, 8, 0] = False  # changed in place after a verdict: checked again, not cached
-    assert as_causal(tri, False, 9, 9)[1] is False
+    assert as_causal(tri, False, 1, 9, 9)[1] is False
 
     torch._dynamo.reset()
     torch.manual_seed(0)
