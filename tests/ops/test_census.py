@@ -1,0 +1,125 @@
+"""Host overhead of the ops, counted on the CPU (spt_compile.testing.Census): kernel launches and
+host-device syncs per call (issue 19). The attention site in steady state reads no device data on the
+host for any mask form; the mask is analysed once per mask tensor, i.e. once per step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spt_compile
+from spt_compile.testing import Census
+
+
+def test_census_counts_launches_and_syncs_of_device_data_only():
+    x = torch.randn(4, 4)  # an input: device data
+    with Census() as c:
+        pass
+    assert (c.launches, c.syncs) == (0, 0)
+    # outside an spt op nothing is counted: the census watches our ops' implementations
+    with Census() as c:
+        (x @ x).sum().item()
+    assert (c.launches, c.syncs) == (0, 0)
+
+
+def _count_inside_op(fn):
+    """Run fn as if it were an spt op's implementation (the census counts only inside those)."""
+    with Census() as c:
+        c._active = True
+        with c._modes[0], c._modes[1]:
+            fn()
+        c._active = False
+    return c
+
+
+def test_census_tells_host_data_from_device_data():
+    x = torch.randn(8, 8)
+
+    def work():
+        y = torch.softmax(x @ x, dim=-1)  # 2 launches on device data
+        lengths = torch.full((2,), 8)  # host data: no device= given
+        int(lengths.max())  # a host read of host data: no sync
+        lengths.to(x.device)  # a host-to-device copy: one launch, no sync
+        y.sum().item()  # one launch (sum) and a sync
+        y.tolist()  # a sync
+        torch.equal(y, y)  # a sync
+
+    c = _count_inside_op(work)
+    assert c.launches == 4, c.ops
+    assert c.syncs == 3, c.summary()
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q, k, v, mask, is_causal: bool):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+
+
+def _inputs(form: str, B: int, N: int):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, 6, N, 32, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, 2, N, 32, generator=g, requires_grad=True) for _ in range(2))
+    tri = torch.ones(N, N, dtype=torch.bool).tril()
+    if form in ("none", "causal"):
+        return q, k, v, None, form == "causal"
+    if form == "hf_causal":
+        return q, k, v, tri.expand(B, 1, N, N), False
+    if form == "padded":
+        real = torch.ones(B, N, dtype=torch.bool)
+        real[-1, 3 * N // 4:] = False
+        return q, k, v, (tri & real[:, None, None, :]).expand(B, 1, N, N), False
+    seg = (torch.arange(N) >= N // 2).long()  # packed: two sequences per row
+    return q, k, v, (tri & (seg[:, None] == seg[None, :])).expand(B, 1, N, N), False
+
+
+def _census(compiled, q, k, v, mask, causal, training: bool):
+    with Census() as c:
+        if training:
+            out = compiled(q, k, v, mask, causal)
+            out.backward(torch.ones_like(out))
+        else:
+            with torch.no_grad(), spt_compile.enable(sparse_inference=True):
+                compiled(q.detach(), k.detach(), v.detach(), mask, causal)
+    return c
+
+
+def _compiled(impl: str, block: int = 64):
+    torch._dynamo.reset()
+    return torch.compile(_Attention(), backend="spt", options={
+        "calibration_steps": 1, "attention_dense_below": 0, "attention_impl": impl, "attention_block": block})
+
+
+@pytest.mark.parametrize("form", ["none", "causal", "hf_causal", "padded", "packed"])
+def test_attention_steady_state_reads_no_device_data_on_the_host(form):
+    """Forward + backward of a training call and a sparse inference call: no sync once the mask has
+    been seen (every later layer of a step gets the same mask tensor); its first analysis (once per
+    step) syncs once: every fact about the mask comes back in one transfer."""
+    compiled = _compiled("torch", block=32)
+    B, N = 2, 256
+    for _ in range(2):  # calibration, then a compile of the training graph
+        q, k, v, mask, causal = _inputs(form, B, N)
+        compiled(q, k, v, mask, causal).sum().backward()
+    q, k, v, mask, causal = _inputs(form, B, N)
+    _census(compiled, q, k, v, _inputs(form, B, N)[3], causal, training=False)  # compiles the eval graph
+    first = _census(compiled, q, k, v, mask, causal, training=True)
+    assert first.syncs <= (0 if mask is None else 1), first.summary()  # the analysis: one transfer
+    again = _census(compiled, q, k, v, mask, causal, training=True)
+    assert again.syncs == 0, again.summary()
+    infer = _census(compiled, q, k, v, mask, causal, training=False)
+    assert infer.syncs == 0, infer.summary()
+    assert again.ops["topk"] >= 1 and infer.ops["topk"] >= 1, "block selection ran in both calls"
+
+
+def test_an_in_place_change_of_the_mask_is_analysed_again():
+    """The mask's facts are kept per version: a mask changed in place is read again, not trusted."""
+    compiled = _compiled("torch", block=32)
+    q, k, v, mask, _ = _inputs("padded", 2, 128)
+    mask = mask.clone()
+    for _ in range(2):
+        compiled(q, k, v, mask, False).sum().backward()
+    before = compiled(q, k, v, mask, False)
+    mask[1, :, :, 64:] = False  # fewer real keys in row 1
+    after = compiled(q, k, v, mask, False)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
+    torch.testing.assert_close(after[1, :, :64], want[1, :, :64], atol=1e-5, rtol=1e-4)  # exact forward
+    assert not torch.allclose(before[1], after[1])
