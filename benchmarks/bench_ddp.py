@@ -108,14 +108,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if "RANK" not in os.environ:
         p.error("run under torchrun, e.g. torchrun --nproc_per_node 2 benchmarks/bench_ddp.py ...")
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    from spt_compile.recipes.launch import start_process_group
+
+    device = start_process_group(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     from provenance import source_commit
 

@@ -20,7 +20,6 @@ rank on its share of the examples.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from spt_compile.recipes.cli import spt_option_pairs
 from spt_compile.recipes.data import Batches, collate, encode, find_gsm8k
 from spt_compile.recipes.errors import UserError
+from spt_compile.recipes.launch import start_process_group
 from spt_compile.recipes.lora import add_lora
 from spt_compile.recipes.models import load_model
 
@@ -61,17 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def start() -> tuple[int, int, torch.device]:
     """The process group torchrun describes (NCCL on GPUs, gloo on CPUs)."""
-    if "RANK" not in os.environ:
-        raise UserError("run me with torchrun, e.g. torchrun --nproc_per_node 2 examples/ddp_finetune.py "
-                        "(examples/finetune.py is the single-process job)")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    device = start_process_group(how_to_run="torchrun --nproc_per_node 2 examples/ddp_finetune.py "
+                                            "(examples/finetune.py is the single-process job)")
     return dist.get_rank(), dist.get_world_size(), device
 
 
