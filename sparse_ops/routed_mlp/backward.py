@@ -107,6 +107,7 @@ def routed_mlp_backward_saved(
     comp: Optional[tuple[Tensor, Tensor]] = None,
     exact_forward: bool = False,
     whole: bool = False,
+    counts: Optional[list[int]] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t and t_out),
     with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
@@ -125,7 +126,7 @@ def routed_mlp_backward_saved(
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
     T, d_in, d_out = x.shape[0], x.shape[1], dy.shape[1]
-    blocks = list(_routed_blocks(block_mask, spec))
+    blocks = list(_routed_blocks(block_mask, spec, counts))  # counts: the forward's, when given (no sync)
     projections = _input_projections(spec)
     n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
     cols = _lora_columns(d_in, w, spec)

@@ -92,20 +92,23 @@ def _out_keep(n_tokens: int, lo: int, hi: int, spec: MlpSpec, seed: int, block: 
     return _keep_scale((n_tokens, hi - lo), spec.out_dropout, seed, 16 + block, x.device, x.dtype)
 
 
-def route_tokens(block_mask: Tensor) -> tuple[Tensor, list[int]]:
+def route_tokens(block_mask: Tensor, counts: Optional[list[int]] = None) -> tuple[Tensor, list[int]]:
     """Routing metadata in one place: token ids sorted by block, and tokens per block.
-    block_mask [T, n_blocks] bool -> (tokens [sum of counts] int64, counts per block)."""
+    block_mask [T, n_blocks] bool -> (tokens [sum of counts] int64, counts per block). The counts
+    are the one host sync that sizes everything below, none when given (the forward's, in backward);
+    the token list is then sized by them (nonzero_static: no second sync)."""
     T = block_mask.shape[0]
-    counts = block_mask.sum(0).tolist()  # the one host sync that sizes everything below
-    order = block_mask.t().reshape(-1).nonzero().squeeze(1)  # sorted by block, then token
+    if counts is None:
+        counts = block_mask.sum(0).tolist()
+    order = torch.nonzero_static(block_mask.t().reshape(-1), size=sum(counts)).squeeze(1)  # by block, then token
     return order % max(T, 1), counts
 
 
-def _routed_blocks(block_mask: Tensor, spec: MlpSpec):
+def _routed_blocks(block_mask: Tensor, spec: MlpSpec, counts: Optional[list[int]] = None):
     """(block, lo, hi, tokens, every) for each block with tokens; `every`: it serves all T tokens,
-    so no gather or scatter is needed."""
+    so no gather or scatter is needed. counts: tokens per block when known (route_tokens)."""
     T = block_mask.shape[0]
-    tokens, counts = route_tokens(block_mask)
+    tokens, counts = route_tokens(block_mask, counts)
     start = 0
     for b, (lo, hi) in enumerate(block_bounds(spec.hidden, spec.n_blocks)):
         tok = tokens[start : start + counts[b]]

@@ -47,10 +47,11 @@ def exact_mlp_forward(
     saved: Optional[list] = None,
     perm: Optional[Tensor] = None,
     importance: Optional[str] = "jacobian",
-) -> tuple[Tensor, Tensor, Optional[Tensor], bool]:
+) -> tuple[Tensor, Tensor, Optional[Tensor], bool, list[int]]:
     """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
     sparse: one GEMM per projection over the whole hidden layer. Returns (y [T, d_out], block_mask
-    [T, nb], scores [T, nb], whole: every pair kept, see below): `scores` rates each (token, block) pair for the backward (`importance`,
+    [T, nb], scores [T, nb], whole: every pair kept, see below, counts: tokens per block of
+    block_mask, the call's one host sync; backward takes them instead of counting again): `scores` rates each (token, block) pair for the backward (`importance`,
     see IMPORTANCES; None: not computed, choose(None) decides alone), and block_mask = choose(scores)
     the pairs the backward keeps (every pair: the dense MLP, whose backward is routed_mlp_backward_saved
     over every block).
@@ -104,7 +105,8 @@ def exact_mlp_forward(
         for b, (lo, hi) in enumerate(bounds):
             scores[:, b] = unit[:, lo:hi].sum(1)
     block_mask = choose(scores)
-    whole = bool(block_mask.all())
+    counts = block_mask.sum(0).tolist()  # the one host sync: sizes the saved pairs, and backward's
+    whole = sum(counts) == T * nb
     if saved is not None:
         n_pre = len(projections) * T * spec.hidden
         if t is not None:
@@ -115,7 +117,7 @@ def exact_mlp_forward(
             saved.append(flat)
         else:
             parts = []
-            for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
+            for b, lo, hi, tok, every in _routed_blocks(block_mask, spec, counts):
                 parts += [(p[:, lo:hi] if every else p[:, lo:hi].index_select(0, tok)).reshape(-1) for p in pre]
             saved.append(torch.cat(parts + [flat[n_pre:]]))
     y = Y[:, :d_out]
@@ -123,4 +125,4 @@ def exact_mlp_forward(
         y = torch.addmm(y, Y[:, d_out:], w.out_bb.t(), alpha=spec.out_scale)
     if w.out_b is not None:
         y = y + w.out_b
-    return y, block_mask, scores, whole
+    return y, block_mask, scores, whole, counts

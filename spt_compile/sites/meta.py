@@ -76,14 +76,15 @@ class MlpMeta:
     n_blocks: int
 
     def tensor(self) -> Tensor:
-        counts = list(self.run.counts) or [0] * self.n_blocks
+        counts = list(self.run.counts) or [-1] * self.n_blocks  # -1: not counted (backward counts)
         return torch.tensor([self.mode, self.seed, int(self.permuted), self.IMPLS.index(self.run.impl),
                              self.DTYPES.index(self.run.compute), int(self.whole), *counts], dtype=torch.int64)
 
     @classmethod
     def read(cls, meta: Tensor) -> "MlpMeta":
         mode, seed, permuted, impl, dtype, whole, *counts = meta.tolist()
-        return cls(mode, seed, bool(permuted), MlpRun(cls.IMPLS[impl], cls.DTYPES[dtype], tuple(counts)),
+        known = tuple(counts) if all(c >= 0 for c in counts) else ()
+        return cls(mode, seed, bool(permuted), MlpRun(cls.IMPLS[impl], cls.DTYPES[dtype], known),
                    bool(whole), len(counts))
 
     @classmethod

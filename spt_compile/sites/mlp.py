@@ -325,18 +325,20 @@ class MlpSite(Site):
                 block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
                 collect = calibrating and plan.updates_state
                 if collect:  # the torch path, measuring each block's output norm on the way (the router's target)
-                    y, _, norms, whole = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
-                                                           seed, saved, None, "block_output")
-                    run = MlpRun()
+                    y, _, norms, whole, counts = exact_mlp_forward(
+                        x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool), seed, saved, None,
+                        "block_output")
+                    run = MlpRun(counts=tuple(counts))
                     self._calibrate(x2, norms, weights, spec, plan, seed, real)
                 elif takes_torch_path(options.ffn_impl, x2, spec):
                     # exact_forward's code with every block kept, in the clustered block order when there is
                     # one: the same sums in the same order as its training calls, so disable() reproduces
                     # their forward bit for bit.
                     perm = None if self.perm is None else self.perm.to(x.device)
-                    y, _, _, whole = exact_mlp_forward(x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool),
-                                                       seed, saved, perm, BACKWARD_IMPORTANCE)
-                    run = MlpRun()
+                    y, _, _, whole, counts = exact_mlp_forward(
+                        x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool), seed, saved, perm,
+                        BACKWARD_IMPORTANCE)
+                    run = MlpRun(counts=tuple(counts))
                 else:
                     y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             elif exact:
@@ -344,11 +346,11 @@ class MlpSite(Site):
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
                 preset = self.loss_rows_only(options, rows, real)  # no pair to rank: no scores to compute
-                y, block_mask, _, whole = exact_mlp_forward(
+                y, block_mask, _, whole, counts = exact_mlp_forward(
                     x2, weights, spec, (lambda s: preset) if preset is not None else (
                         lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
                     None if preset is not None else BACKWARD_IMPORTANCE)
-                run = MlpRun()
+                run = MlpRun(counts=tuple(counts))  # backward routes by them: no second count
                 probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0
                 if plan.updates_state and (probe_due or "captured" not in self.quality):
                     # captured / rel_error: what the backward's blocks hold of the exact output

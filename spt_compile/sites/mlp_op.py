@@ -92,7 +92,8 @@ def mlp_site_backward(
     if impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
         dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, run.seed, needs[0],
                                               MlpWeights(*needs[1:]), pre, perm=p, comp=UV,
-                                              exact_forward=run.mode == MlpMeta.EXACT, whole=run.whole)
+                                              exact_forward=run.mode == MlpMeta.EXACT, whole=run.whole,
+                                              counts=list(run.run.counts) or None)
     else:
         dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, run.run, p)
         if UV is not None and dx is not None:

@@ -123,3 +123,36 @@ def test_an_in_place_change_of_the_mask_is_analysed_again():
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
     torch.testing.assert_close(after[1, :, :64], want[1, :, :64], atol=1e-5, rtol=1e-4)  # exact forward
     assert not torch.allclose(before[1], after[1])
+
+
+class _SwiGLU(torch.nn.Module):
+    def __init__(self, d=48, f=128):
+        super().__init__()
+        self.gate, self.up = torch.nn.Linear(d, f, bias=False), torch.nn.Linear(d, f, bias=False)
+        self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def test_routed_mlp_syncs_once_per_call_for_its_block_counts():
+    """The routed MLP's one host read per call is the tokens per block, which size its block GEMMs
+    (rows per block vary by design); backward reuses the forward's counts instead of counting again."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _SwiGLU()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_blocks": 4, "ffn_active": 2})
+    x = torch.randn(2, 40, 48, requires_grad=True)
+    for _ in range(3):
+        compiled(x).sum().backward()
+    with torch.no_grad(), spt_compile.enable(sparse_inference=True):
+        compiled(x.detach())
+    with Census() as train:
+        compiled(x).sum().backward()
+    assert train.syncs == 1, train.summary()
+    with Census() as infer, torch.no_grad(), spt_compile.enable(sparse_inference=True):
+        compiled(x.detach())
+    assert infer.syncs == 1, infer.summary()
+    assert infer.launches > 5 and train.launches > infer.launches

@@ -52,13 +52,13 @@ def test_mlp_backward_is_the_masked_jacobian(gated, layout, lora, T, hidden, nb,
     x = torch.randn(T, 13, dtype=torch.float64, generator=gen, requires_grad=True)
     perm = torch.randperm(hidden, generator=gen)
     saved: list = []
-    y, mask, norms, _ = exact_mlp_forward(x.detach(), _detached(w), spec, lambda n: choose_blocks(n, active), 0,
+    y, mask, norms, _, _ = exact_mlp_forward(x.detach(), _detached(w), spec, lambda n: choose_blocks(n, active), 0,
                                           saved, perm)
     assert mask.sum(1).eq(active).all() and norms.shape == (T, nb)
     assert mask.equal(choose_blocks(norms, active))
     ref = exact_forward_mlp_reference(x, permute_hidden(w, spec, perm), spec, mask)
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
-    every, _, _, whole = exact_mlp_forward(x.detach(), _detached(w), spec, lambda n: torch.ones_like(mask), 0, None,
+    every, _, _, whole, _ = exact_mlp_forward(x.detach(), _detached(w), spec, lambda n: torch.ones_like(mask), 0, None,
                                            perm)
     assert whole
     assert torch.equal(y, every), "the output never depends on the backward's choice"
@@ -83,7 +83,7 @@ def test_mlp_saves_only_the_routed_pairs():
     spec = spec_for(w, "silu", True, 4)
     x = torch.randn(64, 16, dtype=torch.float64, generator=gen)
     exact: list = []
-    _, mask, _, _ = exact_mlp_forward(x, w, spec, lambda n: choose_blocks(n, 2), 0, exact)
+    _, mask, _, _, _ = exact_mlp_forward(x, w, spec, lambda n: choose_blocks(n, 2), 0, exact)
     routed: list = []
     routed_mlp_forward(x, w, spec, mask, 0, saved=routed)
     n_t = 64 * (3 + 3)  # t: the gate and up LoRA inputs (r 3 each)
@@ -100,12 +100,14 @@ def test_mlp_lora_dropout_is_replayed():
     spec = spec_for(w, "silu", True, 4, in_dropout=0.3, gate_dropout=0.2, out_dropout=0.25)
     x = torch.randn(20, 12, dtype=torch.float64, generator=gen)
     saved_e, saved_r = [], []
-    y_e, mask, _, whole = exact_mlp_forward(x, w, spec, lambda n: torch.ones_like(n, dtype=torch.bool), 7, saved_e)
+    y_e, mask, _, whole, counts = exact_mlp_forward(x, w, spec, lambda n: torch.ones_like(n, dtype=torch.bool), 7, saved_e)
     y_r = routed_mlp_forward(x, w, spec, mask, 7, saved=saved_r)
     torch.testing.assert_close(y_e, y_r, atol=1e-12, rtol=0)
     dy = torch.randn(y_e.shape, dtype=torch.float64, generator=gen)
     needs = MlpWeights(*[t is not None for t in w])
-    got = routed_mlp_backward_saved(dy, x, w, spec, mask, 7, True, needs, saved_e[0], exact_forward=True, whole=whole)
+    got = routed_mlp_backward_saved(dy, x, w, spec, mask, 7, True, needs, saved_e[0], exact_forward=True, whole=whole,
+                                    counts=counts)
+    assert counts == mask.sum(0).tolist()
     want = routed_mlp_backward_saved(dy, x, w, spec, mask, 7, True, needs, saved_r[0])
     torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=0)
     for g, r in zip(got[1], want[1]):
