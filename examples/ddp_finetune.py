@@ -11,15 +11,18 @@ One process per GPU (NCCL) or, without GPUs, per group of CPU cores (gloo). Ever
 DDP / FSDP. spt keeps one sparse state on every rank (routers, unit orders, codebooks: the samples
 are gathered from all ranks, the fits broadcast from rank 0), so any rank's state describes the run.
 
-Checkpoints go to OUTPUT/checkpoint/ every --save-every steps through torch.distributed.checkpoint
-(model, optimizer, spt_compile.SptState, data position); --resume continues from the last one, with
-the same number of processes. The held-out answer loss is measured before and after tuning, each
+Checkpoints go to OUTPUT/checkpoint-STEP/ every --save-every steps through torch.distributed.checkpoint
+(model, optimizer, spt_compile.SptState, data position, each rank's random state); OUTPUT/latest names the last complete one and
+is replaced only after every rank has written it, so a process killed at any moment (even while
+saving) leaves the previous checkpoint intact. --resume continues from it, with the same number of
+processes. The held-out answer loss is measured before and after tuning, each
 rank on its share of the examples.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -41,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="a folder holding gsm8k/{train,test}.jsonl "
                    "(default: $SPT_DATA_DIR, ../shared/data, then the hub)")
     p.add_argument("--output", type=Path, default=Path("runs/gsm8k-ddp"), help="checkpoints (default: runs/gsm8k-ddp)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint OUTPUT/latest names")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (default: 50)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per step over all ranks (default: 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: 256)")
@@ -129,23 +132,31 @@ def train(args) -> dict:
     wrapped = wrap(model, args.fsdp, device)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     batches, step = Batches(examples, args.batch_size, args.seed), 0
-    ckpt = args.output / "checkpoint"
+    latest = args.output / "latest"  # the name of the last complete checkpoint
 
     trained_only = StateDictOptions(ignore_frozen_params=True, strict=False)  # the adapter, not the base model
 
     def state() -> dict:
         model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=trained_only)
+        # each rank's random stream (LoRA dropout outside the spt sites draws from it), under its own key
+        rng = {f"rank{rank}": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng[f"rank{rank}_cuda"] = torch.cuda.get_rng_state(device)
         return {"model": model_sd, "optim": optim_sd, "spt": spt_compile.SptState(wrapped),
-                "progress": torch.tensor([step, batches.epoch, batches.position])}
+                "progress": torch.tensor([step, batches.epoch, batches.position]), "rng": rng}
 
     if args.resume:
-        if not (ckpt / ".metadata").is_file():
-            raise UserError(f"--resume: no checkpoint at {ckpt}")
+        ckpt = args.output / latest.read_text().strip() if latest.is_file() else None
+        if ckpt is None or not (ckpt / ".metadata").is_file():
+            raise UserError(f"--resume: no complete checkpoint in {args.output} (OUTPUT/latest names it)")
         loaded = state()
         dcp.load(loaded, checkpoint_id=str(ckpt))
         set_state_dict(wrapped, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
                        options=trained_only)
         step, batches.epoch, batches.position = loaded["progress"].tolist()
+        torch.set_rng_state(loaded["rng"][f"rank{rank}"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(loaded["rng"][f"rank{rank}_cuda"], device)
     compiled = torch.compile(wrapped, backend="spt", options=options)
     if rank == 0:
         print(f"{source}; {world} processes ({'FSDP2' if args.fsdp else 'DDP'}, {device.type})", flush=True)
@@ -164,7 +175,7 @@ def train(args) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
         if step % args.save_every == 0 or step == args.steps:
-            dcp.save(state(), checkpoint_id=str(ckpt))  # every rank takes part
+            save_checkpoint(dcp, state(), args.output, step, rank)
     bar.close()
     metrics["loss_after"] = held_out_loss(compiled, eval_batches, rank, world)
     if rank == 0:
@@ -172,10 +183,32 @@ def train(args) -> dict:
               f"at step {step} (evaluated through the compiled model)", flush=True)
         sites = spt_compile.report(wrapped)  # the sites that ran, one per layer and kind
         print(f"sparse sites: {sum(s['kind'] == 'attention' for s in sites)} attention, "
-              f"{sum(s['kind'] == 'mlp' for s in sites)} MLP (the same state on every rank); checkpoint in {ckpt}",
+              f"{sum(s['kind'] == 'mlp' for s in sites)} MLP (the same state on every rank); checkpoint in "
+              f"{args.output / latest.read_text().strip()}",
               flush=True)
     dist.destroy_process_group()
     return metrics
+
+
+def save_checkpoint(dcp, state: dict, output: Path, step: int, rank: int) -> Path:
+    """Writes checkpoint-STEP with every rank, then (rank 0, after all have finished) points OUTPUT/latest
+    at it by an atomic rename and deletes the checkpoint it replaces. Until then `latest` names the
+    previous complete checkpoint, so an interruption at any moment loses at most the steps since it."""
+    import shutil
+
+    target = output / f"checkpoint-{step}"
+    dcp.save(state, checkpoint_id=str(target))  # collective: returns once every rank has written
+    dist.barrier()
+    if rank == 0:
+        latest = output / "latest"
+        previous = latest.read_text().strip() if latest.is_file() else None
+        tmp = output / "latest.tmp"
+        tmp.write_text(target.name + "\n")
+        os.replace(tmp, latest)
+        if previous and previous != target.name:
+            shutil.rmtree(output / previous, ignore_errors=True)
+    dist.barrier()  # no rank goes on (or exits) before `latest` is final
+    return target
 
 
 def main(argv=None) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,17 @@ QUICK = ["--layers", "2", "--seq-len", "128", "--batch-size", "2", "--eval-examp
          "--save-every", "2", "--spt", "calibration_steps=1", "--spt", "compiler=aot_eager"]
 
 
-def torchrun(*args, data=None) -> subprocess.CompletedProcess:
+def torchrun_command(*args, data=None) -> tuple[list[str], dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     if data is not None:
         env["SPT_DATA_DIR"] = str(data)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(SCRIPT), *args]
+    return cmd, env
+
+
+def torchrun(*args, data=None) -> subprocess.CompletedProcess:
+    cmd, env = torchrun_command(*args, data=data)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -48,10 +55,48 @@ def test_short_run_then_resume(tmp_path, data_dir, mode):
     out = torchrun(*QUICK, *mode, "--steps", "2", "--output", str(tmp_path), data=data_dir)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "sparse sites: 2 attention, 2 MLP" in out.stdout, out.stdout[-2000:]
-    assert (tmp_path / "checkpoint" / ".metadata").is_file()
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-2"
+    assert (tmp_path / "checkpoint-2" / ".metadata").is_file()
     out = torchrun(*QUICK, *mode, "--steps", "3", "--resume", "--output", str(tmp_path), data=data_dir)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert re.search(r"at step 2 \(dense\), [0-9.]+ at step 3", out.stdout), out.stdout[-2000:]
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
+    """SIGKILL of one rank while the others train (torchrun then stops the rest), then --resume from
+    the last complete checkpoint: the held-out loss after the last step equals an uninterrupted run's."""
+    steps = ["--steps", "14"]
+    whole = torchrun(*QUICK, *steps, "--output", str(tmp_path / "whole"), data=data_dir)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+    want = re.search(r"([0-9.]+) at step 14", whole.stdout).group(1)
+
+    out = tmp_path / "killed"
+    cmd, env = torchrun_command(*QUICK, *steps, "--output", str(out), data=data_dir)
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    latest, deadline, killed = out / "latest", time.time() + 400, None
+    while time.time() < deadline and run.poll() is None:
+        if latest.is_file() and latest.read_text().strip() not in ("", "checkpoint-2"):
+            workers = [c for agent in _children(run.pid) for c in [agent, *_children(agent)]]
+            ranks = [w for w in workers if "ddp_finetune.py" in Path(f"/proc/{w}/cmdline").read_text(errors="ignore")]
+            if len(ranks) >= 2:
+                killed = ranks[-1]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    stdout, stderr = run.communicate(timeout=300)
+    assert killed is not None, "the run ended before a rank could be killed: " + stdout[-1000:]
+    assert run.returncode != 0, "torchrun reports the killed rank"
+    assert "14" not in latest.read_text(), "killed before the end"
+
+    resumed = torchrun(*QUICK, *steps, "--resume", "--output", str(out), data=data_dir)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert re.search(rf"{re.escape(want)} at step 14", resumed.stdout), (want, resumed.stdout[-1500:])
 
 
 @pytest.fixture(scope="module")
