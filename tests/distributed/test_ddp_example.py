@@ -130,3 +130,36 @@ def test_hf_trainer_under_torchrun_runs_ddp_and_writes_the_state_once(tmp_path, 
     assert all(r["sparse_sites"] == 2 for r in ranks), ranks  # the layer's attention and MLP
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("spt_state.safetensors"))
     assert written == ["checkpoint-2/spt_state.safetensors"], written
+
+
+def _mpirun() -> str | None:
+    """mpirun from the test extra's `mpich` wheel (installed beside this Python), else from PATH."""
+    import shutil
+
+    return shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.mark.skipif(_mpirun() is None, reason="accelerate launches several CPU processes through mpirun "
+                    "(pip install mpich, in the test extra)")
+def test_hf_trainer_under_accelerate_launch_runs_two_processes(tmp_path, data_dir, tiny_llama_dir):
+    """`accelerate launch --cpu --num_processes 2` starts CPU processes only through mpirun (its
+    --mpirun_hostfile); with MPICH's wheel it runs the same two-rank DDP job as torchrun."""
+    script = REPO / "examples" / "hf_trainer.py"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost:2\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "SPT_DATA_DIR": str(data_dir), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PATH": f"{Path(_mpirun()).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mpirun_hostfile", str(hostfile), str(script), "--model", str(tiny_llama_dir), "--steps", "2",
+           "--save-steps", "2", "--seq-len", "128", "--spt", "calibration_steps=1", "--spt", "compiler=aot_eager",
+           "--output", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    import json
+
+    ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"losses"')]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks), ranks
+    assert ranks[0]["losses"] == ranks[1]["losses"], "one DDP run: the same (averaged) losses on both ranks"
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("spt_state.safetensors"))
+    assert written == ["checkpoint-2/spt_state.safetensors"], written
