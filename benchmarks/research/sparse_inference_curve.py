@@ -10,7 +10,7 @@ forward can run at inference within it, and at what density.
 
 Untuned, because the forward's error, not the adapter, is what the setting changes (quality_cpu.json:
 the sparse forward's ppl ratio is +122% untuned and +108% tuned on this task). A setting is
-NAME:OPTION=VALUE,... of run-time options applied with sparse_inference=True.
+NAME:OPTION=VALUE,... (--variant, as in quality_probe.py) of run-time options applied with sparse_inference=True.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import quality as q  # noqa: E402
+from quality_probe import parse_variant as parse_setting  # NAME:OPTION=VALUE,...  # noqa: E402
 
 SETTINGS = [
     "mlp_3of4_attention_exact:sparse_attention=false",
@@ -34,30 +35,17 @@ SETTINGS = [
 ]
 
 
-def parse_setting(text: str) -> tuple[str, dict]:
-    name, sep, rest = text.partition(":")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"--setting {text!r}: expected NAME:OPTION=VALUE,...")
-    opts = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise argparse.ArgumentTypeError(f"--setting {text!r}: {item!r} is not OPTION=VALUE")
-        opts[key] = q.option_value(value)
-    return name, opts
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=4, help="WikiText-2 test windows of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--setting", action="append", type=parse_setting, help="NAME:OPTION=VALUE,... (repeatable; "
+    p.add_argument("--variant", action="append", type=parse_setting, help="NAME:OPTION=VALUE,... as in quality_probe.py (repeatable; "
                    "default: MLP alone, then attention alone at densities 1/8 .. 3/4)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    settings = args.setting or [parse_setting(s) for s in SETTINGS]
+    settings = args.variant or [parse_setting(s) for s in SETTINGS]
 
     import torch
 

@@ -47,7 +47,3 @@ def memo(mask: Tensor, fact: Hashable, compute: Callable[[], Any]) -> Any:
     if fact not in facts:
         facts[fact] = compute()
     return facts[fact]
-
-
-def clear() -> None:
-    _MEMO.clear()

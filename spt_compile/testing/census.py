@@ -281,18 +281,23 @@ class _FunctionCount(TorchFunctionMode):
         return out
 
 
+def _to_target(args, kwargs):
+    """Where `Tensor.to(...)` copies to: its device argument (a name, a torch.device, or a tensor's
+    device), else None (a dtype-only call)."""
+    target = kwargs.get("device", args[1] if len(args) > 1 else None)
+    return target.device if isinstance(target, torch.Tensor) else target
+
+
 def _to_host(args, kwargs) -> bool:
     """`.to("cpu")` spelled out: a copy to the host. (`.to(x.device)` is not counted: on the CPU it
     cannot tell a host-to-device copy, which needs no sync, from a no-op.)"""
-    target = kwargs.get("device", args[1] if len(args) > 1 else None)
+    target = _to_target(args, kwargs)
     return isinstance(target, str) and target.startswith("cpu")
 
 
 def _to_device(args, kwargs) -> bool:
     """`.to(device)` with a device object or a non-CPU name: a copy to the device (`x.device` is one)."""
-    target = kwargs.get("device", args[1] if len(args) > 1 else None)
-    if isinstance(target, torch.Tensor):
-        return True
+    target = _to_target(args, kwargs)
     return isinstance(target, torch.device) or (isinstance(target, str) and not target.startswith("cpu"))
 
 
