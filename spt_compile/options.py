@@ -108,7 +108,9 @@ class Options:
                                "(block-batched PyTorch, the CPU path), 'reference' (dense, for checks) or "
                                "'auto' ($SPT_ATTENTION_IMPL, else triton on CUDA, torch elsewhere).", True)
     ffn_impl: str = _opt("auto", "Routed MLP implementation: 'triton' (CUDA kernels), 'torch' (block-batched "
-                         "PyTorch, the CPU path), 'reference' (per-token loop, for checks) or 'auto' "
+                         "PyTorch, the CPU path), 'grouped' (the torch path with torch._grouped_mm: every block in "
+                         "one GEMM, no host sync; the torch path where it cannot serve), 'reference' (per-token "
+                         "loop, for checks) or 'auto' "
                          "($SPT_FFN_IMPL, else torch: faster than the untuned Triton kernels on an H200). LoRA dropout and calibration "
                          "calls always run the torch path (docs/ffn.md).", True)
     check_finite: bool = _opt(False, "Check each rewritten site's inputs for NaN/inf every call and raise "

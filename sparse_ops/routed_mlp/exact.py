@@ -14,6 +14,7 @@ from .blocks import (
     _lora_input_scales, _lora_inputs, _merges_out_lora, _out_keep, _routed_blocks, _take,
     _with_lora_inputs,
 )
+from .grouped import pair_rows, routed_pairs
 from .spec import MlpSpec, MlpWeights, _slot_slice, block_bounds, out_features
 
 
@@ -47,7 +48,9 @@ def exact_mlp_forward(
     saved: Optional[list] = None,
     perm: Optional[Tensor] = None,
     importance: Optional[str] = "jacobian",
-) -> tuple[Tensor, Tensor, Optional[Tensor], bool, list[int]]:
+    grouped: bool = False,
+    n_pairs: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor], bool, Optional[list[int]]]:
     """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
     sparse: one GEMM per projection over the whole hidden layer. Returns (y [T, d_out], block_mask
     [T, nb], scores [T, nb], whole: every pair kept, see below, counts: tokens per block of
@@ -61,7 +64,12 @@ def exact_mlp_forward(
     gradient is exact). The whole layer's pre-activations exist only while this runs (two [T, F]
     for a gated MLP); only the routed pairs' are kept, so the saved bytes are the routed forward's.
     When every pair is kept, `saved` holds them whole instead ([T, F] per projection, the buffer the
-    GEMMs wrote: no gather; routed_mlp_backward_saved(..., whole=True))."""
+    GEMMs wrote: no gather; routed_mlp_backward_saved(..., whole=True)).
+
+    grouped: save the kept pairs for grouped_backward_saved instead (grouped.py: [S, Fb] per
+    projection, sorted by block), with the tokens per block left on the device: counts is then None,
+    and `n_pairs`, the number of pairs choose() keeps when the caller knows it, spares the one sync
+    (the pairs' count) that is left; whole is known either way."""
     T, d_in = x.shape
     d_out, nb = out_features(w, spec), spec.n_blocks
     projections = _input_projections(spec)
@@ -102,11 +110,21 @@ def exact_mlp_forward(
             unit = (act_vjp(pre[1]).abs().float() * norms["gate"] + a.abs().float() * norms["in"]) * norms["out"]
         else:
             unit = act_vjp(torch.ones_like(pre[0])).abs().float() * (norms["in"] * norms["out"])
-        for b, (lo, hi) in enumerate(bounds):
-            scores[:, b] = unit[:, lo:hi].sum(1)
+        if spec.hidden % nb == 0:  # equal blocks: one reduction, whatever the block count
+            torch.sum(unit.view(T, nb, spec.hidden // nb), 2, out=scores)
+        else:
+            for b, (lo, hi) in enumerate(bounds):
+                scores[:, b] = unit[:, lo:hi].sum(1)
     block_mask = choose(scores)
-    counts = block_mask.sum(0).tolist()  # the one host sync: sizes the saved pairs, and backward's
-    whole = sum(counts) == T * nb
+    if grouped:
+        counts = None
+        n_pairs = int(block_mask.sum()) if n_pairs is None else n_pairs  # the one sync, when not known
+        whole = n_pairs == T * nb
+    else:
+        counts = block_mask.sum(0).tolist()  # the one host sync: sizes the saved pairs, and backward's
+        whole = sum(counts) == T * nb
+    if whole and counts is None:
+        counts = [T] * nb
     if saved is not None:
         n_pre = len(projections) * T * spec.hidden
         if t is not None:
@@ -115,6 +133,9 @@ def exact_mlp_forward(
             flat[n_pre + n_t :] = Y[:, d_out:].reshape(-1)
         if whole:  # every pair kept: save it whole (routed_mlp_backward_saved(whole=True))
             saved.append(flat)
+        elif grouped:  # grouped_backward_saved's layout: [S, Fb] per projection, sorted by block
+            pairs = routed_pairs(block_mask, n_pairs)
+            saved.append(torch.cat([pair_rows(p, block_mask, pairs).reshape(-1) for p in pre] + [flat[n_pre:]]))
         else:
             parts = []
             for b, lo, hi, tok, every in _routed_blocks(block_mask, spec, counts):

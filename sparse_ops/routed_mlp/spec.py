@@ -15,8 +15,10 @@ from torch import Tensor
 
 
 # Implementations of the routed MLP: triton.py (CUDA kernels), the block-batched
-# PyTorch path (forward.py, backward.py), or reference.routed_mlp_reference (a per-token loop, for checks only).
-FFN_IMPLS = ("auto", "triton", "torch", "reference")
+# PyTorch path (forward.py, backward.py), its grouped-GEMM form (grouped.py: no host sync sizes the
+# blocks; calls it cannot serve run the block-batched path), or reference.routed_mlp_reference (a
+# per-token loop, for checks only).
+FFN_IMPLS = ("auto", "triton", "torch", "grouped", "reference")
 
 
 FFN_IMPL_ENV = "SPT_FFN_IMPL"

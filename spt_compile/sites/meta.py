@@ -64,7 +64,7 @@ class MlpMeta:
     exact_mlp_forward kept every pair and saved the pre-activations as [T, F] per projection."""
 
     DENSE, ROUTED, EXACT = 0, 1, 2
-    IMPLS = ("torch", "triton", "reference")
+    IMPLS = ("torch", "triton", "reference", "grouped")
     DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
     FIXED = 6  # then the tokens per block
 

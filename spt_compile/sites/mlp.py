@@ -57,7 +57,8 @@ from spt_compile.sparse_ops.routed_mlp import (
 )
 
 from .meta import MlpMeta, MlpRun
-from .mlp_impl import LazyPermuted, run_impl, takes_torch_path
+from .mlp_impl import LazyPermuted, run_impl, runs_grouped, takes_torch_path
+from .row_counts import row_counts
 
 # exact_forward's score of a (token, block) pair for the backward (routed_mlp.IMPORTANCES). "jacobian" by
 # measurement: GSM8K probe (docs/quality.md) held-out loss 1.1594 against 1.1517 for the exact block output
@@ -194,8 +195,8 @@ class MlpSite(Site):
         [T, nb] bool, else None. Saves the scores' cost where they would change nothing."""
         if options.ffn_loss_rows != "dense" or loss_rows is None or options.ffn_dense_first:
             return None
-        others = ~loss_rows if real is None else real & ~loss_rows
-        if bool(others.any()):  # one sync, on a [T] mask
+        n = row_counts(loss_rows.numel(), real, loss_rows)  # the step's one sync, shared by every layer
+        if n.real > n.loss_real:  # real rows without a loss
             return None
         return loss_rows[:, None].expand(loss_rows.numel(), self.n_blocks).clone()
 
@@ -214,16 +215,11 @@ class MlpSite(Site):
         Global rather than per token by measurement (GSM8K probe, docs/quality.md): held-out loss 1.1517
         against 1.1607 at 2 of 4 blocks; loss rows first at the same budget 1.1348 (dense 1.1261)."""
         T = scores.shape[0]
-        real = rows_of(real, T)
-        mode = options.ffn_loss_rows
-        if mode == "off" or loss_rows is None or loss_rows.numel() != T:
-            loss_rows = None
+        real, loss_rows = rows_of(real, T), self._ranked_loss_rows(options, loss_rows, T)
         s = scores if real is None else scores.masked_fill(~real[:, None], float("-inf"))
-        budget = options.active_blocks * (T if real is None else int(real.sum()))  # one sync, as real_rows
+        budget = self.backward_budget(options, T, loss_rows, real)
         if loss_rows is not None:  # ranked above every other pair, by their own scores
             s = torch.where(loss_rows[:, None], s + 1e30, s)
-            if mode == "dense":  # every pair of theirs, whatever the budget; what is left goes to the others
-                budget = max(budget, int(loss_rows.sum()) * scores.shape[1])
         mask = torch.zeros_like(scores, dtype=torch.bool)
         if budget:
             mask.view(-1)[s.reshape(-1).topk(min(budget, s.numel())).indices] = True
@@ -232,6 +228,40 @@ class MlpSite(Site):
         if options.ffn_dense_first and len(lead) >= 2:
             mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
         return mask
+
+    @staticmethod
+    def _ranked_loss_rows(options: Options, loss_rows: Optional[Tensor], T: int) -> Optional[Tensor]:
+        """The loss rows backward_mask ranks first (None: ffn_loss_rows is off, or they do not fit)."""
+        return None if options.ffn_loss_rows == "off" or loss_rows is None or loss_rows.numel() != T else loss_rows
+
+    def backward_budget(self, options: Options, T: int, loss_rows: Optional[Tensor], real: Optional[Tensor]) -> int:
+        """How many (token, block) pairs backward_mask picks: ffn_active per real row; under
+        ffn_loss_rows="dense" at least every pair of the loss rows. Host counts (row_counts: one sync
+        per step, not per layer)."""
+        n = row_counts(T, real, loss_rows)
+        budget = options.active_blocks * n.real
+        if loss_rows is not None and options.ffn_loss_rows == "dense":
+            budget = max(budget, n.loss * self.n_blocks)
+        return budget
+
+    def backward_pairs(self, options: Options, T: int, loss_rows: Optional[Tensor], real: Optional[Tensor],
+                       lead: tuple) -> Optional[int]:
+        """The number of pairs backward_mask keeps, known on the host (None: ffn_dense_first adds pairs
+        that depend on the choice). The top `budget` pairs never include a padding row's (ranked last,
+        at -inf) unless the budget exceeds the real rows' pairs, and those are dropped after."""
+        if options.ffn_dense_first and len(lead) >= 2:
+            return None
+        real, loss_rows = rows_of(real, T), self._ranked_loss_rows(options, loss_rows, T)
+        n_real = row_counts(T, real, loss_rows).real
+        return min(self.backward_budget(options, T, loss_rows, real), n_real * self.n_blocks)
+
+    def routed_pairs(self, options: Options, T: int, lead: tuple, dense_rows: Optional[Tensor]) -> Optional[int]:
+        """The number of pairs of route()'s mask, with dense_rows' rows (when given) running every block:
+        known on the host unless ffn_dense_first adds pairs that depend on the choice."""
+        if options.ffn_dense_first and len(lead) >= 2:
+            return None
+        n_dense = 0 if dense_rows is None else row_counts(T, None, dense_rows).loss
+        return n_dense * self.n_blocks + (T - n_dense) * options.active_blocks
 
     def route(self, x2: Tensor, options: Options, lead: tuple = ()) -> Tensor:
         """The routed call's block mask [T, nb]: top-ffn_active of the router's scores, less the
@@ -346,11 +376,17 @@ class MlpSite(Site):
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
                 preset = self.loss_rows_only(options, rows, real)  # no pair to rank: no scores to compute
+                grouped = runs_grouped(options.ffn_impl, x2, weights, spec)
+                n_pairs = None
+                if grouped:  # sized on the host, the call needs no sync
+                    n_pairs = (row_counts(T, real, rows).loss * nb if preset is not None
+                               else self.backward_pairs(options, T, rows, real, lead))
                 y, block_mask, _, whole, counts = exact_mlp_forward(
                     x2, weights, spec, (lambda s: preset) if preset is not None else (
                         lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
-                    None if preset is not None else BACKWARD_IMPORTANCE)
-                run = MlpRun(counts=tuple(counts))  # backward routes by them: no second count
+                    None if preset is not None else BACKWARD_IMPORTANCE, grouped, n_pairs)
+                # backward routes by the counts (no second count), or by grouped GEMMs (none needed)
+                run = MlpRun("grouped") if grouped and not whole else MlpRun(counts=tuple(counts))
                 probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0
                 if plan.updates_state and (probe_due or "captured" not in self.quality):
                     # captured / rel_error: what the backward's blocks hold of the exact output
@@ -361,7 +397,9 @@ class MlpSite(Site):
             else:
                 perm = None if self.perm is None else self.perm.to(x.device)
                 block_mask = self.route(x2, options, tuple(x.shape[:-1]))
-                if training and options.ffn_loss_rows == "dense" and loss_rows is not None and loss_rows.numel() == T:
+                dense_loss_rows = (training and options.ffn_loss_rows == "dense" and loss_rows is not None
+                                   and loss_rows.numel() == T)
+                if dense_loss_rows:
                     # rows that carry a loss run every block; not without gradients: an evaluation that
                     # passes labels must still measure the sparse forward
                     block_mask |= loss_rows.to(x.device)[:, None]
@@ -369,7 +407,9 @@ class MlpSite(Site):
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
                     comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
-                y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp)
+                y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp,
+                                  self.routed_pairs(options, T, tuple(x.shape[:-1]),
+                                                    loss_rows if dense_loss_rows else None))
                 if plan.updates_state and training and (
                         self.train_calls % sync.probe_interval(PROBE_EVERY) == 0 or "captured" not in self.quality):
                     self._probe(x2, wp.get(), spec, block_mask, seed,

@@ -1,7 +1,8 @@
 """Which implementation of the routed MLP a call runs, and running it.
 
 Implementation (`ffn_impl`, resolve_ffn_impl): the Triton kernels (sparse_ops/routed_mlp/triton.py), the
-torch path (sparse_ops/routed_mlp/forward.py, backward.py) or the per-token reference. Calls the kernels
+torch path (sparse_ops/routed_mlp/forward.py, backward.py), its grouped-GEMM form (grouped.py) or the
+per-token reference. Calls the kernels
 cannot serve run the torch path: LoRA dropout > 0, and dense calibration calls (they measure each
 block's output norm on the way).
 """
@@ -16,6 +17,7 @@ from torch import Tensor
 from spt_compile.sparse_ops.routed_mlp import (
     MlpSpec, MlpWeights, compensation, permute_hidden, resolve_ffn_impl, routed_mlp_forward,
 )
+from spt_compile.sparse_ops.routed_mlp.grouped import grouped_routed_forward, grouped_unsupported
 from spt_compile.sparse_ops.routed_mlp.reference import routed_mlp_reference
 
 from .meta import MlpRun
@@ -34,20 +36,32 @@ class LazyPermuted:
 
 
 def takes_torch_path(option: str, x2: Tensor, spec: MlpSpec) -> bool:
-    """Whether a call runs the torch path (ffn_impl, or LoRA dropout, which only it has)."""
-    return resolve_ffn_impl(option, x2.device) == "torch" or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout)
+    """Whether a call runs the torch path or its grouped form (ffn_impl, or LoRA dropout, which only they
+    have)."""
+    return (resolve_ffn_impl(option, x2.device) in ("torch", "grouped")
+            or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout))
+
+
+def runs_grouped(option: str, x2: Tensor, w: MlpWeights, spec: MlpSpec) -> bool:
+    """Whether a routed call runs grouped GEMMs (ffn_impl, and grouped_unsupported says nothing
+    against it; else the block-batched torch path serves it, the same numbers)."""
+    return resolve_ffn_impl(option, x2.device) == "grouped" and grouped_unsupported(x2, w, spec) is None
 
 
 def run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
              saved: list, perm: Optional[Tensor] = None,
-              comp: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, MlpRun]:
+             comp: Optional[tuple[Tensor, Tensor, Tensor]] = None, n_pairs: Optional[int] = None,
+             ) -> tuple[Tensor, MlpRun]:
     """y by the chosen implementation, with hidden units reordered by perm (the clustering) if given,
     plus compensation(x2, ~block_mask, *comp) if given; appends what backward needs to `saved` (the
     pre-activations in a layout the Triton path shares; the torch path appends its LoRA inputs).
-    Returns (y, how it ran)."""
+    n_pairs: block_mask's number of (token, block) pairs, when known on the host (the grouped form then
+    needs no sync). Returns (y, how it ran)."""
     impl = resolve_ffn_impl(option, x2.device)
-    if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
-        impl = "torch"  # neither the kernels nor the reference have LoRA dropout
+    if impl == "grouped" and runs_grouped(option, x2, w, spec):
+        return grouped_routed_forward(x2, w, spec, block_mask, seed, n_pairs, saved, perm, comp), MlpRun("grouped")
+    if impl == "grouped" or spec.in_dropout or spec.gate_dropout or spec.out_dropout:
+        impl = "torch"  # grouped_unsupported; neither the kernels nor the reference have LoRA dropout
     if impl == "torch":  # adds the compensation where its blocks accumulate; puts units in block order itself
         y = routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm, comp=comp)
         return y, MlpRun()

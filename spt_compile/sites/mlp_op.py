@@ -23,6 +23,7 @@ from spt_compile.sparse_ops.routed_mlp import (
     MlpSpec, MlpWeights, compensation_input_grad, join_fused, permute_hidden, routed_mlp_backward_saved, split_fused,
     unpermute_grads,
 )
+from spt_compile.sparse_ops.routed_mlp.grouped import grouped_backward_saved
 from spt_compile.registry import REGISTRY
 
 from .meta import MlpMeta, MlpRun
@@ -89,7 +90,10 @@ def mlp_site_backward(
     if comp.numel():  # ffn_compensate: frozen U, V; only x gets a gradient through it
         n = comp.numel() // (x2.shape[1] + dy2.shape[1])  # nb * r
         UV = comp[: x2.shape[1] * n].view(x2.shape[1], n), comp[x2.shape[1] * n :].view(n, dy2.shape[1])
-    if impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
+    if impl == "grouped":  # the same, every block in one grouped GEMM
+        dx, grads = grouped_backward_saved(dy2, x2, weights, s, block_mask, run.seed, needs[0], MlpWeights(*needs[1:]),
+                                           pre, perm=p, comp=UV)
+    elif impl == "torch":  # un-permutes block by block; adds the compensation's d(x) where d(x) accumulates
         dx, grads = routed_mlp_backward_saved(dy2, x2, weights, s, block_mask, run.seed, needs[0],
                                               MlpWeights(*needs[1:]), pre, perm=p, comp=UV,
                                               exact_forward=run.mode == MlpMeta.EXACT, whole=run.whole,

@@ -156,3 +156,58 @@ def test_routed_mlp_syncs_once_per_call_for_its_block_counts():
         compiled(x.detach())
     assert infer.syncs == 1, infer.summary()
     assert infer.launches > 5 and train.launches > infer.launches
+
+
+def _mlp_census(T: int, nb: int):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _SwiGLU()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_blocks": nb, "ffn_active": nb // 2,
+                                                            "ffn_impl": "grouped"})
+    x = torch.randn(2, T // 2, 48, requires_grad=True)
+    for _ in range(3):
+        compiled(x).sum().backward()
+    with torch.no_grad(), spt_compile.enable(sparse_inference=True):
+        compiled(x.detach())
+    with Census() as train:
+        compiled(x).sum().backward()
+    with Census() as infer, torch.no_grad(), spt_compile.enable(sparse_inference=True):
+        compiled(x.detach())
+    return train, infer
+
+
+def test_grouped_routed_mlp_needs_no_sync_and_launches_do_not_grow():
+    """ffn_impl="grouped": every block in one grouped GEMM per projection, its offsets on the device and
+    the pairs' count known on the host (ffn_active per token), so no host read in a training call
+    (exact forward, masked backward) or a sparse-inference call, and the same launches at any token
+    count and block count."""
+    train, infer = _mlp_census(80, 4)
+    assert train.syncs == 0, train.summary()
+    assert infer.syncs == 0, infer.summary()
+    assert train.ops["_grouped_mm"] >= 3 and infer.ops["_grouped_mm"] >= 3, train.summary()
+    for T, nb in ((160, 4), (80, 8)):
+        t2, i2 = _mlp_census(T, nb)
+        assert (t2.syncs, i2.syncs) == (0, 0)
+        assert (t2.launches, i2.launches) == (train.launches, infer.launches), (T, nb, t2.summary())
+
+
+def test_row_counts_are_read_once_per_step(monkeypatch):
+    """The MLP sites' row counts (real rows, loss rows) are read once per pair of mask tensors, however
+    many layers ask, and read again for new masks."""
+    from spt_compile.sites import row_counts as rc
+
+    reads = []
+    real_memo = rc.mask_memo.memo
+    monkeypatch.setattr(rc.mask_memo, "memo", lambda t, fact, compute: real_memo(t, fact, lambda: reads.append(1) or compute()))
+    real = torch.tensor([True, True, True, False, True, False])
+    loss = torch.tensor([False, True, True, True, True, False])
+    for _ in range(3):  # three layers
+        assert rc.row_counts(6, real, loss) == (4, 4, 3)
+    assert len(reads) == 1
+    assert rc.row_counts(6, None, loss) == (6, 4, 4) and rc.row_counts(6, real, None) == (4, 0, 0)
+    assert rc.row_counts(6, None, None) == (6, 0, 0)
+    loss2 = loss.clone()
+    loss2[0] = True
+    assert rc.row_counts(6, real, loss2) == (4, 5, 4)

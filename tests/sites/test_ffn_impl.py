@@ -18,7 +18,7 @@ from toy_models import GatedMLP
 
 def test_option_validates():
     assert make_options({"ffn_impl": "triton"}).ffn_impl == "triton"
-    with pytest.raises(SptOptionError, match="'ffn_impl' must be one of auto, triton, torch, reference"):
+    with pytest.raises(SptOptionError, match="'ffn_impl' must be one of auto, triton, torch, grouped, reference"):
         make_options({"ffn_impl": "cutlass"})
     with pytest.raises(SptOptionError, match="'ffn_impl'"):
         with spt_compile.enable(ffn_impl="gpu"):
