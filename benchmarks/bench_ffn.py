@@ -7,8 +7,8 @@ Ratios are to the best dense configuration of the same shape and token count in 
 configurations of one shape and token count are timed in turns (one step each per round, --repeats
 rounds), so a slow spell of a shared machine hits them alike.
 Saved bytes count activations only (parameters that backward holds by reference are left out).
-The routed implementation: `--impl` for the plain spt-* configs (default auto: Triton on CUDA, torch
-on the CPU), or name it in the config (spt-50%-triton, spt-50%-torch).
+The routed implementation: `--impl` for the plain spt-* configs (default auto: the torch path), or
+name it in the config (spt-50%-triton, spt-50%-torch, spt-50%-grouped).
 
     python benchmarks/bench_ffn.py --json benchmarks/results/ffn_cpu.json
     python benchmarks/bench_ffn.py --device cuda --check --shapes llama7b --tokens 8192 \
@@ -46,8 +46,8 @@ from provenance import source_commit  # noqa: E402
 
 SHAPES = {"smollm2": (576, 1536), "llama7b": (4096, 11008)}
 CONFIGS = ("dense-eager", "dense-inductor", "spt-50%", "spt-25%", "spt-50%-triton", "spt-25%-triton",
-           "spt-50%-torch", "spt-25%-torch")
-IMPLS = ("auto", "triton", "torch")
+           "spt-50%-torch", "spt-25%-torch", "spt-50%-grouped", "spt-25%-grouped")
+IMPLS = ("auto", "triton", "torch", "grouped")
 
 
 class LoraLinear(nn.Module):
@@ -278,37 +278,55 @@ def check_kernels(args, device, dtype) -> list[str]:
         lines.append(_line(f"triton vs torch-fp32 {args.shapes[0]} T={T}", _errors(_triton_grads(*args_low), want),
                            1e-3 if dtype == torch.float32 else 2e-2, against=torch_err))
         print("\n".join(lines[-2:]), flush=True)
-        # (3) the site op through torch.compile: triton vs torch on the same routing
-        lines.append(_check_site(device, dtype))
-        print(lines[-1], flush=True)
+        # (3) the site op through torch.compile: triton and grouped vs torch on the same routing
+        site = _check_site(device, dtype)
+        lines += site
+        print("\n".join(site), flush=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return lines
 
 
-def _check_site(device, dtype) -> str:
+def _check_site(device, dtype) -> list[str]:
+    """The site op through torch.compile, triton and grouped against torch on the same routing: routed
+    training calls (exact_forward off: the implementation runs forward and backward) and, for grouped,
+    the default exact-forward calls (the Triton kernels serve no part of those)."""
     import spt_compile
+    from spt_compile.sparse_ops.routed_mlp import grouped
 
     torch.manual_seed(0)
     torch._dynamo.reset()
-    module = SwiGLU(512, 1376).to(device=device, dtype=dtype)
+    module = SwiGLU(512, 1376).to(device=device, dtype=dtype)  # 4 blocks of 344 units: aligned for grouped
     compiled = torch.compile(module, backend="spt", options=dict(
         ffn_blocks=4, ffn_active=2, calibration_steps=1, compiler="eager", sparse_attention=False, ffn_impl="torch"))
     x = torch.randn(2, 500, 512, device=device, dtype=dtype)
     for _ in range(2):  # calibration, then the first routed call (it probes and refits the router)
         compiled(x).float().pow(2).mean().backward()
     dy = torch.randn(x.shape, device=device, dtype=dtype)  # O(1) gradients, so relative errors mean something
-    out = {}
-    for impl in ("torch", "triton"):
-        module.zero_grad()
-        xi = x.clone().requires_grad_()
-        with spt_compile.enable(ffn_impl=impl):
-            y = compiled(xi)
-            y.backward(dy)
-        out[impl] = {"y": y.detach(), "dx": xi.grad,
-                     **{n: p.grad for n, p in module.named_parameters() if p.grad is not None}}
-    return _line(f"site triton vs torch {str(dtype).split('.')[1]} (torch.compile, 512->1376, 2/4 blocks)",
-                 _errors(out["triton"], out["torch"]), 2e-4 if dtype == torch.float32 else 3e-2)
+    gmm, grouped_calls = grouped._gmm, []
+    grouped._gmm = lambda *a: grouped_calls.append(1) or gmm(*a)  # that it ran, not the torch path it falls back to
+    lines = []
+    try:
+        for exact, impls in ((False, ("torch", "triton", "grouped")), (True, ("torch", "grouped"))):
+            out = {}
+            for impl in impls:
+                module.zero_grad()
+                xi = x.clone().requires_grad_()
+                grouped_calls.clear()
+                with spt_compile.enable(ffn_impl=impl, exact_forward=exact):
+                    y = compiled(xi)
+                    y.backward(dy)
+                if impl != "grouped" or grouped_calls:
+                    out[impl] = {"y": y.detach(), "dx": xi.grad,
+                                 **{n: p.grad for n, p in module.named_parameters() if p.grad is not None}}
+            calls = "exact-forward" if exact else "routed"
+            lines += [_line(f"site {impl} vs torch {str(dtype).split('.')[1]} ({calls} calls, torch.compile, 512->1376, "
+                            "2/4 blocks)", _errors(out[impl], out["torch"]), 2e-4 if dtype == torch.float32 else 3e-2)
+                      if impl in out else f"site {impl} ({calls}): FAILED, it did not run (the torch path served it)"
+                      for impl in impls[1:]]
+    finally:
+        grouped._gmm = gmm
+    return lines
 
 
 def table(results: list[dict]) -> str:

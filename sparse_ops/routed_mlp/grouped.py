@@ -143,14 +143,24 @@ def grouped_backward_saved(
     dz = {"gate": act_vjp(dh * pre[1]), "in": dh * a} if spec.gated else {"in": act_vjp(dh)}  # [S, Fb] each
     ts = None if t is None else t.index_select(0, pairs.tokens)  # [S, K - d_in]
     xs = x.index_select(0, pairs.tokens) if {"in_w", "gate_w"} & wanted else None  # [S, d_in]
-    dXs = None
+    dX = None
+    if wants_dX:  # d(X) [T, K]: d(x) and the input projections' LoRA A gradients
+        dX = torch.zeros(T, cols.K, dtype=out.acc, device=x.device)
+        if comp is not None and needs_x:  # the compensation's d(x)
+            U, V = (c.to(out.acc) for c in comp)
+            compensation_input_grad(dy.to(out.acc), ~block_mask, U, V, out=dX[:, cols.x_cols])
+    dXs = None  # [S, K]: the pairs' rows of d(X), one scatter-add into dX (into a column window: 3x slower)
     for proj in projections:
-        if wants_dX:  # d(X) rows of the pairs, in the projection's window
+        if wants_dX:
             win = cols.window(proj)
             part = _gmm(dz[proj], bw.inputs[proj].unflatten(0, (nb, Fb)), pairs.offs)  # [S, width]
-            if dXs is None:
-                dXs = dz[proj].new_zeros(S, cols.K)
-            dXs[:, win] += part
+            if dXs is None:  # the first projection's window written, the rest zeroed (no fill of it all)
+                dXs = part.new_empty(S, cols.K)
+                dXs[:, win] = part
+                dXs[:, : win.start].zero_()
+                dXs[:, win.stop :].zero_()
+            else:
+                dXs[:, win] += part
         if f"{proj}_w" in wanted:  # per block dz_b^T x_b
             block_grads[f"{proj}_w"] = _weight_grad(dz[proj], xs, pairs.offs, getattr(spec, f"{proj}_layout"),
                                                     units_first=True)
@@ -162,10 +172,6 @@ def grouped_backward_saved(
             block_grads[f"{proj}_bb"] = _gmm(dz[proj].t(), tb, pairs.offs).reshape(F, -1) * getattr(spec, f"{proj}_scale")
     out.add_block(None, pairs.tokens, False, block_grads, 0, F, bw.units(0, F))
     if wants_dX:
-        dX = torch.zeros(T, cols.K, dtype=out.acc, device=x.device)
-        if comp is not None and needs_x:  # the compensation's d(x)
-            U, V = (c.to(out.acc) for c in comp)
-            compensation_input_grad(dy.to(out.acc), ~block_mask, U, V, out=dX[:, cols.x_cols])
         dX.index_add_(0, pairs.tokens, dXs.to(out.acc))
         keep_in, keep_gate = _lora_input_scales(x, spec, seed)
         _input_lora_backward(dX, x, w, spec, cols, keep_in, keep_gate, out, wanted)

@@ -259,7 +259,7 @@ class AttentionSite(Site):
 
     def _probe(self, q, k, mask, is_causal, scale, chosen_fn, options, real, seed) -> None:
         """Recall of the true top-L keys and attention mass kept, on a few query positions."""
-        chosen_rows, per_batch_l = chosen_fn
+        chosen_rows, budget = chosen_fn  # budget(): keys per query, [B] or [B, N]
         B, H, N, D = q.shape
         G = H // k.shape[1]
         b, i = real[:, : q.shape[2]].nonzero(as_tuple=True)
@@ -279,7 +279,7 @@ class AttentionSite(Site):
                               float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
         chosen = chosen_rows(b, i) & torch.isfinite(s)  # [R, H, Nk]
-        budget = per_batch_l.to(q.device)
+        budget = budget().to(q.device)
         L_rows = (budget[b] if budget.dim() == 1 else budget[b, i]).view(-1, 1)  # [R, 1]
         n_allowed = torch.isfinite(s).sum(-1)  # [R, H]
         k_true = torch.minimum(L_rows.expand_as(n_allowed), n_allowed)
@@ -421,7 +421,7 @@ class AttentionSite(Site):
         def chosen(b, i):  # [R, H, Nk] bool: keys listed for rows (b, i)
             return _token_rows_to_keys(indices[b, :, i], k.shape[2])
 
-        return out, lse, indices.reshape(-1), meta, (chosen, per_batch_l)
+        return out, lse, indices.reshape(-1), meta, (chosen, lambda: per_batch_l)
 
     def _block_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None):
         """Key blocks per query block (one list per GQA group) by the pooled-key proxy; block-sparse
@@ -457,9 +457,10 @@ class AttentionSite(Site):
             blocks = _token_rows_to_keys(rows, n_kb)  # [R, H, n_kb]
             return blocks.repeat_interleave(bn, dim=-1)[..., :Nk]
 
-        # L in keys for the probe's "true top-L": what the density asks for, not the block rounding.
-        per_batch_l = token_budget(mask, real, q.shape[2], options.density, options.top_l)
-        return out, lse, block_idx.reshape(-1), meta, (chosen, per_batch_l)
+        # L in keys for the probe's "true top-L": what the density asks for, not the block rounding;
+        # computed only on the calls that probe
+        return out, lse, block_idx.reshape(-1), meta, (
+            chosen, lambda: token_budget(mask, real, q.shape[2], options.density, options.top_l))
 
     # --- persistence --------------------------------------------------------------------------
     def state_dict(self):
