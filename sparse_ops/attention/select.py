@@ -233,17 +233,16 @@ def select_blocks(
     real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True, sink: Optional[Tensor] = None,
 ) -> Tensor:
     """select_key_blocks through the implementation `impl` names: the Triton kernels
-    (select_triton.py: two launches instead of about a hundred small operations, which is
-    what the GPU path needs) when impl is 'triton' and the key blocks fit one program, else PyTorch."""
+    (select_triton.py: a few launches instead of about a hundred small operations, which is
+    what the GPU path needs, at any N) when impl is 'triton', else PyTorch."""
     if impl == "triton":
-        from .select_triton import select_key_blocks_triton, supported
+        from .select_triton import select_key_blocks_triton
 
-        if supported(k.shape[2], block_n):
-            B, H, N, _ = q.shape
-            Hkv, Nk = k.shape[1], k.shape[2]
-            tiles = None if mask is None else mask_tiles(mask, B, H, Hkv, N, Nk, block_m, block_n, per_group)
-            return select_key_blocks_triton(q, k, scale, budget_lb, is_causal, tiles,
-                                            None if mask is None else real, block_m, block_n, per_group, sink)
+        B, H, N, _ = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        tiles = None if mask is None else mask_tiles(mask, B, H, Hkv, N, Nk, block_m, block_n, per_group)
+        return select_key_blocks_triton(q, k, scale, budget_lb, is_causal, tiles,
+                                        None if mask is None else real, block_m, block_n, per_group, sink)
     return select_key_blocks(q, k, scale, budget_lb, is_causal, mask, real, block_m, block_n, per_group, sink)
 
 

@@ -16,8 +16,11 @@ slot 0; -1 for unused slots). Ties between equal scores may be broken differentl
 inputs the scores come from tensor-core products (fp32 accumulation), so blocks whose scores differ
 by less than that rounding may be swapped.
 
-Limit: the whole row of key blocks lives in one program's registers, so n_kb = ceil(Nk / block_n)
-is at most MAX_KEY_BLOCKS; longer sequences take the PyTorch path (select_key_blocks decides).
+Long rows: _select_kernel holds a row's key blocks in one program's registers, so for n_kb =
+ceil(Nk / block_n) above MAX_KEY_BLOCKS (N > 16384 in 64-blocks) _long_score_kernel computes the same
+scores MAX_KEY_BLOCKS at a time (two passes per query head: the softmax statistics, then the shares)
+into a [B, S, n_qb, n_kb] buffer, and one torch.topk picks the blocks: still a fixed number of
+launches, no sync.
 """
 
 from __future__ import annotations
@@ -145,7 +148,101 @@ def _select_kernel(
         score = tl.where(offs_j == at, float("-inf"), score)
 
 
-def supported(Nk: int, block_n: int) -> bool:
+@triton.jit
+def _row_scores(Q, KBAR, LOGC, b, h, kvh, Hkv, n_kb, c0, rows, row_ok, offs_d, N, D, scale,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, LOW_PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Query head h's scores q . k_bar * scale + log n_j of key blocks c0 .. c0 + CHUNK - 1 for the
+    query block's rows, -inf where hidden: [BLOCK_M, CHUNK] fp32."""
+    offs_j = c0 + tl.arange(0, CHUNK)
+    j_ok = offs_j < n_kb
+    kbar = tl.load(KBAR + ((b * Hkv + kvh) * n_kb + offs_j[:, None]) * D + offs_d[None, :],
+                   mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [CHUNK, BD] fp32
+    logc = tl.load(LOGC + b * n_kb + offs_j, mask=j_ok, other=float("-inf"))
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if LOW_PRECISION:
+        sc = tl.dot(q, tl.trans(kbar.to(q.dtype)))
+    else:
+        sc = tl.dot(q.to(tl.float32), tl.trans(kbar), input_precision=PRECISION)
+    hidden = (~row_ok)[:, None] | (logc == float("-inf"))[None, :]
+    if IS_CAUSAL:
+        hidden = hidden | ((offs_j * BLOCK_N)[None, :] > rows[:, None])
+    return tl.where(hidden, float("-inf"), sc * scale + logc[None, :])
+
+
+@triton.jit
+def _long_score_kernel(
+    Q, KBAR, LOGC, TILES, SINK, SCORE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_tb, stride_ts, stride_tm,
+    S, Gs, G, Hkv, N, Nk, D, n_kb, n_qb, scale,
+    IS_CAUSAL: tl.constexpr, HAS_TILES: tl.constexpr, HAS_SINK: tl.constexpr,
+    PRECISION: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """SCORE[b, s, qb, :n_kb]: _select_kernel's ranking score of every key block (share, forced
+    blocks, -inf where not visible) for rows too long for one program's registers: CHUNK key blocks
+    at a time, per query head of the group a pass for each row's softmax statistics (online max and
+    sum) and a pass for the shares (max with the earlier heads' in SCORE), then one pass adding the
+    forced blocks and the visibility. The top-Lb is left to the caller (one torch.topk)."""
+    qb = tl.program_id(0)
+    bs = tl.program_id(1)
+    b = bs // S
+    s = bs % S
+    kvh = (s * Gs) // G
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    score_row = SCORE + ((b * S + s) * n_qb + qb) * n_kb
+    for g in range(0, Gs):
+        h = s * Gs + g
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, n_kb, CHUNK):
+            sc = _row_scores(Q, KBAR, LOGC, b, h, kvh, Hkv, n_kb, c0, rows, row_ok, offs_d, N, D, scale,
+                             stride_qb, stride_qh, stride_qm, stride_qd, IS_CAUSAL, PRECISION, LOW_PRECISION,
+                             BLOCK_N, CHUNK)
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(sc - m_ref[:, None]), axis=1)
+            m = m_new
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        inv = 1.0 / tl.where(l == 0.0, 1.0, l)  # a row that sees nothing shares 0
+        for c0 in range(0, n_kb, CHUNK):
+            sc = _row_scores(Q, KBAR, LOGC, b, h, kvh, Hkv, n_kb, c0, rows, row_ok, offs_d, N, D, scale,
+                             stride_qb, stride_qh, stride_qm, stride_qd, IS_CAUSAL, PRECISION, LOW_PRECISION,
+                             BLOCK_N, CHUNK)
+            share = tl.max(tl.exp(sc - m_ref[:, None]) * inv[:, None], axis=0)  # [CHUNK]
+            j_ok = c0 + offs_c < n_kb
+            if g > 0:
+                share = tl.maximum(share, tl.load(score_row + c0 + offs_c, mask=j_ok, other=0.0))
+            tl.store(score_row + c0 + offs_c, share, mask=j_ok)
+    last_row = tl.minimum(qb * BLOCK_M + BLOCK_M - 1, tl.minimum(N, Nk) - 1)
+    diag = tl.maximum(last_row, 0) // BLOCK_N
+    if HAS_SINK:
+        sink = tl.load(SINK + b * n_qb + qb)
+    else:
+        sink = 0
+    for c0 in range(0, n_kb, CHUNK):
+        offs_j = c0 + offs_c
+        j_ok = offs_j < n_kb
+        share = tl.load(score_row + offs_j, mask=j_ok, other=0.0)
+        logc = tl.load(LOGC + b * n_kb + offs_j, mask=j_ok, other=float("-inf"))
+        score = share + tl.where(offs_j == diag, _FORCED_DIAG_C, tl.where(offs_j == sink, _FORCED_SINK_C, 0.0))
+        visible = j_ok & (logc > float("-inf"))
+        if IS_CAUSAL:
+            visible = visible & (offs_j * BLOCK_N <= tl.minimum(qb * BLOCK_M + BLOCK_M - 1, N - 1))
+        if HAS_TILES:
+            tiles = tl.load(TILES + b * stride_tb + s * stride_ts + qb * stride_tm + offs_j, mask=j_ok, other=0)
+            visible = visible & (tiles != 0)
+        tl.store(score_row + offs_j, tl.where(visible, score, float("-inf")), mask=j_ok)
+
+
+def fits_one_program(Nk: int, block_n: int) -> bool:
+    """Whether a row's key blocks fit _select_kernel's registers (else _long_score_kernel + topk)."""
     return n_blocks(Nk, block_n) <= MAX_KEY_BLOCKS
 
 
@@ -182,9 +279,6 @@ def select_key_blocks_triton(
     Lb = int(budget_lb.max()) if budget_lb.numel() else 0
     if Lb == 0 or N == 0 or Nk == 0:
         return torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
-    out = torch.empty((B, S, n_qb, Lb), dtype=torch.int32, device=q.device)  # the kernel writes every slot
-    if n_kb > MAX_KEY_BLOCKS:
-        raise ValueError(f"select_key_blocks_triton: {n_kb} key blocks > {MAX_KEY_BLOCKS}; use select_key_blocks")
     BLOCK_D = max(16, triton.next_power_of_2(D))
     k_bar = torch.empty(B, Hkv, n_kb, D, device=q.device, dtype=torch.float32)
     log_count = torch.empty(B, n_kb, device=q.device, dtype=torch.float32)
@@ -204,23 +298,50 @@ def select_key_blocks_triton(
             t_strides = tiles_t.stride()[:3]
     else:
         tiles_t, t_strides = log_count, (0, 0, 0)
-    NKB = max(16, triton.next_power_of_2(n_kb))
     sink_t = log_count if sink is None else sink.to(device=q.device, dtype=torch.int32).contiguous()
+    # Half-precision q scores on tensor cores: exact fp32 ("ieee") products of a [64, 128] x
+    # [128, 128] tile ran 7.7 ms per call at LLaMA-7B's shape (N=8192) on an H200, more than the
+    # attention itself. The interpreter multiplies bf16 tiles wrongly (block_sparse_triton._dot),
+    # so it keeps fp32 there.
+    low = q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") != "1"
+    if not fits_one_program(Nk, block_n):
+        return _select_long(q, k_bar, log_count, tiles_t, t_strides, sink_t, sink is not None, tiles is not None,
+                            budget_lb, lb_t, uniform, Lb, S, Nk, is_causal, scale, low, block_m, block_n, BLOCK_D)
+    out = torch.empty((B, S, n_qb, Lb), dtype=torch.int32, device=q.device)  # the kernel writes every slot
+    NKB = max(16, triton.next_power_of_2(n_kb))
     _select_kernel[(n_qb, B * S)](
         q, k_bar, log_count, lb_t, tiles_t, sink_t, out,
         *q.stride(), *t_strides, *lb_strides,
         S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, Lb, int(budget_lb.flatten()[0]), float(scale),
         IS_CAUSAL=bool(is_causal), HAS_LB=not uniform, HAS_TILES=tiles is not None,
-        HAS_SINK=sink is not None, PRECISION="ieee",
-        # Half-precision q scores on tensor cores: exact fp32 ("ieee") products of a [64, 128] x
-        # [128, 128] tile ran 7.7 ms per call at LLaMA-7B's shape (N=8192) on an H200, more than the
-        # attention itself. The interpreter multiplies bf16 tiles wrongly (block_sparse_triton._dot),
-        # so it keeps fp32 there.
-        LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") != "1",
+        HAS_SINK=sink is not None, PRECISION="ieee", LOW_PRECISION=low,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D, NKB=NKB,
         num_warps=4 if NKB <= 64 else 8,
     )
     return out
 
 
-__all__ = ["select_key_blocks_triton", "supported", "MAX_KEY_BLOCKS"]
+def _select_long(q, k_bar, log_count, tiles_t, t_strides, sink_t, has_sink, has_tiles, budget_lb, lb_t, uniform, Lb,
+                 S, Nk, is_causal, scale, low, block_m, block_n, BLOCK_D) -> Tensor:
+    """The selection for rows of more than MAX_KEY_BLOCKS key blocks: every block's score by
+    _long_score_kernel ([B, S, n_qb, n_kb] fp32 in memory: 1 MB per (b, s) at N=32768 in 64-blocks),
+    then one top-k and the budget's mask, all on the device (no sync; launches independent of N)."""
+    B, H, N, D = q.shape
+    Hkv, n_kb = k_bar.shape[1], k_bar.shape[2]
+    n_qb = n_blocks(N, block_m)
+    score = torch.empty(B, S, n_qb, n_kb, device=q.device, dtype=torch.float32)
+    _long_score_kernel[(n_qb, B * S)](
+        q, k_bar, log_count, tiles_t, sink_t, score,
+        *q.stride(), *t_strides,
+        S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, float(scale),
+        IS_CAUSAL=bool(is_causal), HAS_TILES=has_tiles, HAS_SINK=has_sink, PRECISION="ieee", LOW_PRECISION=low,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D, CHUNK=MAX_KEY_BLOCKS, num_warps=8,
+    )
+    vals, idx = score.topk(min(Lb, n_kb), dim=-1)  # [B, S, n_qb, Lb'] best first (diagonal, sink, shares)
+    slot = torch.arange(vals.shape[-1], device=q.device)
+    budget = int(budget_lb.flatten()[0]) if uniform else lb_t.view(B, 1, n_qb, 1)
+    out = torch.where((vals > float("-inf")) & (slot < budget), idx, -1).to(torch.int32)
+    return out if out.shape[-1] == Lb else torch.nn.functional.pad(out, (0, Lb - out.shape[-1]), value=-1)
+
+
+__all__ = ["select_key_blocks_triton", "fits_one_program", "MAX_KEY_BLOCKS"]

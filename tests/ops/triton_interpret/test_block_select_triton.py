@@ -90,12 +90,17 @@ def _packed_mask(lengths: list[int], causal: bool) -> torch.Tensor:
     return allowed.view(1, 1, len(seg), len(seg))
 
 
+@pytest.mark.parametrize("long", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_selection_of_packed_rows(causal):
-    """Packed rows: per-query-block budgets [B, n_qb] and each sequence's own sink block."""
+def test_triton_selection_of_packed_rows(causal, long, monkeypatch):
+    """Packed rows: per-query-block budgets [B, n_qb] and each sequence's own sink block; long: more key
+    blocks than one program holds (the limit lowered to 16), as test_long_rows_list_the_same_blocks."""
+    from spt_compile.sparse_ops.attention import select_triton
     from spt_compile.sparse_ops.attention.select import packed_blocks_per_query
 
-    lengths = [13, 40, 7, 80]  # not block-aligned: query blocks straddle sequences
+    if long:
+        monkeypatch.setattr(select_triton, "MAX_KEY_BLOCKS", 16)
+    lengths = [13, 40, 7, 80] + ([150] if long else [])  # not block-aligned: query blocks straddle sequences
     N, H, Hkv, D, block = sum(lengths), 3, 1, 64, 16
     gen = torch.Generator().manual_seed(5)
     q, k, _ = _inputs(N, D, H, Hkv, None, gen)
@@ -107,4 +112,37 @@ def test_triton_selection_of_packed_rows(causal):
     tiles = mask_tiles(mask, 2, H, Hkv, N, N, block, block, True)
     got = select_key_blocks_triton(q, k, 0.125, budget, causal, tiles, real, block, block, True, sink)
     assert torch.equal(got[..., 0], want[..., 0])
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+LONG_CASES = [  # more than 16 key blocks of 16: several chunks of the lowered limit, a partial last one
+    (257, 64, 3, 1, True, 16, "pad", (64, 33), True),
+    (300, 64, 4, 2, False, 16, "mask", (100, 100), False),
+    (520, 80, 3, 3, True, 16, None, (300, 300), True),
+    (520, 32, 2, 1, False, 16, "pad", (80, 48), True),
+]
+
+
+@pytest.mark.parametrize("case", LONG_CASES, ids=[f"N{c[0]}-H{c[2]}:{c[3]}-{'causal' if c[4] else 'full'}-{c[6]}-g{int(c[8])}"
+                                                 for c in LONG_CASES])
+def test_long_rows_list_the_same_blocks(case, monkeypatch):
+    """Rows of more key blocks than one program holds (N > 16384 in 64-blocks) take _long_score_kernel
+    and a top-k: the same blocks as the PyTorch selection. The limit is lowered to 16 key blocks here,
+    so the chunked passes run (several chunks, a partial last one) at the interpreter's sizes."""
+    from spt_compile.sparse_ops.attention import select_triton
+
+    monkeypatch.setattr(select_triton, "MAX_KEY_BLOCKS", 16)
+    N, D, H, Hkv, causal, block, mask_kind, budgets, per_group = case
+    gen = torch.Generator().manual_seed(N * 7 + H)
+    q, k, mask = _inputs(N, D, H, Hkv, mask_kind, gen)
+    B = q.shape[0]
+    real = torch.ones(B, N, dtype=torch.bool) if mask is None else real_key_mask(mask, B, N)
+    n_kb = -(-N // block)
+    lb = torch.tensor([min(n_kb, -(-b // block)) for b in budgets])
+    scale = D ** -0.5
+    want = select_key_blocks(q, k, scale, lb, causal, mask, real, block, block, per_group)
+    got = select_blocks(q, k, scale, lb, causal, mask, real, block, block, "triton", per_group)
+    assert n_kb > 16
+    assert got.shape == want.shape and got.dtype == torch.int32
+    assert torch.equal(got[..., 0], want[..., 0])  # the diagonal block first
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)

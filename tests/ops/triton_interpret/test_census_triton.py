@@ -25,3 +25,27 @@ def test_triton_attention_launches_do_not_grow_with_the_sequence():
         launches[N] = c.launches
     assert launches[128] == launches[256], launches
     assert launches[128] <= 16, launches
+
+
+def test_long_rows_stay_on_triton_without_sync(monkeypatch):
+    """Past the key blocks one selection program holds (256, lowered to 16 here so the interpreter
+    can run it), the selection stays on Triton (_long_score_kernel + one top-k): still no sync, and
+    the same launches at two lengths that are both past the limit."""
+    from spt_compile.sparse_ops.attention import select_triton
+
+    monkeypatch.setattr(select_triton, "MAX_KEY_BLOCKS", 16)
+    ran = []
+    long_kernel = select_triton._select_long
+    monkeypatch.setattr(select_triton, "_select_long", lambda *a: ran.append(1) or long_kernel(*a))
+    launches = {}
+    for N in (288, 416):  # 18 and 26 key blocks of 16
+        compiled = _compiled("triton", block=16)
+        for _ in range(2):
+            q, k, v, mask, causal = _inputs("causal", 1, N)
+            compiled(q, k, v, mask, causal).sum().backward()
+        q, k, v, mask, causal = _inputs("causal", 1, N)
+        c = _census(compiled, q, k, v, mask, causal, training=True)
+        assert c.syncs == 0, c.summary()
+        launches[N] = c.launches
+    assert ran, "the long-row selection ran"
+    assert launches[288] == launches[416], launches
