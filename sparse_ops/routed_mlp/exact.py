@@ -27,9 +27,11 @@ from .spec import MlpSpec, MlpWeights, _slot_slice, block_bounds, out_features
 IMPORTANCES = ("jacobian", "output", "block_output")
 
 
-def _unit_norms(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> dict[str, Tensor]:
+def unit_norms(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> dict[str, Tensor]:
     """Per hidden unit (block order), the norm of its weight row in each input projection and of its
-    column in the out projection (base weights): {proj: [F]} fp32."""
+    column in the out projection (base weights): {proj: [F]} fp32. The "jacobian" and "output"
+    importances read them; with frozen base weights they are the same every call, so a caller may
+    keep them and pass them in (exact_mlp_forward(norms=))."""
     out = {}
     for proj in _input_projections(spec) + ("out",):
         W = getattr(w, f"{proj}_w")
@@ -50,6 +52,7 @@ def exact_mlp_forward(
     importance: Optional[str] = "jacobian",
     grouped: bool = False,
     n_pairs: Optional[int] = None,
+    norms: Optional[dict[str, Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], bool, Optional[list[int]]]:
     """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
     sparse: one GEMM per projection over the whole hidden layer. Returns (y [T, d_out], block_mask
@@ -69,7 +72,8 @@ def exact_mlp_forward(
     grouped: save the kept pairs for grouped_backward_saved instead (grouped.py: [S, Fb] per
     projection, sorted by block), with the tokens per block left on the device: counts is then None,
     and `n_pairs`, the number of pairs choose() keeps when the caller knows it, spares the one sync
-    (the pairs' count) that is left; whole is known either way."""
+    (the pairs' count) that is left; whole is known either way. norms: unit_norms(w, spec, perm) when
+    the caller keeps them (frozen base weights), else computed here."""
     T, d_in = x.shape
     d_out, nb = out_features(w, spec), spec.n_blocks
     projections = _input_projections(spec)
@@ -103,7 +107,7 @@ def exact_mlp_forward(
                 own = torch.addmm(own, lora, w.out_bb.t(), alpha=spec.out_scale)
             scores[:, b] = own.float().norm(dim=-1)
     else:
-        norms = _unit_norms(w, spec, perm)
+        norms = unit_norms(w, spec, perm) if norms is None else norms
         if importance == "output":
             unit = h.abs().float() * norms["out"]
         elif spec.gated:

@@ -54,10 +54,12 @@ from spt_compile.real_rows import rows_of
 from spt_compile.registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 from spt_compile.sparse_ops.routed_mlp import (
     MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, unit_importance,
+    unit_norms,
 )
 
 from .meta import MlpMeta, MlpRun
 from .mlp_impl import LazyPermuted, run_impl, runs_grouped, takes_torch_path
+from . import mask_memo
 from .row_counts import row_counts
 
 # exact_forward's score of a (token, block) pair for the backward (routed_mlp.IMPORTANCES). "jacobian" by
@@ -255,6 +257,18 @@ class MlpSite(Site):
         n_real = row_counts(T, real, loss_rows).real
         return min(self.backward_budget(options, T, loss_rows, real), n_real * self.n_blocks)
 
+    def unit_norms(self, weights: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> dict:
+        """The base weights' per-unit norms the backward's scores read (exact.unit_norms), kept with
+        the weights (mask_memo on the out projection's, keyed by the others and the clustering's
+        permutation): frozen base weights give the same norms every call, so they are computed once,
+        not per call (3 reductions over the weights, in fp32 copies of them). A weight changed in
+        place (trained base weights: its version moves) is read again."""
+        ident = tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t._version)
+                      for t in (weights.in_w, weights.gate_w))
+        order = None if self.perm is None else (self.perm.data_ptr(), self.perm._version)
+        return mask_memo.memo(weights.out_w, ("unit_norms", ident, order, spec),
+                              lambda: unit_norms(weights, spec, perm))
+
     def routed_pairs(self, options: Options, T: int, lead: tuple, dense_rows: Optional[Tensor]) -> Optional[int]:
         """The number of pairs of route()'s mask, with dense_rows' rows (when given) running every block:
         known on the host unless ffn_dense_first adds pairs that depend on the choice."""
@@ -384,7 +398,8 @@ class MlpSite(Site):
                 y, block_mask, _, whole, counts = exact_mlp_forward(
                     x2, weights, spec, (lambda s: preset) if preset is not None else (
                         lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
-                    None if preset is not None else BACKWARD_IMPORTANCE, grouped, n_pairs)
+                    None if preset is not None else BACKWARD_IMPORTANCE, grouped, n_pairs,
+                    None if preset is not None else self.unit_norms(weights, spec, perm))
                 # backward routes by the counts (no second count), or by grouped GEMMs (none needed)
                 run = MlpRun("grouped") if grouped and not whole else MlpRun(counts=tuple(counts))
                 probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0

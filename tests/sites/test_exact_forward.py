@@ -217,3 +217,28 @@ def test_eval_calls_run_exact_unless_sparse_inference():
     assert not torch.allclose(sparse, dense, atol=1e-4)
     runs = spt_compile.report(model)[0]["runs"]
     assert runs == {"calibration": 2, "exact_inference": 1, "routed": 1, "disabled": 1}, runs
+
+
+def test_frozen_weights_unit_norms_are_computed_once(monkeypatch):
+    """The backward's scores read the base weights' per-unit norms: kept with the weights, computed on
+    the first training call and again only when a weight changes in place."""
+    from spt_compile.sites import mlp as site_mlp
+
+    calls = []
+    real = site_mlp.unit_norms
+    monkeypatch.setattr(site_mlp, "unit_norms", lambda *a: calls.append(1) or real(*a))
+    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, ffn_active=2, ffn_loss_rows="off")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 10, 24, requires_grad=True)
+    for _ in range(4):
+        compiled(x).sum().backward()
+    n = len(calls)
+    assert n >= 1
+    for _ in range(3):
+        compiled(x).sum().backward()
+    assert len(calls) == n, "frozen weights: no new computation"
+    with torch.no_grad():
+        model.up_proj.weight.mul_(2.0)  # a change in place: the norms are stale
+    compiled(x).sum().backward()
+    assert len(calls) == n + 1
