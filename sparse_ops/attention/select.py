@@ -71,7 +71,7 @@ def packed_segments(mask: Tensor, real: Tensor, N: int,
 
 
 def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, top_l: Optional[int],
-                            block_m: int, block_n: int, found=None) -> Optional[tuple[Tensor, Tensor]]:
+                            block_m: int, block_n: int, found=None, host: bool = True) -> Optional[tuple[Tensor, Tensor]]:
     """Rows that pack several sequences (packed_segments) give each query block the budget and the
     sink block of its own sequence, as if it ran alone: (budget, sink), each [B, n_qb] int64 (budget
     on the CPU: the largest among the sequences of the block's queries; sink: the first key block of
@@ -79,7 +79,8 @@ def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, 
     the row's length applies, sink block 0). A sequence that does not start at a multiple of block_n
     spans one key block more than alone and gets it, so density 1.0 still lists every key.
     found: packed_segments of this mask when the caller has them; with them and `real` on the host,
-    everything is computed on the host (sink too) and no device memory is read."""
+    everything is computed on the host (sink too) and no device memory is read. host=False: the
+    budget stays where it was computed (with device segments: on the device, no transfer)."""
     found = packed_segments(mask, real, N) if found is None else found
     if found is None:
         return None
@@ -99,7 +100,8 @@ def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, 
     last_row = (torch.arange(n_qb, device=segment.device) * block_m + block_m - 1).clamp(max=N - 1)
     sink = first.gather(1, segment[:, last_row])  # [B, n_qb]
     sink = torch.where(packed[:, None], sink, 0)
-    return torch.where(packed[:, None], per_block, whole_row[:, None].to(per_block.device)).cpu(), sink
+    budget = torch.where(packed[:, None], per_block, whole_row[:, None].to(per_block.device))
+    return (budget.cpu() if host else budget), sink
 
 
 def _pad_to(x: Tensor, dim: int, size: int, value) -> Tensor:
@@ -135,6 +137,22 @@ def _tile_allowed(mask: Tensor, B: int, H: int, r0: int, r1: int, block_m: int, 
     return a.reshape(*a.shape[:2], C, block_m, n_kb, block_n).any(-1).any(3)
 
 
+def budget_on_device(budget_lb: Tensor, device, B: int, n_qb: int, on_device: Optional[Tensor] = None):
+    """The key-block budgets where the selection compares them: an int when every query block has the
+    same one (no copy), else [B, n_qb] int32 on `device`: `on_device` if the caller keeps one (the
+    site copies it once per mask), else copied here. budget_lb is host data ([B] or [B, n_qb] int64 on
+    the CPU); a copy of it from pageable memory makes CUDA drain the stream first, so it is made only
+    where nothing is kept."""
+    if budget_lb.device.type != "cpu":
+        raise ValueError(f"budget_lb must be a CPU tensor (host data), got one on {budget_lb.device}")
+    flat = budget_lb.flatten()
+    if flat.numel() == 0 or bool((flat == flat[0]).all()):
+        return int(flat[0]) if flat.numel() else 0
+    if on_device is not None:
+        return on_device
+    return budget_lb.to(device=device, dtype=torch.int32).view(B, -1).expand(B, n_qb)
+
+
 def select_key_blocks(
     q: Tensor,
     k: Tensor,
@@ -147,10 +165,12 @@ def select_key_blocks(
     block_n: int,
     per_group: bool = True,
     sink: Optional[Tensor] = None,
+    budget_dev: Optional[Tensor] = None,
 ) -> Tensor:
     """Top-Lb key blocks per query block by the pooled proxy; never a block the query block may not
     see at all (causal future, masked out, padding only). budget_lb [B], or [B, n_qb] for packed
-    rows (packed_lengths); real [B, Nk] bool (keys some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
+    rows (packed_lengths), host data; budget_dev: its [B, n_qb] int32 device copy when the caller
+    keeps one (budget_on_device); real [B, Nk] bool (keys some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
     S = Hkv when `per_group` (the query heads of a GQA group share one list, scored by the largest
     share any of them gives a block: one gather and one GEMM serve the group) and S = H otherwise.
     sink [B, n_qb] (packed rows): the block each query block always keeps besides its diagonal one,
@@ -168,7 +188,9 @@ def select_key_blocks(
     k_bar_t = k_bar.transpose(-1, -2)  # [B, Hkv, D, n_kb]
     log_count = torch.log(count).view(B, 1, 1, n_kb)  # -inf for blocks of padding only
     kb_start = torch.arange(n_kb, device=q.device) * block_n
-    budget = budget_lb.to(q.device).view(B, 1, -1, 1).expand(B, 1, n_qb, 1)  # [B, 1, n_qb, 1]
+    budget = budget_on_device(budget_lb, q.device, B, n_qb, budget_dev)  # an int, or [B, n_qb]
+    if not isinstance(budget, int):
+        budget = budget.view(B, 1, n_qb, 1)
     qb_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * block_m * n_kb))
     for qb0 in range(0, n_qb, qb_per_chunk):
         qb1 = min(n_qb, qb0 + qb_per_chunk)
@@ -185,8 +207,8 @@ def select_key_blocks(
             share = share.view(B, Hkv, G, C, n_kb).amax(2)  # [B, Hkv, C, n_kb]
         # Always kept: the sink block and the diagonal block (the key block holding the query
         # block's last row, clipped to the keys that exist).
-        diag = (torch.minimum(torch.arange(qb0, qb1, device=q.device) * block_m + block_m - 1,
-                              torch.tensor(min(N, Nk) - 1, device=q.device)) // block_n).clamp(min=0)
+        diag = ((torch.arange(qb0, qb1, device=q.device) * block_m + block_m - 1).clamp(max=min(N, Nk) - 1)
+                // block_n).clamp(min=0)
         forced = torch.zeros(B, 1, C, n_kb, device=q.device)
         if sink is None:
             forced[..., 0] = _FORCED_SINK
@@ -206,7 +228,8 @@ def select_key_blocks(
             visible = visible & tiles
         score = score.masked_fill(~visible, float("-inf"))
         vals, idx = score.topk(min(Lb, n_kb), dim=-1)
-        slot_unused = torch.arange(idx.shape[-1], device=q.device) >= budget[:, :, qb0:qb1]  # [B, 1, C, slots]
+        slots = torch.arange(idx.shape[-1], device=q.device)
+        slot_unused = slots >= (budget if isinstance(budget, int) else budget[:, :, qb0:qb1])  # [B, 1, C, slots]
         idx = idx.masked_fill(torch.isneginf(vals) | slot_unused, -1)
         block_idx[:, :, qb0:qb1, : idx.shape[-1]] = idx.to(torch.int32)
     return block_idx
@@ -231,6 +254,7 @@ def mask_tiles(mask: Tensor, B: int, H: int, Hkv: int, N: int, Nk: int, block_m:
 def select_blocks(
     q: Tensor, k: Tensor, scale: float, budget_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
     real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True, sink: Optional[Tensor] = None,
+    budget_dev: Optional[Tensor] = None,
 ) -> Tensor:
     """select_key_blocks through the implementation `impl` names: the Triton kernels
     (select_triton.py: a few launches instead of about a hundred small operations, which is
@@ -242,8 +266,9 @@ def select_blocks(
         Hkv, Nk = k.shape[1], k.shape[2]
         tiles = None if mask is None else mask_tiles(mask, B, H, Hkv, N, Nk, block_m, block_n, per_group)
         return select_key_blocks_triton(q, k, scale, budget_lb, is_causal, tiles,
-                                        None if mask is None else real, block_m, block_n, per_group, sink)
-    return select_key_blocks(q, k, scale, budget_lb, is_causal, mask, real, block_m, block_n, per_group, sink)
+                                        None if mask is None else real, block_m, block_n, per_group, sink, budget_dev)
+    return select_key_blocks(q, k, scale, budget_lb, is_causal, mask, real, block_m, block_n, per_group, sink,
+                             budget_dev)
 
 
 def oracle_key_blocks(
@@ -271,4 +296,4 @@ def oracle_key_blocks(
     return idx.masked_fill((vals <= 0) | slot_unused, -1).to(torch.int32)
 
 
-__all__ = ["select_blocks", "select_key_blocks", "mask_tiles", "packed_blocks_per_query", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]
+__all__ = ["select_blocks", "select_key_blocks", "budget_on_device", "mask_tiles", "packed_blocks_per_query", "oracle_key_blocks", "blocks_per_query", "pooled_keys", "n_blocks"]

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .select import _FORCED_DIAG, _FORCED_SINK, n_blocks
+from .select import _FORCED_DIAG, _FORCED_SINK, budget_on_device, n_blocks
 
 MAX_KEY_BLOCKS = 256  # [block_m, 256] fp32 scores and a [256, D] k_bar tile per program
 _FORCED_DIAG_C = tl.constexpr(_FORCED_DIAG)
@@ -246,15 +246,6 @@ def fits_one_program(Nk: int, block_n: int) -> bool:
     return n_blocks(Nk, block_n) <= MAX_KEY_BLOCKS
 
 
-def _host_uniform(budget_lb: Tensor) -> bool:
-    """Whether every query block has the same budget. The budgets are host data (decided from the
-    mask's lengths once per step), so this reads no device memory."""
-    if budget_lb.device.type != "cpu":
-        raise ValueError("select_key_blocks_triton: budget_lb must be a CPU tensor (host data), "
-                         f"got one on {budget_lb.device}")
-    return bool((budget_lb == budget_lb.flatten()[0]).all())
-
-
 def select_key_blocks_triton(
     q: Tensor,
     k: Tensor,
@@ -267,11 +258,13 @@ def select_key_blocks_triton(
     block_n: int,
     per_group: bool = True,
     sink: Optional[Tensor] = None,
+    budget_dev: Optional[Tensor] = None,
 ) -> Tensor:
     """As block_select.select_key_blocks (sink [B, n_qb] for packed rows, else None); `tiles` is the explicit mask's per-tile visibility
     [B, S | 1, n_qb, n_kb] bool (None without a mask) and `real` [B, Nk] bool (None: every key real).
     budget_lb [B] or [B, n_qb] (packed rows) int64 on the CPU: a batch whose query blocks all get the
-    same budget passes it as a number, so no host-to-device copy waits on the stream."""
+    same budget passes it as a number, so no host-to-device copy waits on the stream; otherwise
+    budget_dev, the caller's device copy (select.budget_on_device), or one made here."""
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     S = Hkv if per_group else H
@@ -287,8 +280,9 @@ def select_key_blocks_triton(
         k, real_arg, k_bar, log_count, *k.stride(), Hkv, Nk, D, n_kb,
         HAS_REAL=real is not None, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
     )
-    uniform = _host_uniform(budget_lb)
-    lb_t = log_count if uniform else budget_lb.to(device=q.device, dtype=torch.int32).view(B, -1).expand(B, n_qb)
+    budget = budget_on_device(budget_lb, q.device, B, n_qb, budget_dev)  # an int, or [B, n_qb] int32
+    uniform = isinstance(budget, int)
+    lb_t = log_count if uniform else budget
     lb_strides = (0, 0) if uniform else lb_t.stride()
     if tiles is not None:
         tiles_t = tiles.to(torch.int8).expand(B, S, n_qb, n_kb)
@@ -306,13 +300,14 @@ def select_key_blocks_triton(
     low = q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") != "1"
     if not fits_one_program(Nk, block_n):
         return _select_long(q, k_bar, log_count, tiles_t, t_strides, sink_t, sink is not None, tiles is not None,
-                            budget_lb, lb_t, uniform, Lb, S, Nk, is_causal, scale, low, block_m, block_n, BLOCK_D)
+                            budget if uniform else 0, lb_t, uniform, Lb, S, Nk, is_causal, scale, low, block_m,
+                            block_n, BLOCK_D)
     out = torch.empty((B, S, n_qb, Lb), dtype=torch.int32, device=q.device)  # the kernel writes every slot
     NKB = max(16, triton.next_power_of_2(n_kb))
     _select_kernel[(n_qb, B * S)](
         q, k_bar, log_count, lb_t, tiles_t, sink_t, out,
         *q.stride(), *t_strides, *lb_strides,
-        S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, Lb, int(budget_lb.flatten()[0]), float(scale),
+        S, H // S, H // Hkv, Hkv, N, Nk, D, n_kb, n_qb, Lb, budget if uniform else 0, float(scale),
         IS_CAUSAL=bool(is_causal), HAS_LB=not uniform, HAS_TILES=tiles is not None,
         HAS_SINK=sink is not None, PRECISION="ieee", LOW_PRECISION=low,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D, NKB=NKB,
@@ -321,7 +316,7 @@ def select_key_blocks_triton(
     return out
 
 
-def _select_long(q, k_bar, log_count, tiles_t, t_strides, sink_t, has_sink, has_tiles, budget_lb, lb_t, uniform, Lb,
+def _select_long(q, k_bar, log_count, tiles_t, t_strides, sink_t, has_sink, has_tiles, budget_lb_int, lb_t, uniform, Lb,
                  S, Nk, is_causal, scale, low, block_m, block_n, BLOCK_D) -> Tensor:
     """The selection for rows of more than MAX_KEY_BLOCKS key blocks: every block's score by
     _long_score_kernel ([B, S, n_qb, n_kb] fp32 in memory: 1 MB per (b, s) at N=32768 in 64-blocks),
@@ -339,7 +334,7 @@ def _select_long(q, k_bar, log_count, tiles_t, t_strides, sink_t, has_sink, has_
     )
     vals, idx = score.topk(min(Lb, n_kb), dim=-1)  # [B, S, n_qb, Lb'] best first (diagonal, sink, shares)
     slot = torch.arange(vals.shape[-1], device=q.device)
-    budget = int(budget_lb.flatten()[0]) if uniform else lb_t.view(B, 1, n_qb, 1)
+    budget = budget_lb_int if uniform else lb_t.view(B, 1, n_qb, 1)
     out = torch.where((vals > float("-inf")) & (slot < budget), idx, -1).to(torch.int32)
     return out if out.shape[-1] == Lb else torch.nn.functional.pad(out, (0, Lb - out.shape[-1]), value=-1)
 

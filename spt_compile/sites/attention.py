@@ -140,16 +140,41 @@ def mask_facts(mask: Tensor, B: int, N: int, Nk: int) -> MaskFacts:
     return mask_memo.memo(mask, ("facts", B, N, Nk), analyse)
 
 
-def _host_packed_budgets(mask: Tensor, on_host, N: int, options: Options, bm: int, bn: int, device):
-    """Packed rows' block budgets and sink blocks (select.packed_blocks_per_query), computed on the
-    host from the mask's analysis (MaskFacts.packed_host): no device memory is read. The sink list
-    goes to the device once per mask."""
+def _host_packed_budgets(mask: Tensor, on_host, N: int, options: Options, bm: int, bn: int) -> Tensor:
+    """Packed rows' block budgets (select.packed_blocks_per_query) [B, n_qb], computed on the host from
+    the mask's analysis (MaskFacts.packed_host): no device memory is read."""
     found, real_host = on_host
     if any(t.device.type != "cpu" for t in (*found, real_host)):
         raise ValueError("_host_packed_budgets: the mask's packed segments must be host tensors")
-    budget, sink = block_select.packed_blocks_per_query(mask, real_host, N, options.density, options.top_l, bm, bn,
-                                                        found)
-    return budget, sink.to(device)
+    return block_select.packed_blocks_per_query(mask, real_host, N, options.density, options.top_l, bm, bn, found)[0]
+
+
+def _block_budgets(mask: Optional[Tensor], B: int, N: int, Nk: int, options: Options, bm: int, bn: int):
+    """(budget_lb host [B] or [B, n_qb], its device copy [B, n_qb] int32 or None, sink [B, n_qb] on the
+    device or None): the key blocks each query block lists, once per mask (mask_memo). The host copy
+    sizes the lists; the device copy, where budgets differ between query blocks, is computed on the
+    device from the mask's device facts by the same formulas, so nothing is copied to the device (a
+    copy from pageable host memory would make CUDA drain the stream first)."""
+    n_kb = block_select.n_blocks(Nk, bn)
+    if mask is None:  # every key real: one budget for all
+        return block_select.blocks_per_query(torch.full((B,), Nk), options.density, options.top_l, bn, n_kb), None, None
+
+    def compute():
+        facts = mask_facts(mask, B, N, Nk)
+        if facts.packed_host is not None:
+            budget = _host_packed_budgets(mask, facts.packed_host, N, options, bm, bn)
+            on_device, sink = block_select.packed_blocks_per_query(
+                mask, facts.real, N, options.density, options.top_l, bm, bn, facts.packed, host=False)
+        else:
+            budget, sink = block_select.blocks_per_query(facts.lengths, options.density, options.top_l, bn, n_kb), None
+            on_device = block_select.blocks_per_query(facts.real.sum(-1), options.density, options.top_l, bn, n_kb)
+        flat = budget.flatten()
+        uniform = bool((flat == flat[0]).all())
+        n_qb = block_select.n_blocks(N, bm)
+        on_device = None if uniform else on_device.to(torch.int32).view(B, -1).expand(B, n_qb)
+        return budget, on_device, sink
+
+    return mask_memo.memo(mask, ("block budgets", B, N, Nk, options.density, options.top_l, bm, bn), compute)
 
 
 def as_causal(mask: Optional[Tensor], is_causal: bool, B: int, N: int, Nk: int) -> tuple[Optional[Tensor], bool]:
@@ -429,23 +454,16 @@ class AttentionSite(Site):
         bm = bn = options.attention_block
         Nk = k.shape[2]
         n_kb = block_select.n_blocks(Nk, bn)
-        lengths = real_lengths(mask, real, q.shape[2])
         # Packed rows (several sequences, a block-diagonal mask): each query block's budget comes from
         # its own sequence's length, as if it ran alone.
-        on_host = None if mask is None else mask_facts(mask, q.shape[0], q.shape[2], Nk).packed_host
-
-        packed = None if on_host is None else mask_memo.memo(
-            mask, ("packed blocks", q.shape[2], tuple(real.shape), options.density, options.top_l, bm, bn),
-            lambda: _host_packed_budgets(mask, on_host, q.shape[2], options, bm, bn, q.device))
-        budget_lb, sink = (block_select.blocks_per_query(lengths, options.density, options.top_l, bn, n_kb), None) \
-            if packed is None else packed
+        budget_lb, budget_dev, sink = _block_budgets(mask, q.shape[0], q.shape[2], Nk, options, bm, bn)
         impl = resolve_impl(options.attention_impl, q.device)
         if impl == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise SptOptionError(f"spt option attention_impl='triton' needs CUDA tensors; the attention at "
                                  f"{self.name or '<top>'} runs on {q.device.type}: use 'auto' or 'torch'",
                                  option="attention_impl")
         block_idx = block_select.select_blocks(q, k, scale, budget_lb, is_causal, mask, real, bm, bn, impl,
-                                               sink=sink)
+                                               sink=sink, budget_dev=budget_dev)
         # select_blocks lists each query block's diagonal block first (diag_first: no per-chunk check)
         out, lse = given if given is not None else block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm,
                                                                          bn, dropout_p, seed, impl, diag_first=True)

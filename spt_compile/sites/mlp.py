@@ -66,6 +66,16 @@ from .row_counts import row_counts
 # measurement: GSM8K probe (docs/quality.md) held-out loss 1.1594 against 1.1517 for the exact block output
 # norms, within seed noise, and it needs no extra GEMM.
 BACKWARD_IMPORTANCE = "jacobian"
+
+
+def on_device(t: Optional[Tensor], device, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    """t (site state: the router, the clustering's permutation, ffn_compensate's predictors, the balance
+    bias, fitted on the host) on x's device and dtype. A copy per call from pageable host memory would
+    make CUDA drain the stream before it (a sync per layer and call); the copy is kept with t
+    (mask_memo) and made again only when t is replaced or changed in place."""
+    if t is None or (t.device == torch.device(device) and (dtype is None or t.dtype == dtype)):
+        return t
+    return mask_memo.memo(t, ("on device", str(device), dtype), lambda: t.to(device=device, dtype=dtype))
 TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibration call
 ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
@@ -281,10 +291,10 @@ class MlpSite(Site):
         """The routed call's block mask [T, nb]: top-ffn_active of the router's scores, less the
         ffn_balance bias when that is on; with `lead` (the input's [batch, seq] dims) the first
         ffn_dense_first positions of each sequence get every block."""
-        scores = router_scores(x2, self.router.to(x2.device))
+        scores = router_scores(x2, on_device(self.router, x2.device))
         bias = self.balance_bias(options)
         if bias is not None:
-            scores = scores - bias.to(scores.device)
+            scores = scores - on_device(bias, scores.device)
         mask = choose_blocks(scores, options.active_blocks)
         if options.ffn_dense_first and len(lead) >= 2:
             mask.view(*lead, mask.shape[-1])[..., : options.ffn_dense_first, :] = True
@@ -378,7 +388,7 @@ class MlpSite(Site):
                     # exact_forward's code with every block kept, in the clustered block order when there is
                     # one: the same sums in the same order as its training calls, so disable() reproduces
                     # their forward bit for bit.
-                    perm = None if self.perm is None else self.perm.to(x.device)
+                    perm = on_device(self.perm, x.device)
                     y, _, _, whole, counts = exact_mlp_forward(
                         x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool), seed, saved, perm,
                         BACKWARD_IMPORTANCE)
@@ -386,7 +396,7 @@ class MlpSite(Site):
                 else:
                     y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             elif exact:
-                perm = None if self.perm is None else self.perm.to(x.device)
+                perm = on_device(self.perm, x.device)
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
                 preset = self.loss_rows_only(options, rows, real)  # no pair to rank: no scores to compute
@@ -410,7 +420,7 @@ class MlpSite(Site):
                     if bx.shape[0]:  # the router still serves calls without gradient (sparse inference)
                         self.refit_router(bx, by)
             else:
-                perm = None if self.perm is None else self.perm.to(x.device)
+                perm = on_device(self.perm, x.device)
                 block_mask = self.route(x2, options, tuple(x.shape[:-1]))
                 dense_loss_rows = (training and options.ffn_loss_rows == "dense" and loss_rows is not None
                                    and loss_rows.numel() == T)
@@ -421,7 +431,7 @@ class MlpSite(Site):
                 wp = LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
-                    comp = tuple(t.to(device=x.device, dtype=x.dtype) for t in terms)
+                    comp = tuple(on_device(t, x.device, x.dtype) for t in terms)
                 y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp,
                                   self.routed_pairs(options, T, tuple(x.shape[:-1]),
                                                     loss_rows if dense_loss_rows else None))

@@ -6,7 +6,10 @@ A GPU op is slow at small shapes when its host does too much per call: every ate
 everything queued before it. Neither needs a GPU to count: the same Python runs the same aten ops
 on CPU tensors. `Census` is a dispatch mode (every aten op that runs a kernel is a launch) and a
 function mode (host reads that never reach the dispatcher: `.cpu()`, `.tolist()`, `.numpy()`,
-`.to("cpu")`), and records where in our code each sync happened.
+`.to("cpu")`), and records where in our code each sync happened. A copy of host data to the device
+from pageable memory (`.to(device)` of a host tensor, `torch.tensor(data, device=...)`) is a launch
+and a sync: CUDA performs a stream sync before it starts such a copy (CUDA runtime API,
+"API synchronization behavior"); a pinned source (`.pin_memory()`) is a launch only.
 
 On a CPU every tensor is on the same device, so the census tells host data from device data the way a
 GPU run would place it: a tensor made by a factory call without a `device=` argument (`torch.full((B,),
@@ -69,7 +72,13 @@ _HOST_READ_METHODS = {torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy}
 # Factory functions: host data unless given device=.
 _FACTORIES = {torch.full, torch.zeros, torch.ones, torch.empty, torch.arange, torch.randperm, torch.tensor,
               torch.as_tensor, torch.randn, torch.rand, torch.randint, torch.linspace}
+# Factories that copy their data argument: with device= a host-to-device copy.
+_COPY_FACTORIES = {torch.tensor, torch.as_tensor}
 _HOST_ATTR = "_spt_census_host"
+
+
+def _to_cpu_name(device) -> bool:
+    return isinstance(device, str) and device.startswith("cpu")
 
 
 def _is_host(t) -> bool:
@@ -253,6 +262,8 @@ class _FunctionCount(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _FACTORIES:
             device_given = kwargs.get("device") is not None
+            if device_given and func in _COPY_FACTORIES and not _to_cpu_name(kwargs.get("device")):
+                self.census.note_sync(f"{func.__name__}(data, device=): a pageable host-to-device copy")
             host, self.census._host_factory = self.census._host_factory, not device_given
             try:
                 out = func(*args, **kwargs)
@@ -267,10 +278,13 @@ class _FunctionCount(TorchFunctionMode):
         elif func is torch.Tensor.to and _to_host(args, kwargs) and not _is_host(source):
             self.census.note_sync("to(cpu)")
         if func is torch.Tensor.to and _is_host(source) and _to_device(args, kwargs):
-            # A host-to-device copy: one launch (a copy engine transfer), and device data from here on.
-            # On the CPU `.to(x.device)` returns the tensor itself; a clone stands for the device copy.
+            # A host-to-device copy: one launch (a copy engine transfer), and device data from here on;
+            # from pageable memory also a sync (the stream drains first). On the CPU `.to(x.device)`
+            # returns the tensor itself; a clone stands for the device copy.
             self.census.launches += 1
             self.census.ops["copy host to device"] += 1
+            if not source.is_pinned():
+                self.census.note_sync("to(device) from pageable host memory")
             out = func(*args, **kwargs)
             out = out.clone() if out is source else out
             out.__dict__.pop(_HOST_ATTR, None)  # the dispatch mode marked the clone of host data as host

@@ -40,14 +40,15 @@ def test_census_tells_host_data_from_device_data():
         y = torch.softmax(x @ x, dim=-1)  # 2 launches on device data
         lengths = torch.full((2,), 8)  # host data: no device= given
         int(lengths.max())  # a host read of host data: no sync
-        lengths.to(x.device)  # a host-to-device copy: one launch, no sync
+        lengths.to(x.device)  # a host-to-device copy from pageable memory: one launch and a sync
         y.sum().item()  # one launch (sum) and a sync
         y.tolist()  # a sync
         torch.equal(y, y)  # a sync
 
     c = _count_inside_op(work)
     assert c.launches == 4, c.ops
-    assert c.syncs == 3, c.summary()
+    assert c.syncs == 4, c.summary()
+    assert c.sync_sites()[("to(device) from pageable host memory", "<outside spt>")] == 1
 
 
 class _Attention(torch.nn.Module):

@@ -242,3 +242,18 @@ def test_frozen_weights_unit_norms_are_computed_once(monkeypatch):
         model.up_proj.weight.mul_(2.0)  # a change in place: the norms are stale
     compiled(x).sum().backward()
     assert len(calls) == n + 1
+
+
+def test_site_state_is_copied_to_the_device_once():
+    """The router, permutation and predictors live on the host; a call on another device uses a kept
+    copy (a copy per call from pageable memory would sync on CUDA), made again when the state changes.
+    The meta device stands in for a GPU here."""
+    from spt_compile.sites.mlp import on_device
+
+    perm = torch.randperm(16)
+    assert on_device(perm, perm.device) is perm and on_device(None, "meta") is None
+    first = on_device(perm, torch.device("meta"))
+    assert first.device.type == "meta" and on_device(perm, torch.device("meta")) is first
+    assert on_device(perm, torch.device("meta"), torch.float32).dtype == torch.float32
+    perm.add_(0)  # changed in place: copied again
+    assert on_device(perm, torch.device("meta")) is not first
