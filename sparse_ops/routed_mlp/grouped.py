@@ -49,6 +49,10 @@ def routed_pairs(block_mask: Tensor, n_pairs: int) -> Pairs:
     T = block_mask.shape[0]
     order = torch.nonzero_static(block_mask.t().reshape(-1), size=n_pairs).squeeze(1)  # block * T + token
     offs = block_mask.sum(0, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    # A wrong count would drop pairs or pad with token 0: checked on the device, without a sync (on CUDA a
+    # device-side assert stops the run; on the CPU it raises here)
+    torch._assert_async(offs[-1] == n_pairs, "spt routed MLP: the block mask's pairs differ from the count "
+                        "the host derived for it (a bug: please report it with the options used)")
     return Pairs(order % max(T, 1), order // max(T, 1), offs)
 
 

@@ -1,0 +1,54 @@
+"""ffn_impl="grouped" through torch.compile on a Hugging Face decoder with padding and partial labels:
+the pairs' count the site derives on the host (ffn_active per real row, the loss rows' pairs, the row
+counts read once per step) is the count of the mask it makes, and the step equals ffn_impl="torch"'s."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+
+def _step(impl: str, monkeypatch, **options):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spt_compile.sparse_ops.routed_mlp import grouped
+
+    ran = []
+    gmm = grouped._gmm
+    monkeypatch.setattr(grouped, "_gmm", lambda *a: ran.append(1) or gmm(*a))
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" in name)  # the MLPs train, as their LoRA factors would
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :9] = -100  # a prompt without loss
+    attention = torch.ones_like(ids)
+    attention[1, 17:] = 0  # padding
+    labels[attention == 0] = -100
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_impl": impl,
+                                                             "ffn_active": 2, **options})
+    for _ in range(3):
+        model.zero_grad()
+        loss = compiled(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+    assert bool(ran) == (impl == "grouped"), "grouped GEMMs ran exactly when asked for"
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("options", [{}, {"ffn_loss_rows": "first"}, {"ffn_loss_rows": "off"},
+                                     {"exact_forward": False}, {"ffn_dense_first": 2}],
+                         ids=["loss-rows-dense", "loss-rows-first", "loss-rows-off", "routed", "dense-first"])
+def test_grouped_equals_block_batched_on_a_padded_batch_with_prompts(options, monkeypatch):
+    loss_t, grads_t = _step("torch", monkeypatch, **options)
+    loss_g, grads_g = _step("grouped", monkeypatch, **options)
+    torch.testing.assert_close(loss_g, loss_t, atol=1e-6, rtol=1e-6)
+    assert grads_g.keys() == grads_t.keys() and grads_t
+    for name in grads_t:
+        torch.testing.assert_close(grads_g[name], grads_t[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
