@@ -21,9 +21,10 @@ projection. routed_mlp_backward recomputes everything from x instead (the least 
 [T, n_blocks] mask only).
 
 Modules: spec.py (what a routed MLP is), blocks.py (per-block pieces shared by the paths), forward.py,
-backward.py, exact.py (exact forward, sparse backward), compensation.py, function.py (the
-differentiable op for direct use), triton.py (the Triton kernels), reference.py (the plain
-per-token reference every path is tested against).
+backward.py, exact.py (exact forward, sparse backward), grouped.py (the same computations with every
+block of a projection in one torch._grouped_mm, offsets on the device: no host sync),
+compensation.py, function.py (the differentiable op for direct use), triton.py (the Triton kernels),
+reference.py (the plain per-token reference every path is tested against).
 """
 
 from .backward import routed_mlp_backward, routed_mlp_backward_saved
