@@ -274,7 +274,8 @@ class MlpSite(Site):
         not per call (3 reductions over the weights, in fp32 copies of them). A weight changed in
         place (trained base weights: its version moves) is read again."""
         ident = tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t._version)
-                      for t in (weights.in_w, weights.gate_w))
+                      for t in (weights.in_w, weights.gate_w, weights.out_w))  # out_w's too: the op may
+        # get an alias of it each call, whose end would leave the memo nothing to check the version by
         order = None if self.perm is None else (self.perm.data_ptr(), self.perm._version)
         return mask_memo.memo(weights.out_w, ("unit_norms", ident, order, spec),
                               lambda: unit_norms(weights, spec, perm))

@@ -212,3 +212,27 @@ def test_row_counts_are_read_once_per_step(monkeypatch):
     loss2 = loss.clone()
     loss2[0] = True
     assert rc.row_counts(6, real, loss2) == (4, 5, 4)
+
+
+def test_a_hugging_face_mask_is_analysed_once_per_step():
+    """A Hugging Face decoder builds its 4D mask inside forward; the backward gets an alias of its
+    storage after the forward's tensor object is gone. The facts live as long as the storage, so
+    forward and backward share one analysis (they made two before)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=300)
+    model = transformers.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 97, (2, 256), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones_like(ids)
+    attention[1, 200:] = 0
+    labels = ids.masked_fill(attention == 0, -100)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
+                                                             "attention_block": 32})
+    for _ in range(3):
+        compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+    with Census() as c:
+        compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+    analyses = sum(n for (what, where), n in c.sync_sites().items() if "in analyse" in where)
+    assert analyses == 1, c.summary()

@@ -257,3 +257,23 @@ def test_site_state_is_copied_to_the_device_once():
     assert on_device(perm, torch.device("meta"), torch.float32).dtype == torch.float32
     perm.add_(0)  # changed in place: copied again
     assert on_device(perm, torch.device("meta")) is not first
+
+
+def test_unit_norms_follow_an_in_place_change_of_any_weight(monkeypatch):
+    """The out projection's weight anchors the kept norms; its change in place is seen too."""
+    from spt_compile.sites import mlp as site_mlp
+
+    calls = []
+    real = site_mlp.unit_norms
+    monkeypatch.setattr(site_mlp, "unit_norms", lambda *a: calls.append(1) or real(*a))
+    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, ffn_active=2, ffn_loss_rows="off")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 10, 24, requires_grad=True)
+    for _ in range(4):
+        compiled(x).sum().backward()
+    n = len(calls)
+    with torch.no_grad():
+        model.down_proj.weight.mul_(2.0)
+    compiled(x).sum().backward()
+    assert len(calls) == n + 1
