@@ -291,7 +291,6 @@ def _check_site(device, dtype) -> list[str]:
     """The site op through torch.compile, triton and grouped against torch on the same routing: routed
     training calls (exact_forward off: the implementation runs forward and backward) and, for grouped,
     the default exact-forward calls (the Triton kernels serve no part of those)."""
-    import spt_compile
     from spt_compile.sparse_ops.routed_mlp import grouped
 
     torch.manual_seed(0)

@@ -15,20 +15,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spt_compile.sparse_ops.attention.pq import real_key_mask
-
 
 @torch.library.custom_op("spt::real_rows", mutates_args=())
 def real_rows(mask: Tensor, batch: int, seq: int) -> Tensor:
     """mask: the attention mask [B|1, H|1, N|1, N] (bool: True attends; float: additive). A key that
-    no query may attend is padding. One device sync (whether anything is padded)."""
+    no query may attend is padding. Whether anything is padded is read on the host from the mask's
+    analysis, which the attention site before this MLP made for the same mask (mask_facts, kept per
+    mask): no sync of its own."""
+    from spt_compile.sites.attention import mask_facts  # the sites import this module
+
     B, N = int(batch), int(seq)
     if mask.dim() != 4 or mask.shape[-1] != N or mask.shape[-2] not in (1, N) or mask.shape[0] not in (1, B):
         return torch.zeros(0, dtype=torch.bool, device=mask.device)
-    real = real_key_mask(mask, B, N).reshape(-1)  # [B * N]
-    if bool(real.all()):
-        return real.new_zeros(0)
-    return real.contiguous()
+    facts = mask_facts(mask, B, N, N)
+    if bool((facts.lengths == N).all()):  # host data
+        return torch.zeros(0, dtype=torch.bool, device=mask.device)
+    return facts.real.reshape(-1).contiguous()  # [B * N]
 
 
 @real_rows.register_fake
