@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Launches and host-device syncs per steady-state call of each spt op (issue 19), counted on the CPU
 by spt_compile.testing.Census: forward + backward of one attention site for each mask form, and of one
-routed SwiGLU MLP, at several sequence lengths. A count that grows with N, or any sync, is host
+routed SwiGLU MLP (ffn_impl "torch" and "grouped"), at several sequence lengths. A count that grows with N, or any sync, is host
 overhead a GPU pays on every call.
 
     python benchmarks/research/launch_census.py --json benchmarks/research/results/launch_census_cpu.json
@@ -103,13 +103,13 @@ def attention_case(form: str, N: int, B: int, impl: str = "auto") -> dict:
             "sparse_inference": count(infer)}
 
 
-def mlp_case(N: int, B: int) -> dict:
+def mlp_case(N: int, B: int, impl: str = "torch") -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = SwiGLU()
     for p in model.parameters():
         p.requires_grad_(False)
-    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1})
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_impl": impl})
     x = torch.randn(B, N, 576, requires_grad=True)
     for _ in range(3):
         compiled(x).sum().backward()
@@ -123,7 +123,7 @@ def mlp_case(N: int, B: int) -> dict:
         with torch.no_grad(), spt_compile.enable(sparse_inference=True):
             compiled(x.detach())
 
-    return {"op": "routed_mlp", "N": N, "B": B, "train": count(train), "sparse_inference": count(infer)}
+    return {"op": "routed_mlp", "impl": impl, "N": N, "B": B, "train": count(train), "sparse_inference": count(infer)}
 
 
 def main(argv=None) -> int:
@@ -150,10 +150,10 @@ def main(argv=None) -> int:
                 print("    same mask:", s)
             for s in r["train_new_mask"]["sync_sites"]:
                 print("    new mask:", s)
-        if not args.no_mlp:
-            rows.append(mlp_case(N, args.batch))
+        for impl in [] if args.no_mlp else ["torch", "grouped"]:
+            rows.append(mlp_case(N, args.batch, impl))
             r = rows[-1]
-            print(f"routed MLP          N={N:5d}: train {r['train']['launches']:4d} launches "
+            print(f"routed MLP {impl:8s} N={N:5d}: train {r['train']['launches']:4d} launches "
                   f"{r['train']['syncs']:3d} syncs; sparse inference {r['sparse_inference']['launches']:4d} / "
                   f"{r['sparse_inference']['syncs']:3d}", flush=True)
             for s in r["train"]["sync_sites"] + r["sparse_inference"]["sync_sites"]:
