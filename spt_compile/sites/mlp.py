@@ -58,6 +58,9 @@ from spt_compile.sparse_ops.routed_mlp import (
 )
 
 from .meta import MlpMeta, MlpRun
+from spt_compile.sparse_ops.routed_mlp import resolve_ffn_impl
+from spt_compile.sparse_ops.routed_mlp.grouped import grouped_unsupported
+
 from .mlp_impl import LazyPermuted, run_impl, runs_grouped, takes_torch_path
 from . import mask_memo
 from .row_counts import row_counts
@@ -93,6 +96,8 @@ class MlpSite(Site):
         self.buffer_x = torch.zeros(0, self.d_in)  # router samples (CPU, fp32), oldest first
         self.buffer_y = torch.zeros(0, self.n_blocks)
         self.perm: Optional[Tensor] = None  # [F] hidden units in block order (None: contiguous blocks)
+        self.impls: dict[str, int] = {}  # calls per implementation that ran them (report())
+        self.grouped_off: Optional[str] = None  # why ffn_impl="grouped" could not serve this layer
         # ffn_balance: the per-block bias subtracted from the router's scores, and the (strength,
         # active blocks) it was fitted for. Fitted lazily on the buffered tokens at the first routed call
         # that needs it, dropped whenever the router changes.
@@ -444,6 +449,10 @@ class MlpSite(Site):
                     if bx.shape[0]:
                         self.refit_router(bx, by)
         self.end(plan, training)
+        if not plan.recompute:
+            self.impls[run.impl] = self.impls.get(run.impl, 0) + 1
+            if options.ffn_impl != "torch" and resolve_ffn_impl(options.ffn_impl, x.device) == "grouped":
+                self.grouped_off = grouped_unsupported(x2, weights, spec)
         meta = MlpMeta(mode, seed, perm is not None, run, bool(whole), nb).tensor()
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
         # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added
@@ -533,6 +542,10 @@ class MlpSite(Site):
             out["balance"] = self.balance_for[0]
         if self.comp_for is not None:
             out["compensate"] = self.comp_for[0]
+        if self.impls:
+            out["impl"] = dict(self.impls)  # calls per implementation (dense and calibration calls: torch)
+        if self.grouped_off:
+            out["grouped_off"] = self.grouped_off  # ffn_impl="grouped" asked, the torch path served, and why
         return out
 
 

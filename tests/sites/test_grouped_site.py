@@ -52,3 +52,22 @@ def test_grouped_equals_block_batched_on_a_padded_batch_with_prompts(options, mo
     assert grads_g.keys() == grads_t.keys() and grads_t
     for name in grads_t:
         torch.testing.assert_close(grads_g[name], grads_t[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_report_says_which_implementation_ran_and_why_not_grouped():
+    """report() counts calls per implementation, and names why ffn_impl="grouped" could not serve a
+    layer (here: 100 hidden units in 8 blocks are unequal blocks)."""
+    import spt_compile
+    from toy_models import compiled_gated_mlp
+
+    for hidden, off in ((64, None), (100, "unequal blocks")):
+        model, compiled = compiled_gated_mlp(24, hidden, exact_forward=True, ffn_impl="grouped", ffn_blocks=8,
+                                             ffn_active=4)
+        x = torch.randn(2, 10, 24, requires_grad=True)
+        for _ in range(3):
+            compiled(x).sum().backward()
+        (site,) = [s for s in spt_compile.report(model) if s["kind"] == "mlp"]
+        if off is None:
+            assert site["impl"].get("grouped", 0) >= 1 and "grouped_off" not in site, site
+        else:
+            assert "grouped" not in site["impl"] and off in site["grouped_off"], site
