@@ -53,22 +53,25 @@ from spt_compile.options import Options
 from spt_compile.real_rows import rows_of
 from spt_compile.registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 from spt_compile.sparse_ops.routed_mlp import (
-    MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, unit_importance,
-    unit_norms,
+    MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, resolve_ffn_impl,
+    unit_importance, unit_norms,
 )
-
-from .meta import MlpMeta, MlpRun
-from spt_compile.sparse_ops.routed_mlp import resolve_ffn_impl
 from spt_compile.sparse_ops.routed_mlp.grouped import grouped_unsupported
 
-from .mlp_impl import LazyPermuted, run_impl, runs_grouped, takes_torch_path
 from . import mask_memo
+from .meta import MlpMeta, MlpRun
+from .mlp_impl import LazyPermuted, run_impl, runs_grouped, takes_torch_path
 from .row_counts import row_counts
 
 # exact_forward's score of a (token, block) pair for the backward (routed_mlp.IMPORTANCES). "jacobian" by
 # measurement: GSM8K probe (docs/quality.md) held-out loss 1.1594 against 1.1517 for the exact block output
 # norms, within seed noise, and it needs no extra GEMM.
 BACKWARD_IMPORTANCE = "jacobian"
+
+TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibration call
+ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
+PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
+PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
 
 
 def on_device(t: Optional[Tensor], device, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
@@ -79,10 +82,6 @@ def on_device(t: Optional[Tensor], device, dtype: Optional[torch.dtype] = None) 
     if t is None or (t.device == torch.device(device) and (dtype is None or t.dtype == dtype)):
         return t
     return mask_memo.memo(t, ("on device", str(device), dtype), lambda: t.to(device=device, dtype=dtype))
-TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibration call
-ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
-PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
-PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
 
 
 class MlpSite(Site):
