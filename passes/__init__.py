@@ -31,7 +31,10 @@ from .report import GraphReport, SiteReport
 __all__ = ["rewrite_graph", "GraphReport", "SiteReport"]
 
 
-def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool = True) -> GraphReport:
+def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool = True,
+                  graphed: bool = False) -> GraphReport:
+    """graphed: the graph is for CUDA graphs (mode="reduce-overhead"): attention sites that can get
+    spt::attention_graphed (fixed shapes, no host work, no state; sites/attention_graphed.py)."""
     report = GraphReport()
     report.floats = float_inputs(gm, example_inputs)
     if report.floats:  # module floats Dynamo made graph inputs: constants for the passes (float_inputs.py)
@@ -42,20 +45,21 @@ def rewrite_graph(gm: GraphModule, example_inputs, options: Options, apply: bool
     found = loss_rows.find(gm)
     report.loss_rows = found if isinstance(found, str) else found.detail
     seen = unmatched.Seen()
-    _rewrite(gm, options, report, apply, ordinals={}, rows=loss_rows.RowsSource(gm.graph, found), seen=seen)
+    _rewrite(gm, options, report, apply, ordinals={}, rows=loss_rows.RowsSource(gm.graph, found), seen=seen,
+             graphed=graphed)
     unmatched.run(gm, report, seen)  # what no pass rewrote or reported, as dense with what it saw
     return report
 
 
 def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
-             rows: loss_rows.RowsSource, seen: unmatched.Seen) -> None:
+             rows: loss_rows.RowsSource, seen: unmatched.Seen, graphed: bool = False) -> None:
     seen.graphs.add(gm)
     for node in list(gm.graph.nodes):
         if op(node) == "checkpoint" and node.args and getattr(node.args[0], "op", None) == "get_attr":
             body = getattr(gm, node.args[0].target)
             if isinstance(body, GraphModule):
-                _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body), seen)
-    attention.run(gm, options, report, apply, ordinals, seen.nodes)
+                _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body), seen, graphed)
+    attention.run(gm, options, report, apply, ordinals, seen.nodes, graphed)
     mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph), seen.nodes)
     loss.run(gm, options, report, apply, ordinals)
     if apply:

@@ -30,7 +30,8 @@ class RealRowsSource:
         for n in self.graph.nodes:
             if n is x:
                 break
-            if n.op == "call_function" and n.target is torch.ops.spt.attention_site.default:
+            if n.op == "call_function" and n.target in (torch.ops.spt.attention_site.default,
+                                                        torch.ops.spt.attention_graphed.default):
                 mask = n.args[3] if isinstance(n.args[3], Node) else None
         return mask
 

@@ -50,7 +50,12 @@ def downstream(gm: GraphModule, example_inputs, compiler: str, mode: Optional[st
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else {})
+    patches = list_mode_options(mode) if mode else {}
+    if mode == "reduce-overhead":
+        # CUDA graphs around what can be captured: the ops tagged cudagraph_unsafe (the sites that keep
+        # per-call state: routed MLP, the regular attention op, the chunked loss) run between captured parts
+        patches = {**patches, "graph_partition": True}
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any]] = None,
@@ -79,7 +84,9 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     # The graph as traced, kept when module floats get read as constants: it runs instead whenever one
     # of them changes (passes/float_inputs.py).
     as_traced = copy_graph_module(gm) if float_inputs(gm, example_inputs) else None
-    report = rewrite_graph(gm, example_inputs, opts)
+    # mode="reduce-overhead" captures CUDA graphs: attention gets the op made for them
+    graphed = mode == "reduce-overhead" and opts.compiler == "inductor"
+    report = rewrite_graph(gm, example_inputs, opts, graphed=graphed)
     record(report, example_inputs, gm)  # spt_compile.compile_reports(model)
     if report.rewritten("attention") or report.rewritten("mlp"):
         allow_run_time_sizes(example_inputs)

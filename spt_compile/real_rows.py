@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 
-@torch.library.custom_op("spt::real_rows", mutates_args=())
+@torch.library.custom_op("spt::real_rows", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def real_rows(mask: Tensor, batch: int, seq: int) -> Tensor:
     """mask: the attention mask [B|1, H|1, N|1, N] (bool: True attends; float: additive). A key that
     no query may attend is padding. Whether anything is padded is read on the host from the mask's

@@ -44,7 +44,7 @@ from ..report import GraphReport, SiteReport
 from .checks import check
 from .forms import einsum_roles, match_matmul_softmax, match_sdpa, unwrap_repeat_kv
 from .match import CASTS, DYNAMIC_FLOATS, FORBIDDING_FILL, AttentionMatch, Reject
-from .rewrite import _short_note, anchor_weight, describe, emit
+from .rewrite import _short_note, anchor_weight, describe, emit, emit_graphed, graphed_refusal
 
 __all__ = [
     "run", "Reject", "AttentionMatch", "match_sdpa", "match_matmul_softmax", "unwrap_repeat_kv", "einsum_roles",
@@ -61,8 +61,9 @@ def _upstream(node: Node, hops: int) -> set[Node]:
 
 
 def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
-        seen: Optional[set[Node]] = None) -> None:
-    """seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it)."""
+        seen: Optional[set[Node]] = None, graphed: bool = False) -> None:
+    """seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it);
+    graphed: emit spt::attention_graphed where it serves (rewrite.graphed_refusal)."""
     graph = gm.graph
     seen = set() if seen is None else seen
     softmaxes = {n for n in graph.nodes if op(n) == "softmax" and len(shape(n) or ()) == 4}
@@ -96,7 +97,20 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             continue
         m.pattern = pattern if finish is not None else m.pattern
         path = module_path(node)
-        entry = SiteReport("attention", "rewritten", m.pattern, path, describe(m) + _short_note(m, options))
+        refusal = graphed_refusal(m, options) if graphed else None
+        if graphed and refusal is None and _short_note(m, options):  # exact both ways: SDPA as traced
+            if finish is not None:
+                finish(False)
+            seen.update({call, m.output}, m.nodes)
+            report.sites.append(SiteReport("attention", "dense", m.pattern, path, reason=(
+                "CUDA graphs (mode='reduce-overhead'): the traced length is below attention_dense_below="
+                f"{options.attention_dense_below}, so the attention runs exact, as traced")))
+            continue
+        use_graphed = graphed and refusal is None
+        note = ("; spt::attention_graphed for CUDA graphs (fixed shapes, budgets on the device, options as traced)"
+                if use_graphed else f"; the regular op under CUDA graphs: {refusal}" if graphed else "")
+        entry = SiteReport("attention", "rewritten", m.pattern, path,
+                           describe(m) + ("" if use_graphed else _short_note(m, options)) + note)
         report.sites.append(entry)
         seen.update({call, m.output}, m.nodes)
         if not apply:
@@ -104,7 +118,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                 finish(False)
             continue
         replaced = finish(True) if finish is not None else []
-        entry.replaced = replaced + emit(graph, m, options, path, ordinals)
+        entry.replaced = replaced + (emit_graphed(graph, m, options) if use_graphed
+                                     else emit(graph, m, options, path, ordinals))
     for n in softmaxes:  # a softmax over scores whose way to V was not recognised
         seen.add(n)
         report.sites.append(SiteReport(

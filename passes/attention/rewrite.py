@@ -114,3 +114,43 @@ def emit(graph, m: AttentionMatch, options: Options, path: str, ordinals: dict) 
             out.meta.update(m.output.meta)
     m.output.replace_all_uses_with(out)
     return [n.name for n in erase_unused(graph, m.nodes | m.glue)]
+
+
+def graphed_refusal(m: AttentionMatch, options: Options) -> Optional[str]:
+    """Why spt::attention_graphed cannot serve this site (None: it can); the regular op then serves it,
+    and CUDA graphs skip the graph that holds it."""
+    if options.attention_selection != "block":
+        return "token selection keeps PQ codebooks fitted per call"
+    if m.dropout_p:
+        return "attention dropout draws its masks from per-call seeds"
+    if not options.sparse_attention:
+        return "sparse_attention is off"
+    if not (torch.is_grad_enabled() and any(requires_grad(t) for t in (m.q, m.k, m.v))) and not options.sparse_inference:
+        return "an evaluation graph runs exact attention"
+    q4, k4 = _shape4(m.q, m.merged), _shape4(m.k, m.merged)
+    if any(static_int(d) is None for d in (*q4, *k4)):
+        return "dynamic shapes: the block lists' width is fixed when the graph is traced"
+    return None
+
+
+def emit_graphed(graph, m: AttentionMatch, options: Options) -> list[str]:
+    """Insert spt::attention_graphed (sites/attention_graphed.py) for m, as emit does the regular op."""
+    training = torch.is_grad_enabled() and any(requires_grad(t) for t in (m.q, m.k, m.v))
+    with graph.inserting_before(m.output):
+        mask = _mask_argument(graph, m)
+        q, k, v = (graph.call_function(operator.getitem, (t, None)) if m.merged else t for t in (m.q, m.k, m.v))
+        call = graph.call_function(torch.ops.spt.attention_graphed.default, (
+            q, k, v, mask, m.is_causal, m.scale, options.attention_block, float(options.density),
+            -1 if options.top_l is None else int(options.top_l), bool(training and options.exact_forward),
+            options.attention_impl))
+        out = graph.call_function(operator.getitem, (call, 0))
+        if len(shape(m.output)) == 3:
+            out = graph.call_method("flatten", (out, 0, 1))
+        out.meta.update(m.output.meta)
+        want = val(m.output).dtype
+        if want != val(m.q).dtype:
+            out = graph.call_method("to", (out, want))
+            out.meta.update(m.output.meta)
+    m.output.replace_all_uses_with(out)
+    return [n.name for n in erase_unused(graph, m.nodes | m.glue)]
+

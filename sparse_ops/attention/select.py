@@ -166,11 +166,13 @@ def select_key_blocks(
     per_group: bool = True,
     sink: Optional[Tensor] = None,
     budget_dev: Optional[Tensor] = None,
+    Lb: Optional[int] = None,
 ) -> Tensor:
     """Top-Lb key blocks per query block by the pooled proxy; never a block the query block may not
     see at all (causal future, masked out, padding only). budget_lb [B], or [B, n_qb] for packed
     rows (packed_lengths), host data; budget_dev: its [B, n_qb] int32 device copy when the caller
-    keeps one (budget_on_device); real [B, Nk] bool (keys some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
+    keeps one (budget_on_device); budget_lb None: budget_dev alone, and Lb, the lists' width, given
+    (nothing read on the host: a fixed output shape); real [B, Nk] bool (keys some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
     S = Hkv when `per_group` (the query heads of a GQA group share one list, scored by the largest
     share any of them gives a block: one gather and one GEMM serve the group) and S = H otherwise.
     sink [B, n_qb] (packed rows): the block each query block always keeps besides its diagonal one,
@@ -179,7 +181,8 @@ def select_key_blocks(
     Hkv, Nk = k.shape[1], k.shape[2]
     G = H // Hkv
     n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
-    Lb = int(budget_lb.max()) if budget_lb.numel() else 0
+    if Lb is None:
+        Lb = int(budget_lb.max()) if budget_lb.numel() else 0
     S = Hkv if per_group else H
     block_idx = torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
     if Lb == 0 or N == 0:
@@ -188,7 +191,7 @@ def select_key_blocks(
     k_bar_t = k_bar.transpose(-1, -2)  # [B, Hkv, D, n_kb]
     log_count = torch.log(count).view(B, 1, 1, n_kb)  # -inf for blocks of padding only
     kb_start = torch.arange(n_kb, device=q.device) * block_n
-    budget = budget_on_device(budget_lb, q.device, B, n_qb, budget_dev)  # an int, or [B, n_qb]
+    budget = budget_dev if budget_lb is None else budget_on_device(budget_lb, q.device, B, n_qb, budget_dev)
     if not isinstance(budget, int):
         budget = budget.view(B, 1, n_qb, 1)
     qb_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * block_m * n_kb))
@@ -254,7 +257,7 @@ def mask_tiles(mask: Tensor, B: int, H: int, Hkv: int, N: int, Nk: int, block_m:
 def select_blocks(
     q: Tensor, k: Tensor, scale: float, budget_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
     real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True, sink: Optional[Tensor] = None,
-    budget_dev: Optional[Tensor] = None,
+    budget_dev: Optional[Tensor] = None, Lb: Optional[int] = None,
 ) -> Tensor:
     """select_key_blocks through the implementation `impl` names: the Triton kernels
     (select_triton.py: a few launches instead of about a hundred small operations, which is
@@ -266,9 +269,10 @@ def select_blocks(
         Hkv, Nk = k.shape[1], k.shape[2]
         tiles = None if mask is None else mask_tiles(mask, B, H, Hkv, N, Nk, block_m, block_n, per_group)
         return select_key_blocks_triton(q, k, scale, budget_lb, is_causal, tiles,
-                                        None if mask is None else real, block_m, block_n, per_group, sink, budget_dev)
+                                        None if mask is None else real, block_m, block_n, per_group, sink, budget_dev,
+                                        Lb)
     return select_key_blocks(q, k, scale, budget_lb, is_causal, mask, real, block_m, block_n, per_group, sink,
-                             budget_dev)
+                             budget_dev, Lb)
 
 
 def oracle_key_blocks(

@@ -259,17 +259,20 @@ def select_key_blocks_triton(
     per_group: bool = True,
     sink: Optional[Tensor] = None,
     budget_dev: Optional[Tensor] = None,
+    Lb: Optional[int] = None,
 ) -> Tensor:
     """As block_select.select_key_blocks (sink [B, n_qb] for packed rows, else None); `tiles` is the explicit mask's per-tile visibility
     [B, S | 1, n_qb, n_kb] bool (None without a mask) and `real` [B, Nk] bool (None: every key real).
     budget_lb [B] or [B, n_qb] (packed rows) int64 on the CPU: a batch whose query blocks all get the
     same budget passes it as a number, so no host-to-device copy waits on the stream; otherwise
-    budget_dev, the caller's device copy (select.budget_on_device), or one made here."""
+    budget_dev, the caller's device copy (select.budget_on_device), or one made here. budget_lb None:
+    budget_dev [B, n_qb] alone and Lb given (nothing read on the host: a fixed output shape)."""
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     S = Hkv if per_group else H
     n_qb, n_kb = n_blocks(N, block_m), n_blocks(Nk, block_n)
-    Lb = int(budget_lb.max()) if budget_lb.numel() else 0
+    if Lb is None:
+        Lb = int(budget_lb.max()) if budget_lb.numel() else 0
     if Lb == 0 or N == 0 or Nk == 0:
         return torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -280,7 +283,7 @@ def select_key_blocks_triton(
         k, real_arg, k_bar, log_count, *k.stride(), Hkv, Nk, D, n_kb,
         HAS_REAL=real is not None, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
     )
-    budget = budget_on_device(budget_lb, q.device, B, n_qb, budget_dev)  # an int, or [B, n_qb] int32
+    budget = budget_dev if budget_lb is None else budget_on_device(budget_lb, q.device, B, n_qb, budget_dev)
     uniform = isinstance(budget, int)
     lb_t = log_count if uniform else budget
     lb_strides = (0, 0) if uniform else lb_t.stride()

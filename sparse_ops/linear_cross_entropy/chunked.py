@@ -204,7 +204,7 @@ def linear_cross_entropy_backward(
 # --- the custom op: differentiable in h, W, b --------------------------------------------------
 
 
-@torch.library.custom_op("spt::linear_cross_entropy", mutates_args=())
+@torch.library.custom_op("spt::linear_cross_entropy", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def _linear_cross_entropy_op(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
@@ -227,7 +227,7 @@ def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_l
     return loss, logits, h.new_empty(T, dtype=torch.float32), *unit
 
 
-@torch.library.custom_op("spt::linear_cross_entropy_backward", mutates_args=())
+@torch.library.custom_op("spt::linear_cross_entropy_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def _linear_cross_entropy_backward_op(
     dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
     lse: Tensor, unit_h: Tensor, unit_W: Tensor, unit_b: Tensor, ignore_index: int, reduction: str,

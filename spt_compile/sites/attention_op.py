@@ -24,7 +24,7 @@ from .attention import _float_mask, as_causal, dense_attention
 from .meta import AttentionMeta
 
 
-@torch.library.custom_op("spt::attention_site", mutates_args=())
+@torch.library.custom_op("spt::attention_site", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attention_site(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], anchor: Optional[Tensor], template: int,
     is_causal: bool, scale: float, dropout_p: float, training: bool,
@@ -63,7 +63,7 @@ def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
             q.new_empty(n, dtype=torch.int32), AttentionMeta.fake())
 
 
-@torch.library.custom_op("spt::attention_site_backward", mutates_args=())
+@torch.library.custom_op("spt::attention_site_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attention_site_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
     indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,

@@ -33,7 +33,7 @@ N_SLOTS = len(MlpWeights._fields)
 DIFFERENTIABLE = 1 + N_SLOTS  # x and the weight slots come first in both ops' inputs
 
 
-@torch.library.custom_op("spt::mlp_site", mutates_args=())
+@torch.library.custom_op("spt::mlp_site", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def mlp_site(
     x: Tensor,
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
@@ -65,7 +65,7 @@ def _(x, in_w, in_b, in_a, in_bb, gate_w, gate_b, gate_a, gate_bb, out_w, out_b,
             MlpMeta.fake(s.n_blocks), x.new_empty(ctx.new_dynamic_size()))
 
 
-@torch.library.custom_op("spt::mlp_site_backward", mutates_args=())
+@torch.library.custom_op("spt::mlp_site_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def mlp_site_backward(
     dy: Tensor, x: Tensor,
     in_w: Tensor, in_b: Optional[Tensor], in_a: Optional[Tensor], in_bb: Optional[Tensor],
