@@ -12,6 +12,10 @@ nothing else is compiled), calibrated and warmed up, then:
   train   forward + backward of a training call (the defaults: exact forward, sparse backward);
   infer   a forward without gradients under sparse_inference (the routed / selected path).
 
+spt-graphed is the attention op made for CUDA graphs (options compiler="inductor",
+mode="reduce-overhead"); on a GPU Inductor captures it, and the JSON records Inductor's count of
+graphs it did not capture (cudagraph_skips; the reasons are in Inductor's cudagraphs log).
+
 Configs of one op are timed in turns (one call each per round, --rounds rounds, medians): a slow
 spell of a shared machine hits them alike. Ratios are to the dense op of the same kind.
 
@@ -57,7 +61,9 @@ def attention_configs(args) -> dict:
     """name -> (module, needs compile options or None)."""
     base = dict(calibration_steps=1, compiler="eager", sparse_ffn=False, attention_dense_below=0,
                 attention_block=args.block)
-    return {"sdpa": None, "spt-block": dict(base), "spt-exact-short": dict(base, attention_dense_below=2048)}
+    return {"sdpa": None, "spt-block": dict(base), "spt-exact-short": dict(base, attention_dense_below=2048),
+            # the op for CUDA graphs (spt::attention_graphed) under Inductor; on a GPU the graph is captured
+            "spt-graphed": dict(base, compiler="inductor", mode="reduce-overhead")}
 
 
 def mlp_configs(args) -> dict:
@@ -81,13 +87,19 @@ def _build(op: str, options, args, device):
         inputs = [torch.randn(1, args.tokens, args.d_model, device=device, requires_grad=True)]
     fn = module if options is None else torch.compile(module, backend="spt", options=options)
 
+    graphs = device.type == "cuda" and options is not None and options.get("mode") == "reduce-overhead"
+
     def train():
+        if graphs:  # a new iteration for CUDA graph trees: the last call's outputs are done with
+            torch.compiler.cudagraph_mark_step_begin()
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
         for t in inputs:
             t.grad = None
 
     def infer():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), spt_compile.enable(sparse_inference=True):
             fn(*[t.detach() for t in inputs])
 
@@ -159,7 +171,10 @@ def main(argv=None) -> int:
         from provenance import source_commit
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        from torch._dynamo.utils import counters
+
         args.json.write_text(json.dumps({
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if device.type == "cuda" else None,
             "command": "python benchmarks/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": source_commit(), "torch": torch.__version__, "device": args.device,
             "machine": platform.processor() or platform.machine(), "threads": args.threads,

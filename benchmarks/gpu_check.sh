@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for the offline GPU machine (its own torch/triton/Python; nothing is installed): runs
 # the package from this source tree on random tensors, checks the Triton kernels against the
-# references on CUDA, and prints the attention and FFN benchmark tables. About 4-5 minutes on an H100/H200.
+# references on CUDA, and prints the attention, FFN and per-call overhead tables. About 5-6 minutes on an H100/H200.
 #   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PYTHONPATH, $out, $gpu
@@ -18,7 +18,11 @@ timeout 80 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq
 #    this shape, and through torch.compile; exits 1 on a mismatch), then dense (eager, Inductor) and
 #    routed at 50% / 25% of 4 blocks with the three implementations (grouped: torch._grouped_mm, no host
 #    sync; issue 19 keeps the fastest as the CUDA default); LLaMA-7B MLP shape, 8192 tokens, bf16.
-timeout 200 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 --check \
+timeout 180 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 --check \
     --configs dense-eager dense-inductor spt-50%-triton spt-50%-torch spt-50%-grouped spt-25%-triton \
     spt-25%-torch spt-25%-grouped \
     --repeats 5 --warmup 2 --json "$out/ffn_llama7b_${gpu}.json"
+# 4. Per-call host overhead at tiny shapes (attention B=1 H=4 N=256; a 64-token MLP): the spt ops against
+#    SDPA and a dense MLP, and the attention op made for CUDA graphs (mode="reduce-overhead", captured
+#    here; the JSON records Inductor's cudagraph_skips, 0 when everything it could capture was).
+timeout 60 python benchmarks/bench_overhead.py --device cuda --rounds 50 --json "$out/overhead_${gpu}.json"
