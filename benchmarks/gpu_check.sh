@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for the offline GPU machine (its own torch/triton/Python; nothing is installed): runs
 # the package from this source tree on random tensors, checks the Triton kernels against the
-# references on CUDA, and prints the attention, FFN and per-call overhead tables. About 5-6 minutes on an H100/H200.
+# references on CUDA, and prints the attention, FFN and per-call overhead tables. Steps 1-3 took 4-5 minutes on an H200; step 4 is new (at most 60 s).
 #   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PYTHONPATH, $out, $gpu
