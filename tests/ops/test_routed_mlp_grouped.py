@@ -117,3 +117,38 @@ def test_grouped_routed_forward_equals_the_block_batched_one(gated, layout, lora
     for name, g, r in zip(MlpWeights._fields, got[1], want[1]):
         if r is not None:
             torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_grouped_in_bfloat16_is_as_close_to_fp32_as_the_block_batched_path():
+    """bf16, as on a GPU: each path's gradients are compared with the fp32 computation; the grouped
+    one's error is within twice the block-batched one's (both round the per-pair products to bf16 and
+    accumulate in fp32, in different groupings)."""
+    gen = torch.Generator().manual_seed(11)
+    w32 = _detached(make_weights(32, 64, 32, gated=True, lora=("in", "gate", "out"), r=8, gen=gen))
+    spec = spec_for(w32, "silu", True, 4)
+    x32 = torch.randn(48, 32, generator=gen)
+    dy32 = torch.randn(48, 32, generator=gen)
+    scores = torch.rand(48, 4, generator=gen)
+    needs = _lora_only(w32)
+
+    def grads(x, w, dy, grouped):
+        saved: list = []
+        _, mask, _, _, counts = exact_mlp_forward(x, w, spec, lambda _: choose_blocks(scores, 2), 0, saved,
+                                                  grouped=grouped, n_pairs=96 if grouped else None)
+        if grouped:
+            return grouped_backward_saved(dy, x, w, spec, mask, 0, True, needs, saved[0])
+        return routed_mlp_backward_saved(dy, x, w, spec, mask, 0, True, needs, saved[0], exact_forward=True,
+                                         counts=counts)
+
+    exact = grads(x32, w32, dy32, False)
+    w16 = MlpWeights(*[None if t is None else t.to(torch.bfloat16) for t in w32])
+    x16, dy16 = x32.to(torch.bfloat16), dy32.to(torch.bfloat16)
+    assert grouped_unsupported(x16, w16, spec) is None
+    block_batched, grouped = grads(x16, w16, dy16, False), grads(x16, w16, dy16, True)
+    pairs = [("x", exact[0], block_batched[0], grouped[0])] + [
+        (name, e, b, g) for name, e, b, g in zip(MlpWeights._fields, exact[1], block_batched[1], grouped[1])
+        if e is not None]
+    for name, e, b, g in pairs:
+        assert g.dtype == b.dtype == torch.bfloat16, name
+        err_b, err_g = (b.float() - e).abs().max(), (g.float() - e).abs().max()
+        assert err_g <= 2 * err_b + 1e-3 * e.abs().max(), (name, float(err_g), float(err_b))
