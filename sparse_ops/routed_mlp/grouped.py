@@ -1,19 +1,20 @@
-"""The exact forward's sparse backward as grouped GEMMs: one GEMM per projection for every block at once,
-with the blocks' row offsets on the device, so no host sync sizes anything.
+"""The routed MLP as grouped GEMMs: each projection, in each direction, for every block in one GEMM,
+with the blocks' row ends on the device, so no host sync sizes anything (ffn_impl="grouped").
 
-The block-batched backward (backward.py) runs one GEMM per projection per block, sized by the tokens
-per block: the host must read them (a sync per call) and the launches grow with the block count.
-torch._grouped_mm takes the groups' ends as a device tensor instead (a CUTLASS kernel for bf16 on
-Hopper; a loop of GEMMs on the CPU, fp32 and bf16). What the host still needs is the number of routed
-pairs S, the rows of every grouped operand: exact_mlp_forward knows it without a sync when the
-backward's budget is known on the host (backward_mask: ffn_active per token of a batch without
-padding or loss rows), else it reads it once.
+The block-batched path (forward.py, backward.py) runs one GEMM per projection per block, sized by the
+tokens per block: the host must read them (a sync per call) and the launches grow with the block
+count. torch._grouped_mm takes the groups' ends as a device tensor instead (a CUTLASS kernel for bf16
+on Hopper; a loop of GEMMs on the CPU, fp32/bf16/fp16). What the host still needs is the number of
+routed pairs S, the rows of every grouped operand: the site derives it from ffn_active and the row
+counts it reads once per step (sites/row_counts.py); a caller that does not know it passes None and
+it is read here (one sync).
 
 The routed pairs, [S] rows sorted by block then token (routed_pairs):
     tokens  [S] int64     the token of each row
+    blocks  [S] int64     its block
     offs    [nb] int32    where each block's rows end (cumulative counts; empty blocks allowed)
 
-Saved by exact_mlp_forward (grouped=True), one flat tensor:
+Saved for backward by exact_mlp_forward(grouped=True) and grouped_routed_forward, one flat tensor:
     [pre-activations per projection, each [S, Fb] (gate then up, or the single one) | t | t_out]
 with t and t_out as in routed_mlp_forward's layout (blocks.py, _lora_inputs). Equal block widths
 (Fb = F / nb) make the block-ordered weights [F, *] views [nb, Fb, *].
