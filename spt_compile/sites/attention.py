@@ -283,15 +283,27 @@ class AttentionSite(Site):
         return sync.gather_rows(self, "key samples", keys.transpose(0, 1).contiguous())[0].transpose(0, 1)
 
     def _probe(self, q, k, mask, is_causal, scale, chosen_fn, options, real, seed) -> None:
-        """Recall of the true top-L keys and attention mass kept, on a few query positions."""
+        """Recall of the true top-L keys and attention mass kept, on a few query positions. The positions
+        are drawn on the device and both figures come back in one transfer: one sync per probe (the
+        mask is never read on the host here)."""
         chosen_rows, budget = chosen_fn  # budget(): keys per query, [B] or [B, N]
         B, H, N, D = q.shape
-        G = H // k.shape[1]
-        b, i = real[:, : q.shape[2]].nonzero(as_tuple=True)
-        gen = torch.Generator().manual_seed(seed + 1)
-        pick = torch.randperm(b.numel(), generator=gen)[:PROBE_ROWS].to(q.device)
-        b, i = b[pick], i[pick]
-        R, Hkv, Nk = b.numel(), k.shape[1], k.shape[2]
+        G, Hkv, Nk = H // k.shape[1], k.shape[1], k.shape[2]
+        # Keys per query: its row's from the device's real keys (the host's lengths are the same counts);
+        # packed rows per query, as the selection budgets them (on the device already)
+        L = budget()
+        L = pq.keys_per_query(real.sum(-1), options.density, options.top_l) if L.device.type == "cpu" else L
+        k_max = min(Nk, int(pq.keys_per_query(torch.tensor([Nk]), options.density, options.top_l)[0]))
+        if k_max == 0:  # nothing to measure (still reported: under torch.distributed the average waits for it)
+            self.note_quality(recall=float("nan"), mass=float("nan"))
+            return
+        # PROBE_ROWS real query positions at random: the largest of a random draw, padding ranked last
+        gen = torch.Generator(device=q.device).manual_seed(seed + 1)
+        u = torch.rand(B, N, generator=gen, device=q.device).masked_fill(~real[:, :N], -1.0)
+        drawn, pick = u.flatten().topk(min(PROBE_ROWS, B * N))
+        valid = drawn >= 0  # [R]: fewer real positions than PROBE_ROWS leaves padding drawn, not counted
+        b, i = pick // N, pick % N
+        R = b.numel()
         qr = q[b, :, i].float().view(R, Hkv, G, D)  # query head h uses kv head h // G
         s = torch.einsum("rkgd,rknd->rkgn", qr, k[b].float()).reshape(R, H, Nk) * scale  # no repeat_kv copy
         if mask is not None:
@@ -304,19 +316,18 @@ class AttentionSite(Site):
                               float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
         chosen = chosen_rows(b, i) & torch.isfinite(s)  # [R, H, Nk]
-        budget = budget().to(q.device)
-        L_rows = (budget[b] if budget.dim() == 1 else budget[b, i]).view(-1, 1)  # [R, 1]
+        L_rows = (L[b] if L.dim() == 1 else L[b, i]).view(-1, 1)  # [R, 1]
         n_allowed = torch.isfinite(s).sum(-1)  # [R, H]
-        k_true = torch.minimum(L_rows.expand_as(n_allowed), n_allowed)
-        top = s.topk(int(k_true.max()), dim=-1).indices if k_true.max() > 0 else None
-        if top is None:  # nothing to measure (still reported: under torch.distributed the average waits for it)
-            self.note_quality(recall=float("nan"), mass=float("nan"))
-            return
+        k_true = torch.minimum(L_rows.expand_as(n_allowed), n_allowed)  # [R, H], at most k_max
+        top = s.topk(k_max, dim=-1).indices
         true_mask = torch.zeros_like(chosen).scatter_(
-            -1, top, torch.arange(top.shape[-1], device=q.device).view(1, 1, -1) < k_true[..., None])
+            -1, top, torch.arange(k_max, device=q.device).view(1, 1, -1) < k_true[..., None])
         hits = (true_mask & chosen).sum(-1).float()
-        recall = (hits / k_true.clamp(min=1)).mean().item()
-        mass = (p * chosen).sum(-1).mean().item()
+        counted = (valid[:, None] & (k_true > 0)).float()  # [R, H]; none counted: nan (0 / 0)
+        recall = (hits / k_true.clamp(min=1) * counted).sum() / counted.sum()
+        rows = valid[:, None].float().expand(R, H)
+        mass = ((p * chosen).sum(-1) * rows).sum() / rows.sum()
+        recall, mass = torch.stack([recall, mass]).tolist()  # the probe's one transfer
         self.note_quality(recall=recall, mass=mass)
 
     # --- the call -----------------------------------------------------------------------------

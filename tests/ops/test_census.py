@@ -236,3 +236,29 @@ def test_a_hugging_face_mask_is_analysed_once_per_step():
         compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
     analyses = sum(n for (what, where), n in c.sync_sites().items() if "in analyse" in where)
     assert analyses == 1, c.summary()
+
+
+@pytest.mark.parametrize("form", ["causal", "padded"])
+def test_an_attention_probe_syncs_once(form):
+    """A probing call (the first sparse training call, then every 25th) measures recall and mass on a
+    few query positions drawn on the device: both come back in one transfer."""
+    from spt_compile.sites.attention import AttentionSite
+
+    from spt_compile.registry import REGISTRY
+
+    # A fresh site: a module without weights has its site found by name, so earlier tests' would be reused
+    REGISTRY._by_name = {key: site for key, site in REGISTRY._by_name.items() if key[0] != "attention"}
+    compiled = _compiled("torch", block=32)
+    probes = []
+    real_probe = AttentionSite._probe
+    AttentionSite._probe = lambda self, *a: probes.append(1) or real_probe(self, *a)
+    try:
+        for _ in range(4):  # calibration (exact), then sparse calls: the first of them probes
+            c = _census(compiled, *_inputs(form, 2, 256), training=True)
+            if probes:
+                break
+    finally:
+        AttentionSite._probe = real_probe
+    assert probes, "a call probed"
+    probe = sum(n for (what, where), n in c.sync_sites().items() if "in _probe" in where)
+    assert probe == 1, c.summary()
