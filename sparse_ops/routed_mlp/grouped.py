@@ -114,9 +114,10 @@ def grouped_backward_saved(
     perm: Optional[Tensor] = None,
     comp: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
-    """routed_mlp_backward_saved(..., exact_forward=True) for what exact_mlp_forward(grouped=True)
-    saved: the same gradients (LoRA factors and d(x); grouped_unsupported lists what it leaves to the
-    block-batched path), every block's GEMMs in one grouped GEMM per projection and direction."""
+    """routed_mlp_backward_saved for what exact_mlp_forward(grouped=True) or grouped_routed_forward
+    saved: the same gradients (x, LoRA factors, base weights and biases; grouped_unsupported lists what
+    it leaves to the block-batched path), every block's GEMMs in one grouped GEMM per projection and
+    direction."""
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
     T, d_in, d_out = x.shape[0], x.shape[1], dy.shape[1]

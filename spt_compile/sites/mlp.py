@@ -53,14 +53,13 @@ from spt_compile.options import Options
 from spt_compile.real_rows import rows_of
 from spt_compile.registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 from spt_compile.sparse_ops.routed_mlp import (
-    MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, resolve_ffn_impl,
-    unit_importance, unit_norms,
+    MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, unit_importance,
+    unit_norms,
 )
-from spt_compile.sparse_ops.routed_mlp.grouped import grouped_unsupported
 
 from . import mask_memo
 from .meta import MlpMeta, MlpRun
-from .mlp_impl import LazyPermuted, run_impl, runs_grouped, takes_torch_path
+from .mlp_impl import LazyPermuted, grouped_choice, run_impl, takes_torch_path
 from .row_counts import row_counts
 
 # exact_forward's score of a (token, block) pair for the backward (routed_mlp.IMPORTANCES). "jacobian" by
@@ -356,6 +355,7 @@ class MlpSite(Site):
         T = x2.shape[0]
         real = rows_of(None if real_rows is None else real_rows.to(x.device), T)
         nb = spec.n_blocks
+        grouped, grouped_off = grouped_choice(options.ffn_impl, x2, weights, spec)  # for routed calls
         calibrating = self.calibrating(plan)
         inference_exact = not training and not options.sparse_inference
         routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb
@@ -405,7 +405,6 @@ class MlpSite(Site):
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
                 preset = self.loss_rows_only(options, rows, real)  # no pair to rank: no scores to compute
-                grouped = runs_grouped(options.ffn_impl, x2, weights, spec)
                 n_pairs = None
                 if grouped:  # sized on the host, the call needs no sync
                     n_pairs = (row_counts(T, real, rows).loss * nb if preset is not None
@@ -437,9 +436,10 @@ class MlpSite(Site):
                 terms = self.compensation_terms(options, wp.get, spec)
                 if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
                     comp = tuple(on_device(t, x.device, x.dtype) for t in terms)
-                y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp,
-                                  self.routed_pairs(options, T, tuple(x.shape[:-1]),
-                                                    loss_rows if dense_loss_rows else None))
+                n_pairs = self.routed_pairs(options, T, tuple(x.shape[:-1]), loss_rows if dense_loss_rows else None) \
+                    if grouped else None  # sized on the host: the grouped call needs no sync
+                y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp, grouped,
+                                  n_pairs)
                 if plan.updates_state and training and (
                         self.train_calls % sync.probe_interval(PROBE_EVERY) == 0 or "captured" not in self.quality):
                     self._probe(x2, wp.get(), spec, block_mask, seed,
@@ -450,8 +450,7 @@ class MlpSite(Site):
         self.end(plan, training)
         if not plan.recompute:
             self.impls[run.impl] = self.impls.get(run.impl, 0) + 1
-            if options.ffn_impl != "torch" and resolve_ffn_impl(options.ffn_impl, x.device) == "grouped":
-                self.grouped_off = grouped_unsupported(x2, weights, spec)
+            self.grouped_off = grouped_off
         meta = MlpMeta(mode, seed, perm is not None, run, bool(whole), nb).tensor()
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
         # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added

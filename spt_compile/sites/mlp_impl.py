@@ -42,23 +42,27 @@ def takes_torch_path(option: str, x2: Tensor, spec: MlpSpec) -> bool:
             or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout))
 
 
-def runs_grouped(option: str, x2: Tensor, w: MlpWeights, spec: MlpSpec) -> bool:
-    """Whether a routed call runs grouped GEMMs (ffn_impl, and grouped_unsupported says nothing
-    against it; else the block-batched torch path serves it, the same numbers)."""
-    return resolve_ffn_impl(option, x2.device) == "grouped" and grouped_unsupported(x2, w, spec) is None
+def grouped_choice(option: str, x2: Tensor, w: MlpWeights, spec: MlpSpec) -> tuple[bool, Optional[str]]:
+    """(whether routed calls run grouped GEMMs, why not when ffn_impl asks for them): ffn_impl says
+    "grouped" and grouped_unsupported says nothing against it; else the block-batched torch path
+    serves them, the same numbers."""
+    if resolve_ffn_impl(option, x2.device) != "grouped":
+        return False, None
+    why = grouped_unsupported(x2, w, spec)
+    return why is None, why
 
 
 def run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed: int, option: str,
              saved: list, perm: Optional[Tensor] = None,
-             comp: Optional[tuple[Tensor, Tensor, Tensor]] = None, n_pairs: Optional[int] = None,
-             ) -> tuple[Tensor, MlpRun]:
+             comp: Optional[tuple[Tensor, Tensor, Tensor]] = None, grouped: bool = False,
+             n_pairs: Optional[int] = None) -> tuple[Tensor, MlpRun]:
     """y by the chosen implementation, with hidden units reordered by perm (the clustering) if given,
     plus compensation(x2, ~block_mask, *comp) if given; appends what backward needs to `saved` (the
     pre-activations in a layout the Triton path shares; the torch path appends its LoRA inputs).
-    n_pairs: block_mask's number of (token, block) pairs, when known on the host (the grouped form then
-    needs no sync). Returns (y, how it ran)."""
+    grouped: run the grouped form (grouped_choice); n_pairs: block_mask's number of (token, block) pairs,
+    when known on the host (the grouped form then needs no sync). Returns (y, how it ran)."""
     impl = resolve_ffn_impl(option, x2.device)
-    if impl == "grouped" and runs_grouped(option, x2, w, spec):
+    if grouped:
         return grouped_routed_forward(x2, w, spec, block_mask, seed, n_pairs, saved, perm, comp), MlpRun("grouped")
     if impl == "grouped" or spec.in_dropout or spec.gate_dropout or spec.out_dropout:
         impl = "torch"  # grouped_unsupported; neither the kernels nor the reference have LoRA dropout

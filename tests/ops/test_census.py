@@ -218,15 +218,10 @@ def test_a_hugging_face_mask_is_analysed_once_per_step():
     """A Hugging Face decoder builds its 4D mask inside forward; the backward gets an alias of its
     storage after the forward's tensor object is gone. The facts live as long as the storage, so
     forward and backward share one analysis (they made two before)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=300)
-    model = transformers.LlamaForCausalLM(config).train()
-    ids = torch.randint(0, 97, (2, 256), generator=torch.Generator().manual_seed(1))
-    attention = torch.ones_like(ids)
-    attention[1, 200:] = 0
-    labels = ids.masked_fill(attention == 0, -100)
+    pytest.importorskip("transformers")
+    from toy_models import tiny_llama_batch
+
+    model, ids, attention, labels = tiny_llama_batch()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
                                                              "attention_block": 32})

@@ -107,17 +107,11 @@ def test_a_hugging_face_step_under_reduce_overhead_equals_the_regular_one():
     """A LLaMA with a padded batch and labels, compiled with Inductor in mode="reduce-overhead":
     attention gets the graphed op, the MLPs, the loss and the real-rows op (tagged cudagraph_unsafe)
     run between the captured partitions; the loss and the gradients equal the regular compile's."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from toy_models import tiny_llama_batch
 
     def step(options):
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=300)
-        model = transformers.LlamaForCausalLM(config).train()
-        ids = torch.randint(0, 97, (2, 256), generator=torch.Generator().manual_seed(1))
-        attention = torch.ones_like(ids)
-        attention[1, 200:] = 0
-        labels = ids.masked_fill(attention == 0, -100)
+        model, ids, attention, labels = tiny_llama_batch()
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
                                                                  "attention_block": 32, **options})

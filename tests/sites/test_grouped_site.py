@@ -11,26 +11,16 @@ pytest.importorskip("transformers")
 
 
 def _step(impl: str, monkeypatch, **options):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from spt_compile.sparse_ops.routed_mlp import grouped
+    from toy_models import tiny_llama_batch
 
     ran = []
     gmm = grouped._gmm
     monkeypatch.setattr(grouped, "_gmm", lambda *a: ran.append(1) or gmm(*a))
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).train()
+    model, ids, attention, labels = tiny_llama_batch(seq=24, pad_from=17, prompt=9)  # padding, a prompt row
     for name, p in model.named_parameters():
         p.requires_grad_("mlp" in name)  # the MLPs train, as their LoRA factors would
-    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
-    labels = ids.clone()
-    labels[0, :9] = -100  # a prompt without loss
-    attention = torch.ones_like(ids)
-    attention[1, 17:] = 0  # padding
-    labels[attention == 0] = -100
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_impl": impl,
                                                              "ffn_active": 2, **options})
