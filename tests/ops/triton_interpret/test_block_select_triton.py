@@ -44,8 +44,8 @@ def _inputs(N, D, H, Hkv, mask_kind, gen):
     return q, k, mask
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"N{c[0]}-D{c[1]}-H{c[2]}:{c[3]}-{'causal' if c[4] else 'full'}-b{c[5]}-{c[6]}-g{int(c[8])}" for c in CASES])
-def test_triton_selection_lists_the_same_blocks(case):
+def _case(case):
+    """A case's inputs and the PyTorch selection: (q, k, mask, real, budgets, scale, want)."""
     N, D, H, Hkv, causal, block, mask_kind, budgets, per_group = case
     gen = torch.Generator().manual_seed(N * 7 + H)
     q, k, mask = _inputs(N, D, H, Hkv, mask_kind, gen)
@@ -54,7 +54,14 @@ def test_triton_selection_lists_the_same_blocks(case):
     n_kb = -(-N // block)
     lb = torch.tensor([min(n_kb, -(-b // block)) for b in budgets])
     scale = D ** -0.5
-    want = select_key_blocks(q, k, scale, lb, causal, mask, real, block, block, per_group)
+    return q, k, mask, real, lb, scale, select_key_blocks(q, k, scale, lb, causal, mask, real, block, block, per_group)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"N{c[0]}-D{c[1]}-H{c[2]}:{c[3]}-{'causal' if c[4] else 'full'}-b{c[5]}-{c[6]}-g{int(c[8])}" for c in CASES])
+def test_triton_selection_lists_the_same_blocks(case):
+    N, D, H, Hkv, causal, block, mask_kind, budgets, per_group = case
+    q, k, mask, real, lb, scale, want = _case(case)
+    B = q.shape[0]
     tiles = None if mask is None else mask_tiles(mask, B, H, Hkv, N, N, block, block, per_group)
     got = select_key_blocks_triton(q, k, scale, lb, causal, tiles, None if mask is None else real, block, block,
                                    per_group)
@@ -133,16 +140,9 @@ def test_long_rows_list_the_same_blocks(case, monkeypatch):
 
     monkeypatch.setattr(select_triton, "MAX_KEY_BLOCKS", 16)
     N, D, H, Hkv, causal, block, mask_kind, budgets, per_group = case
-    gen = torch.Generator().manual_seed(N * 7 + H)
-    q, k, mask = _inputs(N, D, H, Hkv, mask_kind, gen)
-    B = q.shape[0]
-    real = torch.ones(B, N, dtype=torch.bool) if mask is None else real_key_mask(mask, B, N)
-    n_kb = -(-N // block)
-    lb = torch.tensor([min(n_kb, -(-b // block)) for b in budgets])
-    scale = D ** -0.5
-    want = select_key_blocks(q, k, scale, lb, causal, mask, real, block, block, per_group)
+    q, k, mask, real, lb, scale, want = _case(case)
     got = select_blocks(q, k, scale, lb, causal, mask, real, block, block, "triton", per_group)
-    assert n_kb > 16
+    assert -(-N // block) > 16
     assert got.shape == want.shape and got.dtype == torch.int32
     assert torch.equal(got[..., 0], want[..., 0])  # the diagonal block first
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)

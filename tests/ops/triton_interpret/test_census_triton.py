@@ -10,19 +10,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_census import _census, _compiled, _inputs  # noqa: E402
 
 
+def _steady_launches(N: int, block: int) -> int:
+    """Launches of a causal training call of the Triton path at length N after two warm calls; no sync."""
+    compiled = _compiled("triton", block=block)
+    for _ in range(2):
+        q, k, v, mask, causal = _inputs("causal", 1, N)
+        compiled(q, k, v, mask, causal).sum().backward()
+    q, k, v, mask, causal = _inputs("causal", 1, N)
+    c = _census(compiled, q, k, v, mask, causal, training=True)
+    assert c.syncs == 0, c.summary()
+    return c.launches
+
+
 def test_triton_attention_launches_do_not_grow_with_the_sequence():
     """The GPU path (Triton kernels): forward + backward of a causal training call launch the same
     number of kernels at every length, and sync nothing."""
-    launches = {}
-    for N in (128, 256):
-        compiled = _compiled("triton", block=32)
-        for _ in range(2):
-            q, k, v, mask, causal = _inputs("causal", 1, N)
-            compiled(q, k, v, mask, causal).sum().backward()
-        q, k, v, mask, causal = _inputs("causal", 1, N)
-        c = _census(compiled, q, k, v, mask, causal, training=True)
-        assert c.syncs == 0, c.summary()
-        launches[N] = c.launches
+    launches = {N: _steady_launches(N, 32) for N in (128, 256)}
     assert launches[128] == launches[256], launches
     assert launches[128] <= 16, launches
 
@@ -37,15 +40,6 @@ def test_long_rows_stay_on_triton_without_sync(monkeypatch):
     ran = []
     long_kernel = select_triton._select_long
     monkeypatch.setattr(select_triton, "_select_long", lambda *a: ran.append(1) or long_kernel(*a))
-    launches = {}
-    for N in (288, 416):  # 18 and 26 key blocks of 16
-        compiled = _compiled("triton", block=16)
-        for _ in range(2):
-            q, k, v, mask, causal = _inputs("causal", 1, N)
-            compiled(q, k, v, mask, causal).sum().backward()
-        q, k, v, mask, causal = _inputs("causal", 1, N)
-        c = _census(compiled, q, k, v, mask, causal, training=True)
-        assert c.syncs == 0, c.summary()
-        launches[N] = c.launches
+    launches = {N: _steady_launches(N, 16) for N in (288, 416)}  # 18 and 26 key blocks of 16
     assert ran, "the long-row selection ran"
     assert launches[288] == launches[416], launches
