@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, for the offline GPU machine (its own torch/triton/Python; nothing is installed): runs
 # the package from this source tree on random tensors, checks the Triton kernels against the
-# references on CUDA, and prints the attention, FFN and per-call overhead tables. Steps 1-3 took 4-5 minutes on an H200; step 4 is new (at most 60 s).
+# references on CUDA, and prints the attention, FFN, per-call overhead and loss tables. Steps 1-3 took 4-5
+# minutes on an H200; steps 4 and 5 are new (at most 60 s and 120 s).
 #   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
+# Step 5 compares Liger-Kernel when its wheel travels in the working tree: before the run,
+#   pip download --no-deps liger-kernel==0.8.5 -d .whl/     # .whl/ is git-ignored: carry it to the device
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PYTHONPATH, $out, $gpu
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -26,3 +29,13 @@ timeout 180 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes l
 #    SDPA and a dense MLP, and the attention op made for CUDA graphs (mode="reduce-overhead", captured
 #    here; the JSON records Inductor's cudagraph_skips, 0 when everything it could capture was).
 timeout 60 python benchmarks/bench_overhead.py --device cuda --rounds 50 --json "$out/overhead_${gpu}.json"
+# 5. The LM head + cross-entropy: dense (HF's form), the chunked op's torch path and its Triton kernel (the
+#    CUDA default), and Liger-Kernel's fused linear cross-entropy if .whl/ holds its wheel; --check compares
+#    loss and d(h) with dense (exits 1 on a mismatch). bf16, 8192 tokens; SmolLM2's head, then LLaMA-7B's.
+liger_dir=$(mktemp -d)
+for w in .whl/liger_kernel-*.whl; do [ -f "$w" ] && python -m zipfile -e "$w" "$liger_dir"; done
+PYTHONPATH="$PYTHONPATH:$liger_dir" timeout 60 python benchmarks/bench_loss.py --device cuda --dtype bfloat16 \
+    --tokens 8192 --chunks 512 2048 --impls torch triton --liger --check --steps 5 --json "$out/loss_smollm2_${gpu}.json"
+PYTHONPATH="$PYTHONPATH:$liger_dir" timeout 60 python benchmarks/bench_loss.py --device cuda --dtype bfloat16 \
+    --tokens 8192 --hidden 4096 --vocab 32000 --chunks 512 2048 --impls torch triton --liger --check --steps 5 \
+    --json "$out/loss_llama7b_${gpu}.json"

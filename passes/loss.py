@@ -204,7 +204,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                               for t, orig in ((hin, h), (W, W), (b, b)))
             call = graph.call_function(torch.ops.spt.linear_cross_entropy.default, (
                 hin, Win, bin_, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype,
-                precompute, needs))
+                precompute, needs, options.loss_impl))
         with graph.inserting_after(call):
             logits = graph.call_function(operator.getitem, (call, 1))
             logits.meta.update(linear.meta)

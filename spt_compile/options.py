@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional
 
 from spt_compile.sparse_ops.attention.block_sparse import IMPLS
+from spt_compile.sparse_ops.linear_cross_entropy.chunked import LOSS_IMPLS
 from spt_compile.sparse_ops.routed_mlp import FFN_IMPLS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -129,6 +130,9 @@ class Options:
     # 512 rows of SmolLM2's 49152-word vocabulary are 100 MB of fp32 logits per chunk, against 403 MB
     # for the log-softmax the dense loss saves at 2048 tokens; the GEMM per chunk stays large.
     loss_chunk: int = _opt(512, "Tokens per chunk of the chunked loss (>= 1).", False)
+    loss_impl: str = _opt("auto", "Each chunk's loss and d(logits): 'triton' (one kernel, two passes over the "
+                          "chunk's logits), 'torch' (about 15 PyTorch ops) or 'auto' ($SPT_LOSS_IMPL, else "
+                          "triton on CUDA, torch elsewhere).", False)
     # aot_eager by measurement: on SmolLM2 + LoRA (CPU, seq 512) it compiled in 19 s against
     # Inductor's 77 s, and ran the step as fast (the spt ops dominate; benchmarks/results/).
     compiler: str = _opt("aot_eager", "Downstream compiler for the rewritten graph: "
@@ -180,6 +184,8 @@ def validate(o: Options) -> None:
         raise _bad("pq_proxy", "'adc' or 'agreement'", o.pq_proxy)
     if o.attention_impl not in IMPLS:
         raise _bad("attention_impl", f"one of {', '.join(IMPLS)}", o.attention_impl)
+    if o.loss_impl not in LOSS_IMPLS:
+        raise _bad("loss_impl", f"one of {', '.join(LOSS_IMPLS)}", o.loss_impl)
     if o.ffn_impl not in FFN_IMPLS:
         raise _bad("ffn_impl", f"one of {', '.join(FFN_IMPLS)}", o.ffn_impl)
     if not is_int(o.ffn_blocks) or o.ffn_blocks < 1:

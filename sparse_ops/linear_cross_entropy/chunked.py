@@ -5,6 +5,9 @@
 h [*, d], W [V, d], b [V] or None, labels [T] (T = h's leading dims flattened). Tokens are processed
 `chunk` rows at a time; only one chunk's logits [chunk, V] exist at once.
 
+Each chunk's loss and d(logits) come from the torch ops below (CPU) or one Triton kernel that reads
+the chunk's logits twice and writes d(logits) over them (triton.py; the default on CUDA, `impl`).
+
 Two backward strategies, both exact:
 * gradients in forward (`precompute`, the default wherever it applies): while a chunk's logits
   exist, forward also forms d(logits) = (softmax - target) * row scale for a unit d(loss) and from it
@@ -29,13 +32,32 @@ label smoothing eps mixes (1 - eps) * nll with eps * mean over classes of -log p
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .triton import chunk_cross_entropy_triton
+
 REDUCTIONS = ("mean", "sum", "none")
+LOSS_IMPLS = ("auto", "triton", "torch")
+LOSS_IMPL_ENV = "SPT_LOSS_IMPL"
+
+
+def resolve_loss_impl(impl: str, device: torch.device) -> str:
+    """'auto' -> $SPT_LOSS_IMPL if set, else triton on CUDA (one kernel per chunk for the loss and its
+    d(logits): triton.py), torch elsewhere."""
+    if impl == "auto":
+        impl = os.environ.get(LOSS_IMPL_ENV, "auto")
+        if impl not in LOSS_IMPLS:
+            raise ValueError(f"{LOSS_IMPL_ENV}={impl!r}: must be one of {', '.join(LOSS_IMPLS)}")
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "torch"
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"linear_cross_entropy: impl must be one of {', '.join(LOSS_IMPLS)}; got {impl!r}")
+    return impl
 
 
 def _row_scale(dloss: Tensor, valid: Tensor, reduction: str) -> Tensor:
@@ -102,7 +124,7 @@ def _grad_buffers(h2: Tensor, W: Tensor, needs: list[bool]):
 def linear_cross_entropy_forward(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
-    needs: list[bool],
+    needs: list[bool], impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss ([] or [T] for reduction none, in out_dtype), logits ([*, V] or empty), lse [T]
     fp32, and with `precompute` the gradients for a unit d(loss): dh [T, d] (per row for reduction
@@ -118,12 +140,26 @@ def linear_cross_entropy_forward(
     grads = _grad_buffers(h2, W, needs) if precompute else (None, None, None)
     if precompute:
         unit = _row_scale(torch.ones((T,) if reduction == "none" else (), device=h.device), valid_all, reduction)
-    work = None  # [chunk, V] fp32: the chunk's shifted logits, reused chunk after chunk
+    fused = resolve_loss_impl(impl, h.device) == "triton"
+    work = None  # [chunk, V] fp32 (torch path; the Triton path: h's dtype), reused chunk after chunk
     for r0 in range(0, T, chunk):
         r1 = min(T, r0 + chunk)
         # [C, V] in h's dtype (rounded as the dense linear rounds), straight into the returned logits
         z = _linear_into(h2[r0:r1], W, b, logits[r0:r1] if return_logits else None)
         yc, valid = y[r0:r1], valid_all[r0:r1]
+        if fused:  # loss, lse and d(logits) in one kernel; d(logits) over z unless z is returned
+            g = None
+            if precompute:
+                if return_logits and work is None:
+                    work = torch.empty(min(chunk, T), V, dtype=h.dtype, device=h.device)
+                g = work[: r1 - r0] if return_logits else z
+            chunk_cross_entropy_triton(z, yc, ignore_index, label_smoothing, unit[r0:r1] if precompute else None,
+                                       lse[r0:r1], rows[r0:r1], g)
+            if precompute:
+                dh, dW, db = grads
+                _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+            del z, g
+            continue
         z_y = z.gather(1, torch.where(valid, yc, 0)[:, None]).squeeze(1).float()  # [C]
         m = z.amax(dim=-1).float()  # [C]
         m = m.masked_fill(m.isinf(), 0.0)  # rows of -inf keep lse = -inf, as torch.logsumexp
@@ -208,15 +244,17 @@ def linear_cross_entropy_backward(
 def _linear_cross_entropy_op(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
-    needs: list[bool],
+    needs: list[bool], impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """needs: which of h, W, b will want a gradient (precompute forms those in forward)."""
+    """needs: which of h, W, b will want a gradient (precompute forms those in forward). impl: the
+    forward's per-chunk loss (LOSS_IMPLS; backward's recompute path is torch either way)."""
     return linear_cross_entropy_forward(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk,
-                                        return_logits, out_dtype, precompute, needs)
+                                        return_logits, out_dtype, precompute, needs, impl)
 
 
 @_linear_cross_entropy_op.register_fake
-def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs):
+def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs,
+      impl="auto"):
     T = labels.numel()
     loss = h.new_empty(T, dtype=out_dtype) if reduction == "none" else h.new_empty((), dtype=out_dtype)
     logits = h.new_empty(*h.shape[:-1], W.shape[0]) if return_logits else h.new_empty(0)
@@ -246,7 +284,7 @@ def _(dloss, dlogits, h, W, b, labels, lse, unit_h, unit_W, unit_b, ignore_index
 
 
 def _setup_context(ctx, inputs, output):
-    h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs = inputs
+    h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs, *_ = inputs
     _, _, lse, *unit = output
     ctx.save_for_backward(h, W, b, labels, lse, *unit)  # no [T, V] tensor
     ctx.args = (ignore_index, reduction, label_smoothing, chunk)
@@ -261,7 +299,7 @@ def _backward(ctx, dloss, dlogits, dlse, *dunit):
     h, W, b, labels, lse, *unit = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]) and b is not None]
     if not any(needs):
-        return (None,) * 12
+        return (None,) * 13
     if not all(p for p, n in zip(ctx.precomputed, needs) if n):  # asked for more than forward formed
         unit = [h.new_empty(0)] * 3
     dlogits = dlogits.contiguous() if (ctx.return_logits and dlogits is not None) else None
@@ -269,7 +307,7 @@ def _backward(ctx, dloss, dlogits, dlse, *dunit):
         dloss = torch.zeros(labels.numel() if ctx.args[1] == "none" else (), dtype=torch.float32, device=h.device)
     dh, dW, db = _linear_cross_entropy_backward_op(dloss.contiguous(), dlogits, h, W, b, labels, lse, *unit,
                                                    *ctx.args, needs)
-    return (dh if needs[0] else None, dW if needs[1] else None, db if needs[2] else None) + (None,) * 9
+    return (dh if needs[0] else None, dW if needs[1] else None, db if needs[2] else None) + (None,) * 10
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -298,11 +336,14 @@ def check_inputs(h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, redu
 def linear_cross_entropy(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, chunk: int = 1024, return_logits: bool = False, precompute: Optional[bool] = None,
+    impl: str = "auto",
 ) -> tuple[Tensor, Optional[Tensor]]:
     """cross_entropy(linear(h, W, b).float().view(-1, V), labels.view(-1), ...) computed `chunk` tokens
     at a time (see the module docstring). Returns (loss in fp32, logits [*, V] or None).
-    precompute: form the gradients in forward (None: whenever can_precompute allows)."""
+    precompute: form the gradients in forward (None: whenever can_precompute allows). impl: 'triton'
+    (one kernel per chunk), 'torch', or 'auto' (resolve_loss_impl: triton on CUDA)."""
     check_inputs(h, W, b, labels, reduction, label_smoothing, chunk)
+    resolve_loss_impl(impl, h.device)  # a bad name fails here, not inside the op
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (h, W, b)]
     if precompute is None:
         precompute = can_precompute(reduction, needs)
@@ -310,5 +351,5 @@ def linear_cross_entropy(
         raise ValueError("linear_cross_entropy: precompute needs a scalar loss when W or b is trained")
     loss, logits, *_ = _linear_cross_entropy_op(h, W, b, labels.reshape(-1), int(ignore_index), reduction,
                                                 float(label_smoothing), int(chunk), return_logits, torch.float32,
-                                                bool(precompute), needs)
+                                                bool(precompute), needs, impl)
     return loss, (logits if return_logits else None)
