@@ -9,7 +9,11 @@ The router lives here, not in the user's model (their optimizer must not need to
 ridge regression from the MLP input to each block's output norm, fitted on tokens seen during
 calibration (where every block runs, so the norms come for free) and refitted online from small
 token samples on training calls (PROBE_EVERY). The same samples measure how much of the dense MLP
-output the chosen blocks capture.
+output the chosen blocks capture. A probe draws its tokens on the device and reads its figures and
+samples back in one transfer (one sync every PROBE_EVERY calls). Under exact_forward no training call
+routes, so the refit waits for the first call that does (sparse inference) or for state_dict(): the
+same router, without the host's fit in the training step (distributed runs still refit at the probe,
+where every rank takes part).
 
 With `ffn_cluster` (default), calibration also groups hidden units that fire together into the same
 block (clustering.py): the site keeps a permutation of the units and applies it to the weights it
@@ -73,6 +77,18 @@ PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for th
 PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
 
 
+def draw_rows(T: int, n: int, seed: int, device, real: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """min(n, T) of T rows at random, drawn on the device: (rows [S], valid [S] bool). With real ([T]
+    bool) the real rows rank first, and a padding row is drawn only where fewer than n are real (valid
+    marks which drawn rows are real). No host read: no sync."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    u = torch.rand(T, generator=gen, device=device)  # [T] in [0, 1)
+    if real is not None:
+        u = u.masked_fill(~real, -1.0)
+    drawn, rows = u.topk(min(n, T))
+    return rows, drawn >= 0
+
+
 def on_device(t: Optional[Tensor], device, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
     """t (site state: the router, the clustering's permutation, ffn_compensate's predictors, the balance
     bias, fitted on the host) on x's device and dtype. A copy per call from pageable host memory would
@@ -93,6 +109,10 @@ class MlpSite(Site):
         self.router: Optional[Tensor] = None  # [d_in + 1, n_blocks]
         self.buffer_x = torch.zeros(0, self.d_in)  # router samples (CPU, fp32), oldest first
         self.buffer_y = torch.zeros(0, self.n_blocks)
+        # Probes added samples since the router was last fitted. Under exact_forward no training call
+        # routes, so the fit (about 30 ms on the host per layer) waits for a call that does, or for
+        # state_dict(); the router is the same as a fit at the probe would have made.
+        self.router_stale = False
         self.perm: Optional[Tensor] = None  # [F] hidden units in block order (None: contiguous blocks)
         self.impls: dict[str, int] = {}  # calls per implementation that ran them (report())
         self.grouped_off: Optional[str] = None  # why ffn_impl="grouped" could not serve this layer
@@ -142,6 +162,12 @@ class MlpSite(Site):
             return
         router, = sync.from_rank0(self, "router", fit_router(bx, by))
         self.stage(lambda: self._set_router(router))
+
+    def _refresh_router(self) -> None:
+        """Fits the router now if probes added samples since its last fit (router_stale)."""
+        if self.router_stale:
+            self.router_stale = False
+            self._set_router(fit_router(self.buffer_x, self.buffer_y))
 
     def _agreed_routing(self, fitted):
         """_fit_routing's result, with rank 0's router, unit order and error curve on every rank."""
@@ -329,17 +355,28 @@ class MlpSite(Site):
 
     def _probe(self, x2, weights, spec, block_mask, seed, comp=None, real: Optional[Tensor] = None) -> None:  # weights: permuted
         """Run every block on a few tokens: their norms feed the router; the routed share of the
-        dense output (with the compensation, if on) is the quality figure (1.0 = nothing lost)."""
-        rows = self._sample_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device, real)
+        dense output (with the compensation, if on) is the quality figure (1.0 = nothing lost).
+        The tokens are drawn on the device, and the figures and the samples come back in one
+        transfer: one sync per probe (every PROBE_EVERY training calls)."""
+        rows, valid = draw_rows(x2.shape[0], PROBE_TOKENS, seed + 1, x2.device, real)  # [S], [S]
+        xs = x2[rows].float()  # [S, d_in]
         outs = block_outputs(x2[rows], weights, spec).float()  # [S, nb, d_out]
         dense = outs.sum(1)
         routed = (outs * block_mask[rows, :, None]).sum(1)
         if comp is not None:
-            routed = routed + compensation(x2[rows].float(), ~block_mask[rows], *comp)
-        captured = ((routed * dense).sum() / (dense * dense).sum().clamp(min=1e-30)).item()
-        rel_err = ((routed - dense).norm() / dense.norm().clamp(min=1e-30)).item()
-        self.note_quality(captured=captured, rel_error=rel_err)
-        self._add_samples(x2[rows], outs.norm(dim=-1), "probe samples")
+            routed = routed + compensation(xs, ~block_mask[rows], *comp)
+        w = valid.float()  # padding drawn (fewer real rows than PROBE_TOKENS) counts nowhere
+        dd = (dense * dense).sum(-1) @ w
+        captured = ((routed * dense).sum(-1) @ w) / dd.clamp(min=1e-30)
+        rel_err = (((routed - dense) ** 2).sum(-1) @ w).sqrt() / dd.sqrt().clamp(min=1e-30)
+        S, nb = outs.shape[:2]
+        host = torch.cat([torch.stack([captured, rel_err]), w, xs.flatten(), outs.norm(dim=-1).flatten()]).cpu()
+        ok = host[2 : 2 + S] > 0
+        samples = host[2 + S : 2 + S + xs.numel()].view(S, -1)[ok]
+        norms = host[2 + S + xs.numel():].view(S, nb)[ok]
+        nan = float("nan")  # no real row drawn: nothing measured
+        self.note_quality(captured=float(host[0]) if ok.any() else nan, rel_error=float(host[1]) if ok.any() else nan)
+        self._add_samples(samples, norms, "probe samples")
 
     # --- the call -----------------------------------------------------------------------------
     def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool,
@@ -421,10 +458,14 @@ class MlpSite(Site):
                     # captured / rel_error: what the backward's blocks hold of the exact output
                     self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, real)
                     bx, by = self.buffer_x, self.buffer_y
-                    if bx.shape[0]:  # the router still serves calls without gradient (sparse inference)
+                    if bx.shape[0] and sync.active():  # ranks fit together, at the same call
                         self.refit_router(bx, by)
+                    elif bx.shape[0]:  # the router serves only routed calls (sparse inference): fit then
+                        self.router_stale = True
             else:
                 perm = on_device(self.perm, x.device)
+                if not plan.recompute:  # a recompute routes as its forward did
+                    self._refresh_router()
                 block_mask = self.route(x2, options, tuple(x.shape[:-1]))
                 dense_loss_rows = (training and options.ffn_loss_rows == "dense" and loss_rows is not None
                                    and loss_rows.numel() == T)
@@ -473,6 +514,7 @@ class MlpSite(Site):
     # --- persistence --------------------------------------------------------------------------
     def state_dict(self):
         out = super().state_dict()
+        self._refresh_router()  # the router a fit at the last probe would have made
         if self.router is not None:
             out["router"] = self.router
         out["buffer_x"] = self.buffer_x
@@ -491,6 +533,7 @@ class MlpSite(Site):
         return out
 
     def load_state_dict(self, state):
+        self.router_stale = False  # a saved router was fitted on the saved buffer
         router = state.get("router")
         if router is not None and tuple(router.shape) != (self.d_in + 1, self.n_blocks):
             raise SptStateError(

@@ -257,3 +257,65 @@ def test_an_attention_probe_syncs_once(form):
     assert probes, "a call probed"
     probe = sum(n for (what, where), n in c.sync_sites().items() if "in _probe" in where)
     assert probe == 1, c.summary()
+
+
+def _exact_mlp_run(monkeypatch):
+    """A SwiGLU through the backend (exact forward, masked backward), with every fit_router counted."""
+    from spt_compile.sites import mlp as mlp_site
+
+    fits = []
+    real_fit = mlp_site.fit_router
+    monkeypatch.setattr(mlp_site, "fit_router", lambda bx, by: fits.append(1) or real_fit(bx, by))
+    monkeypatch.setattr(mlp_site, "PROBE_EVERY", 2)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _SwiGLU()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_blocks": 4, "ffn_active": 2})
+    x = torch.randn(2, 40, 48, requires_grad=True)
+    compiled(x).sum().backward()  # calibration: the router's first fit
+    return model, compiled, x, fits, real_fit
+
+
+def test_an_mlp_probe_syncs_once(monkeypatch):
+    """A probing training call (the first exact-forward call, then every PROBE_EVERY) draws its tokens on
+    the device and brings the quality figures and the router's samples back in one transfer; it does
+    not fit the router (exact forward never routes)."""
+    from spt_compile.sites import mlp as mlp_site
+
+    _, compiled, x, fits, _ = _exact_mlp_run(monkeypatch)
+    probes = []
+    real_probe = mlp_site.MlpSite._probe
+    monkeypatch.setattr(mlp_site.MlpSite, "_probe", lambda self, *a: probes.append(1) or real_probe(self, *a))
+    n_fits = len(fits)
+    with Census() as c:
+        compiled(x).sum().backward()
+    assert probes, "the call probed"
+    probe = sum(n for (what, where), n in c.sync_sites().items() if "in _probe" in where)
+    assert probe == 1, c.summary()
+    assert len(fits) == n_fits
+
+
+def test_exact_forward_leaves_the_router_fit_to_the_calls_that_route(monkeypatch):
+    """Under exact_forward the training calls' probes only mark the router stale; the first routed call
+    (sparse inference) or a save fits it, on the samples the probes buffered: the router a fit at the
+    probe would have made, without ~30 ms of host work per layer in training."""
+    from spt_compile.registry import model_sites
+
+    model, compiled, x, fits, real_fit = _exact_mlp_run(monkeypatch)
+    site = next(s for _, s in model_sites(model))
+    n_fits = len(fits)
+    for _ in range(4):  # two probes
+        compiled(x).sum().backward()
+    assert len(fits) == n_fits and site.router_stale
+    state = site.state_dict()  # a save fits it
+    assert len(fits) == n_fits + 1 and not site.router_stale
+    torch.testing.assert_close(state["router"], real_fit(site.buffer_x, site.buffer_y), rtol=0, atol=0)
+    for _ in range(2):  # probes again
+        compiled(x).sum().backward()
+    assert site.router_stale
+    with torch.no_grad(), spt_compile.enable(sparse_inference=True):
+        compiled(x.detach())  # routes: fits first
+    assert not site.router_stale and len(fits) == n_fits + 2
+    torch.testing.assert_close(site.router, real_fit(site.buffer_x, site.buffer_y), rtol=0, atol=0)
