@@ -77,17 +77,11 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores_tile(
-    q, k_ptrs, bias_ptr, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
-    stride_bias_m, stride_bias_n, forbid_at,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Base-2 scores [BLOCK_M, BLOCK_N] of one (query tile, key tile), -inf where forbidden.
-    q [BLOCK_M, BLOCK_D] is loaded; k_ptrs [BLOCK_D, BLOCK_N] points at this key tile transposed;
-    bias_ptr points at bias[b, h, 0, 0]; a bias <= forbid_at forbids its key."""
+def _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n, forbid_at,
+               IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """s with -inf at forbidden (row, key) places: past N or Nk, above the diagonal (causal), a bias at or
+    below forbid_at; the bias added (in base 2) where it is allowed."""
     allowed = (offs_m[:, None] < N) & (offs_n[None, :] < Nk)
-    kt = tl.load(k_ptrs, mask=(offs_d[:, None] < D) & (offs_n[None, :] < Nk), other=0.0)  # [BD, BN]
-    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale2  # fp32
     if IS_CAUSAL:
         allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
     if HAS_BIAS:
@@ -97,6 +91,34 @@ def _scores_tile(
         # Zero forbidden biases before scaling: finfo.min * log2(e) would overflow to -inf.
         s = s + tl.where(allowed, bias, 0.0) * _LOG2E_C
     return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _scores_tile(
+    q, k_ptrs, bias_ptr, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+    stride_bias_m, stride_bias_n, forbid_at,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Base-2 scores [BLOCK_M, BLOCK_N] of one (query tile, key tile), -inf where forbidden.
+    q [BLOCK_M, BLOCK_D] is loaded; k_ptrs [BLOCK_D, BLOCK_N] points at this key tile transposed;
+    bias_ptr points at bias[b, h, 0, 0]; a bias <= forbid_at forbids its key.
+    Without a bias only tiles that cross the causal diagonal or the end of the rows or keys are masked
+    (a run-time branch per tile): the others, most of a long row's, skip the comparisons and the select."""
+    kt = tl.load(k_ptrs, mask=(offs_d[:, None] < D) & (offs_n[None, :] < Nk), other=0.0)  # [BD, BN]
+    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale2  # fp32
+    if HAS_BIAS:
+        s = _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, True)
+    else:
+        # the tile's first query row and last key (offs_m and offs_n are contiguous runs)
+        m0 = tl.min(offs_m, axis=0)
+        n1 = tl.max(offs_n, axis=0)
+        edge = (tl.max(offs_m, axis=0) >= N) | (n1 >= Nk)
+        if IS_CAUSAL:
+            edge = edge | (n1 > m0)
+        if edge:
+            s = _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL,
+                           False)
+    return s
 
 
 @triton.jit
