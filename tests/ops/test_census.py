@@ -319,3 +319,27 @@ def test_exact_forward_leaves_the_router_fit_to_the_calls_that_route(monkeypatch
         compiled(x.detach())  # routes: fits first
     assert not site.router_stale and len(fits) == n_fits + 2
     torch.testing.assert_close(site.router, real_fit(site.buffer_x, site.buffer_y), rtol=0, atol=0)
+
+
+class _DropoutAttention(torch.nn.Module):
+    def forward(self, q, k, v, mask, is_causal: bool):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=0.1,
+                                              enable_gqa=True)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact-forward", "sparse-forward"])
+def test_attention_with_dropout_syncs_nothing_in_steady_state(exact):
+    """dropout_p > 0: exact both ways under exact_forward, the block-sparse torch path with replayable
+    dropout without it; a padded batch's call reads nothing on the host once its mask was analysed."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_DropoutAttention(), backend="spt", options={
+        "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 32, "exact_forward": exact})
+    for _ in range(2):
+        compiled(*_inputs("padded", 2, 256)).sum().backward()
+    q, k, v, mask, causal = _inputs("padded", 2, 256)
+    first = _census(compiled, q, k, v, mask, causal, training=True)
+    assert first.syncs <= 1, first.summary()  # the new mask's analysis
+    again = _census(compiled, q, k, v, mask, causal, training=True)
+    assert again.syncs == 0, again.summary()
+    if not exact:
+        assert again.ops["topk"] >= 1, "block selection ran"
