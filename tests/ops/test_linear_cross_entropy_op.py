@@ -145,6 +145,16 @@ def test_bad_inputs_are_named():
         linear_cross_entropy(h, W, b, labels[:3])
     with pytest.raises(ValueError, match="precompute"):
         linear_cross_entropy(h, W, b, labels, reduction="none", precompute=True)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linear_cross_entropy(h, W, b, labels, impl="cuda")
+
+
+def test_triton_impl_on_cpu_tensors_is_named(monkeypatch):
+    """loss_impl='triton' on CPU tensors (no interpreter) fails before any launch, naming the option."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, W, b, labels = make((2, 3), 8, 11, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="loss_impl.*needs CUDA tensors"):
+        linear_cross_entropy(h, W, b, labels, impl="triton")
 
 
 def test_only_the_logits_differentiated():
