@@ -23,15 +23,17 @@ key j is allowed for query i iff j <= i).
 Design. One program per (b, h, query block) of block_m rows: the forward walks the row's listed key
 blocks in slot order with an online softmax and saves only out and lse. Backward recomputes
 p = exp(s - lse) tile by tile instead of saving the [N, Nk] probabilities:
-  * delta = rowsum(dout * out), a small kernel;
-  * dq kernel, one program per (b, h, query block), over the same listed key blocks;
-  * dk/dv kernel over a reverse (CSR) index of the (selection head, query block) pairs that listed
-    each key block, built on the device by two small kernels and a prefix sum (atomics give each
-    entry its place in its key block's list: no sort, no nonzero, no host sync), one program per
-    (key block, piece of at most PAIRS_PER_ITEM pairs), adding into fp32 dk/dv with atomics. One
-    program per key block would be deterministic but serial where it matters: the sink block is
-    listed by every query block, and on an H200 (SmolLM2 heads, N=8192) that one program made the
-    dk/dv kernel 7x slower than the dq kernel. Key blocks nobody listed get zeros.
+  * dq kernel, one program per (b, h, query block), over the same listed key blocks; it also computes
+    delta = rowsum(dout * out) for its rows, which the dk/dv kernel reads;
+  * dk/dv kernel, one program per (b, kv head, key block, piece of query blocks): it reads the lists
+    of its query blocks (every selection head of its kv head) straight from block_idx, and for each
+    list naming its key block adds that tile's share into fp32 dk/dv with atomics. Checking a list
+    is one load of Lb numbers, so no reverse index is built (it was three more launches: a count with
+    atomics, a prefix sum and a placement). One program per key block would be deterministic but
+    serial where it matters: the sink block is listed by every query block, and on an H200 (SmolLM2
+    heads, N=8192) that one program made the dk/dv kernel 7x slower than the dq kernel, so the query
+    blocks are split into pieces of HEAD_BLOCKS_PER_PROGRAM / (H / Hkv). Key blocks nobody listed
+    get zeros.
 Everything in the forward and backward is sized by the shapes alone, so a call never waits for the
 device; on an H200 the PyTorch-level index building it replaces was 40 of the ~100 launches of a
 forward + backward (host time, not GPU time, was what made the op slower than FlashAttention).
@@ -190,20 +192,23 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, BLOCK_IDX, BIAS, DOUT, LSE, DELTA, DQ,
+    Q, K, V, BLOCK_IDX, BIAS, OUT, DOUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ib, stride_ih, stride_im, stride_il,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dq = scale * sum over listed key blocks of ds @ k, ds = p * (dout @ v^T - delta).
-    LSE and DELTA are contiguous [B, H, N] float32."""
+    """dq = scale * sum over listed key blocks of ds @ k, ds = p * (dout @ v^T - delta), where
+    delta = rowsum(dout * out) is the softmax-gradient correction rowsum(p * dp), one number per row.
+    The program computes delta for its rows and stores it in DELTA for the dk/dv kernel launched after
+    it (no separate launch). LSE and DELTA are contiguous [B, H, N] float32."""
     pid = tl.program_id(0).to(tl.int64)
     mb = pid % Mb
     bh = pid // Mb
@@ -220,9 +225,12 @@ def _bwd_dq_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
     do_ptrs = DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o = tl.load(o_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [BM]
+    tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)  # empty rows: p is 0 anyway
-    delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
@@ -253,140 +261,96 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _listed(BLOCK_IDX, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L: tl.constexpr):
+    """Whether the list of (selection head sel, query block mb) names key block nb (lists hold
+    distinct key blocks, as selection makes them). BLOCK_IDX points at batch row b."""
+    offs_l = tl.arange(0, BLOCK_L)
+    lst = tl.load(BLOCK_IDX + sel * stride_ih + mb * stride_im + offs_l * stride_il, mask=offs_l < Lb, other=-1)
+    return tl.max((lst == nb).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, BIAS, DOUT, LSE, DELTA, OFFSETS, PAIRS, DK, DV,
+    Q, K, V, BLOCK_IDX, BIAS, DOUT, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ih, stride_im, stride_il,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Hkv, GS, N, Nk, D, Dv, Mb, Nb, qk_scale2, scale, forbid_at,
+    H, Hkv, SG, GS, N, Nk, D, Dv, Mb, Lb, Nb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAIRS_PER_PROGRAM: tl.constexpr,
+    BLOCK_L: tl.constexpr, QBLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    """One program per (target, piece): target t = (b, kv head, key block) was listed by the pairs
-    PAIRS[OFFSETS[t] : OFFSETS[t + 1]] (each sel * Mb + query block, sel a selection head whose GS
-    query heads share the list); piece j takes PAIRS_PER_PROGRAM of them. Adds dv = sum p^T @ dout and
-    dk = scale * sum ds^T @ q into fp32 DK, DV. Long lists (the sink block is listed by every query
-    block) are split over many programs, so no program walks all of them; the grid has a piece for
-    the longest list there can be, and pieces past a target's list do nothing."""
+    """One program per (b, kv head, key block nb, piece): piece j covers query blocks
+    j * QBLOCKS_PER_PROGRAM onwards, for each of the kv head's SG selection heads (GS query heads share
+    a selection head's list). It reads those lists straight from BLOCK_IDX, and for each that names nb
+    adds dv += p^T @ dout and dk += scale * ds^T @ q into fp32 DK, DV with atomics. No reverse index
+    is built: checking a list is one load of Lb numbers, and most (list, key block) pairs do not
+    match. A sink block listed by every query block still spreads over Mb / QBLOCKS_PER_PROGRAM
+    programs, so no program walks all of them."""
     pid = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(1)
     nb = pid % Nb
     bkv = pid // Nb
     b = bkv // Hkv
     kvh = bkv % Hkv
-    run_end = tl.load(OFFSETS + pid + 1)
-    start = tl.load(OFFSETS + pid) + piece * PAIRS_PER_PROGRAM
-    end = tl.minimum(start + PAIRS_PER_PROGRAM, run_end)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < tl.where(end > start, Nk, 0)  # an empty piece loads and adds nothing
+    mb_lo = piece * QBLOCKS_PER_PROGRAM
+    mb_hi = tl.minimum(mb_lo + QBLOCKS_PER_PROGRAM, Mb)
+    if IS_CAUSAL:  # query blocks that end at or before the key block starts see none of it
+        mb_lo = tl.maximum(mb_lo, (nb * BLOCK_N) // BLOCK_M)
+    idx_b = BLOCK_IDX + b * stride_ib
 
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T [BD, BN]
-    vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                 mask=(offs_dv[:, None] < Dv) & col_ok[None, :], other=0.0)  # v^T [BDV, BN]
+    n_listed = 0  # first pass: only list reads, so a program with nothing to do loads no k/v tile
+    for sel in range(kvh * SG, kvh * SG + SG):
+        for mb in range(mb_lo, mb_hi):
+            n_listed += _listed(idx_b, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L).to(tl.int32)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for e in range(start * GS, end * GS):  # every query head of each listed (selection head, block)
-        pair = tl.load(PAIRS + e // GS).to(tl.int64)
-        h = (pair // Mb) * GS + e % GS
-        mb = pair % Mb
-        bh = b * H + h
-        offs_m = mb * BLOCK_M + offs_m0
-        row_ok = offs_m < N
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
-        do_ptrs = DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
-        lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)
-        delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
-        bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
-        s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
-                         stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
-        p = tl.exp2(s - lse2[:, None])  # [BM, BN]; 0 at forbidden keys and padded rows
-        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
-        dp = _dot(do, vt, PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
+    if n_listed > 0:
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        col_ok = offs_n < Nk
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T [BD, BN]
+        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=(offs_dv[:, None] < Dv) & col_ok[None, :], other=0.0)  # v^T [BDV, BN]
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        for sel in range(kvh * SG, kvh * SG + SG):
+            for mb in range(mb_lo, mb_hi):
+                if _listed(idx_b, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L):
+                    offs_m = mb * BLOCK_M + offs_m0
+                    row_ok = offs_m < N
+                    for h in range(sel * GS, sel * GS + GS):  # every query head reading this list
+                        bh = b * H + h
+                        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+                        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
+                        do_ptrs = (DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                                   + offs_dv[None, :] * stride_dod)
+                        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
+                        lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("-inf"))
+                        lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)
+                        delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+                        bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
+                        s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+                                         stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION,
+                                         UPCAST)
+                        p = tl.exp2(s - lse2[:, None])  # [BM, BN]; 0 at forbidden keys and padded rows
+                        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
+                        dp = _dot(do, vt, PRECISION, UPCAST)
+                        ds = p * (dp - delta[:, None])
+                        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
 
-    dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.atomic_add(dk_ptrs, dk * scale, mask=col_ok[:, None] & (offs_d[None, :] < D))
-    dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-    tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
-
-
-@triton.jit
-def _bwd_delta_kernel(
-    OUT, DOUT, DELTA,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    H, N, Dv,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """DELTA[b, h, i] = rowsum(dout * out) in fp32 (contiguous [B, H, N]): the softmax-gradient
-    correction rowsum(p * dp), one number per row."""
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (rows[:, None] < N) & (offs_dv[None, :] < Dv)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * N + rows, tl.sum(o * do, axis=1), mask=rows < N)
-
-
-@triton.jit
-def _index_entries(BLOCK_IDX, e, E, S, Mb, Lb, Hkv, Nb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr):
-    """For flat entries e of a contiguous block_idx [B, S, Mb, Lb]: (keep, target, pair)."""
-    in_range = e < E
-    kb = tl.load(BLOCK_IDX + e, mask=in_range, other=-1)
-    mb = (e // Lb) % Mb
-    s = (e // (Lb * Mb)) % S
-    b = e // (Lb * Mb * S)
-    keep = in_range & (kb >= 0) & (kb < Nb)
-    if IS_CAUSAL:  # a key block wholly above the query block's diagonal contributes nothing
-        keep = keep & (kb * BLOCK_N < (mb + 1) * BLOCK_M)
-    target = (b * Hkv + s // (S // Hkv)) * Nb + kb
-    return keep, target, s * Mb + mb
-
-
-@triton.jit
-def _index_count_kernel(
-    BLOCK_IDX, COUNTS, POS, E, S, Mb, Lb, Hkv, Nb,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    """COUNTS[1 + t] += entries listing target t; POS[e] = the entry's place in its target's list."""
-    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    keep, target, _ = _index_entries(BLOCK_IDX, e, E, S, Mb, Lb, Hkv, Nb, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    pos = tl.atomic_add(COUNTS + 1 + target, tl.full([BLOCK_E], 1, tl.int32), mask=keep, sem="relaxed")
-    tl.store(POS + e, pos, mask=keep)
-
-
-@triton.jit
-def _index_place_kernel(
-    BLOCK_IDX, OFFSETS, POS, PAIRS, E, S, Mb, Lb, Hkv, Nb,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    """PAIRS[OFFSETS[t] + POS[e]] = the (selection head, query block) pair of entry e."""
-    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    keep, target, pair = _index_entries(BLOCK_IDX, e, E, S, Mb, Lb, Hkv, Nb, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    start = tl.load(OFFSETS + target, mask=keep, other=0)
-    pos = tl.load(POS + e, mask=keep, other=0)
-    tl.store(PAIRS + start + pos, pair.to(tl.int32), mask=keep)
+        dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        tl.atomic_add(dk_ptrs, dk * scale, mask=col_ok[:, None] & (offs_d[None, :] < D))
+        dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+        tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -487,67 +451,9 @@ def block_sparse_forward_triton(
     return out, lse
 
 
-def reverse_block_index(
-    block_idx: Tensor, Hkv: int, n_key_blocks: int, block_m: int, block_n: int, is_causal: bool
-) -> tuple[Tensor, Tensor]:
-    """The reference (PyTorch) form of reverse_block_index_triton, for tests and the CPU.
-    CSR transpose of block_idx [B, S, Mb, Lb]: for each (b, kv head, key block) t, the pairs
-    h * Mb + query block (h a selection head) that listed it are pairs[offsets[t] : offsets[t + 1]]. offsets int32 [B * Hkv * n_key_blocks + 1],
-    pairs int32 [B * H * Mb * Lb]: every slot of block_idx has an entry, the dropped ones after
-    offsets[-1]. Built from the block list's fixed shape (a sort and a binary search, no nonzero), so
-    no size depends on the data and the host never waits for the device.
-
-    Dropped: unused slots (-1), entries past the last key block, and, when causal, pairs whose key
-    block lies wholly above the diagonal of the query block: they contribute nothing."""
-    B, S, Mb, Lb = block_idx.shape  # S selection heads: H, or Hkv when a GQA group shares its lists
-    heads_per_kv = S // Hkv
-    dev = block_idx.device
-    kb = block_idx.long()
-    keep = (kb >= 0) & (kb < n_key_blocks)
-    if is_causal:
-        q_end = (torch.arange(Mb, device=dev) + 1) * block_m  # first query row after each query block
-        keep &= kb * block_n < q_end.view(1, 1, Mb, 1)
-    n_targets = B * Hkv * n_key_blocks
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    h = torch.arange(S, device=dev).view(1, S, 1, 1)
-    mb = torch.arange(Mb, device=dev).view(1, 1, Mb, 1)
-    target = torch.where(keep, (b * Hkv + h // heads_per_kv) * n_key_blocks + kb, n_targets)  # dropped sort last
-    sorted_target, order = torch.sort(target.reshape(-1), stable=True)  # stable: (h, query block) order
-    pairs = (h * Mb + mb).expand(B, S, Mb, Lb).reshape(-1)[order]
-    offsets = torch.searchsorted(sorted_target, torch.arange(n_targets + 1, device=dev))
-    if pairs.numel() == 0:
-        pairs = torch.zeros(1, dtype=torch.int64, device=dev)
-    return offsets.to(torch.int32), pairs.to(torch.int32)
-
-
-# Pairs per dk/dv program: short enough that the sink block's list (every query block of every
-# head in the group) spreads over many programs, long enough to amortise loading the k/v tile.
-PAIRS_PER_ITEM = 16
-_INDEX_BLOCK = 1024  # block_idx entries per program of the index kernels
-
-
-def reverse_block_index_triton(
-    block_idx: Tensor, Hkv: int, n_key_blocks: int, block_m: int, block_n: int, is_causal: bool
-) -> tuple[Tensor, Tensor]:
-    """reverse_block_index in three launches (count with atomics, prefix sum, place), for the GPU:
-    the same offsets, and each target's pairs as a set; their order within a list is whatever order
-    the atomics ran in (dk/dv sum them with atomics anyway)."""
-    block_idx = block_idx.contiguous()
-    B, S, Mb, Lb = block_idx.shape
-    n_targets = B * Hkv * n_key_blocks
-    E = block_idx.numel()
-    counts = torch.zeros(n_targets + 1, dtype=torch.int32, device=block_idx.device)  # [0, count_0, count_1, ..]
-    pairs = torch.empty(max(E, 1), dtype=torch.int32, device=block_idx.device)
-    if E == 0:
-        return counts, pairs
-    pos = torch.empty(E, dtype=torch.int32, device=block_idx.device)
-    grid = (triton.cdiv(E, _INDEX_BLOCK),)
-    args = (E, S, Mb, Lb, Hkv, n_key_blocks)
-    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal), BLOCK_E=_INDEX_BLOCK)
-    _index_count_kernel[grid](block_idx, counts, pos, *args, **consts)
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [T + 1], offsets[0] = 0
-    _index_place_kernel[grid](block_idx, offsets, pos, pairs, *args, **consts)
-    return offsets, pairs
+# Query blocks per dk/dv program, times the query heads reading one kv head: a sink block (listed by
+# every query block) spreads over many programs, and each program still amortises loading its k/v tile.
+HEAD_BLOCKS_PER_PROGRAM = 16
 
 
 def block_sparse_backward_triton(
@@ -566,24 +472,24 @@ def block_sparse_backward_triton(
     allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv) in the dtypes of q, k, v: gradients of block_sparse_forward_triton's out
-    (none for bias). Six launches and no host sync: delta, dq over each query block's listed key
-    blocks, the reverse index (count, prefix sum, place), dk/dv over it."""
+    (none for bias). No host sync, and four to six launches whatever the shapes: the zero fills of
+    the fp32 dk and dv, dq over each query block's listed key blocks (computing delta on the way),
+    dk/dv reading the same lists, and the casts of dk and dv to k's and v's dtype (none for fp32)."""
     _check(q, k, v, block_idx, block_m, block_n)
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     Mb, Lb = block_idx.shape[2], block_idx.shape[3]
     Nb = triton.cdiv(Nk, block_n)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # every row is written
-    # dk, dv accumulate in fp32 across programs (atomic adds: summation order may vary by run)
+    # dk, dv accumulate in fp32 across programs (atomic adds: summation order may vary by run). Two
+    # buffers, not views of one: the custom op that returns them may not return aliases.
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if B * H * N == 0 or Lb == 0 or Nk == 0:
         return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
     S = block_idx.shape[1]
     lse = lse.float().contiguous()  # the kernels index LSE and DELTA as contiguous [B, H, N]
-    delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    _bwd_delta_kernel[(B * H, triton.cdiv(N, 64))](
-        out, dout, delta, *out.stride(), *dout.stride(), H, N, Dv, BLOCK_M=64, BLOCK_DV=_tile_d(Dv))
+    delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
     bias_t, bias_strides, forbid_at = _bias_args(bias, B, H, N, Nk, q)
     common = dict(
         IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
@@ -591,20 +497,20 @@ def block_sparse_backward_triton(
         **_launch_args(q, block_m, block_n, D, Dv),
     )
     _bwd_dq_kernel[(B * H * Mb,)](
-        q, k, v, block_idx, bias_t, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dq.stride(),
+        q, k, v, block_idx, bias_t, out, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *dout.stride(),
+        *dq.stride(),
         H, H // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
         **common,
     )
-    offsets, pairs = reverse_block_index_triton(block_idx, Hkv, Nb, block_m, block_n, is_causal)
-    # A pair stands for the H / S query heads sharing its list: fewer pairs per program then. The
-    # longest list a key block can have: every query block of every selection head of its kv head.
-    per_program = max(1, PAIRS_PER_ITEM // (H // S))
-    pieces = triton.cdiv((S // Hkv) * Mb, per_program)
-    _bwd_dkdv_kernel[(B * Hkv * Nb, pieces)](
-        q, k, v, bias_t, dout, lse, delta, offsets, pairs, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, Hkv, H // S, N, Nk, D, Dv, Mb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
-        PAIRS_PER_PROGRAM=per_program, **common,
+    # Each query block stands for the H / Hkv query heads reading this kv head: fewer blocks per
+    # program then, so the work of one program stays about HEAD_BLOCKS_PER_PROGRAM head tiles.
+    per_program = max(1, HEAD_BLOCKS_PER_PROGRAM // (H // Hkv))
+    _bwd_dkdv_kernel[(B * Hkv * Nb, triton.cdiv(Mb, per_program))](
+        q, k, v, block_idx, bias_t, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dk.stride(),
+        *dv.stride(),
+        H, Hkv, S // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
+        BLOCK_L=max(16, triton.next_power_of_2(Lb)), QBLOCKS_PER_PROGRAM=per_program, **common,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
