@@ -160,7 +160,7 @@ def select_key_blocks(
     budget_lb: Tensor,
     is_causal: bool,
     mask: Optional[Tensor],
-    real: Tensor,
+    real: Optional[Tensor],
     block_m: int,
     block_n: int,
     per_group: bool = True,
@@ -172,7 +172,8 @@ def select_key_blocks(
     see at all (causal future, masked out, padding only). budget_lb [B], or [B, n_qb] for packed
     rows (packed_lengths), host data; budget_dev: its [B, n_qb] int32 device copy when the caller
     keeps one (budget_on_device); budget_lb None: budget_dev alone, and Lb, the lists' width, given
-    (nothing read on the host: a fixed output shape); real [B, Nk] bool (keys some query may see). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
+    (nothing read on the host: a fixed output shape); real [B, Nk] bool (keys some query may see; None:
+    every key). Returns block_idx [B, S, n_qb, max Lb] int32, -1 for unused slots, where
     S = Hkv when `per_group` (the query heads of a GQA group share one list, scored by the largest
     share any of them gives a block: one gather and one GEMM serve the group) and S = H otherwise.
     sink [B, n_qb] (packed rows): the block each query block always keeps besides its diagonal one,
@@ -187,6 +188,8 @@ def select_key_blocks(
     block_idx = torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32, device=q.device)
     if Lb == 0 or N == 0:
         return block_idx
+    if real is None:
+        real = torch.ones(B, Nk, dtype=torch.bool, device=k.device)
     k_bar, count = pooled_keys(k, real, block_n)  # [B, Hkv, n_kb, D], [B, n_kb]
     k_bar_t = k_bar.transpose(-1, -2)  # [B, Hkv, D, n_kb]
     log_count = torch.log(count).view(B, 1, 1, n_kb)  # -inf for blocks of padding only
@@ -256,7 +259,8 @@ def mask_tiles(mask: Tensor, B: int, H: int, Hkv: int, N: int, Nk: int, block_m:
 
 def select_blocks(
     q: Tensor, k: Tensor, scale: float, budget_lb: Tensor, is_causal: bool, mask: Optional[Tensor],
-    real: Tensor, block_m: int, block_n: int, impl: str, per_group: bool = True, sink: Optional[Tensor] = None,
+    real: Optional[Tensor], block_m: int, block_n: int, impl: str, per_group: bool = True,
+    sink: Optional[Tensor] = None,
     budget_dev: Optional[Tensor] = None, Lb: Optional[int] = None,
 ) -> Tensor:
     """select_key_blocks through the implementation `impl` names: the Triton kernels

@@ -189,19 +189,18 @@ def as_causal(mask: Optional[Tensor], is_causal: bool, B: int, N: int, Nk: int) 
     return (None, True) if mask_facts(mask, B, N, Nk).causal else (mask, is_causal)
 
 
-def real_key_positions(mask: Optional[Tensor], B: int, N: int, Nk: int, device) -> Tensor:
-    """[B, Nk] bool: keys some query may attend (padding is never one)."""
-    if mask is None:
-        return torch.ones(B, Nk, dtype=torch.bool, device=device)
-    return mask_facts(mask, B, N, Nk).real
+def real_key_positions(mask: Optional[Tensor], B: int, N: int, Nk: int) -> Optional[Tensor]:
+    """[B, Nk] bool: keys some query may attend (padding is never one); None without a mask, where
+    every key is real (the readers take None so; a tensor of ones would cost a launch per call)."""
+    return None if mask is None else mask_facts(mask, B, N, Nk).real
 
 
-def token_budget(mask: Optional[Tensor], real: Tensor, N: int, density: float, top_l: Optional[int]) -> Tensor:
+def token_budget(mask: Optional[Tensor], B: int, N: int, Nk: int, density: float, top_l: Optional[int]) -> Tensor:
     """Keys per query: [B], one per row from its real length; or [B, N] when a row packs several
     sequences (block_select.packed_segments), each query budgeted by its own sequence's length, as
     if it ran alone."""
-    row = pq.keys_per_query(real_lengths(mask, real, N), density, top_l)  # [B]
-    found = None if mask is None else mask_facts(mask, real.shape[0], N, real.shape[1]).packed
+    row = pq.keys_per_query(real_lengths(mask, B, N, Nk), density, top_l)  # [B]
+    found = None if mask is None else mask_facts(mask, B, N, Nk).packed
     if found is None:
         return row
     segment, length, packed = found
@@ -209,12 +208,12 @@ def token_budget(mask: Optional[Tensor], real: Tensor, N: int, density: float, t
     return torch.where(packed[:, None], per_query, row.to(per_query.device)[:, None])
 
 
-def real_lengths(mask: Optional[Tensor], real: Tensor, N: int) -> Tensor:
+def real_lengths(mask: Optional[Tensor], B: int, N: int, Nk: int) -> Tensor:
     """Real keys per sequence [B] on the CPU; without a mask every key is real, with one from the
-    mask's analysis (mask_facts: one sync per mask). `real` must be real_key_positions of that mask."""
+    mask's analysis (mask_facts: one sync per mask)."""
     if mask is None:
-        return torch.full((real.shape[0],), real.shape[1], dtype=torch.int64)
-    return mask_facts(mask, real.shape[0], N, real.shape[1]).lengths
+        return torch.full((B,), Nk, dtype=torch.int64)
+    return mask_facts(mask, B, N, Nk).lengths
 
 
 def _token_rows_to_keys(sel: Tensor, n: int) -> Tensor:
@@ -237,11 +236,12 @@ class AttentionSite(Site):
         return {**super().describe(), "exact_short_calls": self.exact_short_calls}
 
     # --- statistics ---------------------------------------------------------------------------
-    def _sample_keys(self, k: Tensor, real: Tensor, seed: int) -> Tensor:
+    def _sample_keys(self, k: Tensor, real: Optional[Tensor], seed: int) -> Tensor:
         """Up to KEYS_PER_CALL real keys per kv head: [Hkv, n, D] fp32 (on k's device). Positions
         whose key is NaN/inf in any head are left out (n may be 0): the codebooks never see them.
         The finiteness test rides on the sync nonzero() makes anyway."""
-        usable = real & torch.isfinite(k).all(-1).all(1)  # [B, Nk]
+        usable = torch.isfinite(k).all(-1).all(1)  # [B, Nk]
+        usable = usable if real is None else usable & real
         b, n = usable.nonzero(as_tuple=True)
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(b.numel(), generator=gen)[:KEYS_PER_CALL].to(k.device)
@@ -257,7 +257,7 @@ class AttentionSite(Site):
                 options.pq_subspace_dim)
         return self.codebooks is not None and tuple(self.codebooks.shape) == want
 
-    def _calibrate(self, k: Tensor, real: Tensor, plan: CallPlan, seed: int) -> None:
+    def _calibrate(self, k: Tensor, real: Optional[Tensor], plan: CallPlan, seed: int) -> None:
         """Under token selection, buffers keys for the codebooks, fitted at the last calibration call;
         under block selection nothing (no PQ is needed)."""
         if plan.options.attention_selection != "token":
@@ -292,14 +292,16 @@ class AttentionSite(Site):
         # Keys per query: its row's from the device's real keys (the host's lengths are the same counts);
         # packed rows per query, as the selection budgets them (on the device already)
         L = budget()
-        L = pq.keys_per_query(real.sum(-1), options.density, options.top_l) if L.device.type == "cpu" else L
+        real_count = torch.full((B,), Nk, device=q.device) if real is None else real.sum(-1)
+        L = pq.keys_per_query(real_count, options.density, options.top_l) if L.device.type == "cpu" else L
         k_max = min(Nk, int(pq.keys_per_query(torch.tensor([Nk]), options.density, options.top_l)[0]))
         if k_max == 0:  # nothing to measure (still reported: under torch.distributed the average waits for it)
             self.note_quality(recall=float("nan"), mass=float("nan"))
             return
         # PROBE_ROWS real query positions at random: the largest of a random draw, padding ranked last
         gen = torch.Generator(device=q.device).manual_seed(seed + 1)
-        u = torch.rand(B, N, generator=gen, device=q.device).masked_fill(~real[:, :N], -1.0)
+        u = torch.rand(B, N, generator=gen, device=q.device)
+        u = u if real is None else u.masked_fill(~real[:, :N], -1.0)
         drawn, pick = u.flatten().topk(min(PROBE_ROWS, B * N))
         valid = drawn >= 0  # [R]: fewer real positions than PROBE_ROWS leaves padding drawn, not counted
         b, i = pick // N, pick % N
@@ -349,9 +351,9 @@ class AttentionSite(Site):
                else "exact_forward_dropout" if options.sparse_attention and dropout_p > 0 else "dense")
         real = None
         if not exact:
-            real = real_key_positions(mask, B, N, Nk, q.device)
+            real = real_key_positions(mask, B, N, Nk)  # None: no mask, every key real
             how = "exact_forward" if training and options.exact_forward else "sparse"
-            if int(real_lengths(mask, real, N).max()) < options.attention_dense_below:
+            if int(real_lengths(mask, B, N, Nk).max()) < options.attention_dense_below:
                 exact = True  # a short sequence: exact attention is cheap, and sparsity would cost quality
                 how = "exact_short"
                 if plan.updates_state:  # a count changes no choice: no need to stage it
@@ -366,7 +368,7 @@ class AttentionSite(Site):
                 else:
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 if calibrating and plan.updates_state:
-                    self._calibrate(k, real_key_positions(mask, B, N, Nk, q.device), plan, seed)
+                    self._calibrate(k, real_key_positions(mask, B, N, Nk), plan, seed)
             self.end(plan, training)
             lse_dtype = torch.promote_types(q.dtype, torch.float32)
             lse = torch.zeros(B, H, N, dtype=lse_dtype, device=q.device) if lse is None else lse.to(lse_dtype)
@@ -444,7 +446,8 @@ class AttentionSite(Site):
         of subspaces whose codes agree); exact attention over them (or, `given` (out, lse) of the
         exact forward, backward only)."""
         codebooks = self.codebooks.to(k.device)
-        per_batch_l = token_budget(mask, real, q.shape[2], options.density, options.top_l)  # [B] or [B, N]
+        per_batch_l = token_budget(mask, q.shape[0], q.shape[2], k.shape[2], options.density,
+                                   options.top_l)  # [B] or [B, N]
         if options.pq_proxy == "agreement":
             q_proxy, k_proxy, proxy_scale = *pq.code_onehots(q, k, codebooks), 1.0
         else:
@@ -489,7 +492,7 @@ class AttentionSite(Site):
         # L in keys for the probe's "true top-L": what the density asks for, not the block rounding;
         # computed only on the calls that probe
         return out, lse, block_idx.reshape(-1), meta, (
-            chosen, lambda: token_budget(mask, real, q.shape[2], options.density, options.top_l))
+            chosen, lambda: token_budget(mask, q.shape[0], q.shape[2], Nk, options.density, options.top_l))
 
     # --- persistence --------------------------------------------------------------------------
     def state_dict(self):

@@ -68,8 +68,7 @@ def attention_graphed(
     top = None if top_l < 0 else top_l
     impl = resolve_impl(impl, q.device)
     budget, real = _budgets(mask, B, N, Nk, density, top, block, q.device)
-    real_keys = real if real is not None else torch.ones(B, Nk, dtype=torch.bool, device=q.device)
-    lists = block_select.select_blocks(q, k, scale, None, is_causal, mask, real_keys, block, block, impl,
+    lists = block_select.select_blocks(q, k, scale, None, is_causal, mask, real, block, block, impl,
                                        budget_dev=budget, Lb=list_width(Nk, density, top, block))
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     if exact_forward and _cpu_flash_applies(q, k, v, mask, is_causal, scale, 0.0):
@@ -99,8 +98,10 @@ def attention_graphed_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor, lists: Tensor,
     is_causal: bool, scale: float, block: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    impl = resolve_impl(impl, q.device)
+    dout = dout if impl == "triton" else dout.contiguous()  # the Triton kernels read any strides
     grads = block_sparse_backward(dout, q, k, v, lists, out, lse, scale, is_causal, mask, block, block, 0.0, 0,
-                                  resolve_impl(impl, q.device), diag_first=True)
+                                  impl, diag_first=True)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -119,7 +120,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse, dlists):
     q, k, v, mask, out, lse, lists = ctx.saved_tensors
-    dq, dk, dv = attention_graphed_backward(dout.contiguous(), q, k, v, mask, out, lse, lists, *ctx.args)
+    dq, dk, dv = attention_graphed_backward(dout, q, k, v, mask, out, lse, lists, *ctx.args)
     return (dq, dk, dv) + (None,) * 8
 
 

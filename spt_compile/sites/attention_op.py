@@ -75,6 +75,8 @@ def attention_site_backward(
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     mask, is_causal = as_causal(mask, is_causal, q.shape[0], q.shape[2], k.shape[2])  # as forward read it
     run = AttentionMeta.read(meta)
+    if not (run.mode == AttentionMeta.BLOCK and run.impl == "triton" and dropout_p == 0.0):
+        dout = dout.contiguous()  # the Triton kernels (no dropout) read any strides: no copy for them
     bias = mask if mask is not None and mask.dtype != torch.bool else None
     B = q.shape[0]
     if run.mode == AttentionMeta.TOKEN:
@@ -112,7 +114,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse, dindices, dmeta):
     q, k, v, mask, out, lse, indices, meta = ctx.saved_tensors
-    dq, dk, dv = attention_site_backward(dout.contiguous(), q, k, v, mask, out, lse, indices, meta, *ctx.args)
+    # dout as it comes (a model's output transpose makes it a strided view): the op copies it only
+    # for the paths that need a contiguous one
+    dq, dk, dv = attention_site_backward(dout, q, k, v, mask, out, lse, indices, meta, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
