@@ -33,7 +33,8 @@ p = exp(s - lse) tile by tile instead of saving the [N, Nk] probabilities:
     serial where it matters: the sink block is listed by every query block, and on an H200 (SmolLM2
     heads, N=8192) that one program made the dk/dv kernel 7x slower than the dq kernel, so the query
     blocks are split into pieces of HEAD_BLOCKS_PER_PROGRAM / (H / Hkv). Key blocks nobody listed
-    get zeros.
+    get zeros. Under torch.use_deterministic_algorithms(True) each key block gets one program, which
+    stores its sum in k's dtype: no atomics, the same bits every run, slower on the sink block.
 Everything in the forward and backward is sized by the shapes alone, so a call never waits for the
 device; on an H200 the PyTorch-level index building it replaces was 40 of the ~100 launches of a
 forward + backward (host time, not GPU time, was what made the op slower than FlashAttention).
@@ -283,7 +284,7 @@ def _bwd_dkdv_kernel(
     H, Hkv, SG, GS, N, Nk, D, Dv, Mb, Lb, Nb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_L: tl.constexpr, QBLOCKS_PER_PROGRAM: tl.constexpr,
+    BLOCK_L: tl.constexpr, QBLOCKS_PER_PROGRAM: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """One program per (b, kv head, key block nb, piece): piece j covers query blocks
     j * QBLOCKS_PER_PROGRAM onwards, for each of the kv head's SG selection heads (GS query heads share
@@ -291,7 +292,9 @@ def _bwd_dkdv_kernel(
     adds dv += p^T @ dout and dk += scale * ds^T @ q into fp32 DK, DV with atomics. No reverse index
     is built: checking a list is one load of Lb numbers, and most (list, key block) pairs do not
     match. A sink block listed by every query block still spreads over Mb / QBLOCKS_PER_PROGRAM
-    programs, so no program walks all of them."""
+    programs, so no program walks all of them. DIRECT (QBLOCKS_PER_PROGRAM = Mb: one program per key
+    block, for torch.use_deterministic_algorithms): the program holds its key block's whole sum and
+    stores it in DK's and DV's own dtypes, zeros included: no atomics, the same bits every run."""
     pid = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(1)
     nb = pid % Nb
@@ -309,19 +312,19 @@ def _bwd_dkdv_kernel(
         for mb in range(mb_lo, mb_hi):
             n_listed += _listed(idx_b, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L).to(tl.int32)
 
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Nk
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     if n_listed > 0:
-        offs_m0 = tl.arange(0, BLOCK_M)
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        col_ok = offs_n < Nk
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T [BD, BN]
         vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=(offs_dv[:, None] < Dv) & col_ok[None, :], other=0.0)  # v^T [BDV, BN]
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for sel in range(kvh * SG, kvh * SG + SG):
             for mb in range(mb_lo, mb_hi):
                 if _listed(idx_b, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L):
@@ -347,10 +350,16 @@ def _bwd_dkdv_kernel(
                         ds = p * (dp - delta[:, None])
                         dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
 
-        dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-        tl.atomic_add(dk_ptrs, dk * scale, mask=col_ok[:, None] & (offs_d[None, :] < D))
-        dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-        tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
+    dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dk_ok = col_ok[:, None] & (offs_d[None, :] < D)
+    dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    dv_ok = col_ok[:, None] & (offs_dv[None, :] < Dv)
+    if DIRECT:  # the only program of its key block: it stores the whole sum, zeros included
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dk_ok)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dv_ok)
+    elif n_listed > 0:
+        tl.atomic_add(dk_ptrs, dk * scale, mask=dk_ok)
+        tl.atomic_add(dv_ptrs, dv, mask=dv_ok)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -474,19 +483,30 @@ def block_sparse_backward_triton(
     """-> (dq, dk, dv) in the dtypes of q, k, v: gradients of block_sparse_forward_triton's out
     (none for bias). No host sync, and four to six launches whatever the shapes: the zero fills of
     the fp32 dk and dv, dq over each query block's listed key blocks (computing delta on the way),
-    dk/dv reading the same lists, and the casts of dk and dv to k's and v's dtype (none for fp32)."""
+    dk/dv reading the same lists, and the casts of dk and dv to k's and v's dtype (none for fp32).
+    Under torch.use_deterministic_algorithms(True): two launches (dq, then dk/dv with one program
+    per key block writing k's and v's dtypes), every gradient the same bits on every run; slower
+    where one key block is listed by many query blocks (the sink block), as that program walks them
+    all."""
     _check(q, k, v, block_idx, block_m, block_n)
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     Mb, Lb = block_idx.shape[2], block_idx.shape[3]
     Nb = triton.cdiv(Nk, block_n)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # every row is written
-    # dk, dv accumulate in fp32 across programs (atomic adds: summation order may vary by run). Two
-    # buffers, not views of one: the custom op that returns them may not return aliases.
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    # Under torch.use_deterministic_algorithms one dk/dv program per key block stores its rows once,
+    # in k's and v's dtypes; else dk, dv accumulate in fp32 across programs (atomic adds: the
+    # summation order may vary by run). Two buffers, not views of one: the custom op that returns them
+    # may not return aliases.
+    direct = torch.are_deterministic_algorithms_enabled()
+    if direct:
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    else:
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     if B * H * N == 0 or Lb == 0 or Nk == 0:
-        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+        return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     S = block_idx.shape[1]
     lse = lse.float().contiguous()  # the kernels index LSE and DELTA as contiguous [B, H, N]
     delta = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
@@ -505,12 +525,12 @@ def block_sparse_backward_triton(
     )
     # Each query block stands for the H / Hkv query heads reading this kv head: fewer blocks per
     # program then, so the work of one program stays about HEAD_BLOCKS_PER_PROGRAM head tiles.
-    per_program = max(1, HEAD_BLOCKS_PER_PROGRAM // (H // Hkv))
+    per_program = Mb if direct else max(1, HEAD_BLOCKS_PER_PROGRAM // (H // Hkv))
     _bwd_dkdv_kernel[(B * Hkv * Nb, triton.cdiv(Mb, per_program))](
         q, k, v, block_idx, bias_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dk.stride(),
         *dv.stride(),
         H, Hkv, S // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
-        BLOCK_L=max(16, triton.next_power_of_2(Lb)), QBLOCKS_PER_PROGRAM=per_program, **common,
+        BLOCK_L=max(16, triton.next_power_of_2(Lb)), QBLOCKS_PER_PROGRAM=per_program, DIRECT=direct, **common,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

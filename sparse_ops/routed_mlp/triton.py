@@ -40,6 +40,7 @@ dtypes of the inputs they belong to; the saved pre-activations have x's dtype (a
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -458,8 +459,24 @@ def _c(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 # --- forward ----------------------------------------------------------------------------------
 
 
+def _check_deterministic() -> None:
+    """The kernels sum a token's blocks and the weight-gradient chunks with atomics, so their last bits
+    can change from run to run: under torch.use_deterministic_algorithms(True) that is an error (a
+    warning with warn_only=True), as PyTorch does for its own such ops."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = ("spt option ffn_impl='triton': the routed MLP's Triton kernels add with atomics, which is not "
+               "deterministic, and torch.use_deterministic_algorithms(True) is set; use ffn_impl='torch' (the "
+               "default) or 'grouped'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
 def _check(x: Tensor, spec: MlpSpec) -> None:
     """Clear errors for what the kernels cannot do (callers fall back to the torch path before this)."""
+    _check_deterministic()
     if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
         raise ValueError("routed_mlp_triton: LoRA dropout is not implemented in the kernels; use the torch path")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -66,6 +66,29 @@ def test_triton_on_cpu_is_a_clear_error(monkeypatch):
         mlp_impl.run_impl(x, w, spec, mask, 0, "triton", [])
 
 
+@pytest.fixture
+def deterministic():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_triton_under_deterministic_algorithms_is_an_error_naming_the_fix(deterministic, monkeypatch):
+    """The Triton routed MLP adds with atomics: with torch.use_deterministic_algorithms(True) it refuses
+    before launching anything and names the deterministic paths; warn_only=True makes it a warning.
+    The torch path runs as usual."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, spec, mask = _small()
+    deterministic(True)
+    with pytest.raises(RuntimeError, match="ffn_impl='torch'.*'grouped'"):
+        mlp_impl.run_impl(x, w, spec, mask, 0, "triton", [])
+    y, run = mlp_impl.run_impl(x, w, spec, mask, 0, "torch", [])
+    assert run.impl == "torch" and y.shape == (5, 8)
+    deterministic(True, warn_only=True)
+    with pytest.warns(UserWarning, match="not deterministic"), pytest.raises(ValueError, match="CUDA"):
+        mlp_impl.run_impl(x, w, spec, mask, 0, "triton", [])  # warned, then the CPU stops it as before
+
+
 def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
     """ffn_impl='reference' through torch.compile: the reference runs forward and backward, and gives the
     torch path's output and gradients; meta is [MlpMeta.FIXED + n_blocks]."""

@@ -261,3 +261,52 @@ def test_rejects_lists_that_span_kv_heads():
     q, k = torch.randn(1, 4, 16, 64), torch.randn(1, 2, 16, 64)
     with pytest.raises(ValueError, match="block_idx must be"):
         block_sparse_forward_triton(q, k, k, torch.zeros(1, 1, 1, 1, dtype=torch.int32), 0.125, False, None, 16, 16)
+
+
+class _GridSpy:
+    """Stands in for a Triton kernel: records each launch's grid, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+DETERMINISTIC_CASES = [  # (case, dtype): the interpreter is slow, so each case runs in one dtype
+    (Case(100, 80, 64, 3, 1, True, 16, 16, "pad", 4), torch.bfloat16),
+    (Case(257, 64, 64, 3, 1, False, 16, 16, None, 17), torch.float32),  # every key block listed by ~40 pairs
+    (Case(100, 64, 64, 16, 1, True, 16, 32, "mask", 3), torch.float32),
+]
+
+
+@pytest.mark.parametrize("c, dtype", DETERMINISTIC_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_deterministic_mode_gives_each_key_block_one_program(c: Case, dtype: torch.dtype, deterministic, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the dk/dv kernel runs one program per key block
+    (the grid's second axis is 1: nothing is summed across programs with atomics) and stores dk, dv in
+    the inputs' dtype, with the reference's values; the default split's grid differs in these cases
+    (long lists, GQA 3:1, 16 heads per kv head), so the mode is what changed the grid."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+
+    spy = _GridSpy(block_sparse_triton._bwd_dkdv_kernel)
+    monkeypatch.setattr(block_sparse_triton, "_bwd_dkdv_kernel", spy)
+    q, k, v, block_idx, bias, dout = make_inputs(c, dtype, seed=21)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    check_case(c, q, k, v, block_idx, bias, dout, atol=tol, rtol=tol)
+    Nb, Mb = -(-c.N // c.block_n), -(-c.N // c.block_m)
+    assert spy.grids and all(g == (B * c.Hkv * Nb, 1) for g in spy.grids), spy.grids
+    assert Mb > block_sparse_triton.HEAD_BLOCKS_PER_PROGRAM // (c.H // c.Hkv)  # the default would split
+    scale = c.D**-0.5
+    out, lse = block_sparse_forward_triton(q, k, v, block_idx, scale, c.causal, bias, c.block_m, c.block_n)
+    _, dk, dv = block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale, c.causal, bias, c.block_m,
+                                             c.block_n)
+    assert dk.dtype == k.dtype and dv.dtype == v.dtype
