@@ -30,7 +30,10 @@ if str(REPO) not in sys.path:  # run from source (the GPU machine has no install
 
 import spt_compile  # noqa: E402
 
-CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference")
+CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
+           "spt-block-triton-deterministic")
+# *-deterministic: the config run under torch.use_deterministic_algorithms(True, warn_only=True), where the
+# Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py)
 
 
 class OneAttention(torch.nn.Module):
@@ -50,7 +53,7 @@ def make_fn(config: str, args):
         return module
     if config == "sdpa-inductor":
         return torch.compile(module, backend="inductor")
-    _, selection, impl = config.split("-")
+    _, selection, impl = config.split("-")[:3]
     # attention_dense_below=0: time the sparse path at every N (by default calls under 2048 keys run exact)
     options = dict(attention_selection=selection, attention_impl=impl, density=args.density,
                    attention_block=args.block, calibration_steps=1, compiler="eager", sparse_ffn=False,
@@ -83,6 +86,17 @@ def sync(device):
 
 
 def run_config(config: str, N: int, args, device, dtype) -> dict:
+    if not config.endswith("-deterministic"):
+        return _run_config(config, N, args, device, dtype)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, on others' nondeterministic ops
+    try:
+        return _run_config(config, N, args, device, dtype)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _run_config(config: str, N: int, args, device, dtype) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
     q, k, v = (torch.randn(B, h, N, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -156,6 +170,8 @@ def check_kernels(args, device, dtype) -> list[str]:
             ok = all(e <= tol * max(1.0, r.abs().max().item()) for e, r in zip(errs, (ref, *ref_grads)))
             lines.append(f"check {impl:7} N={N} causal={causal}: max |err| out/dq/dk/dv = "
                          + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
+            if impl == "triton":  # deterministic mode: one dk/dv program per key block, no atomics
+                lines.append(_check_deterministic(dout.to(dtype), q, k, v, idx, out, lse, causal, grads, tol, N))
         if "triton" in impls:  # the Triton selection lists the same blocks as the PyTorch one
             from spt_compile.sparse_ops.attention.select import select_blocks
 
@@ -166,6 +182,26 @@ def check_kernels(args, device, dtype) -> list[str]:
             lines.append(f"check select  N={N} causal={causal}: triton lists the same key blocks as torch on "
                          f"{agree:.1%} of query blocks" + ("  ok" if agree >= need else "  FAILED"))
     return lines
+
+
+def _check_deterministic(dout, q, k, v, idx, out, lse, causal, grads, tol, N) -> str:
+    """The Triton backward under torch.use_deterministic_algorithms(True): the same bits on two runs,
+    and within tol of the default (atomic) backward's gradients."""
+    from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward
+
+    D = q.shape[-1]
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [block_sparse_backward(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, D**-0.5, causal, None,
+                                      64, 64, impl="triton", diag_first=True) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    same = all(torch.equal(a, b) for a, b in zip(*runs))
+    errs = [(a.float() - b.float()).abs().max().item() for a, b in zip(runs[0], grads)]
+    ok = same and all(e <= tol * max(1.0, g.abs().max().item()) for e, g in zip(errs, grads))
+    return (f"check deterministic N={N} causal={causal}: two runs bit-identical {same}, max |diff| vs default "
+            f"dq/dk/dv = " + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
 
 
 def host_profile(config: str, N: int, args, device, dtype) -> dict:
@@ -254,13 +290,13 @@ def main(argv=None) -> int:
             except Exception as e:  # one failing config must not lose the others' numbers
                 r = {"config": config, "N": N, "error": f"{type(e).__name__}: {e}"[:300]}
             results.append(r)
-            print(f"  {config:22} N={N:5} " + (f"{r['time_s'] * 1e3:9.2f} ms  saved {r['saved_bytes'] / 2**20:8.1f} MiB"
+            print(f"  {config:30} N={N:5} " + (f"{r['time_s'] * 1e3:9.2f} ms  saved {r['saved_bytes'] / 2**20:8.1f} MiB"
                                              if "error" not in r else r["error"]), flush=True)
             torch._dynamo.reset()
     print(table(results))
     profiles = []
     if args.host_profile and device.type == "cuda":
-        for config in [c for c in configs if c.startswith("spt")]:
+        for config in [c for c in configs if c.startswith("spt") and not c.endswith("-deterministic")]:
             try:
                 prof = host_profile(config, max(args.seq_lens), args, device, dtype)
             except Exception as e:
@@ -279,7 +315,7 @@ def main(argv=None) -> int:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'config':22} {'N':>5} {'ms':>9} {'saved MiB':>9} {'peak MiB':>9} {'time/best':>9} {'saved/best':>10}"]
+    lines = [f"{'config':30} {'N':>5} {'ms':>9} {'saved MiB':>9} {'peak MiB':>9} {'time/best':>9} {'saved/best':>10}"]
     for N in sorted({r["N"] for r in results}):
         rows = [r for r in results if r["N"] == N and "error" not in r]
         dense = [r for r in rows if r["config"].startswith("sdpa")]
@@ -290,7 +326,7 @@ def table(results: list[dict]) -> str:
         for r in rows:
             peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r.get("peak_bytes") is not None else f"{'-':>9}"
             r["time_ratio"], r["saved_ratio"] = r["time_s"] / best_t, r["saved_bytes"] / best_s
-            lines.append(f"{r['config']:22} {N:5} {r['time_s'] * 1e3:9.2f} {r['saved_bytes'] / 2**20:9.1f} {peak} "
+            lines.append(f"{r['config']:30} {N:5} {r['time_s'] * 1e3:9.2f} {r['saved_bytes'] / 2**20:9.1f} {peak} "
                          f"{r['time_ratio']:8.2f}x {r['saved_ratio']:9.2f}x")
     return "\n".join(lines)
 

@@ -9,9 +9,11 @@
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PYTHONPATH, $out, $gpu
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-# 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal.
-timeout 170 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
-    --configs sdpa sdpa-inductor spt-block-triton spt-block-torch --repeats 10 --warmup 3 --host-profile \
+# 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal;
+#    also the Triton path under torch.use_deterministic_algorithms (one dk/dv program per key block).
+timeout 190 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
+    --configs sdpa sdpa-inductor spt-block-triton spt-block-torch spt-block-triton-deterministic --repeats 10 \
+    --warmup 3 --host-profile \
     --json "$out/attention_smollm2_${gpu}.json"
 # 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal.
 timeout 80 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
