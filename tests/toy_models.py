@@ -148,14 +148,14 @@ class GQAAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
 
 
-def tiny_llama_batch(seq: int = 256, pad_from: int = 200, prompt: int = 0, seed: int = 0):
-    """(a random-initialised 2-layer LlamaForCausalLM in train mode, input_ids, attention_mask, labels):
+def tiny_llama_batch(seq: int = 256, pad_from: int = 200, prompt: int = 0, seed: int = 0, layers: int = 2):
+    """(a random-initialised LlamaForCausalLM of `layers` layers in train mode, input_ids, attention_mask, labels):
     batch 2, the second row padded from `pad_from`, the first `prompt` positions of row 0 carrying no
     loss. Needs transformers (callers skip without it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(64, seq))
     model = LlamaForCausalLM(config).train()
     ids = torch.randint(0, 97, (2, seq), generator=torch.Generator().manual_seed(1))

@@ -233,6 +233,37 @@ def test_a_hugging_face_mask_is_analysed_once_per_step():
     assert analyses == 1, c.summary()
 
 
+def _step_census(layers: int, impl: str) -> Census:
+    """Census of one training step (the fourth) of a tiny HF LLaMA: padded batch, prompt rows without
+    a loss, every spt site and the chunked loss."""
+    from toy_models import tiny_llama_batch
+
+    model, ids, attention, labels = tiny_llama_batch(layers=layers, prompt=40)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={
+        "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 32, "ffn_impl": impl})
+    for _ in range(3):
+        compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+    with Census() as c:
+        compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+    return c
+
+
+def test_a_whole_step_syncs_per_step_not_per_layer():
+    """A training step of a whole model syncs a fixed number of times, whatever its depth, with the
+    grouped MLP: the mask's analysis, the MLP sites' row counts and the loss backward's check of its
+    logits gradient, once each. The block-batched MLP (the default) adds its one per layer."""
+    pytest.importorskip("transformers")
+    grouped = {layers: _step_census(layers, "grouped") for layers in (2, 4)}
+    for c in grouped.values():
+        where = sorted(w.split(":")[0] + " " + w.split(" in ")[-1] for (_, w), n in c.sync_sites().items())
+        assert c.syncs == 3, c.summary()
+        assert where == ["sparse_ops/linear_cross_entropy/chunked.py linear_cross_entropy_backward",
+                         "spt_compile/sites/attention.py analyse", "spt_compile/sites/row_counts.py count"], where
+    block_batched = _step_census(2, "torch")
+    assert block_batched.syncs == 3 + 2, block_batched.summary()
+
+
 @pytest.mark.parametrize("form", ["causal", "padded"])
 def test_an_attention_probe_syncs_once(form):
     """A probing call (the first sparse training call, then every 25th) measures recall and mass on a

@@ -6,9 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from spt_compile.testing import Census
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_census import _census, _compiled, _inputs  # noqa: E402
@@ -108,3 +111,24 @@ def test_triton_backward_takes_the_strided_output_gradient_without_a_copy():
     assert (2, 6, 128, 32) not in copies["triton"], copies["triton"]
     for a, b in zip(grads["torch"], grads["triton"]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_a_whole_gpu_path_step_syncs_three_times_at_any_depth():
+    """A training step of a tiny HF LLaMA on the GPU path (Triton attention and loss kernels, the
+    grouped MLP; padded batch, prompt rows without a loss): 3 syncs at 2 and at 4 layers, the mask's
+    analysis, the row counts and the loss backward's check, none per layer."""
+    pytest.importorskip("transformers")
+    from toy_models import tiny_llama_batch
+
+    for layers in (2, 4):
+        model, ids, attention, labels = tiny_llama_batch(seq=128, pad_from=100, prompt=40, layers=layers)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="spt", options={
+            "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 32, "ffn_impl": "grouped",
+            "attention_impl": "triton", "loss_impl": "triton"})
+        for _ in range(3):
+            compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        with Census() as c:
+            compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        assert c.syncs == 3, (layers, c.summary())
+        assert c.ops["triton:_bwd_dkdv_kernel"] == layers and c.ops["triton:_ce_rows_kernel"] >= 1, c.ops
