@@ -292,8 +292,9 @@ class AttentionSite(Site):
         # Keys per query: its row's from the device's real keys (the host's lengths are the same counts);
         # packed rows per query, as the selection budgets them (on the device already)
         L = budget()
-        real_count = torch.full((B,), Nk, device=q.device) if real is None else real.sum(-1)
-        L = pq.keys_per_query(real_count, options.density, options.top_l) if L.device.type == "cpu" else L
+        if L.device.type == "cpu":
+            real_count = torch.full((B,), Nk, device=q.device) if real is None else real.sum(-1)
+            L = pq.keys_per_query(real_count, options.density, options.top_l)
         k_max = min(Nk, int(pq.keys_per_query(torch.tensor([Nk]), options.density, options.top_l)[0]))
         if k_max == 0:  # nothing to measure (still reported: under torch.distributed the average waits for it)
             self.note_quality(recall=float("nan"), mass=float("nan"))
