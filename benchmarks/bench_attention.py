@@ -13,6 +13,7 @@ triton / reference). Ratios are to the best dense configuration of the same N in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -85,15 +86,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True, warn_only=True) inside (warn, not fail, on other ops
+    that have no deterministic form), the previous setting restored after."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def run_config(config: str, N: int, args, device, dtype) -> dict:
     if not config.endswith("-deterministic"):
         return _run_config(config, N, args, device, dtype)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, on others' nondeterministic ops
-    try:
+    with deterministic_algorithms():
         return _run_config(config, N, args, device, dtype)
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _run_config(config: str, N: int, args, device, dtype) -> dict:
@@ -190,13 +199,9 @@ def _check_deterministic(dout, q, k, v, idx, out, lse, causal, grads, tol, N) ->
     from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward
 
     D = q.shape[-1]
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_algorithms():
         runs = [block_sparse_backward(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, D**-0.5, causal, None,
                                       64, 64, impl="triton", diag_first=True) for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     same = all(torch.equal(a, b) for a, b in zip(*runs))
     errs = [(a.float() - b.float()).abs().max().item() for a, b in zip(runs[0], grads)]
     ok = same and all(e <= tol * max(1.0, g.abs().max().item()) for e, g in zip(errs, grads))

@@ -9,3 +9,11 @@ every path is tested against. Installed as spt_compile.sparse_ops.
 Kernels hold no state: what is fitted (routers, codebooks, clusters) lives in spt_compile/fitting/,
 and what persists in the sites (spt_compile/sites/).
 """
+
+import os
+
+
+def triton_runs_on(device) -> bool:
+    """Whether the Triton kernels can run on tensors of `device`: CUDA, or any device under
+    TRITON_INTERPRET=1 (the interpreter the CPU tests use)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

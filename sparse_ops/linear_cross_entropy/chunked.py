@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import triton_runs_on
 from .triton import chunk_cross_entropy_triton
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -57,7 +58,7 @@ def resolve_loss_impl(impl: str, device: torch.device) -> str:
         impl = "triton" if device.type == "cuda" else "torch"
     if impl not in LOSS_IMPLS:
         raise ValueError(f"linear_cross_entropy: impl must be one of {', '.join(LOSS_IMPLS)}; got {impl!r}")
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and not triton_runs_on(device):
         raise ValueError(f"linear_cross_entropy: impl 'triton' (spt option loss_impl) needs CUDA tensors; got "
                          f"{device.type} tensors: use 'auto' or 'torch' (or TRITON_INTERPRET=1 to run the kernel "
                          "on the CPU, slowly)")

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import triton_runs_on
 from ..attention.block_sparse_triton import _dot  # fp32-accumulated tl.dot with the interpreter's bf16 workaround
 from .spec import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds, out_features
 
@@ -479,7 +480,7 @@ def _check(x: Tensor, spec: MlpSpec) -> None:
     _check_deterministic()
     if spec.in_dropout or spec.gate_dropout or spec.out_dropout:
         raise ValueError("routed_mlp_triton: LoRA dropout is not implemented in the kernels; use the torch path")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_runs_on(x.device):
         raise ValueError(f"routed_mlp_triton: the kernels need CUDA tensors (got {x.device}); on the CPU use "
                          "ffn_impl='torch', or set TRITON_INTERPRET=1 before importing triton (tests)")
 

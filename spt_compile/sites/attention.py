@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-import os
 from typing import Optional
 
 import torch
@@ -34,6 +33,7 @@ from spt_compile.fitting import pq_codebooks
 from spt_compile.options import Options, SptOptionError
 from spt_compile.registry import SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 
+from spt_compile.sparse_ops import triton_runs_on
 from spt_compile.sparse_ops.attention import pq, select as block_select
 from spt_compile.sparse_ops.attention.block_sparse import block_sparse_forward, resolve_impl
 from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_forward
@@ -473,7 +473,7 @@ class AttentionSite(Site):
         # its own sequence's length, as if it ran alone.
         budget_lb, budget_dev, sink = _block_budgets(mask, q.shape[0], q.shape[2], Nk, options, bm, bn)
         impl = resolve_impl(options.attention_impl, q.device)
-        if impl == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if impl == "triton" and not triton_runs_on(q.device):
             raise SptOptionError(f"spt option attention_impl='triton' needs CUDA tensors; the attention at "
                                  f"{self.name or '<top>'} runs on {q.device.type}: use 'auto' or 'torch'",
                                  option="attention_impl")
