@@ -106,6 +106,12 @@ def prepare(config: str, shape: str, T: int, args, device, dtype) -> dict:
     first = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
+    if config.startswith("spt-"):
+        import spt_compile
+
+        if not any(site["kind"] == "mlp" for site in spt_compile.report(module)):
+            raise RuntimeError(f"{config}: no MLP site ran through spt (Dynamo fell back to eager?), so its time "
+                               "would be the dense module's")
     saved = SavedBytes(exclude=list(module.parameters()))  # activations only: parameters are shared
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         y = fn(x)
@@ -373,6 +379,9 @@ def main(argv=None) -> int:
         except Exception as e:  # report, and still time the configurations
             checks = [f"check crashed: FAILED {type(e).__name__}: {e}"[:500]]
             print(checks[-1], flush=True)
+    # Every configuration holds its compiled module alive in the round robin, each one an entry in the
+    # cache of SwiGLU.forward: past Dynamo's limit (8) a configuration would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.configs))
     results = []
     for shape in args.shapes:
         for T in args.tokens:

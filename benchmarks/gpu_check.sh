@@ -4,36 +4,49 @@
 # references on CUDA, and prints the attention, FFN, per-call overhead and loss tables. Steps 1-3 took 4-5
 # minutes on an H200; steps 4 and 5 are new (at most 60 s and 120 s).
 #   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
+#   bash benchmarks/gpu_check.sh 1 4    # only steps 1 and 4 (a lease too short for all five)
 # Step 5 compares Liger-Kernel when its wheel travels in the working tree: before the run,
 #   pip download --no-deps liger-kernel==0.8.5 -d .whl/     # .whl/ is git-ignored: carry it to the device
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PYTHONPATH, $out, $gpu
+steps=" ${*:-1 2 3 4 5} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 # 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal;
 #    also the Triton path under torch.use_deterministic_algorithms (one dk/dv program per key block).
+if want 1; then
 timeout 190 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
     --configs sdpa sdpa-inductor spt-block-triton spt-block-torch spt-block-triton-deterministic --repeats 10 \
     --warmup 3 --host-profile \
     --json "$out/attention_smollm2_${gpu}.json"
-# 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal.
+fi
+# 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal; default and deterministic dk/dv.
+if want 2; then
 timeout 80 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
-    --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton --repeats 10 --warmup 3 \
+    --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton spt-block-triton-deterministic --repeats 10 \
+    --warmup 3 \
     --json "$out/attention_llama7b_${gpu}.json"
+fi
 # 3. The routed FFN: --check (Triton kernels vs the per-token reference at odd sizes, vs the torch path at
 #    this shape, and through torch.compile; exits 1 on a mismatch), then dense (eager, Inductor) and
 #    routed at 50% / 25% of 4 blocks with the three implementations (grouped: torch._grouped_mm, no host
 #    sync; issue 19 keeps the fastest as the CUDA default); LLaMA-7B MLP shape, 8192 tokens, bf16.
+if want 3; then
 timeout 180 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 --check \
     --configs dense-eager dense-inductor spt-50%-triton spt-50%-torch spt-50%-grouped spt-25%-triton \
     spt-25%-torch spt-25%-grouped \
     --repeats 5 --warmup 2 --json "$out/ffn_llama7b_${gpu}.json"
+fi
 # 4. Per-call host overhead at tiny shapes (attention B=1 H=4 N=256; a 64-token MLP): the spt ops against
 #    SDPA and a dense MLP, and the attention op made for CUDA graphs (mode="reduce-overhead", captured
 #    here; the JSON records Inductor's cudagraph_skips, 0 when everything it could capture was).
+if want 4; then
 timeout 60 python benchmarks/bench_overhead.py --device cuda --rounds 50 --json "$out/overhead_${gpu}.json"
+fi
 # 5. The LM head + cross-entropy: dense (HF's form), the chunked op's torch path and its Triton kernel (the
 #    CUDA default), and Liger-Kernel's fused linear cross-entropy if .whl/ holds its wheel; --check compares
 #    loss and d(h) with dense (exits 1 on a mismatch). bf16, 8192 tokens; SmolLM2's head, then LLaMA-7B's.
+if want 5; then
 liger_dir=$(mktemp -d)
 for w in .whl/liger_kernel-*.whl; do [ -f "$w" ] && python -m zipfile -e "$w" "$liger_dir"; done
 PYTHONPATH="$PYTHONPATH:$liger_dir" timeout 60 python benchmarks/bench_loss.py --device cuda --dtype bfloat16 \
@@ -41,3 +54,4 @@ PYTHONPATH="$PYTHONPATH:$liger_dir" timeout 60 python benchmarks/bench_loss.py -
 PYTHONPATH="$PYTHONPATH:$liger_dir" timeout 60 python benchmarks/bench_loss.py --device cuda --dtype bfloat16 \
     --tokens 8192 --hidden 4096 --vocab 32000 --chunks 512 2048 --impls torch triton --liger --check --steps 5 \
     --json "$out/loss_llama7b_${gpu}.json"
+fi

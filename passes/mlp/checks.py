@@ -1,6 +1,6 @@
 """The semantic check every MLP match passes before it is rewritten: gate, up and down sizes that fit,
 a hidden size of at least ffn_blocks, the same tokens in and out, one dtype for the input and every
-weight, and no intermediate read outside the MLP. A failure raises Reject with the reason
+weight (LoRA adapters in a wider dtype excepted: the rewrite casts them), and no intermediate read outside the MLP. A failure raises Reject with the reason
 explain() shows."""
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def check(m: MlpMatch, options: Options) -> None:
         raise Reject(f"the MLP reshapes tokens between input {xs} and output {ys}")
     dtype = val(m.x).dtype
     for p in filter(None, (m.up, m.gate, m.down)):
+        adapters = (p.lora_a, p.lora_b) if p.adapter_dtype is not None else ()  # cast to x's dtype by the rewrite
         for t in filter(None, (p.weight, p.bias, p.lora_a, p.lora_b)):
-            if val(t).dtype != dtype:
+            if val(t).dtype != dtype and t not in adapters:
                 raise Reject(f"'{t.name}' is {val(t).dtype} while the MLP input is {dtype}")
     units = [p for p in (m.up, m.gate, m.down) if p is not None]
     everything = set(m.nodes).union(*(p.nodes for p in units))

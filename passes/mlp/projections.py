@@ -1,7 +1,9 @@
 """A projection unit, parsed from the node that ends it (parse_projection): `linear(x, W, b)`,
 `x @ W.T` (+ b) as Linear subclasses write it, or `addmm(b, x, W)` (GPT-2's Conv1D, with its views
 around it when PEFT adds a LoRA delta to the Conv1D's output); optionally plus a PEFT LoRA delta
-`linear(linear(dropout?(x), A), B) * s` (_lora), optionally followed by a no-op `.to(dtype)`.
+`linear(linear(dropout?(x), A), B) * s` (_lora), optionally followed by a no-op `.to(dtype)`, or by
+the cast back to the base's dtype when the adapters are wider than the base (PEFT keeps them in fp32
+on a bf16 model: the delta and the sum in fp32, then `.to(bf16)`; Projection.adapter_dtype).
 The MLP's input, gate, up and down projections, and the loss pass's LM head, are each one."""
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class Projection:
     lora_b: Optional[Node] = None
     scale: float = 1.0
     dropout: float = 0.0
+    # Set when the LoRA delta runs in a wider dtype than the base projection (fp32 adapters on a bf16
+    # model): the site computes it in the base's dtype, as torch.autocast would (passes/mlp/rewrite.py).
+    adapter_dtype: Optional[torch.dtype] = None
 
     @property
     def out_features(self):
@@ -126,6 +131,20 @@ def _autocast_input_cast(n: Node, linear_out: Node) -> bool:
     return all(isinstance(t, torch.Tensor) for t in (a, b, o)) and b.dtype != o.dtype and a.dtype == o.dtype
 
 
+def _adapter_input_cast(n: Node, linear_out: Node) -> bool:
+    """n casts the LoRA input to the adapters' wider dtype, which the linear reading it computes in
+    (PEFT's fp32 adapters on a bf16 model)."""
+    if op(n) not in ("to", "float", "type"):
+        return False
+    a, b, o = val(n.args[0]), val(n), val(linear_out)
+    return (all(isinstance(t, torch.Tensor) for t in (a, b, o)) and b.dtype == o.dtype != a.dtype
+            and b.dtype.itemsize > a.dtype.itemsize)
+
+
+def _cast(n: Node) -> bool:
+    return op(n) in ("to", "float", "type", "type_as") or _noop_cast(n)
+
+
 def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node]]]:
     """(A, B, scale, dropout p, nodes) if n = linear(linear(dropout?(x), A), B) [* scale]."""
     nodes, scale = set(), 1.0
@@ -153,7 +172,7 @@ def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node
         p = float(d["p"]) if d["training"] else 0.0
         nodes.add(xin)
         xin = d["input"]
-    while _noop_cast(xin) or _autocast_input_cast(xin, inner):
+    while _noop_cast(xin) or _autocast_input_cast(xin, inner) or _adapter_input_cast(xin, inner):
         nodes.add(xin)
         xin = xin.args[0]
     return (a["weight"], outer["weight"], scale, p, nodes) if xin is x else None
@@ -162,18 +181,30 @@ def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node
 def parse_projection(n: Node) -> Optional[Projection]:
     """The projection unit whose last node is n, or None."""
     out, nodes = n, set()
-    if _noop_cast(n):
+    if _cast(n):
         nodes.add(n)
         n = n.args[0]
     if op(n) == "add":
         for base_node, delta in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
             p = (_base_with_bias(base_node) or _base_viewed(base_node)) if isinstance(base_node, Node) else None
             lora = _lora(delta, p.x) if p is not None and isinstance(delta, Node) else None
-            if lora is not None:
-                p.lora_a, p.lora_b, p.scale, p.dropout, lora_nodes = lora
-                p.nodes |= nodes | lora_nodes | {n}
-                p.output = out
-                return p
+            if lora is None:
+                continue
+            base_dtype, delta_dtype = val(base_node).dtype, val(delta).dtype
+            wider = delta_dtype != base_dtype and delta_dtype.itemsize > base_dtype.itemsize
+            # the unit's output: a no-op cast at most, or (wider adapters) the cast back to the base's dtype
+            back = val(out).dtype == base_dtype and val(out).device == val(base_node).device
+            if not (out is n or _noop_cast(out) or (wider and back)):
+                continue
+            if wider and not back:
+                continue  # a sum left in the adapters' dtype: not a form the op computes
+            p.lora_a, p.lora_b, p.scale, p.dropout, lora_nodes = lora
+            p.adapter_dtype = delta_dtype if wider else None
+            p.nodes |= nodes | lora_nodes | {n}
+            p.output = out
+            return p
+    if out is not n and not _noop_cast(out):
+        return None
     p = _base_with_bias(n)
     if p is not None:
         p.nodes |= nodes

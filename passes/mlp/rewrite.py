@@ -26,7 +26,11 @@ def describe(m: MlpMatch) -> str:
     first = m.up or m.gate
     layout = " Conv1D" if first.layout == "io" else ""
     fused = f" fused gate/up ({m.fused.replace('_', ' then ')})" if m.fused else ""
-    return f"x {tuple(shape(m.x))} hidden={m.hidden}{layout}{fused} LoRA={'/'.join(lora) or 'none'}"
+    wide = next((p.adapter_dtype for p in (m.up, m.gate, m.down) if p is not None and p.adapter_dtype), None)
+    cast = "" if wide is None else (
+        f" (adapters {str(wide).removeprefix('torch.')}: computed in {str(val(m.x).dtype).removeprefix('torch.')} "
+        "as under torch.autocast, their gradients cast back)")
+    return f"x {tuple(shape(m.x))} hidden={m.hidden}{layout}{fused} LoRA={'/'.join(lora) or 'none'}{cast}"
 
 
 def _spec(m: MlpMatch, options: Options) -> MlpSpec:
@@ -48,6 +52,16 @@ def _slots(p: Optional[Projection]) -> tuple:
     return (None, None, None, None) if p is None else (p.weight, p.bias, p.lora_a, p.lora_b)
 
 
+def _adapters_cast(graph, p: Optional[Projection], dtype: torch.dtype) -> tuple:
+    """_slots(p), with adapters wider than the MLP (fp32 on a bf16 model) cast to its dtype: the op
+    computes the LoRA path in the MLP's dtype, as torch.autocast would; autograd takes the gradients
+    back through the cast to the fp32 weights."""
+    slots = _slots(p)
+    if p is None or p.adapter_dtype is None:
+        return slots
+    return (*slots[:2], *(graph.call_method("to", (t, dtype)) for t in slots[2:]))
+
+
 def emit(graph, m: MlpMatch, options: Options, path: str, ordinals: dict,
          rows: Optional["RowsSource"], real: Optional["RealRowsSource"]) -> list[str]:
     """Insert spt::mlp_site before the down projection's output, hand it that output's uses, and
@@ -65,8 +79,9 @@ def emit(graph, m: MlpMatch, options: Options, path: str, ordinals: dict,
     loss_rows = None if rows is None else rows.for_input(m.x)[0]
     real_rows = None if real is None else real.for_input(m.x)
     with graph.inserting_before(m.down.output):
+        slots = [t for p in (m.up, m.gate, m.down) for t in _adapters_cast(graph, p, val(m.x).dtype)]
         call = graph.call_function(torch.ops.spt.mlp_site.default, (
-            *args, loss_rows, real_rows, template, _spec(m, options).to_str(), training))
+            m.x, *slots, loss_rows, real_rows, template, _spec(m, options).to_str(), training))
         out = graph.call_function(operator.getitem, (call, 0))
         out.meta.update(m.down.output.meta)
         want = val(m.down.output).dtype

@@ -432,3 +432,46 @@ def test_compile_mode_through_options(caplog):
         compiled(torch.randint(0, 97, (2, 16)))
     assert "mode='max-autotune' only applies to compiler='inductor'" in caplog.text
     assert "options={'compiler': 'inductor', 'mode': 'max-autotune'}" in caplog.text
+
+
+def test_bf16_model_with_float32_adapters_rewrites_the_mlp_and_matches_dense():
+    """PEFT keeps LoRA adapters in fp32 on a bf16 model (autocast_adapter_dtype, its default): the
+    LoRA input is cast up, the delta and the sum run in fp32 and the sum is cast back to bf16. The MLP
+    site is still rewritten (it was left dense before: 'projections read different inputs'), computes
+    the LoRA path in bf16 as autocast would, and the gradients reach the fp32 weights."""
+    import copy
+
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spt_compile import compile_reports
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, use_cache=False)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for name, p in model.named_parameters():  # B starts at zero: give the delta a size to check
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    n = len(compile_reports(model))
+    compiled = torch.compile(model, backend="spt", options={**OPTS, "density": 1.0, "ffn_active": 4})
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # calibration, then the routed path with every block active
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+    for _ in range(2):
+        want = reference(input_ids=ids, labels=ids).loss
+        want.backward()
+    mlps = [s for r in compile_reports(model)[n:] for s in r.rewritten("mlp")]
+    assert len(mlps) == 2 and all("adapters float32: computed in bfloat16" in s.detail for s in mlps)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-2)
+    grads = [(name, p.grad, r.grad) for (name, p), r in zip(model.named_parameters(), reference.parameters())
+             if p.grad is not None]
+    assert len(grads) == 2 * 7 * 2 and all(g.dtype == torch.float32 for _, g, _ in grads)
+    for name, got, ref in grads:  # the LoRA path in bf16 against PEFT's fp32
+        assert (got - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-6, name
