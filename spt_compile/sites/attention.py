@@ -95,6 +95,36 @@ def dense_attention_with_lse(q, k, v, mask, is_causal: bool, scale: float) -> tu
         q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
 
 
+def _cuda_flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+                        scale: float) -> bool:
+    """Whether the exact forward can run PyTorch's CUDA flash kernel and keep its logsumexp: no mask
+    (the kernel takes none), half precision, and SDPA's own backend choice (head size, alignment, the
+    GPU, the user's torch.backends.cuda settings)."""
+    if q.device.type != "cuda" or mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        choice = torch._fused_sdp_choice(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0,
+                                         is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    except (RuntimeError, TypeError, AttributeError):  # a private helper: if it changes, keep the Triton path
+        return False
+    return choice == SDPBackend.FLASH_ATTENTION.value
+
+
+def cuda_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float,
+                        kernel=None) -> tuple[Tensor, Tensor]:
+    """Exact attention [B, H, N, Dv] and its natural-log logsumexp [B, H, N] (fp32) from the CUDA flash
+    kernel SDPA runs, where _cuda_flash_applies: the exact forward at FlashAttention's speed (the
+    block-sparse kernels with every key block listed were about 5x slower on an H200). Grouped key
+    heads are expanded to the query heads first (the kernel's entry point takes equal head counts).
+    kernel: the aten op (a stand-in in CPU tests)."""
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention if kernel is None else kernel
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Nk, D]
+    out, lse = kernel(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]]
+
+
 @dataclass(frozen=True)
 class MaskFacts:
     """What the site reads from an attention mask [B|1, H|1, N|1, Nk], found once per mask
@@ -427,14 +457,17 @@ class AttentionSite(Site):
         return out, lse, selection, meta
 
     def _exact_with_lse(self, q, k, v, mask, real, options, is_causal, scale) -> tuple[Tensor, Tensor]:
-        """Exact attention and its logsumexp [B, H, N] (no dropout): the CPU flash kernel where SDPA
-        would pick it, else the block-sparse kernels with every key block listed (density 1, exactly
+        """Exact attention and its logsumexp [B, H, N] (no dropout): the CPU or CUDA flash kernel where
+        SDPA would pick it, else the block-sparse kernels with every key block listed (density 1, exactly
         dense). Backward over selected tiles from this out and lse is the exact Jacobian masked to
         them: P = exp(s - lse) is the full softmax's, and rowsum(dO * O) the full output's."""
         if _cpu_flash_applies(q, k, v, mask, is_causal, scale, 0.0):
             out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
             # the kernel's layouts may be transposed; the fake kernel promises contiguous ones
             return out.contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
+        if _cuda_flash_applies(q, k, v, mask, is_causal, scale):
+            out, lse = cuda_flash_with_lse(q, k, v, is_causal, scale)
+            return out.contiguous(), lse.float().contiguous()
         bm = bn = options.attention_block
         n_kb = block_select.n_blocks(k.shape[2], bn)
         every = torch.full((q.shape[0],), n_kb, dtype=torch.int64)

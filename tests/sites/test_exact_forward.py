@@ -184,6 +184,59 @@ def test_attention_site_forward_equals_disable_and_density_one_equals_dense():
     assert (sparse_grad - xr.grad).abs().max() > 1e-4, "density 0.25 must drop pairs from the backward"
 
 
+def _cpu_stand_in_for_cuda_flash(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale):
+    """aten._scaled_dot_product_flash_attention's contract (equal head counts, out and a natural-log
+    logsumexp first), served by the CPU flash kernel."""
+    assert q.shape[1] == k.shape[1] == v.shape[1], "the CUDA entry point takes equal head counts"
+    assert dropout_p == 0.0 and not return_debug_mask
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    return out, lse, None, None, q.shape[2], k.shape[2], None, None, None
+
+
+def test_cuda_flash_exact_forward_plumbing():
+    """On CUDA without a mask the exact forward runs SDPA's flash kernel and keeps its logsumexp
+    (cuda_flash_with_lse). Not runnable here: the kernel's contract is served by a CPU stand-in, and
+    the site gives the same outputs and gradients through it as through the block-sparse kernels with
+    every key block listed (benchmarks/bench_attention.py --check runs the real kernel on a GPU)."""
+    from spt_compile.sites import attention as attention_site
+
+    q, k, v = torch.randn(2, 6, 37, 16), torch.randn(2, 2, 37, 16), torch.randn(2, 2, 37, 16)
+    assert not attention_site._cuda_flash_applies(q, k, v, None, True, 0.25)  # CPU tensors
+    out, lse = attention_site.cuda_flash_with_lse(q, k, v, True, 0.25, kernel=_cpu_stand_in_for_cuda_flash)
+    kk, vv = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    s = (q @ kk.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(37, 37, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(lse, s.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, s.softmax(-1) @ vv, atol=1e-5, rtol=1e-5)
+
+    original, flash_calls = attention_site.cuda_flash_with_lse, []
+
+    def run(patched: bool, monkeypatch):
+        if patched:
+            monkeypatch.setattr(attention_site, "_cpu_flash_applies", lambda *a: False)
+            monkeypatch.setattr(attention_site, "_cuda_flash_applies", lambda *a: True)
+            monkeypatch.setattr(attention_site, "cuda_flash_with_lse", lambda *a: flash_calls.append(1) or original(
+                *a, kernel=_cpu_stand_in_for_cuda_flash))
+        else:  # the block-sparse kernels with every key block listed
+            monkeypatch.setattr(attention_site, "_cpu_flash_applies", lambda *a: False)
+        model, x = _gqa_setup()
+        compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "exact_forward": True})
+        compiled(x).sum().backward()  # calibration call
+        x.grad = None
+        y = compiled(x)
+        y.pow(2).sum().backward()
+        return y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]
+
+    with pytest.MonkeyPatch.context() as mp:
+        flash = run(True, mp)
+    with pytest.MonkeyPatch.context() as mp:
+        kernels = run(False, mp)
+    assert len(flash_calls) == 1  # the one training call after calibration
+    torch.testing.assert_close(flash[0], kernels[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flash[1], kernels[1], atol=1e-5, rtol=1e-4)
+    for a, b in zip(flash[2], kernels[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_mlp_site_forward_equals_disable_bit_for_bit():
     model, compiled = compiled_gated_mlp(24, 64, exact_forward=True)
     x = torch.randn(3, 37, 24, requires_grad=True)
