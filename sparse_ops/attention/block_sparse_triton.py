@@ -33,8 +33,10 @@ p = exp(s - lse) tile by tile instead of saving the [N, Nk] probabilities:
     serial where it matters: the sink block is listed by every query block, and on an H200 (SmolLM2
     heads, N=8192) that one program made the dk/dv kernel 7x slower than the dq kernel, so the query
     blocks are split into pieces of HEAD_BLOCKS_PER_PROGRAM / (H / Hkv). Key blocks nobody listed
-    get zeros. Under torch.use_deterministic_algorithms(True) each key block gets one program, which
-    stores its sum in k's dtype: no atomics, the same bits every run, slower on the sink block.
+    get zeros. Under torch.use_deterministic_algorithms(True), and where a key block's column is short
+    (DIRECT_UP_TO_HEAD_BLOCKS: N up to 8192 at SmolLM2's and LLaMA-7B's heads, where a later H200 run
+    of the list-reading kernel measured it no slower), each key block gets one program, which stores
+    its sum in k's dtype: no atomics, the same bits every run, slower on the sink block at long N.
 Everything in the forward and backward is sized by the shapes alone, so a call never waits for the
 device; on an H200 the PyTorch-level index building it replaces was 40 of the ~100 launches of a
 forward + backward (host time, not GPU time, was what made the op slower than FlashAttention).
@@ -463,6 +465,13 @@ def block_sparse_forward_triton(
 # Query blocks per dk/dv program, times the query heads reading one kv head: a sink block (listed by
 # every query block) spreads over many programs, and each program still amortises loading its k/v tile.
 HEAD_BLOCKS_PER_PROGRAM = 16
+# Up to this many head tiles in a key block's column (query blocks x query heads per kv head), the
+# dk/dv kernel runs one program per key block (DIRECT: no atomics, no fp32 buffers, fills or casts),
+# as under deterministic algorithms. On an H200 (gpu_check.sh, commit 9af3c06) a whole attention call
+# took the same or less time that way at every point measured, up to 384 (SmolLM2 heads 9/3 at
+# N=8192: 2.76 vs 2.71 ms; N=4096: 2.17 vs 2.45; LLaMA-7B heads at 8192: 10.03 vs 10.78) and its peak
+# memory was about half (259 vs 516 MiB at the 7B shape); longer columns keep the split, unmeasured.
+DIRECT_UP_TO_HEAD_BLOCKS = 384
 
 
 def block_sparse_backward_triton(
@@ -484,9 +493,10 @@ def block_sparse_backward_triton(
     (none for bias). No host sync, and four to six launches whatever the shapes: the zero fills of
     the fp32 dk and dv, dq over each query block's listed key blocks (computing delta on the way),
     dk/dv reading the same lists, and the casts of dk and dv to k's and v's dtype (none for fp32).
-    Under torch.use_deterministic_algorithms(True): two launches (dq, then dk/dv with one program
-    per key block writing k's and v's dtypes), every gradient the same bits on every run; slower
-    where one key block is listed by many query blocks (the sink block), as that program walks them
+    Under torch.use_deterministic_algorithms(True), and wherever a key block's column holds at most
+    DIRECT_UP_TO_HEAD_BLOCKS head tiles: two launches (dq, then dk/dv with one program per key block
+    writing k's and v's dtypes), every gradient the same bits on every run; slower where one key
+    block is listed by very many query blocks (the sink block at long N), as that program walks them
     all."""
     _check(q, k, v, block_idx, block_m, block_n)
     B, H, N, D = q.shape
@@ -494,11 +504,11 @@ def block_sparse_backward_triton(
     Mb, Lb = block_idx.shape[2], block_idx.shape[3]
     Nb = triton.cdiv(Nk, block_n)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # every row is written
-    # Under torch.use_deterministic_algorithms one dk/dv program per key block stores its rows once,
-    # in k's and v's dtypes; else dk, dv accumulate in fp32 across programs (atomic adds: the
-    # summation order may vary by run). Two buffers, not views of one: the custom op that returns them
+    # Under torch.use_deterministic_algorithms, or for short key-block columns, one dk/dv program per
+    # key block stores its rows once, in k's and v's dtypes; else dk, dv accumulate in fp32 across
+    # programs (atomic adds: the summation order may vary by run). Two buffers, not views of one: the custom op that returns them
     # may not return aliases.
-    direct = torch.are_deterministic_algorithms_enabled()
+    direct = torch.are_deterministic_algorithms_enabled() or Mb * (H // Hkv) <= DIRECT_UP_TO_HEAD_BLOCKS
     if direct:
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)

@@ -24,6 +24,16 @@ from spt_compile.sparse_ops.attention.pq import MASK_FORBIDDEN_AT_OR_BELOW
 from spt_compile.sparse_ops.attention.reference import block_sparse_attention_reference
 
 
+@pytest.fixture(autouse=True)
+def split_dkdv(monkeypatch):
+    """The cases here are small, so by default each would run the dk/dv kernel's direct mode (one
+    program per key block, DIRECT_UP_TO_HEAD_BLOCKS); these tests check the split mode (fp32 atomics
+    across programs), the deterministic tests and test_short_columns_run_direct the direct one."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+
+    monkeypatch.setattr(block_sparse_triton, "DIRECT_UP_TO_HEAD_BLOCKS", 0)
+
+
 @dataclass(frozen=True)
 class Case:
     N: int
@@ -310,3 +320,23 @@ def test_deterministic_mode_gives_each_key_block_one_program(c: Case, dtype: tor
     _, dk, dv = block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale, c.causal, bias, c.block_m,
                                              c.block_n)
     assert dk.dtype == k.dtype and dv.dtype == v.dtype
+
+
+@pytest.mark.parametrize("threshold, direct", [(None, True), (17 * 3 - 1, False)])
+def test_short_columns_run_direct(threshold, direct, monkeypatch):
+    """Without deterministic algorithms the dk/dv kernel still runs one program per key block when a
+    key block's column (query blocks x query heads per kv head) is at most DIRECT_UP_TO_HEAD_BLOCKS
+    head tiles, and splits it over programs with fp32 atomics above that; both match the reference."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+
+    monkeypatch.undo()  # the module's own threshold (the autouse fixture set 0)
+    if threshold is not None:
+        monkeypatch.setattr(block_sparse_triton, "DIRECT_UP_TO_HEAD_BLOCKS", threshold)
+    spy = _GridSpy(block_sparse_triton._bwd_dkdv_kernel)
+    monkeypatch.setattr(block_sparse_triton, "_bwd_dkdv_kernel", spy)
+    c = Case(257, 64, 64, 3, 1, True, 16, 16, "pad", 5)  # 17 query blocks x 3 heads per kv head = 51
+    q, k, v, block_idx, bias, dout = make_inputs(c, torch.bfloat16, seed=5)
+    check_case(c, q, k, v, block_idx, bias, dout, atol=3e-2, rtol=3e-2)
+    Nb = -(-c.N // c.block_n)
+    pieces = 1 if direct else -(-17 // (block_sparse_triton.HEAD_BLOCKS_PER_PROGRAM // 3))
+    assert spy.grids == [(B * c.Hkv * Nb, pieces)], spy.grids
