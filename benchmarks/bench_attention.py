@@ -210,9 +210,9 @@ def _check_deterministic(dout, q, k, v, idx, out, lse, causal, grads, tol, N) ->
 
 
 def host_profile(config: str, N: int, args, device, dtype) -> dict:
-    """One forward+backward under the profiler: wall time, GPU kernels launched and their summed time,
-    and how many operations synchronised the host with the device (set_sync_debug_mode)."""
-    import warnings
+    """One forward+backward under the profiler (gpu_profile.profile_step): wall time, GPU kernels and
+    their time, host syncs."""
+    from gpu_profile import profile_step
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(args.batch, h, N, args.head_dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -220,33 +220,7 @@ def host_profile(config: str, N: int, args, device, dtype) -> dict:
     fn = make_fn(config, args)
     for _ in range(3):
         fn(q, k, v).sum().backward()
-    sync(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn(q, k, v).sum().backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).split("\n")[0][:120] for w in caught if "synchroniz" in str(w.message)]
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    sync(device)
-    t = time.perf_counter()
-    with torch.profiler.profile(activities=acts) as prof:
-        fn(q, k, v).sum().backward()
-        sync(device)
-    wall = time.perf_counter() - t
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_us = sum(e.device_time for e in kernels) if kernels and hasattr(kernels[0], "device_time") else \
-        sum(e.cuda_time for e in kernels)
-    per_kernel: dict = {}
-    for e in kernels:
-        t = e.device_time if hasattr(e, "device_time") else e.cuda_time
-        per_kernel[e.name[:60]] = per_kernel.get(e.name[:60], 0.0) + t / 1e3
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]
-    return {"config": config, "N": N, "top_kernels_ms": {k: round(v, 4) for k, v in top},
-            "wall_ms_profiled": wall * 1e3, "gpu_kernels": len(kernels),
-            "gpu_kernel_ms": gpu_us / 1e3, "host_syncs": len(syncs), "sync_sites": syncs[:10]}
+    return {"config": config, "N": N, **profile_step(lambda: fn(q, k, v).sum().backward())}
 
 
 def main(argv=None) -> int:

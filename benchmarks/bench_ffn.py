@@ -151,7 +151,13 @@ def run_round_robin(configs: list[str], shape: str, T: int, args, device, dtype)
                 results.append({**state["row"], "error": f"{type(e).__name__}: {e}"[:300]})
     for config, state in states.items():
         if config not in failed:
-            results.append({**state["row"], "time_s": statistics.median(state["times"]), "times": state["times"]})
+            row = {**state["row"], "time_s": statistics.median(state["times"]), "times": state["times"]}
+            if getattr(args, "host_profile", False) and device.type == "cuda":
+                from gpu_profile import profile_step
+
+                row["host_profile"] = profile_step(state["step"])
+                print(f"host profile {config}: {json.dumps(row['host_profile'])}", flush=True)
+            results.append(row)
     order = {c: i for i, c in enumerate(configs)}
     return sorted(results, key=lambda r: order[r["config"]])
 
@@ -213,7 +219,7 @@ def _triton_grads(x, w, spec, mask, dy, needs):
 
 
 def _torch_grads(x, w, spec, mask, dy, needs):
-    from spt_compile.sparse_ops.routed_mlp import MlpWeights, routed_mlp_backward_saved, routed_mlp_forward
+    from spt_compile.sparse_ops.routed_mlp import routed_mlp_backward_saved, routed_mlp_forward
 
     saved: list = []
     y = routed_mlp_forward(x, w, spec, mask, saved=saved)
@@ -361,6 +367,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--host-profile", action="store_true",
+                   help="CUDA: one more step of each configuration under the profiler (kernels, GPU time, syncs)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -58,3 +58,22 @@ def test_allocation_peak_counts_what_is_alive_at_once():
         del c
     peak = allocation_peak(prof)
     assert 3 << 20 <= peak < (3 << 20) + 4096
+
+
+def test_profile_step_reports_its_fields_without_cuda():
+    """benchmarks/gpu_profile.profile_step (--host-profile of bench_attention / bench_ffn) runs the
+    step twice and returns its fields; on a CPU it counts no kernels and no syncs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from gpu_profile import profile_step
+
+    calls = []
+    x = torch.randn(8, 8, requires_grad=True)
+    got = profile_step(lambda: calls.append((x @ x).sum().backward()))
+    assert len(calls) == 2
+    assert set(got) == {"top_kernels_ms", "top_kernels_launches", "wall_ms_profiled", "gpu_kernels", "gpu_kernel_ms",
+                        "host_syncs", "sync_sites"}
+    if not torch.cuda.is_available():
+        assert got["gpu_kernels"] == 0 and got["host_syncs"] == 0 and got["wall_ms_profiled"] > 0
