@@ -32,9 +32,11 @@ if str(REPO) not in sys.path:  # run from source (the GPU machine has no install
 import spt_compile  # noqa: E402
 
 CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
-           "spt-block-triton-deterministic")
+           "spt-block-triton-deterministic", "spt-block-triton-sparse-forward")
 # *-deterministic: the config run under torch.use_deterministic_algorithms(True, warn_only=True), where the
-# Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py)
+# Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py).
+# *-sparse-forward: exact_forward off, the forward too over the selected blocks only (the kernels'
+# own speed; training calls run the exact forward by default, sparse inference the sparse one).
 
 
 class OneAttention(torch.nn.Module):
@@ -58,7 +60,7 @@ def make_fn(config: str, args):
     # attention_dense_below=0: time the sparse path at every N (by default calls under 2048 keys run exact)
     options = dict(attention_selection=selection, attention_impl=impl, density=args.density,
                    attention_block=args.block, calibration_steps=1, compiler="eager", sparse_ffn=False,
-                   attention_dense_below=0)
+                   attention_dense_below=0, exact_forward=not config.endswith("-sparse-forward"))
     return torch.compile(module, backend="spt", options=options)
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for the offline GPU machine (its own torch/triton/Python; nothing is installed): runs
 # the package from this source tree on random tensors, checks the Triton kernels against the
-# references on CUDA, and prints the attention, FFN, per-call overhead and loss tables. Steps 1-3 took 4-5
-# minutes on an H200; steps 4 and 5 are new (at most 60 s and 120 s).
+# references on CUDA, and prints the attention, FFN, per-call overhead and loss tables. All five steps
+# took about 4.5 minutes on an H200 (2026-12-04, before the sparse-forward configs and the FFN profile).
 #   bash benchmarks/gpu_check.sh        # JSON to $OUT (the device tool's folder) or benchmarks/results/
 #   bash benchmarks/gpu_check.sh 1 4    # only steps 1 and 4 (a lease too short for all five)
 # Step 5 compares Liger-Kernel when its wheel travels in the working tree: before the run,
@@ -13,17 +13,20 @@ steps=" ${*:-1 2 3 4 5} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 # 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal;
-#    also the Triton path under torch.use_deterministic_algorithms (one dk/dv program per key block).
+#    also the Triton path under torch.use_deterministic_algorithms (one dk/dv program per key block), and
+#    with the sparse forward (exact_forward off: the block-sparse kernels' own speed).
 if want 1; then
-timeout 190 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
-    --configs sdpa sdpa-inductor spt-block-triton spt-block-torch spt-block-triton-deterministic --repeats 10 \
+timeout 210 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
+    --configs sdpa sdpa-inductor spt-block-triton spt-block-torch spt-block-triton-deterministic \
+    spt-block-triton-sparse-forward --repeats 10 \
     --warmup 3 --host-profile \
     --json "$out/attention_smollm2_${gpu}.json"
 fi
 # 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal; default and deterministic dk/dv.
 if want 2; then
-timeout 80 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
-    --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton spt-block-triton-deterministic --repeats 10 \
+timeout 100 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
+    --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton spt-block-triton-deterministic \
+    spt-block-triton-sparse-forward --repeats 10 \
     --warmup 3 \
     --json "$out/attention_llama7b_${gpu}.json"
 fi
