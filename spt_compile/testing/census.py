@@ -64,6 +64,7 @@ NO_KERNEL = {
     aten.sym_storage_offset.default, aten.is_same_size.default, aten.set_.source_Storage_storage_offset,
     aten.item.default,  # its _local_scalar_dense is the sync
     aten.record_stream.default, aten.detach_.default, aten.promote_types.default, aten._fused_sdp_choice.default,
+    aten._unsafe_view.default,  # a view of a fresh tensor: metadata only
 }
 
 # Host reads the dispatcher never sees.
@@ -120,6 +121,10 @@ class Census:
     launches: int = 0
     syncs: int = 0
     ops: Counter = field(default_factory=Counter)
+    # Per launched aten op: bytes of its tensor inputs and outputs (an upper bound on the memory it
+    # moves: an indexed op may touch less of its inputs) and matmul FLOPs (op_cost).
+    traffic: Counter = field(default_factory=Counter)
+    flops: Counter = field(default_factory=Counter)
     sync_where: list = field(default_factory=list)  # (what, "file:line in function") per sync
     _modes: tuple = ()
     _active: bool = False
@@ -226,17 +231,31 @@ class _DispatchCount(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = _tensors(args, kwargs)
         host = all(_is_host(t) for t in tensors) if tensors else self.census._host_factory
-        if self.census._suspended or host:
-            pass
-        elif func in SYNC_OPS:
+        counted = not (self.census._suspended or host)
+        if counted and func in SYNC_OPS:
             self.census.note_sync(str(func.overloadpacket.__name__))
-        elif func not in NO_KERNEL and not func.is_view:
-            self.census.launches += 1
-            self.census.ops[str(func.overloadpacket.__name__)] += 1
         out = func(*args, **kwargs)
+        if counted and func not in SYNC_OPS and func not in NO_KERNEL and not func.is_view:
+            name = str(func.overloadpacket.__name__)
+            self.census.launches += 1
+            self.census.ops[name] += 1
+            moved, flops = op_cost(func, tensors, _tensors((out,), {}))
+            self.census.traffic[name] += moved
+            self.census.flops[name] += flops
         if host:
             _mark_host(out)
         return out
+
+
+def op_cost(func, inputs: list, outputs: list) -> tuple[int, int]:
+    """(bytes of the tensor inputs and outputs, matmul FLOPs) of one aten op."""
+    moved = sum(t.numel() * t.element_size() for t in (*inputs, *outputs))
+    name = func.overloadpacket.__name__
+    flops = 0
+    if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "matmul", "_grouped_mm") and outputs:
+        a = inputs[1] if name in ("addmm", "baddbmm") else inputs[0]
+        flops = 2 * outputs[0].numel() * a.shape[-1]
+    return moved, flops
 
 
 def _our_opdefs() -> list:

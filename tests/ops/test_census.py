@@ -374,3 +374,18 @@ def test_attention_with_dropout_syncs_nothing_in_steady_state(exact):
     assert again.syncs == 0, again.summary()
     if not exact:
         assert again.ops["topk"] >= 1, "block selection ran"
+
+
+def test_op_cost_counts_bytes_and_matmul_flops():
+    """Census.traffic / Census.flops per op (benchmarks/research/mlp_traffic.py prices them): bytes of
+    every tensor in and out, and 2 m n k for the matmul family, in-place and grouped forms included."""
+    from spt_compile.testing.census import op_cost
+
+    aten = torch.ops.aten
+    a, b, c = torch.randn(8, 16), torch.randn(16, 4), torch.randn(8, 4)
+    out = a @ b
+    assert op_cost(aten.mm.default, [a, b], [out]) == ((8 * 16 + 16 * 4 + 8 * 4) * 4, 2 * 8 * 4 * 16)
+    assert op_cost(aten.addmm_.default, [c, a, b], [c])[1] == 2 * 8 * 4 * 16
+    assert op_cost(aten.matmul.default, [a, b], [out])[1] == 2 * 8 * 4 * 16
+    moved, flops = op_cost(aten.mul.Tensor, [c, c], [c])
+    assert (moved, flops) == (3 * 32 * 4, 0)
