@@ -253,7 +253,7 @@ def op_cost(func, inputs: list, outputs: list) -> tuple[int, int]:
     name = func.overloadpacket.__name__
     flops = 0
     if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "matmul", "_grouped_mm") and outputs:
-        a = inputs[1] if name in ("addmm", "baddbmm") else inputs[0]
+        a = inputs[1] if name.rstrip("_") in ("addmm", "baddbmm") else inputs[0]
         flops = 2 * outputs[0].numel() * a.shape[-1]
     return moved, flops
 
