@@ -1,7 +1,7 @@
 """The semantic check every MLP match passes before it is rewritten: gate, up and down sizes that fit,
 a hidden size of at least ffn_blocks, the same tokens in and out, one dtype for the input and every
-weight (LoRA adapters in a wider dtype excepted: the rewrite casts them), and no intermediate read outside the MLP. A failure raises Reject with the reason
-explain() shows."""
+weight (LoRA adapters in a wider dtype excepted: the rewrite casts them), and no intermediate read
+outside the MLP. A failure raises Reject with the reason explain() shows."""
 
 from __future__ import annotations
 

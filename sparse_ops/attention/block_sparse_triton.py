@@ -506,8 +506,8 @@ def block_sparse_backward_triton(
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # every row is written
     # Under torch.use_deterministic_algorithms, or for short key-block columns, one dk/dv program per
     # key block stores its rows once, in k's and v's dtypes; else dk, dv accumulate in fp32 across
-    # programs (atomic adds: the summation order may vary by run). Two buffers, not views of one: the custom op that returns them
-    # may not return aliases.
+    # programs (atomic adds: the summation order may vary by run). Two buffers, not views of one: the
+    # custom op that returns them may not return aliases.
     direct = torch.are_deterministic_algorithms_enabled() or Mb * (H // Hkv) <= DIRECT_UP_TO_HEAD_BLOCKS
     if direct:
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
