@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import spt_compile  # noqa: E402,F401  (registers the backend)
 from spt_compile.testing import Census  # noqa: E402
-from spt_compile.testing.census import NO_KERNEL, op_cost  # noqa: E402
+from spt_compile.testing.census import NO_KERNEL, _tensors, op_cost  # noqa: E402
 
 BANDWIDTH, MATMUL, LAUNCH = 4.3e12, 788e12, 5e-6
 
@@ -51,9 +51,7 @@ class _DenseCount(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func not in NO_KERNEL and not func.is_view:
             name = str(func.overloadpacket.__name__)
-            flat = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
-            moved, flops = op_cost(func, flat, outs)
+            moved, flops = op_cost(func, _tensors(args, kwargs), _tensors((out,), {}))
             self.ops[name] += 1
             self.traffic[name] += moved
             self.flops[name] += flops

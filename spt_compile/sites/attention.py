@@ -66,19 +66,23 @@ def dense_attention(q, k, v, mask, is_causal: bool, scale: float, dropout_p: flo
                                               is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
-def _cpu_flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
-                       dropout_p: float) -> bool:
-    """Whether SDPA itself would run these inputs on the CPU flash kernel (its own backend choice:
-    no dropout, no empty sequence, matching head dims, ...; GQA included, the kernel reads grouped
-    key heads itself). Then the exact call runs that kernel directly and keeps its logsumexp."""
-    if q.device.type != "cpu":
-        return False
+def _sdpa_picks_flash(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+                      dropout_p: float) -> bool:
+    """Whether SDPA itself would run these inputs on its flash kernel (its own backend choice: head
+    size, alignment, dropout, empty sequences, the device and the user's torch.backends settings)."""
     try:
         choice = torch._fused_sdp_choice(query=q, key=k, value=v, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     except (RuntimeError, TypeError, AttributeError):  # a private helper: if it changes, keep the old path
         return False
     return choice == SDPBackend.FLASH_ATTENTION.value
+
+
+def _cpu_flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+                       dropout_p: float) -> bool:
+    """Whether SDPA would run these inputs on the CPU flash kernel (GQA included: the kernel reads
+    grouped key heads itself). Then the exact call runs that kernel directly and keeps its logsumexp."""
+    return q.device.type == "cpu" and _sdpa_picks_flash(q, k, v, mask, is_causal, scale, dropout_p)
 
 
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -97,17 +101,10 @@ def dense_attention_with_lse(q, k, v, mask, is_causal: bool, scale: float) -> tu
 
 def _cuda_flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
                         scale: float) -> bool:
-    """Whether the exact forward can run PyTorch's CUDA flash kernel and keep its logsumexp: no mask
-    (the kernel takes none), half precision, and SDPA's own backend choice (head size, alignment, the
-    GPU, the user's torch.backends.cuda settings)."""
-    if q.device.type != "cuda" or mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        choice = torch._fused_sdp_choice(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0,
-                                         is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    except (RuntimeError, TypeError, AttributeError):  # a private helper: if it changes, keep the Triton path
-        return False
-    return choice == SDPBackend.FLASH_ATTENTION.value
+    """Whether the exact forward can run SDPA's CUDA flash kernel and keep its logsumexp: no mask (the
+    kernel takes none), half precision, and SDPA's own choice of flash."""
+    return (q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16)
+            and _sdpa_picks_flash(q, k, v, None, is_causal, scale, 0.0))
 
 
 def cuda_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float,
@@ -124,6 +121,21 @@ def cuda_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Nk, D]
     out, lse = kernel(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
     return out, lse[..., : q.shape[2]]
+
+
+def flash_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+                   scale: float) -> Optional[tuple[Tensor, Tensor]]:
+    """The exact forward's (out, lse [B, H, N] in q's dtype promoted to fp32), contiguous, from the flash
+    kernel SDPA would run (CPU, or CUDA without a mask in half precision); None where neither applies
+    (the caller runs the block-sparse kernels over every key block)."""
+    if _cpu_flash_applies(q, k, v, mask, is_causal, scale, 0.0):
+        out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
+    elif _cuda_flash_applies(q, k, v, mask, is_causal, scale):
+        out, lse = cuda_flash_with_lse(q, k, v, is_causal, scale)
+    else:
+        return None
+    # the kernels' layouts may be transposed; the fake kernels promise contiguous ones
+    return out.contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
 
 
 @dataclass(frozen=True)
@@ -462,13 +474,9 @@ class AttentionSite(Site):
         SDPA would pick it, else the block-sparse kernels with every key block listed (density 1, exactly
         dense). Backward over selected tiles from this out and lse is the exact Jacobian masked to
         them: P = exp(s - lse) is the full softmax's, and rowsum(dO * O) the full output's."""
-        if _cpu_flash_applies(q, k, v, mask, is_causal, scale, 0.0):
-            out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
-            # the kernel's layouts may be transposed; the fake kernel promises contiguous ones
-            return out.contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
-        if _cuda_flash_applies(q, k, v, mask, is_causal, scale):
-            out, lse = cuda_flash_with_lse(q, k, v, is_causal, scale)
-            return out.contiguous(), lse.float().contiguous()
+        flash = flash_with_lse(q, k, v, mask, is_causal, scale)
+        if flash is not None:
+            return flash
         bm = bn = options.attention_block
         n_kb = block_select.n_blocks(k.shape[2], bn)
         every = torch.full((q.shape[0],), n_kb, dtype=torch.int64)

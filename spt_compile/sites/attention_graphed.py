@@ -33,7 +33,7 @@ from spt_compile.sparse_ops.attention import pq
 from spt_compile.sparse_ops.attention import select as block_select
 from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward, block_sparse_forward, resolve_impl
 
-from .attention import _cpu_flash_applies, _cuda_flash_applies, cuda_flash_with_lse, dense_attention_with_lse
+from .attention import flash_with_lse
 
 
 def list_width(Nk: int, density: float, top_l: Optional[int], block: int) -> int:
@@ -71,10 +71,9 @@ def attention_graphed(
     lists = block_select.select_blocks(q, k, scale, None, is_causal, mask, real, block, block, impl,
                                        budget_dev=budget, Lb=list_width(Nk, density, top, block))
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
-    if exact_forward and _cpu_flash_applies(q, k, v, mask, is_causal, scale, 0.0):
-        out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
-    elif exact_forward and _cuda_flash_applies(q, k, v, mask, is_causal, scale):
-        out, lse = cuda_flash_with_lse(q, k, v, is_causal, scale)
+    flash = flash_with_lse(q, k, v, mask, is_causal, scale) if exact_forward else None
+    if flash is not None:
+        out, lse = flash
     elif exact_forward:  # every key block listed: exactly dense
         n_kb = block_select.n_blocks(Nk, block)
         every = torch.arange(n_kb, dtype=torch.int32, device=q.device).expand(B, Hkv, block_select.n_blocks(N, block),
