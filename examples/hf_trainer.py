@@ -88,8 +88,11 @@ def main(argv=None) -> int:
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     sites = spt_compile.report(model)
-    print(json.dumps({"losses": losses, "sparse_sites": len(sites), "world_size": training_args.world_size,
-                      "rank": training_args.process_index}), flush=True)
+    # One write of the whole line: every rank shares stdout, and print's separate write of the newline
+    # let two ranks' lines run together (seen once in CI).
+    sys.stdout.write(json.dumps({"losses": losses, "sparse_sites": len(sites), "world_size": training_args.world_size,
+                                 "rank": training_args.process_index}) + "\n")
+    sys.stdout.flush()
     return 0
 
 
