@@ -429,11 +429,12 @@ class MlpSite(Site):
                 elif takes_torch_path(options.ffn_impl, x2, spec):
                     # exact_forward's code with every block kept, in the clustered block order when there is
                     # one: the same sums in the same order as its training calls, so disable() reproduces
-                    # their forward bit for bit.
+                    # their forward bit for bit. No pair scores: every pair is kept (evaluation calls ran
+                    # them for nothing, about a fifth of the MLP's time on this CPU).
                     perm = on_device(self.perm, x.device)
                     y, _, _, whole, counts = exact_mlp_forward(
-                        x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool), seed, saved, perm,
-                        BACKWARD_IMPORTANCE)
+                        x2, weights, spec, lambda s: torch.ones(T, nb, dtype=torch.bool, device=x.device), seed,
+                        saved, perm, None)
                     run = MlpRun(counts=tuple(counts))
                 else:
                     y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
