@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:  # run from source (the GPU machine has no install
     sys.path.insert(0, str(REPO))
 
 import spt_compile  # noqa: E402
+from spt_compile.registry import REGISTRY  # noqa: E402
 
 CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
            "spt-block-triton-deterministic", "spt-block-triton-sparse-forward")
@@ -113,6 +114,7 @@ def _run_config(config: str, N: int, args, device, dtype) -> dict:
     q, k, v = (torch.randn(B, h, N, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
                for h in (H, Hkv, Hkv))
     dout = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
+    sites_before = {id(s) for s in REGISTRY.sites}  # then the ones this config adds (the module has no weights to find them by)
     fn = make_fn(config, args)
 
     def step():
@@ -146,8 +148,12 @@ def _run_config(config: str, N: int, args, device, dtype) -> dict:
         times.append(time.perf_counter() - t)
         if device.type == "cuda" and i == 0:
             peak = torch.cuda.max_memory_allocated() - base
-    return {"config": config, "N": N, "time_s": statistics.median(times), "times": times, "saved_bytes": saved.total,
-            "peak_bytes": peak, "first_call_s": first}
+    record = {"config": config, "N": N, "time_s": statistics.median(times), "times": times,
+              "saved_bytes": saved.total, "peak_bytes": peak, "first_call_s": first}
+    if config.startswith("spt"):  # which kernels served the exact forward: "flash" is the fast one
+        record["exact_forward_kernels"] = [s.describe().get("exact_forward_kernels", {})
+                                           for s in REGISTRY.sites if s.kind == "attention" and id(s) not in sites_before]
+    return record
 
 
 def check_kernels(args, device, dtype) -> list[str]:

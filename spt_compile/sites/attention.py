@@ -102,9 +102,17 @@ def dense_attention_with_lse(q, k, v, mask, is_causal: bool, scale: float) -> tu
 def _cuda_flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
                         scale: float) -> bool:
     """Whether the exact forward can run SDPA's CUDA flash kernel and keep its logsumexp: no mask (the
-    kernel takes none), half precision, and SDPA's own choice of flash."""
-    return (q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16)
-            and _sdpa_picks_flash(q, k, v, None, is_causal, scale, 0.0))
+    kernel takes none), half precision, and flash usable for these inputs (head size, alignment, the
+    card, the user's torch.backends switches). Usable, not SDPA's first choice: on Hopper with cuDNN
+    newer than 9.15 SDPA tries cuDNN attention first (torch's sdp_utils priority order), which would
+    leave every exact forward on the block kernels."""
+    if not (q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    try:
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, is_causal, q.shape[1] != k.shape[1])
+        return bool(torch.backends.cuda.can_use_flash_attention(params))
+    except (RuntimeError, TypeError, AttributeError):  # the API changed: SDPA's own choice, as before
+        return _sdpa_picks_flash(q, k, v, None, is_causal, scale, 0.0)
 
 
 def cuda_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float,
@@ -274,9 +282,13 @@ class AttentionSite(Site):
         self.codebooks: Optional[Tensor] = None  # [Hkv, S, K, dsub] fp32
         self.key_buffer: Optional[Tensor] = None  # [Hkv, n, D] calibration samples
         self.exact_short_calls = 0  # calls that ran exact because the sequence was below attention_dense_below
+        self.exact_forward_kernels: dict[str, int] = {}  # training calls' exact forward: "flash" or "block" kernels
 
     def describe(self):
-        return {**super().describe(), "exact_short_calls": self.exact_short_calls}
+        out = {**super().describe(), "exact_short_calls": self.exact_short_calls}
+        if self.exact_forward_kernels:
+            out["exact_forward_kernels"] = dict(self.exact_forward_kernels)
+        return out
 
     # --- statistics ---------------------------------------------------------------------------
     def _sample_keys(self, k: Tensor, real: Optional[Tensor], seed: int) -> Tensor:
@@ -446,7 +458,7 @@ class AttentionSite(Site):
             bias = mask if mask is not None and mask.dtype != torch.bool else None
             # exact_forward (training calls): the exact output and its lse; the selection below decides
             # only which tiles backward computes (the exact Jacobian masked to them: see _exact_with_lse)
-            given = self._exact_with_lse(q, k, v, mask, real, options, is_causal, scale) if (
+            given = self._exact_with_lse(q, k, v, mask, real, options, is_causal, scale, plan.updates_state) if (
                 training and options.exact_forward) else None
             if options.attention_selection == "block":
                 out, lse, selection, meta, chosen = self._block_forward(q, k, v, mask, bias, real, options,
@@ -469,12 +481,16 @@ class AttentionSite(Site):
         self.end(plan, training)
         return out, lse, selection, meta
 
-    def _exact_with_lse(self, q, k, v, mask, real, options, is_causal, scale) -> tuple[Tensor, Tensor]:
+    def _exact_with_lse(self, q, k, v, mask, real, options, is_causal, scale,
+                        count: bool = False) -> tuple[Tensor, Tensor]:
         """Exact attention and its logsumexp [B, H, N] (no dropout): the CPU or CUDA flash kernel where
         SDPA would pick it, else the block-sparse kernels with every key block listed (density 1, exactly
         dense). Backward over selected tiles from this out and lse is the exact Jacobian masked to
         them: P = exp(s - lse) is the full softmax's, and rowsum(dO * O) the full output's."""
         flash = flash_with_lse(q, k, v, mask, is_causal, scale)
+        if count:  # report(): which kernels served the exact forward (the flash one is the fast one)
+            name = "block" if flash is None else "flash"
+            self.exact_forward_kernels[name] = self.exact_forward_kernels.get(name, 0) + 1
         if flash is not None:
             return flash
         bm = bn = options.attention_block

@@ -224,6 +224,9 @@ def test_cuda_flash_exact_forward_plumbing():
         x.grad = None
         y = compiled(x)
         y.pow(2).sum().backward()
+        # report() names the kernels that served the exact forward (calibration calls run dense: not counted)
+        assert [s.get("exact_forward_kernels") for s in spt_compile.report(model) if s["kind"] == "attention"] == [
+            {"flash" if patched else "block": 1}]
         return y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]
 
     with pytest.MonkeyPatch.context() as mp:
