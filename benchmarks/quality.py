@@ -795,7 +795,11 @@ def spread(records: list[dict]) -> str:
             if len(vals) > 1:
                 shown = [fmt_diff(v, rs[0][1]) if col.startswith("diff") else fmt_value(v, rs[0][1]["metric"])
                          for v in (min(vals), max(vals))]
-                lines.append(f"  {col}: {shown[0]} .. {shown[1]} over {len(vals)} seeds")
+                line = f"  {col}: {shown[0]} .. {shown[1]} over {len(vals)} seeds"
+                if col.startswith("diff"):  # the paired differences: their mean and sample spread
+                    mean, sd = statistics.fmean(vals), statistics.stdev(vals)
+                    line += f", mean {fmt_diff(mean, rs[0][1])}, sd {fmt_diff(sd, rs[0][1]).lstrip('+')}"
+                lines.append(line)
     return "\n".join(lines)
 
 
