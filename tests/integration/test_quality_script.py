@@ -224,3 +224,18 @@ def test_load_prints_the_tables_again_and_the_spread_over_seeds(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     out = run_script("--load", str(tmp_path / "bad.json"))
     assert out.returncode == 2 and "not a quality.py record" in out.stderr, out.stderr[-2000:]
+
+
+def test_load_prints_the_mean_and_spread_of_paired_differences(tmp_path):
+    """Over several seeds --load prints each paired difference's range, mean and sample sd."""
+    paths = []
+    for seed, (dense, spt) in enumerate([(0.80, 0.79), (0.82, 0.83), (0.81, 0.84)]):
+        acc = {"dense": {"untuned": {"accuracy": 0.5}, "tuned": {"accuracy": dense}},
+               "spt": {"tuned_sparse": {"accuracy": spt}, "tuned_dense": {"accuracy": spt}}}
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps({"seed": seed, "command": "c", "tasks": {"sst2": acc}}))
+    out = run_script("--load", *map(str, paths))
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.strip().startswith("diff_spt_dense:"))
+    # differences -1, +1, +3 points: mean +1.00, sd 2.00
+    assert "-1.00 pt .. +3.00 pt over 3 seeds" in line and "mean +1.00 pt" in line and "sd 2.00 pt" in line
