@@ -422,8 +422,7 @@ class MlpSite(Site):
                 collect = calibrating and plan.updates_state
                 if collect:  # the torch path, measuring each block's output norm on the way (the router's target)
                     y, _, norms, whole, counts = exact_mlp_forward(
-                        x2, weights, spec, lambda s: torch.ones_like(s, dtype=torch.bool), seed, saved, None,
-                        "block_output")
+                        x2, weights, spec, lambda s: block_mask, seed, saved, None, "block_output")
                     run = MlpRun(counts=tuple(counts))
                     self._calibrate(x2, norms, weights, spec, plan, seed, real)
                 elif takes_torch_path(options.ffn_impl, x2, spec):
@@ -433,8 +432,7 @@ class MlpSite(Site):
                     # them for nothing, about a fifth of the MLP's time on this CPU).
                     perm = on_device(self.perm, x.device)
                     y, _, _, whole, counts = exact_mlp_forward(
-                        x2, weights, spec, lambda s: torch.ones(T, nb, dtype=torch.bool, device=x.device), seed,
-                        saved, perm, None)
+                        x2, weights, spec, lambda s: block_mask, seed, saved, perm, None)
                     run = MlpRun(counts=tuple(counts))
                 else:
                     y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
