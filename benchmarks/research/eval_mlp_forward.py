@@ -6,7 +6,7 @@ Calls without gradients run the exact MLP (sparse_inference off); this times tha
 a change against an older checkout (PYTHONPATH=<worktree of the old commit> runs that one):
 
     python benchmarks/research/eval_mlp_forward.py
-    PYTHONPATH=/tmp/old python benchmarks/research/eval_mlp_forward.py
+    PYTHONPATH=<a worktree of the old commit> python benchmarks/research/eval_mlp_forward.py
 """
 
 from __future__ import annotations
