@@ -87,6 +87,13 @@ class Options:
                               "ffn_active budget if need be (with exact_forward off: in the forward too); "
                               "'first' fills the budget with their blocks first and stops there; 'off' ranks "
                               "them like the others.", True)
+    # 0.2 by measurement (docs/quality.md, "When ranking pays"): one SmolLM2 MLP + LoRA, 8 x 512 tokens,
+    # forward + backward against every block kept (benchmarks/research/mlp_rows_ab.py): 1.23x when the
+    # ranking leaves out 0.2% of the pairs (LM tuning), 1.20x at 12.5%, about even at 25%, 0.91x at 50%.
+    ffn_skip_min: float = _opt(0.2, "Under exact_forward, the backward ranks (token, block) pairs only where it "
+                               "leaves out more than this share of the real rows' pairs; else every real row "
+                               "keeps every block, which costs less than scoring and gathering (LM tuning, where "
+                               "only each sequence's last token carries no loss). In [0, 1]; 1: never rank.", True)
     sparse_inference: bool = _opt(False, "Calls without gradients (evaluation, generation) run the sparse forward: "
                                   "routed MLPs and selected keys, as in training without exact_forward. Off: they "
                                   "run exact, so evaluating through the compiled model measures the model you ship.",
@@ -180,6 +187,11 @@ def validate(o: Options) -> None:
         raise _bad("attention_block", "a power of two >= 16", o.attention_block)
     if o.ffn_loss_rows not in ("dense", "first", "off"):
         raise _bad("ffn_loss_rows", "'dense', 'first' or 'off'", o.ffn_loss_rows)
+    if not isinstance(o.ffn_skip_min, (int, float)) or isinstance(o.ffn_skip_min, bool) or not (
+        math.isfinite(o.ffn_skip_min) and 0 <= o.ffn_skip_min <= 1
+    ):
+        raise _bad("ffn_skip_min", "a float in [0, 1] (the least share of pairs a ranked backward leaves out)",
+                   o.ffn_skip_min)
     if o.pq_proxy not in ("adc", "agreement"):
         raise _bad("pq_proxy", "'adc' or 'agreement'", o.pq_proxy)
     if o.attention_impl not in IMPLS:

@@ -23,6 +23,11 @@ def main(argv=None) -> int:
     p.add_argument("config", choices=["eager", "inductor", "spt", "spt-inductor"])
     p.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-loss-last", action="store_true",
+                   help="the last token of each row carries no loss (-100), as an LM's shifted labels leave it")
+    p.add_argument("--prompt-frac", type=float, default=0.0,
+                   help="share of each row's first tokens that carry no loss, as a prompt")
+    p.add_argument("--option", action="append", default=[], help="an spt option, KEY=INT (e.g. ffn_active=2)")
     p.add_argument("--profile", action="store_true", help="print the profiler's op table of 3 more steps")
     args = p.parse_args(argv)
 
@@ -53,12 +58,15 @@ def main(argv=None) -> int:
                                                lora_dropout=0.0))
     x = torch.randn(8, 512, 576, requires_grad=True)
     labels = torch.randint(0, vocab, (8, 512))
+    if args.no_loss_last:
+        labels[:, -1] = -100
+    labels[:, : int(args.prompt_frac * labels.shape[1])] = -100
     if args.config == "eager":
         fn = model
     elif args.config == "inductor":
         fn = torch.compile(model, backend="inductor")
     else:
-        options = {"calibration_steps": 1, **({"compiler": "inductor"} if args.config == "spt-inductor" else {})}
+        options = {"calibration_steps": 1, **{k: int(v) for k, v in (o.split("=") for o in args.option)}, **({"compiler": "inductor"} if args.config == "spt-inductor" else {})}
         fn = torch.compile(model, backend="spt", options=options)
 
     def step():

@@ -116,6 +116,9 @@ class MlpSite(Site):
         self.perm: Optional[Tensor] = None  # [F] hidden units in block order (None: contiguous blocks)
         self.impls: dict[str, int] = {}  # calls per implementation that ran them (report())
         self.grouped_off: Optional[str] = None  # why ffn_impl="grouped" could not serve this layer
+        # exact_forward's training calls: how many ranked the backward's pairs, and how many kept every real
+        # row whole because ranking would leave out too little to pay (ffn_skip_min)
+        self.backward_choice = {"ranked": 0, "whole_rows": 0}
         # ffn_balance: the per-block bias subtracted from the router's scores, and the (strength,
         # active blocks) it was fitted for. Fitted lazily on the buffered tokens at the first routed call
         # that needs it, dropped whenever the router changes.
@@ -230,16 +233,26 @@ class MlpSite(Site):
             self.comp_for = key
         return self.comp
 
-    def loss_rows_only(self, options: Options, loss_rows: Optional[Tensor], real: Optional[Tensor]) -> Optional[Tensor]:
-        """The backward's mask when ffn_loss_rows="dense" leaves nothing to rank: every real row
-        carries a loss (LM tuning), so the loss rows keep every block and the others (padding) none;
-        [T, nb] bool, else None. Saves the scores' cost where they would change nothing."""
-        if options.ffn_loss_rows != "dense" or loss_rows is None or options.ffn_dense_first:
+    def whole_rows(self, options: Options, T: int, loss_rows: Optional[Tensor], real: Optional[Tensor],
+                   lead: tuple, device) -> Optional[tuple[Tensor, int]]:
+        """The backward's mask when ranking pairs would not pay, [T, nb] bool: every real row (and every row
+        that carries a loss) keeps every block; with its number of pairs. None: rank.
+        Ranking scores every pair and gathers the kept ones, which costs more than it saves unless it
+        leaves out more than ffn_skip_min of the real rows' pairs (docs/quality.md, "When ranking pays");
+        in LM tuning it would leave out only each sequence's last token, whose gradient is zero anyway.
+        Host counts only (row_counts: one sync per step, shared by every layer)."""
+        kept = self.backward_pairs(options, T, loss_rows, real, lead)
+        if kept is None:  # ffn_dense_first adds pairs that depend on the choice
             return None
-        n = row_counts(loss_rows.numel(), real, loss_rows)  # the step's one sync, shared by every layer
-        if n.real > n.loss_real:  # real rows without a loss
+        labelled = loss_rows if loss_rows is not None and loss_rows.numel() == T else None
+        n = row_counts(T, real, labelled)
+        full = n.real * self.n_blocks
+        if full - kept > options.ffn_skip_min * full:
             return None
-        return loss_rows[:, None].expand(loss_rows.numel(), self.n_blocks).clone()
+        rows = real if real is not None else torch.ones(T, dtype=torch.bool, device=device)
+        if labelled is not None:
+            rows = rows | labelled  # a padding row with a label still carries a loss
+        return rows[:, None].expand(T, self.n_blocks).clone(), (n.real + n.loss - n.loss_real) * self.n_blocks
 
     def backward_mask(self, scores: Tensor, options: Options, lead: tuple = (),
                       loss_rows: Optional[Tensor] = None, real: Optional[Tensor] = None) -> Tensor:
@@ -440,11 +453,13 @@ class MlpSite(Site):
                 perm = on_device(self.perm, x.device)
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
-                preset = self.loss_rows_only(options, rows, real)  # no pair to rank: no scores to compute
+                whole_rows = self.whole_rows(options, T, rows, real, lead, x.device)  # ranking would not pay
+                preset = None if whole_rows is None else whole_rows[0]
+                if not plan.recompute:
+                    self.backward_choice["ranked" if preset is None else "whole_rows"] += 1
                 n_pairs = None
                 if grouped:  # sized on the host, the call needs no sync
-                    n_pairs = (row_counts(T, real, rows).loss * nb if preset is not None
-                               else self.backward_pairs(options, T, rows, real, lead))
+                    n_pairs = whole_rows[1] if preset is not None else self.backward_pairs(options, T, rows, real, lead)
                 y, block_mask, _, whole, counts = exact_mlp_forward(
                     x2, weights, spec, (lambda s: preset) if preset is not None else (
                         lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
@@ -584,6 +599,8 @@ class MlpSite(Site):
             out["compensate"] = self.comp_for[0]
         if self.impls:
             out["impl"] = dict(self.impls)  # calls per implementation (dense and calibration calls: torch)
+        if any(self.backward_choice.values()):
+            out["backward"] = dict(self.backward_choice)
         if self.grouped_off:
             out["grouped_off"] = self.grouped_off  # ffn_impl="grouped" asked, the torch path served, and why
         return out

@@ -225,3 +225,55 @@ def test_sequence_classification_pooled_position(seen):
     assert len(seen["rows"]) == 4 and all(torch.equal(r, want.reshape(-1)) for r in seen["rows"])
     for m in seen["masks"]:  # position 0 of the labelled sequences keeps every block (ffn_loss_rows "dense")
         assert m[want.reshape(-1)].all()
+
+
+@pytest.mark.parametrize("labels,active,skip_min,want", [
+    ("lm", 3, 0.2, "whole"),      # every row but each sequence's last carries a loss: 1/12 of the pairs left out
+    ("lm", 3, 0.0, "ranked"),     # ffn_skip_min=0: rank whenever a pair can be left out
+    ("prompt", 2, 0.2, "ranked"),  # half of each row a prompt, 2 of 4: half the pairs left out
+    ("prompt", 3, 0.3, "whole"),   # 3 of 4 leaves out 1/4 of the pairs: not more than 0.3
+    ("all", 2, 0.0, "whole"),     # every row carries a loss: nothing to leave out, whatever ffn_skip_min
+])
+def test_whole_rows_where_ranking_leaves_out_too_little(labels, active, skip_min, want):
+    """Ranking scores and gathers; where it would leave out no more than ffn_skip_min of the real rows'
+    pairs every real row keeps every block (and so does a padding row that carries a loss)."""
+    from spt_compile.registry import SiteTemplate
+
+    options = make_options({"ffn_blocks": 4, "ffn_active": active, "ffn_skip_min": skip_min})
+    site = mlp_site.MlpSite(SiteTemplate("mlp", 0, "test", options, (8,)), None)
+    rows = torch.ones(2, 12, dtype=torch.bool)
+    if labels == "lm":
+        rows[:, -1] = False
+    elif labels == "prompt":
+        rows[:, :6] = False
+    real = torch.ones(2, 12, dtype=torch.bool)
+    real[1, 10:] = False  # padding
+    rows[1, 10] = labels == "all"  # a padding row with a label, in the "all" case
+    got = site.whole_rows(options, 24, rows.view(-1), real.view(-1), (2, 12), torch.device("cpu"))
+    assert (got is None) == (want == "ranked")
+    if got is not None:
+        mask, n_pairs = got
+        keep = (real | rows).view(-1)
+        assert torch.equal(mask, keep[:, None].expand(24, 4)) and n_pairs == 4 * int(keep.sum())
+
+
+def test_lm_tuning_backward_is_whole_and_dense(seen):
+    """A shifted LM loss at the defaults' 3 of 4 blocks: only each sequence's last position carries no
+    loss, so ranking would leave out too little: no pair is scored, every row keeps every block, and
+    the gradients are dense LoRA's (the last position's gradient is zero anyway)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 53, (2, 12), generator=torch.Generator().manual_seed(3))
+    model = TinyLM(shifted=True)
+    eager = TinyLM(shifted=True)
+    eager.load_state_dict(model.state_dict())
+    _train(model, ids, ids, steps=3, ffn_active=3)
+    assert seen["rows"] and not seen["masks"]  # rows arrived; backward_mask never ran
+    (mlp,) = [s for s in spt_compile.report(model) if s["kind"] == "mlp"][:1]
+    assert mlp["backward"] == {"ranked": 0, "whole_rows": 2}, mlp  # 3 calls, the first one calibrates
+    for p in model.parameters():
+        p.grad = None
+    compiled = torch.compile(model, backend="spt", options={**OPTIONS, "ffn_active": 3})
+    compiled(ids, ids).backward()
+    eager(ids, ids).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

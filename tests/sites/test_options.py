@@ -19,7 +19,8 @@ from toy_models import GatedMLP
     ("sparse_attention", "yes"), ("attention_selection", "tokens"), ("attention_block", 48),
     ("attention_block", 8), ("attention_impl", "cuda"), ("pq_proxy", "cosine"), ("ffn_cluster", 1),
     ("ffn_impl", "cuda"), ("ffn_impl", None), ("ffn_balance", -0.5), ("ffn_balance", 2.0),
-    ("chunked_loss", "yes"), ("loss_chunk", 0), ("loss_chunk", 2.0),
+    ("chunked_loss", "yes"), ("loss_chunk", 0), ("loss_chunk", 2.0), ("ffn_skip_min", -0.1),
+    ("ffn_skip_min", 1.5), ("ffn_skip_min", float("nan")), ("ffn_skip_min", True),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(SptOptionError, match=f"'{name}'"):
