@@ -78,7 +78,8 @@ def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optio
         return None
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + stream) % (2**63 - 1))
-    return (torch.rand(shape, generator=gen, device=device) >= p).to(dtype) / (1.0 - p)
+    keep = torch.rand(shape, generator=gen, device=device).ge_(p).div_(1.0 - p)  # in place: no temporaries
+    return keep if keep.dtype == dtype else keep.to(dtype)
 
 
 def _lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
