@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Whole SmolLM2 + LoRA fine-tuning steps, dense and spt, alternating step by step in ONE process.
+
+bench_finetune.py runs each configuration in its own process, one after another, so a slow spell of
+this shared 2-core machine (step times move by up to 25% between runs) lands on whichever ran then.
+Here the same PEFT model is stepped eagerly (SDPA), through Inductor and through backend="spt" in turn,
+round after round, and each configuration's median is taken over the rounds: a drift hits all alike.
+The model, LoRA and batch are bench_finetune.py's (random tokens, labels = inputs, LM tuning).
+
+    python benchmarks/research/step_ab.py --seq 512 --batch 8 --rounds 3 \\
+        --json benchmarks/research/results/step_ab_cpu_512x8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent.parent))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--layers", type=int, default=0, help="truncate SmolLM2 (0: all 30 layers)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds, each one step of every configuration")
+    p.add_argument("--configs", nargs="+", default=["eager", "inductor", "spt"],
+                   choices=["eager", "inductor", "spt"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    import peft
+    import torch
+
+    import spt_compile
+    from bench_finetune import load_model
+    from spt_compile.options import make_options
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(load_model(args.layers, "sdpa"), peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+    runs = {"eager": model}
+    if "inductor" in args.configs:
+        runs["inductor"] = torch.compile(model)
+    if "spt" in args.configs:
+        runs["spt"] = torch.compile(model, backend="spt")
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=0.0)  # the weights stay put
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+
+    def step(name):
+        t0 = time.perf_counter()
+        runs[name](input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for name in args.configs:  # compile, spt's calibration, one warm-up
+        for _ in range(2 + (make_options({}).calibration_steps if name == "spt" else 0)):
+            step(name)
+    times = {name: [] for name in args.configs}
+    for r in range(args.rounds):
+        for name in args.configs:
+            times[name].append(step(name))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in args.configs), flush=True)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    best = min(med[n] for n in ("eager", "inductor") if n in med) if {"eager", "inductor"} & set(med) else None
+    for n in args.configs:
+        print(f"{n:9s} median {med[n]:6.2f} s" + (f"  {med[n] / best:.3f}x of the best dense" if best else ""))
+    if "spt" in runs:
+        print("spt runs:", {s["name"]: s.get("backward") for s in spt_compile.report(model) if s["kind"] == "mlp"}
+              .popitem())
+    if args.json:
+        args.json.write_text(json.dumps({
+            "seq": args.seq, "batch": args.batch, "layers": model.config.num_hidden_layers, "threads": args.threads,
+            "rounds": args.rounds, "step_times_s": times, "median_s": med, "torch": torch.__version__}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
