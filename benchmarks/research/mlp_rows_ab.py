@@ -17,7 +17,10 @@ import argparse
 import json
 import statistics
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DEFAULT_VARIANTS = [
     "all-loss:0:0:",                 # every row a loss row: every block, no scores
@@ -40,32 +43,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
 
     import spt_compile
+    from mlp_step_lm import mlp_block
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, hidden_act="silu")
-    vocab = 64  # a small head: the MLP dominates the step
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = LlamaMLP(cfg)
-            self.head = torch.nn.Linear(576, vocab, bias=False)
-
-        def forward(self, x, labels):
-            y = x + self.mlp(x)
-            return F.cross_entropy(self.head(y).view(-1, vocab), labels.view(-1))
-
-    model = get_peft_model(Block(), LoraConfig(r=16, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"],
-                                               lora_dropout=0.0))
+    model, x, vocab = mlp_block()
     fn = torch.compile(model, backend="spt", options={"calibration_steps": 1})
-    x = torch.randn(8, 512, 576, requires_grad=True)
     base = torch.randint(0, vocab, (8, 512))
     variants = []
     for spec in args.variant or DEFAULT_VARIANTS:

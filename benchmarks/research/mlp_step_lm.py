@@ -18,28 +18,15 @@ import statistics
 import time
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", choices=["eager", "inductor", "spt", "spt-inductor"])
-    p.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-loss-last", action="store_true",
-                   help="the last token of each row carries no loss (-100), as an LM's shifted labels leave it")
-    p.add_argument("--prompt-frac", type=float, default=0.0,
-                   help="share of each row's first tokens that carry no loss, as a prompt")
-    p.add_argument("--option", action="append", default=[], help="an spt option, KEY=INT (e.g. ffn_active=2)")
-    p.add_argument("--profile", action="store_true", help="print the profiler's op table of 3 more steps")
-    args = p.parse_args(argv)
-
+def mlp_block():
+    """(PEFT model, x [8, 512, 576], vocab): SmolLM2's MLP with LoRA on gate/up/down (no dropout), a residual
+    and a small-vocabulary LM head whose cross-entropy takes (x, labels); seeded."""
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    import spt_compile
-
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, hidden_act="silu")
     vocab = 64  # a small head: the MLP dominates the step
@@ -56,7 +43,28 @@ def main(argv=None) -> int:
 
     model = get_peft_model(Block(), LoraConfig(r=16, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"],
                                                lora_dropout=0.0))
-    x = torch.randn(8, 512, 576, requires_grad=True)
+    return model, torch.randn(8, 512, 576, requires_grad=True), vocab
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", choices=["eager", "inductor", "spt", "spt-inductor"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-loss-last", action="store_true",
+                   help="the last token of each row carries no loss (-100), as an LM's shifted labels leave it")
+    p.add_argument("--prompt-frac", type=float, default=0.0,
+                   help="share of each row's first tokens that carry no loss, as a prompt")
+    p.add_argument("--option", action="append", default=[], help="an spt option, KEY=INT (e.g. ffn_active=2)")
+    p.add_argument("--profile", action="store_true", help="print the profiler's op table of 3 more steps")
+    args = p.parse_args(argv)
+
+    import torch
+
+    import spt_compile
+
+    torch.set_num_threads(args.threads)
+    model, x, vocab = mlp_block()
     labels = torch.randint(0, vocab, (8, 512))
     if args.no_loss_last:
         labels[:, -1] = -100
