@@ -119,6 +119,7 @@ class MlpSite(Site):
         # exact_forward's training calls: how many ranked the backward's pairs, and how many kept every real
         # row whole because ranking would leave out too little to pay (ffn_skip_min)
         self.backward_choice = {"ranked": 0, "whole_rows": 0}
+        self.backward_why = ""  # the last such call's choice and its reason
         # ffn_balance: the per-block bias subtracted from the router's scores, and the (strength,
         # active blocks) it was fitted for. Fitted lazily on the buffered tokens at the first routed call
         # that needs it, dropped whenever the router changes.
@@ -233,22 +234,30 @@ class MlpSite(Site):
             self.comp_for = key
         return self.comp
 
+    def backward_skipped(self, options: Options, T: int, loss_rows: Optional[Tensor], real: Optional[Tensor],
+                         lead: tuple) -> Optional[float]:
+        """The share of the real rows' (token, block) pairs exact_forward's ranked backward would leave out
+        (host counts: row_counts, one sync per step shared by every layer); None where ffn_dense_first
+        makes it depend on the choice."""
+        kept = self.backward_pairs(options, T, loss_rows, real, lead)
+        if kept is None:
+            return None
+        labelled = loss_rows if loss_rows is not None and loss_rows.numel() == T else None
+        full = row_counts(T, real, labelled).real * self.n_blocks
+        return max(0.0, (full - kept) / full) if full else 0.0
+
     def whole_rows(self, options: Options, T: int, loss_rows: Optional[Tensor], real: Optional[Tensor],
-                   lead: tuple, device) -> Optional[tuple[Tensor, int]]:
+                   device, skipped: Optional[float]) -> Optional[tuple[Tensor, int]]:
         """The backward's mask when ranking pairs would not pay, [T, nb] bool: every real row (and every row
         that carries a loss) keeps every block; with its number of pairs. None: rank.
         Ranking scores every pair and gathers the kept ones, which costs more than it saves unless it
-        leaves out more than ffn_skip_min of the real rows' pairs (docs/quality.md, "When ranking pays");
-        in LM tuning it would leave out only each sequence's last token, whose gradient is zero anyway.
-        Host counts only (row_counts: one sync per step, shared by every layer)."""
-        kept = self.backward_pairs(options, T, loss_rows, real, lead)
-        if kept is None:  # ffn_dense_first adds pairs that depend on the choice
+        leaves out more than ffn_skip_min of the real rows' pairs (`skipped`, backward_skipped;
+        docs/quality.md, "When ranking pays"); in LM tuning it would leave out only each sequence's last
+        token, whose gradient is zero anyway."""
+        if skipped is None or skipped > options.ffn_skip_min:
             return None
         labelled = loss_rows if loss_rows is not None and loss_rows.numel() == T else None
         n = row_counts(T, real, labelled)
-        full = n.real * self.n_blocks
-        if full - kept > options.ffn_skip_min * full:
-            return None
         rows = real if real is not None else torch.ones(T, dtype=torch.bool, device=device)
         if labelled is not None:
             rows = rows | labelled  # a padding row with a label still carries a loss
@@ -453,10 +462,16 @@ class MlpSite(Site):
                 perm = on_device(self.perm, x.device)
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
-                whole_rows = self.whole_rows(options, T, rows, real, lead, x.device)  # ranking would not pay
+                skipped = self.backward_skipped(options, T, rows, real, lead)
+                whole_rows = self.whole_rows(options, T, rows, real, x.device, skipped)  # ranking would not pay
                 preset = None if whole_rows is None else whole_rows[0]
                 if not plan.recompute:
                     self.backward_choice["ranked" if preset is None else "whole_rows"] += 1
+                    self.backward_why = (
+                        "ranked: ffn_dense_first" if skipped is None else
+                        f"ranked: leaves out {skipped:.1%} of the real rows' (token, block) pairs" if preset is None
+                        else f"whole rows: ranking would leave out {skipped:.1%} of the real rows' pairs, "
+                             f"not more than ffn_skip_min={options.ffn_skip_min:g}")
                 n_pairs = None
                 if grouped:  # sized on the host, the call needs no sync
                     n_pairs = whole_rows[1] if preset is not None else self.backward_pairs(options, T, rows, real, lead)
@@ -601,6 +616,7 @@ class MlpSite(Site):
             out["impl"] = dict(self.impls)  # calls per implementation (dense and calibration calls: torch)
         if any(self.backward_choice.values()):
             out["backward"] = dict(self.backward_choice)
+            out["backward_why"] = self.backward_why
         if self.grouped_off:
             out["grouped_off"] = self.grouped_off  # ffn_impl="grouped" asked, the torch path served, and why
         return out

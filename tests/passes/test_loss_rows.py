@@ -249,7 +249,8 @@ def test_whole_rows_where_ranking_leaves_out_too_little(labels, active, skip_min
     real = torch.ones(2, 12, dtype=torch.bool)
     real[1, 10:] = False  # padding
     rows[1, 10] = labels == "all"  # a padding row with a label, in the "all" case
-    got = site.whole_rows(options, 24, rows.view(-1), real.view(-1), (2, 12), torch.device("cpu"))
+    skipped = site.backward_skipped(options, 24, rows.view(-1), real.view(-1), (2, 12))
+    got = site.whole_rows(options, 24, rows.view(-1), real.view(-1), torch.device("cpu"), skipped)
     assert (got is None) == (want == "ranked")
     if got is not None:
         mask, n_pairs = got
@@ -270,6 +271,8 @@ def test_lm_tuning_backward_is_whole_and_dense(seen):
     assert seen["rows"] and not seen["masks"]  # rows arrived; backward_mask never ran
     (mlp,) = [s for s in spt_compile.report(model) if s["kind"] == "mlp"][:1]
     assert mlp["backward"] == {"ranked": 0, "whole_rows": 2}, mlp  # 3 calls, the first one calibrates
+    # 24 rows, none padding, 2 without a loss: ranking would leave out their 8 of the 96 pairs
+    assert mlp["backward_why"].startswith("whole rows: ranking would leave out 8.3%"), mlp
     for p in model.parameters():
         p.grad = None
     compiled = torch.compile(model, backend="spt", options={**OPTIONS, "ffn_active": 3})
