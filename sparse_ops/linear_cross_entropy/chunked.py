@@ -200,6 +200,14 @@ def linear_cross_entropy_forward(
             *(h.new_empty(0) if g is None else g for g in grads))  # outputs may not alias: one empty each
 
 
+def _any_nonzero(t: Tensor) -> bool:
+    """Whether t has an element other than zero (NaN counts). One reading pass and no [T, V]
+    temporary: Tensor.any() on floats first converts the whole tensor to bool (at 4096 x 49152 fp32,
+    0.13 s against 0.03 s for this)."""
+    lo, hi = torch.aminmax(t)
+    return bool((lo != 0) | (hi != 0))
+
+
 def linear_cross_entropy_backward(
     dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
     lse: Tensor, unit: list[Tensor], ignore_index: int, reduction: str, label_smoothing: float, chunk: int,
@@ -220,7 +228,7 @@ def linear_cross_entropy_backward(
             if buf is not None:
                 buf += u.float() * (f if buf is dh else dloss.float())
         # AOTAutograd hands zeros to a returned output nobody differentiated: skip their GEMMs
-        if dl2 is not None and bool(dl2.any()):
+        if dl2 is not None and _any_nonzero(dl2):
             for r0 in range(0, T, chunk):
                 r1 = min(T, r0 + chunk)
                 _backprop_chunk(dl2[r0:r1].float(), h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)

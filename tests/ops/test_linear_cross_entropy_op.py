@@ -168,3 +168,31 @@ def test_only_the_logits_differentiated():
     (torch.nn.functional.linear(h, W, b) * g).sum().backward()
     for x, t in zip(got, (h, W, b)):
         torch.testing.assert_close(x, t.grad)
+
+
+@pytest.mark.parametrize("value", [-3.0, 2.0, float("nan")], ids=["negative", "positive", "nan"])
+def test_a_single_nonzero_logit_gradient_is_not_skipped(value):
+    """Grads in forward skip the logits' GEMMs only when their gradient is all zero (AOTAutograd's
+    tangent for logits nobody differentiated); one element of either sign, or a NaN, must reach h."""
+    h, W, b, labels = make((2, 9), 16, 53, torch.float32, bias=True)
+    logits_grad = torch.zeros(2, 9, 53)
+    logits_grad[1, 4, 17] = value
+    want = grads_of(linear_cross_entropy_reference, h, W, b, labels, torch.tensor(1.0), logits_grad, return_logits=True)
+    got = grads_of(linear_cross_entropy, h, W, b, labels, torch.tensor(1.0), logits_grad, chunk=5, return_logits=True,
+                   precompute=True)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+def test_any_nonzero():
+    from spt_compile.sparse_ops.linear_cross_entropy.chunked import _any_nonzero
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.zeros(7, 13, dtype=dtype)
+        assert not _any_nonzero(t)
+        t[3, 5] = -0.0
+        assert not _any_nonzero(t)
+        for v in (1e-30 if dtype == torch.float32 else 1e-3, -2.0, float("nan"), float("-inf")):
+            u = t.clone()
+            u[6, 12] = v
+            assert _any_nonzero(u), (dtype, v)
