@@ -18,8 +18,8 @@ import statistics
 import time
 
 
-def mlp_block():
-    """(PEFT model, x [8, 512, 576], vocab): SmolLM2's MLP with LoRA on gate/up/down (no dropout), a residual
+def mlp_block(lora_dropout: float = 0.0):
+    """(PEFT model, x [8, 512, 576], vocab): SmolLM2's MLP with LoRA on gate/up/down, a residual
     and a small-vocabulary LM head whose cross-entropy takes (x, labels); seeded."""
     import torch
     import torch.nn.functional as F
@@ -42,7 +42,7 @@ def mlp_block():
             return F.cross_entropy(self.head(y).view(-1, vocab), labels.view(-1))
 
     model = get_peft_model(Block(), LoraConfig(r=16, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"],
-                                               lora_dropout=0.0))
+                                               lora_dropout=lora_dropout))
     return model, torch.randn(8, 512, 576, requires_grad=True), vocab
 
 

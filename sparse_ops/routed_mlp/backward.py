@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .blocks import (
     _BlockOrderWeights, _LoraColumns, _activation_vjp, _block_forward, _input_projections,
-    _lora_columns, _lora_input_scales, _merges_out_lora, _out_keep, _routed_blocks, _rows,
+    _lora_columns, _merges_out_lora, _routed_blocks, _rows,
 )
+from .dropout import lora_input_scales, out_keep
 from .compensation import compensation_input_grad
 from .spec import MlpSpec, MlpWeights, _block_weights, _slot_slice
 
@@ -66,7 +67,7 @@ def routed_mlp_backward(
     """Gradients of routed_mlp_forward: (dx, grads per slot). `needs` holds a bool per slot;
     slots not needed (or absent) get None. Each block's intermediates are recomputed here."""
     out = _Grads(x, w, spec, needs_x, needs)
-    keep_in, keep_gate = _lora_input_scales(x, spec, seed)
+    keep_in, keep_gate = lora_input_scales(x, spec, seed)
     for b, lo, hi, tok, every in _routed_blocks(block_mask, spec):
         n = tok.numel()
         xb, k_in, k_gate = _rows(x, tok, every), _rows(keep_in, tok, every), _rows(keep_gate, tok, every)
@@ -80,7 +81,7 @@ def routed_mlp_backward(
             slots = wb._replace(**dict(zip(wanted, primals[int(needs_x):])))
             lx_in = xv if k_in is None else xv * k_in
             lx_gate = xv if k_gate is None else xv * k_gate
-            return _block_forward(xv, lx_in, lx_gate, slots, spec, _out_keep(n, lo, hi, spec, seed, b, x))
+            return _block_forward(xv, lx_in, lx_gate, slots, spec, out_keep(n, lo, hi, spec, seed, b, x))
 
         primals = ([xb] if needs_x else []) + [getattr(wb, s) for s in wanted]
         if not primals:
@@ -132,7 +133,7 @@ def routed_mlp_backward_saved(
     cols = _lora_columns(d_in, w, spec)
     n_t = T * (cols.K - d_in)
     t = saved[n_pre : n_pre + n_t].view(T, cols.K - d_in) if cols.K > d_in else None  # [T, K - d_in]
-    keep_in, keep_gate = _lora_input_scales(x, spec, seed)
+    keep_in, keep_gate = lora_input_scales(x, spec, seed)
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
     t_out = saved[n_pre + n_t :].view(T, r_out) if r_out else None  # [T, r]: sum over blocks of h A_out_b^T
     merged = _merges_out_lora(w, spec)
@@ -172,7 +173,7 @@ def routed_mlp_backward_saved(
         if "out_w" in wanted:
             block_grads["out_w"] = dyb.t() @ h if spec.out_layout == "oi" else h.t() @ dyb
         if r_out:
-            keep = None if merged else _out_keep(T if exact_forward else n, lo, hi, spec, seed, b, x)
+            keep = None if merged else out_keep(T if exact_forward else n, lo, hi, spec, seed, b, x)
             if keep is not None and exact_forward and not every:
                 keep = keep.index_select(0, tok)  # the exact forward drew it for every token
             dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out.index_select(0, tok))  # [Tb, r]

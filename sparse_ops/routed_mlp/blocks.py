@@ -1,5 +1,5 @@
 """Per-block pieces of the routed MLP's PyTorch path: projections with LoRA, activations and their
-vector-Jacobian products, replayable dropout, token routing, and the block-ordered weights with the
+vector-Jacobian products, token routing, and the block-ordered weights with the
 LoRA factors inside the block GEMMs."""
 
 from __future__ import annotations
@@ -70,27 +70,6 @@ def unit_importance(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Tensor:
     h = _hidden(x, x, x, w, spec).float()
     col_norm = w.out_w.float().norm(dim=0 if spec.out_layout == "oi" else 1)  # [F]
     return h.abs() * col_norm
-
-
-def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optional[Tensor]:
-    """Inverted-dropout scale (0 or 1/(1-p)), reproducible from (seed, stream) in backward."""
-    if p <= 0.0:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + stream) % (2**63 - 1))
-    keep = torch.rand(shape, generator=gen, device=device).ge_(p).div_(1.0 - p)  # in place: no temporaries
-    return keep if keep.dtype == dtype else keep.to(dtype)
-
-
-def _lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """LoRA dropout on x for the in and gate projections (independent masks, as PEFT's modules)."""
-    keep_in = _keep_scale(x.shape, spec.in_dropout, seed, 1, x.device, x.dtype)
-    keep_gate = _keep_scale(x.shape, spec.gate_dropout, seed, 2, x.device, x.dtype) if spec.gated else None
-    return keep_in, keep_gate
-
-
-def _out_keep(n_tokens: int, lo: int, hi: int, spec: MlpSpec, seed: int, block: int, x: Tensor):
-    return _keep_scale((n_tokens, hi - lo), spec.out_dropout, seed, 16 + block, x.device, x.dtype)
 
 
 def route_tokens(block_mask: Tensor, counts: Optional[list[int]] = None) -> tuple[Tensor, list[int]]:

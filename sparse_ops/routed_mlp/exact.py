@@ -11,9 +11,9 @@ from torch import Tensor
 
 from .blocks import (
     _BlockOrderWeights, _activation_vjp, _block_pre, _input_projections, _lora_columns,
-    _lora_input_scales, _lora_inputs, _merges_out_lora, _out_keep, _routed_blocks, _take,
-    _with_lora_inputs,
+    _lora_inputs, _merges_out_lora, _routed_blocks, _take, _with_lora_inputs,
 )
+from .dropout import lora_input_scales, out_keep
 from .grouped import pair_rows, routed_pairs
 from .spec import MlpSpec, MlpWeights, _slot_slice, block_bounds, out_features
 
@@ -79,7 +79,7 @@ def exact_mlp_forward(
     projections = _input_projections(spec)
     cols = _lora_columns(d_in, w, spec)
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
-    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed))  # [T, K - d_in] or None
+    t = _lora_inputs(x, w, spec, cols, *lora_input_scales(x, spec, seed))  # [T, K - d_in] or None
     X = _with_lora_inputs(x, t, cols)  # [T, K]
     merged = _merges_out_lora(w, spec)
     bw = _BlockOrderWeights(w, spec, cols, perm, merged)
@@ -94,7 +94,7 @@ def exact_mlp_forward(
     h = a * pre[1] if spec.gated else a  # [T, F]
     Y = F.linear(h, bw.out)  # [T, d_out (+ r)]: y without the out LoRA | h A_out^T (merged)
     if r_out and not merged:  # the out LoRA's dropout, drawn per block as routed_mlp_forward draws it
-        keep = torch.cat([_out_keep(T, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+        keep = torch.cat([out_keep(T, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
         Y = torch.cat([Y, F.linear(h * keep, bw.out_a)], 1)
     scores = None if importance is None else torch.empty(T, nb, dtype=torch.float32, device=x.device)
     if importance is None:

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .blocks import (
     _BlockOrderWeights, _activate, _block_forward, _block_pre, _input_projections, _lora_columns,
-    _lora_input_scales, _lora_inputs, _merges_out_lora, _out_keep, _routed_blocks, _with_lora_inputs,
+    _lora_inputs, _merges_out_lora, _routed_blocks, _with_lora_inputs,
 )
+from .dropout import lora_input_scales, out_keep
 from .compensation import compensation
 from .spec import MlpSpec, MlpWeights, _block_weights, block_bounds, out_features
 
@@ -50,7 +51,7 @@ def routed_mlp_forward(
         flat = x.new_empty(n_pre + n_t + T * r_out)
         t = flat[n_pre : n_pre + n_t].view(T, cols.K - x.shape[1])
         t_out = flat[n_pre + n_t :].view(T, r_out)
-    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed), out=t)
+    t = _lora_inputs(x, w, spec, cols, *lora_input_scales(x, spec, seed), out=t)
     X = _with_lora_inputs(x, t, cols)  # [T, K]
     merged = _merges_out_lora(w, spec)
     bw = _BlockOrderWeights(w, spec, cols, perm, merged)
@@ -74,7 +75,7 @@ def routed_mlp_forward(
         h = _activate(tuple(pre), spec)  # [Tb, Fb]
         yb = F.linear(h, bw.out_block(lo, hi))  # [Tb, d_out (+ r)]
         if r_out and not merged:
-            keep = _out_keep(n, lo, hi, spec, seed, b, x)
+            keep = out_keep(n, lo, hi, spec, seed, b, x)
             yb = torch.cat([yb, F.linear(h if keep is None else h * keep, bw.out_a_block(lo, hi))], 1)
         if block_norms is not None:
             own = yb[:, :d_out]

@@ -29,10 +29,11 @@ from torch import Tensor
 
 from .backward import _Grads, _input_lora_backward
 from .blocks import (
-    _BlockOrderWeights, _activate, _activation_vjp, _input_projections, _lora_columns, _lora_input_scales,
-    _lora_inputs, _with_lora_inputs,
+    _BlockOrderWeights, _activate, _activation_vjp, _input_projections, _lora_columns, _lora_inputs,
+    _with_lora_inputs,
 )
 from .compensation import compensation, compensation_input_grad
+from .dropout import lora_input_scales
 from .spec import MlpSpec, MlpWeights, out_features
 
 # torch._grouped_mm wants every stride but the unit one to be a multiple of 16 bytes
@@ -179,7 +180,7 @@ def grouped_backward_saved(
     out.add_block(None, pairs.tokens, False, block_grads, 0, F, bw.units(0, F))
     if wants_dX:
         dX.index_add_(0, pairs.tokens, dXs.to(out.acc))
-        keep_in, keep_gate = _lora_input_scales(x, spec, seed)
+        keep_in, keep_gate = lora_input_scales(x, spec, seed)
         _input_lora_backward(dX, x, w, spec, cols, keep_in, keep_gate, out, wanted)
     if "out_bb" in wanted:
         out.grads["out_bb"] += (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale
@@ -209,7 +210,7 @@ def grouped_routed_forward(
     pairs = routed_pairs(block_mask, S)
     cols = _lora_columns(d_in, w, spec)
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
-    t = _lora_inputs(x, w, spec, cols, *_lora_input_scales(x, spec, seed))  # [T, K - d_in] or None
+    t = _lora_inputs(x, w, spec, cols, *lora_input_scales(x, spec, seed))  # [T, K - d_in] or None
     Xs = _with_lora_inputs(x, t, cols).index_select(0, pairs.tokens)  # [S, K]
     bw = _BlockOrderWeights(w, spec, cols, perm, merged=bool(r_out))
     pre = []
