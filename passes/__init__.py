@@ -9,7 +9,7 @@ first (float_inputs.py); report.floats lists them, and the caller must guard on 
 attention/, mlp/ and loss.py each hold their pattern family: parsers for the forms, a semantic
 check, and the rewrite to one spt:: op per site (attention/ and mlp/ are packages: forms, checks,
 rewrite, and run() in the __init__, which maps the modules; loss.py: the LM head + cross-entropy,
-chunked).
+chunked). dropout.py, last: the training-mode dropouts the sites did not take in get 16-bit masks.
 Higher-order-op bodies (activation checkpointing puts each layer into a tag_activation_checkpoint
 subgraph) are rewritten too. Last, unmatched.py reports every attention- or MLP-like chain the
 passes neither rewrote nor reported (a form no parser recognises, or one inside a higher-order-op
@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 
 from spt_compile.options import Options
 
-from . import attention, loss, loss_rows, mlp, real_rows, unmatched
+from . import attention, dropout, loss, loss_rows, mlp, real_rows, unmatched
 from .float_inputs import copy_graph_module, float_inputs, specialize
 from .fx_utils import op
 from .report import GraphReport, SiteReport
@@ -62,6 +62,7 @@ def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool
     attention.run(gm, options, report, apply, ordinals, seen.nodes, graphed)
     mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph), seen.nodes)
     loss.run(gm, options, report, apply, ordinals)
+    dropout.run(gm, options, report, apply)  # the dropouts the sites did not take in: 16-bit masks
     if apply:
         gm.graph.lint()
         gm.recompile()

@@ -33,6 +33,7 @@ class GraphReport:
     floats: list = field(default_factory=list)  # FloatInputs read as constants (float_inputs.py)
     loss_rows: str = ""  # where the MLP sites' loss-row mask comes from, or why there is none (loss_rows.py)
     order: int = 0  # compile order in this process (spt_compile.compile_reports)
+    dropouts: list[str] = field(default_factory=list)  # the F.dropout nodes spt::dropout replaced (dropout.py)
 
     def rewritten(self, kind: Optional[str] = None) -> list[SiteReport]:
         return [s for s in self.sites if s.status == "rewritten" and (kind is None or s.kind == kind)]
@@ -45,6 +46,8 @@ class GraphReport:
         n_loss, left = len(self.rewritten("loss")), len(self.dense())
         text = (f"{n_att} attention and {n_mlp} MLP sites rewritten, {n_loss} chunked loss, "
                 f"{left} candidates left dense")
+        if self.dropouts:
+            text += f", {len(self.dropouts)} dropouts with 16-bit masks"
         if self.floats:
             text += (f"; {len(self.floats)} module float attribute(s) that Dynamo passed as graph inputs read "
                      "as constants, checked on every call")

@@ -28,6 +28,7 @@ class ExplainReport:
     sites: list[SiteReport] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # the options in effect that differ from the defaults
     not_traced: list[str] = field(default_factory=list)  # regions Dynamo ran eagerly, with its reason
+    dropouts: int = 0  # training-mode dropouts that get 16-bit masks (passes/dropout.py)
 
     def rewritten(self, kind=None) -> list[SiteReport]:
         return [s for s in self.sites if s.status == "rewritten" and kind in (None, s.kind)]
@@ -41,6 +42,7 @@ class ExplainReport:
                  + ("; options: " + ", ".join(f"{k}={v}" for k, v in self.options.items()) if self.options else ""),
                  f"  rewritten: {len(self.rewritten('attention'))} attention, {len(self.rewritten('mlp'))} MLP"
                  + (f", {len(self.rewritten('loss'))} chunked loss" if any(s.kind == "loss" for s in self.sites) else "")
+                 + (f", {self.dropouts} dropout (16-bit masks)" if self.dropouts else "")
                  + "; "
                  f"left dense: {len(self.dense())}"
                  + (f"; regions not traced: {len(self.not_traced)}" if self.not_traced else "")]
@@ -60,7 +62,9 @@ def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
 
     def recording_backend(gm, example_inputs, **_):
         report.graphs += 1
-        report.sites += rewrite_graph(gm, example_inputs, options, apply=False).sites
+        graph = rewrite_graph(gm, example_inputs, options, apply=False)
+        report.sites += graph.sites
+        report.dropouts += len(graph.dropouts)
         return gm.forward
 
     from torch._dynamo.utils import counters

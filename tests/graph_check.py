@@ -14,7 +14,7 @@ from spt_compile.passes import GraphReport, rewrite_graph
 from spt_compile.passes.float_inputs import float_inputs, specialize
 
 SPT_OPS = {torch.ops.spt.attention_site.default, torch.ops.spt.mlp_site.default,
-           torch.ops.spt.linear_cross_entropy.default}
+           torch.ops.spt.linear_cross_entropy.default, torch.ops.spt.dropout.default}
 
 
 def _signature(parts: tuple, new: set) -> tuple:
@@ -50,7 +50,7 @@ class GraphCapture:
         report = rewrite_graph(gm, example_inputs, make_options({"compiler": "eager", **self.options}))
         report.floats = floats
         self.reports.append(report)
-        replaced = {name for s in report.sites for name in s.replaced}
+        replaced = {name for s in report.sites for name in s.replaced} | set(report.dropouts)
         for g in graphs:
             self._check(g, before[g], replaced)
         return gm.forward

@@ -35,12 +35,12 @@ def rand_masks():
 
     from spt_compile.sparse_ops.routed_mlp import dropout
 
-    real = dropout._draw_keep
-    dropout._draw_keep = lambda shape, p, gen, device: torch.rand(shape, generator=gen, device=device).ge_(p).bool()
+    real = dropout.draw_keep
+    dropout.draw_keep = lambda shape, p, gen, device: torch.rand(shape, generator=gen, device=device).ge_(p).bool()
     try:
         yield
     finally:
-        dropout._draw_keep = real
+        dropout.draw_keep = real
 
 
 def main(argv=None) -> int:

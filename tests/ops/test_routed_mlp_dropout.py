@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spt_compile.sparse_ops.routed_mlp import dropout
+from spt_compile.sparse_ops import dropout
 from spt_compile.sparse_ops.routed_mlp.dropout import _keep_scale
 
 

@@ -1,0 +1,122 @@
+"""Dropout masks from 16-bit uniforms, and spt::dropout, the op the dropout pass puts in place of a
+graph's F.dropout (passes/dropout.py).
+
+A mask drops each element with probability p rounded to a multiple of 2^-16 (drop_share: at most
+2^-17 from p; 0.05 drops 3277 / 65536 = 0.0500031) and scales the kept ones by
+1 / (1 - that share), so the expected output is exact. Four 16-bit uniforms come out of each 64-bit
+draw (draw_keep): on this CPU a mask costs about 2 ns an element, against about 4 for
+torch.rand(shape) >= p and 7 for F.dropout's bernoulli_ (one mt19937 call per element).
+
+spt::dropout draws its mask from a generator seeded by a number it takes from torch's default CPU
+generator (so torch.manual_seed makes runs repeat), returns that seed, and its backward draws the
+same mask again from it: nothing the size of x is saved (F.dropout saves its mask, a byte an
+element). The masks are not F.dropout's: a compiled model's dropout differs from eager's, as
+Inductor's own does."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_LEVELS = 65536  # the masks' uniforms are 16-bit
+
+
+def drop_share(p: float) -> float:
+    """The probability a mask drops an element with: p on a grid of 2^-16, at most 2^-17 from p."""
+    return round(p * _LEVELS) / _LEVELS
+
+
+def draw_keep(shape, p: float, gen: torch.Generator, device) -> Tensor:
+    """bool keep mask [shape], each element dropped with probability drop_share(p), from `gen`."""
+    n = math.prod(shape)
+    if drop_share(p) >= 1.0:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
+    uniform = words.view(torch.int16)[:n]  # each of -32768 .. 32767 equally likely
+    return uniform.ge(round(p * _LEVELS) - _LEVELS // 2).view(*shape)
+
+
+def keep_scale(keep: Tensor, p: float, dtype) -> Tensor:
+    """bool keep -> its inverted-dropout scale in dtype: 0, or 1 / (1 - drop_share(p)); computed in
+    fp32 and cast, so the values do not depend on how the mask was made."""
+    share = drop_share(p)
+    if share >= 1.0:  # everything dropped
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    scale = keep.to(torch.float32).div_(1.0 - share)
+    return scale if scale.dtype == dtype else scale.to(dtype)
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _apply(x: Tensor, p: float, seed: int) -> Tensor:
+    """x * mask / (1 - share) for the mask of `seed`: [shape of x], x's dtype."""
+    share = drop_share(p)
+    if share >= 1.0:
+        return torch.zeros_like(x)
+    keep = draw_keep(x.shape, p, _generator(seed, x.device), x.device)
+    return (x * keep).mul_(1.0 / (1.0 - share))
+
+
+# --- the op: differentiable in x -------------------------------------------------------------------
+
+
+@torch.library.custom_op("spt::dropout", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _dropout_op(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(x dropped out [shape of x], the mask's seed: int64 0-d on the CPU). The seed comes from
+    torch's default CPU generator (host only: no device sync)."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    return _apply(x, p, seed), torch.tensor(seed, dtype=torch.int64)
+
+
+@_dropout_op.register_fake
+def _(x, p):
+    return x.new_empty(x.shape), torch.empty((), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("spt::dropout_backward", mutates_args=())
+def _dropout_backward_op(dout: Tensor, seed: Tensor, p: float) -> Tensor:
+    """d(x) = d(out) * mask / (1 - share): the forward's mask, drawn again from its seed."""
+    return _apply(dout, p, int(seed))
+
+
+@_dropout_backward_op.register_fake
+def _(dout, seed, p):
+    return dout.new_empty(dout.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.save_for_backward(output[1])  # the seed only
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dseed):
+    if dout is None:
+        return None, None
+    (seed,) = ctx.saved_tensors
+    return _dropout_backward_op(dout.contiguous(), seed, ctx.p), None
+
+
+_dropout_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Training-mode dropout with a 16-bit mask (see the module docstring): F.dropout(x, p)'s
+    distribution with p on a 2^-16 grid; nothing saved for backward but the seed."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1]; got {p}")
+    return _dropout_op(x, float(p))[0]
+
+
+def dropout_reference(x: Tensor, p: float, seed: int) -> Tensor:
+    """The plain computation spt::dropout runs for a given seed, differentiable: x * mask, times
+    1 / (1 - drop_share(p)) as a Python float (one rounding in x's dtype, as F.dropout's)."""
+    if drop_share(p) >= 1.0:
+        return x * 0.0
+    keep = draw_keep(x.shape, p, _generator(seed, x.device), x.device)
+    return x * keep * (1.0 / (1.0 - drop_share(p)))
