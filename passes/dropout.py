@@ -13,6 +13,8 @@ Rewritten: `F.dropout(x, p, training=True)` and `torch.dropout(x, p, True)` with
 (0, 1), no `inplace`, x a floating CPU tensor; inside activation-checkpoint bodies too, since the op
 is tagged nondeterministic_seeded: AOTAutograd then saves the CPU RNG state before it and restores
 it for the recomputation, which draws the same seed (a checkpointed run equals the plain one; tested).
+Each call gets a number of its own as an operand, or AOTAutograd's common-subexpression pass would
+merge dropouts of the same tensor (PEFT's q, k and v adapters) into one mask.
 Left as they are: a p that is a graph input, `inplace=True`, CUDA tensors (F.dropout's Philox masks
 cost little there, and the op's seed comes from the CPU generator, which AOTAutograd would not
 restore for a CUDA recomputation). Option `fast_dropout` (default on) switches the pass off; under
@@ -57,7 +59,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool) -> 
             continue
         args = bind(node)
         with gm.graph.inserting_before(node):
-            pair = gm.graph.call_function(torch.ops.spt.dropout.default, (args["input"], float(args["p"])))
+            pair = gm.graph.call_function(torch.ops.spt.dropout.default,
+                                          (args["input"], float(args["p"]), len(report.dropouts)))
             out = gm.graph.call_function(operator.getitem, (pair, 0))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)

@@ -65,15 +65,18 @@ def _apply(x: Tensor, p: float, seed: int) -> Tensor:
 
 
 @torch.library.custom_op("spt::dropout", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _dropout_op(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+def _dropout_op(x: Tensor, p: float, call: int = 0) -> tuple[Tensor, Tensor]:
     """(x dropped out [shape of x], the mask's seed: int64 0-d on the CPU). The seed comes from
-    torch's default CPU generator (host only: no device sync)."""
+    torch's default CPU generator (host only: no device sync). `call` numbers the dropouts of a
+    graph and is otherwise unused: AOTAutograd's common-subexpression pass would merge calls with
+    equal arguments (it knows aten's random ops, not this one), and PEFT's q, k and v adapters each
+    drop out the same x with the same p, each with a mask of its own."""
     seed = int(torch.randint(0, 2**62, (1,)))
     return _apply(x, p, seed), torch.tensor(seed, dtype=torch.int64)
 
 
 @_dropout_op.register_fake
-def _(x, p):
+def _(x, p, call=0):
     return x.new_empty(x.shape), torch.empty((), dtype=torch.int64, device="cpu")
 
 
@@ -97,9 +100,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dseed):
     if dout is None:
-        return None, None
+        return None, None, None
     (seed,) = ctx.saved_tensors
-    return _dropout_backward_op(dout.contiguous(), seed, ctx.p), None
+    return _dropout_backward_op(dout.contiguous(), seed, ctx.p), None, None
 
 
 _dropout_op.register_autograd(_backward, setup_context=_setup_context)

@@ -164,3 +164,27 @@ def _plain_forward(self, x):
     h = F.dropout(h, 0.5, training=False)
     h = F.dropout(h.clone(), 0.1, training=True, inplace=True)
     return self.block(h).sum()
+
+
+class ThreeAdapters(nn.Module):
+    """Three dropouts of the same tensor with the same p, as PEFT's q, k and v LoRA adapters."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(16, 16, bias=False) for _ in range(3))
+        self.drops = nn.ModuleList(nn.Dropout(0.5) for _ in range(3))
+
+    def forward(self, x):
+        return [lin(drop(x)) for lin, drop in zip((self.q, self.k, self.v), self.drops)]
+
+
+def test_dropouts_of_one_tensor_keep_masks_of_their_own():
+    """AOTAutograd's CSE must not merge them (the op's call number keeps their arguments apart):
+    through torch.compile(backend="spt") the three masks differ, as PEFT's do."""
+    model = ThreeAdapters()
+    for lin in (model.q, model.k, model.v):
+        nn.init.eye_(lin.weight)
+    torch._dynamo.reset()
+    outs = torch.compile(model, backend="spt")(torch.ones(64, 16, requires_grad=True))
+    masks = [o != 0 for o in outs]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
