@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, each one step of every configuration")
     p.add_argument("--configs", nargs="+", default=["eager", "inductor", "spt"],
                    choices=["eager", "inductor", "spt"])
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="PEFT lora_dropout (bench_finetune.py's 0; the main job and PEFT's usual setting: 0.05)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = peft.get_peft_model(load_model(args.layers, "sdpa"), peft.LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0,
+        r=16, lora_alpha=32, lora_dropout=args.lora_dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
     runs = {"eager": model}
     if "inductor" in args.configs:
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "seq": args.seq, "batch": args.batch, "layers": model.config.num_hidden_layers, "threads": args.threads,
+            "lora_dropout": args.lora_dropout,
             "rounds": args.rounds, "step_times_s": times, "median_s": med, "torch": torch.__version__}, indent=1) + "\n")
     return 0
 
