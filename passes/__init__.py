@@ -59,10 +59,13 @@ def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool
             body = getattr(gm, node.args[0].target)
             if isinstance(body, GraphModule):
                 _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body), seen, graphed)
-    attention.run(gm, options, report, apply, ordinals, seen.nodes, graphed)
-    mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph), seen.nodes)
+    taken: set = set()  # nodes of the sites rewritten (erased when applied; explain must skip them too)
+    attention.run(gm, options, report, apply, ordinals, seen.nodes, graphed, taken=taken)
+    mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph), seen.nodes, taken=taken)
     loss.run(gm, options, report, apply, ordinals)
-    dropout.run(gm, options, report, apply)  # the dropouts the sites did not take in: 16-bit masks
+    # The dropouts the sites did not take in: 16-bit masks. Applied, the sites' own are erased by now;
+    # without apply (explain) they are still there and are skipped through `taken`.
+    dropout.run(gm, options, report, apply, skip=set() if apply else taken)
     if apply:
         gm.graph.lint()
         gm.recompile()

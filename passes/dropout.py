@@ -25,6 +25,7 @@ around them.
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
 
 import torch
 from torch.fx import GraphModule
@@ -46,13 +47,14 @@ def _rewritable(node) -> bool:
             and x.device.type == "cpu")
 
 
-def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool) -> None:
+def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, skip: Collection = ()) -> None:
     """Rewrites gm's dropouts in place (apply; the caller recompiles) and lists their node names in
-    report.dropouts. Runs on each graph the other passes do, checkpoint bodies included."""
+    report.dropouts. Runs on each graph the other passes do, checkpoint bodies included; skip: nodes
+    a site takes in (explain's graph still has them, see passes/__init__.py)."""
     if not options.fast_dropout or options.compiler == "inductor":
         return  # Inductor draws dropout masks itself, fused into the kernels around them
     for node in list(gm.graph.nodes):
-        if not _rewritable(node):
+        if node in skip or not _rewritable(node):
             continue
         report.dropouts.append(node.name)
         if not apply:

@@ -61,11 +61,13 @@ def _upstream(node: Node, hops: int) -> set[Node]:
 
 
 def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
-        seen: Optional[set[Node]] = None, graphed: bool = False) -> None:
+        seen: Optional[set[Node]] = None, graphed: bool = False, taken: Optional[set[Node]] = None) -> None:
     """seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it);
-    graphed: emit spt::attention_graphed where it serves (rewrite.graphed_refusal)."""
+    graphed: emit spt::attention_graphed where it serves (rewrite.graphed_refusal);
+    taken: collects the nodes of the sites rewritten (or, without apply, that would be)."""
     graph = gm.graph
     seen = set() if seen is None else seen
+    taken = set() if taken is None else taken
     softmaxes = {n for n in graph.nodes if op(n) == "softmax" and len(shape(n) or ()) == 4}
     products = ("sdpa", "matmul", "bmm", "einsum", "mha")
     for node in list(graph.nodes):
@@ -113,6 +115,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                            describe(m) + ("" if use_graphed else _short_note(m, options)) + note)
         report.sites.append(entry)
         seen.update({call, m.output}, m.nodes)
+        taken.update({call, m.output}, m.nodes)
         if not apply:
             if finish is not None:
                 finish(False)

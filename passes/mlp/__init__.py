@@ -51,12 +51,14 @@ __all__ = [
 
 def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
         rows: Optional["RowsSource"] = None, real: Optional["RealRowsSource"] = None,
-        seen: Optional[set[Node]] = None) -> None:
+        seen: Optional[set[Node]] = None, taken: Optional[set[Node]] = None) -> None:
     """rows: where the sites get the loss-row mask from (passes/loss_rows.py); real: their real-token
     rows (passes/real_rows.py, after the attention pass ran on this graph); None: no operand.
-    seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it)."""
+    seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it);
+    taken: collects the nodes of the sites rewritten (or, without apply, that would be)."""
     graph = gm.graph
     seen = set() if seen is None else seen
+    taken = set() if taken is None else taken
     # Projection units, outermost first (a LoRA unit's add/cast comes after its base linear).
     units: dict[Node, Projection] = {}
     claimed: set[Node] = set()
@@ -89,6 +91,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         report.sites.append(entry)
         done |= {p.output for p in units_used}
         seen.update(m.nodes, *(p.nodes for p in units_used))
+        taken.update(m.nodes, *(p.nodes for p in units_used))
         if not apply:
             continue
         entry.replaced = emit(graph, m, options, path, ordinals, rows, real)

@@ -188,3 +188,20 @@ def test_dropouts_of_one_tensor_keep_masks_of_their_own():
     outs = torch.compile(model, backend="spt")(torch.ones(64, 16, requires_grad=True))
     masks = [o != 0 for o in outs]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_explain_counts_what_compiling_rewrites_with_lora_dropout():
+    """PEFT's dropouts before the MLP adapters are the MLP sites' own (not spt::dropout); explain
+    must not count them either: its count is the compiled graphs' (4 per layer: q, k, v, o)."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from toy_models import tiny_llama_batch
+
+    model, ids, attention, labels = tiny_llama_batch(seq=32, pad_from=32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    explained = spt_compile.explain(model, input_ids=ids, labels=labels)
+    torch._dynamo.reset()
+    torch.compile(model, backend="spt")(input_ids=ids, labels=labels)
+    compiled = sum(len(r.dropouts) for r in spt_compile.compile_reports(model))
+    assert compiled == 8 and explained.dropouts == compiled
