@@ -15,6 +15,7 @@ Inductor's own does."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,14 +39,19 @@ def draw_keep(shape, p: float, gen: torch.Generator, device) -> Tensor:
     return uniform.ge(round(p * _LEVELS) - _LEVELS // 2).view(*shape)
 
 
-def keep_scale(keep: Tensor, p: float, dtype) -> Tensor:
-    """bool keep -> its inverted-dropout scale in dtype: 0, or 1 / (1 - drop_share(p)); computed in
-    fp32 and cast, so the values do not depend on how the mask was made."""
+@functools.lru_cache(maxsize=64)
+def scale_of(p: float, dtype) -> float:
+    """The kept elements' factor, 1 / (1 - drop_share(p)) rounded to dtype (0 when everything drops).
+    Both the masks here and F.dropout on a CPU multiply by a factor already in x's dtype (ATen's
+    noise.div_(1 - p)), so each product is rounded once, from the same two values."""
     share = drop_share(p)
-    if share >= 1.0:  # everything dropped
-        return torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-    scale = keep.to(torch.float32).div_(1.0 - share)
-    return scale if scale.dtype == dtype else scale.to(dtype)
+    # a host tensor, once per (p, dtype): no device is involved
+    return 0.0 if share >= 1.0 else torch.tensor(1.0 / (1.0 - share), dtype=dtype).item()
+
+
+def keep_scale(keep: Tensor, p: float, dtype) -> Tensor:
+    """bool keep -> its inverted-dropout scale [shape of keep] in dtype: 0, or scale_of(p, dtype)."""
+    return keep.to(dtype).mul_(scale_of(p, dtype))
 
 
 def _generator(seed: int, device) -> torch.Generator:
@@ -53,12 +59,10 @@ def _generator(seed: int, device) -> torch.Generator:
 
 
 def _apply(x: Tensor, p: float, seed: int) -> Tensor:
-    """x * mask / (1 - share) for the mask of `seed`: [shape of x], x's dtype."""
-    share = drop_share(p)
-    if share >= 1.0:
-        return torch.zeros_like(x)
+    """x * keep_scale(mask of `seed`): [shape of x], x's dtype. Two passes (x * keep is x or 0
+    exactly, then one rounded product), the values of x * keep_scale(...) without building it."""
     keep = draw_keep(x.shape, p, _generator(seed, x.device), x.device)
-    return (x * keep).mul_(1.0 / (1.0 - share))
+    return (x * keep).mul_(scale_of(p, x.dtype))
 
 
 # --- the op: differentiable in x -------------------------------------------------------------------
@@ -117,9 +121,7 @@ def dropout(x: Tensor, p: float) -> Tensor:
 
 
 def dropout_reference(x: Tensor, p: float, seed: int) -> Tensor:
-    """The plain computation spt::dropout runs for a given seed, differentiable: x * mask, times
-    1 / (1 - drop_share(p)) as a Python float (one rounding in x's dtype, as F.dropout's)."""
-    if drop_share(p) >= 1.0:
-        return x * 0.0
+    """The plain computation spt::dropout runs for a given seed, differentiable: x times the mask's
+    scale tensor, as F.dropout computes it on a CPU (x * noise, noise already divided by 1 - p)."""
     keep = draw_keep(x.shape, p, _generator(seed, x.device), x.device)
-    return x * keep * (1.0 / (1.0 - drop_share(p)))
+    return x * keep_scale(keep, p, x.dtype)

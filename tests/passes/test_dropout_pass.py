@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 
 import spt_compile
 from graph_check import GraphCapture
-from spt_compile.sparse_ops.dropout import _dropout_op, drop_share, dropout, dropout_reference
+from spt_compile.sparse_ops.dropout import _dropout_op, drop_share, dropout, dropout_reference, keep_scale, scale_of
 
 
 class Net(nn.Module):
@@ -87,6 +87,31 @@ def test_op_is_the_reference_for_its_seed_forward_and_backward(shape, dtype, p):
         ratio = (want[kept].double() / x.detach()[kept].double())
         torch.testing.assert_close(ratio, torch.full_like(ratio, 1 / (1 - drop_share(p))),
                                    rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("p", [0.25, 0.1, 0.3])
+def test_kept_elements_are_scaled_as_f_dropout_scales_them(dtype, p):
+    """One rounding convention for both ops that use the masks (spt::dropout, the routed MLP's
+    keep_scale) and F.dropout on a CPU: the factor is 1 / (1 - p) rounded to x's dtype first. For a
+    p on the 2^-16 grid (0.25) the kept values of a row of x equal F.dropout's bit for bit."""
+    x = torch.randn(4096, dtype=torch.float64).to(dtype)
+    factor = scale_of(p, dtype)
+    out = _dropout_op(x, p)[0]
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] * torch.tensor(factor, dtype=dtype), atol=0, rtol=0)
+    assert factor == torch.tensor(1 / (1 - drop_share(p)), dtype=dtype).item()
+    if drop_share(p) == p:
+        eager = F.dropout(x, p, training=True)
+        assert torch.equal(eager[eager != 0], x[eager != 0] * torch.tensor(factor, dtype=dtype))
+    assert torch.equal(keep_scale(torch.tensor([True, False]), p, dtype), torch.tensor([factor, 0.0], dtype=dtype))
+
+
+def test_everything_dropped_keeps_nans_as_f_dropout_does():
+    x = torch.tensor([1.0, float("nan"), -2.0])
+    out = dropout(x, 1.0)
+    assert torch.equal(out[[0, 2]], torch.zeros(2)) and out[1].isnan()
+    assert F.dropout(x, 1.0, training=True)[1].isnan()
 
 
 def test_seeded_by_torch_manual_seed_and_saves_no_mask():
