@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .select import n_blocks
 from .pq import MASK_FORBIDDEN_AT_OR_BELOW
-from .token_sparse import _acc, _dropout_keep  # same accumulation dtype and replayable dropout
+from .token_sparse import _acc, _dropout_scale  # same accumulation dtype and replayable dropout
 
 IMPLS = ("auto", "triton", "torch", "reference")
 IMPL_ENV = "SPT_ATTENTION_IMPL"
@@ -202,7 +202,7 @@ def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=
         row_lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [B, S, C, R, 1]
         p = s.sub_(row_lse.nan_to_num(neginf=0.0)).exp_()  # 0 where not allowed
         if dropout_p > 0.0:
-            p = p * _dropout_keep(p.shape, dropout_p, seed, qb0, q.device).to(acc) / (1.0 - dropout_p)
+            p = p * _dropout_scale(p.shape, dropout_p, seed, qb0, q.device, acc)
         out[:, :, r0:r1] = lay.unrows(torch.matmul(p, vg), r1, r0).to(q.dtype)
         lse[:, :, r0:r1] = lay.unrows(row_lse, r1, r0)[..., 0].float()
     return out, lse
@@ -238,7 +238,7 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
             do = lay.flat_rows(lay.rows(dout, r0, C, acc))  # [B, S, C, R, Dv]
             dp = torch.matmul(do, vg.transpose(-1, -2))  # [B, S, C, R, Lb * block_n]
             if dropout_p > 0.0:
-                keep = _dropout_keep(p.shape, dropout_p, seed, qb0, q.device).to(acc) / (1.0 - dropout_p)
+                keep = _dropout_scale(p.shape, dropout_p, seed, qb0, q.device, acc)
                 p_used, dp = p * keep, dp * keep
             else:
                 p_used = p

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..dropout import draw_keep, keep_scale
+
 # Elements of one gathered [B, H, C, L, D] chunk (2**24 fp32 values = 64 MiB), at most 128 rows.
 _CHUNK_ELEMENTS = 1 << 24
 _MAX_ROWS = 128
@@ -48,11 +50,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _dropout_keep(shape, p: float, seed: int, chunk_start: int, device) -> Tensor:
-    """The dropout keep-mask of one chunk, reproducible from (seed, chunk_start) in backward."""
+def _dropout_scale(shape, p: float, seed: int, chunk_start: int, device, dtype) -> Tensor:
+    """The dropout scale of one chunk's weights [shape] in dtype (0 or 1 / (1 - drop_share(p)): the
+    16-bit masks of sparse_ops/dropout.py), reproducible from (seed, chunk_start) in backward."""
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + chunk_start) % (2**63 - 1))
-    return torch.rand(shape, generator=gen, device=device) >= p
+    return keep_scale(draw_keep(shape, p, gen, device), p, dtype)
 
 
 def _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc):
@@ -107,7 +110,7 @@ def sparse_attention_forward(
         row_lse = torch.logsumexp(s, dim=-1)  # [B, H, C]
         p = torch.exp(s - torch.nan_to_num(row_lse, neginf=0.0)[..., None])  # 0 at unused slots
         if dropout_p > 0.0:
-            p = p * _dropout_keep(p.shape, dropout_p, seed, r0, q.device).to(acc) / (1.0 - dropout_p)
+            p = p * _dropout_scale(p.shape, dropout_p, seed, r0, q.device, acc)
         out[:, :, r0:r1] = torch.einsum("bhcl,bhcld->bhcd", p, vg).to(q.dtype)
         lse[:, :, r0:r1] = row_lse
     return out, lse
@@ -148,7 +151,7 @@ def sparse_attention_backward(
             delta = (do * out[:, :, r0:r1].to(acc)).sum(-1)  # [B, H, C]
             dp = torch.einsum("bhcd,bhcld->bhcl", do, vg)
             if dropout_p > 0.0:
-                keep = _dropout_keep(p.shape, dropout_p, seed, r0, q.device).to(acc) / (1.0 - dropout_p)
+                keep = _dropout_scale(p.shape, dropout_p, seed, r0, q.device, acc)
                 p_used, dp = p * keep, dp * keep
             else:
                 p_used = p

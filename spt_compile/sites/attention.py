@@ -36,6 +36,7 @@ from spt_compile.registry import SITE_TYPES, CallPlan, Site, SiteTemplate, SptSt
 from spt_compile.sparse_ops import triton_runs_on
 from spt_compile.sparse_ops.attention import pq, select as block_select
 from spt_compile.sparse_ops.attention.block_sparse import block_sparse_forward, resolve_impl
+from spt_compile.sparse_ops.attention.exact_dropout import attention_with_dropout
 from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_forward
 
 from . import mask_memo
@@ -51,7 +52,8 @@ PROBE_EVERY = 25  # training calls between probes; the first sparse call always 
 
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
-    """Run SDPA's dropout from a known seed, so that backward can replay it exactly. Seeds only the
+    """Run SDPA's dropout from a known seed, so that backward can replay it exactly (CUDA inputs: a
+    CPU call draws its own masks, exact_dropout.py). Seeds only the
     generator SDPA draws from (the CPU's, or the device's): torch.manual_seed would seed every
     accelerator too, and where one is not initialised it queues the seed with a formatted stack
     trace, about 1 ms per accelerator type per call on this CPU (a third of an SST-2 step's site time)."""
@@ -66,6 +68,12 @@ def _seeded(seed: int, device: torch.device):
 
 
 def dense_attention(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int) -> Tensor:
+    """Exact attention [B, H, N, Dv]; with dropout, the mask is a function of `seed` (backward calls
+    this again to replay it). On a CPU the weights' mask is drawn from 16-bit uniforms by a generator
+    of its own (sparse_ops/attention/exact_dropout.py: a quarter of bernoulli_'s cost, no global RNG
+    fork); elsewhere SDPA draws it, from its generator seeded for the call (Philox on CUDA is cheap)."""
+    if dropout_p > 0 and q.device.type == "cpu":
+        return attention_with_dropout(q, k, v, mask, is_causal, scale, dropout_p, seed)
     gqa = q.shape[1] != k.shape[1]
     ctx = _seeded(seed, q.device) if dropout_p > 0 else contextlib.nullcontext()
     with ctx:
