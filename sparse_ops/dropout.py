@@ -29,11 +29,13 @@ def drop_share(p: float) -> float:
     return round(p * _LEVELS) / _LEVELS
 
 
-def draw_keep(shape, p: float, gen: torch.Generator, device) -> Tensor:
-    """bool keep mask [shape], each element dropped with probability drop_share(p), from `gen`."""
+def draw_keep(shape, p: float, seed: int, device) -> Tensor:
+    """bool keep mask [shape], each element dropped with probability drop_share(p): a function of
+    (seed, shape) alone."""
     n = math.prod(shape)
     if drop_share(p) >= 1.0:
         return torch.zeros(shape, dtype=torch.bool, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
     uniform = words.view(torch.int16)[:n]  # each of -32768 .. 32767 equally likely
     return uniform.ge(round(p * _LEVELS) - _LEVELS // 2).view(*shape)
@@ -54,14 +56,10 @@ def keep_scale(keep: Tensor, p: float, dtype) -> Tensor:
     return keep.to(dtype).mul_(scale_of(p, dtype))
 
 
-def _generator(seed: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def _apply(x: Tensor, p: float, seed: int) -> Tensor:
     """x * keep_scale(mask of `seed`): [shape of x], x's dtype. Two passes (x * keep is x or 0
     exactly, then one rounded product), the values of x * keep_scale(...) without building it."""
-    keep = draw_keep(x.shape, p, _generator(seed, x.device), x.device)
+    keep = draw_keep(x.shape, p, seed, x.device)
     return (x * keep).mul_(scale_of(p, x.dtype))
 
 
@@ -123,5 +121,5 @@ def dropout(x: Tensor, p: float) -> Tensor:
 def dropout_reference(x: Tensor, p: float, seed: int) -> Tensor:
     """The plain computation spt::dropout runs for a given seed, differentiable: x times the mask's
     scale tensor, as F.dropout computes it on a CPU (x * noise, noise already divided by 1 - p)."""
-    keep = draw_keep(x.shape, p, _generator(seed, x.device), x.device)
+    keep = draw_keep(x.shape, p, seed, x.device)
     return x * keep_scale(keep, p, x.dtype)

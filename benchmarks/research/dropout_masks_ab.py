@@ -36,7 +36,8 @@ def rand_masks():
     from spt_compile.sparse_ops.routed_mlp import dropout
 
     real = dropout.draw_keep
-    dropout.draw_keep = lambda shape, p, gen, device: torch.rand(shape, generator=gen, device=device).ge_(p).bool()
+    dropout.draw_keep = lambda shape, p, seed, device: torch.rand(
+        shape, generator=torch.Generator(device=device).manual_seed(seed), device=device).ge_(p).bool()
     try:
         yield
     finally:

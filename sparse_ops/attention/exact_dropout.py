@@ -4,7 +4,7 @@ SDPA with dropout_p > 0 runs its math kernel on a CPU: the [B, H, N, Nk] weights
 whose bernoulli_ calls mt19937 once per weight (about 7 ns each here), then the product with V. The
 site replays that call in backward under a forked RNG to get the same mask, so each training call
 draws the mask twice. This is the same computation with the mask drawn from 16-bit uniforms (about
-2 ns a weight) from a generator of its own, seeded by the call: backward replays it by calling it
+2 ns a weight) from the call's seed: backward replays it by calling it
 again, without touching torch's global RNG. The dropout distribution is SDPA's with p on a 2^-16 grid
 (at most 2^-17 from p) and kept weights scaled by 1 / (1 - that share): the expected output is exact.
 The masks differ from SDPA's, as the site's seeded ones already did.
@@ -23,10 +23,6 @@ import torch
 from torch import Tensor
 
 from ..dropout import draw_keep, keep_scale
-
-
-def _generator(seed: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _safe_softmax(s: Tensor) -> Tensor:
@@ -53,5 +49,5 @@ def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
     weights = _safe_softmax(s)
-    weights = weights * keep_scale(draw_keep(weights.shape, p, _generator(seed, q.device), q.device), p, acc)
+    weights = weights * keep_scale(draw_keep(weights.shape, p, seed, q.device), p, acc)
     return torch.matmul(weights, v.to(acc)).to(q.dtype)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ..dropout import draw_keep, keep_scale
@@ -28,9 +27,7 @@ def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optio
     1 / (1 - drop_share(p)); the same values whenever (seed, stream) is drawn again."""
     if p <= 0.0:
         return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + stream) % (2**63 - 1))
-    return keep_scale(draw_keep(shape, p, gen, device), p, dtype)
+    return keep_scale(draw_keep(shape, p, (seed * 1_000_003 + stream) % (2**63 - 1), device), p, dtype)
 
 
 def lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
