@@ -33,11 +33,13 @@ import spt_compile  # noqa: E402
 from spt_compile.registry import REGISTRY  # noqa: E402
 
 CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
-           "spt-block-triton-deterministic", "spt-block-triton-sparse-forward")
+           "spt-block-triton-deterministic", "spt-block-triton-sparse-forward", "spt-block-triton-packed-dq")
 # *-deterministic: the config run under torch.use_deterministic_algorithms(True, warn_only=True), where the
 # Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py).
 # *-sparse-forward: exact_forward off, the forward too over the selected blocks only (the kernels'
 # own speed; training calls run the exact forward by default, sparse inference the sparse one).
+# *-packed-dq: dq with the query heads of a GQA group in one tile (block_sparse_triton.PACK_GQA_DQ, off
+# by default until timed here).
 
 
 class OneAttention(torch.nn.Module):
@@ -102,6 +104,14 @@ def deterministic_algorithms():
 
 
 def run_config(config: str, N: int, args, device, dtype) -> dict:
+    if config.endswith("-packed-dq"):
+        from spt_compile.sparse_ops.attention import block_sparse_triton
+
+        block_sparse_triton.PACK_GQA_DQ = True
+        try:
+            return _run_config(config, N, args, device, dtype)
+        finally:
+            block_sparse_triton.PACK_GQA_DQ = False
     if not config.endswith("-deterministic"):
         return _run_config(config, N, args, device, dtype)
     with deterministic_algorithms():
@@ -189,6 +199,7 @@ def check_kernels(args, device, dtype) -> list[str]:
                          + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
             if impl == "triton":  # deterministic mode: one dk/dv program per key block, no atomics
                 lines.append(_check_deterministic(dout.to(dtype), q, k, v, idx, out, lse, causal, grads, tol, N))
+                lines.append(_check_packed_dq(dout.to(dtype), q, k, v, idx, out, lse, causal, grads, tol, N))
         if "triton" in impls:  # the Triton selection lists the same blocks as the PyTorch one
             from spt_compile.sparse_ops.attention.select import select_blocks
 
@@ -215,6 +226,25 @@ def _check_deterministic(dout, q, k, v, idx, out, lse, causal, grads, tol, N) ->
     ok = same and all(e <= tol * max(1.0, g.abs().max().item()) for e, g in zip(errs, grads))
     return (f"check deterministic N={N} causal={causal}: two runs bit-identical {same}, max |diff| vs default "
             f"dq/dk/dv = " + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
+
+
+def _check_packed_dq(dout, q, k, v, idx, out, lse, causal, grads, tol, N) -> str:
+    """The Triton backward with PACK_GQA_DQ (a GQA group's heads in one dq tile): within tol of the
+    default backward's gradients."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+    from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward
+
+    D = q.shape[-1]
+    block_sparse_triton.PACK_GQA_DQ = True
+    try:
+        packed = block_sparse_backward(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, D**-0.5, causal, None,
+                                       64, 64, impl="triton", diag_first=True)
+    finally:
+        block_sparse_triton.PACK_GQA_DQ = False
+    errs = [(a.float() - b.float()).abs().max().item() for a, b in zip(packed, grads)]
+    ok = all(e <= tol * max(1.0, g.abs().max().item()) for e, g in zip(errs, grads))
+    return (f"check packed-dq N={N} causal={causal}: max |diff| vs default dq/dk/dv = "
+            + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
 
 
 def host_profile(config: str, N: int, args, device, dtype) -> dict:
@@ -283,7 +313,7 @@ def main(argv=None) -> int:
     print(table(results))
     profiles = []
     if args.host_profile and device.type == "cuda":
-        for config in [c for c in configs if c.startswith("spt") and not c.endswith("-deterministic")]:
+        for config in [c for c in configs if c.startswith("spt") and not c.endswith(("-deterministic", "-packed-dq"))]:
             try:
                 prof = host_profile(config, max(args.seq_lens), args, device, dtype)
             except Exception as e:

@@ -14,11 +14,12 @@ want() { [[ "$steps" == *" $1 "* ]]; }
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 # 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal;
 #    also the Triton path under torch.use_deterministic_algorithms (one dk/dv program per key block), and
-#    with the sparse forward (exact_forward off: the block-sparse kernels' own speed).
+#    with the sparse forward (exact_forward off: the block-sparse kernels' own speed), and with dq packing a GQA
+#    group's heads into one tile (PACK_GQA_DQ: on by default only if this shows it faster).
 if want 1; then
 timeout 210 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
     --configs sdpa sdpa-inductor spt-block-triton spt-block-torch spt-block-triton-deterministic \
-    spt-block-triton-sparse-forward --repeats 10 \
+    spt-block-triton-sparse-forward spt-block-triton-packed-dq --repeats 10 \
     --warmup 3 --host-profile \
     --json "$out/attention_smollm2_${gpu}.json"
 fi

@@ -24,7 +24,8 @@ Design. One program per (b, h, query block) of block_m rows: the forward walks t
 blocks in slot order with an online softmax and saves only out and lse. Backward recomputes
 p = exp(s - lse) tile by tile instead of saving the [N, Nk] probabilities:
   * dq kernel, one program per (b, h, query block), over the same listed key blocks; it also computes
-    delta = rowsum(dout * out) for its rows, which the dk/dv kernel reads;
+    delta = rowsum(dout * out) for its rows, which the dk/dv kernel reads (PACK_GQA_DQ: the packed
+    variant, a GQA group's heads sharing a list in one program, loads each k/v tile once per group);
   * dk/dv kernel, one program per (b, kv head, key block, piece of query blocks): it reads the lists
     of its query blocks (every selection head of its kv head) straight from block_idx, and for each
     list naming its key block adds that tile's share into fp32 dk/dv with atomics. Checking a list
@@ -264,6 +265,87 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _bwd_dq_packed_kernel(
+    Q, K, V, BLOCK_IDX, BIAS, OUT, DOUT, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ih, stride_im, stride_il,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, G, GS, S, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEADS: tl.constexpr, SUB_M: tl.constexpr,
+):
+    """_bwd_dq_kernel with the GS query heads that share a list packed into one tile (GQA lists):
+    one program per (b, selection head, query block, piece of SUB_M rows), whose HEADS * SUB_M
+    rows are SUB_M query positions of each of the GS heads (HEADS = GS rounded up to a power of two;
+    the rows of heads past GS are masked). Each listed key block's k and v tiles are loaded once for
+    all the heads, and the score and gradient products are HEADS times taller. Row r is head
+    sel * GS + r // SUB_M at position mb * BLOCK_M + piece * SUB_M + r % SUB_M."""
+    PIECES: tl.constexpr = BLOCK_M // SUB_M
+    pid = tl.program_id(0).to(tl.int64)
+    piece = pid % PIECES
+    rest = pid // PIECES
+    mb = rest % Mb
+    bs = rest // Mb
+    b = bs // S
+    sel = bs % S
+    kvh = (sel * GS) // G  # the list's heads all read one kv head (_check)
+    r = tl.arange(0, HEADS * SUB_M)
+    head = sel * GS + r // SUB_M  # [R]
+    offs_m = mb * BLOCK_M + piece * SUB_M + r % SUB_M  # [R]
+    row_ok = ((r // SUB_M) < GS) & (offs_m < N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [R, BD]
+    do_ptrs = (DOUT + b * stride_dob + head[:, None] * stride_doh + offs_m[:, None] * stride_dom
+               + offs_dv[None, :] * stride_dod)
+    do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [R, BDV]
+    o_ptrs = OUT + b * stride_ob + head[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o = tl.load(o_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [R, BDV]
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [R]
+    row_at = (b * H + head) * N + offs_m  # [R]: rows of the contiguous [B, H, N] LSE and DELTA
+    tl.store(DELTA + row_at, delta, mask=row_ok)
+    lse = tl.load(LSE + row_at, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)  # empty and masked rows: p is 0 or unused
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    bias_rows = BIAS + b * stride_bias_b + head[:, None] * stride_bias_h  # [R, 1]: each row's head
+    idx_base = BLOCK_IDX + b * stride_ib + sel * stride_ih + mb * stride_im
+    kv_end = Nk
+    if IS_CAUSAL:  # the piece's last row is its highest position
+        kv_end = tl.minimum(Nk, mb * BLOCK_M + (piece + 1) * SUB_M)
+
+    dq = tl.zeros([HEADS * SUB_M, BLOCK_D], dtype=tl.float32)
+    for slot in range(0, Lb):
+        kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
+        if (kb >= 0) & (kb * BLOCK_N < kv_end):
+            offs_n = kb * BLOCK_N + offs_n0
+            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            s = _scores_tile(q, k_ptrs, bias_rows, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
+            p = tl.exp2(s - lse2[:, None])  # [R, BN]; 0 at forbidden keys
+            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
+            vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < Dv) & (offs_n[None, :] < Nk), other=0.0)  # [BDV, BN]
+            dp = _dot(do, vt, PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            k_ptrs2 = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            k = tl.load(k_ptrs2, mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BN, BD]
+            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+    dq_ptrs = (DQ + b * stride_dqb + head[:, None] * stride_dqh + offs_m[:, None] * stride_dqm
+               + offs_d[None, :] * stride_dqd)
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
 def _listed(BLOCK_IDX, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L: tl.constexpr):
     """Whether the list of (selection head sel, query block mb) names key block nb (lists hold
     distinct key blocks, as selection makes them). BLOCK_IDX points at batch row b."""
@@ -474,6 +556,23 @@ HEAD_BLOCKS_PER_PROGRAM = 16
 DIRECT_UP_TO_HEAD_BLOCKS = 384
 
 
+# dq with the query heads that share a list packed into one tile (_bwd_dq_packed_kernel: k and v
+# tiles loaded once per GQA group instead of once per head, products up to 128 rows tall). Off until
+# a GPU run times it against the per-head kernel (bench_attention.py's spt-block-triton-packed-dq);
+# correct either way (tests/ops/triton_interpret, under TRITON_INTERPRET=1).
+PACK_GQA_DQ = False
+PACKED_DQ_ROWS = 128  # rows of a packed dq tile: heads (a power of two) x query positions
+
+
+def _dq_packing(heads_per_list: int, block_m: int) -> Optional[tuple[int, int]]:
+    """(HEADS, SUB_M) of the packed dq kernel for lists shared by heads_per_list query heads, or None:
+    the per-head kernel (one head per list, or packing off)."""
+    if not PACK_GQA_DQ or heads_per_list <= 1:
+        return None
+    heads = triton.next_power_of_2(heads_per_list)
+    return heads, min(block_m, max(16, PACKED_DQ_ROWS // heads))  # powers of two: SUB_M divides block_m
+
+
 def block_sparse_backward_triton(
     dout: Tensor,
     q: Tensor,
@@ -526,13 +625,24 @@ def block_sparse_backward_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile_d(D), BLOCK_DV=_tile_d(Dv),
         **_launch_args(q, block_m, block_n, D, Dv),
     )
-    _bwd_dq_kernel[(B * H * Mb,)](
-        q, k, v, block_idx, bias_t, out, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *dout.stride(),
-        *dq.stride(),
-        H, H // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
-        **common,
-    )
+    packing = _dq_packing(H // S, block_m)
+    if packing is None:
+        _bwd_dq_kernel[(B * H * Mb,)](
+            q, k, v, block_idx, bias_t, out, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *dout.stride(),
+            *dq.stride(),
+            H, H // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
+            **common,
+        )
+    else:
+        heads, sub_m = packing
+        _bwd_dq_packed_kernel[(B * S * Mb * (block_m // sub_m),)](
+            q, k, v, block_idx, bias_t, out, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *dout.stride(),
+            *dq.stride(),
+            H, H // Hkv, H // S, S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
+            **{**common, **_launch_args(q, heads * sub_m, block_n, D, Dv)}, HEADS=heads, SUB_M=sub_m,
+        )
     # Each query block stands for the H / Hkv query heads reading this kv head: fewer blocks per
     # program then, so the work of one program stays about HEAD_BLOCKS_PER_PROGRAM head tiles.
     per_program = Mb if direct else max(1, HEAD_BLOCKS_PER_PROGRAM // (H // Hkv))

@@ -340,3 +340,47 @@ def test_short_columns_run_direct(threshold, direct, monkeypatch):
     Nb = -(-c.N // c.block_n)
     pieces = 1 if direct else -(-17 // (block_sparse_triton.HEAD_BLOCKS_PER_PROGRAM // 3))
     assert spy.grids == [(B * c.Hkv * Nb, pieces)], spy.grids
+
+
+PACKED_CASES = [  # (case, dtype): GQA groups of 3 (4 rows of heads, one masked), 2 and 4, lists per group
+    (Case(100, 64, 64, 3, 1, True, 16, 16, "pad", 4), torch.float32),
+    (Case(257, 80, 80, 4, 2, False, 32, 16, "mask", 5), torch.float32),
+    (Case(17, 64, 64, 6, 3, True, 32, 16, None, 3), torch.float32),
+    (Case(100, 80, 64, 3, 1, True, 32, 16, "mask", 4), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("c, dtype", PACKED_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_packed_gqa_dq_matches_the_per_head_kernel(c: Case, dtype: torch.dtype, monkeypatch):
+    """PACK_GQA_DQ: the heads of a list in one dq tile. dq (and delta, which dk/dv reads) as the
+    per-head kernel's, and every gradient as the reference's; the packed kernel is what launched."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+
+    q, k, v, _, bias, dout = make_inputs(c, dtype, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    grouped = random_block_idx(B, c.Hkv, -(-c.N // c.block_m), -(-c.N // c.block_n), c.Lb, gen)
+    scale = c.D**-0.5
+    out, lse = block_sparse_forward_triton(q, k, v, grouped, scale, c.causal, bias, c.block_m, c.block_n)
+    per_head = block_sparse_backward_triton(dout, q, k, v, grouped, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    spy = _GridSpy(block_sparse_triton._bwd_dq_packed_kernel)
+    monkeypatch.setattr(block_sparse_triton, "_bwd_dq_packed_kernel", spy)
+    monkeypatch.setattr(block_sparse_triton, "PACK_GQA_DQ", True)
+    packed = block_sparse_backward_triton(dout, q, k, v, grouped, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    heads, sub_m = block_sparse_triton._dq_packing(c.H // c.Hkv, c.block_m)
+    assert spy.grids == [(B * c.Hkv * -(-c.N // c.block_m) * (c.block_m // sub_m),)]
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    for a, b_ in zip(packed, per_head):
+        torch.testing.assert_close(a, b_, **tol)
+    if dtype == torch.float32:
+        check_case(c, q, k, v, grouped, bias, dout, atol=1e-4, rtol=1e-4)  # the whole path, packed, vs the reference
+
+
+def test_packing_needs_lists_shared_by_heads(monkeypatch):
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+
+    monkeypatch.setattr(block_sparse_triton, "PACK_GQA_DQ", True)
+    assert block_sparse_triton._dq_packing(1, 64) is None  # a list per head: nothing to pack
+    assert block_sparse_triton._dq_packing(3, 64) == (4, 32)  # 4 x 32 = 128 rows
+    assert block_sparse_triton._dq_packing(16, 64) == (16, 16)  # tl.dot's 16 rows at least
+    monkeypatch.setattr(block_sparse_triton, "PACK_GQA_DQ", False)
+    assert block_sparse_triton._dq_packing(3, 64) is None
