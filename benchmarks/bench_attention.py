@@ -209,7 +209,36 @@ def check_kernels(args, device, dtype) -> list[str]:
             need = 1.0 if dtype == torch.float32 else 0.9
             lines.append(f"check select  N={N} causal={causal}: triton lists the same key blocks as torch on "
                          f"{agree:.1%} of query blocks" + ("  ok" if agree >= need else "  FAILED"))
+        lines.append(_check_exact_short(q, k, v, dout, causal, tol, N))
     return lines
+
+
+def _check_exact_short(q, k, v, dout, causal, tol, N) -> str:
+    """A training call below attention_dense_below through backend="spt" (exact both ways; on CUDA the
+    flash kernel's forward with its lse kept and its backward run from them, no second forward):
+    output and gradients against SDPA under autograd, and which kernel served it."""
+    from spt_compile.sites.meta import AttentionMeta
+
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    want = OneAttention(causal)(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    torch._dynamo.reset()
+    fn = torch.compile(OneAttention(causal), backend="spt", options=dict(
+        compiler="eager", sparse_ffn=False, calibration_steps=0, attention_dense_below=1 << 20))
+    modes = []  # how each call ran, as its backward reads it
+    original, read = AttentionMeta.__dict__["read"], AttentionMeta.read
+    AttentionMeta.read = classmethod(lambda cls, meta: modes.append(int(meta[0])) or read(meta))
+    try:
+        got = fn(q, k, v)
+        got_grads = torch.autograd.grad(got, (q, k, v), dout)
+    finally:
+        AttentionMeta.read = original
+    errs = [(a.float() - b.float()).abs().max().item() for a, b in zip((got, *got_grads), (want, *want_grads))]
+    ok = all(e <= tol * max(1.0, w.abs().max().item()) for e, w in zip(errs, (want, *want_grads)))
+    names = {AttentionMeta.DENSE: "recomputed", AttentionMeta.DENSE_LSE: "cpu-flash",
+             AttentionMeta.CUDA_FLASH_LSE: "cuda-flash"}
+    return (f"check exact-short N={N} causal={causal} ({', '.join(names.get(m, str(m)) for m in modes)}): max |err| "
+            "out/dq/dk/dv = " + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
 
 
 def _check_deterministic(dout, q, k, v, idx, out, lse, causal, grads, tol, N) -> str:

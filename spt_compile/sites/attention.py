@@ -146,6 +146,28 @@ def cuda_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale:
     return out, lse[..., : q.shape[2]]
 
 
+def cuda_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool,
+                        scale: float, kernel=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of cuda_flash_with_lse's output from its out and lse, by SDPA's CUDA flash backward
+    kernel: an exact call whose forward ran that kernel needs no second forward in backward. Grouped
+    key heads are expanded as the forward expanded them and their gradients summed back per group.
+    No dropout (the forward had none), so the RNG-state operands are placeholders the kernel does not
+    read; not nested, so no cumulative lengths. kernel: the aten op (a stand-in in CPU tests)."""
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_backward if kernel is None else kernel
+    B, H, N, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    groups = H // Hkv
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Nk, D]
+    unused = torch.empty((), dtype=torch.int64)
+    dq, dk, dv = kernel(dout, q, k, v, out, lse.float().contiguous(), None, None, N, Nk, 0.0, is_causal, unused,
+                        unused, scale=scale)[:3]
+    if groups > 1:  # [B, H, Nk, D] -> [B, Hkv, Nk, D]: each kv head's group of query heads
+        dk = dk.unflatten(1, (Hkv, groups)).sum(2)
+        dv = dv.unflatten(1, (Hkv, groups)).sum(2)
+    return dq, dk, dv
+
+
 def flash_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
                    scale: float) -> Optional[tuple[Tensor, Tensor]]:
     """The exact forward's (out, lse [B, H, N] in q's dtype promoted to fp32), contiguous, from the flash
@@ -436,6 +458,10 @@ class AttentionSite(Site):
                 if _cpu_flash_applies(q, k, v, mask, is_causal, scale, dropout_p):  # lse kept: no recompute
                     out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
                     meta = AttentionMeta(AttentionMeta.DENSE_LSE, seed).tensor()
+                elif training and dropout_p == 0 and _cuda_flash_applies(q, k, v, mask, is_causal, scale):
+                    # the same for CUDA's flash kernel: backward runs its backward (cuda_flash_backward)
+                    out, lse = cuda_flash_with_lse(q, k, v, is_causal, scale)
+                    meta = AttentionMeta(AttentionMeta.CUDA_FLASH_LSE, seed).tensor()
                 else:
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 if calibrating and plan.updates_state:

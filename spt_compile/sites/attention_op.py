@@ -20,6 +20,7 @@ from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward
 from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_backward
 from spt_compile.registry import REGISTRY
 
+from . import attention as site_module  # cuda_flash_backward read at call time (tests stand it in)
 from .attention import _float_mask, as_causal, dense_attention
 from .meta import AttentionMeta
 
@@ -83,6 +84,8 @@ def attention_site_backward(
         grads = sparse_attention_backward(dout, q, k, v, indices.view(B, *run.shape), out, lse, scale, bias,
                                           dropout_p, run.seed)
         return tuple(g.contiguous() for g in grads)
+    if run.mode == AttentionMeta.CUDA_FLASH_LSE:  # the forward ran CUDA's flash kernel
+        return tuple(g.contiguous() for g in site_module.cuda_flash_backward(dout, q, k, v, out, lse, is_causal, scale))
     if run.mode == AttentionMeta.DENSE_LSE:
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, is_causal,

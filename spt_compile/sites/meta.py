@@ -21,7 +21,8 @@ class AttentionMeta:
     """How spt::attention_site ran. mode: one of the MODES. shape: the selection's shape after its
     batch dim (block or token indices [B, *shape]); block_m, block_n: the block selection's tiles."""
 
-    DENSE, TOKEN, BLOCK, DENSE_LSE = 0, 1, 2, 3  # DENSE_LSE: by the CPU flash kernel, its lse returned
+    # DENSE_LSE: exact by the CPU flash kernel, its lse returned; CUDA_FLASH_LSE: the same by CUDA's
+    DENSE, TOKEN, BLOCK, DENSE_LSE, CUDA_FLASH_LSE = 0, 1, 2, 3, 4
     LEN = 8
 
     mode: int

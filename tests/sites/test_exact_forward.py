@@ -210,7 +210,7 @@ def test_cuda_flash_exact_forward_plumbing():
     torch.testing.assert_close(lse, s.logsumexp(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, s.softmax(-1) @ vv, atol=1e-5, rtol=1e-5)
 
-    original, flash_calls = attention_site.cuda_flash_with_lse, []
+    original, original_backward, flash_calls = attention_site.cuda_flash_with_lse, attention_site.cuda_flash_backward, []
 
     def run(patched: bool, monkeypatch):
         if patched:
@@ -218,6 +218,8 @@ def test_cuda_flash_exact_forward_plumbing():
             monkeypatch.setattr(attention_site, "_cuda_flash_applies", lambda *a: True)
             monkeypatch.setattr(attention_site, "cuda_flash_with_lse", lambda *a: flash_calls.append(1) or original(
                 *a, kernel=_cpu_stand_in_for_cuda_flash))
+            monkeypatch.setattr(attention_site, "cuda_flash_backward", lambda *a: original_backward(
+                *a, kernel=_cpu_stand_in_for_cuda_flash_backward))  # the calibration call's (exact both ways)
         else:  # the block-sparse kernels with every key block listed
             monkeypatch.setattr(attention_site, "_cpu_flash_applies", lambda *a: False)
         model, x = _gqa_setup()
@@ -235,11 +237,68 @@ def test_cuda_flash_exact_forward_plumbing():
         flash = run(True, mp)
     with pytest.MonkeyPatch.context() as mp:
         kernels = run(False, mp)
-    assert len(flash_calls) == 1  # the one training call after calibration
+    assert len(flash_calls) == 2  # the calibration call (exact, with its lse kept) and the training call
     torch.testing.assert_close(flash[0], kernels[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flash[1], kernels[1], atol=1e-5, rtol=1e-4)
     for a, b in zip(flash[2], kernels[2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _cpu_stand_in_for_cuda_flash_backward(dout, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+                                          is_causal, philox_seed, philox_offset, *, scale):
+    """aten._scaled_dot_product_flash_attention_backward's contract (equal head counts, the forward's
+    out and natural-log logsumexp, no nested lengths, no dropout), computed from lse as flash does."""
+    assert q.shape[1] == k.shape[1] == v.shape[1], "the CUDA entry point takes equal head counts"
+    assert cum_seq_q is None and cum_seq_k is None and dropout_p == 0.0
+    assert (max_q, max_k) == (q.shape[2], k.shape[2]) and lse.dtype == torch.float32
+    s = q.double() @ k.double().transpose(-1, -2) * scale
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    p = torch.exp(s - lse.double()[..., None])  # [B, H, N, Nk]
+    dp = dout.double() @ v.double().transpose(-1, -2)
+    ds = p * (dp - (dout.double() * out.double()).sum(-1, keepdim=True))
+    grads = (ds @ k.double() * scale, ds.transpose(-1, -2) @ q.double() * scale, p.transpose(-1, -2) @ dout.double())
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkeypatch):
+    """Below attention_dense_below, a CUDA training call without mask or dropout runs SDPA's flash kernel
+    keeping its lse, and backward runs the flash backward kernel from it: no second forward. Served by
+    CPU stand-ins of both kernels' contracts; outputs and gradients equal the CPU flash path's."""
+    from spt_compile.sites import attention as attention_site
+
+    original_fwd, original_bwd, calls = attention_site.cuda_flash_with_lse, attention_site.cuda_flash_backward, []
+
+    def run(patched: bool, mp):
+        mp.setattr(attention_site, "_cpu_flash_applies", (lambda *a: False) if patched else attention_site._cpu_flash_applies)
+        if patched:
+            mp.setattr(attention_site, "_cuda_flash_applies", lambda *a: True)
+            mp.setattr(attention_site, "cuda_flash_with_lse", lambda *a: calls.append("forward") or original_fwd(
+                *a, kernel=_cpu_stand_in_for_cuda_flash))
+            mp.setattr(attention_site, "cuda_flash_backward", lambda *a: calls.append("backward") or original_bwd(
+                *a, kernel=_cpu_stand_in_for_cuda_flash_backward))
+            mp.setattr(attention_site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
+        model, x = _gqa_setup(N=37)
+        compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "attention_dense_below": 2048})
+        grads = []
+        for _ in range(2):  # the calibration call, then an exact_short training call
+            y = compiled(x)
+            y.pow(2).sum().backward()
+            grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]))
+            x.grad = None
+            model.zero_grad()
+        return grads
+
+    with pytest.MonkeyPatch.context() as mp:
+        cuda = run(True, mp)
+    with pytest.MonkeyPatch.context() as mp:
+        cpu = run(False, mp)
+    assert calls == ["forward", "backward"] * 2
+    for got, want in zip(cuda, cpu):
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
+        for a, b in zip(got[2], want[2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_mlp_site_forward_equals_disable_bit_for_bit():
