@@ -195,6 +195,40 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _dq_over_list(
+    q, do, delta, lse2, k_base, v_base, bias_ptr, idx_base, offs_m, kv_end,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
+    N, Nk, D, Dv, Lb, qk_scale2, forbid_at,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Unscaled dq [ROWS, BLOCK_D] fp32 of a tile of query rows (q [ROWS, BD], do [ROWS, BDV], delta and
+    lse2 [ROWS], positions offs_m) over the key blocks its list names (idx_base: the list's slot 0),
+    those starting before kv_end: sum of ds @ k, ds = p * (dout @ v^T - delta). bias_ptr: the rows'
+    bias at [b, h] (a pointer, or [ROWS, 1] pointers when the rows' heads differ)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for slot in range(0, Lb):
+        kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
+        if (kb >= 0) & (kb * BLOCK_N < kv_end):
+            offs_n = kb * BLOCK_N + offs_n0
+            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            s = _scores_tile(q, k_ptrs, bias_ptr, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
+            p = tl.exp2(s - lse2[:, None])  # [ROWS, BN]; 0 at forbidden keys
+            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
+            vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < Dv) & (offs_n[None, :] < Nk), other=0.0)  # [BDV, BN]
+            dp = _dot(do, vt, PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            k_ptrs2 = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            k = tl.load(k_ptrs2, mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BN, BD]
+            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, BLOCK_IDX, BIAS, OUT, DOUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -220,7 +254,6 @@ def _bwd_dq_kernel(
     h = bh % H
     kvh = h // G
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N
@@ -243,22 +276,10 @@ def _bwd_dq_kernel(
     if IS_CAUSAL:
         kv_end = tl.minimum(Nk, mb * BLOCK_M + BLOCK_M)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for slot in range(0, Lb):
-        kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
-        if (kb >= 0) & (kb * BLOCK_N < kv_end):
-            offs_n = kb * BLOCK_N + offs_n0
-            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
-                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
-            p = tl.exp2(s - lse2[:, None])  # [BM, BN]; 0 at forbidden keys
-            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-            vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < Dv) & (offs_n[None, :] < Nk), other=0.0)  # [BDV, BN]
-            dp = _dot(do, vt, PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            k_ptrs2 = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            k = tl.load(k_ptrs2, mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BN, BD]
-            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    dq = _dq_over_list(q, do, delta, lse2, k_base, v_base, bias_base, idx_base, offs_m, kv_end,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
+                       N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -299,7 +320,6 @@ def _bwd_dq_packed_kernel(
     head = sel * GS + r // SUB_M  # [R]
     offs_m = mb * BLOCK_M + piece * SUB_M + r % SUB_M  # [R]
     row_ok = ((r // SUB_M) < GS) & (offs_m < N)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
@@ -323,22 +343,10 @@ def _bwd_dq_packed_kernel(
     if IS_CAUSAL:  # the piece's last row is its highest position
         kv_end = tl.minimum(Nk, mb * BLOCK_M + (piece + 1) * SUB_M)
 
-    dq = tl.zeros([HEADS * SUB_M, BLOCK_D], dtype=tl.float32)
-    for slot in range(0, Lb):
-        kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
-        if (kb >= 0) & (kb * BLOCK_N < kv_end):
-            offs_n = kb * BLOCK_N + offs_n0
-            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            s = _scores_tile(q, k_ptrs, bias_rows, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
-                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
-            p = tl.exp2(s - lse2[:, None])  # [R, BN]; 0 at forbidden keys
-            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-            vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < Dv) & (offs_n[None, :] < Nk), other=0.0)  # [BDV, BN]
-            dp = _dot(do, vt, PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            k_ptrs2 = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            k = tl.load(k_ptrs2, mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BN, BD]
-            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    dq = _dq_over_list(q, do, delta, lse2, k_base, v_base, bias_rows, idx_base, offs_m, kv_end,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
+                       N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                       HEADS * SUB_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dq_ptrs = (DQ + b * stride_dqb + head[:, None] * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
