@@ -41,6 +41,12 @@ def draw_keep(shape, p: float, seed: int, device) -> Tensor:
     return uniform.ge(round(p * _LEVELS) - _LEVELS // 2).view(*shape)
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of one of a call's masks: (call seed, stream number) mixed into one generator seed,
+    so each stream (a chunk, a projection, a block) is drawn again alone."""
+    return (seed * 1_000_003 + stream) % (2**63 - 1)
+
+
 @functools.lru_cache(maxsize=64)
 def scale_of(p: float, dtype) -> float:
     """The kept elements' factor, 1 / (1 - drop_share(p)) rounded to dtype (0 when everything drops).

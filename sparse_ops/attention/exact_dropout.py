@@ -27,10 +27,7 @@ from ..dropout import draw_keep, keep_scale
 
 def _safe_softmax(s: Tensor) -> Tensor:
     """softmax over the last dim with 0 for rows that are all -inf (SDPA's math kernel's rule)."""
-    if hasattr(torch.ops.aten, "_safe_softmax"):
-        return torch.ops.aten._safe_softmax(s, -1)
-    allowed = (s > float("-inf")).any(-1, keepdim=True)
-    return torch.where(allowed, torch.softmax(s, -1), 0.0)
+    return torch.ops.aten._safe_softmax(s, -1)  # in torch since 2.5
 
 
 def attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,

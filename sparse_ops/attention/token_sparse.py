@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dropout import draw_keep, keep_scale
+from ..dropout import draw_keep, keep_scale, stream_seed
 
 # Elements of one gathered [B, H, C, L, D] chunk (2**24 fp32 values = 64 MiB), at most 128 rows.
 _CHUNK_ELEMENTS = 1 << 24
@@ -53,7 +53,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _dropout_scale(shape, p: float, seed: int, chunk_start: int, device, dtype) -> Tensor:
     """The dropout scale of one chunk's weights [shape] in dtype (0 or 1 / (1 - drop_share(p)): the
     16-bit masks of sparse_ops/dropout.py), reproducible from (seed, chunk_start) in backward."""
-    return keep_scale(draw_keep(shape, p, (seed * 1_000_003 + chunk_start) % (2**63 - 1), device), p, dtype)
+    return keep_scale(draw_keep(shape, p, stream_seed(seed, chunk_start), device), p, dtype)
 
 
 def _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc):

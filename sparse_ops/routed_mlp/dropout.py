@@ -16,7 +16,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..dropout import draw_keep, keep_scale
+from ..dropout import draw_keep, keep_scale, stream_seed
 from .spec import MlpSpec
 
 IN_STREAM, GATE_STREAM, OUT_STREAM = 1, 2, 16  # OUT_STREAM + b for block b
@@ -27,7 +27,7 @@ def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optio
     1 / (1 - drop_share(p)); the same values whenever (seed, stream) is drawn again."""
     if p <= 0.0:
         return None
-    return keep_scale(draw_keep(shape, p, (seed * 1_000_003 + stream) % (2**63 - 1), device), p, dtype)
+    return keep_scale(draw_keep(shape, p, stream_seed(seed, stream), device), p, dtype)
 
 
 def lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
