@@ -33,13 +33,31 @@ import spt_compile  # noqa: E402
 from spt_compile.registry import REGISTRY  # noqa: E402
 
 CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
-           "spt-block-triton-deterministic", "spt-block-triton-sparse-forward", "spt-block-triton-packed-dq")
+           "spt-block-triton-deterministic", "spt-block-triton-sparse-forward", "spt-block-triton-packed-dq",
+           "spt-block-triton-split-d")
 # *-deterministic: the config run under torch.use_deterministic_algorithms(True, warn_only=True), where the
 # Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py).
 # *-sparse-forward: exact_forward off, the forward too over the selected blocks only (the kernels'
 # own speed; training calls run the exact forward by default, sparse inference the sparse one).
-# *-packed-dq: dq with the query heads of a GQA group in one tile (block_sparse_triton.PACK_GQA_DQ, off
-# by default until timed here).
+# Configs that run spt-block-triton with block_sparse_triton switches on, each off by default until
+# timed here: *-packed-dq, dq with the query heads of a GQA group in one tile (PACK_GQA_DQ); *-split-d,
+# head sizes between powers of two (80, 96) in two tiles instead of one padded to 128 (SPLIT_HEAD_TILES).
+SWITCHED = {"spt-block-triton-packed-dq": {"PACK_GQA_DQ": True}, "spt-block-triton-split-d": {"SPLIT_HEAD_TILES": True}}
+
+
+@contextlib.contextmanager
+def kernel_switches(settings: dict):
+    """block_sparse_triton's module switches set to settings inside, restored after."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+
+    before = {name: getattr(block_sparse_triton, name) for name in settings}
+    for name, value in settings.items():
+        setattr(block_sparse_triton, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(block_sparse_triton, name, value)
 
 
 class OneAttention(torch.nn.Module):
@@ -104,14 +122,9 @@ def deterministic_algorithms():
 
 
 def run_config(config: str, N: int, args, device, dtype) -> dict:
-    if config.endswith("-packed-dq"):
-        from spt_compile.sparse_ops.attention import block_sparse_triton
-
-        block_sparse_triton.PACK_GQA_DQ = True
-        try:
+    if config in SWITCHED:
+        with kernel_switches(SWITCHED[config]):
             return _run_config(config, N, args, device, dtype)
-        finally:
-            block_sparse_triton.PACK_GQA_DQ = False
     if not config.endswith("-deterministic"):
         return _run_config(config, N, args, device, dtype)
     with deterministic_algorithms():
@@ -199,7 +212,8 @@ def check_kernels(args, device, dtype) -> list[str]:
                          + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
             if impl == "triton":  # deterministic mode: one dk/dv program per key block, no atomics
                 lines.append(_check_deterministic(dout.to(dtype), q, k, v, idx, out, lse, causal, grads, tol, N))
-                lines.append(_check_packed_dq(dout.to(dtype), q, k, v, idx, out, lse, causal, grads, tol, N))
+                for config in SWITCHED:
+                    lines.append(_check_switched(config, dout.to(dtype), q, k, v, idx, out, lse, causal, grads, tol, N))
         if "triton" in impls:  # the Triton selection lists the same blocks as the PyTorch one
             from spt_compile.sparse_ops.attention.select import select_blocks
 
@@ -257,22 +271,21 @@ def _check_deterministic(dout, q, k, v, idx, out, lse, causal, grads, tol, N) ->
             f"dq/dk/dv = " + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
 
 
-def _check_packed_dq(dout, q, k, v, idx, out, lse, causal, grads, tol, N) -> str:
-    """The Triton backward with PACK_GQA_DQ (a GQA group's heads in one dq tile): within tol of the
-    default backward's gradients."""
-    from spt_compile.sparse_ops.attention import block_sparse_triton
-    from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward
+def _check_switched(config: str, dout, q, k, v, idx, out, lse, causal, grads, tol, N) -> str:
+    """The Triton forward and backward with a SWITCHED config's switches on: within tol of the
+    default's out and gradients."""
+    from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward, block_sparse_forward
 
     D = q.shape[-1]
-    block_sparse_triton.PACK_GQA_DQ = True
-    try:
-        packed = block_sparse_backward(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, D**-0.5, causal, None,
-                                       64, 64, impl="triton", diag_first=True)
-    finally:
-        block_sparse_triton.PACK_GQA_DQ = False
-    errs = [(a.float() - b.float()).abs().max().item() for a, b in zip(packed, grads)]
-    ok = all(e <= tol * max(1.0, g.abs().max().item()) for e, g in zip(errs, grads))
-    return (f"check packed-dq N={N} causal={causal}: max |diff| vs default dq/dk/dv = "
+    with kernel_switches(SWITCHED[config]):
+        out2, lse2 = block_sparse_forward(q.detach(), k.detach(), v.detach(), idx, D**-0.5, causal, None, 64, 64,
+                                          impl="triton", diag_first=True)
+        grads2 = block_sparse_backward(dout, q.detach(), k.detach(), v.detach(), idx, out2, lse2, D**-0.5, causal,
+                                       None, 64, 64, impl="triton", diag_first=True)
+    errs = [(a.float() - b.float()).abs().max().item() for a, b in zip((out2, *grads2), (out, *grads))]
+    ok = all(e <= tol * max(1.0, g.abs().max().item()) for e, g in zip(errs, (out, *grads)))
+    name = config.removeprefix("spt-block-triton-")
+    return (f"check {name} N={N} causal={causal}: max |diff| vs default out/dq/dk/dv = "
             + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
 
 
@@ -342,7 +355,7 @@ def main(argv=None) -> int:
     print(table(results))
     profiles = []
     if args.host_profile and device.type == "cuda":
-        for config in [c for c in configs if c.startswith("spt") and not c.endswith(("-deterministic", "-packed-dq"))]:
+        for config in [c for c in configs if c.startswith("spt") and not c.endswith("-deterministic") and c not in SWITCHED]:
             try:
                 prof = host_profile(config, max(args.seq_lens), args, device, dtype)
             except Exception as e:

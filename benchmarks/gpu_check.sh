@@ -24,12 +24,18 @@ timeout 210 python benchmarks/bench_attention.py --device cuda --dtype bf16 --ch
     --json "$out/attention_smollm2_${gpu}.json"
 fi
 # 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal; default and deterministic dk/dv.
+#    Then Phi-2's (32 heads, D 80): one head tile padded to 128 (the default) against a 64 + 16 split
+#    (SPLIT_HEAD_TILES: on by default only if this shows it faster; --check compares the two).
 if want 2; then
 timeout 100 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
     --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton spt-block-triton-deterministic \
     spt-block-triton-sparse-forward --repeats 10 \
     --warmup 3 \
     --json "$out/attention_llama7b_${gpu}.json"
+timeout 150 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 8192 --heads 32 \
+    --kv-heads 32 --head-dim 80 --configs sdpa spt-block-triton spt-block-triton-split-d --repeats 10 \
+    --warmup 3 \
+    --json "$out/attention_phi2_${gpu}.json"
 fi
 # 3. The routed FFN: --check (Triton kernels vs the per-token reference at odd sizes, vs the torch path at
 #    this shape, and through torch.compile; exits 1 on a mismatch), then dense (eager, Inductor) and

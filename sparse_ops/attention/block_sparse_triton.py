@@ -83,6 +83,36 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, offs_r, r_ok, stride_r, stride_c, n_cols, LO: tl.constexpr, COLS: tl.constexpr):
+    """[R, COLS] tile of the matrix at base: rows offs_r (where r_ok), columns LO .. LO + COLS - 1
+    (those below n_cols); 0 elsewhere. base is one pointer, or [R, 1] pointers (a head per row)."""
+    offs_c = LO + tl.arange(0, COLS)
+    return tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                   mask=r_ok[:, None] & (offs_c[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _tile_t(base, offs_r, r_ok, stride_r, stride_c, n_cols, LO: tl.constexpr, COLS: tl.constexpr):
+    """The transpose of _tile's tile, [COLS, R], loaded as such (k^T and v^T for the products)."""
+    offs_c = LO + tl.arange(0, COLS)
+    return tl.load(base + offs_c[:, None] * stride_c + offs_r[None, :] * stride_r,
+                   mask=(offs_c[:, None] < n_cols) & r_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, val, offs_r, r_ok, stride_r, stride_c, n_cols, LO: tl.constexpr, COLS: tl.constexpr,
+                ATOMIC: tl.constexpr):
+    """Store (or atomically add, fp32) val [R, COLS] where _tile would load it from."""
+    offs_c = LO + tl.arange(0, COLS)
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    ok = r_ok[:, None] & (offs_c[None, :] < n_cols)
+    if ATOMIC:
+        tl.atomic_add(ptrs, val, mask=ok)
+    else:
+        tl.store(ptrs, val.to(base.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n, forbid_at,
                IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """s with -inf at forbidden (row, key) places: past N or Nk, above the diagonal (causal), a bias at or
@@ -101,17 +131,24 @@ def _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n,
 
 @triton.jit
 def _scores_tile(
-    q, k_ptrs, bias_ptr, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
+    q, q2, k_base, bias_ptr, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd, qk_scale2,
     stride_bias_m, stride_bias_n, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """Base-2 scores [BLOCK_M, BLOCK_N] of one (query tile, key tile), -inf where forbidden.
-    q [BLOCK_M, BLOCK_D] is loaded; k_ptrs [BLOCK_D, BLOCK_N] points at this key tile transposed;
-    bias_ptr points at bias[b, h, 0, 0]; a bias <= forbid_at forbids its key.
+    q [BLOCK_M, BLOCK_D] is loaded, and q2 [BLOCK_M, BLOCK_D2] the head dim's tail tile when
+    BLOCK_D2 > 0 (split head tiles; else q2 is unused); k_base points at k[b, kv head, 0, 0];
+    bias_ptr at bias[b, h, 0, 0]; a bias <= forbid_at forbids its key.
     Without a bias only tiles that cross the causal diagonal or the end of the rows or keys are masked
     (a run-time branch per tile): the others, most of a long row's, skip the comparisons and the select."""
-    kt = tl.load(k_ptrs, mask=(offs_d[:, None] < D) & (offs_n[None, :] < Nk), other=0.0)  # [BD, BN]
-    s = _dot(q, kt, PRECISION, UPCAST) * qk_scale2  # fp32
+    n_ok = offs_n < Nk
+    kt = _tile_t(k_base, offs_n, n_ok, stride_kn, stride_kd, D, 0, BLOCK_D)  # [BD, BN]
+    s = _dot(q, kt, PRECISION, UPCAST)  # fp32
+    if BLOCK_D2 > 0:
+        kt2 = _tile_t(k_base, offs_n, n_ok, stride_kn, stride_kd, D, BLOCK_D, BLOCK_D2)  # [BD2, BN]
+        s += _dot(q2, kt2, PRECISION, UPCAST)
+    s = s * qk_scale2
     if HAS_BIAS:
         s = _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, True)
     else:
@@ -140,6 +177,7 @@ def _fwd_kernel(
     H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64: b * stride can pass 2**31 on long inputs
     mb = pid % Mb
@@ -149,11 +187,13 @@ def _fwd_kernel(
     kvh = h // G
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < N
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
+    q_base = Q + b * stride_qb + h * stride_qh
+    q = _tile(q_base, offs_m, row_ok, stride_qm, stride_qd, D, 0, BLOCK_D)  # [BM, BD]
+    q2 = q
+    if BLOCK_D2 > 0:
+        q2 = _tile(q_base, offs_m, row_ok, stride_qm, stride_qd, D, BLOCK_D, BLOCK_D2)  # [BM, BD2]
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
@@ -167,13 +207,16 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc2 = acc
+    if BLOCK_DV2 > 0:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
     for slot in range(0, Lb):
         kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
         if (kb >= 0) & (kb * BLOCK_N < kv_end):
             offs_n = kb * BLOCK_N + offs_n0
-            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
-                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
+            s = _scores_tile(q, q2, k_base, bias_base, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd, qk_scale2,
+                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                             BLOCK_D, BLOCK_D2)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row with nothing allowed so far keeps m = -inf; shift by 0 there so that
             # exp2(-inf - -inf) never makes a NaN.
@@ -181,51 +224,87 @@ def _fwd_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])  # 0 at forbidden keys
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < Dv), other=0.0)
+            n_ok = offs_n < Nk
+            v = _tile(v_base, offs_n, n_ok, stride_vn, stride_vd, Dv, 0, BLOCK_DV)  # [BN, BDV]
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            if BLOCK_DV2 > 0:
+                v2 = _tile(v_base, offs_n, n_ok, stride_vn, stride_vd, Dv, BLOCK_DV, BLOCK_DV2)  # [BN, BDV2]
+                acc2 = acc2 * alpha[:, None] + _dot(p.to(v2.dtype), v2, PRECISION, UPCAST)
             m_i = m_new
 
     has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # empty rows: acc is 0, so out is 0
+    denom = tl.where(has_key, l_i, 1.0)[:, None]  # empty rows: acc is 0, so out is 0
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * _LN2_C, float("-inf"))
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_dv[None, :] < Dv))
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=offs_m < N)
+    o_base = OUT + b * stride_ob + h * stride_oh
+    _store_tile(o_base, acc / denom, offs_m, row_ok, stride_om, stride_od, Dv, 0, BLOCK_DV, False)
+    if BLOCK_DV2 > 0:
+        _store_tile(o_base, acc2 / denom, offs_m, row_ok, stride_om, stride_od, Dv, BLOCK_DV, BLOCK_DV2, False)
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=row_ok)
 
 
 @triton.jit
 def _dq_over_list(
-    q, do, delta, lse2, k_base, v_base, bias_ptr, idx_base, offs_m, kv_end,
+    q, q2, do, do2, delta, lse2, k_base, v_base, bias_ptr, idx_base, offs_m, kv_end,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
     N, Nk, D, Dv, Lb, qk_scale2, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
 ):
-    """Unscaled dq [ROWS, BLOCK_D] fp32 of a tile of query rows (q [ROWS, BD], do [ROWS, BDV], delta and
-    lse2 [ROWS], positions offs_m) over the key blocks its list names (idx_base: the list's slot 0),
-    those starting before kv_end: sum of ds @ k, ds = p * (dout @ v^T - delta). bias_ptr: the rows'
-    bias at [b, h] (a pointer, or [ROWS, 1] pointers when the rows' heads differ)."""
+    """Unscaled (dq [ROWS, BLOCK_D], dq2 [ROWS, BLOCK_D2]) fp32 of a tile of query rows (q, do and
+    their tail tiles q2, do2 where BLOCK_D2 / BLOCK_DV2 > 0; delta and lse2 [ROWS]; positions offs_m)
+    over the key blocks its list names (idx_base: the list's slot 0), those starting before kv_end:
+    sum of ds @ k, ds = p * (dout @ v^T - delta). dq2 is dq, unused, without a tail. bias_ptr: the
+    rows' bias at [b, h] (a pointer, or [ROWS, 1] pointers when the rows' heads differ)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    dq2 = dq
+    if BLOCK_D2 > 0:
+        dq2 = tl.zeros([ROWS, BLOCK_D2], dtype=tl.float32)
     for slot in range(0, Lb):
         kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
         if (kb >= 0) & (kb * BLOCK_N < kv_end):
             offs_n = kb * BLOCK_N + offs_n0
-            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            s = _scores_tile(q, k_ptrs, bias_ptr, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
-                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST)
+            n_ok = offs_n < Nk
+            s = _scores_tile(q, q2, k_base, bias_ptr, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd, qk_scale2,
+                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                             BLOCK_D, BLOCK_D2)
             p = tl.exp2(s - lse2[:, None])  # [ROWS, BN]; 0 at forbidden keys
-            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-            vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < Dv) & (offs_n[None, :] < Nk), other=0.0)  # [BDV, BN]
+            vt = _tile_t(v_base, offs_n, n_ok, stride_vn, stride_vd, Dv, 0, BLOCK_DV)  # [BDV, BN]
             dp = _dot(do, vt, PRECISION, UPCAST)
+            if BLOCK_DV2 > 0:
+                vt2 = _tile_t(v_base, offs_n, n_ok, stride_vn, stride_vd, Dv, BLOCK_DV, BLOCK_DV2)  # [BDV2, BN]
+                dp += _dot(do2, vt2, PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            k_ptrs2 = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            k = tl.load(k_ptrs2, mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BN, BD]
+            k = _tile(k_base, offs_n, n_ok, stride_kn, stride_kd, D, 0, BLOCK_D)  # [BN, BD]
             dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
-    return dq
+            if BLOCK_D2 > 0:
+                k2 = _tile(k_base, offs_n, n_ok, stride_kn, stride_kd, D, BLOCK_D, BLOCK_D2)  # [BN, BD2]
+                dq2 += _dot(ds.to(k2.dtype), k2, PRECISION, UPCAST)
+    return dq, dq2
+
+
+@triton.jit
+def _dq_rows_in(
+    q_base, o_base, do_base, offs_m, row_ok,
+    stride_qm, stride_qd, stride_om, stride_od, stride_dom, stride_dod, D, Dv,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
+):
+    """A dq program's rows: (q, q2, do, do2, delta = rowsum(dout * out) in fp32). The bases are
+    pointers or [R, 1] pointers; q2 / do2 are the tail tiles, or q / do (unused) without one."""
+    q = _tile(q_base, offs_m, row_ok, stride_qm, stride_qd, D, 0, BLOCK_D)  # [R, BD]
+    do = _tile(do_base, offs_m, row_ok, stride_dom, stride_dod, Dv, 0, BLOCK_DV)  # [R, BDV]
+    o = _tile(o_base, offs_m, row_ok, stride_om, stride_od, Dv, 0, BLOCK_DV)  # [R, BDV]
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [R]
+    q2 = q
+    do2 = do
+    if BLOCK_D2 > 0:
+        q2 = _tile(q_base, offs_m, row_ok, stride_qm, stride_qd, D, BLOCK_D, BLOCK_D2)  # [R, BD2]
+    if BLOCK_DV2 > 0:
+        do2 = _tile(do_base, offs_m, row_ok, stride_dom, stride_dod, Dv, BLOCK_DV, BLOCK_DV2)  # [R, BDV2]
+        o2 = _tile(o_base, offs_m, row_ok, stride_om, stride_od, Dv, BLOCK_DV, BLOCK_DV2)
+        delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), axis=1)
+    return q, q2, do, do2, delta
 
 
 @triton.jit
@@ -242,6 +321,7 @@ def _bwd_dq_kernel(
     H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
 ):
     """dq = scale * sum over listed key blocks of ds @ k, ds = p * (dout @ v^T - delta), where
     delta = rowsum(dout * out) is the softmax-gradient correction rowsum(p * dp), one number per row.
@@ -254,17 +334,13 @@ def _bwd_dq_kernel(
     h = bh % H
     kvh = h // G
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
-    do_ptrs = DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-    do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    o = tl.load(o_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [BM]
+    q, q2, do, do2, delta = _dq_rows_in(
+        Q + b * stride_qb + h * stride_qh, OUT + b * stride_ob + h * stride_oh,
+        DOUT + b * stride_dob + h * stride_doh, offs_m, row_ok,
+        stride_qm, stride_qd, stride_om, stride_od, stride_dom, stride_dod, D, Dv,
+        BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2)
     tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)  # empty rows: p is 0 anyway
@@ -276,13 +352,15 @@ def _bwd_dq_kernel(
     if IS_CAUSAL:
         kv_end = tl.minimum(Nk, mb * BLOCK_M + BLOCK_M)
 
-    dq = _dq_over_list(q, do, delta, lse2, k_base, v_base, bias_base, idx_base, offs_m, kv_end,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
-                       N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
-                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+    dq, dq2 = _dq_over_list(q, q2, do, do2, delta, lse2, k_base, v_base, bias_base, idx_base, offs_m, kv_end,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
+                            N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    _store_tile(dq_base, dq * scale, offs_m, row_ok, stride_dqm, stride_dqd, D, 0, BLOCK_D, False)
+    if BLOCK_D2 > 0:
+        _store_tile(dq_base, dq2 * scale, offs_m, row_ok, stride_dqm, stride_dqd, D, BLOCK_D, BLOCK_D2, False)
 
 
 @triton.jit
@@ -299,7 +377,7 @@ def _bwd_dq_packed_kernel(
     H, G, GS, S, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HEADS: tl.constexpr, SUB_M: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, HEADS: tl.constexpr, SUB_M: tl.constexpr,
 ):
     """_bwd_dq_kernel with the GS query heads that share a list packed into one tile (GQA lists):
     one program per (b, selection head, query block, piece of SUB_M rows), whose HEADS * SUB_M
@@ -320,17 +398,12 @@ def _bwd_dq_packed_kernel(
     head = sel * GS + r // SUB_M  # [R]
     offs_m = mb * BLOCK_M + piece * SUB_M + r % SUB_M  # [R]
     row_ok = ((r // SUB_M) < GS) & (offs_m < N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [R, BD]
-    do_ptrs = (DOUT + b * stride_dob + head[:, None] * stride_doh + offs_m[:, None] * stride_dom
-               + offs_dv[None, :] * stride_dod)
-    do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [R, BDV]
-    o_ptrs = OUT + b * stride_ob + head[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    o = tl.load(o_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [R, BDV]
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # [R]
+    q, q2, do, do2, delta = _dq_rows_in(  # [R, 1] row bases: each row's head
+        Q + b * stride_qb + head[:, None] * stride_qh, OUT + b * stride_ob + head[:, None] * stride_oh,
+        DOUT + b * stride_dob + head[:, None] * stride_doh, offs_m, row_ok,
+        stride_qm, stride_qd, stride_om, stride_od, stride_dom, stride_dod, D, Dv,
+        BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2)
     row_at = (b * H + head) * N + offs_m  # [R]: rows of the contiguous [B, H, N] LSE and DELTA
     tl.store(DELTA + row_at, delta, mask=row_ok)
     lse = tl.load(LSE + row_at, mask=row_ok, other=float("-inf"))
@@ -343,14 +416,15 @@ def _bwd_dq_packed_kernel(
     if IS_CAUSAL:  # the piece's last row is its highest position
         kv_end = tl.minimum(Nk, mb * BLOCK_M + (piece + 1) * SUB_M)
 
-    dq = _dq_over_list(q, do, delta, lse2, k_base, v_base, bias_rows, idx_base, offs_m, kv_end,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
-                       N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
-                       HEADS * SUB_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+    dq, dq2 = _dq_over_list(q, q2, do, do2, delta, lse2, k_base, v_base, bias_rows, idx_base, offs_m, kv_end,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
+                            N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                            HEADS * SUB_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2)
 
-    dq_ptrs = (DQ + b * stride_dqb + head[:, None] * stride_dqh + offs_m[:, None] * stride_dqm
-               + offs_d[None, :] * stride_dqd)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    dq_rows = DQ + b * stride_dqb + head[:, None] * stride_dqh  # [R, 1]
+    _store_tile(dq_rows, dq * scale, offs_m, row_ok, stride_dqm, stride_dqd, D, 0, BLOCK_D, False)
+    if BLOCK_D2 > 0:
+        _store_tile(dq_rows, dq2 * scale, offs_m, row_ok, stride_dqm, stride_dqd, D, BLOCK_D, BLOCK_D2, False)
 
 
 @triton.jit
@@ -360,6 +434,19 @@ def _listed(BLOCK_IDX, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L
     offs_l = tl.arange(0, BLOCK_L)
     lst = tl.load(BLOCK_IDX + sel * stride_ih + mb * stride_im + offs_l * stride_il, mask=offs_l < Lb, other=-1)
     return tl.max((lst == nb).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _store_dkdv(dk_base, dv_base, dk, dk2, dv, dv2, offs_n, col_ok, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                D, Dv, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_D2: tl.constexpr,
+                BLOCK_DV2: tl.constexpr, ATOMIC: tl.constexpr):
+    """A key block's dk and dv rows (and their tail tiles), stored or atomically added."""
+    _store_tile(dk_base, dk, offs_n, col_ok, stride_dkn, stride_dkd, D, 0, BLOCK_D, ATOMIC)
+    _store_tile(dv_base, dv, offs_n, col_ok, stride_dvn, stride_dvd, Dv, 0, BLOCK_DV, ATOMIC)
+    if BLOCK_D2 > 0:
+        _store_tile(dk_base, dk2, offs_n, col_ok, stride_dkn, stride_dkd, D, BLOCK_D, BLOCK_D2, ATOMIC)
+    if BLOCK_DV2 > 0:
+        _store_tile(dv_base, dv2, offs_n, col_ok, stride_dvn, stride_dvd, Dv, BLOCK_DV, BLOCK_DV2, ATOMIC)
 
 
 @triton.jit
@@ -376,6 +463,7 @@ def _bwd_dkdv_kernel(
     H, Hkv, SG, GS, N, Nk, D, Dv, Mb, Lb, Nb, qk_scale2, scale, forbid_at,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_L: tl.constexpr, QBLOCKS_PER_PROGRAM: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """One program per (b, kv head, key block nb, piece): piece j covers query blocks
@@ -386,7 +474,8 @@ def _bwd_dkdv_kernel(
     match. A sink block listed by every query block still spreads over Mb / QBLOCKS_PER_PROGRAM
     programs, so no program walks all of them. DIRECT (QBLOCKS_PER_PROGRAM = Mb: one program per key
     block, for torch.use_deterministic_algorithms): the program holds its key block's whole sum and
-    stores it in DK's and DV's own dtypes, zeros included: no atomics, the same bits every run."""
+    stores it in DK's and DV's own dtypes, zeros included: no atomics, the same bits every run.
+    BLOCK_D2 / BLOCK_DV2 > 0: the head dims' tail tiles, carried beside the lead ones (dk2, dv2)."""
     pid = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(1)
     nb = pid % Nb
@@ -406,17 +495,22 @@ def _bwd_dkdv_kernel(
 
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < Nk
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk2 = dk
+    dv2 = dv
+    if BLOCK_D2 > 0:
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    if BLOCK_DV2 > 0:
+        dv2 = tl.zeros([BLOCK_N, BLOCK_DV2], dtype=tl.float32)
     if n_listed > 0:
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
-        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T [BD, BN]
-        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=(offs_dv[:, None] < Dv) & col_ok[None, :], other=0.0)  # v^T [BDV, BN]
+        vt = _tile_t(v_base, offs_n, col_ok, stride_vn, stride_vd, Dv, 0, BLOCK_DV)  # v^T [BDV, BN]
+        vt2 = vt
+        if BLOCK_DV2 > 0:
+            vt2 = _tile_t(v_base, offs_n, col_ok, stride_vn, stride_vd, Dv, BLOCK_DV, BLOCK_DV2)  # [BDV2, BN]
         for sel in range(kvh * SG, kvh * SG + SG):
             for mb in range(mb_lo, mb_hi):
                 if _listed(idx_b, sel, mb, nb, stride_ih, stride_im, stride_il, Lb, BLOCK_L):
@@ -424,34 +518,43 @@ def _bwd_dkdv_kernel(
                     row_ok = offs_m < N
                     for h in range(sel * GS, sel * GS + GS):  # every query head reading this list
                         bh = b * H + h
-                        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-                        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BM, BD]
-                        do_ptrs = (DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                                   + offs_dv[None, :] * stride_dod)
-                        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # [BM, BDV]
+                        q_base = Q + b * stride_qb + h * stride_qh
+                        do_base = DOUT + b * stride_dob + h * stride_doh
+                        q = _tile(q_base, offs_m, row_ok, stride_qm, stride_qd, D, 0, BLOCK_D)  # [BM, BD]
+                        do = _tile(do_base, offs_m, row_ok, stride_dom, stride_dod, Dv, 0, BLOCK_DV)  # [BM, BDV]
+                        q2 = q
+                        do2 = do
+                        if BLOCK_D2 > 0:
+                            q2 = _tile(q_base, offs_m, row_ok, stride_qm, stride_qd, D, BLOCK_D, BLOCK_D2)
+                        if BLOCK_DV2 > 0:
+                            do2 = _tile(do_base, offs_m, row_ok, stride_dom, stride_dod, Dv, BLOCK_DV, BLOCK_DV2)
                         lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("-inf"))
                         lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)
                         delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
                         bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
-                        s = _scores_tile(q, k_ptrs, bias_base, offs_m, offs_n, offs_d, N, Nk, D, qk_scale2,
-                                         stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION,
-                                         UPCAST)
+                        s = _scores_tile(q, q2, k_base, bias_base, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd,
+                                         qk_scale2, stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS,
+                                         PRECISION, UPCAST, BLOCK_D, BLOCK_D2)
                         p = tl.exp2(s - lse2[:, None])  # [BM, BN]; 0 at forbidden keys and padded rows
-                        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
+                        pt = tl.trans(p).to(do.dtype)
+                        dv += _dot(pt, do, PRECISION, UPCAST)
                         dp = _dot(do, vt, PRECISION, UPCAST)
-                        ds = p * (dp - delta[:, None])
-                        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
+                        if BLOCK_DV2 > 0:
+                            dv2 += _dot(pt, do2, PRECISION, UPCAST)
+                            dp += _dot(do2, vt2, PRECISION, UPCAST)
+                        dst = tl.trans(p * (dp - delta[:, None])).to(q.dtype)  # ds^T [BN, BM]
+                        dk += _dot(dst, q, PRECISION, UPCAST)
+                        if BLOCK_D2 > 0:
+                            dk2 += _dot(dst, q2, PRECISION, UPCAST)
 
-    dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dk_ok = col_ok[:, None] & (offs_d[None, :] < D)
-    dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-    dv_ok = col_ok[:, None] & (offs_dv[None, :] < Dv)
+    dk_base = DK + b * stride_dkb + kvh * stride_dkh
+    dv_base = DV + b * stride_dvb + kvh * stride_dvh
     if DIRECT:  # the only program of its key block: it stores the whole sum, zeros included
-        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dk_ok)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dv_ok)
+        _store_dkdv(dk_base, dv_base, dk * scale, dk2 * scale, dv, dv2, offs_n, col_ok,
+                    stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, Dv, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, False)
     elif n_listed > 0:
-        tl.atomic_add(dk_ptrs, dk * scale, mask=dk_ok)
-        tl.atomic_add(dv_ptrs, dv, mask=dv_ok)
+        _store_dkdv(dk_base, dv_base, dk * scale, dk2 * scale, dv, dv2, offs_n, col_ok,
+                    stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, Dv, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, True)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -484,6 +587,31 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_m: int, blo
 def _tile_d(d: int) -> int:
     """Head-size tile: the next power of two, at least 16 (tl.dot's minimum); padding is masked."""
     return max(16, triton.next_power_of_2(d))
+
+
+# Head sizes between powers of two (80, 96) in two tiles, a power of two and a tail (64 + 16, 64 + 32),
+# instead of one tile padded to the next power of two (128: 60% / 33% of each product's inner or
+# outer size spent on zeros). Off until a GPU run times it against padding (bench_attention.py's
+# --head-dim 80 rows); correct either way (tests/ops/triton_interpret, under TRITON_INTERPRET=1).
+SPLIT_HEAD_TILES = False
+
+
+def _head_tiles(d: int) -> tuple[int, int]:
+    """(lead, tail) tile widths covering head size d: lead a power of two, tail 0 (one tile of lead,
+    padded) or a power of two >= 16 (tl.dot's minimum) that covers d - lead. Split only where it
+    covers fewer columns than the padded tile: 80 -> (64, 16), 96 -> (64, 32), 112 -> (128, 0)."""
+    padded = _tile_d(d)
+    if not SPLIT_HEAD_TILES or padded == d or padded <= 16:
+        return padded, 0
+    lead = padded // 2
+    tail = max(16, triton.next_power_of_2(d - lead))
+    return (lead, tail) if lead + tail < padded else (padded, 0)
+
+
+def _tile_args(D: int, Dv: int) -> dict:
+    """The kernels' head-tile constexprs for head sizes D (q, k) and Dv (v)."""
+    (bd, bd2), (bdv, bdv2) = _head_tiles(D), _head_tiles(Dv)
+    return dict(BLOCK_D=bd, BLOCK_D2=bd2, BLOCK_DV=bdv, BLOCK_DV2=bdv2)
 
 
 def _bias_args(bias: Optional[Tensor], B: int, H: int, N: int, Nk: int, like: Tensor):
@@ -546,8 +674,7 @@ def block_sparse_forward_triton(
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *lse.stride(),
         H, H // Hkv, H // block_idx.shape[1], N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, forbid_at,
         IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile_d(D), BLOCK_DV=_tile_d(Dv),
-        **_launch_args(q, block_m, block_n, D, Dv),
+        BLOCK_M=block_m, BLOCK_N=block_n, **_tile_args(D, Dv), **_launch_args(q, block_m, block_n, D, Dv),
     )
     return out, lse
 
@@ -630,8 +757,7 @@ def block_sparse_backward_triton(
     bias_t, bias_strides, forbid_at = _bias_args(bias, B, H, N, Nk, q)
     common = dict(
         IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile_d(D), BLOCK_DV=_tile_d(Dv),
-        **_launch_args(q, block_m, block_n, D, Dv),
+        BLOCK_M=block_m, BLOCK_N=block_n, **_tile_args(D, Dv), **_launch_args(q, block_m, block_n, D, Dv),
     )
     packing = _dq_packing(H // S, block_m)
     if packing is None:

@@ -384,3 +384,66 @@ def test_packing_needs_lists_shared_by_heads(monkeypatch):
     assert block_sparse_triton._dq_packing(16, 64) == (16, 16)  # tl.dot's 16 rows at least
     monkeypatch.setattr(block_sparse_triton, "PACK_GQA_DQ", False)
     assert block_sparse_triton._dq_packing(3, 64) is None
+
+
+def test_head_tiles_split_only_where_fewer_columns():
+    from spt_compile.sparse_ops.attention import block_sparse_triton as bst
+
+    widths = {d: bst._head_tiles(d) for d in (8, 16, 24, 40, 48, 64, 72, 80, 96, 112, 128, 160)}
+    assert widths == {d: (bst._tile_d(d), 0) for d in widths}  # off: one padded tile
+    bst.SPLIT_HEAD_TILES = True
+    try:
+        widths = {d: bst._head_tiles(d) for d in widths}
+    finally:
+        bst.SPLIT_HEAD_TILES = False
+    assert widths == {8: (16, 0), 16: (16, 0), 24: (32, 0), 40: (32, 16), 48: (32, 16), 64: (64, 0),
+                      72: (64, 16), 80: (64, 16), 96: (64, 32), 112: (128, 0), 128: (128, 0), 160: (128, 32)}
+
+
+class _TileSpy:
+    """Stands in for a Triton kernel: records each launch's head-tile constexprs, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.tiles = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tiles.append(tuple(kwargs[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+SPLIT_CASES = [  # (case, dtype, dk/dv mode): head sizes 80, 96 and 72 for q/k and v, each kernel variant
+    (Case(100, 80, 80, 3, 1, True, 32, 16, "mask", 5), torch.float32, "atomic"),
+    (Case(57, 96, 72, 4, 2, False, 16, 16, "pad", 4), torch.float32, "direct"),
+    (Case(40, 80, 64, 3, 1, True, 16, 16, None, 3), torch.bfloat16, "direct"),
+    (Case(33, 64, 96, 2, 1, True, 16, 16, "pad", 3), torch.bfloat16, "atomic"),
+    (Case(100, 80, 96, 3, 1, True, 32, 16, "mask", 4), torch.float32, "packed-dq"),
+]
+
+
+@pytest.mark.parametrize("c, dtype, mode", SPLIT_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_split_head_tiles_match_the_reference(c: Case, dtype: torch.dtype, mode: str, monkeypatch):
+    """SPLIT_HEAD_TILES: head sizes between powers of two in a lead tile and a tail tile. Out, lse and
+    every gradient as the reference's, in each dk/dv mode and with the packed dq kernel; the kernels
+    launched with the split widths."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton as bst
+
+    monkeypatch.setattr(bst, "SPLIT_HEAD_TILES", True)
+    if mode == "direct":
+        monkeypatch.setattr(bst, "DIRECT_UP_TO_HEAD_BLOCKS", 10**6)
+    names = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_packed_kernel" if mode == "packed-dq" else "_bwd_dq_kernel")
+    spies = {n: _TileSpy(getattr(bst, n)) for n in names}
+    for n, spy in spies.items():
+        monkeypatch.setattr(bst, n, spy)
+    q, k, v, block_idx, bias, dout = make_inputs(c, dtype, seed=31)
+    if mode == "packed-dq":
+        monkeypatch.setattr(bst, "PACK_GQA_DQ", True)
+        block_idx = random_block_idx(B, c.Hkv, -(-c.N // c.block_m), -(-c.N // c.block_n), c.Lb,
+                                     torch.Generator().manual_seed(32))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    check_case(c, q, k, v, block_idx, bias, dout, atol=tol, rtol=tol)
+    want = (*bst._head_tiles(c.D), *bst._head_tiles(c.Dv))
+    assert want[1] or want[3], "the case must split at least one head size"
+    for n, spy in spies.items():
+        assert spy.tiles and set(spy.tiles) == {want}, (n, spy.tiles)
