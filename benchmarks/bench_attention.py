@@ -34,15 +34,17 @@ from spt_compile.registry import REGISTRY  # noqa: E402
 
 CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
            "spt-block-triton-deterministic", "spt-block-triton-sparse-forward", "spt-block-triton-packed-dq",
-           "spt-block-triton-split-d")
+           "spt-block-triton-split-d", "spt-block-triton-dkdv-8warps")
 # *-deterministic: the config run under torch.use_deterministic_algorithms(True, warn_only=True), where the
 # Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py).
 # *-sparse-forward: exact_forward off, the forward too over the selected blocks only (the kernels'
 # own speed; training calls run the exact forward by default, sparse inference the sparse one).
 # Configs that run spt-block-triton with block_sparse_triton switches on, each off by default until
 # timed here: *-packed-dq, dq with the query heads of a GQA group in one tile (PACK_GQA_DQ); *-split-d,
-# head sizes between powers of two (80, 96) in two tiles instead of one padded to 128 (SPLIT_HEAD_TILES).
-SWITCHED = {"spt-block-triton-packed-dq": {"PACK_GQA_DQ": True}, "spt-block-triton-split-d": {"SPLIT_HEAD_TILES": True}}
+# head sizes between powers of two (80, 96) in two tiles instead of one padded to 128 (SPLIT_HEAD_TILES);
+# *-dkdv-8warps, the dk/dv kernel on 8 warps, where 4 spill its accumulators (DKDV_WARPS).
+SWITCHED = {"spt-block-triton-packed-dq": {"PACK_GQA_DQ": True}, "spt-block-triton-split-d": {"SPLIT_HEAD_TILES": True},
+            "spt-block-triton-dkdv-8warps": {"DKDV_WARPS": 8}}
 
 
 @contextlib.contextmanager

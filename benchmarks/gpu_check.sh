@@ -15,11 +15,12 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 # 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal;
 #    also the Triton path under torch.use_deterministic_algorithms (one dk/dv program per key block), and
 #    with the sparse forward (exact_forward off: the block-sparse kernels' own speed), and with dq packing a GQA
-#    group's heads into one tile (PACK_GQA_DQ: on by default only if this shows it faster).
+#    group's heads into one tile (PACK_GQA_DQ), and with the dk/dv kernel on 8 warps (DKDV_WARPS, where 4
+#    spill when compiled for sm_90: benchmarks/kernel_resources.py); each on by default only if faster here.
 if want 1; then
-timeout 210 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
+timeout 270 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \
     --configs sdpa sdpa-inductor spt-block-triton spt-block-torch spt-block-triton-deterministic \
-    spt-block-triton-sparse-forward spt-block-triton-packed-dq --repeats 10 \
+    spt-block-triton-sparse-forward spt-block-triton-packed-dq spt-block-triton-dkdv-8warps --repeats 10 \
     --warmup 3 --host-profile \
     --json "$out/attention_smollm2_${gpu}.json"
 fi
@@ -27,9 +28,9 @@ fi
 #    Then Phi-2's (32 heads, D 80): one head tile padded to 128 (the default) against a 64 + 16 split
 #    (SPLIT_HEAD_TILES: on by default only if this shows it faster; --check compares the two).
 if want 2; then
-timeout 100 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
+timeout 130 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 8192 --heads 32 \
     --kv-heads 32 --head-dim 128 --configs sdpa spt-block-triton spt-block-triton-deterministic \
-    spt-block-triton-sparse-forward --repeats 10 \
+    spt-block-triton-sparse-forward spt-block-triton-dkdv-8warps --repeats 10 \
     --warmup 3 \
     --json "$out/attention_llama7b_${gpu}.json"
 timeout 150 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 8192 --heads 32 \

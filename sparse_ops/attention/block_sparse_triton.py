@@ -591,8 +591,10 @@ def _tile_d(d: int) -> int:
 
 # Head sizes between powers of two (80, 96) in two tiles, a power of two and a tail (64 + 16, 64 + 32),
 # instead of one tile padded to the next power of two (128: 60% / 33% of each product's inner or
-# outer size spent on zeros). Off until a GPU run times it against padding (bench_attention.py's
-# --head-dim 80 rows); correct either way (tests/ops/triton_interpret, under TRITON_INTERPRET=1).
+# outer size spent on zeros). Compiled for sm_90 at D 80 (kernel_resources_sm90.json) it needs 18 / 28
+# / 58.5 KB of shared memory in the forward / dq / dk-dv kernels against 32 / 48 / 96.5, and 160 / 191
+# registers in the first two against 208 / 252. Off until a GPU times it against padding (gpu_check.sh
+# step 2, Phi-2's heads); correct either way (tests/ops/triton_interpret, under TRITON_INTERPRET=1).
 SPLIT_HEAD_TILES = False
 
 
@@ -698,6 +700,13 @@ DIRECT_UP_TO_HEAD_BLOCKS = 384
 PACK_GQA_DQ = False
 PACKED_DQ_ROWS = 128  # rows of a packed dq tile: heads (a power of two) x query positions
 
+# Warps of the dk/dv kernel (None: those of the other kernels, _launch_args). Compiled for sm_90 at
+# N 8192, bf16, 64 x 64 tiles (benchmarks/results/kernel_resources_sm90.json), its two fp32
+# accumulators spill at 4 warps: 88 bytes a thread at SmolLM2's D 64, 544 at D 80 / 96 / 128 (one
+# 128-wide tile); at 8 warps 0 and 88 (0 at D 80 with SPLIT_HEAD_TILES). Unset until a GPU times it
+# (bench_attention.py's spt-block-triton-dkdv-8warps; gpu_check.sh steps 1 and 2).
+DKDV_WARPS: Optional[int] = None
+
 
 def _dq_packing(heads_per_list: int, block_m: int) -> Optional[tuple[int, int]]:
     """(HEADS, SUB_M) of the packed dq kernel for lists shared by heads_per_list query heads, or None:
@@ -785,6 +794,7 @@ def block_sparse_backward_triton(
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dk.stride(),
         *dv.stride(),
         H, Hkv, S // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
-        BLOCK_L=max(16, triton.next_power_of_2(Lb)), QBLOCKS_PER_PROGRAM=per_program, DIRECT=direct, **common,
+        BLOCK_L=max(16, triton.next_power_of_2(Lb)), QBLOCKS_PER_PROGRAM=per_program, DIRECT=direct,
+        **{**common, **({"num_warps": DKDV_WARPS} if DKDV_WARPS else {})},
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

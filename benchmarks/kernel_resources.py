@@ -1,0 +1,114 @@
+"""What the block-sparse attention kernels need of an H100/H200, without one: each kernel compiled for
+sm_90 at the configuration its launcher picks (spt_compile.testing.compile_only), with registers per
+thread, bytes spilled to local memory per thread, and shared memory. A kernel that spills loads and
+stores its accumulators through local memory (L1/L2) inside its inner loop; one that needs more shared
+memory than an SM has (227 KB) does not launch.
+
+    python benchmarks/kernel_resources.py --json benchmarks/results/kernel_resources_sm90.json
+
+Rows: head shapes of SmolLM2 (9 / 3 heads, D 64), Phi-2 (32, D 80), a D 96 model and LLaMA-7B (32, D 128)
+at N 8192, bf16, causal, 64 x 64 blocks, each with the launchers' defaults and with every switch of
+block_sparse_triton that bench_attention.py's SWITCHED configs time on a GPU. Compiling is minutes of
+CPU; nothing runs. The numbers come from this machine's Triton and ptxas; the device machine's (Triton
+3.6) may allocate a few registers differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from spt_compile.sparse_ops.attention import block_sparse_triton as bst  # noqa: E402
+from spt_compile.testing.compile_only import available, compile_only  # noqa: E402
+
+SHAPES = {  # name: (query heads, kv heads, head size)
+    "smollm2": (9, 3, 64),
+    "phi2": (32, 32, 80),
+    "d96": (32, 32, 96),
+    "llama7b": (32, 32, 128),
+}
+VARIANTS = {  # name: block_sparse_triton switches (as bench_attention.py's SWITCHED)
+    "default": {},
+    "split-d": {"SPLIT_HEAD_TILES": True},
+    "dkdv-8warps": {"DKDV_WARPS": 8},
+    "split-d+dkdv-8warps": {"SPLIT_HEAD_TILES": True, "DKDV_WARPS": 8},
+    "packed-dq": {"PACK_GQA_DQ": True},
+}
+
+
+def compile_call(shape: str, variant: str, N: int, lists: int) -> list[dict]:
+    """Compile one attention forward + backward's kernels; one row per kernel."""
+    H, Hkv, D = SHAPES[shape]
+    before = {name: getattr(bst, name) for name in VARIANTS[variant]}
+    for name, value in VARIANTS[variant].items():
+        setattr(bst, name, value)
+    try:
+        q = torch.zeros(1, H, N, D, dtype=torch.bfloat16)
+        k = v = torch.zeros(1, Hkv, N, D, dtype=torch.bfloat16)
+        idx = torch.zeros(1, Hkv, N // 64, lists, dtype=torch.int32)  # GQA lists, as block selection makes
+        with compile_only(bst) as built:  # CPU tensors: the launchers run, the kernels only compile
+            out, lse = bst.block_sparse_forward_triton(q, k, v, idx, D**-0.5, True, None, 64, 64)
+            bst.block_sparse_backward_triton(out, q, k, v, idx, out, lse, D**-0.5, True, None, 64, 64)
+    finally:
+        for name, value in before.items():
+            setattr(bst, name, value)
+    return [{"shape": shape, "variant": variant, "N": N, "kernel": b.kernel, **b.resources()} for b in built]
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'shape':8} {'variant':20} {'kernel':22} {'regs':>5} {'spill B':>8} {'shared KB':>9} {'warps':>5}"]
+    for r in rows:
+        lines.append(f"{r['shape']:8} {r['variant']:20} {r['kernel']:22} {r['registers']:5} {r['spill_bytes']:8} "
+                     f"{r['shared_bytes'] / 1024:9.1f} {r['warps']:5}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--seq-len", type=int, default=8192, help="N (decides the dk/dv kernel's mode, as at run time)")
+    p.add_argument("--lists", type=int, default=16, help="key blocks per query block's list (density 1/8 at 8192)")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args()
+    if not available():
+        print("this Triton cannot compile for NVIDIA GPUs here (no NVIDIA backend or ptxas)", file=sys.stderr)
+        return 2
+    rows = []
+    t0 = time.perf_counter()
+    for shape in args.shapes:
+        for variant in args.variants:
+            if variant.startswith("split-d") and SHAPES[shape][2] in (64, 128):
+                continue  # powers of two: nothing to split
+            if variant == "packed-dq" and SHAPES[shape][0] == SHAPES[shape][1]:
+                continue  # no GQA group to pack
+            got = compile_call(shape, variant, args.seq_len, args.lists)
+            rows += got
+            for r in got:
+                print(table([r]).splitlines()[1], flush=True)
+    print(table(rows))
+    if args.json:
+        from provenance import source_commit
+
+        meta = {"argv": sys.argv[1:], "source": source_commit(), "target": "cuda sm_90 (compiled only, not run)",
+                "triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                "dtype": "bf16", "blocks": "64 x 64", "causal": True, "compile_s": round(time.perf_counter() - t0, 1)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
