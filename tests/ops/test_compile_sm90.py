@@ -1,4 +1,6 @@
-"""The block-sparse attention kernels compile for an H100/H200 (sm_90), checked on this CPU host.
+"""Every Triton kernel of the package compiles for an H100/H200 (sm_90), checked on this CPU host:
+block-sparse attention (default, split head tiles, packed dq, 8-warp dk/dv), block selection, the
+chunked loss and the routed MLP.
 
 The interpreter tests (tests/ops/triton_interpret) check what the kernels compute, but the interpreter
 runs Python: a kernel can pass there and fail to compile for a GPU (a type that does not unify across
@@ -74,3 +76,44 @@ def test_compile_only_restores_the_module():
     kernel = bst._fwd_kernel
     compile_attention(1, 1, 64, 64)
     assert bst._fwd_kernel is kernel and not kernel.device_caches  # launches compile no more after it
+
+
+def test_selection_and_loss_kernels_compile_for_sm90():
+    from spt_compile.sparse_ops.attention import select_triton
+    from spt_compile.sparse_ops.linear_cross_entropy import triton as loss_triton
+
+    q, k = torch.zeros(1, 9, 512, 64, dtype=torch.bfloat16), torch.zeros(1, 3, 512, 64, dtype=torch.bfloat16)
+    C, V = 64, 49152  # SmolLM2's vocabulary
+    z, y = torch.zeros(C, V, dtype=torch.bfloat16), torch.zeros(C, dtype=torch.int64)
+    with compile_only(select_triton, loss_triton) as built:
+        select_triton.select_key_blocks_triton(q, k, 0.125, torch.tensor([3]), True, None, None, 64, 64)
+        loss_triton.chunk_cross_entropy_triton(z, y, -100, 0.0, torch.ones(C), torch.empty(C), torch.empty(C), z)
+    assert {b.kernel for b in built} == {"_pool_kernel", "_select_kernel", "_ce_rows_kernel"}
+    for b in built:
+        assert b.resources()["shared_bytes"] <= SM90_SHARED_BYTES, (b.kernel, b.resources())
+
+
+def test_routed_mlp_kernels_compile_for_sm90(monkeypatch):
+    """The opt-in Triton routed MLP (ffn_impl="triton"): SmolLM2's SwiGLU MLP with LoRA on every
+    projection, bf16, 4 blocks of which 3 per token, forward and backward."""
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights
+    from spt_compile.sparse_ops.routed_mlp import triton as mlp_triton
+
+    monkeypatch.setattr(mlp_triton, "triton_runs_on", lambda device: True)  # its CUDA-only check: nothing runs
+
+    T, d, F, r = 256, 576, 1536, 8
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
+    w = MlpWeights(in_w=z(F, d), in_b=None, in_a=z(r, d), in_bb=z(F, r), gate_w=z(F, d), gate_b=None,
+                   gate_a=z(r, d), gate_bb=z(F, r), out_w=z(d, F), out_b=None, out_a=z(r, F), out_bb=z(d, r))
+    spec = MlpSpec("silu", True, F, 4)
+    mask = torch.ones(T, 4, dtype=torch.bool)
+    mask[torch.arange(T), torch.arange(T) % 4] = False
+    x = z(T, d)
+    needs = MlpWeights(*[name.endswith(("_a", "_bb")) for name in MlpWeights._fields])
+    with compile_only(mlp_triton) as built:
+        y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, None)
+        mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, None)
+    kernels = {b.kernel for b in built}
+    assert kernels == {"_up_kernel", "_scatter_kernel", "_dh_kernel", "_wgrad_kernel"}, kernels
+    for b in built:
+        assert b.resources()["shared_bytes"] <= SM90_SHARED_BYTES, (b.kernel, b.resources())
