@@ -8,7 +8,8 @@ memory than an SM has (227 KB) does not launch.
 
 Rows: head shapes of SmolLM2 (9 / 3 heads, D 64), Phi-2 (32, D 80), a D 96 model and LLaMA-7B (32, D 128)
 at N 8192, bf16, causal, 64 x 64 blocks, each with the launchers' defaults and with every switch of
-block_sparse_triton that bench_attention.py's SWITCHED configs time on a GPU. Compiling is minutes of
+block_sparse_triton that bench_attention.py's SWITCHED configs time on a GPU; then the Triton routed
+MLP's kernels at LLaMA-7B's MLP and 8192 tokens with its CUDA tiles, 128 x 128 and 128 x 64. Compiling is minutes of
 CPU; nothing runs. The numbers come from this machine's Triton and ptxas; the device machine's (Triton
 3.6) may allocate a few registers differently.
 """
@@ -66,6 +67,45 @@ def compile_call(shape: str, variant: str, N: int, lists: int) -> list[dict]:
     return [{"shape": shape, "variant": variant, "N": N, "kernel": b.kernel, **b.resources()} for b in built]
 
 
+def compile_routed_mlp(block_n: int, tokens: int) -> list[dict]:
+    """The Triton routed MLP's kernels (ffn_impl="triton") at LLaMA-7B's MLP (4096 -> 11008 SwiGLU, LoRA
+    r 16 on every projection, frozen base weights), bf16, 2 of 4 blocks per token, with the CUDA tiles
+    at block_n output columns; one row per kernel specialisation (the largest spill of its launches)."""
+    from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights
+    from spt_compile.sparse_ops.routed_mlp import triton as mlp_triton
+
+    d, F, r, T = 4096, 11008, 16, tokens
+
+    def z(*shape):
+        return torch.zeros(*shape, dtype=torch.bfloat16)
+
+    w = MlpWeights(in_w=z(F, d), in_b=None, in_a=z(r, d), in_bb=z(F, r), gate_w=z(F, d), gate_b=None,
+                   gate_a=z(r, d), gate_bb=z(F, r), out_w=z(d, F), out_b=None, out_a=z(r, F), out_bb=z(d, r))
+    spec = MlpSpec("silu", True, F, 4)
+    mask = torch.zeros(T, 4, dtype=torch.bool)
+    rows = torch.arange(T)
+    mask[rows, rows % 4] = True
+    mask[rows, (rows + 1) % 4] = True
+    needs = MlpWeights(*[name.endswith(("_a", "_bb")) for name in MlpWeights._fields])
+    tiles = mlp_triton.Tiles(block_n=block_n)
+    runs_on, mlp_triton.triton_runs_on = mlp_triton.triton_runs_on, lambda device: True  # CPU tensors: nothing runs
+    try:
+        with compile_only(mlp_triton) as built:
+            x = z(T, d)
+            y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, tiles)
+            mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, tiles)
+    finally:
+        mlp_triton.triton_runs_on = runs_on
+    rows_out: dict = {}
+    for b in built:
+        res = b.resources()
+        key = (b.kernel, res["warps"], res["stages"], res["shared_bytes"])  # one row per specialisation
+        if key not in rows_out or res["spill_bytes"] > rows_out[key]["spill_bytes"]:
+            rows_out[key] = {"shape": "llama7b-mlp", "variant": f"tiles 128x{block_n}", "N": T, "kernel": b.kernel,
+                             **res}
+    return list(rows_out.values())
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"{'shape':8} {'variant':20} {'kernel':22} {'regs':>5} {'spill B':>8} {'shared KB':>9} {'warps':>5}"]
     for r in rows:
@@ -80,6 +120,9 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--seq-len", type=int, default=8192, help="N (decides the dk/dv kernel's mode, as at run time)")
     p.add_argument("--lists", type=int, default=16, help="key blocks per query block's list (density 1/8 at 8192)")
+    p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the Triton routed MLP's kernels at LLaMA-7B's MLP, tiles 128 x 128 and 128 x 64")
+    p.add_argument("--mlp-tokens", type=int, default=8192)
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args()
     if not available():
@@ -94,6 +137,12 @@ def main() -> int:
             if variant == "packed-dq" and SHAPES[shape][0] == SHAPES[shape][1]:
                 continue  # no GQA group to pack
             got = compile_call(shape, variant, args.seq_len, args.lists)
+            rows += got
+            for r in got:
+                print(table([r]).splitlines()[1], flush=True)
+    if args.mlp:
+        for block_n in (128, 64):
+            got = compile_routed_mlp(block_n, args.mlp_tokens)
             rows += got
             for r in got:
                 print(table([r]).splitlines()[1], flush=True)

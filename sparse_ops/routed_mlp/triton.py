@@ -405,6 +405,15 @@ class Tiles:
     num_stages: int = 3
 
 
+# Output columns per program of the bf16/fp16 CUDA tiles. Compiled for sm_90 (LLaMA-7B's MLP, 8192
+# tokens, SwiGLU with LoRA; spt_compile.testing.compile_only), 128 x 128 tiles spill: the dh kernel
+# 3216 bytes a thread (its epilogue holds dh, both pre-activations, the activation and its
+# derivative, each a [128, 128] fp32 tile), the two-product dx scatter 216-264, the gated up kernel 16;
+# 128 x 64 spill 0, 0 and 0 (dh 144). Stays 128 until a GPU times 64 (bench_ffn.py's spt-50%-triton-n64,
+# gpu_check.sh step 3).
+CUDA_BLOCK_N = 128
+
+
 def default_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
     """128 x 128 x 64 bf16/fp16 tiles on CUDA, 8 warps, 3-stage pipeline (tensor cores; a stage of the
     gated up kernel is an x tile and two 64-wide weight tiles, 32 KB; of the two-product dx scatter,
@@ -416,7 +425,7 @@ def default_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
         return Tiles(32, 32, 32, 64, 4, 1)
     if dtype == torch.float32:
         return Tiles(128, 128, 32, 1024, 8, 2)
-    return Tiles()
+    return Tiles(block_n=CUDA_BLOCK_N)
 
 
 # Token tiles per L2 group (_tile_info): 8 tiles of 128 gathered rows (8 MB of x at d_in 4096, bf16)

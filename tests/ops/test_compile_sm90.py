@@ -93,27 +93,41 @@ def test_selection_and_loss_kernels_compile_for_sm90():
         assert b.resources()["shared_bytes"] <= SM90_SHARED_BYTES, (b.kernel, b.resources())
 
 
-def test_routed_mlp_kernels_compile_for_sm90(monkeypatch):
-    """The opt-in Triton routed MLP (ffn_impl="triton"): SmolLM2's SwiGLU MLP with LoRA on every
-    projection, bf16, 4 blocks of which 3 per token, forward and backward."""
+def compile_routed_mlp(tiles) -> dict:
+    """{kernel: the most spilled bytes of its launches} of the Triton routed MLP's forward and backward
+    with these tiles: SmolLM2's SwiGLU MLP with LoRA on every projection, bf16, 4 blocks of which 2 per
+    token; every launch's shared memory checked."""
     from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights
     from spt_compile.sparse_ops.routed_mlp import triton as mlp_triton
-
-    monkeypatch.setattr(mlp_triton, "triton_runs_on", lambda device: True)  # its CUDA-only check: nothing runs
 
     T, d, F, r = 256, 576, 1536, 8
     z = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
     w = MlpWeights(in_w=z(F, d), in_b=None, in_a=z(r, d), in_bb=z(F, r), gate_w=z(F, d), gate_b=None,
                    gate_a=z(r, d), gate_bb=z(F, r), out_w=z(d, F), out_b=None, out_a=z(r, F), out_bb=z(d, r))
     spec = MlpSpec("silu", True, F, 4)
-    mask = torch.ones(T, 4, dtype=torch.bool)
-    mask[torch.arange(T), torch.arange(T) % 4] = False
+    mask = torch.zeros(T, 4, dtype=torch.bool)
+    mask[torch.arange(T), torch.arange(T) % 4] = mask[torch.arange(T), (torch.arange(T) + 1) % 4] = True
     x = z(T, d)
     needs = MlpWeights(*[name.endswith(("_a", "_bb")) for name in MlpWeights._fields])
     with compile_only(mlp_triton) as built:
-        y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, None)
-        mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, None)
-    kernels = {b.kernel for b in built}
-    assert kernels == {"_up_kernel", "_scatter_kernel", "_dh_kernel", "_wgrad_kernel"}, kernels
+        y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, tiles)
+        mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, tiles)
+    spills: dict = {}
     for b in built:
-        assert b.resources()["shared_bytes"] <= SM90_SHARED_BYTES, (b.kernel, b.resources())
+        r = b.resources()
+        assert r["shared_bytes"] <= SM90_SHARED_BYTES, (b.kernel, r)
+        spills[b.kernel] = max(spills.get(b.kernel, 0), r["spill_bytes"])
+    return spills
+
+
+def test_routed_mlp_kernels_compile_for_sm90(monkeypatch):
+    """The opt-in Triton routed MLP (ffn_impl="triton") at its bf16 CUDA tiles, 128 x 128 (the default)
+    and 128 x 64 (CUDA_BLOCK_N = 64): all four kernels compile, and the narrower tiles spill less in
+    the dh kernel, whose epilogue holds five tiles of the block's width."""
+    from spt_compile.sparse_ops.routed_mlp import triton as mlp_triton
+
+    monkeypatch.setattr(mlp_triton, "triton_runs_on", lambda device: True)  # its CUDA-only check: nothing runs
+    wide = compile_routed_mlp(mlp_triton.Tiles(block_n=128))
+    narrow = compile_routed_mlp(mlp_triton.Tiles(block_n=64))
+    assert set(wide) == set(narrow) == {"_up_kernel", "_scatter_kernel", "_dh_kernel", "_wgrad_kernel"}, wide
+    assert narrow["_dh_kernel"] < wide["_dh_kernel"], (narrow, wide)

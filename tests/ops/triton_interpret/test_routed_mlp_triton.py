@@ -331,3 +331,14 @@ def test_autocast_dtype_reaches_the_kernels(monkeypatch):
     assert seen["fwd"] and all(d == torch.bfloat16 for d in seen["fwd"]), seen
     assert seen["bwd"] and all(d == torch.bfloat16 for d in seen["bwd"]), seen
     torch.testing.assert_close(results["triton"], results["torch"], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("block_n", [128, 64])
+def test_cuda_tiles_match_reference(block_n):
+    """The bf16 CUDA tiles (128 rows, routed_mlp.triton.CUDA_BLOCK_N columns, 64-deep steps), every
+    edge partial at these sizes: the same values as the reference."""
+    from spt_compile.sparse_ops.routed_mlp import triton as mlp_triton
+
+    case = Case(150, True, "silu", "oi", True, ALL, dtype="bf16")
+    x, w, spec, mask, needs = build(case)
+    check_case(x, w, spec, mask, needs=needs, rtol=2e-2, tiles=mlp_triton.Tiles(128, block_n, 64, 1024, 8, 3))
