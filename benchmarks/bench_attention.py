@@ -42,9 +42,10 @@ CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-
 # Configs that run spt-block-triton with block_sparse_triton switches on, each off by default until
 # timed here: *-packed-dq, dq with the query heads of a GQA group in one tile (PACK_GQA_DQ); *-split-d,
 # head sizes between powers of two (80, 96) in two tiles instead of one padded to 128 (SPLIT_HEAD_TILES);
-# *-dkdv-8warps, the dk/dv kernel on 8 warps, where 4 spill its accumulators (DKDV_WARPS).
+# *-dkdv-8warps, the dk/dv kernel on 8 warps and 1 stage, where 4 warps spill its accumulators
+# (DKDV_LAUNCH = DKDV_UNSPILLED).
 SWITCHED = {"spt-block-triton-packed-dq": {"PACK_GQA_DQ": True}, "spt-block-triton-split-d": {"SPLIT_HEAD_TILES": True},
-            "spt-block-triton-dkdv-8warps": {"DKDV_WARPS": 8}}
+            "spt-block-triton-dkdv-8warps": {"DKDV_LAUNCH": {"num_warps": 8, "num_stages": 1}}}  # DKDV_UNSPILLED
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 # 1. Kernels vs references (--check) and SmolLM2's head shape (9 heads, 3 kv heads, D 64), bf16, causal;
 #    also the Triton path under torch.use_deterministic_algorithms (one dk/dv program per key block), and
 #    with the sparse forward (exact_forward off: the block-sparse kernels' own speed), and with dq packing a GQA
-#    group's heads into one tile (PACK_GQA_DQ), and with the dk/dv kernel on 8 warps (DKDV_WARPS, where 4
+#    group's heads into one tile (PACK_GQA_DQ), and with the dk/dv kernel on 8 warps (DKDV_LAUNCH, where 4
 #    spill when compiled for sm_90: benchmarks/kernel_resources.py); each on by default only if faster here.
 if want 1; then
 timeout 270 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 4096 8192 \

@@ -6,12 +6,17 @@ memory than an SM has (227 KB) does not launch.
 
     python benchmarks/kernel_resources.py --json benchmarks/results/kernel_resources_sm90.json
 
+The record is compiled with the device machine's Triton (3.6; registers and spills move between
+versions), installed beside the project's without touching it:
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python benchmarks/kernel_resources.py --json benchmarks/results/kernel_resources_sm90.json
+(this machine's Triton 3.9: benchmarks/research/results/kernel_resources_sm90_triton39.json).
+
 Rows: head shapes of SmolLM2 (9 / 3 heads, D 64), Phi-2 (32, D 80), a D 96 model and LLaMA-7B (32, D 128)
 at N 8192, bf16, causal, 64 x 64 blocks, each with the launchers' defaults and with every switch of
 block_sparse_triton that bench_attention.py's SWITCHED configs time on a GPU; then the Triton routed
-MLP's kernels at LLaMA-7B's MLP and 8192 tokens with its CUDA tiles, 128 x 128 and 128 x 64. Compiling is minutes of
-CPU; nothing runs. The numbers come from this machine's Triton and ptxas; the device machine's (Triton
-3.6) may allocate a few registers differently.
+MLP's kernels at LLaMA-7B's MLP and 8192 tokens with its CUDA tiles, 128 x 128 and 128 x 64. Compiling
+takes a minute or two of CPU the first time (Triton caches the binaries); nothing runs.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ SHAPES = {  # name: (query heads, kv heads, head size)
 VARIANTS = {  # name: block_sparse_triton switches (as bench_attention.py's SWITCHED)
     "default": {},
     "split-d": {"SPLIT_HEAD_TILES": True},
-    "dkdv-8warps": {"DKDV_WARPS": 8},
-    "split-d+dkdv-8warps": {"SPLIT_HEAD_TILES": True, "DKDV_WARPS": 8},
+    "dkdv-8warps": {"DKDV_LAUNCH": bst.DKDV_UNSPILLED},
+    "split-d+dkdv-8warps": {"SPLIT_HEAD_TILES": True, "DKDV_LAUNCH": bst.DKDV_UNSPILLED},
     "packed-dq": {"PACK_GQA_DQ": True},
 }
 

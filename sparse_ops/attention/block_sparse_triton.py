@@ -591,10 +591,11 @@ def _tile_d(d: int) -> int:
 
 # Head sizes between powers of two (80, 96) in two tiles, a power of two and a tail (64 + 16, 64 + 32),
 # instead of one tile padded to the next power of two (128: 60% / 33% of each product's inner or
-# outer size spent on zeros). Compiled for sm_90 at D 80 (kernel_resources_sm90.json) it needs 18 / 28
-# / 58.5 KB of shared memory in the forward / dq / dk-dv kernels against 32 / 48 / 96.5, and 160 / 191
-# registers in the first two against 208 / 252. Off until a GPU times it against padding (gpu_check.sh
-# step 2, Phi-2's heads); correct either way (tests/ops/triton_interpret, under TRITON_INTERPRET=1).
+# outer size spent on zeros). Compiled for sm_90 at D 80 with Triton 3.6 (kernel_resources_sm90.json)
+# it needs 18 / 28 / 68.5 KB of shared memory in the forward / dq / dk-dv kernels against 32 / 48 /
+# 104.5, and 156 / 205 registers in the first two against 220 / 255 (dq spilling 24 bytes). Off until a
+# GPU run times it against padding (gpu_check.sh step 2, Phi-2's heads); correct either way
+# (tests/ops/triton_interpret, under TRITON_INTERPRET=1).
 SPLIT_HEAD_TILES = False
 
 
@@ -700,12 +701,15 @@ DIRECT_UP_TO_HEAD_BLOCKS = 384
 PACK_GQA_DQ = False
 PACKED_DQ_ROWS = 128  # rows of a packed dq tile: heads (a power of two) x query positions
 
-# Warps of the dk/dv kernel (None: those of the other kernels, _launch_args). Compiled for sm_90 at
-# N 8192, bf16, 64 x 64 tiles (benchmarks/results/kernel_resources_sm90.json), its two fp32
-# accumulators spill at 4 warps: 88 bytes a thread at SmolLM2's D 64, 544 at D 80 / 96 / 128 (one
-# 128-wide tile); at 8 warps 0 and 88 (0 at D 80 with SPLIT_HEAD_TILES). Unset until a GPU times it
-# (bench_attention.py's spt-block-triton-dkdv-8warps; gpu_check.sh steps 1 and 2).
-DKDV_WARPS: Optional[int] = None
+# Launch settings of the dk/dv kernel (None: _launch_args's, as the other kernels). Compiled for
+# sm_90 with the device machine's Triton 3.6 at N 8192, bf16, 64 x 64 tiles
+# (benchmarks/results/kernel_resources_sm90.json), its two fp32 accumulators spill at the default 4
+# warps, 2 stages: 136 bytes a thread at SmolLM2's heads, 856 at D 80 / 96 / 128 (one 128-wide tile).
+# On 8 warps and 1 stage (DKDV_UNSPILLED) 0 and 48 (0 at D 80 with SPLIT_HEAD_TILES); its loop over
+# (list, head) pairs has a run-time branch, so the pipelining that stages buy matters less than in dq.
+# Unset until a GPU times it (bench_attention.py's spt-block-triton-dkdv-8warps; gpu_check.sh 1 and 2).
+DKDV_UNSPILLED = {"num_warps": 8, "num_stages": 1}
+DKDV_LAUNCH: Optional[dict] = None
 
 
 def _dq_packing(heads_per_list: int, block_m: int) -> Optional[tuple[int, int]]:
@@ -795,6 +799,6 @@ def block_sparse_backward_triton(
         *dv.stride(),
         H, Hkv, S // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
         BLOCK_L=max(16, triton.next_power_of_2(Lb)), QBLOCKS_PER_PROGRAM=per_program, DIRECT=direct,
-        **{**common, **({"num_warps": DKDV_WARPS} if DKDV_WARPS else {})},
+        **{**common, **(DKDV_LAUNCH or {})},
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

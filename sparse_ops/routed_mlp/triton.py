@@ -405,12 +405,12 @@ class Tiles:
     num_stages: int = 3
 
 
-# Output columns per program of the bf16/fp16 CUDA tiles. Compiled for sm_90 (LLaMA-7B's MLP, 8192
-# tokens, SwiGLU with LoRA; spt_compile.testing.compile_only), 128 x 128 tiles spill: the dh kernel
-# 3216 bytes a thread (its epilogue holds dh, both pre-activations, the activation and its
-# derivative, each a [128, 128] fp32 tile), the two-product dx scatter 216-264, the gated up kernel 16;
-# 128 x 64 spill 0, 0 and 0 (dh 144). Stays 128 until a GPU times 64 (bench_ffn.py's spt-50%-triton-n64,
-# gpu_check.sh step 3).
+# Output columns per program of the bf16/fp16 CUDA tiles. Compiled for sm_90 with Triton 3.6
+# (LLaMA-7B's MLP, 8192 tokens, SwiGLU with LoRA; benchmarks/results/kernel_resources_sm90.json),
+# 128 x 128 tiles spill: the dh kernel 3088 bytes a thread (its epilogue holds dh, both
+# pre-activations, the activation and its derivative, each a [128, 128] fp32 tile), the two-product
+# dx scatter 208-248; at 128 x 64 the dh kernel spills 128, the scatter none. Stays 128 until a GPU
+# times 64 (bench_ffn.py's spt-50%-triton-n64, gpu_check.sh step 3).
 CUDA_BLOCK_N = 128
 
 
@@ -616,7 +616,6 @@ def routed_mlp_backward_triton(
     cd = cdtype or x.dtype
     tiles = tiles or default_tiles(x.device, cd)
     T, K = x.shape
-    N = dy.shape[1]
     rt = routing(block_mask, spec, tiles.block_m, tiles.chunk, counts)
     want = {s for s, (t, n) in zip(MlpWeights._fields, zip(w, needs)) if t is not None and n}
     acc = {s: torch.zeros(getattr(w, s).shape, device=x.device, dtype=torch.float32) for s in want}

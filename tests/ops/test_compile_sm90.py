@@ -46,7 +46,7 @@ def compile_attention(H: int, Hkv: int, D: int, N: int, dtype=torch.bfloat16, ca
     (64, {}),
     (80, {}),
     (80, {"SPLIT_HEAD_TILES": True}),
-    (96, {"SPLIT_HEAD_TILES": True, "DKDV_WARPS": 8}),
+    (96, {"SPLIT_HEAD_TILES": True, "DKDV_LAUNCH": bst.DKDV_UNSPILLED}),
     (64, {"PACK_GQA_DQ": True}),
 ], ids=lambda x: str(x))
 def test_attention_kernels_compile_for_sm90(D: int, switches: dict):
@@ -57,8 +57,9 @@ def test_attention_kernels_compile_for_sm90(D: int, switches: dict):
         assert 0 < r["shared_bytes"] <= SM90_SHARED_BYTES, (name, r)
         assert r["registers"] <= 255, (name, r)
     assert got["_fwd_kernel"]["spill_bytes"] == 0, got["_fwd_kernel"]  # the forward's accumulators fit
-    if "DKDV_WARPS" in switches:
-        assert got["_bwd_dkdv_kernel"]["warps"] == switches["DKDV_WARPS"]
+    if "DKDV_LAUNCH" in switches:
+        assert got["_bwd_dkdv_kernel"]["warps"] == switches["DKDV_LAUNCH"]["num_warps"]
+        assert got["_bwd_dkdv_kernel"]["stages"] == switches["DKDV_LAUNCH"]["num_stages"]
 
 
 def test_split_head_tiles_need_less_of_the_sm_at_d80():
