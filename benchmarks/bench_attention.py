@@ -48,19 +48,12 @@ SWITCHED = {"spt-block-triton-packed-dq": {"PACK_GQA_DQ": True}, "spt-block-trit
             "spt-block-triton-dkdv-8warps": {"DKDV_LAUNCH": {"num_warps": 8, "num_stages": 1}}}  # DKDV_UNSPILLED
 
 
-@contextlib.contextmanager
 def kernel_switches(settings: dict):
     """block_sparse_triton's module switches set to settings inside, restored after."""
     from spt_compile.sparse_ops.attention import block_sparse_triton
+    from spt_compile.testing.compile_only import module_settings
 
-    before = {name: getattr(block_sparse_triton, name) for name in settings}
-    for name, value in settings.items():
-        setattr(block_sparse_triton, name, value)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            setattr(block_sparse_triton, name, value)
+    return module_settings(block_sparse_triton, **settings)
 
 
 class OneAttention(torch.nn.Module):

@@ -88,16 +88,12 @@ def make_fn(config: str, module: nn.Module, args):
         ffn_impl=impl or args.impl))
 
 
-@contextlib.contextmanager
 def triton_block_n(n: int):
     """The routed MLP's Triton kernels with n output columns per program on CUDA inside."""
     from spt_compile.sparse_ops.routed_mlp import triton as mlp_triton
+    from spt_compile.testing.compile_only import module_settings
 
-    before, mlp_triton.CUDA_BLOCK_N = mlp_triton.CUDA_BLOCK_N, n
-    try:
-        yield
-    finally:
-        mlp_triton.CUDA_BLOCK_N = before
+    return module_settings(mlp_triton, CUDA_BLOCK_N=n)
 
 
 def prepare(config: str, shape: str, T: int, args, device, dtype) -> dict:

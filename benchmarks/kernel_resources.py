@@ -8,8 +8,8 @@ memory than an SM has (227 KB) does not launch.
 
 The record is compiled with the device machine's Triton (3.6; registers and spills move between
 versions), installed beside the project's without touching it:
-    pip install --no-deps --target /tmp/triton36 triton==3.6.0
-    PYTHONPATH=/tmp/triton36 python benchmarks/kernel_resources.py --json benchmarks/results/kernel_resources_sm90.json
+    pip install --no-deps --target "$DIR" triton==3.6.0      # DIR: any empty folder
+    PYTHONPATH="$DIR" python benchmarks/kernel_resources.py --json benchmarks/results/kernel_resources_sm90.json
 (this machine's Triton 3.9: benchmarks/research/results/kernel_resources_sm90_triton39.json).
 
 Rows: head shapes of SmolLM2 (9 / 3 heads, D 64), Phi-2 (32, D 80), a D 96 model and LLaMA-7B (32, D 128)
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from spt_compile.sparse_ops.attention import block_sparse_triton as bst  # noqa: E402
-from spt_compile.testing.compile_only import available, compile_only  # noqa: E402
+from spt_compile.testing.compile_only import available, compile_only, module_settings  # noqa: E402
 
 SHAPES = {  # name: (query heads, kv heads, head size)
     "smollm2": (9, 3, 64),
@@ -56,19 +56,12 @@ VARIANTS = {  # name: block_sparse_triton switches (as bench_attention.py's SWIT
 def compile_call(shape: str, variant: str, N: int, lists: int) -> list[dict]:
     """Compile one attention forward + backward's kernels; one row per kernel."""
     H, Hkv, D = SHAPES[shape]
-    before = {name: getattr(bst, name) for name in VARIANTS[variant]}
-    for name, value in VARIANTS[variant].items():
-        setattr(bst, name, value)
-    try:
-        q = torch.zeros(1, H, N, D, dtype=torch.bfloat16)
-        k = v = torch.zeros(1, Hkv, N, D, dtype=torch.bfloat16)
-        idx = torch.zeros(1, Hkv, N // 64, lists, dtype=torch.int32)  # GQA lists, as block selection makes
-        with compile_only(bst) as built:  # CPU tensors: the launchers run, the kernels only compile
-            out, lse = bst.block_sparse_forward_triton(q, k, v, idx, D**-0.5, True, None, 64, 64)
-            bst.block_sparse_backward_triton(out, q, k, v, idx, out, lse, D**-0.5, True, None, 64, 64)
-    finally:
-        for name, value in before.items():
-            setattr(bst, name, value)
+    q = torch.zeros(1, H, N, D, dtype=torch.bfloat16)
+    k = v = torch.zeros(1, Hkv, N, D, dtype=torch.bfloat16)
+    idx = torch.zeros(1, Hkv, N // 64, lists, dtype=torch.int32)  # GQA lists, as block selection makes
+    with module_settings(bst, **VARIANTS[variant]), compile_only(bst) as built:  # CPU tensors: nothing runs
+        out, lse = bst.block_sparse_forward_triton(q, k, v, idx, D**-0.5, True, None, 64, 64)
+        bst.block_sparse_backward_triton(out, q, k, v, idx, out, lse, D**-0.5, True, None, 64, 64)
     return [{"shape": shape, "variant": variant, "N": N, "kernel": b.kernel, **b.resources()} for b in built]
 
 
@@ -93,14 +86,11 @@ def compile_routed_mlp(block_n: int, tokens: int) -> list[dict]:
     mask[rows, (rows + 1) % 4] = True
     needs = MlpWeights(*[name.endswith(("_a", "_bb")) for name in MlpWeights._fields])
     tiles = mlp_triton.Tiles(block_n=block_n)
-    runs_on, mlp_triton.triton_runs_on = mlp_triton.triton_runs_on, lambda device: True  # CPU tensors: nothing runs
-    try:
-        with compile_only(mlp_triton) as built:
-            x = z(T, d)
-            y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, tiles)
-            mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, tiles)
-    finally:
-        mlp_triton.triton_runs_on = runs_on
+    x = z(T, d)
+    # its CUDA-only check passes CPU tensors: nothing runs
+    with module_settings(mlp_triton, triton_runs_on=lambda device: True), compile_only(mlp_triton) as built:
+        y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, tiles)
+        mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, tiles)
     rows_out: dict = {}
     for b in built:
         res = b.resources()

@@ -21,6 +21,7 @@ registers differently from this one's.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -37,10 +38,10 @@ HOPPER = 90  # H100 / H200: compute capability 9.0
 def available() -> bool:
     """Whether this Triton can compile for NVIDIA GPUs here (its backend and ptxas are installed)."""
     try:
-        import triton.backends.nvidia.compiler  # noqa: F401 (present where the NVIDIA backend is)
+        found = importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
     except ImportError:
         return False
-    return os.path.exists(_tool("cuobjdump"))
+    return found and os.path.exists(_tool("cuobjdump"))
 
 
 def _tool(name: str) -> str:
@@ -101,6 +102,20 @@ class _Recorder:
             compiled = self.kernel.warmup(*args, grid=grid, **kwargs)  # compiles; launches nothing
             self.built.append(Built(self.name, tuple(grid), compiled))
         return launch
+
+
+@contextlib.contextmanager
+def module_settings(module: ModuleType, **values) -> Iterator[None]:
+    """module's globals set to values inside (a kernel module's switches: SPLIT_HEAD_TILES=True, ...),
+    the previous ones restored after."""
+    before = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager

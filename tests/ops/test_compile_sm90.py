@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spt_compile.sparse_ops.attention import block_sparse_triton as bst
-from spt_compile.testing.compile_only import available, compile_only
+from spt_compile.testing.compile_only import available, compile_only, module_settings
 
 pytestmark = pytest.mark.skipif(not available(), reason="this Triton has no NVIDIA backend to compile with")
 
@@ -26,19 +26,12 @@ SM90_SHARED_BYTES = 227 * 1024  # the most shared memory one block may ask for o
 def compile_attention(H: int, Hkv: int, D: int, N: int, dtype=torch.bfloat16, causal=True, **switches) -> dict:
     """{kernel name: resources} of one forward + backward at these shapes, with block_sparse_triton's
     switches set."""
-    before = {name: getattr(bst, name) for name in switches}
-    try:
-        for name, value in switches.items():
-            setattr(bst, name, value)
-        q = torch.zeros(1, H, N, D, dtype=dtype)
-        k = v = torch.zeros(1, Hkv, N, D, dtype=dtype)
-        idx = torch.zeros(1, Hkv, -(-N // 64), 4, dtype=torch.int32)
-        with compile_only(bst) as built:
-            out, lse = bst.block_sparse_forward_triton(q, k, v, idx, D**-0.5, causal, None, 64, 64)
-            bst.block_sparse_backward_triton(out, q, k, v, idx, out, lse, D**-0.5, causal, None, 64, 64)
-    finally:
-        for name, value in before.items():
-            setattr(bst, name, value)
+    q = torch.zeros(1, H, N, D, dtype=dtype)
+    k = v = torch.zeros(1, Hkv, N, D, dtype=dtype)
+    idx = torch.zeros(1, Hkv, -(-N // 64), 4, dtype=torch.int32)
+    with module_settings(bst, **switches), compile_only(bst) as built:
+        out, lse = bst.block_sparse_forward_triton(q, k, v, idx, D**-0.5, causal, None, 64, 64)
+        bst.block_sparse_backward_triton(out, q, k, v, idx, out, lse, D**-0.5, causal, None, 64, 64)
     return {b.kernel: b.resources() for b in built}
 
 
