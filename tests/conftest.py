@@ -27,6 +27,11 @@ for _folder in [HERE, *(p for p in sorted(HERE.iterdir()) if p.is_dir() and not 
         sys.path.insert(0, str(_folder))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Under pytest-xdist (the README's test command runs two workers), each worker gets its share of the
+# cores: two workers each running two intra-op threads on two cores would only contend.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def package_dir(name: str) -> Path:
     """Where a model package lives, found without importing it (its imports need extra deps)."""
