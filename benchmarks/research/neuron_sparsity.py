@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     global torch
     import torch
 
-    from provenance import source_commit
+    from provenance import scrub_paths, source_commit  # no machine path in a committed record
 
     torch.set_num_threads(args.threads)
     record = {"commit": source_commit(), "torch": torch.__version__, "threads": args.threads,
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
                                  "calibration_batches": args.calibration_batches}
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(record, indent=1))
+            args.json.write_text(json.dumps(scrub_paths(record), indent=1))
     return 0
 
 
