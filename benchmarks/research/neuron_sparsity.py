@@ -47,6 +47,7 @@ def mlps(model):
 def thinned_forward(rule: str, skip: float, threshold, down_norms):
     """An MLP forward that zeroes each token's skipped hidden units (numerically the same as never
     computing up/down for them)."""
+    import torch
 
     def forward(self, x):                                    # x: [B, N, d]
         g = self.act_fn(self.gate_proj(x))                   # [B, N, F]
@@ -116,7 +117,6 @@ def main(argv=None) -> int:
     if not all(0 < s < 1 for s in args.skip):
         p.error(f"--skip takes shares strictly between 0 and 1, got {args.skip}")
 
-    global torch
     import torch
 
     from provenance import scrub_paths, source_commit  # no machine path in a committed record
