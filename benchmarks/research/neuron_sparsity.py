@@ -26,7 +26,6 @@ swapped, no spt compile: this probes the method, not a kernel.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import types
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from provenance import scrub_paths, source_commit  # no machine path in a committed record
+    from provenance import source_commit
 
     torch.set_num_threads(args.threads)
     record = {"commit": source_commit(), "torch": torch.__version__, "threads": args.threads,
@@ -161,8 +160,7 @@ def main(argv=None) -> int:
         record["tasks"][name] = {"metric": metric, "exact": exact, "rows": rows, "config": task.config,
                                  "calibration_batches": args.calibration_batches}
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(scrub_paths(record), indent=1))
+            q.write_json(args.json, record)  # atomic, machine paths scrubbed
     return 0
 
 
