@@ -1,7 +1,7 @@
 """Runs the Triton kernel tests (tests/ops/triton_interpret) on the CPU through Triton's interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is first imported, and this process may already have
-imported it (or must not, for the other tests), so the folder runs in a fresh interpreter.
+imported it (or must not, for the other tests), so each file of the folder runs in a fresh interpreter.
 tests/conftest.py keeps it out of this process's collection unless the variable is set.
 """
 
