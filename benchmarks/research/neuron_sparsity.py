@@ -43,6 +43,11 @@ def mlps(model):
     return [m for m in model.modules() if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj"))]
 
 
+def down_weight(mlp):
+    """W_down [d, F] of a plain or PEFT-wrapped down projection."""
+    return mlp.down_proj.weight if hasattr(mlp.down_proj, "weight") else mlp.down_proj.base_layer.weight
+
+
 def thinned_forward(rule: str, skip: float, threshold, down_norms):
     """An MLP forward that zeroes each token's skipped hidden units (numerically the same as never
     computing up/down for them)."""
@@ -138,19 +143,18 @@ def main(argv=None) -> int:
             exact = task.evaluate(model)[metric]
         print(f"{name}: exact {metric} {exact:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         quantiles = input_quantiles(model, calib, args.skip)
-        originals = [m.forward for m in mlps(model)]
+        layers = mlps(model)
+        originals = [m.forward for m in layers]
         rows = []
         for rule in args.rules:
             for skip in args.skip:
-                for i, m in enumerate(mlps(model)):
-                    w = m.down_proj.weight if hasattr(m.down_proj, "weight") else m.down_proj.base_layer.weight
-                    cut = quantiles[i][skip]
+                for m, cut in zip(layers, (per_share[skip] for per_share in quantiles)):
                     threshold = (cut["x"], cut["h"]) if rule == "teal" else cut["gate"]
-                    m.forward = types.MethodType(thinned_forward(rule, skip, threshold, w.norm(dim=0)), m)
+                    m.forward = types.MethodType(thinned_forward(rule, skip, threshold, down_weight(m).norm(dim=0)), m)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     value = task.evaluate(model)[metric]
-                for m, f in zip(mlps(model), originals):
+                for m, f in zip(layers, originals):
                     m.forward = f
                 ratio = value / exact - 1
                 rows.append({"rule": rule, "skip": skip, metric: value, "vs_exact": ratio,

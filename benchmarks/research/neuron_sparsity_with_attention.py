@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import quality as q  # noqa: E402
-from neuron_sparsity import RULES, input_quantiles, mlps, thinned_forward  # noqa: E402
+from neuron_sparsity import RULES, down_weight, input_quantiles, mlps, thinned_forward  # noqa: E402
 
 
 def parse_setting(text: str) -> tuple[str, float]:
@@ -71,9 +71,8 @@ def main(argv=None) -> int:
             exact = task.evaluate(model)["wikitext2_ppl"]
         cuts = input_quantiles(model, calib, [skip])
         for m, cut in zip(mlps(model), cuts):
-            w = m.down_proj.weight if hasattr(m.down_proj, "weight") else m.down_proj.base_layer.weight
             threshold = (cut[skip]["x"], cut[skip]["h"]) if rule == "teal" else cut[skip]["gate"]
-            m.forward = types.MethodType(thinned_forward(rule, skip, threshold, w.norm(dim=0)), m)
+            m.forward = types.MethodType(thinned_forward(rule, skip, threshold, down_weight(m).norm(dim=0)), m)
         t0 = time.perf_counter()
         with torch.no_grad():
             alone = task.evaluate(model)["wikitext2_ppl"]
