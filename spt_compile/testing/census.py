@@ -43,6 +43,8 @@ aten = torch.ops.aten
 # aten ops whose result the host must read before it can go on (on CUDA: a stream sync).
 SYNC_OPS = {
     aten._local_scalar_dense.default,  # .item(), int(t), float(t), bool(t)
+    # inside an op's kernel the mode sees .item() / int(t) / float(t) before they decompose
+    aten.item.default,
     aten.equal.default,  # torch.equal returns a Python bool
     aten.is_nonzero.default,
     aten.nonzero.default,  # output size depends on the data
@@ -62,7 +64,6 @@ NO_KERNEL = {
     aten._local_scalar_dense.default,  # counted as a sync, not as a launch
     aten.equal.default, aten.is_nonzero.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
     aten.sym_storage_offset.default, aten.is_same_size.default, aten.set_.source_Storage_storage_offset,
-    aten.item.default,  # its _local_scalar_dense is the sync
     aten.record_stream.default, aten.detach_.default, aten.promote_types.default, aten._fused_sdp_choice.default,
     aten._unsafe_view.default,  # a view of a fresh tensor: metadata only
 }
