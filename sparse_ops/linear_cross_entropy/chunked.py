@@ -139,19 +139,30 @@ def linear_cross_entropy_forward(
     y = labels.reshape(-1)  # [T]
     T = h2.shape[0]
     logits = h.new_empty(T, V) if return_logits else h.new_empty(0)
-    lse = torch.empty(T, dtype=torch.float32, device=h.device)
-    rows = torch.empty(T, dtype=torch.float32, device=h.device)  # per-row loss
     valid_all = y != ignore_index
+    fused = resolve_loss_impl(impl, h.device) == "triton"
+    # Rows whose label is ignored (a prompt, padding) have no loss and a zero d(logits) row: the torch
+    # path gives them no softmax and no d(h) GEMM, only their logits when those are returned. Not on
+    # CUDA, where sizing the rows would sync (and the Triton kernel runs every row), nor on the recompute
+    # path, whose backward reads every row's lse.
+    order, n = _loss_rows_first(valid_all) if not fused and h.device.type == "cpu" and (precompute or not any(needs)) \
+        else (None, T)  # [T] row indices, the n loss rows first; None: every row, in order
+    skipping = order is not None
+    lse = (torch.zeros if skipping else torch.empty)(T, dtype=torch.float32, device=h.device)  # 0: not computed
+    rows = (torch.zeros if skipping else torch.empty)(T, dtype=torch.float32, device=h.device)  # per-row loss
     grads = _grad_buffers(h2, W, needs) if precompute else (None, None, None)
     if precompute:
         unit = _row_scale(torch.ones((T,) if reduction == "none" else (), device=h.device), valid_all, reduction)
-    fused = resolve_loss_impl(impl, h.device) == "triton"
     work = None  # [chunk, V] fp32 (torch path; the Triton path: h's dtype), reused chunk after chunk
-    for r0 in range(0, T, chunk):
-        r1 = min(T, r0 + chunk)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        rs = slice(r0, r1) if not skipping else order[r0:r1]  # this chunk's rows
+        hc = h2[rs]  # [C, d]
         # [C, V] in h's dtype (rounded as the dense linear rounds), straight into the returned logits
-        z = _linear_into(h2[r0:r1], W, b, logits[r0:r1] if return_logits else None)
-        yc, valid = y[r0:r1], valid_all[r0:r1]
+        z = _linear_into(hc, W, b, logits[rs] if return_logits and not skipping else None)
+        if return_logits and skipping:
+            logits.index_copy_(0, rs, z)
+        yc, valid = y[rs], valid_all[rs]
         if fused:  # loss, lse and d(logits) in one kernel; d(logits) over z unless z is returned
             g = None
             if precompute:
@@ -162,7 +173,7 @@ def linear_cross_entropy_forward(
                                        lse[r0:r1], rows[r0:r1], g)
             if precompute:
                 dh, dW, db = grads
-                _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+                _backprop_chunk(g, hc, W, None if dh is None else dh[r0:r1], dW, db)
             del z, g
             continue
         z_y = z.gather(1, torch.where(valid, yc, 0)[:, None]).squeeze(1).float()  # [C]
@@ -170,7 +181,7 @@ def linear_cross_entropy_forward(
         m = m.masked_fill(m.isinf(), 0.0)  # rows of -inf keep lse = -inf, as torch.logsumexp
         mean_c = z.mean(dim=-1, dtype=torch.float32) if label_smoothing > 0.0 else None
         # e = exp(z - m) [C, V] fp32, in place where z is fp32 and not returned, else into `work`
-        if z.dtype == torch.float32 and not return_logits:
+        if z.dtype == torch.float32 and not (return_logits and not skipping):
             e = z.sub_(m[:, None])
         else:
             if work is None:
@@ -182,14 +193,23 @@ def linear_cross_entropy_forward(
         loss_c = lse_c - z_y
         if label_smoothing > 0.0:
             loss_c = (1.0 - label_smoothing) * loss_c + label_smoothing * (lse_c - mean_c)
-        lse[r0:r1] = lse_c
-        rows[r0:r1] = torch.where(valid, loss_c, 0.0)
+        lse[rs] = lse_c
+        rows[rs] = torch.where(valid, loss_c, 0.0)
         if precompute:  # the backward's work, now, while the chunk's logits exist: no recompute
-            g = _scaled_softmax_minus_target_(e, unit[r0:r1] / total, unit[r0:r1], yc, valid, label_smoothing)
+            g = _scaled_softmax_minus_target_(e, unit[rs] / total, unit[rs], yc, valid, label_smoothing)
             dh, dW, db = grads
-            _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+            if dh is not None and skipping:  # scattered rows: their d(h) into a block, then into place
+                dh_c = torch.zeros_like(hc)
+                _backprop_chunk(g, hc, W, dh_c, dW, db)
+                dh.index_copy_(0, rs, dh_c)
+            else:
+                _backprop_chunk(g, hc, W, None if dh is None else dh[rs], dW, db)
             del g
         del z, e  # free this chunk's [C, V] before the next one is allocated
+    if return_logits and skipping:  # the ignored rows' logits: returned, never part of the loss
+        for r0 in range(n, T, chunk):
+            rs = order[r0:min(T, r0 + chunk)]
+            logits.index_copy_(0, rs, _linear_into(h2[rs], W, b, None))
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -198,6 +218,15 @@ def linear_cross_entropy_forward(
         loss = rows.sum() / valid_all.sum()
     return (loss.to(out_dtype), logits.view(*h.shape[:-1], V) if return_logits else logits, lse,
             *(h.new_empty(0) if g is None else g for g in grads))  # outputs may not alias: one empty each
+
+
+def _loss_rows_first(valid: Tensor) -> tuple[Optional[Tensor], int]:
+    """(order, n): the n rows that carry a loss, then the others, each in row order ([T] indices; None
+    when every row carries a loss). One host read, the count: the chunks are sized on the host."""
+    n = int(valid.sum())
+    if n == valid.numel():
+        return None, n
+    return torch.argsort((~valid).to(torch.uint8), stable=True), n
 
 
 def _any_nonzero(t: Tensor) -> bool:

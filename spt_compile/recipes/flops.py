@@ -11,7 +11,9 @@ measured ratio so the gap shows. Conventions (per token-row, x [T, a] -> [T, b] 
 * routed FFN: the base weights and the block-side LoRA factors (B of gate/up, A of down) scale with
   the active fraction; the other LoRA factors run for every token;
 * LM head: frozen (tied to the embedding in SmolLM2): 2x forward, dense or chunked (the chunked
-  loss forms d(h) in forward while each chunk's logits exist: the same two GEMMs);
+  loss forms d(h) in forward while each chunk's logits exist: the same two GEMMs). The chunked
+  loss's d(h) GEMM runs over the rows that carry a loss only (the torch path; the CUDA kernel runs
+  every row); its logits GEMM over every row, since the model returns them;
 * exact_forward: every forward matmul runs whole (attention over every allowed pair, every MLP block);
   only the backward's share (attention: 2x forward; frozen base: 1x; LoRA factor: 2x) scales with
   the kept pairs and the active fraction.
@@ -58,8 +60,10 @@ def _attention_pairs(N: int, keep: int | None) -> int:
 
 
 def step_flops(dims: Dims, N: int, batch: int = 1, *, density: float = 1.0, ffn_frac: float = 1.0,
-               sparse_attention: bool = False, exact_forward: bool = False) -> dict[str, float]:
-    """Matmul FLOPs of one step by part: attention, ffn, qkvo, lm_head_loss (and total)."""
+               sparse_attention: bool = False, exact_forward: bool = False, head_grad_frac: float = 1.0
+               ) -> dict[str, float]:
+    """Matmul FLOPs of one step by part: attention, ffn, qkvo, lm_head_loss (and total).
+    head_grad_frac: the share of rows whose d(h) the LM head computes (the chunked loss: loss rows)."""
     T = N * batch
     dm = dims
     q_out, kv_out = dm.H * dm.D, dm.Hkv * dm.D
@@ -71,7 +75,7 @@ def step_flops(dims: Dims, N: int, batch: int = 1, *, density: float = 1.0, ffn_
     attention = dm.layers * batch * 4 * dm.H * dm.D * (forward_pairs + 2 * pairs)
     f, e = ffn_frac, exact_forward
     ffn = dm.layers * (2 * _lora_linear(T, dm.d, dm.F, dm.r, f, 1.0, f, e) + _lora_linear(T, dm.F, dm.d, dm.r, f, f, 1.0, e))
-    head = 2 * 2 * T * dm.d * dm.V
+    head = 2 * T * dm.d * dm.V * (1 + head_grad_frac)
     parts = {"attention": attention, "ffn": ffn, "qkvo": qkvo, "lm_head_loss": head}
     parts["total"] = sum(parts.values())
     return parts
@@ -80,7 +84,8 @@ def step_flops(dims: Dims, N: int, batch: int = 1, *, density: float = 1.0, ffn_
 def spt_settings(options: dict, N: int, loss_frac: float = 1.0) -> dict:
     """step_flops keyword arguments for an spt configuration (its options over the defaults).
     loss_frac: the share of rows that carry a loss; under exact_forward with ffn_loss_rows="dense"
-    they keep every MLP block in the backward, so the MLP's backward share is at least that."""
+    they keep every MLP block in the backward, so the MLP's backward share is at least that; the
+    chunked loss (chunked_loss) forms d(h) for them only."""
     from spt_compile.options import make_options
 
     o = make_options(options)
@@ -89,7 +94,8 @@ def spt_settings(options: dict, N: int, loss_frac: float = 1.0) -> dict:
     if o.ffn_loss_rows == "dense" and o.sparse_ffn:
         frac = max(frac, min(1.0, loss_frac))
     return {"density": (o.top_l / N if o.top_l else o.density), "sparse_attention": sparse_attention,
-            "ffn_frac": frac, "exact_forward": o.exact_forward}
+            "ffn_frac": frac, "exact_forward": o.exact_forward,
+            "head_grad_frac": min(1.0, loss_frac) if o.chunked_loss else 1.0}
 
 
 def flop_limit(dims: Dims, N: int, batch: int, options: dict, loss_frac: float = 1.0) -> tuple[float, dict, dict]:

@@ -24,10 +24,15 @@ def test_flop_limit_follows_density_and_blocks():
     short = flop_limit(SMOLLM2, 512, 1, {})  # attention runs exact below 2048 tokens by default
     assert 0.4 < at_25 < at_2048 < 0.8
     # exact_forward: the forward whole; loss rows (here every row, as in LM tuning) keep the MLP backward whole
-    exact_half = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2}, loss_frac=0.0)[0]
+    exact_half = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2, "ffn_loss_rows": "off"}, loss_frac=1.0)[0]
     lm = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2}, loss_frac=1.0)[0]
     assert at_2048 < exact_half < lm < 1.0
     assert abs(exact_half - 0.753) < 0.01  # docs/quality.md's table
+    # half of each row a prompt: the MLP's backward runs half its rows whole, the head's d(h) half its rows
+    prompt = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2}, loss_frac=0.5)
+    assert prompt[1]["lm_head_loss"] == 0.75 * prompt[2]["lm_head_loss"]
+    unchunked = flop_limit(SMOLLM2, 2048, 1, {"ffn_active": 2, "chunked_loss": False}, loss_frac=0.5)
+    assert unchunked[1]["lm_head_loss"] == unchunked[2]["lm_head_loss"] and unchunked[0] > prompt[0]
     assert short[1]["attention"] == short[2]["attention"]
     dense = step_flops(SMOLLM2, 2048)
     half = step_flops(SMOLLM2, 2048, ffn_frac=0.5)

@@ -23,6 +23,23 @@ def test_census_counts_launches_and_syncs_of_device_data_only():
     assert (c.launches, c.syncs) == (0, 0)
 
 
+def test_census_sees_a_scalar_read_inside_an_op():
+    """Inside a custom op's kernel the dispatch mode sees int(t) / t.item() as aten.item, before it
+    decomposes into _local_scalar_dense: both count. The chunked loss's torch path reads its count of
+    loss rows once per call (nothing else; the CUDA kernel path reads nothing)."""
+    from spt_compile.sparse_ops.linear_cross_entropy import linear_cross_entropy
+
+    h = torch.randn(20, 8, requires_grad=True)
+    W = torch.randn(30, 8)
+    labels = torch.randint(0, 30, (20,))
+    labels[:7] = -100  # a prompt
+    with Census() as c:
+        linear_cross_entropy(h, W, None, labels, chunk=8, impl="torch")
+    assert c.syncs == 1, c.summary()
+    assert c.sync_where[0][1].startswith("sparse_ops/linear_cross_entropy/chunked.py") \
+        and c.sync_where[0][1].endswith("in _loss_rows_first"), c.summary()
+
+
 def _count_inside_op(fn):
     """Run fn as if it were an spt op's implementation (the census counts only inside those)."""
     with Census() as c:
@@ -252,16 +269,19 @@ def _step_census(layers: int, impl: str) -> Census:
 def test_a_whole_step_syncs_per_step_not_per_layer():
     """A training step of a whole model syncs a fixed number of times, whatever its depth, with the
     grouped MLP: the mask's analysis, the MLP sites' row counts and the loss backward's check of its
-    logits gradient, once each. The block-batched MLP (the default) adds its one per layer."""
+    logits gradient, once each. The block-batched MLP (the default) adds its one per layer. The loss's
+    torch path, which this CPU run takes, adds its count of the rows that carry a loss (on CUDA the
+    Triton kernel runs every row and reads nothing)."""
     pytest.importorskip("transformers")
     grouped = {layers: _step_census(layers, "grouped") for layers in (2, 4)}
     for c in grouped.values():
         where = sorted(w.split(":")[0] + " " + w.split(" in ")[-1] for (_, w), n in c.sync_sites().items())
-        assert c.syncs == 3, c.summary()
+        assert c.syncs == 4, c.summary()
         assert where == ["sparse_ops/linear_cross_entropy/chunked.py _any_nonzero",
+                         "sparse_ops/linear_cross_entropy/chunked.py _loss_rows_first",
                          "spt_compile/sites/attention.py analyse", "spt_compile/sites/row_counts.py count"], where
     block_batched = _step_census(2, "torch")
-    assert block_batched.syncs == 3 + 2, block_batched.summary()
+    assert block_batched.syncs == 4 + 2, block_batched.summary()
 
 
 @pytest.mark.parametrize("form", ["causal", "padded"])

@@ -93,6 +93,56 @@ def test_returned_logits_and_their_gradient(precompute):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("return_logits", [False, True], ids=["loss-only", "logits-returned"])
+@pytest.mark.parametrize("trained_head", [False, True], ids=["frozen-head", "trained-head"])
+def test_prompt_rows_get_no_softmax_and_no_gradient_gemm(monkeypatch, return_logits, trained_head):
+    """Rows without a loss (a prompt before each answer, padding after it) are left out of the chunks'
+    softmax and d(h) GEMMs: those GEMMs see the loss rows only, while loss, returned logits (every
+    row) and every gradient still equal the dense reference."""
+    import spt_compile.sparse_ops.linear_cross_entropy.chunked as chunked
+
+    h, W, b, labels = make((3, 20), 16, 61, torch.float32, bias=True, ignored=0.0)
+    W.requires_grad_(trained_head)
+    b.requires_grad_(trained_head)
+    rows = labels.view(3, 20)
+    rows[:, :9] = -100  # the prompt
+    rows[1, 15:] = -100  # padding after a short answer
+    n_loss = int((labels != -100).sum())  # 3 * 11 - 5 = 28
+    seen = []
+    backprop = chunked._backprop_chunk
+    monkeypatch.setattr(chunked, "_backprop_chunk", lambda g, hc, *a: (seen.append(g.shape[0]), backprop(g, hc, *a)))
+    logits_grad = torch.zeros(3, 20, 61) if return_logits else None  # as AOTAutograd hands an unused output
+    want = grads_of(linear_cross_entropy_reference, h, W, b, labels, torch.tensor(1.3), logits_grad,
+                    return_logits=return_logits)
+    got = grads_of(linear_cross_entropy, h, W, b, labels, torch.tensor(1.3), logits_grad, chunk=8,
+                   return_logits=return_logits)
+    assert sum(seen) == n_loss and len(seen) == 4, seen  # 28 loss rows in chunks of 8, nothing else
+    torch.testing.assert_close(got[0], want[0])
+    if return_logits:
+        torch.testing.assert_close(got[1], want[1])
+    for g, w, name in zip(got[2], want[2], "hWb"):
+        if w is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+    assert got[2][0].view(3, 20, 16)[:, :9].abs().max() == 0  # the prompt rows' d(h): exactly zero
+
+
+def test_evaluation_computes_the_loss_rows_only(monkeypatch):
+    """Without gradients and without returned logits, only the loss rows' logits are computed."""
+    import spt_compile.sparse_ops.linear_cross_entropy.chunked as chunked
+
+    h, W, b, labels = make((2, 12), 8, 40, torch.float32, bias=False, ignored=0.5, seed=3)
+    seen = []
+    linear_into = chunked._linear_into
+    monkeypatch.setattr(chunked, "_linear_into", lambda hc, *a: (seen.append(hc.shape[0]), linear_into(hc, *a))[1])
+    with torch.no_grad():
+        got, _ = linear_cross_entropy(h, W, b, labels, chunk=5)
+        want, _ = linear_cross_entropy_reference(h, W, b, labels)
+    assert sum(seen) == int((labels != -100).sum()) < labels.numel(), seen
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
 def test_bf16_accumulates_in_fp32(reduction, precompute):
