@@ -37,6 +37,9 @@ from spt_compile.sparse_ops.linear_cross_entropy.reference import linear_cross_e
 from spt_compile.recipes.memory import allocation_peak  # noqa: E402
 
 
+PROMPT_ROW = 512  # --prompt-frac: tokens per row
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048])
@@ -51,8 +54,14 @@ def parse_args(argv=None):
     p.add_argument("--liger", action="store_true", help="also run Liger-Kernel's fused linear cross-entropy")
     p.add_argument("--check", action="store_true", help="compare loss and d(h) with dense; exit 1 on a mismatch")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--prompt-frac", type=float, default=0.0, metavar="F",
+                   help="the first F of every 512-token row has no label (ignore_index), as a prompt "
+                        "in instruction tuning (default 0: every row carries a loss)")
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.prompt_frac < 1.0:
+        p.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
+    return args
 
 
 def _sync(device: torch.device) -> None:
@@ -137,7 +146,9 @@ def main(argv=None) -> int:
         gen = torch.Generator().manual_seed(0)
         h = torch.randn(T, args.hidden, generator=gen).to(device, dtype).requires_grad_()
         W = (torch.randn(args.vocab, args.hidden, generator=gen) * args.hidden**-0.5).to(device, dtype)
-        y = torch.randint(0, args.vocab, (T,), generator=gen).to(device)
+        y = torch.randint(0, args.vocab, (T,), generator=gen)
+        y[(torch.arange(T) % PROMPT_ROW) < int(args.prompt_frac * PROMPT_ROW)] = -100  # the prompts
+        y = y.to(device)
         runs = [("dense", linear_cross_entropy_reference, {})] + [
             (f"chunked-{c}-{i}", linear_cross_entropy, {"chunk": c, "impl": i}) for c in args.chunks for i in impls]
         if callable(liger):
@@ -166,6 +177,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "results": rows, "skipped": skipped, "mismatches": mismatches, "argv": sys.argv[1:],
+            "prompt_frac": args.prompt_frac,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, indent=1))
     if mismatches:

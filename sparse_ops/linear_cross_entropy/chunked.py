@@ -7,6 +7,9 @@ h [*, d], W [V, d], b [V] or None, labels [T] (T = h's leading dims flattened). 
 
 Each chunk's loss and d(logits) come from the torch ops below (CPU) or one Triton kernel that reads
 the chunk's logits twice and writes d(logits) over them (triton.py; the default on CUDA, `impl`).
+On the torch path (CPU) the chunks run over the rows that carry a loss only: a row whose label is
+ignore_index (a prompt, padding) has a zero loss and d(logits), so it gets its logits GEMM alone, and
+only when the logits are returned.
 
 Two backward strategies, both exact:
 * gradients in forward (`precompute`, the default wherever it applies): while a chunk's logits
@@ -154,14 +157,24 @@ def linear_cross_entropy_forward(
     if precompute:
         unit = _row_scale(torch.ones((T,) if reduction == "none" else (), device=h.device), valid_all, reduction)
     work = None  # [chunk, V] fp32 (torch path; the Triton path: h's dtype), reused chunk after chunk
+    zbuf = None  # skipping: [chunk, V] in h's dtype, a chunk's logits (computed, or gathered), reused
+    if skipping and return_logits:  # every row's logits first, straight into the returned tensor
+        for r0 in range(0, T, chunk):
+            _linear_into(h2[r0:r0 + chunk], W, b, logits[r0:r0 + chunk])
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         rs = slice(r0, r1) if not skipping else order[r0:r1]  # this chunk's rows
         hc = h2[rs]  # [C, d]
-        # [C, V] in h's dtype (rounded as the dense linear rounds), straight into the returned logits
-        z = _linear_into(hc, W, b, logits[rs] if return_logits and not skipping else None)
-        if return_logits and skipping:
-            logits.index_copy_(0, rs, z)
+        if not skipping:  # [C, V] in h's dtype (rounded as the dense linear rounds), into the returned logits
+            z = _linear_into(hc, W, b, logits[rs] if return_logits else None)
+        else:  # the loss rows' logits, in a buffer of our own (softmax may run in place over it)
+            if zbuf is None:
+                zbuf = torch.empty(min(chunk, n), V, dtype=h.dtype, device=h.device)
+            z = zbuf[: r1 - r0]
+            if return_logits:
+                torch.index_select(logits, 0, rs, out=z)
+            else:
+                _linear_into(hc, W, b, z)
         yc, valid = y[rs], valid_all[rs]
         if fused:  # loss, lse and d(logits) in one kernel; d(logits) over z unless z is returned
             g = None
@@ -206,10 +219,6 @@ def linear_cross_entropy_forward(
                 _backprop_chunk(g, hc, W, None if dh is None else dh[rs], dW, db)
             del g
         del z, e  # free this chunk's [C, V] before the next one is allocated
-    if return_logits and skipping:  # the ignored rows' logits: returned, never part of the loss
-        for r0 in range(n, T, chunk):
-            rs = order[r0:min(T, r0 + chunk)]
-            logits.index_copy_(0, rs, _linear_into(h2[rs], W, b, None))
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -222,7 +231,8 @@ def linear_cross_entropy_forward(
 
 def _loss_rows_first(valid: Tensor) -> tuple[Optional[Tensor], int]:
     """(order, n): the n rows that carry a loss, then the others, each in row order ([T] indices; None
-    when every row carries a loss). One host read, the count: the chunks are sized on the host."""
+    when every row carries a loss). One host read, the count: the chunks are sized on the host.
+    (Only order[:n] is read; the rest keeps the argsort free of a second, data-sized read.)"""
     n = int(valid.sum())
     if n == valid.numel():
         return None, n
