@@ -87,6 +87,7 @@ def main(argv=None) -> int:
         dh = grad @ W  # [T, d]
         dh_norm = dh.norm(dim=1)
         prob, grad, Ws = prob[:, order], grad[:, order], W[order]
+        label_cols = order.argsort()[labels]  # [T]: each label's column in the sorted vocabulary
         rows = []
         for eps in args.eps:
             for blk in args.blocks:
@@ -96,14 +97,14 @@ def main(argv=None) -> int:
                     active = padded.view(T // chunk, chunk, nb, blk).amax(dim=(1, 3)) > eps  # [T/chunk, nb]
                     keep = active.repeat_interleave(chunk, 0).repeat_interleave(blk, 1)[:, :V]
                     # the label's entry (softmax - 1) is always kept: a kernel adds -W[label] apart
-                    keep[torch.arange(T), (order.argsort())[labels]] = True
+                    keep[torch.arange(T), label_cols] = True
                     err = (((grad * keep) @ Ws - dh).norm(dim=1) / dh_norm).mean()
                     rows.append({"eps": eps, "vocab_block": blk, "token_chunk": chunk,
                                  "active_tiles": float(active.float().mean()), "dh_rel_error": float(err)})
                     print(f"{source} eps 2^{-torch.tensor(eps).log2().item():.0f} block {blk} chunk {chunk}: "
                           f"active {rows[-1]['active_tiles']:.3f}, d(h) error {float(err):.2e}", flush=True)
             keep = prob > eps
-            keep[torch.arange(T), (order.argsort())[labels]] = True
+            keep[torch.arange(T), label_cols] = True
             err = (((grad * keep) @ Ws - dh).norm(dim=1) / dh_norm).mean()
             rows.append({"eps": eps, "vocab_block": 1, "token_chunk": 1,
                          "active_tiles": float(keep.float().mean()), "dh_rel_error": float(err)})
