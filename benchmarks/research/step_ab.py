@@ -5,7 +5,8 @@ bench_finetune.py runs each configuration in its own process, one after another,
 this shared 2-core machine (step times move by up to 25% between runs) lands on whichever ran then.
 Here the same PEFT model is stepped eagerly (SDPA), through Inductor and through backend="spt" in turn,
 round after round, and each configuration's median is taken over the rounds: a drift hits all alike.
-The model, LoRA and batch are bench_finetune.py's (random tokens, labels = inputs, LM tuning).
+The model, LoRA and batch are bench_finetune.py's (random tokens, labels = inputs: LM tuning; with
+--prompt-frac, each row's first tokens carry no loss).
 
     python benchmarks/research/step_ab.py --seq 512 --batch 8 --rounds 3 \\
         --json benchmarks/research/results/step_ab_cpu_512x8.json
@@ -32,9 +33,14 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=0, help="truncate SmolLM2 (0: all 30 layers)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, each one step of every configuration")
     p.add_argument("--configs", nargs="+", default=["eager", "inductor", "spt"],
-                   choices=["eager", "inductor", "spt"])
+                   choices=["eager", "inductor", "spt", "spt-variant"])
+    p.add_argument("--variant-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run-time spt option for the spt-variant configuration: the same compiled model as "
+                        "spt, stepped inside spt_compile.enable(KEY=VALUE, ...) (repeatable)")
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="PEFT lora_dropout (bench_finetune.py's 0; the main job and PEFT's usual setting: 0.05)")
+    p.add_argument("--prompt-frac", type=float, default=0.0,
+                   help="share of each row's first tokens that carry no loss (labels -100), as bench_finetune.py")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -54,21 +60,37 @@ def main(argv=None) -> int:
     runs = {"eager": model}
     if "inductor" in args.configs:
         runs["inductor"] = torch.compile(model)
-    if "spt" in args.configs:
+    if {"spt", "spt-variant"} & set(args.configs):
         runs["spt"] = torch.compile(model, backend="spt")
+    variant = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v
+               for k, v in (kv.split("=", 1) for kv in args.variant_option)}
+    if "spt-variant" in args.configs:
+        if not variant:
+            p.error("spt-variant needs at least one --variant-option KEY=VALUE")
+        compiled = runs["spt"]
+
+        def run_variant(**kw):
+            with spt_compile.enable(**variant):
+                return compiled(**kw)
+        runs["spt-variant"] = run_variant
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=0.0)  # the weights stay put
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, : int(args.prompt_frac * args.seq)] = -100  # a prompt: no loss there
 
     def step(name):
         t0 = time.perf_counter()
-        runs[name](input_ids=ids, labels=ids).loss.backward()
+        runs[name](input_ids=ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    for name in args.configs:  # compile, spt's calibration, one warm-up
-        for _ in range(2 + (make_options({}).calibration_steps if name == "spt" else 0)):
+    calibrated = False
+    for name in args.configs:  # compile, spt's calibration (once: the variant runs the same model), one warm-up
+        spt = name.startswith("spt")
+        for _ in range(1 if spt and calibrated else 2 + (make_options({}).calibration_steps if spt else 0)):
             step(name)
+        calibrated = calibrated or spt
     times = {name: [] for name in args.configs}
     for r in range(args.rounds):
         for name in args.configs:
@@ -80,12 +102,15 @@ def main(argv=None) -> int:
         print(f"{n:9s} median {med[n]:6.2f} s" + (f"  {med[n] / best:.3f}x of the best dense" if best else ""))
     if "spt" in runs:
         print("spt runs:", {s["name"]: s.get("backward") for s in spt_compile.report(model) if s["kind"] == "mlp"}
+              .popitem(), {s["name"]: s.get("runs") for s in spt_compile.report(model) if s["kind"] == "attention"}
               .popitem())
     if args.json:
+        from provenance import source_commit
         args.json.write_text(json.dumps({
             "seq": args.seq, "batch": args.batch, "layers": model.config.num_hidden_layers, "threads": args.threads,
-            "lora_dropout": args.lora_dropout,
-            "rounds": args.rounds, "step_times_s": times, "median_s": med, "torch": torch.__version__}, indent=1) + "\n")
+            "lora_dropout": args.lora_dropout, "prompt_frac": args.prompt_frac, "variant_options": variant,
+            "rounds": args.rounds, "step_times_s": times, "median_s": med, "torch": torch.__version__,
+            "commit": source_commit()}, indent=1) + "\n")
     return 0
 
 
