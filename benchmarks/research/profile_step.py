@@ -49,14 +49,13 @@ def main(argv=None) -> int:
     import spt_compile  # noqa: F401
     from bench_finetune import load_model
     from spt_compile.options import make_options
+    from spt_compile.recipes.cli import spt_option_pairs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     backend, options, attn = CONFIGS[args.config]
     options = dict(options or {})
-    for kv in args.option:
-        k, v = kv.split("=", 1)
-        options[k] = json.loads(v) if v[:1] in "0123456789-[{tf" and v not in ("first",) else v
+    options.update(spt_option_pairs(args.option))
     model = peft.get_peft_model(load_model(args.layers, attn), peft.LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     import spt_compile
     from bench_finetune import load_model
     from spt_compile.options import make_options
+    from spt_compile.recipes.cli import spt_option_pairs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -62,8 +63,7 @@ def main(argv=None) -> int:
         runs["inductor"] = torch.compile(model)
     if {"spt", "spt-variant"} & set(args.configs):
         runs["spt"] = torch.compile(model, backend="spt")
-    variant = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v
-               for k, v in (kv.split("=", 1) for kv in args.variant_option)}
+    variant = spt_option_pairs(args.variant_option)
     if "spt-variant" in args.configs:
         if not variant:
             p.error("spt-variant needs at least one --variant-option KEY=VALUE")
@@ -101,9 +101,9 @@ def main(argv=None) -> int:
     for n in args.configs:
         print(f"{n:9s} median {med[n]:6.2f} s" + (f"  {med[n] / best:.3f}x of the best dense" if best else ""))
     if "spt" in runs:
-        print("spt runs:", {s["name"]: s.get("backward") for s in spt_compile.report(model) if s["kind"] == "mlp"}
-              .popitem(), {s["name"]: s.get("runs") for s in spt_compile.report(model) if s["kind"] == "attention"}
-              .popitem())
+        sites = spt_compile.report(model)
+        print("spt runs:", {s["name"]: s.get("backward") for s in sites if s["kind"] == "mlp"}.popitem(),
+              {s["name"]: s.get("runs") for s in sites if s["kind"] == "attention"}.popitem())
     if args.json:
         from provenance import source_commit
         args.json.write_text(json.dumps({
