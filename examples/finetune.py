@@ -35,8 +35,9 @@ from spt_compile.recipes.evaluate import answer_loss, calibrate, calibration_bat
 from spt_compile.recipes.lora import add_lora, lora_state
 from spt_compile.recipes.models import load_model
 
-SPT_CHOICES = ("density", "top_l", "attention_selection", "attention_block", "attention_dense_below", "ffn_blocks",
-               "ffn_active", "calibration_steps", "compiler")
+SPT_CHOICES = ("density", "top_l", "attention_selection", "attention_block", "attention_dense_below",
+               "attention_backward_dense_below", "attention_min_keys", "ffn_blocks", "ffn_active", "calibration_steps",
+               "compiler")
 
 
 # --- arguments -------------------------------------------------------------------------------------
@@ -73,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--attention-block", type=int, default=None, help="block size of block selection (default 64)")
     g.add_argument("--attention-dense-below", type=int, default=None,
                    help="sequences with fewer keys run exact attention (default 2048; 0: always sparse)")
+    g.add_argument("--attention-backward-dense-below", type=int, default=None,
+                   help="the same for training calls' backward under exact_forward (default: --attention-dense-below)")
+    g.add_argument("--attention-min-keys", type=int, default=None,
+                   help="keys every query keeps at least, whatever --density asks (default 0: no floor)")
     g.add_argument("--ffn-blocks", type=int, default=None, help="MLP blocks")
     g.add_argument("--ffn-active", type=int, default=None, help="MLP blocks used per token")
     g.add_argument("--calibration-steps", type=int, default=None, help="first calls per site run dense to calibrate")

@@ -109,6 +109,17 @@ class Options:
     # loss 2.50 against 1.41 dense), and exact attention is a small share of the step there.
     attention_dense_below: int = _opt(2048, "Calls whose longest real sequence has fewer keys than this run "
                                       "exact attention (0: always sparse). report() counts them.", True)
+    # None (attention_dense_below) and 0 until the run of record says otherwise: docs/quality.md,
+    # "Short sequences: a floor of keys for the backward".
+    attention_backward_dense_below: Optional[int] = _opt(
+        None, "Under exact_forward, training calls whose longest real sequence has fewer keys than this "
+        "run the exact backward too (None: attention_dense_below, which then governs only calls that "
+        "run the sparse forward: sparse_inference, or exact_forward off). The forward is exact at any "
+        "length; only the backward is masked to the selected key blocks.", True)
+    attention_min_keys: int = _opt(0, "Keys every query keeps at least (all it has, if fewer), whatever "
+                                   "density asks; top_l overrides it. A call whose longest real sequence "
+                                   "has no more keys than this runs exact attention (report() counts it "
+                                   "as exact_short). 0: no floor.", True)
     attention_block: int = _opt(64, "Query and key block size of block selection (a power of two >= 16).", True)
     pq_proxy: str = _opt("adc", "Proxy of token selection: 'adc' (asymmetric inner product q . k_hat) or "
                          "'agreement' (how many subspace codes of query and key agree).", True)
@@ -157,6 +168,26 @@ class Options:
     def active_blocks(self) -> int:
         return self.ffn_active if self.ffn_active is not None else max(1, (3 * self.ffn_blocks) // 4)
 
+    def attention_exact_below(self, training: bool) -> int:
+        """Keys below which a call runs exact attention: attention_backward_dense_below for training
+        calls under exact_forward (where set), attention_dense_below otherwise."""
+        if training and self.exact_forward and self.attention_backward_dense_below is not None:
+            return self.attention_backward_dense_below
+        return self.attention_dense_below
+
+    def attention_short_reason(self, longest: int, training: bool) -> Optional[str]:
+        """Why a call whose longest real sequence has `longest` keys runs exact attention, or None:
+        below the threshold of attention_exact_below, or within the attention_min_keys floor (every
+        query would keep every key; exact attention computes the same for less)."""
+        below = self.attention_exact_below(training)
+        if longest < below:
+            name = ("attention_backward_dense_below" if training and self.exact_forward
+                    and self.attention_backward_dense_below is not None else "attention_dense_below")
+            return f"below {name}={below}"
+        if self.top_l is None and 0 < longest <= self.attention_min_keys:
+            return f"within attention_min_keys={self.attention_min_keys}: every key kept"
+        return None
+
     def runtime_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["runtime"]}
 
@@ -188,6 +219,12 @@ def validate(o: Options) -> None:
         raise _bad("attention_selection", f"one of {', '.join(SELECTIONS)}", o.attention_selection)
     if not is_int(o.attention_dense_below) or o.attention_dense_below < 0:
         raise _bad("attention_dense_below", "an int >= 0", o.attention_dense_below)
+    if o.attention_backward_dense_below is not None and (
+            not is_int(o.attention_backward_dense_below) or o.attention_backward_dense_below < 0):
+        raise _bad("attention_backward_dense_below", "an int >= 0 or None (attention_dense_below)",
+                   o.attention_backward_dense_below)
+    if not is_int(o.attention_min_keys) or o.attention_min_keys < 0:
+        raise _bad("attention_min_keys", "an int >= 0 (0: no floor)", o.attention_min_keys)
     if not is_int(o.attention_block) or o.attention_block < 16 or o.attention_block & (o.attention_block - 1):
         raise _bad("attention_block", "a power of two >= 16", o.attention_block)
     if o.ffn_loss_rows not in ("dense", "first", "off"):

@@ -105,8 +105,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                 finish(False)
             seen.update({call, m.output}, m.nodes)
             report.sites.append(SiteReport("attention", "dense", m.pattern, path, reason=(
-                "CUDA graphs (mode='reduce-overhead'): the traced length is below attention_dense_below="
-                f"{options.attention_dense_below}, so the attention runs exact, as traced")))
+                "CUDA graphs (mode='reduce-overhead'): the attention runs exact, as traced"
+                + _short_note(m, options))))
             continue
         use_graphed = graphed and refusal is None
         note = ("; spt::attention_graphed for CUDA graphs (fixed shapes, budgets on the device, options as traced)"

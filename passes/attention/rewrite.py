@@ -57,14 +57,17 @@ def describe(m: AttentionMatch) -> str:
 
 
 def _short_note(m: AttentionMatch, options: Options) -> str:
-    """Said when the traced key length is below attention_dense_below: such calls run exact attention
-    whatever density / top_l ask (report() counts them as exact_short)."""
+    """Said when the traced key length makes calls run exact attention whatever density / top_l ask
+    (Options.attention_short_reason; report() counts them as exact_short)."""
     n_keys = static_int(_shape4(m.k, m.merged)[2])
-    if n_keys is None or n_keys >= options.attention_dense_below:
+    training = torch.is_grad_enabled() and any(requires_grad(t) for t in (m.q, m.k, m.v))
+    why = None if n_keys is None else options.attention_short_reason(n_keys, training)
+    if why is None:
         return ""
     asked = f"top_l={options.top_l}" if options.top_l is not None else f"density={options.density:.4g}"
-    return (f"; at {n_keys} keys calls run exact attention, not {asked}: below attention_dense_below="
-            f"{options.attention_dense_below} (set it lower to sparsify shorter sequences)")
+    fix = ("lower attention_min_keys to sparsify it" if why.startswith("within") else
+           "set it lower to sparsify shorter sequences")
+    return f"; at {n_keys} keys calls run exact attention, not {asked}: {why} ({fix})"
 
 
 def anchor_weight(start: Node, depth: int = 16) -> Optional[Node]:
@@ -141,8 +144,8 @@ def emit_graphed(graph, m: AttentionMatch, options: Options) -> list[str]:
         q, k, v = (graph.call_function(operator.getitem, (t, None)) if m.merged else t for t in (m.q, m.k, m.v))
         call = graph.call_function(torch.ops.spt.attention_graphed.default, (
             q, k, v, mask, m.is_causal, m.scale, options.attention_block, float(options.density),
-            -1 if options.top_l is None else int(options.top_l), bool(training and options.exact_forward),
-            options.attention_impl))
+            -1 if options.top_l is None else int(options.top_l), int(options.attention_min_keys),
+            bool(training and options.exact_forward), options.attention_impl))
         out = graph.call_function(operator.getitem, (call, 0))
         if len(shape(m.output)) == 3:
             out = graph.call_method("flatten", (out, 0, 1))

@@ -75,12 +75,13 @@ def real_key_mask(mask: Tensor, B: int, Nk: int) -> Tensor:
     return any_allowed.expand(B, Nk)
 
 
-def keys_per_query(lengths: Tensor, density: float, top_l: Optional[int]) -> Tensor:
+def keys_per_query(lengths: Tensor, density: float, top_l: Optional[int], min_keys: int = 0) -> Tensor:
     """L per sequence from its real key count (any shape, e.g. [B]): top_l, or ceil(density x
-    length), at least 1 when the sequence has keys, never more than it has."""
+    length) but at least min_keys (the attention_min_keys floor) and 1 when the sequence has keys;
+    never more than it has."""
     if top_l is not None:
         return torch.clamp(lengths, max=top_l)
-    return torch.clamp(torch.ceil(lengths.double() * density).long(), min=1).minimum(lengths)
+    return torch.clamp(torch.ceil(lengths.double() * density).long(), min=max(1, min_keys)).minimum(lengths)
 
 
 def select_keys(

@@ -37,11 +37,16 @@ def n_blocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], block_n: int, n_kb: int) -> Tensor:
+def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], block_n: int, n_kb: int,
+                     min_keys: int = 0) -> Tensor:
     """Key blocks per query block from the real key counts (per sequence [B], or per query block
-    [B, n_qb] for packed rows): ceil(keys / block_n) where keys is top_l or ceil(density x length);
-    at least 1, at most n_kb (density 1.0 lists every block)."""
-    keys = lengths.clamp(max=top_l) if top_l is not None else torch.ceil(lengths.double() * density).long()
+    [B, n_qb] for packed rows): ceil(keys / block_n) where keys is top_l, or ceil(density x length)
+    but at least min_keys (never more than the length); at least 1, at most n_kb (density 1.0 lists
+    every block)."""
+    if top_l is not None:
+        keys = lengths.clamp(max=top_l)
+    else:
+        keys = torch.ceil(lengths.double() * density).long().clamp(min=min_keys).minimum(lengths)
     return torch.ceil(keys.double() / block_n).long().clamp(min=1, max=n_kb)
 
 
@@ -71,7 +76,8 @@ def packed_segments(mask: Tensor, real: Tensor, N: int,
 
 
 def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, top_l: Optional[int],
-                            block_m: int, block_n: int, found=None, host: bool = True) -> Optional[tuple[Tensor, Tensor]]:
+                            block_m: int, block_n: int, found=None, host: bool = True,
+                            min_keys: int = 0) -> Optional[tuple[Tensor, Tensor]]:
     """Rows that pack several sequences (packed_segments) give each query block the budget and the
     sink block of its own sequence, as if it ran alone: (budget, sink), each [B, n_qb] int64 (budget
     on the CPU: the largest among the sequences of the block's queries; sink: the first key block of
@@ -80,7 +86,8 @@ def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, 
     spans one key block more than alone and gets it, so density 1.0 still lists every key.
     found: packed_segments of this mask when the caller has them; with them and `real` on the host,
     everything is computed on the host (sink too) and no device memory is read. host=False: the
-    budget stays where it was computed (with device segments: on the device, no transfer)."""
+    budget stays where it was computed (with device segments: on the device, no transfer).
+    min_keys: the floor of blocks_per_query, per sequence."""
     found = packed_segments(mask, real, N) if found is None else found
     if found is None:
         return None
@@ -92,11 +99,11 @@ def packed_blocks_per_query(mask: Tensor, real: Tensor, N: int, density: float, 
     last = torch.zeros(B, N, dtype=torch.int64, device=segment.device).scatter_reduce_(1, segment, block, "amax")
     spanned = (last - first + 1).clamp(min=1)  # [B, N] key blocks each sequence covers
     alone = torch.ceil(length.double() / block_n).long()  # ... and would cover alone
-    budget = (blocks_per_query(length, density, top_l, block_n, N) + spanned - alone).minimum(spanned)
+    budget = (blocks_per_query(length, density, top_l, block_n, N, min_keys) + spanned - alone).minimum(spanned)
     per_query = budget.gather(1, segment)  # [B, N]
     n_qb = n_blocks(N, block_m)
     per_block = _pad_to(per_query, 1, n_qb * block_m, 0).view(B, n_qb, block_m).amax(-1)  # [B, n_qb]
-    whole_row = blocks_per_query(real.sum(1), density, top_l, block_n, n_blocks(Nk, block_n))
+    whole_row = blocks_per_query(real.sum(1), density, top_l, block_n, n_blocks(Nk, block_n), min_keys)
     last_row = (torch.arange(n_qb, device=segment.device) * block_m + block_m - 1).clamp(max=N - 1)
     sink = first.gather(1, segment[:, last_row])  # [B, n_qb]
     sink = torch.where(packed[:, None], sink, 0)

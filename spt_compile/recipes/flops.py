@@ -7,7 +7,9 @@ measured ratio so the gap shows. Conventions (per token-row, x [T, a] -> [T, b] 
 * frozen base weight: forward + d(x) = 2x forward; trainable LoRA factor: forward + d(x) + d(W) = 3x;
 * attention (QK^T and PV, 4*H*D per query-key pair): forward + backward = 3x forward, causal pairs
   only; spt keeps min(i + 1, L) keys for query i with L = density * N (the token-level count; block
-  selection keeps the same number in 64-key blocks), or all when N < attention_dense_below;
+  selection keeps the same number in 64-key blocks), at least attention_min_keys, or all when the
+  call runs exact for its length (N < attention_dense_below, or attention_backward_dense_below under
+  exact_forward);
 * routed FFN: the base weights and the block-side LoRA factors (B of gate/up, A of down) scale with
   the active fraction; the other LoRA factors run for every token;
 * LM head: frozen (tied to the embedding in SmolLM2): 2x forward, dense or chunked (the chunked
@@ -89,11 +91,12 @@ def spt_settings(options: dict, N: int, loss_frac: float = 1.0) -> dict:
     from spt_compile.options import make_options
 
     o = make_options(options)
-    sparse_attention = o.sparse_attention and N >= o.attention_dense_below
+    sparse_attention = o.sparse_attention and o.attention_short_reason(N, training=True) is None
+    density = o.top_l / N if o.top_l else min(1.0, max(o.density, o.attention_min_keys / N))
     frac = o.active_blocks / o.ffn_blocks if o.sparse_ffn else 1.0
     if o.ffn_loss_rows == "dense" and o.sparse_ffn:
         frac = max(frac, min(1.0, loss_frac))
-    return {"density": (o.top_l / N if o.top_l else o.density), "sparse_attention": sparse_attention,
+    return {"density": density, "sparse_attention": sparse_attention,
             "ffn_frac": frac, "exact_forward": o.exact_forward,
             "head_grad_frac": min(1.0, loss_frac) if o.chunked_loss else 1.0}
 

@@ -234,7 +234,8 @@ def _host_packed_budgets(mask: Tensor, on_host, N: int, options: Options, bm: in
     found, real_host = on_host
     if any(t.device.type != "cpu" for t in (*found, real_host)):
         raise ValueError("_host_packed_budgets: the mask's packed segments must be host tensors")
-    return block_select.packed_blocks_per_query(mask, real_host, N, options.density, options.top_l, bm, bn, found)[0]
+    return block_select.packed_blocks_per_query(mask, real_host, N, options.density, options.top_l, bm, bn, found,
+                                                min_keys=options.attention_min_keys)[0]
 
 
 def _block_budgets(mask: Optional[Tensor], B: int, N: int, Nk: int, options: Options, bm: int, bn: int):
@@ -244,25 +245,29 @@ def _block_budgets(mask: Optional[Tensor], B: int, N: int, Nk: int, options: Opt
     device from the mask's device facts by the same formulas, so nothing is copied to the device (a
     copy from pageable host memory would make CUDA drain the stream first)."""
     n_kb = block_select.n_blocks(Nk, bn)
+    floor = options.attention_min_keys
     if mask is None:  # every key real: one budget for all
-        return block_select.blocks_per_query(torch.full((B,), Nk), options.density, options.top_l, bn, n_kb), None, None
+        return block_select.blocks_per_query(torch.full((B,), Nk), options.density, options.top_l, bn, n_kb,
+                                             floor), None, None
 
     def compute():
         facts = mask_facts(mask, B, N, Nk)
         if facts.packed_host is not None:
             budget = _host_packed_budgets(mask, facts.packed_host, N, options, bm, bn)
             on_device, sink = block_select.packed_blocks_per_query(
-                mask, facts.real, N, options.density, options.top_l, bm, bn, facts.packed, host=False)
+                mask, facts.real, N, options.density, options.top_l, bm, bn, facts.packed, host=False, min_keys=floor)
         else:
-            budget, sink = block_select.blocks_per_query(facts.lengths, options.density, options.top_l, bn, n_kb), None
-            on_device = block_select.blocks_per_query(facts.real.sum(-1), options.density, options.top_l, bn, n_kb)
+            budget, sink = block_select.blocks_per_query(facts.lengths, options.density, options.top_l, bn, n_kb,
+                                                         floor), None
+            on_device = block_select.blocks_per_query(facts.real.sum(-1), options.density, options.top_l, bn, n_kb,
+                                                      floor)
         flat = budget.flatten()
         uniform = bool((flat == flat[0]).all())
         n_qb = block_select.n_blocks(N, bm)
         on_device = None if uniform else on_device.to(torch.int32).view(B, -1).expand(B, n_qb)
         return budget, on_device, sink
 
-    return mask_memo.memo(mask, ("block budgets", B, N, Nk, options.density, options.top_l, bm, bn), compute)
+    return mask_memo.memo(mask, ("block budgets", B, N, Nk, options.density, options.top_l, floor, bm, bn), compute)
 
 
 def as_causal(mask: Optional[Tensor], is_causal: bool, B: int, N: int, Nk: int) -> tuple[Optional[Tensor], bool]:
@@ -283,16 +288,17 @@ def real_key_positions(mask: Optional[Tensor], B: int, N: int, Nk: int) -> Optio
     return None if mask is None else mask_facts(mask, B, N, Nk).real
 
 
-def token_budget(mask: Optional[Tensor], B: int, N: int, Nk: int, density: float, top_l: Optional[int]) -> Tensor:
+def token_budget(mask: Optional[Tensor], B: int, N: int, Nk: int, density: float, top_l: Optional[int],
+                 min_keys: int = 0) -> Tensor:
     """Keys per query: [B], one per row from its real length; or [B, N] when a row packs several
     sequences (block_select.packed_segments), each query budgeted by its own sequence's length, as
     if it ran alone."""
-    row = pq.keys_per_query(real_lengths(mask, B, N, Nk), density, top_l)  # [B]
+    row = pq.keys_per_query(real_lengths(mask, B, N, Nk), density, top_l, min_keys)  # [B]
     found = None if mask is None else mask_facts(mask, B, N, Nk).packed
     if found is None:
         return row
     segment, length, packed = found
-    per_query = pq.keys_per_query(length, density, top_l).gather(1, segment)  # [B, N]
+    per_query = pq.keys_per_query(length, density, top_l, min_keys).gather(1, segment)  # [B, N]
     return torch.where(packed[:, None], per_query, row.to(per_query.device)[:, None])
 
 
@@ -318,7 +324,7 @@ class AttentionSite(Site):
         self.n_kv_heads, self.head_dim = template.shape
         self.codebooks: Optional[Tensor] = None  # [Hkv, S, K, dsub] fp32
         self.key_buffer: Optional[Tensor] = None  # [Hkv, n, D] calibration samples
-        self.exact_short_calls = 0  # calls that ran exact because the sequence was below attention_dense_below
+        self.exact_short_calls = 0  # calls that ran exact for their length (Options.attention_short_reason)
         self.exact_forward_kernels: dict[str, int] = {}  # training calls' exact forward: "flash" or "block" kernels
 
     def describe(self):
@@ -386,8 +392,9 @@ class AttentionSite(Site):
         L = budget()
         if L.device.type == "cpu":
             real_count = torch.full((B,), Nk, device=q.device) if real is None else real.sum(-1)
-            L = pq.keys_per_query(real_count, options.density, options.top_l)
-        k_max = min(Nk, int(pq.keys_per_query(torch.tensor([Nk]), options.density, options.top_l)[0]))
+            L = pq.keys_per_query(real_count, options.density, options.top_l, options.attention_min_keys)
+        k_max = min(Nk, int(pq.keys_per_query(torch.tensor([Nk]), options.density, options.top_l,
+                                              options.attention_min_keys)[0]))
         if k_max == 0:  # nothing to measure (still reported: under torch.distributed the average waits for it)
             self.note_quality(recall=float("nan"), mass=float("nan"))
             return
@@ -446,8 +453,10 @@ class AttentionSite(Site):
         if not exact:
             real = real_key_positions(mask, B, N, Nk)  # None: no mask, every key real
             how = "exact_forward" if training and options.exact_forward else "sparse"
-            if int(real_lengths(mask, B, N, Nk).max()) < options.attention_dense_below:
-                exact = True  # a short sequence: exact attention is cheap, and sparsity would cost quality
+            if options.attention_short_reason(int(real_lengths(mask, B, N, Nk).max()), training) is not None:
+                # a short sequence: exact attention is cheap, and sparsity would cost quality (or the
+                # attention_min_keys floor keeps every key anyway)
+                exact = True
                 how = "exact_short"
                 if plan.updates_state:  # a count changes no choice: no need to stage it
                     self.exact_short_calls += 1
@@ -547,7 +556,7 @@ class AttentionSite(Site):
         exact forward, backward only)."""
         codebooks = self.codebooks.to(k.device)
         per_batch_l = token_budget(mask, q.shape[0], q.shape[2], k.shape[2], options.density,
-                                   options.top_l)  # [B] or [B, N]
+                                   options.top_l, options.attention_min_keys)  # [B] or [B, N]
         if options.pq_proxy == "agreement":
             q_proxy, k_proxy, proxy_scale = *pq.code_onehots(q, k, codebooks), 1.0
         else:
@@ -592,7 +601,8 @@ class AttentionSite(Site):
         # L in keys for the probe's "true top-L": what the density asks for, not the block rounding;
         # computed only on the calls that probe
         return out, lse, block_idx.reshape(-1), meta, (
-            chosen, lambda: token_budget(mask, q.shape[0], q.shape[2], Nk, options.density, options.top_l))
+            chosen, lambda: token_budget(mask, q.shape[0], q.shape[2], Nk, options.density, options.top_l,
+                                         options.attention_min_keys))
 
     # --- persistence --------------------------------------------------------------------------
     def state_dict(self):

@@ -9,7 +9,7 @@ fixed when the graph is traced:
 
 * **Fixed shapes.** Outputs out [B, H, N, Dv], lse [B, H, N] fp32 and the block lists
   [B, Hkv, n_qb, Lb] int32, Lb = the budget of a full-length row (blocks_per_query of Nk keys) for
-  the traced `density` / `top_l` / `attention_block`; a shorter row lists fewer blocks and -1 after them.
+  the traced `density` / `top_l` / `attention_min_keys` / `attention_block`; a shorter row lists fewer blocks and -1 after them.
 * **Nothing on the host.** Each row's budget is computed on the device from the mask (its real keys),
   the selection kernels read it from there. An explicit mask is used as a mask (no host check that
   it is the causal triangle), packed rows get their row's budget (no per-sequence sinks).
@@ -36,14 +36,14 @@ from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward,
 from .attention import flash_with_lse
 
 
-def list_width(Nk: int, density: float, top_l: Optional[int], block: int) -> int:
+def list_width(Nk: int, density: float, top_l: Optional[int], block: int, min_keys: int = 0) -> int:
     """Lb of a full-length row: the lists' fixed width."""
     n_kb = block_select.n_blocks(Nk, block)
-    return int(block_select.blocks_per_query(torch.tensor([Nk]), density, top_l, block, n_kb)[0])
+    return int(block_select.blocks_per_query(torch.tensor([Nk]), density, top_l, block, n_kb, min_keys)[0])
 
 
 def _budgets(mask: Optional[Tensor], B: int, N: int, Nk: int, density: float, top_l: Optional[int], block: int,
-             device) -> tuple[Tensor, Optional[Tensor]]:
+             min_keys: int, device) -> tuple[Tensor, Optional[Tensor]]:
     """(budget [B, n_qb] int32 on the device, real [B, Nk] bool or None): each row's key blocks from its
     real keys, computed on the device (no host read)."""
     n_kb, n_qb = block_select.n_blocks(Nk, block), block_select.n_blocks(N, block)
@@ -52,24 +52,24 @@ def _budgets(mask: Optional[Tensor], B: int, N: int, Nk: int, density: float, to
     else:
         real = pq.real_key_mask(mask, B, Nk)  # [B, Nk]
         lengths = real.sum(-1)
-    budget = block_select.blocks_per_query(lengths, density, top_l, block, n_kb)  # [B]
+    budget = block_select.blocks_per_query(lengths, density, top_l, block, n_kb, min_keys)  # [B]
     return budget.to(torch.int32)[:, None].expand(B, n_qb), real
 
 
 @torch.library.custom_op("spt::attention_graphed", mutates_args=())
 def attention_graphed(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float, block: int,
-    density: float, top_l: int, exact_forward: bool, impl: str,
+    density: float, top_l: int, min_keys: int, exact_forward: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """top_l < 0: none (density decides). exact_forward: the output is exact attention; the lists serve
+    """top_l < 0: none (density decides, at least min_keys keys). exact_forward: the output is exact attention; the lists serve
     the backward. Returns (out, lse, block lists)."""
     B, H, N, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     top = None if top_l < 0 else top_l
     impl = resolve_impl(impl, q.device)
-    budget, real = _budgets(mask, B, N, Nk, density, top, block, q.device)
+    budget, real = _budgets(mask, B, N, Nk, density, top, block, min_keys, q.device)
     lists = block_select.select_blocks(q, k, scale, None, is_causal, mask, real, block, block, impl,
-                                       budget_dev=budget, Lb=list_width(Nk, density, top, block))
+                                       budget_dev=budget, Lb=list_width(Nk, density, top, block, min_keys))
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     flash = flash_with_lse(q, k, v, mask, is_causal, scale) if exact_forward else None
     if flash is not None:
@@ -86,10 +86,10 @@ def attention_graphed(
 
 
 @attention_graphed.register_fake
-def _(q, k, v, mask, is_causal, scale, block, density, top_l, exact_forward, impl):
+def _(q, k, v, mask, is_causal, scale, block, density, top_l, min_keys, exact_forward, impl):
     B, H, N, _ = q.shape
     Nk = k.shape[2]
-    Lb = list_width(Nk, density, None if top_l < 0 else top_l, block)
+    Lb = list_width(Nk, density, None if top_l < 0 else top_l, block, min_keys)
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
             q.new_empty(B, k.shape[1], block_select.n_blocks(N, block), Lb, dtype=torch.int32))
 
@@ -112,7 +112,7 @@ def _(dout, q, k, v, mask, out, lse, lists, is_causal, scale, block, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, is_causal, scale, block, density, top_l, exact_forward, impl = inputs
+    q, k, v, mask, is_causal, scale, block, density, top_l, min_keys, exact_forward, impl = inputs
     out, lse, lists = output
     ctx.save_for_backward(q, k, v, mask, out, lse, lists)
     ctx.args = (is_causal, scale, block, impl)
@@ -122,7 +122,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse, dlists):
     q, k, v, mask, out, lse, lists = ctx.saved_tensors
     dq, dk, dv = attention_graphed_backward(dout, q, k, v, mask, out, lse, lists, *ctx.args)
-    return (dq, dk, dv) + (None,) * 8
+    return (dq, dk, dv) + (None,) * 9
 
 
 attention_graphed.register_autograd(_backward, setup_context=_setup_context)

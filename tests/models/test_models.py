@@ -40,14 +40,14 @@ def run(model, batch, loss_mask):
     return hidden.detach(), grads
 
 
-def assert_same(model, batch, loss_mask, compiler="aot_eager", atol=5e-5):
-    """Compiled with spt (degenerate options) vs the same model run eagerly and dense."""
+def assert_same(model, batch, loss_mask, compiler="aot_eager", atol=5e-5, extra=None):
+    """Compiled with spt (degenerate options, updated by `extra`) vs the same model run eagerly and dense."""
     import spt_compile
 
     torch._dynamo.reset()
     reference = copy.deepcopy(model)
     before = {s["key"]: s["runs"] for s in spt_compile.report(model)}  # count_sites' capture ran the ops once
-    compiled = torch.compile(model, backend="spt", options={**EVERY, "compiler": compiler})
+    compiled = torch.compile(model, backend="spt", options={**EVERY, **(extra or {}), "compiler": compiler})
     got, got_grads = run(compiled, batch, loss_mask)
     want, want_grads = run(reference, batch, loss_mask)
     # The compile whose outputs are compared rewrote every attention and MLP, and each site ran its
@@ -103,6 +103,18 @@ def test_smollm2_with_peft_lora(smollm2_2layer):
     assert cap.rewritten("mlp")[0].pattern == "gated silu"
     assert "LoRA=in/gate/out" in cap.rewritten("mlp")[0].detail
     assert_same(model, batch, mask)
+
+
+def test_smollm2_every_key_block_by_the_floor(smollm2_2layer):
+    """Density 1/8 (3 of 24 keys: one 16-key block) with attention_min_keys=23: the floor lists both
+    key blocks of every query block (the padded row's 17 real keys: all of them), so the sparse
+    kernels compute the dense model's outputs and gradients."""
+    model = lora(smollm2_2layer, ["q_proj", "v_proj", "gate_proj", "down_proj"])
+    model.train()
+    ids, mask = padded_batch(49152)
+    assert_same(model, {"input_ids": ids, "attention_mask": mask}, mask,
+                extra={"density": 0.125, "attention_min_keys": 23, "attention_dense_below": 4096,
+                       "attention_backward_dense_below": 0})
 
 
 def test_smollm2_through_inductor(smollm2_2layer):

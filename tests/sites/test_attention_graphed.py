@@ -51,13 +51,15 @@ def _run(module, form: str, options: dict):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+@pytest.mark.parametrize("floor", [0, 96])
 @pytest.mark.parametrize("form", ["causal", "padded"])
-def test_graphed_attention_equals_the_regular_op(form):
+def test_graphed_attention_equals_the_regular_op(form, floor):
     """Same block lists (budgets by the same formula, on the device), same kernels: the same output
-    (the exact forward) and the same sparse backward as the regular op."""
-    want = _run(_Attention(), form, {})
+    (the exact forward) and the same sparse backward as the regular op; with attention_min_keys too
+    (96 keys: 3 blocks of 32 where density 1/8 asks for 1)."""
+    want = _run(_Attention(), form, {"attention_min_keys": floor})
     model = _Attention()
-    got = _run(model, form, GRAPHED)
+    got = _run(model, form, {**GRAPHED, "attention_min_keys": floor})
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     detail = spt_compile.compile_reports(None)[-1].sites[0].detail
@@ -72,7 +74,7 @@ def test_outputs_have_fixed_shapes_and_stay_on_the_device():
     with FakeTensorMode(shape_env=ShapeEnv()):
         q = torch.empty(2, 4, 256, 32, device="cuda")
         k, v = torch.empty(2, 2, 256, 32, device="cuda"), torch.empty(2, 2, 256, 32, device="cuda")
-        graphed = torch.ops.spt.attention_graphed(q, k, v, None, True, 0.18, 64, 0.125, -1, True, "auto")
+        graphed = torch.ops.spt.attention_graphed(q, k, v, None, True, 0.18, 64, 0.125, -1, 0, True, "auto")
         regular = torch.ops.spt.attention_site(q, k, v, None, None, 0, True, 0.18, 0.0, True)
     assert not any(free_unbacked_symbols(o) for o in graphed)
     assert all(o.device.type == "cuda" for o in graphed)
