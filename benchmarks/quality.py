@@ -586,8 +586,10 @@ def sites_summary(sites: list[dict], graphs: list[dict], options) -> str:
     return (f"{len(graphs)} graphs compiled, rewritten (attention/MLP) per graph: "
             + ", ".join(f"{g['attention']}/{g['mlp']}" for g in graphs)
             + f"\n  {len(att)} attention sites: {sum(s.get('exact_short_calls', 0) for s in att)} of their "
-              f"{sum(s['calls'] for s in att)} calls counted exact for being shorter than attention_dense_below="
-              f"{options.attention_dense_below} (the first {options.calibration_steps} per site calibrate, dense)"
+              f"{sum(s['calls'] for s in att)} calls counted exact for their length (training calls below "
+              f"{options.attention_exact_below(True)} keys, evaluation below {options.attention_exact_below(False)}, "
+              f"or within attention_min_keys={options.attention_min_keys}; the first {options.calibration_steps} "
+              f"per site calibrate, dense)"
             + f"\n  {len(mlp)} MLP sites, {options.active_blocks} of {options.ffn_blocks} blocks per token"
             + (f", mean share of the dense output captured {sum(captured) / len(captured):.3f}" if captured else ""))
 
@@ -751,10 +753,11 @@ def main_run(args) -> dict:
         entry = record["tasks"][name] = {
             "steps": args.steps[name], "seq_len": args.seq_len[name], "batch_size": args.batch_size[name],
             "lr": args.lr[name], **task.config}
-        seq, below = args.seq_len[name], in_effect.attention_dense_below
-        print(f"  {args.steps[name]} steps, seq {seq}, batch {args.batch_size[name]}; spt: attention "
-              + (f"exact at this length (< attention_dense_below={below})" if seq < below else
-                 f"sparse from {below} keys on" if below else "sparse")
+        seq = args.seq_len[name]
+        why = in_effect.attention_short_reason(seq, training=True)  # a full-length row; shorter rows may differ
+        print(f"  {args.steps[name]} steps, seq {seq}, batch {args.batch_size[name]}; spt: attention in training "
+              + (f"exact at this length ({why})" if why else
+                 "exact forward, backward over the selected key blocks" if in_effect.exact_forward else "sparse")
               + f", MLP {in_effect.active_blocks} of {in_effect.ffn_blocks} blocks per token", flush=True)
         for label, backend in (("dense", args.dense_backend), ("spt", "spt")):
             def keep(part, label=label):

@@ -10,6 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# Options that sparsify attention at every length: no threshold (attention_dense_below for the sparse
+# forward, attention_backward_dense_below for exact_forward's backward) and no floor of keys, which by
+# default keeps every key of a sequence of up to 256 (so a test's short sequences would run exact).
+SPARSE_AT_EVERY_LENGTH = {"attention_dense_below": 0, "attention_backward_dense_below": 0, "attention_min_keys": 0}
+
+
 class NanoGPTBlock(nn.Module):
     """nanoGPT's block: fused qkv, SDPA (flash) or the written-out masked_fill softmax, GELU MLP."""
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from ranks import run_ranks
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 pytestmark = pytest.mark.slow
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Every key and every block: the degenerate configuration, equal to dense.
-EVERYTHING = {"density": 1.0, "ffn_blocks": 4, "ffn_active": 4, "calibration_steps": 1, "attention_dense_below": 0,
+EVERYTHING = {"density": 1.0, "ffn_blocks": 4, "ffn_active": 4, "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH,
               "compiler": "aot_eager"}
 
 
@@ -126,7 +127,7 @@ def _split_and_refit(rank, world):
     # full fine-tuning: about 7 MB of gradients, so 1 MB buckets cut the graph in several pieces
     model = tiny_llama(lora=False, hidden=256, intermediate=768)
     compiled = torch.compile(DDP(model, bucket_cap_mb=1), backend="spt",
-                             options={"calibration_steps": 2, "attention_dense_below": 0, "compiler": "aot_eager"})
+                             options={"calibration_steps": 2, **SPARSE_AT_EVERY_LENGTH, "compiler": "aot_eager"})
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     ids = rows_of_rank(batch(length=256), rank, world)
     for _ in range(7):
@@ -151,7 +152,7 @@ def test_ddp_split_graph_rewrites_every_site_and_every_rank_holds_the_same_state
 
 # --- 3. resume ----------------------------------------------------------------------------------
 
-OPTIONS = {"calibration_steps": 2, "attention_dense_below": 0, "compiler": "aot_eager"}
+OPTIONS = {"calibration_steps": 2, **SPARSE_AT_EVERY_LENGTH, "compiler": "aot_eager"}
 
 
 def _train(rank, world, steps, save_to=None, load_from=None, with_dcp=False):

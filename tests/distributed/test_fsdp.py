@@ -10,10 +10,11 @@ import torch
 
 from ranks import run_ranks
 from test_ddp import batch, rows_of_rank, site_count, state_hash, tiny_llama
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 pytestmark = pytest.mark.slow
 
-OPTIONS = {"calibration_steps": 2, "attention_dense_below": 0, "compiler": "aot_eager"}
+OPTIONS = {"calibration_steps": 2, **SPARSE_AT_EVERY_LENGTH, "compiler": "aot_eager"}
 
 
 def sharded_llama(world: int, compile_blocks: bool = False):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import spt_compile
-from toy_models import NanoGPT, PlainMLP
+from toy_models import SPARSE_AT_EVERY_LENGTH, NanoGPT, PlainMLP
 
 
 def test_backend_is_found_by_name_without_importing_the_package():
@@ -66,7 +66,7 @@ def test_report_gives_calibration_quality_per_site():
     torch._dynamo.reset()
     model = NanoGPT(layers=2)
     compiled = torch.compile(model, backend="spt", options={"compiler": "eager", "calibration_steps": 1,
-                                                            "attention_dense_below": 0})
+                                                            **SPARSE_AT_EVERY_LENGTH})
     for i in range(3):
         compiled(torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(i))).sum().backward()
     rows = spt_compile.report(model)

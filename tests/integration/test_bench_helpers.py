@@ -8,12 +8,13 @@ import torch
 from spt_compile.recipes.flops import Dims, flop_limit, step_flops
 from spt_compile.recipes.memory import allocation_peak
 from spt_compile.recipes.step_breakdown import Sizes, classify
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 SMOLLM2 = Dims(d=576, H=9, Hkv=3, D=64, F=1536, V=49152, layers=30)
 
 
 def test_flop_limit_is_one_when_nothing_is_dropped():
-    exact = {"density": 1.0, "ffn_active": 4, "attention_dense_below": 0}
+    exact = {"density": 1.0, "ffn_active": 4, **SPARSE_AT_EVERY_LENGTH}
     assert abs(flop_limit(SMOLLM2, 2048, 1, exact)[0] - 1.0) < 1e-9
 
 

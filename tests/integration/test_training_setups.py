@@ -10,12 +10,13 @@ import torch
 
 import spt_compile
 from spt_compile.registry import model_sites
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 # Small enough for the CPU, large enough that attention and the MLP really run sparse from step 2.
-OPTS = {"calibration_steps": 1, "attention_dense_below": 0, "attention_block": 16, "density": 0.5,
+OPTS = {"calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 16, "density": 0.5,
         "compiler": "aot_eager"}
 SEQ, VOCAB = 48, 128
 
@@ -155,7 +156,8 @@ def test_core_import_leaves_transformers_alone():
 # --- a plain loop, killed with SIGKILL and resumed ---------------------------------------------------
 
 PLAIN = [ "--seq-len", "64", "--threads", "1", "--steps", "6", "--save-every", "2",
-         "--spt", "calibration_steps=1", "--spt", "attention_dense_below=0", "--spt", "attention_block=16",
+         "--spt", "calibration_steps=1", "--spt", "attention_dense_below=0", "--spt", "attention_backward_dense_below=0",
+         "--spt", "attention_min_keys=0", "--spt", "attention_block=16",
          "--spt", "density=0.5"]
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from graph_check import GraphCapture
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 pytestmark = pytest.mark.slow
 
 # Degenerate options: every key and every block. Key blocks of 16, so that the test sequences (19 to 24
 # tokens) span several blocks and block selection is not trivial.
-EVERY = {"density": 1.0, "ffn_blocks": 4, "ffn_active": 4, "calibration_steps": 0, "attention_dense_below": 0,
+EVERY = {"density": 1.0, "ffn_blocks": 4, "ffn_active": 4, "calibration_steps": 0, **SPARSE_AT_EVERY_LENGTH,
          "attention_block": 16}
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import spt_compile
 from spt_compile.testing import Census
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 
 def test_census_counts_launches_and_syncs_of_device_data_only():
@@ -104,7 +105,7 @@ def _census(compiled, q, k, v, mask, causal, training: bool):
 def _compiled(impl: str, block: int = 64):
     torch._dynamo.reset()
     return torch.compile(_Attention(), backend="spt", options={
-        "calibration_steps": 1, "attention_dense_below": 0, "attention_impl": impl, "attention_block": block})
+        "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_impl": impl, "attention_block": block})
 
 
 @pytest.mark.parametrize("form", ["none", "causal", "hf_causal", "padded", "packed"])
@@ -240,7 +241,7 @@ def test_a_hugging_face_mask_is_analysed_once_per_step():
 
     model, ids, attention, labels = tiny_llama_batch()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH,
                                                              "attention_block": 32})
     for _ in range(3):
         compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
@@ -258,7 +259,7 @@ def _step_census(layers: int, impl: str) -> Census:
     model, ids, attention, labels = tiny_llama_batch(layers=layers, prompt=40)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="spt", options={
-        "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 32, "ffn_impl": impl})
+        "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 32, "ffn_impl": impl})
     for _ in range(3):
         compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
     with Census() as c:
@@ -384,7 +385,7 @@ def test_attention_with_dropout_syncs_nothing_in_steady_state(exact):
     dropout without it; a padded batch's call reads nothing on the host once its mask was analysed."""
     torch._dynamo.reset()
     compiled = torch.compile(_DropoutAttention(), backend="spt", options={
-        "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 32, "exact_forward": exact})
+        "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 32, "exact_forward": exact})
     for _ in range(2):
         compiled(*_inputs("padded", 2, 256)).sum().backward()
     q, k, v, mask, causal = _inputs("padded", 2, 256)

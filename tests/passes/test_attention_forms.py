@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from attention_forms import FORMS, Form, inputs
 from graph_check import GraphCapture
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
-EVERY = {"density": 1.0, "calibration_steps": 0, "attention_dense_below": 0}
+EVERY = {"density": 1.0, "calibration_steps": 0, **SPARSE_AT_EVERY_LENGTH}
 
 
 class FormModule(nn.Module):

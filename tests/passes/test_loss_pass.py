@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import spt_compile
 from graph_check import GraphCapture
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
-EVERY = {"density": 1.0, "ffn_active": 4, "ffn_blocks": 4, "calibration_steps": 0, "attention_dense_below": 0,
+EVERY = {"density": 1.0, "ffn_active": 4, "ffn_blocks": 4, "calibration_steps": 0, **SPARSE_AT_EVERY_LENGTH,
          "loss_chunk": 5}
 
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import spt_compile
 
 from graph_check import GraphCapture
-from toy_models import GQAAttention, GatedMLP, NanoGPT, PlainMLP
+from toy_models import SPARSE_AT_EVERY_LENGTH, GQAAttention, GatedMLP, NanoGPT, PlainMLP
 
-EVERY = {"density": 1.0, "ffn_active": 4, "ffn_blocks": 4, "calibration_steps": 0, "attention_dense_below": 0}
+EVERY = {"density": 1.0, "ffn_active": 4, "ffn_blocks": 4, "calibration_steps": 0, **SPARSE_AT_EVERY_LENGTH}
 
 
 def capture(model, *args, options=None, **kwargs) -> GraphCapture:
@@ -178,7 +178,7 @@ def test_head_size_not_divisible_by_subspace_is_rewritten_for_block_selection():
     torch._dynamo.reset()
     q = torch.randn(1, 2, 128, 20)
     compiled = torch.compile(OddHeads(), backend="spt", options={
-        "compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 16,
+        "compiler": "aot_eager", "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 16,
         "sparse_inference": True})
     for _ in range(2):
         compiled(q)
@@ -300,7 +300,7 @@ def test_dynamic_shapes_rewrite_and_do_not_recompile_per_length():
     model = NanoGPT(layers=1)
     compiled = torch.compile(model, backend="spt", dynamic=True,
                              options={"compiler": "aot_eager", "calibration_steps": 0, "density": 0.5,
-                                      "attention_dense_below": 0})
+                                      **SPARSE_AT_EVERY_LENGTH})
     compiled(torch.randint(0, 97, (2, 9))).sum().backward()
     after_first = len(compile_reports(model))
     last = compile_reports(model)[-1]

@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
 
 import spt_compile
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 GRAPHED = {"compiler": "inductor", "mode": "reduce-overhead"}
 
@@ -40,7 +41,7 @@ def _inputs(form: str, N: int = 256):
 
 def _run(module, form: str, options: dict):
     torch._dynamo.reset()
-    compiled = torch.compile(module, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
+    compiled = torch.compile(module, backend="spt", options={"calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH,
                                                               "attention_block": 32, **options})
     for _ in range(3):
         q, k, v, mask, causal = _inputs(form)
@@ -85,7 +86,7 @@ def test_outputs_have_fixed_shapes_and_stay_on_the_device():
 def test_sites_it_cannot_serve_keep_the_regular_op_and_say_why():
     model = _Attention(dropout=0.1).train()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH,
                                                              **GRAPHED})
     q, k, v, mask, causal = _inputs("causal")
     compiled(q, k, v, mask, causal).sum().backward()
@@ -94,14 +95,14 @@ def test_sites_it_cannot_serve_keep_the_regular_op_and_say_why():
 
 
 def test_a_short_sequence_stays_as_traced():
-    """Below attention_dense_below the regular op runs exact attention; under CUDA graphs that choice is
+    """Below attention_backward_dense_below (a training call: 512 keys) the regular op runs exact attention; under CUDA graphs that choice is
     made at trace time, so the SDPA call stays as it was (the report says why)."""
     torch._dynamo.reset()
     compiled = torch.compile(_Attention(), backend="spt", options={"calibration_steps": 1, **GRAPHED})
     q, k, v, mask, causal = _inputs("causal")
     out = compiled(q, k, v, mask, causal)
     site = spt_compile.compile_reports(None)[-1].sites[0]
-    assert site.status == "dense" and "attention_dense_below" in site.reason, site
+    assert site.status == "dense" and "below attention_backward_dense_below=512" in site.reason, site
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
 
@@ -115,7 +116,7 @@ def test_a_hugging_face_step_under_reduce_overhead_equals_the_regular_one():
     def step(options):
         model, ids, attention, labels = tiny_llama_batch()
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
+        compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH,
                                                                  "attention_block": 32, **options})
         for _ in range(3):
             model.zero_grad()

@@ -13,7 +13,7 @@ from spt_compile.sparse_ops.attention.pq import keys_per_query
 from spt_compile.sparse_ops.attention.select import blocks_per_query, packed_blocks_per_query
 
 from test_block_sparse_op import make_mask
-from toy_models import GQAAttention
+from toy_models import SPARSE_AT_EVERY_LENGTH, GQAAttention
 
 
 def test_the_floor_in_the_budget_formulas():
@@ -58,14 +58,16 @@ def test_options_are_checked_and_the_rule_says_why():
     assert o.attention_short_reason(257, training=True) is None
     assert "below attention_dense_below=2048" in o.attention_short_reason(512, training=False)
     assert make_options({"attention_backward_dense_below": 0, "exact_forward": False}).attention_exact_below(True) == 2048
-    assert make_options({}).attention_exact_below(True) == 2048  # None: follows attention_dense_below
-    fixed = make_options({"attention_min_keys": 256, "top_l": 8, "attention_dense_below": 0})
+    assert make_options({}).attention_exact_below(True) == 512  # the defaults: 512 for training, 2048 else
+    assert make_options({}).attention_exact_below(False) == 2048
+    assert make_options({"attention_backward_dense_below": None}).attention_exact_below(True) == 2048  # follows
+    fixed = make_options({"attention_min_keys": 256, "top_l": 8, "attention_backward_dense_below": 0})
     assert fixed.attention_short_reason(200, training=True) is None  # top_l is fixed: no floor, no shortcut
 
 
 # block 16, N = 160 (10 key blocks): density 1/8 asks for 20 keys (2 blocks); a floor of 64 keys asks for 4
 BASE = {"compiler": "aot_eager", "calibration_steps": 1, "attention_block": 16, "density": 0.125,
-        "sparse_ffn": False}
+        "sparse_ffn": False, **SPARSE_AT_EVERY_LENGTH}
 
 
 def _model_and_grads(options: dict, runs: list[dict], N=160, mask=None, seed=0):
@@ -89,15 +91,15 @@ def test_floor_selects_as_the_density_it_amounts_to_and_eval_keeps_attention_den
     """With attention_backward_dense_below=0 and a floor of 64 keys at 160 tokens, training calls run
     exact_forward with 4 key blocks per query block: the same backward as density 0.4 (64 keys)
     without a floor. Calls without gradients under sparse_inference still run exact below
-    attention_dense_below (2048)."""
+    attention_dense_below (2048 here)."""
     floor = {"attention_backward_dense_below": 0, "attention_min_keys": 64}
     model, x, (got, same, fewer) = _model_and_grads(BASE, [
-        floor, {"attention_dense_below": 0, "density": 0.4}, {"attention_dense_below": 0}])
+        floor, {"density": 0.4}, {}])
     torch.testing.assert_close(got, same, atol=0, rtol=0)
     assert (got - fewer).abs().max() > 1e-5, "the floor must keep more than density 1/8's 2 blocks"
     site = spt_compile.report(model)[0]
     assert site["runs"] == {"calibration": 1, "exact_forward": 3}, site["runs"]
-    compiled = torch.compile(model, backend="spt", options=BASE)
+    compiled = torch.compile(model, backend="spt", options={**BASE, "attention_dense_below": 2048})
     with torch.no_grad(), spt_compile.enable(sparse_inference=True, **floor):
         compiled(x)
     runs = [s for s in spt_compile.report(model) if s["kind"] == "attention"][-1]["runs"]

@@ -9,7 +9,7 @@ import torch
 import spt_compile
 from spt_compile import compile_reports
 
-from toy_models import NanoGPT
+from toy_models import SPARSE_AT_EVERY_LENGTH, NanoGPT
 
 
 def compiled_gpt(seed=0, dropout=0.0, **options):
@@ -17,7 +17,7 @@ def compiled_gpt(seed=0, dropout=0.0, **options):
     torch.manual_seed(seed)
     model = NanoGPT(d=64, heads=4, layers=2, block_size=160, dropout=dropout)
     # exact_forward off: these tests are about the sparse forward (tests/sites/test_exact_forward.py has the default)
-    opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, "attention_dense_below": 0,
+    opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, **SPARSE_AT_EVERY_LENGTH,
             "exact_forward": False, **options}
     return model, torch.compile(model, backend="spt", options=opts)
 
@@ -98,7 +98,7 @@ def test_bf16_autocast_runs_sparse_and_matches_dense_at_density_one():
 
 
 def test_short_sequences_run_exact_attention_and_are_counted():
-    model, compiled = compiled_gpt(attention_dense_below=120, attention_block=16)
+    model, compiled = compiled_gpt(attention_dense_below=120, attention_block=16)  # the sparse forward's threshold
     compiled(torch.randint(0, 97, (1, 100)))  # calibration
     short, long = torch.randint(0, 97, (1, 100)), torch.randint(0, 97, (1, 130))
     torch.testing.assert_close(compiled(short), model(short), atol=1e-5, rtol=1e-4)  # below 120 keys: exact
@@ -109,7 +109,7 @@ def test_short_sequences_run_exact_attention_and_are_counted():
     assert counts() == [1, 1]  # counted by the call itself, not at the next one
     assert not torch.allclose(compiled(long), model(long), atol=1e-3)  # at or above: sparse
     assert counts() == [1, 1]
-    with spt_compile.enable(attention_dense_below=0):
+    with spt_compile.enable(**SPARSE_AT_EVERY_LENGTH):
         assert not torch.allclose(compiled(short), model(short), atol=1e-3)
 
 
@@ -135,7 +135,7 @@ def test_an_explicit_causal_mask_runs_as_is_causal():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GQAAttention(d=64, heads=4, kv_heads=2)
-    opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, "attention_dense_below": 0,
+    opts = {"compiler": "aot_eager", "calibration_steps": 1, "sparse_ffn": False, **SPARSE_AT_EVERY_LENGTH,
             "attention_block": 16, "density": 0.25, "exact_forward": False}
     x = torch.randn(2, 100, 64)
     mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()

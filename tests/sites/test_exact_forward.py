@@ -26,7 +26,7 @@ from spt_compile.sparse_ops.routed_mlp import (
 
 from test_block_sparse_op import make_mask, random_blocks
 from test_routed_mlp_op import make_weights, spec_for
-from toy_models import GQAAttention, compiled_gated_mlp
+from toy_models import SPARSE_AT_EVERY_LENGTH, GQAAttention, compiled_gated_mlp
 
 
 def test_off_by_default_and_run_time():
@@ -161,7 +161,7 @@ def _gqa_setup(seed=0, N=160):
     return model, x
 
 
-ATTN_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 16,
+ATTN_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 16,
                 "density": 0.25}
 
 
@@ -262,7 +262,7 @@ def _cpu_stand_in_for_cuda_flash_backward(dout, q, k, v, out, lse, cum_seq_q, cu
 
 
 def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkeypatch):
-    """Below attention_dense_below, a CUDA training call without mask or dropout runs SDPA's flash kernel
+    """Below attention_backward_dense_below, a CUDA training call without mask or dropout runs SDPA's flash kernel
     keeping its lse, and backward runs the flash backward kernel from it: no second forward. Served by
     CPU stand-ins of both kernels' contracts; outputs and gradients equal the CPU flash path's."""
     from spt_compile.sites import attention as attention_site
@@ -279,7 +279,7 @@ def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkey
                 *a, kernel=_cpu_stand_in_for_cuda_flash_backward))
             mp.setattr(attention_site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
         model, x = _gqa_setup(N=37)
-        compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "attention_dense_below": 2048})
+        compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "attention_backward_dense_below": 2048})
         grads = []
         for _ in range(2):  # the calibration call, then an exact_short training call
             y = compiled(x)

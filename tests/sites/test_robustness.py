@@ -17,9 +17,9 @@ import spt_compile
 from spt_compile import compile_reports
 from spt_compile.registry import model_sites
 
-from toy_models import GatedMLP, GQAAttention, NanoGPT
+from toy_models import SPARSE_AT_EVERY_LENGTH, GatedMLP, GQAAttention, NanoGPT
 
-SPARSE = {"compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 16,
+SPARSE = {"compiler": "aot_eager", "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 16,
           "density": 0.5, "exact_forward": False, "sparse_inference": True}  # the sparse forward's robustness
 EVERY = {**SPARSE, "density": 1.0, "ffn_active": 4}
 

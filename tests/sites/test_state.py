@@ -11,7 +11,7 @@ import spt_compile
 from spt_compile import compile_reports
 from spt_compile.registry import REGISTRY, SptStateError, model_sites
 
-from toy_models import NanoGPT
+from toy_models import SPARSE_AT_EVERY_LENGTH, NanoGPT
 
 
 def compiled_gpt(seed=0, **options):
@@ -19,7 +19,7 @@ def compiled_gpt(seed=0, **options):
     model = NanoGPT(layers=2, block_size=64)
     torch._dynamo.reset()
     # exact_forward off: these tests compare the sparse forward's state (calibration, options, replay)
-    opts = {"compiler": "aot_eager", "calibration_steps": 2, "attention_dense_below": 0, "exact_forward": False,
+    opts = {"compiler": "aot_eager", "calibration_steps": 2, **SPARSE_AT_EVERY_LENGTH, "exact_forward": False,
             **options}
     return model, torch.compile(model, backend="spt", options=opts)
 
@@ -103,7 +103,7 @@ def test_state_roundtrip_into_a_fresh_model_before_compiling(tmp_path):
     assert spt_compile.state_dict(clone).keys() == saved["spt"].keys()
     torch._dynamo.reset()
     compiled_clone = torch.compile(clone, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 2,
-                                                                  "attention_dense_below": 0, "exact_forward": False})
+                                                                  **SPARSE_AT_EVERY_LENGTH, "exact_forward": False})
     for i in range(4, 7):
         a, b = step(compiled, i), step(compiled_clone, i)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -120,7 +120,7 @@ def test_state_that_does_not_fit_is_refused(tmp_path):
         spt_compile.load_state_dict(other, {"nonsense.weight@mlp0/router": torch.zeros(1)})
     torch._dynamo.reset()
     compiled_other = torch.compile(other, backend="spt", options={"compiler": "aot_eager", "ffn_blocks": 8,
-                                                                  "calibration_steps": 0, "attention_dense_below": 0})
+                                                                  "calibration_steps": 0, **SPARSE_AT_EVERY_LENGTH})
     step(compiled_other, 0)
     with pytest.raises(SptStateError, match="ffn_blocks"):
         spt_compile.load_state_dict(other, state)
@@ -144,7 +144,7 @@ def test_checkpointed_recompute_replays_the_forward():
     base = NanoGPT(layers=2, block_size=64)
     plain = copy.deepcopy(base)
     opts = {"compiler": "aot_eager", "calibration_steps": 0, "density": 0.3, "ffn_active": 2,
-            "attention_dense_below": 0}
+            **SPARSE_AT_EVERY_LENGTH}
     torch._dynamo.reset()
     c_ckpt = torch.compile(Ckpt(base), backend="spt", options=opts)
     c_plain = torch.compile(plain, backend="spt", options=opts)
@@ -178,7 +178,7 @@ def test_models_sharing_one_compiled_graph_keep_their_own_sites():
     guarded); each instance must still get its own sites, found by its weights at run time."""
     torch._dynamo.reset()
     a, b = NanoGPT(layers=2, block_size=64), NanoGPT(layers=2, block_size=64)
-    opts = {"compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0}
+    opts = {"compiler": "aot_eager", "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH}
     ca, cb = (torch.compile(m, backend="spt", options=opts) for m in (a, b))
     for i in range(2):
         step(ca, i)
@@ -214,7 +214,7 @@ def test_recompiling_with_other_clustering_starts_fresh_sites():
     assert all(s.perm is None for s in before.values())
     torch._dynamo.reset()
     recompiled = torch.compile(model, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 1,
-                                                              "ffn_cluster": True, "attention_dense_below": 0})
+                                                              "ffn_cluster": True, **SPARSE_AT_EVERY_LENGTH})
     for i in range(2):
         step(recompiled, i)
     after = {n: s for n, s in model_sites(model) if s.kind == "mlp"}

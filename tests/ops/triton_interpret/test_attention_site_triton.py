@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spt_compile
-from toy_models import GQAAttention
+from toy_models import SPARSE_AT_EVERY_LENGTH, GQAAttention
 
 
 def spy_kernels(monkeypatch) -> dict:
@@ -39,7 +39,7 @@ def test_site_triton_and_torch_impls_agree(monkeypatch, exact_forward):
     model = GQAAttention(d=64, heads=4, kv_heads=2)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="spt", options={
-        "compiler": "aot_eager", "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 16,
+        "compiler": "aot_eager", "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 16,
         "density": 0.4, "exact_forward": exact_forward})
     x = torch.randn(2, 80, 64)  # 5 key blocks of 16: selection keeps 2 per query block
     compiled(x).sum().backward()  # calibration (exact)

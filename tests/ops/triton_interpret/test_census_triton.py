@@ -15,6 +15,7 @@ from spt_compile.testing import Census
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_census import _census, _compiled, _inputs  # noqa: E402
+from toy_models import SPARSE_AT_EVERY_LENGTH
 
 
 def _steady_launches(N: int, block: int) -> int:
@@ -98,7 +99,7 @@ def test_triton_backward_takes_the_strided_output_gradient_without_a_copy():
         torch.manual_seed(0)
         model = _AttentionThenProjection()
         compiled = torch.compile(model, backend="spt", options={
-            "calibration_steps": 1, "attention_dense_below": 0, "attention_impl": impl, "attention_block": 32})
+            "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_impl": impl, "attention_block": 32})
         for _ in range(2):
             q, k, v, mask, causal = _inputs("causal", 2, 128)
             compiled(q, k, v, mask, causal).sum().backward()
@@ -125,7 +126,7 @@ def test_a_whole_gpu_path_step_syncs_three_times_at_any_depth():
         model, ids, attention, labels = tiny_llama_batch(seq=128, pad_from=100, prompt=40, layers=layers)
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="spt", options={
-            "calibration_steps": 1, "attention_dense_below": 0, "attention_block": 32, "ffn_impl": "grouped",
+            "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_block": 32, "ffn_impl": "grouped",
             "attention_impl": "triton", "loss_impl": "triton"})
         for _ in range(3):
             compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
