@@ -34,7 +34,8 @@ from spt_compile.registry import REGISTRY  # noqa: E402
 
 CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
            "spt-block-triton-deterministic", "spt-block-triton-sparse-forward", "spt-block-triton-packed-dq",
-           "spt-block-triton-split-d", "spt-block-triton-dkdv-8warps")
+           "spt-block-triton-split-d", "spt-block-triton-dkdv-8warps", "spt-block-torch-defaults",
+           "spt-block-triton-defaults")
 # *-deterministic: the config run under torch.use_deterministic_algorithms(True, warn_only=True), where the
 # Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py).
 # *-sparse-forward: exact_forward off, the forward too over the selected blocks only (the kernels'
@@ -74,10 +75,14 @@ def make_fn(config: str, args):
     if config == "sdpa-inductor":
         return torch.compile(module, backend="inductor")
     _, selection, impl = config.split("-")[:3]
-    # attention_dense_below=0: time the sparse path at every N (by default calls under 2048 keys run exact)
-    options = dict(attention_selection=selection, attention_impl=impl, density=args.density,
-                   attention_block=args.block, calibration_steps=1, compiler="eager", sparse_ffn=False,
-                   attention_dense_below=0, exact_forward=not config.endswith("-sparse-forward"))
+    options = dict(attention_selection=selection, attention_impl=impl, attention_block=args.block,
+                   calibration_steps=1, compiler="eager", sparse_ffn=False,
+                   exact_forward=not config.endswith("-sparse-forward"))
+    if not config.endswith("-defaults"):
+        # no length threshold and no floor of keys: time the sparse path at every N at --density ("-defaults":
+        # the backend's density and length rules, e.g. exact below 512 keys and at least 256 keys a query)
+        options.update(density=args.density, attention_dense_below=0, attention_backward_dense_below=0,
+                       attention_min_keys=0)
     return torch.compile(module, backend="spt", options=options)
 
 
@@ -234,7 +239,8 @@ def _check_exact_short(q, k, v, dout, causal, tol, N) -> str:
     want_grads = torch.autograd.grad(want, (q, k, v), dout)
     torch._dynamo.reset()
     fn = torch.compile(OneAttention(causal), backend="spt", options=dict(
-        compiler="eager", sparse_ffn=False, calibration_steps=0, attention_dense_below=1 << 20))
+        compiler="eager", sparse_ffn=False, calibration_steps=0, attention_dense_below=1 << 20,
+        attention_backward_dense_below=1 << 20))
     modes = []  # how each call ran, as its backward reads it
     original, read = AttentionMeta.__dict__["read"], AttentionMeta.read
     AttentionMeta.read = classmethod(lambda cls, meta: modes.append(int(meta[0])) or read(meta))
@@ -326,7 +332,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    configs = args.configs or [c for c in CONFIGS if device.type == "cuda" or "triton" not in c]
+    configs = args.configs or [c for c in CONFIGS if (device.type == "cuda" or "triton" not in c)
+                               and not c.endswith("-defaults")]  # "-defaults": named only (short N's rules)
     if "TRITON_INTERPRET" in os.environ and device.type == "cuda":
         raise SystemExit("TRITON_INTERPRET is set: unset it to time the Triton kernels on the GPU")
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "

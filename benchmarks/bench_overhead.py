@@ -60,8 +60,10 @@ class SwiGLU(nn.Module):
 def attention_configs(args) -> dict:
     """name -> (module, needs compile options or None)."""
     base = dict(calibration_steps=1, compiler="eager", sparse_ffn=False, attention_dense_below=0,
+                attention_backward_dense_below=0, attention_min_keys=0,
                 attention_block=args.block)
-    return {"sdpa": None, "spt-block": dict(base), "spt-exact-short": dict(base, attention_dense_below=2048),
+    return {"sdpa": None, "spt-block": dict(base),
+            "spt-exact-short": dict(base, attention_dense_below=2048, attention_backward_dense_below=2048),
             # the op for CUDA graphs (spt::attention_graphed) under Inductor; on a GPU the graph is captured
             "spt-graphed": dict(base, compiler="inductor", mode="reduce-overhead")}
 

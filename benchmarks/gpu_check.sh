@@ -23,6 +23,11 @@ timeout 270 python benchmarks/bench_attention.py --device cuda --dtype bf16 --ch
     spt-block-triton-sparse-forward spt-block-triton-packed-dq spt-block-triton-dkdv-8warps --repeats 10 \
     --warmup 3 --host-profile \
     --json "$out/attention_smollm2_${gpu}.json"
+# ... and at 512 / 1024 keys with the backend's length rules (spt-block-triton-defaults: exact below 512 keys,
+# at least 256 keys a query above, i.e. half / a quarter; CPU-measured, docs/quality.md): against SDPA here
+timeout 90 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 512 1024 \
+    --configs sdpa spt-block-triton-defaults --repeats 10 --warmup 3 \
+    --json "$out/attention_smollm2_short_${gpu}.json"
 fi
 # 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal; default and deterministic dk/dv.
 #    Then Phi-2's (32 heads, D 80): one head tile padded to 128 (the default) against a 64 + 16 split

@@ -43,7 +43,8 @@ the settings a run would use.
 
 The backend's defaults (docs/quality.md): training calls run the exact forward and a sparse backward
 (3 of 4 MLP blocks per token on average, every block on rows that carry a loss; key blocks at
-density 1/8 from 2048 keys on; below that attention is exact both ways). The script prints the
+density 1/8 but at least 256 keys per query from 512 keys on; below that attention is exact both
+ways; evaluation exact). The script prints the
 options in effect, explain()'s summary and, after tuning, how many attention calls ran exact.
 
 Defaults: gsm8k 100 steps (seq 256, batch 2), sst2 200 steps (seq 64, batch 32), wikitext2 80

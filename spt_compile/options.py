@@ -107,8 +107,11 @@ class Options:
     # 2048 by measurement (docs/attention.md): shorter, 64-key blocks at density 1/8 keep too little
     # of the attention (mass kept 0.44 at N=512, 0.67 at 1024, 0.76 at 2048; GSM8K at N=256: held-out
     # loss 2.50 against 1.41 dense), and exact attention is a small share of the step there.
-    attention_dense_below: int = _opt(2048, "Calls whose longest real sequence has fewer keys than this run "
-                                      "exact attention (0: always sparse). report() counts them.", True)
+    attention_dense_below: int = _opt(2048, "Calls that run the sparse forward (sparse_inference, or "
+                                      "exact_forward off) and whose longest real sequence has fewer keys than "
+                                      "this run exact attention (0: sparse at every length above "
+                                      "attention_min_keys). report() counts them. Training calls under "
+                                      "exact_forward follow attention_backward_dense_below.", True)
     # 512 and 256 by measurement (docs/quality.md, "Short sequences: a floor of keys for the backward"):
     # WikiText-2 perplexity of the adapter evaluated dense, against dense LoRA, at 512 tokens +0.05%
     # (attention exact: +0.09%), at 1024 -0.30% (exact: -0.01%); a 1024 x 4 step 0.80x of Inductor's

@@ -79,8 +79,9 @@ def count(fn) -> dict:
 def attention_case(form: str, N: int, B: int, impl: str = "auto") -> dict:
     torch._dynamo.reset()
     model = Attention()
-    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "attention_dense_below": 0,
-                                                             "attention_impl": impl})
+    compiled = torch.compile(model, backend="spt", options={
+        "calibration_steps": 1, "attention_dense_below": 0, "attention_backward_dense_below": 0,
+        "attention_min_keys": 0, "attention_impl": impl})
     for _ in range(3):
         q, k, v, mask, causal = attention_inputs(form, B, N, True)
         compiled(q, k, v, mask, causal).sum().backward()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 # Sparse attention only; attention_dense_below=0 because at this length the default runs attention
 # exact (docs/attention.md).
-ATTN = {"sparse_ffn": False, "attention_dense_below": 0}
+ATTN = {"sparse_ffn": False, "attention_dense_below": 0, "attention_backward_dense_below": 0, "attention_min_keys": 0}
 CONFIGS = [
     ("dense", None),
     ("attention 1/8 only (block 64)", {**ATTN, "density": 1 / 8}),
@@ -31,7 +31,8 @@ CONFIGS = [
     ("FFN 2 of 4 blocks only", {"sparse_attention": False, "ffn_active": 2}),
     ("FFN 3 of 4 blocks only", {"sparse_attention": False, "ffn_active": 3}),
     ("both, defaults (attention exact at this length)", {}),
-    ("both, attention sparse too", {"attention_dense_below": 0}),
+    ("both, attention sparse too", {"attention_dense_below": 0, "attention_backward_dense_below": 0,
+                                    "attention_min_keys": 0}),
 ]
 
 

@@ -104,7 +104,8 @@ def _rank(rank: int, world: int, init_file: str, args, out: str) -> None:
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     compiled = torch.compile(DDP(model), backend="spt", options={
-        "calibration_steps": args.calibration_steps, "attention_dense_below": 0, "compiler": "aot_eager"})
+        "calibration_steps": args.calibration_steps, "attention_dense_below": 0,
+        "attention_backward_dense_below": 0, "attention_min_keys": 0, "compiler": "aot_eager"})
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(rank)
     for _ in range(args.steps):

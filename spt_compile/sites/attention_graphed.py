@@ -9,7 +9,8 @@ fixed when the graph is traced:
 
 * **Fixed shapes.** Outputs out [B, H, N, Dv], lse [B, H, N] fp32 and the block lists
   [B, Hkv, n_qb, Lb] int32, Lb = the budget of a full-length row (blocks_per_query of Nk keys) for
-  the traced `density` / `top_l` / `attention_min_keys` / `attention_block`; a shorter row lists fewer blocks and -1 after them.
+  the traced `density` / `top_l` / `attention_min_keys` / `attention_block`; a shorter row lists
+  fewer blocks and -1 after them.
 * **Nothing on the host.** Each row's budget is computed on the device from the mask (its real keys),
   the selection kernels read it from there. An explicit mask is used as a mask (no host check that
   it is the causal triangle), packed rows get their row's budget (no per-sequence sinks).
@@ -61,8 +62,8 @@ def attention_graphed(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float, block: int,
     density: float, top_l: int, min_keys: int, exact_forward: bool, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """top_l < 0: none (density decides, at least min_keys keys). exact_forward: the output is exact attention; the lists serve
-    the backward. Returns (out, lse, block lists)."""
+    """top_l < 0: none (density decides, at least min_keys keys). exact_forward: the output is exact
+    attention; the lists serve the backward. Returns (out, lse, block lists)."""
     B, H, N, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     top = None if top_l < 0 else top_l
