@@ -112,12 +112,13 @@ class Options:
                                       "this run exact attention (0: sparse at every length above "
                                       "attention_min_keys). report() counts them. Training calls under "
                                       "exact_forward follow attention_backward_dense_below.", True)
-    # 512 and 256 by measurement (docs/quality.md, "Short sequences: a floor of keys for the backward"):
-    # WikiText-2 perplexity of the adapter evaluated dense, against dense LoRA, at 512 tokens +0.05%
-    # (attention exact: +0.09%), at 1024 -0.30% (exact: -0.01%); a 1024 x 4 step 0.80x of Inductor's
-    # against 0.87x. Below 512 the backward would drop less than half the keys (not measured).
+    # 1024 and 256 by measurement (docs/quality.md, "Short sequences: a floor of keys for the backward"):
+    # WikiText-2 perplexity of the adapter evaluated dense at 1024 tokens -0.30% of dense LoRA's (exact
+    # attention: -0.01%), a 1024 x 4 step 0.80x of Inductor's against 0.87x; at 512 (half the keys) the
+    # run of record lost 0.07-0.13 points on both seeds (kept 0.969 -> 0.926, 1.098 -> 0.985) for about
+    # 1.5% of a 512 x 8 step, so 512 stays exact.
     attention_backward_dense_below: Optional[int] = _opt(
-        512, "Under exact_forward, training calls whose longest real sequence has fewer keys than this "
+        1024, "Under exact_forward, training calls whose longest real sequence has fewer keys than this "
         "run the exact backward too (None: attention_dense_below, which then governs only calls that "
         "run the sparse forward: sparse_inference, or exact_forward off). The forward is exact at any "
         "length; only the backward is masked to the selected key blocks.", True)
