@@ -80,7 +80,7 @@ def make_fn(config: str, args):
                    exact_forward=not config.endswith("-sparse-forward"))
     if not config.endswith("-defaults"):
         # no length threshold and no floor of keys: time the sparse path at every N at --density ("-defaults":
-        # the backend's density and length rules, e.g. exact below 512 keys and at least 256 keys a query)
+        # the backend's density and length rules, e.g. exact below 1024 keys and at least 256 keys a query)
         options.update(density=args.density, attention_dense_below=0, attention_backward_dense_below=0,
                        attention_min_keys=0)
     return torch.compile(module, backend="spt", options=options)

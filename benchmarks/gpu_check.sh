@@ -23,9 +23,9 @@ timeout 270 python benchmarks/bench_attention.py --device cuda --dtype bf16 --ch
     spt-block-triton-sparse-forward spt-block-triton-packed-dq spt-block-triton-dkdv-8warps --repeats 10 \
     --warmup 3 --host-profile \
     --json "$out/attention_smollm2_${gpu}.json"
-# ... and at 512 / 1024 keys with the backend's length rules (spt-block-triton-defaults: exact below 512 keys,
-# at least 256 keys a query above, i.e. half / a quarter; CPU-measured, docs/quality.md): against SDPA here
-timeout 90 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 512 1024 \
+# ... and at 1024 / 2048 keys with the backend's length rules (spt-block-triton-defaults: exact below 1024
+# keys, at least 256 keys a query above, i.e. a quarter / an eighth; CPU-measured, docs/quality.md): against SDPA
+timeout 90 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 1024 2048 \
     --configs sdpa spt-block-triton-defaults --repeats 10 --warmup 3 \
     --json "$out/attention_smollm2_short_${gpu}.json"
 fi

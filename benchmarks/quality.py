@@ -43,7 +43,7 @@ the settings a run would use.
 
 The backend's defaults (docs/quality.md): training calls run the exact forward and a sparse backward
 (3 of 4 MLP blocks per token on average, every block on rows that carry a loss; key blocks at
-density 1/8 but at least 256 keys per query from 512 keys on; below that attention is exact both
+density 1/8 but at least 256 keys per query from 1024 keys on; below that attention is exact both
 ways; evaluation exact). The script prints the
 options in effect, explain()'s summary and, after tuning, how many attention calls ran exact.
 
