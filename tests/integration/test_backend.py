@@ -8,7 +8,6 @@ import textwrap
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import spt_compile
 from toy_models import SPARSE_AT_EVERY_LENGTH, NanoGPT, PlainMLP

@@ -95,8 +95,9 @@ def test_sites_it_cannot_serve_keep_the_regular_op_and_say_why():
 
 
 def test_a_short_sequence_stays_as_traced():
-    """Below attention_backward_dense_below (a training call: 1024 keys) the regular op runs exact attention; under CUDA graphs that choice is
-    made at trace time, so the SDPA call stays as it was (the report says why)."""
+    """Below attention_backward_dense_below (a training call: 1024 keys) the regular op runs exact
+    attention; under CUDA graphs that choice is made at trace time, so the SDPA call stays as it was
+    (the report says why)."""
     torch._dynamo.reset()
     compiled = torch.compile(_Attention(), backend="spt", options={"calibration_steps": 1, **GRAPHED})
     q, k, v, mask, causal = _inputs("causal")

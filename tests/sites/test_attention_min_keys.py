@@ -57,7 +57,8 @@ def test_options_are_checked_and_the_rule_says_why():
     assert "within attention_min_keys=256" in o.attention_short_reason(256, training=True)
     assert o.attention_short_reason(257, training=True) is None
     assert "below attention_dense_below=2048" in o.attention_short_reason(512, training=False)
-    assert make_options({"attention_backward_dense_below": 0, "exact_forward": False}).attention_exact_below(True) == 2048
+    sparse_forward = make_options({"attention_backward_dense_below": 0, "exact_forward": False})
+    assert sparse_forward.attention_exact_below(training=True) == 2048
     assert make_options({}).attention_exact_below(True) == 1024  # the defaults: 1024 for training, 2048 else
     assert make_options({}).attention_exact_below(False) == 2048
     assert make_options({"attention_backward_dense_below": None}).attention_exact_below(True) == 2048  # follows
