@@ -174,21 +174,24 @@ class Options:
     def active_blocks(self) -> int:
         return self.ffn_active if self.ffn_active is not None else max(1, (3 * self.ffn_blocks) // 4)
 
-    def attention_exact_below(self, training: bool) -> int:
-        """Keys below which a call runs exact attention: attention_backward_dense_below for training
-        calls under exact_forward (where set), attention_dense_below otherwise."""
+    def _attention_threshold(self, training: bool) -> tuple[str, int]:
+        """(option name, keys) of the length threshold a call follows: attention_backward_dense_below
+        for training calls under exact_forward (where set), attention_dense_below otherwise."""
         if training and self.exact_forward and self.attention_backward_dense_below is not None:
-            return self.attention_backward_dense_below
-        return self.attention_dense_below
+            return "attention_backward_dense_below", self.attention_backward_dense_below
+        return "attention_dense_below", self.attention_dense_below
+
+    def attention_exact_below(self, training: bool) -> int:
+        """Keys below which a call runs exact attention (_attention_threshold)."""
+        return self._attention_threshold(training)[1]
 
     def attention_short_reason(self, longest: int, training: bool) -> Optional[str]:
         """Why a call whose longest real sequence has `longest` keys runs exact attention, or None:
-        below the threshold of attention_exact_below, or within the attention_min_keys floor (every
-        query would keep every key; exact attention computes the same for less)."""
-        below = self.attention_exact_below(training)
+        below the threshold of _attention_threshold, or within the attention_min_keys floor (every
+        query would keep every key; exact attention computes the same for less). The reason names
+        the option to lower."""
+        name, below = self._attention_threshold(training)
         if longest < below:
-            name = ("attention_backward_dense_below" if training and self.exact_forward
-                    and self.attention_backward_dense_below is not None else "attention_dense_below")
             return f"below {name}={below}"
         if self.top_l is None and 0 < longest <= self.attention_min_keys:
             return f"within attention_min_keys={self.attention_min_keys}: every key kept"

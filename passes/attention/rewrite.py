@@ -65,9 +65,8 @@ def _short_note(m: AttentionMatch, options: Options) -> str:
     if why is None:
         return ""
     asked = f"top_l={options.top_l}" if options.top_l is not None else f"density={options.density:.4g}"
-    fix = ("lower attention_min_keys to sparsify it" if why.startswith("within") else
-           "set it lower to sparsify shorter sequences")
-    return f"; at {n_keys} keys calls run exact attention, not {asked}: {why} ({fix})"
+    option = why.split("=", 1)[0].split()[-1]  # "below NAME=..." / "within NAME=..."
+    return f"; at {n_keys} keys calls run exact attention, not {asked}: {why} (lower {option} to sparsify it)"
 
 
 def anchor_weight(start: Node, depth: int = 16) -> Optional[Node]:
