@@ -75,6 +75,43 @@ def test_mlp_backward_is_the_masked_jacobian(gated, layout, lora, T, hidden, nb,
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("gated,importance,hidden,nb", [
+    (True, "jacobian", 40, 4), (True, "jacobian", 37, 3), (False, "jacobian", 21, 4),
+    (True, "output", 37, 5), (False, "output", 16, 2),
+])
+def test_mlp_pair_scores_are_the_documented_unit_sums(gated, importance, hidden, nb):
+    """Each (token, block) score is the sum over the block's units of IMPORTANCES' per-unit bound,
+    written here unit by unit (fp64, permuted, unequal blocks where hidden % nb != 0)."""
+    from spt_compile.sparse_ops.routed_mlp import unit_norms
+    from spt_compile.sparse_ops.routed_mlp.spec import block_bounds
+
+    gen = torch.Generator().manual_seed(hidden)
+    w = _detached(make_weights(13, hidden, 11, gated=gated, layout="oi", lora=("out",), dtype=torch.float64,
+                               gen=gen))
+    spec = spec_for(w, "silu" if gated else "gelu", gated, nb, "oi")
+    x = torch.randn(19, 13, dtype=torch.float64, generator=gen)
+    perm = torch.randperm(hidden, generator=gen)
+    _, _, scores, _, _ = exact_mlp_forward(x, w, spec, lambda n: torch.ones_like(n, dtype=torch.bool), 0, None,
+                                           perm, importance=importance)
+    pw = permute_hidden(w, spec, perm)
+    n = unit_norms(w, spec, perm)
+    if gated:
+        g, u = x @ pw.gate_w.T + pw.gate_b, x @ pw.in_w.T + pw.in_b
+        act = torch.nn.functional.silu
+        d_act = torch.sigmoid(g) * (1 + g * (1 - torch.sigmoid(g)))
+        if importance == "jacobian":
+            unit = (u * d_act).abs() * n["gate"] * n["out"] + act(g).abs() * n["in"] * n["out"]
+        else:
+            unit = (act(g) * u).abs() * n["out"]
+    else:
+        zi = x @ pw.in_w.T + pw.in_b
+        gelu = torch.nn.functional.gelu
+        d_act = torch.autograd.functional.vjp(gelu, zi, torch.ones_like(zi))[1]
+        unit = d_act.abs() * n["in"] * n["out"] if importance == "jacobian" else gelu(zi).abs() * n["out"]
+    want = torch.stack([unit[:, lo:hi].sum(1) for lo, hi in block_bounds(hidden, nb)], 1)
+    torch.testing.assert_close(scores, want.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_mlp_saves_only_the_routed_pairs():
     """The saved flat tensor is the routed forward's for the same mask: pre-activations of the routed
     pairs, t and t_out; so the memory gain of routing stays."""
