@@ -43,7 +43,7 @@ import spt_compile  # noqa: E402,F401  (registers the backend when run from sour
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SavedBytes, sync  # noqa: E402
-from provenance import source_commit  # noqa: E402
+from provenance import cpu_model, source_commit  # noqa: E402
 
 SHAPES = {"smollm2": (576, 1536), "llama7b": (4096, 11008)}
 CONFIGS = ("dense-eager", "dense-inductor", "spt-50%", "spt-25%", "spt-50%-triton", "spt-25%-triton",
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"argv": sys.argv[1:], "commit": source_commit(), "device": str(device), "gpu": gpu, "dtype": str(dtype),
+        args.json.write_text(json.dumps({"argv": sys.argv[1:], "commit": source_commit(), "cpu": cpu_model(), "device": str(device), "gpu": gpu, "dtype": str(dtype),
                                          "torch": torch.__version__, "threads": torch.get_num_threads(),
                                          "checks": checks, "results": results}, indent=1))
         print(f"wrote {args.json}")

@@ -304,10 +304,10 @@ def write_json(args, results: list[dict], failures: list[dict]) -> None:
     tmp = args.json.with_suffix(".json.tmp")
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from provenance import scrub_paths, source_commit
+    from provenance import cpu_model, scrub_paths, source_commit
 
     tmp.write_text(json.dumps(scrub_paths({"results": results, "failures": failures, "argv": sys.argv[1:],
-                                           "commit": source_commit()}), indent=1))
+                                           "commit": source_commit(), "cpu": cpu_model()}), indent=1))
     tmp.replace(args.json)
 
 

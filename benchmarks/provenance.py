@@ -58,3 +58,18 @@ def scrub_paths(obj):
         return v
 
     return scrub(obj)
+
+
+def cpu_model() -> Optional[str]:
+    """The CPU's model name and its widest vector/matrix extensions, e.g. "Intel(R) Xeon(R) Processor
+    (avx512f, amx_bf16)": this machine's CPU differs between sessions, and fp32 GEMM speed with it, so
+    ratios of spt to dense move with it too; a record names what it ran on."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or None
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(wide)})" if name else None

@@ -86,8 +86,11 @@ def main(argv=None) -> int:
         print(f"{name:24s} {1000 * med:10.1f} {1000 * min(times[name]):8.1f} {med / ref:14.3f}")
     print("runs:", [{k: s.get(k) for k in ("runs", "backward")} for s in spt_compile.report(model)])
     if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from provenance import cpu_model, source_commit
         args.json.write_text(json.dumps({"variants": args.variant or DEFAULT_VARIANTS,
-                                         "times_s": times, "threads": args.threads, "torch": torch.__version__},
+                                         "times_s": times, "threads": args.threads, "torch": torch.__version__,
+                                         "commit": source_commit(), "cpu": cpu_model()},
                                         indent=1) + "\n")
     return 0
 

@@ -10,6 +10,9 @@ The model, LoRA and batch are bench_finetune.py's (random tokens, labels = input
 
     python benchmarks/research/step_ab.py --seq 512 --batch 8 --rounds 3 \\
         --json benchmarks/research/results/step_ab_cpu_512x8.json
+
+spt-variant steps the same compiled model under run-time options; spt-compiled compiles the model a
+second time with any options, structural ones included (e.g. --compile-option compiler=inductor).
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=0, help="truncate SmolLM2 (0: all 30 layers)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, each one step of every configuration")
     p.add_argument("--configs", nargs="+", default=["eager", "inductor", "spt"],
-                   choices=["eager", "inductor", "spt", "spt-variant"])
+                   choices=["eager", "inductor", "spt", "spt-variant", "spt-compiled"])
     p.add_argument("--variant-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a run-time spt option for the spt-variant configuration: the same compiled model as "
                         "spt, stepped inside spt_compile.enable(KEY=VALUE, ...) (repeatable)")
+    p.add_argument("--compile-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an spt option (structural ones too, e.g. compiler=inductor) for the spt-compiled "
+                        "configuration: the same model compiled a second time with options={KEY: VALUE, ...}")
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="PEFT lora_dropout (bench_finetune.py's 0; the main job and PEFT's usual setting: 0.05)")
     p.add_argument("--prompt-frac", type=float, default=0.0,
@@ -73,6 +79,11 @@ def main(argv=None) -> int:
             with spt_compile.enable(**variant):
                 return compiled(**kw)
         runs["spt-variant"] = run_variant
+    compiled_options = spt_option_pairs(args.compile_option)
+    if "spt-compiled" in args.configs:
+        if not compiled_options:
+            p.error("spt-compiled needs at least one --compile-option KEY=VALUE")
+        runs["spt-compiled"] = torch.compile(model, backend="spt", options=compiled_options)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=0.0)  # the weights stay put
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
@@ -87,8 +98,9 @@ def main(argv=None) -> int:
 
     calibrated = False
     for name in args.configs:  # compile, spt's calibration (once: the variant runs the same model), one warm-up
-        spt = name.startswith("spt")
-        for _ in range(1 if spt and calibrated else 2 + (make_options({}).calibration_steps if spt else 0)):
+        spt = name in ("spt", "spt-variant")  # one compiled model; spt-compiled is another, calibrated apart
+        warm = 2 + (make_options({}).calibration_steps if name.startswith("spt") else 0)
+        for _ in range(1 if spt and calibrated else warm):
             step(name)
         calibrated = calibrated or spt
     times = {name: [] for name in args.configs}
@@ -105,12 +117,13 @@ def main(argv=None) -> int:
         print("spt runs:", {s["name"]: s.get("backward") for s in sites if s["kind"] == "mlp"}.popitem(),
               {s["name"]: s.get("runs") for s in sites if s["kind"] == "attention"}.popitem())
     if args.json:
-        from provenance import source_commit
+        from provenance import cpu_model, source_commit
         args.json.write_text(json.dumps({
             "seq": args.seq, "batch": args.batch, "layers": model.config.num_hidden_layers, "threads": args.threads,
             "lora_dropout": args.lora_dropout, "prompt_frac": args.prompt_frac, "variant_options": variant,
+            "compile_options": compiled_options,
             "rounds": args.rounds, "step_times_s": times, "median_s": med, "torch": torch.__version__,
-            "commit": source_commit()}, indent=1) + "\n")
+            "commit": source_commit(), "cpu": cpu_model()}, indent=1) + "\n")
     return 0
 
 
