@@ -117,7 +117,7 @@ def exact_mlp_forward(
         # Each score is a weighted sum over the block's units of |a unit value| (IMPORTANCES): one GEMM
         # against a [F, nb] matrix holding each unit's weight in its block's column does the weighting
         # and the per-block sum in one pass; as broadcast products and a reduction it was 8 elementwise
-        # passes over [T, F], about 40 ms a layer at 4096 x 1536 (docs/ffn.md, "Scoring the pairs").
+        # passes over [T, F], about 40 ms of a layer at 4096 x 1536 in isolation (docs/ffn.md, "Scoring the pairs").
         if importance == "output":
             terms = [(h, norms["out"])]
         elif spec.gated:
