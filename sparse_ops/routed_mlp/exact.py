@@ -148,11 +148,21 @@ def exact_mlp_forward(
         elif grouped:  # grouped_backward_saved's layout: [S, Fb] per projection, sorted by block
             pairs = routed_pairs(block_mask, n_pairs)
             saved.append(torch.cat([pair_rows(p, block_mask, pairs).reshape(-1) for p in pre] + [flat[n_pre:]]))
-        else:
-            parts = []
+        else:  # routed_mlp_forward's layout: per block, its tokens' rows of each projection, then t, t_out
+            # The kept rows are gathered straight into the saved tensor (one copy, not a gather and a cat).
+            sizes = [(hi - lo) * c for c, (lo, hi) in zip(counts, bounds)]  # elements per block and projection
+            out = flat.new_empty(len(projections) * sum(sizes) + flat.numel() - n_pre)
+            at = 0
             for b, lo, hi, tok, every in _routed_blocks(block_mask, spec, counts):
-                parts += [(p[:, lo:hi] if every else p[:, lo:hi].index_select(0, tok)).reshape(-1) for p in pre]
-            saved.append(torch.cat(parts + [flat[n_pre:]]))
+                for p in pre:
+                    dst = out[at : at + sizes[b]].view(-1, hi - lo)  # [tokens of block b, Fb]
+                    if every:
+                        dst.copy_(p[:, lo:hi])
+                    else:
+                        torch.index_select(p[:, lo:hi], 0, tok, out=dst)
+                    at += sizes[b]
+            out[at:] = flat[n_pre:]
+            saved.append(out)
     y = Y[:, :d_out]
     if r_out:
         y = torch.addmm(y, Y[:, d_out:], w.out_bb.t(), alpha=spec.out_scale)
