@@ -39,8 +39,12 @@ def main(argv=None) -> int:
     from test_routed_mlp_op import make_weights, spec_for
 
     torch.set_num_threads(args.threads)
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{args.rev}:sparse_ops/routed_mlp/exact.py"],
-                         capture_output=True, text=True, check=True).stdout
+    module_path = "sparse_ops/routed_mlp/exact.py"
+    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{args.rev}:{module_path}"],
+                           capture_output=True, text=True)
+    if shown.returncode:
+        p.error(f"cannot read {module_path} at revision {args.rev!r}: {shown.stderr.strip()}")
+    src = shown.stdout
     base = types.ModuleType("exact_at_rev")
     base.__package__ = "spt_compile.sparse_ops.routed_mlp"  # its relative imports resolve to the tree's package
     exec(compile(src, f"exact.py@{args.rev}", "exec"), base.__dict__)
