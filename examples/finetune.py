@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ffn-blocks", type=int, default=None, help="MLP blocks")
     g.add_argument("--ffn-active", type=int, default=None, help="MLP blocks used per token")
     g.add_argument("--calibration-steps", type=int, default=None, help="first calls per site run dense to calibrate")
-    g.add_argument("--compiler", default=None, help="downstream compiler: inductor, aot_eager or eager")
+    g.add_argument("--compiler", default=None, help="downstream compiler: inductor, aot_eager or eager (default: $SPT_COMPILER, else inductor)")
     args = p.parse_args(argv)
     for name in ("steps", "seq_len", "batch_size", "save_every", "lora_r"):
         if getattr(args, name) < 1:

@@ -18,8 +18,8 @@ merge dropouts of the same tensor (PEFT's q, k and v adapters) into one mask.
 Left as they are: a p that is a graph input, `inplace=True`, CUDA tensors (F.dropout's Philox masks
 cost little there, and the op's seed comes from the CPU generator, which AOTAutograd would not
 restore for a CUDA recomputation). Option `fast_dropout` (default on) switches the pass off; under
-`compiler="inductor"` it is off too, since Inductor generates its own masks, fused into the kernels
-around them.
+Inductor downstream (the default `compiler`) it is off too, since Inductor generates its own masks,
+fused into the kernels around them: the pass serves `compiler="aot_eager"` and `"eager"`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ski
     """Rewrites gm's dropouts in place (apply; the caller recompiles) and lists their node names in
     report.dropouts. Runs on each graph the other passes do, checkpoint bodies included; skip: nodes
     a site takes in (explain's graph still has them, see passes/__init__.py)."""
-    if not options.fast_dropout or options.compiler == "inductor":
+    if not options.fast_dropout or options.downstream_compiler == "inductor":
         return  # Inductor draws dropout masks itself, fused into the kernels around them
     for node in list(gm.graph.nodes):
         if node in skip or not _rewritable(node):

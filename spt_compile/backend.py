@@ -78,14 +78,15 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     if "mode" in options:
         mode = options.pop("mode")
     opts = compile_options(options)
-    if mode and opts.compiler != "inductor":
+    compiler = opts.downstream_compiler
+    if mode and compiler != "inductor":
         log.warning("spt: torch.compile mode=%r only applies to compiler='inductor'; ignored for %r (use "
-                    "options={'compiler': 'inductor', 'mode': %r})", mode, opts.compiler, mode)
+                    "options={'compiler': 'inductor', 'mode': %r})", mode, compiler, mode)
     # The graph as traced, kept when module floats get read as constants: it runs instead whenever one
     # of them changes (passes/float_inputs.py).
     as_traced = copy_graph_module(gm) if float_inputs(gm, example_inputs) else None
     # mode="reduce-overhead" captures CUDA graphs: attention gets the op made for them
-    graphed = mode == "reduce-overhead" and opts.compiler == "inductor"
+    graphed = mode == "reduce-overhead" and compiler == "inductor"
     report = rewrite_graph(gm, example_inputs, opts, graphed=graphed)
     record(report, example_inputs, gm)  # spt_compile.compile_reports(model)
     if report.rewritten("attention") or report.rewritten("mlp"):
@@ -94,7 +95,7 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     for site in report.dense():
         log.info("spt: left dense: %s %s: %s", site.kind, site.path or "<top>", site.reason)
     def compile(g, inputs):
-        return downstream(g, inputs, opts.compiler, mode)
+        return downstream(g, inputs, compiler, mode)
 
     if as_traced is None:
         return lower(gm, example_inputs, compile)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional
 
@@ -15,7 +16,8 @@ from spt_compile.sparse_ops.attention.block_sparse import IMPLS
 from spt_compile.sparse_ops.linear_cross_entropy.chunked import LOSS_IMPLS
 from spt_compile.sparse_ops.routed_mlp import FFN_IMPLS
 
-COMPILERS = ("inductor", "aot_eager", "eager")
+COMPILERS = ("auto", "inductor", "aot_eager", "eager")
+COMPILER_ENV = "SPT_COMPILER"
 SELECTIONS = ("block", "token")
 
 
@@ -152,8 +154,8 @@ class Options:
     fast_dropout: bool = _opt(True, "Rewrite the graph's training-mode F.dropout calls on CPU tensors into "
                               "spt::dropout: masks from 16-bit uniforms (p on a 2^-16 grid, the expected output "
                               "exact), drawn again in backward from a seed instead of saved; 3x faster masks on a "
-                              "CPU, not eager's masks (passes/dropout.py). Off under compiler='inductor', which "
-                              "generates its own.", False)
+                              "CPU, not eager's masks (passes/dropout.py). Applies under compiler='aot_eager' or "
+                              "'eager'; Inductor (the default) generates its own masks, fused.", False)
     chunked_loss: bool = _opt(True, "Rewrite cross_entropy(linear(h, W_vocab), labels) (the LM head and its loss) "
                               "into one chunked op that saves no [tokens, vocab] tensor for backward.", False)
     # 512 rows of SmolLM2's 49152-word vocabulary are 100 MB of fp32 logits per chunk, against 403 MB
@@ -162,13 +164,20 @@ class Options:
     loss_impl: str = _opt("auto", "Each chunk's loss and d(logits): 'triton' (one kernel, two passes over the "
                           "chunk's logits), 'torch' (about 15 PyTorch ops) or 'auto' ($SPT_LOSS_IMPL, else "
                           "triton on CUDA, torch elsewhere).", False)
-    # aot_eager by measurement: on SmolLM2 + LoRA (CPU, seq 512) it compiled in 19 s against
-    # Inductor's 77 s, and ran the step as fast (the spt ops dominate; benchmarks/results/).
-    compiler: str = _opt("aot_eager", "Downstream compiler for the rewritten graph: "
-                         "'inductor', 'aot_eager' or 'eager'.", False)
+    # Inductor by measurement (docs/quality.md, "On a faster CPU"): alternating with aot_eager step by step
+    # on SmolLM2 + LoRA it ran 0.965x of dense Inductor's step at 512 x 8 (aot_eager 0.999x) and 0.667x at
+    # 2048 x 1 (0.767x), faster in 15 of 16 rounds, with the same GSM8K probe loss; it costs about a minute
+    # more compile per model. $SPT_COMPILER picks another for a whole process (the test suite: aot_eager).
+    compiler: str = _opt("auto", "Downstream compiler for the rewritten graph: 'inductor', 'aot_eager', 'eager' "
+                         "or 'auto' ($SPT_COMPILER if set, else inductor).", False)
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def downstream_compiler(self) -> str:
+        """`compiler` with 'auto' resolved: $SPT_COMPILER if set, else inductor."""
+        return resolve_compiler(self.compiler)
 
     @property
     def active_blocks(self) -> int:
@@ -279,6 +288,19 @@ def validate(o: Options) -> None:
         raise _bad("loss_chunk", "an int >= 1 (tokens per chunk)", o.loss_chunk)
     if o.compiler not in COMPILERS:
         raise _bad("compiler", f"one of {', '.join(COMPILERS)}", o.compiler)
+
+
+def resolve_compiler(name: str) -> str:
+    """'auto' -> $SPT_COMPILER if set (one of the named compilers), else 'inductor'; others unchanged."""
+    if name != "auto":
+        return name
+    chosen = os.environ.get(COMPILER_ENV, "").strip()
+    if not chosen:
+        return "inductor"
+    if chosen not in COMPILERS[1:]:
+        raise SptOptionError(f"{COMPILER_ENV}={chosen!r}: must be one of {', '.join(COMPILERS[1:])} "
+                             f"(or unset for inductor)", option="compiler")
+    return chosen
 
 
 def check_names(given: Mapping[str, Any], where: str) -> None:

@@ -11,6 +11,10 @@ from pathlib import Path
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="spt-inductor-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite compiles hundreds of graphs: it runs them under aot_eager (seconds each) instead of the default
+# Inductor (about a minute more per model); the tests of Inductor name it (compiler="inductor"). Set here,
+# so the scripts the tests start in subprocesses inherit it.
+os.environ.setdefault("SPT_COMPILER", "aot_eager")
 
 import sys  # noqa: E402
 

@@ -420,7 +420,7 @@ def test_bf16_autocast_on_hf_llama_matches_dense_autocast():
 
 def test_compile_mode_through_options(caplog):
     """torch.compile refuses mode= with options=; the mode can travel in the options instead. With
-    the default downstream compiler (aot_eager) a mode is ignored with a warning that says so."""
+    compiler='aot_eager' a mode is ignored with a warning that says so."""
     import logging
 
     from toy_models import NanoGPT

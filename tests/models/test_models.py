@@ -119,7 +119,7 @@ def test_smollm2_every_key_block_by_the_floor(smollm2_2layer):
 
 
 def test_smollm2_through_inductor(smollm2_2layer):
-    """The default downstream compiler, no padding (the is_causal SDPA path)."""
+    """The default downstream compiler (Inductor; the suite runs aot_eager), no padding (the is_causal SDPA path)."""
     model = lora(smollm2_2layer, ["q_proj", "v_proj", "gate_proj", "down_proj"])
     ids, mask = padded_batch(49152, pad_right_of=24)
     assert_same(model, {"input_ids": ids}, mask, compiler="inductor")

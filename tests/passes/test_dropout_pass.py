@@ -63,6 +63,14 @@ def test_option_off_or_inductor_leaves_every_dropout(options):
     assert cap.reports[0].dropouts == []
 
 
+def test_default_compiler_leaves_them_unless_spt_compiler_names_another(monkeypatch):
+    """The default compiler ('auto') is Inductor unless $SPT_COMPILER says otherwise (the suite sets aot_eager)."""
+    monkeypatch.delenv("SPT_COMPILER", raising=False)
+    assert "dropout (16-bit masks)" not in str(spt_compile.explain(Net(), torch.randn(3, 5, 12)))
+    monkeypatch.setenv("SPT_COMPILER", "aot_eager")
+    assert "3 dropout (16-bit masks)" in str(spt_compile.explain(Net(), torch.randn(3, 5, 12)))
+
+
 def test_explain_counts_them():
     text = str(spt_compile.explain(Net(checkpointed=True), torch.randn(3, 5, 12)))
     assert "4 dropout (16-bit masks)" in text

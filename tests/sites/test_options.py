@@ -27,6 +27,41 @@ def test_bad_values_name_the_option(name, value):
         make_options({name: value})
 
 
+def test_default_compiler_is_inductor_unless_spt_compiler_says_otherwise(monkeypatch):
+    """compiler='auto' (the default) resolves at compile time: $SPT_COMPILER if set, else Inductor;
+    a named compiler ignores the variable, and a bad value names the variable."""
+    from spt_compile.options import COMPILER_ENV
+
+    monkeypatch.delenv(COMPILER_ENV, raising=False)
+    assert Options().compiler == "auto" and Options().downstream_compiler == "inductor"
+    monkeypatch.setenv(COMPILER_ENV, "eager")
+    assert Options().downstream_compiler == "eager"
+    assert Options(compiler="aot_eager").downstream_compiler == "aot_eager"
+    monkeypatch.setenv(COMPILER_ENV, "tvm")
+    with pytest.raises(SptOptionError, match="SPT_COMPILER='tvm'.*inductor, aot_eager, eager"):
+        Options().downstream_compiler
+    assert Options(compiler="inductor").downstream_compiler == "inductor"
+
+
+@pytest.mark.parametrize("env,given,expected", [
+    (None, {}, "inductor"), ("aot_eager", {}, "aot_eager"), ("aot_eager", {"compiler": "eager"}, "eager")])
+def test_backend_hands_the_graph_to_the_resolved_compiler(monkeypatch, env, given, expected):
+    """What spt_backend passes to the downstream compiler (recorded, then run as aot_eager would)."""
+    import spt_compile.backend as backend
+
+    if env is None:
+        monkeypatch.delenv("SPT_COMPILER", raising=False)
+    else:
+        monkeypatch.setenv("SPT_COMPILER", env)
+    seen, real = [], backend.downstream
+    monkeypatch.setattr(backend, "downstream",
+                        lambda gm, inputs, compiler, mode: seen.append(compiler) or real(gm, inputs, "eager", mode))
+    torch._dynamo.reset()
+    x = torch.randn(2, 5, 32)
+    torch.compile(GatedMLP(), backend="spt", options={"calibration_steps": 0, **given})(x)
+    assert seen == [expected]
+
+
 def test_unknown_option_suggests_the_close_name():
     with pytest.raises(SptOptionError, match="did you mean 'density'"):
         make_options({"densty": 0.5})
