@@ -626,6 +626,11 @@ def kept(value: Optional[float], dense: Optional[float], untuned: Optional[float
     return (value - untuned) / (dense - untuned)
 
 
+def options_in_effect(options) -> dict:
+    """The options as a dict, with compiler='auto' resolved to the compiler it ran ($SPT_COMPILER, else inductor)."""
+    return {**dataclasses.asdict(options), "compiler": options.downstream_compiler}
+
+
 def task_rows(task: str, parts: dict) -> list[dict]:
     """One row per metric of a task from its dense and spt parts (missing parts give None)."""
     dense, spt = parts.get("dense", {}), parts.get("spt", {})
@@ -723,7 +728,7 @@ def main_run(args) -> dict:
     root = data_root(args.data)
     data = {t: read_data(t, root) for t in args.tasks}  # every file parsed before any model loads
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from provenance import source_commit
+    from provenance import cpu_model, source_commit
 
     record = {
         "commit": source_commit(),
@@ -733,9 +738,10 @@ def main_run(args) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "device": f"{args.device} ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda")
                   else f"cpu ({os.cpu_count()} cores)",
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(), "seed": args.seed, "dense_backend": args.dense_backend,
         "lora": {"r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.05}, "warmup_steps": WARMUP,
-        "spt_options_given": args.spt_options, "spt_options_in_effect": dataclasses.asdict(in_effect),
+        "spt_options_given": args.spt_options, "spt_options_in_effect": options_in_effect(in_effect),
         "date": time.strftime("%Y-%m-%d %H:%M"), "tasks": {}, "rows": [],
     }
     print(f"spt options in effect: {', '.join(f'{k}={v}' for k, v in record['spt_options_in_effect'].items())}")
@@ -820,7 +826,7 @@ def plan(args) -> dict:
     return {"tasks": args.tasks, **{name: getattr(args, name) for name in DEFAULTS},
             "generate": args.generate, "generate_batch": args.generate_batch, "sst2_train": args.sst2_train,
             "dense_backend": args.dense_backend, "layers": args.layers, "device": args.device, "seed": args.seed,
-            "spt_options_given": args.spt_options, "spt_options_in_effect": dataclasses.asdict(in_effect)}
+            "spt_options_given": args.spt_options, "spt_options_in_effect": options_in_effect(in_effect)}
 
 
 def main_load(paths: list[Path]) -> None:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--option", action="append", default=[], help="an spt option KEY=VALUE (numbers, true/false)")
+    p.add_argument("--option", action="append", default=[], help="an spt option KEY=VALUE (numbers, true/false, strings: compiler=aot_eager)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -43,16 +43,12 @@ def main(argv=None) -> int:
     import spt_compile  # noqa: F401  (registers the backend when run from source)
     from quality import LORA_R, MINILM_TARGETS
     from spt_compile.options import make_options
+    from spt_compile.recipes.cli import spt_option_pairs
     from spt_compile.recipes.models import minilm_dir
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    options = {}
-    for kv in args.option:
-        k, v = kv.split("=", 1)
-        options[k] = {"true": True, "false": False}.get(v.lower(), None)
-        if options[k] is None:
-            options[k] = float(v) if "." in v else int(v)
+    options = spt_option_pairs(args.option)  # JSON values (0.25, true), else strings (compiler=inductor)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, dtype=torch.float32)
     model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.05,
                                                        task_type="SEQ_CLS", target_modules=MINILM_TARGETS,
