@@ -17,7 +17,8 @@ loss). Configurations:
                         FFN blocks, loss rows ranked like the others
   spt-sparse-forward-25%  the same with 1 of 4 FFN blocks
   spt-no-chunked-loss   spt without the chunked LM head + loss, so the loss pass's share shows
-  spt-inductor          spt with Inductor downstream
+  spt-inductor          spt with Inductor downstream named (the default since 'auto', unless $SPT_COMPILER)
+  spt-aot-eager         spt with aot_eager downstream (the default before; fast_dropout applies)
   spt-25%               spt with 1 of 4 FFN blocks in the backward
   spt-25%-no-chunked-loss
   spt-16blocks          spt with 8 of 16 FFN blocks (finer blocks: more of the MLP output kept)
@@ -73,6 +74,7 @@ CONFIGS = {
     "spt-sparse-forward-25%": ("spt", {"exact_forward": False, "ffn_active": 1, "ffn_loss_rows": "off"}, "sdpa"),
     "spt-no-chunked-loss": ("spt", {"chunked_loss": False}, "sdpa"),
     "spt-inductor": ("spt", {"compiler": "inductor"}, "sdpa"),
+    "spt-aot-eager": ("spt", {"compiler": "aot_eager"}, "sdpa"),
     "spt-25%": ("spt", {"ffn_active": 1}, "sdpa"),
     "spt-25%-no-chunked-loss": ("spt", {"ffn_active": 1, "chunked_loss": False}, "sdpa"),
     # Finer FFN blocks keep more of the MLP output at the same share (benchmarks/research/routing_quality.py)

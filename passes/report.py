@@ -34,6 +34,7 @@ class GraphReport:
     loss_rows: str = ""  # where the MLP sites' loss-row mask comes from, or why there is none (loss_rows.py)
     order: int = 0  # compile order in this process (spt_compile.compile_reports)
     dropouts: list[str] = field(default_factory=list)  # the F.dropout nodes spt::dropout replaced (dropout.py)
+    compiler: str = ""  # the downstream compiler the rewritten graph went to (options.compiler resolved)
 
     def rewritten(self, kind: Optional[str] = None) -> list[SiteReport]:
         return [s for s in self.sites if s.status == "rewritten" and (kind is None or s.kind == kind)]
@@ -48,6 +49,8 @@ class GraphReport:
                 f"{left} candidates left dense")
         if self.dropouts:
             text += f", {len(self.dropouts)} dropouts with 16-bit masks"
+        if self.compiler:
+            text += f"; downstream: {self.compiler}"
         if self.floats:
             text += (f"; {len(self.floats)} module float attribute(s) that Dynamo passed as graph inputs read "
                      "as constants, checked on every call")

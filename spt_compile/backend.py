@@ -88,6 +88,7 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     # mode="reduce-overhead" captures CUDA graphs: attention gets the op made for them
     graphed = mode == "reduce-overhead" and compiler == "inductor"
     report = rewrite_graph(gm, example_inputs, opts, graphed=graphed)
+    report.compiler = compiler
     record(report, example_inputs, gm)  # spt_compile.compile_reports(model)
     if report.rewritten("attention") or report.rewritten("mlp"):
         allow_run_time_sizes(example_inputs)

@@ -27,6 +27,7 @@ class ExplainReport:
     graphs: int = 0
     sites: list[SiteReport] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # the options in effect that differ from the defaults
+    compiler: str = ""  # the downstream compiler a torch.compile with these options hands the graphs to
     not_traced: list[str] = field(default_factory=list)  # regions Dynamo ran eagerly, with its reason
     dropouts: int = 0  # training-mode dropouts that get 16-bit masks (passes/dropout.py)
 
@@ -39,6 +40,7 @@ class ExplainReport:
     def __str__(self) -> str:
         lines = [f"spt explain: {self.graphs} graph(s) traced"
                  + (f" ({self.graphs - 1} graph break(s): each piece is rewritten on its own)" if self.graphs > 1 else "")
+                 + (f"; downstream: {self.compiler}" if self.compiler else "")
                  + ("; options: " + ", ".join(f"{k}={v}" for k, v in self.options.items()) if self.options else ""),
                  f"  rewritten: {len(self.rewritten('attention'))} attention, {len(self.rewritten('mlp'))} MLP"
                  + (f", {len(self.rewritten('loss'))} chunked loss" if any(s.kind == "loss" for s in self.sites) else "")
@@ -58,7 +60,8 @@ def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
     options = compile_options(None)
     defaults = Options()
     report = ExplainReport(options={f.name: getattr(options, f.name) for f in fields(Options)
-                                    if getattr(options, f.name) != getattr(defaults, f.name)})
+                                    if getattr(options, f.name) != getattr(defaults, f.name)},
+                           compiler=options.downstream_compiler)
 
     def recording_backend(gm, example_inputs, **_):
         report.graphs += 1

@@ -57,9 +57,13 @@ def test_backend_hands_the_graph_to_the_resolved_compiler(monkeypatch, env, give
     monkeypatch.setattr(backend, "downstream",
                         lambda gm, inputs, compiler, mode: seen.append(compiler) or real(gm, inputs, "eager", mode))
     torch._dynamo.reset()
-    x = torch.randn(2, 5, 32)
-    torch.compile(GatedMLP(), backend="spt", options={"calibration_steps": 0, **given})(x)
+    x, mlp = torch.randn(2, 5, 32), GatedMLP()
+    torch.compile(mlp, backend="spt", options={"calibration_steps": 0, **given})(x)
     assert seen == [expected]
+    report = spt_compile.compile_reports(mlp)[-1]
+    assert report.compiler == expected and report.summary().endswith(f"; downstream: {expected}")
+    with spt_compile.enable(**given):
+        assert f"traced; downstream: {expected}" in str(spt_compile.explain(GatedMLP(), x))
 
 
 def test_unknown_option_suggests_the_close_name():
