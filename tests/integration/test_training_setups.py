@@ -65,14 +65,15 @@ class _Crash(Exception):
     pass
 
 
-def test_trainer_trains_through_spt_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])  # the suite's, and the default's (it draws its own dropout masks)
+def test_trainer_trains_through_spt_and_resumes_exactly(tmp_path, compiler):
     from transformers import TrainerCallback
 
     from spt_compile.integrations.hf import STATE_FILE
 
     torch._dynamo.reset()
     model = tiny_lora_llama()
-    model.compile(backend="spt", options=OPTS)  # the one added line
+    model.compile(backend="spt", options={**OPTS, "compiler": compiler})  # the one added line
     straight = trainer_for(model, tmp_path / "straight", steps=4)
     straight.train()
     want = losses(straight)
@@ -96,12 +97,12 @@ def test_trainer_trains_through_spt_and_resumes_exactly(tmp_path):
                 raise _Crash
 
     model = tiny_lora_llama()
-    model.compile(backend="spt", options=OPTS)
+    model.compile(backend="spt", options={**OPTS, "compiler": compiler})
     with pytest.raises(_Crash):
         trainer_for(model, tmp_path / "resumed", steps=4, callbacks=[CrashAtStep3()]).train()
 
     model = tiny_lora_llama()  # the same base weights (a pretrained model); the adapter comes from the checkpoint
-    model.compile(backend="spt", options=OPTS)
+    model.compile(backend="spt", options={**OPTS, "compiler": compiler})
     resumed = trainer_for(model, tmp_path / "resumed", steps=4)
     resumed.train(resume_from_checkpoint=True)
     got = losses(resumed)  # steps 1-2 come from the checkpoint's trainer_state.json, 3-4 were run again
@@ -279,7 +280,8 @@ def train_steps(model, compiled, steps=3, seq_lens=(48,), **batch_kw):
     return losses
 
 
-def test_hf_gradient_checkpointing_gives_the_same_run():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_hf_gradient_checkpointing_gives_the_same_run(compiler):
     """model.gradient_checkpointing_enable(): every site is still rewritten, the recomputed forward
     makes the same sparse choices (calls are not counted twice), and the losses equal the plain run's.
     From transformers 5.25 the checkpointed layers trace only with Dynamo's
@@ -303,7 +305,7 @@ def test_hf_gradient_checkpointing_gives_the_same_run():
         # refuses that side effect and runs each layer eagerly, unless it may skip replaying it in the
         # recomputation (a set-and-reset needs no replay). A no-op with 5.24.
         with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-            compiled = torch.compile(model, backend="spt", options={**OPTS, "ffn_loss_rows": "off"})
+            compiled = torch.compile(model, backend="spt", options={**OPTS, "ffn_loss_rows": "off", "compiler": compiler})
             runs.append(train_steps(model, compiled, steps=2))  # calibration, then a sparse step
         reports = compile_reports(model)[n:]
         assert sum(len(r.rewritten("attention")) + len(r.rewritten("mlp")) for r in reports) == 4, (
