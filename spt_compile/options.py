@@ -166,8 +166,9 @@ class Options:
                           "triton on CUDA, torch elsewhere).", False)
     # Inductor by measurement (docs/quality.md, "On a faster CPU"): alternating with aot_eager step by step
     # on SmolLM2 + LoRA it ran 0.965x of dense Inductor's step at 512 x 8 (aot_eager 0.999x) and 0.667x at
-    # 2048 x 1 (0.767x), faster in 15 of 16 rounds, with the same GSM8K probe loss; it costs about a minute
-    # more compile per model. $SPT_COMPILER picks another for a whole process (the test suite: aot_eager).
+    # 2048 x 1 (0.767x), faster in 15 of 16 rounds, with the same GSM8K probe loss; it costs 45-60 s more
+    # compile per model, and at 512 tokens a step and below aot_eager is 2-10% faster. $SPT_COMPILER picks
+    # another for a whole process (the test suite: aot_eager).
     compiler: str = _opt("auto", "Downstream compiler for the rewritten graph: 'inductor', 'aot_eager', 'eager' "
                          "or 'auto' ($SPT_COMPILER if set, else inductor).", False)
 
