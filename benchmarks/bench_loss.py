@@ -13,6 +13,7 @@ working tree, .whl/, which gpu_check.sh unpacks). `--check` compares every run's
 the dense one and exits 1 on a mismatch.
 
     python benchmarks/bench_loss.py --tokens 2048 --return-logits both --json benchmarks/results/loss_cpu.json
+    python benchmarks/bench_loss.py --tokens 4096 --chunks 512 1024 --return-logits yes --inductor
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --tokens 8192 --impls torch triton --liger --check
 """
 
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
                    help="per-chunk implementations to run (auto: triton on CUDA, torch elsewhere)")
     p.add_argument("--liger", action="store_true", help="also run Liger-Kernel's fused linear cross-entropy")
+    p.add_argument("--inductor", action="store_true",
+                   help="also run the dense form compiled by torch.compile (Inductor), the best dense baseline of "
+                        "a compiled model's step; compiled before it is measured")
     p.add_argument("--check", action="store_true", help="compare loss and d(h) with dense; exit 1 on a mismatch")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--prompt-frac", type=float, default=0.0, metavar="F",
@@ -86,8 +90,21 @@ def liger_loss():
     return fn
 
 
+def inductor_loss():
+    """The dense form compiled by Inductor (one graph per return_logits value, made on first call)."""
+    compiled = torch.compile(linear_cross_entropy_reference, dynamic=False)
+
+    def fn(h, W, b, y, return_logits=False):
+        return compiled(h, W, b, y, return_logits=return_logits)
+
+    return fn
+
+
 def measure(fn, h, W, y, ret, steps, **kw) -> dict:
     saved = {}
+    loss, _ = fn(h, W, None, y, return_logits=ret, **kw)  # a compiled run compiles here, not in the profile
+    loss.backward()
+    h.grad = None
 
     def pack(t):
         if t.untyped_storage().data_ptr() != W.untyped_storage().data_ptr():
@@ -151,6 +168,8 @@ def main(argv=None) -> int:
         y = y.to(device)
         runs = [("dense", linear_cross_entropy_reference, {})] + [
             (f"chunked-{c}-{i}", linear_cross_entropy, {"chunk": c, "impl": i}) for c in args.chunks for i in impls]
+        if args.inductor:
+            runs.insert(1, ("dense-inductor", inductor_loss(), {}))
         if callable(liger):
             runs.append(("liger", liger, {}))
         if args.check:
@@ -174,8 +193,11 @@ def main(argv=None) -> int:
         print(f"{r['config']:22} {r['tokens']:6d} {str(r['return_logits']):>10} {r['saved_bytes'] / 2**20:9.0f} "
               f"{r['alloc_peak_bytes'] / 2**20:13.0f} {r['time_s']:8.4f}")
     if args.json:
+        from provenance import cpu_model, source_commit  # benchmarks/, on sys.path when run as a script
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
+            "commit": source_commit(), "cpu": cpu_model() if device.type == "cpu" else None,
             "results": rows, "skipped": skipped, "mismatches": mismatches, "argv": sys.argv[1:],
             "prompt_frac": args.prompt_frac,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
