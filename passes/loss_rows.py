@@ -13,8 +13,8 @@ Two kinds of loss are read:
     head input's rows, or all positions but the last when the logits are sliced that way
     (logits[:, :-1]).
   * pooled: sequence classification on one position, `cross_entropy(head(h[:, p]), labels)` through
-    linear layers, activations and dropout (BERT's pooler and classifier read position 0). Row p of
-    each sequence carries the loss.
+    linear layers, activations, dropout and sums of values of that row alone (a LoRA delta on the
+    pooler; BERT's pooler and classifier read position 0). Row p of each sequence carries the loss.
 Otherwise, or when the target is not computed from graph inputs by the ops in _PURE_*, `find` says
 why and the sites run without it (explain() shows the reason).
 """
@@ -40,6 +40,9 @@ _PURE_METHODS = {"view", "reshape", "flatten", "contiguous", "to", "long", "int"
 # Between a pooled position and the classification loss: what a classification head is made of.
 _HEAD_OPS = {"linear", "tanh", "dropout", "gelu", "relu", "silu", "sigmoid", "to", "float", "type", "contiguous",
              "view", "reshape"}
+# Elementwise combinations a head may make of values that all come from the pooled position (a LoRA
+# delta added to its base projection, scaled by a constant).
+_COMBINE_OPS = {"add", "sub", "mul"}
 
 
 @dataclass
@@ -109,24 +112,29 @@ def _impure_ancestor(target: Node) -> Optional[Node]:
     return None
 
 
-def _pooled(x: Node) -> Optional[tuple[Node, int]]:
-    """(h [B, N, d], p) when x, the loss's [B, C] input, is a classification head over h[:, p]."""
-    n = x
-    for _ in range(16):
-        if not isinstance(n, Node):
-            return None
-        if op(n) == "getitem":
-            h, index = n.args
-            hs = shape(h)
-            if (hs and len(hs) == 3 and isinstance(index, tuple) and len(index) >= 2
-                    and index[0] == slice(None, None, None) and isinstance(index[1], int) and index[1] >= 0
-                    and all(i == slice(None, None, None) for i in index[2:])):
-                return h, index[1]
-            return None
-        if op(n) not in _HEAD_OPS:
-            return None
-        n = bind(n)["input"] if op(n) in ("linear", "dropout") else n.args[0]
-    return None
+def _pooled(x: Node, depth: int = 24) -> Optional[tuple[Node, int]]:
+    """(h [B, N, d], p) when x, the loss's [B, C] input, is a classification head over h[:, p]. The
+    head may combine values elementwise (_COMBINE_OPS) when each tensor operand is itself a head over
+    the same h[:, p]: PEFT's LoRA on the pooler adds s * B(A(dropout(t))) to W t, both from t = h[:, p]."""
+    if not isinstance(x, Node) or depth == 0:
+        return None
+    if op(x) == "getitem":
+        h, index = x.args
+        hs = shape(h)
+        if (hs and len(hs) == 3 and isinstance(index, tuple) and len(index) >= 2
+                and index[0] == slice(None, None, None) and isinstance(index[1], int) and index[1] >= 0
+                and all(i == slice(None, None, None) for i in index[2:])):
+            return h, index[1]
+        return None
+    if op(x) in _COMBINE_OPS:
+        operands = [a for a in (*x.args, *x.kwargs.values()) if isinstance(a, Node)]
+        found = [_pooled(a, depth - 1) for a in operands]
+        if not found or any(f is None or f[0] is not found[0][0] or f[1] != found[0][1] for f in found):
+            return None  # some operand reads other rows (or is not a head over one position)
+        return found[0]
+    if op(x) not in _HEAD_OPS:
+        return None
+    return _pooled(bind(x)["input"] if op(x) in ("linear", "dropout") else x.args[0], depth - 1)
 
 
 def _drops_last(index, h_shape) -> Optional[int]:

@@ -200,9 +200,12 @@ def test_sparse_evaluation_ignores_loss_rows(monkeypatch):
     assert masks and all((m.sum(1) == 2).all() for m in masks), [m.sum(1) for m in masks]
 
 
-def test_sequence_classification_pooled_position(seen):
+@pytest.mark.parametrize("pooler_lora", [False, True], ids=["plain", "lora-on-pooler"])
+def test_sequence_classification_pooled_position(seen, pooler_lora):
     """BERT's sequence classification reads position 0 (its pooler and classifier): that row of each
-    sequence with a label carries the loss."""
+    sequence with a label carries the loss. Also with PEFT's LoRA on the pooler's dense layer (a
+    target list such as ["query", "value", "dense"] takes it), whose delta is added to the base
+    projection of the same row."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -210,6 +213,12 @@ def test_sequence_classification_pooled_position(seen):
                         num_attention_heads=4, max_position_embeddings=32, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForSequenceClassification(config).train()
+    if pooler_lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                           target_modules=["query", "value", "dense"]))
+        assert any("pooler.dense.lora_A" in n for n, _ in model.named_parameters())
     ids = torch.randint(1, 101, (3, 10), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[2, 6:] = 0
@@ -225,6 +234,34 @@ def test_sequence_classification_pooled_position(seen):
     assert len(seen["rows"]) == 4 and all(torch.equal(r, want.reshape(-1)) for r in seen["rows"])
     for m in seen["masks"]:  # position 0 of the labelled sequences keeps every block (ffn_loss_rows "dense")
         assert m[want.reshape(-1)].all()
+
+
+class _Classifier(nn.Module):
+    """Embedding, one gated MLP, and a two-class head over position 0 whose output is combined as
+    `head` says: "lora" adds a scaled second projection of the same row (a LoRA delta's shape),
+    "two-rows" adds a projection of position 1 (not one position: no pooled loss rows)."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.emb, self.mlp = nn.Embedding(50, 32), GatedMLP(32, 64)
+        self.base, self.delta = nn.Linear(32, 2), nn.Linear(32, 2, bias=False)
+        self.head = head
+
+    def forward(self, ids, labels):
+        h = self.emb(ids)
+        h = h + self.mlp(h)
+        other = h[:, 0] if self.head == "lora" else h[:, 1]
+        logits = self.base(torch.tanh(h[:, 0])) + 0.5 * self.delta(other)
+        return F.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("head,pooled", [("lora", True), ("two-rows", False)])
+def test_pooled_head_may_combine_values_of_its_row_only(head, pooled):
+    ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(0))
+    text = str(spt_compile.explain(_Classifier(head), ids, torch.tensor([0, 1, 1])))
+    assert ("loss rows from the labels (position 0)" in text) == pooled, text
+    if not pooled:
+        assert "no loss rows" in text, text
 
 
 @pytest.mark.parametrize("labels,active,skip_min,want", [
