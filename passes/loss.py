@@ -95,6 +95,24 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple]]:
     return n, chain, index
 
 
+def lora_head(start: Node) -> Optional[tuple[Node, Optional[tuple]]]:
+    """(h, token index) when the cross-entropy input is an LM head with a LoRA adapter (`lm_head` among
+    PEFT's targets) through casts, views and a token slice; else None. The loss pass leaves such a head
+    dense (_walk), but its rows are still h's rows: the loss-row operand reads them from here."""
+    index, n = None, start
+    for _ in range(16):
+        p = parse_projection(n) if isinstance(n, Node) else None
+        if p is not None and p.lora_a is not None:
+            return p.x, index
+        kind = _link(n, index is not None)
+        if kind is None:
+            return None
+        if kind == "slice":
+            index = n.args[1]
+        n = n.args[0]
+    return None
+
+
 def _const(args: dict, name: str):
     v = args.get(name)
     if isinstance(v, Node):

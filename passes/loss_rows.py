@@ -9,8 +9,9 @@ inside activation-checkpoint bodies it is one more operand of the checkpoint cal
 (passes/__init__.py).
 
 Two kinds of loss are read:
-  * tokens: an LM head and its cross-entropy (passes/loss.py's match). The target's rows are the LM
-    head input's rows, or all positions but the last when the logits are sliced that way
+  * tokens: an LM head and its cross-entropy (passes/loss.py's match, or an LM head with a LoRA
+    adapter, which that pass leaves dense: loss.lora_head). The target's rows are the LM head input's
+    rows, or all positions but the last when the logits are sliced that way
     (logits[:, :-1]).
   * pooled: sequence classification on one position, `cross_entropy(head(h[:, p]), labels)` through
     linear layers, activations, dropout and sums of values of that row alone (a LoRA delta on the
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from .fx_utils import bind, op, same, shape, static_int, val
-from .loss import Reject, match
+from .loss import Reject, lora_head, match
 
 # Ops the labels may pass through on the way to the target (no arithmetic on activations, no state).
 _PURE_FUNCTIONS = {F.pad, torch._C._nn.pad, operator.getitem, torch.reshape, torch.flatten, torch.cat, torch.roll,
@@ -73,15 +74,19 @@ def find(gm: GraphModule) -> Union[LossRows, str]:
             continue
         try:
             linear, _, index, _, _ = match(ce)
+            h = bind(linear)["input"]
         except Reject as why:
             pooled = _pooled(a["input"])
-            if pooled is None:
+            # an LM head with LoRA, which the loss pass leaves dense: its rows are still h's rows
+            adapted = lora_head(a["input"]) if pooled is None else None
+            if pooled is None and adapted is None:
                 reason = f"the loss is neither an LM head + cross_entropy ({why}) nor a classification of one position"
                 continue
-            h, position = pooled
-            return LossRows(target, ignore, "pooled", tuple(shape(h)[:2]), position=position,
-                            detail=f"labels via '{target.name}' on position {position} (ignore_index={ignore})")
-        h = bind(linear)["input"]
+            if pooled is not None:
+                h, position = pooled
+                return LossRows(target, ignore, "pooled", tuple(shape(h)[:2]), position=position,
+                                detail=f"labels via '{target.name}' on position {position} (ignore_index={ignore})")
+            h, index = adapted
         pooled = _pooled(h) if index is None else None
         if pooled is not None:  # a classifier head over one position (a linear the loss pass also reads)
             return LossRows(target, ignore, "pooled", tuple(shape(pooled[0])[:2]), position=pooled[1],

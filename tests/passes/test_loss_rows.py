@@ -117,13 +117,22 @@ def test_backward_budget_and_loss_rows(mode, loss, want_pairs):
         assert torch.equal(mask.view(-1), torch.zeros(40, dtype=torch.bool).index_fill_(0, scores.view(-1).topk(20).indices, True))
 
 
-def test_hugging_face_causal_lm_loss(seen):
+@pytest.mark.parametrize("head_lora", [False, True], ids=["plain-head", "lora-on-lm_head"])
+def test_hugging_face_causal_lm_loss(seen, head_lora):
+    """With "lm_head" among PEFT's targets the loss pass leaves the head dense (the chunked loss covers
+    plain heads), but the loss rows are read all the same: without them the MLP backward would rank
+    every row, loss rows included."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).train()
+    if head_lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=[
+            "q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]))
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, :6] = -100
@@ -138,6 +147,7 @@ def test_hugging_face_causal_lm_loss(seen):
     assert len(seen["rows"]) == 4 and all(torch.equal(r, want) for r in seen["rows"])
     text = str(spt_compile.explain(model, input_ids=ids, attention_mask=mask, labels=labels))
     assert text.count("loss rows from the labels") == 2, text
+    assert ("dense     loss" in text) == head_lora, text  # the LoRA head itself is left to the dense loss
 
 
 def test_graph_shows_the_operand_and_nothing_else_changed():
