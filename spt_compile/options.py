@@ -88,7 +88,8 @@ class Options:
                               "reads): 'dense' keeps every MLP block for them in the backward, beyond the "
                               "ffn_active budget if need be (with exact_forward off: in the forward too); "
                               "'first' fills the budget with their blocks first and stops there; 'off' ranks "
-                              "them like the others.", True)
+                              "them like the others. Where no loss rows reach a site (the loss is outside its "
+                              "graph), 'dense' keeps every real row's blocks.", True)
     # 0.2 by measurement (docs/quality.md, "When ranking pays"): one SmolLM2 MLP + LoRA, 8 x 512 tokens,
     # forward + backward against every block kept (benchmarks/research/mlp_rows_ab.py): 1.23x when the
     # ranking leaves out 0.2% of the pairs (LM tuning), 1.20x at 12.5%, about even at 25%, 0.91x at 50%.

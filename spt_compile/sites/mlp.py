@@ -462,12 +462,20 @@ class MlpSite(Site):
                 perm = on_device(self.perm, x.device)
                 lead = tuple(x.shape[:-1])
                 rows = None if loss_rows is None else loss_rows.to(x.device)
+                # No loss rows reach this site (the loss is outside this graph: a graph break before it,
+                # a compiled submodule; explain() says why). Under ffn_loss_rows="dense" any real row may
+                # carry a loss, so each keeps every block: ranked, an LM's rows would lose blocks that
+                # the loss needs (docs/quality.md, "Beyond GSM8K").
+                unknown = options.ffn_loss_rows == "dense" and (rows is None or rows.numel() != T)
                 skipped = self.backward_skipped(options, T, rows, real, lead)
-                whole_rows = self.whole_rows(options, T, rows, real, x.device, skipped)  # ranking would not pay
+                whole_rows = self.whole_rows(options, T, None if unknown else rows, real, x.device,
+                                             0.0 if unknown else skipped)  # ranking would not pay
                 preset = None if whole_rows is None else whole_rows[0]
                 if not plan.recompute:
                     self.backward_choice["ranked" if preset is None else "whole_rows"] += 1
                     self.backward_why = (
+                        "whole rows: no loss rows reach this site, so every real row keeps every block "
+                        "(ffn_loss_rows='dense'; 'first' or 'off' ranks them)" if unknown else
                         "ranked: ffn_dense_first" if skipped is None else
                         f"ranked: leaves out {skipped:.1%} of the real rows' (token, block) pairs" if preset is None
                         else f"whole rows: ranking would leave out {skipped:.1%} of the real rows' pairs, "

@@ -339,7 +339,8 @@ def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkey
 
 
 def test_mlp_site_forward_equals_disable_bit_for_bit():
-    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True)
+    # ffn_loss_rows="off": the loss is outside the graph, and the backward should rank (keep 2 of 4)
+    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, ffn_loss_rows="off")
     x = torch.randn(3, 37, 24, requires_grad=True)
     for _ in range(3):  # calibration (2 calls), then exact-forward calls
         compiled(x).sum().backward()
@@ -414,3 +415,31 @@ def test_site_state_is_copied_to_the_device_once():
     assert on_device(perm, torch.device("meta"), torch.float32).dtype == torch.float32
     perm.add_(0)  # changed in place: copied again
     assert on_device(perm, torch.device("meta")) is not first
+
+
+def test_no_loss_rows_in_the_graph_keeps_every_row_whole():
+    """The loss outside the compiled graph (a graph break before it, a compiled submodule): no loss rows
+    reach the site, so under the default ffn_loss_rows="dense" every real row keeps every block in the
+    backward (an LM's rows all carry a loss), the gradients are the dense ones, and report() says why.
+    "off" ranks them (2 of 4 blocks per row here)."""
+    x = torch.randn(2, 23, 24)
+    grads = {}
+    for rows in ("dense", "off", "disabled"):
+        model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, **({} if rows == "disabled" else {"ffn_loss_rows": rows}))
+        for _ in range(3):  # calibration (2 calls), then exact-forward calls
+            xi = x.clone().requires_grad_()
+            if rows == "disabled":
+                with spt_compile.disable():
+                    compiled(xi).square().sum().backward()
+            else:
+                compiled(xi).square().sum().backward()
+        grads[rows] = xi.grad  # the last call's: an exact-forward call (or the disabled one)
+        if rows != "disabled":
+            (site,) = [s for s in spt_compile.report(model) if s["kind"] == "mlp"]
+            if rows == "dense":
+                assert site["backward"].get("ranked", 0) == 0 and site["backward"]["whole_rows"] == 1, site
+                assert "no loss rows reach this site" in site["backward_why"], site
+            else:
+                assert site["backward"]["ranked"] == 1 and site["backward"].get("whole_rows", 0) == 0, site
+    torch.testing.assert_close(grads["dense"], grads["disabled"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(grads["off"], grads["disabled"], rtol=1e-3, atol=1e-4)
