@@ -172,7 +172,9 @@ def _lora(n: Node, x: Node) -> Optional[tuple[Node, Node, float, float, set[Node
         p = float(d["p"]) if d["training"] else 0.0
         nodes.add(xin)
         xin = d["input"]
-    while _noop_cast(xin) or _autocast_input_cast(xin, inner) or _adapter_input_cast(xin, inner):
+    # casts between x and the adapter's input; x itself may be a no-op cast (Gemma's RMSNorm ends in
+    # type_as), which is where the base projection reads it, so the walk stops there
+    while xin is not x and (_noop_cast(xin) or _autocast_input_cast(xin, inner) or _adapter_input_cast(xin, inner)):
         nodes.add(xin)
         xin = xin.args[0]
     return (a["weight"], outer["weight"], scale, p, nodes) if xin is x else None

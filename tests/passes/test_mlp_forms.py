@@ -182,3 +182,34 @@ def test_live_dropout_inside_the_hidden_layer_stays_dense_with_reason():
     assert "dropout" in site.reason and "routed op has none" in site.reason
     cap = capture(model.eval(), torch.randn(2, 7, 24))  # eval: the dropout is the identity
     assert len(cap.rewritten("mlp")) == 1
+
+
+class CastNormThenMlp(nn.Module):
+    """An RMSNorm that ends in type_as (Gemma's: a no-op cast in fp32) before a gated MLP: the MLP's
+    input x is itself a cast node."""
+
+    def __init__(self, d=24, hidden=64):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        h = x.float()
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight.float())).type_as(x)
+        return self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+
+
+def test_lora_dropout_on_an_input_that_is_a_no_op_cast():
+    """PEFT's LoRA dropout reads the same x as the base projection; x being a no-op cast (Gemma) must
+    not send the adapter's input walk past it (it did: the MLP was left dense as 'unrecognised')."""
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(CastNormThenMlp(), peft.LoraConfig(
+        r=R, lora_alpha=2 * R, lora_dropout=0.1, target_modules=["gate_proj", "up_proj", "down_proj"])).train()
+    cap = capture(model, torch.randn(2, 7, 24, requires_grad=True))
+    (site,) = cap.rewritten("mlp")
+    assert site.pattern == "gated gelu_tanh" and "LoRA=in/gate/out" in site.detail, site.line()
+    assert not cap.dense("mlp")
+    assert_dense_equivalent(model.eval(), torch.randn(2, 7, 24, requires_grad=True))  # dropout off: exact
