@@ -75,9 +75,19 @@ def _link(n: Node, index_taken: bool) -> Optional[str]:
     return None
 
 
-def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple]]:
-    """From the cross-entropy input back to the linear: (linear node, chain nodes, token index)."""
-    chain, index, n = [], None, start
+def _same_value(n: Node) -> bool:
+    """n returns its input's value unchanged: contiguous(), or a cast to the dtype it already has."""
+    a, b = val(n.args[0]), val(n)
+    return (op(n) in _CASTS and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device)
+
+
+def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node]]:
+    """From the cross-entropy input back to the linear: (linear node, chain nodes, token index,
+    aliases). A chain node used elsewhere too is allowed when it and every node from it down to the
+    linear return the linear's value unchanged (OPT returns `lm_head(h).contiguous()` as its logits):
+    those are the aliases, whose other users the rewrite hands the op's logits."""
+    chain, index, n, shared = [], None, start, []
     while op(n) != "linear":
         kind = _link(n, index is not None)
         if kind is None:
@@ -87,12 +97,16 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple]]:
             raise Reject(f"the loss input is not a linear layer's output through casts, views and a token "
                          f"slice (found '{getattr(n, 'name', n)}')")
         if len(n.users) != 1:
-            raise Reject(f"'{n.name}' between the LM head and the loss is also used elsewhere")
+            shared.append(n)
         if kind == "slice":
             index = n.args[1]
         chain.append(n)
         n = n.args[0]
-    return n, chain, index
+    if shared:
+        tail = chain[chain.index(shared[0]):]  # from the first shared node down to the linear
+        if not all(_same_value(c) for c in tail):
+            raise Reject(f"'{shared[0].name}' between the LM head and the loss is also used elsewhere")
+    return n, chain, index, shared
 
 
 def lora_head(start: Node) -> Optional[tuple[Node, Optional[tuple]]]:
@@ -144,7 +158,7 @@ def match(ce: Node):
         raise Reject(f"cross_entropy of logits {xs} and target {ts}: needs [T, V] logits and [T] class indices")
     if val(target).dtype not in (torch.int64, torch.int32):
         raise Reject(f"cross_entropy target is {val(target).dtype}, not class indices")
-    linear, chain, index = _walk(x)
+    linear, chain, index, aliases = _walk(x)
     la = bind(linear)
     h, W, b = la["input"], la["weight"], la["bias"]
     ws = shape(W)
@@ -153,7 +167,7 @@ def match(ce: Node):
     dtypes = {val(t).dtype for t in (h, W, b, linear) if t is not None}
     if len(dtypes) != 1 and not _autocast(h, W, b, linear):
         raise Reject(f"LM head mixes dtypes {sorted(map(str, dtypes))}")
-    others = [u for u in linear.users if u not in chain]
+    others = [u for t in (linear, *aliases) for u in t.users if u not in chain]
     if index is not None:
         hs = [static_int(s) for s in shape(h)]
         if None in hs:
@@ -230,6 +244,10 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             loss = graph.call_function(operator.getitem, (call, 0))
             loss.meta.update(ce.meta)
         ce.replace_all_uses_with(loss)
+        inside = {*chain, ce}
+        for alias in chain:  # the logits unchanged, used elsewhere too (OPT's .contiguous()): those uses get the op's
+            if any(u not in inside for u in alias.users):
+                alias.replace_all_uses_with(logits, delete_user_cb=lambda u: u not in inside)
         erased = erase_unused(graph, [ce, *chain])
         linear.replace_all_uses_with(logits)
         erased += erase_unused(graph, [linear, logits])

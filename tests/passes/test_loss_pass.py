@@ -48,9 +48,15 @@ class Head(nn.Module):
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         if self.form == "softcap":  # Gemma-2-style soft-capping between the head and the loss
             return F.cross_entropy((torch.tanh(logits / 30.0) * 30.0).view(-1, V), targets.view(-1))
-        if self.form == "shared_upcast":  # the fp32 copy feeds something else too
+        if self.form == "shared_upcast":  # the fp32 "copy" (the logits themselves in fp32) feeds something else too
             up = logits.float()
             return F.cross_entropy(up.view(-1, V), targets.view(-1)) + up.logsumexp(-1).mean()
+        if self.form == "shared_view":  # a reshaped view feeds something else too
+            flat = logits.view(-1, V)
+            return F.cross_entropy(flat, targets.view(-1)) + flat.logsumexp(-1).mean()
+        if self.form == "contiguous_returned":  # OPT: lm_head(h).contiguous() is the returned logits
+            logits = logits.contiguous()
+            return F.cross_entropy(logits.view(-1, V), targets.view(-1)), logits
         if self.form == "weighted":
             return F.cross_entropy(logits.view(-1, V), targets.view(-1), weight=torch.ones(V))
         if self.form == "lora":  # a LoRA adapter on the head, as PEFT writes it
@@ -84,7 +90,8 @@ def assert_dense_equivalent(model, *args, atol=1e-5):
     torch.testing.assert_close(args[0].grad, ref_args[0].grad, atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("form,bias", [("plain", False), ("shifted", True), ("returns_logits", False), ("none", True)])
+@pytest.mark.parametrize("form,bias", [("plain", False), ("shifted", True), ("returns_logits", False), ("none", True),
+                                       ("contiguous_returned", False), ("shared_upcast", True)])
 def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     model = Head(bias=bias, form=form)
     x, targets = head_inputs(ignore=-1 if form == "plain" else -100)
@@ -94,7 +101,7 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     assert not cap.dense()
     # the head's linear and the cross_entropy go; returned logits come from the op
     assert "logits" in site.replaced and any(n.startswith("cross_entropy") for n in site.replaced)
-    assert ("logits also returned" in site.detail) == (form == "returns_logits")
+    assert ("logits also returned" in site.detail) == (form in ("returns_logits", "contiguous_returned", "shared_upcast"))
     if form == "shifted":
         assert "token slice" in site.detail
     if form == "returns_logits":
@@ -105,7 +112,7 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
 @pytest.mark.parametrize("form,reason", [
     ("softcap", "not a linear layer's output"),
     ("weighted", "class weights"),
-    ("shared_upcast", "also used elsewhere"),
+    ("shared_view", "also used elsewhere"),
     ("lora", "LoRA adapter"),
 ])
 def test_other_forms_stay_dense_with_a_reason(form, reason):
