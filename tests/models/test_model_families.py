@@ -40,6 +40,10 @@ def test_opt_relu_fc1_fc2_with_lora():
     cap = count_sites(model, b, 1)
     assert cap.rewritten("mlp")[0].pattern == "relu" and "LoRA=in/out" in cap.rewritten("mlp")[0].detail
     assert_same(model, b, mask)
+    # its logits are lm_head(h).contiguous(), returned and fed to the loss: the chunked loss takes them,
+    # and the MLP site gets the loss rows
+    text = str(spt_compile.explain(model, **b, labels=b["input_ids"]))
+    assert "rewritten loss" in text and "logits also returned" in text and "loss rows from the labels" in text, text
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -55,6 +59,24 @@ def test_qwen2_qkv_biases_and_sliding_window(attn):
     cap = count_sites(model, b, 2)
     assert all("GQA 4:2" in s.detail for s in cap.rewritten("attention"))
     assert_same(model, b, mask)
+
+
+def test_gemma_type_as_norm_and_lora_dropout():
+    """Gemma: RMSNorm ending in type_as (the MLP's input is a no-op cast), embeddings scaled by sqrt(d),
+    a GeLU-tanh gated MLP. With PEFT's LoRA dropout the adapters read dropout(x) of that cast."""
+    import peft
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=8, max_position_embeddings=64)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    b, mask = batch()
+    model = lora(build("GemmaConfig", "GemmaForCausalLM", "eager", **kw), targets)
+    cap = count_sites(model, b, 1)
+    assert cap.rewritten("mlp")[0].pattern == "gated gelu_tanh" and "LoRA=in/gate/out" in cap.rewritten("mlp")[0].detail
+    assert_same(model, b, mask)
+    dropped = peft.get_peft_model(build("GemmaConfig", "GemmaForCausalLM", "eager", **kw),
+                                  peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets))
+    count_sites(dropped, b, 1)  # one MLP site; before, the MLP was left dense as "unrecognised"
 
 
 def test_mistral_sliding_window():
