@@ -117,12 +117,21 @@ def _impure_ancestor(target: Node) -> Optional[Node]:
     return None
 
 
-def _pooled(x: Node, depth: int = 24) -> Optional[tuple[Node, int]]:
+def _pooled(x: Node, depth: int = 24, memo: Optional[dict] = None) -> Optional[tuple[Node, int]]:
     """(h [B, N, d], p) when x, the loss's [B, C] input, is a classification head over h[:, p]. The
     head may combine values elementwise (_COMBINE_OPS) when each tensor operand is itself a head over
-    the same h[:, p]: PEFT's LoRA on the pooler adds s * B(A(dropout(t))) to W t, both from t = h[:, p]."""
+    the same h[:, p]: PEFT's LoRA on the pooler adds s * B(A(dropout(t))) to W t, both from t = h[:, p].
+    memo: the answers per node so far (operands that share nodes are walked once)."""
     if not isinstance(x, Node) or depth == 0:
         return None
+    memo = {} if memo is None else memo
+    if x not in memo:
+        memo[x] = _pooled_step(x, depth, memo)
+    return memo[x]
+
+
+def _pooled_step(x: Node, depth: int, memo: dict) -> Optional[tuple[Node, int]]:
+    """_pooled for one node not yet in memo."""
     if op(x) == "getitem":
         h, index = x.args
         hs = shape(h)
@@ -133,13 +142,13 @@ def _pooled(x: Node, depth: int = 24) -> Optional[tuple[Node, int]]:
         return None
     if op(x) in _COMBINE_OPS:
         operands = [a for a in (*x.args, *x.kwargs.values()) if isinstance(a, Node)]
-        found = [_pooled(a, depth - 1) for a in operands]
+        found = [_pooled(a, depth - 1, memo) for a in operands]
         if not found or any(f is None or f[0] is not found[0][0] or f[1] != found[0][1] for f in found):
             return None  # some operand reads other rows (or is not a head over one position)
         return found[0]
     if op(x) not in _HEAD_OPS:
         return None
-    return _pooled(bind(x)["input"] if op(x) in ("linear", "dropout") else x.args[0], depth - 1)
+    return _pooled(bind(x)["input"] if op(x) in ("linear", "dropout") else x.args[0], depth - 1, memo)
 
 
 def _drops_last(index, h_shape) -> Optional[int]:
