@@ -31,6 +31,8 @@ FAMILIES = [
      "test_model_families.py"),
     ("Qwen2 (eager, sdpa)", "q/k/v biases, GQA, sliding window (explicit mask) on layer 0", "rewritten", "test_model_families.py"),
     ("Mistral", "sliding window, GQA", "rewritten", "test_model_families.py"),
+    ("Phi-3", "fused qkv_proj; fused gate_up_proj chunked into gate and up; PEFT LoRA dropout on the fused "
+     "projection (one mask for both halves)", "rewritten", "test_model_families.py"),
     ("Gemma", "RMSNorm ending in `type_as` (the MLP's input a no-op cast); GeLU-tanh gated MLP; PEFT LoRA dropout",
      "rewritten", "test_model_families.py"),
     ("BERT / MiniLM, RoBERTa", "additive padding mask, GELU MLP", "rewritten", "test_models.py, test_model_families.py"),

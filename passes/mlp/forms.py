@@ -156,9 +156,6 @@ def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
         if g.half is not None:  # act(W_gu x [.., :F]) * (W_gu x)[.., F:], one fused projection
             if gate.layout != "oi":
                 raise Reject("a fused gate/up projection in the Conv1D layout ([in, out] weight)")
-            if gate.dropout:
-                raise Reject("LoRA dropout on a fused gate/up projection: the op would draw each half's mask "
-                             "separately (it is exact with lora_dropout=0 or in eval mode)")
             return MlpMatch(gate.x, None, gate, down, activation, nodes | views,
                             fused="gate_up" if g.half == 0 else "up_gate")
         if gate.x is not up.x:

@@ -31,9 +31,13 @@ def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optio
 
 
 def lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """LoRA dropout on x for the in and gate projections (independent masks, as PEFT's modules)."""
-    keep_in = _keep_scale(x.shape, spec.in_dropout, seed, IN_STREAM, x.device, x.dtype)
+    """LoRA dropout on x for the in and gate projections: independent masks, as PEFT's modules draw
+    them, except for a fused gate/up projection (spec.fused), which is one PEFT module with one LoRA
+    A for both halves and so one mask on its input: both halves get the gate stream's."""
     keep_gate = _keep_scale(x.shape, spec.gate_dropout, seed, GATE_STREAM, x.device, x.dtype) if spec.gated else None
+    if spec.fused:
+        return keep_gate, keep_gate
+    keep_in = _keep_scale(x.shape, spec.in_dropout, seed, IN_STREAM, x.device, x.dtype)
     return keep_in, keep_gate
 
 

@@ -79,6 +79,24 @@ def test_gemma_type_as_norm_and_lora_dropout():
     count_sites(dropped, b, 1)  # one MLP site; before, the MLP was left dense as "unrecognised"
 
 
+def test_phi3_fused_gate_up_with_lora_dropout():
+    """Phi-3: one fused gate_up_proj (chunked into gate and up) and a fused qkv_proj. Under PEFT's
+    lora_dropout the fused LoRA draws one mask for both halves (before, the MLP was left dense)."""
+    import peft
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, pad_token_id=0)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    b, mask = batch()
+    model = lora(build("Phi3Config", "Phi3ForCausalLM", "eager", **kw), targets)
+    cap = count_sites(model, b, 1)
+    assert cap.rewritten("mlp")[0].pattern == "gated fused silu", cap.rewritten("mlp")[0].line()
+    assert_same(model, b, mask)
+    dropped = peft.get_peft_model(build("Phi3Config", "Phi3ForCausalLM", "eager", **kw),
+                                  peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets))
+    count_sites(dropped, b, 1)
+
+
 def test_mistral_sliding_window():
     model = build("MistralConfig", "MistralForCausalLM", "eager", hidden_size=64, intermediate_size=96,
                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

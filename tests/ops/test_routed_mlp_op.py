@@ -163,3 +163,35 @@ def test_bad_mask_is_named():
     spec = spec_for(w, "relu", False, 3)
     with pytest.raises(ValueError, match="block_mask"):
         routed_mlp(torch.randn(4, 8), w, spec, torch.ones(4, 2, dtype=torch.bool))
+
+
+def test_fused_gate_up_lora_dropout_is_one_mask_for_both_halves():
+    """A fused gate/up projection is one PEFT module: one LoRA A for both halves and one dropout mask
+    on its input. The op draws that one mask (lora_input_scales) for both halves; its output is the
+    fused formula with it, and forward and backward agree (gradcheck, float64)."""
+    from spt_compile.sparse_ops.routed_mlp import split_fused
+    from spt_compile.sparse_ops.routed_mlp.dropout import lora_input_scales
+
+    gen = torch.Generator().manual_seed(6)
+    d, F_, r, p, s = 6, 8, 2, 0.3, 2.0
+    t = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    fused = MlpWeights(gate_w=t(2 * F_, d), gate_a=t(r, d), gate_bb=t(2 * F_, r), out_w=t(d, F_), out_a=t(r, F_),
+                       out_bb=t(d, r))
+    spec = MlpSpec("silu", True, F_, 2, in_scale=s, gate_scale=s, out_scale=s, in_dropout=p, gate_dropout=p,
+                   fused="gate_up")
+    x = t(5, d)
+    keep_in, keep_gate = lora_input_scales(x, spec, 7)
+    assert keep_in is keep_gate and keep_in is not None and (keep_in == 0).any()
+    every = torch.ones(5, 2, dtype=torch.bool)
+    y = routed_mlp(x, split_fused(fused, spec), spec, every, seed=7)
+    gu = F.linear(x, fused.gate_w) + s * F.linear(F.linear(x * keep_in, fused.gate_a), fused.gate_bb)  # [T, 2F]
+    h = F.silu(gu[:, :F_]) * gu[:, F_:]
+    want = F.linear(h, fused.out_w) + s * F.linear(F.linear(h, fused.out_a), fused.out_bb)
+    torch.testing.assert_close(y, want, atol=1e-10, rtol=1e-8)
+    leaves = [x, *[v for v in fused if v is not None]]
+
+    def f(x, *slots):
+        return routed_mlp(x, split_fused(fused._replace(**dict(zip(
+            [k for k, v in fused._asdict().items() if v is not None], slots))), spec), spec, every, seed=7)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)

@@ -213,3 +213,29 @@ def test_lora_dropout_on_an_input_that_is_a_no_op_cast():
     assert site.pattern == "gated gelu_tanh" and "LoRA=in/gate/out" in site.detail, site.line()
     assert not cap.dense("mlp")
     assert_dense_equivalent(model.eval(), torch.randn(2, 7, 24, requires_grad=True))  # dropout off: exact
+
+
+@pytest.mark.parametrize("up_first", [False, True])
+def test_fused_gate_up_with_lora_dropout_is_rewritten(up_first):
+    """Phi-3's fused gate_up_proj under PEFT's usual lora_dropout: one site (the op draws one mask for
+    both halves, as the one PEFT module does; tests/ops/test_routed_mlp_op.py checks the formula),
+    trained through spt with finite adapter gradients, and equal to dense in eval mode."""
+    import peft
+
+    import spt_compile
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(FusedGateUpMlp(up_first=up_first), peft.LoraConfig(
+        r=R, lora_alpha=2 * R, lora_dropout=0.1, target_modules=["gate_up_proj", "down_proj"])).train()
+    cap = capture(model, torch.randn(2, 7, 24, requires_grad=True))
+    (site,) = cap.rewritten("mlp")
+    assert site.pattern == "gated fused silu" and "LoRA=gate/out" in site.detail, site.line()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 1})
+    for _ in range(2):
+        compiled(torch.randn(2, 7, 24)).square().sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert spt_compile.report(model)[0]["runs"], spt_compile.report(model)
+    model.zero_grad(set_to_none=True)
+    assert_dense_equivalent(model.eval(), torch.randn(2, 7, 24, requires_grad=True))
