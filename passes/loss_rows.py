@@ -16,6 +16,9 @@ Two kinds of loss are read:
   * pooled: sequence classification on one position, `cross_entropy(head(h[:, p]), labels)` through
     linear layers, activations, dropout and sums of values of that row alone (a LoRA delta on the
     pooler; BERT's pooler and classifier read position 0). Row p of each sequence carries the loss.
+    p may also differ per sequence, `head(h)[arange(B), p]` with p computed from the inputs alone
+    (LLaMA's classifier reads each sequence's last non-padding token); the [B, N] mask is then made
+    at the top of the graph.
 Otherwise, or when the target is not computed from graph inputs by the ops in _PURE_*, `find` says
 why and the sites run without it (explain() shows the reason).
 """
@@ -38,6 +41,11 @@ _PURE_FUNCTIONS = {F.pad, torch._C._nn.pad, operator.getitem, torch.reshape, tor
                    torch.narrow, torch.squeeze, torch.unsqueeze, torch.where, torch.masked_fill}
 _PURE_METHODS = {"view", "reshape", "flatten", "contiguous", "to", "long", "int", "clone", "squeeze", "unsqueeze",
                  "narrow", "roll", "masked_fill", "expand", "__getitem__"}
+# What may compute a per-sequence pooled position from the inputs (Hugging Face's last non-padding
+# token: argmax(arange(N) * (input_ids != pad))): the label ops and integer arithmetic, no activations.
+_INDEX_FUNCTIONS = _PURE_FUNCTIONS | {operator.ne, operator.eq, operator.mul, operator.add, operator.sub, torch.arange,
+                                      torch.ne, torch.eq, torch.argmax, torch.sum, torch.clamp}
+_INDEX_METHODS = _PURE_METHODS | {"ne", "eq", "mul", "add", "sub", "argmax", "sum", "clamp", "int", "long"}
 # Between a pooled position and the classification loss: what a classification head is made of.
 _HEAD_OPS = {"linear", "tanh", "dropout", "gelu", "relu", "silu", "sigmoid", "to", "float", "type", "contiguous",
              "view", "reshape"}
@@ -55,7 +63,9 @@ class LossRows:
     kind: str  # "tokens" | "pooled"
     lead: tuple  # tokens: the LM head input's leading sizes; pooled: (B, N) of the pooled tensor
     index: Optional[tuple] = None  # tokens: the logits' token slice, or None
-    position: int = 0  # pooled: the position each sequence's head reads
+    # pooled: the position each sequence's head reads; a [B] integer node computed from the inputs
+    # when it differs per sequence (the last non-padding token)
+    position: Union[int, Node] = 0
     detail: str = ""  # for explain()
 
 
@@ -84,13 +94,16 @@ def find(gm: GraphModule) -> Union[LossRows, str]:
                 continue
             if pooled is not None:
                 h, position = pooled
+                if isinstance(position, Node) and static_int(shape(h)[1]) is None:
+                    reason = "the pooled position differs per sequence and the sequence length is dynamic"
+                    continue
                 return LossRows(target, ignore, "pooled", tuple(shape(h)[:2]), position=position,
-                                detail=f"labels via '{target.name}' on position {position} (ignore_index={ignore})")
+                                detail=f"labels via '{target.name}' on {_where(position)} (ignore_index={ignore})")
             h, index = adapted
         pooled = _pooled(h) if index is None else None
         if pooled is not None:  # a classifier head over one position (a linear the loss pass also reads)
             return LossRows(target, ignore, "pooled", tuple(shape(pooled[0])[:2]), position=pooled[1],
-                            detail=f"labels via '{target.name}' on position {pooled[1]} (ignore_index={ignore})")
+                            detail=f"labels via '{target.name}' on {_where(pooled[1])} (ignore_index={ignore})")
         if index is not None and _drops_last(index, shape(h)) is None:
             reason = f"the logits' token slice {index} is not the shifted-logits form (all positions but the last)"
             continue
@@ -99,8 +112,14 @@ def find(gm: GraphModule) -> Union[LossRows, str]:
     return reason
 
 
-def _impure_ancestor(target: Node) -> Optional[Node]:
-    """The first node on the way from graph inputs to target that is not a pure label op, or None."""
+def _where(position: Union[int, Node]) -> str:
+    """explain()'s name for a pooled position."""
+    return f"position {position}" if isinstance(position, int) else f"each sequence's position '{position.name}'"
+
+
+def _impure_ancestor(target: Node, functions=_PURE_FUNCTIONS, methods=_PURE_METHODS) -> Optional[Node]:
+    """The first node on the way from graph inputs to target that is not a pure label op (one of
+    `functions` / `methods`), or None."""
     seen, todo = set(), [target]
     while todo:
         n = todo.pop()
@@ -109,8 +128,7 @@ def _impure_ancestor(target: Node) -> Optional[Node]:
         seen.add(n)
         if n.op == "placeholder":
             continue
-        pure = (n.op == "call_function" and n.target in _PURE_FUNCTIONS) or (
-            n.op == "call_method" and n.target in _PURE_METHODS)
+        pure = (n.op == "call_function" and n.target in functions) or (n.op == "call_method" and n.target in methods)
         if not pure or len(seen) > 64:
             return n
         todo.extend(a for a in n.all_input_nodes)
@@ -139,7 +157,8 @@ def _pooled_step(x: Node, depth: int, memo: dict) -> Optional[tuple[Node, int]]:
                 and index[0] == slice(None, None, None) and isinstance(index[1], int) and index[1] >= 0
                 and all(i == slice(None, None, None) for i in index[2:])):
             return h, index[1]
-        return None
+        at = _per_sequence(h, index)
+        return None if at is None else (h, at)
     if op(x) in _COMBINE_OPS:
         operands = [a for a in (*x.args, *x.kwargs.values()) if isinstance(a, Node)]
         found = [_pooled(a, depth - 1, memo) for a in operands]
@@ -149,6 +168,23 @@ def _pooled_step(x: Node, depth: int, memo: dict) -> Optional[tuple[Node, int]]:
     if op(x) not in _HEAD_OPS:
         return None
     return _pooled(bind(x)["input"] if op(x) in ("linear", "dropout") else x.args[0], depth - 1, memo)
+
+
+def _per_sequence(h: Node, index) -> Optional[Node]:
+    """p [B] when index reads h[arange(B), p] (h [B, N, C]), p an integer vector computed from the graph
+    inputs alone (a classifier that reads each sequence's last non-padding token); else None."""
+    hs = shape(h)
+    if not (hs and len(hs) == 3 and isinstance(index, tuple) and len(index) == 2
+            and all(isinstance(i, Node) for i in index)):
+        return None
+    rows, at = index
+    if rows.target is not torch.arange or len(rows.args) != 1 or not same(rows.args[0], hs[0]):
+        return None
+    v = val(at)
+    if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.dtype not in (torch.int64, torch.int32) or \
+            _impure_ancestor(at, _INDEX_FUNCTIONS, _INDEX_METHODS) is not None:
+        return None
+    return at
 
 
 def _drops_last(index, h_shape) -> Optional[int]:
@@ -170,7 +206,8 @@ def insert_carries(graph: Graph, found: LossRows) -> Node:
     """Copies the target's computation to the top of `graph` (after the last placeholder), then
     `target != ignore_index`: [T_loss] bool; returns that node."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    ancestors, todo = set(), [found.target]
+    per_sequence = isinstance(found.position, Node)
+    ancestors, todo = set(), [found.target] + ([found.position] if per_sequence else [])
     while todo:
         n = todo.pop()
         if n not in ancestors and n.op != "placeholder":
@@ -186,7 +223,25 @@ def insert_carries(graph: Graph, found: LossRows) -> Node:
     example = val(found.target)
     if example is not None:
         carries.meta["example_value"] = torch.empty_like(example, dtype=torch.bool)  # fake, symbolic sizes kept
-    for n in [*copies.values(), carries]:  # this pass's own nodes (tests/graph_check.py)
+    made = [carries]
+    if per_sequence:  # [B, N] already here: position p_b of sequence b where its label counts
+        labelled, N = carries, static_int(found.lead[1])
+        with graph.inserting_after(carries):
+            positions = graph.call_function(torch.arange, (N,), {"device": None if example is None else example.device})
+        with graph.inserting_after(positions):
+            across = graph.call_method("unsqueeze", (positions, 0))  # [1, N]
+        with graph.inserting_after(across):
+            chosen = graph.call_method("unsqueeze", (copies[found.position], 1))  # [B, 1]
+        with graph.inserting_after(chosen):
+            at = graph.call_function(operator.eq, (across, chosen))  # [B, N]
+        with graph.inserting_after(at):
+            counts = graph.call_method("unsqueeze", (labelled, 1))  # [B, 1]
+        with graph.inserting_after(counts):
+            carries = graph.call_function(operator.and_, (at, counts))
+        if example is not None:
+            carries.meta["example_value"] = torch.empty(example.shape[0], N, dtype=torch.bool, device=example.device)
+        made += [positions, across, chosen, at, counts, carries]
+    for n in [*copies.values(), *made]:  # this pass's own nodes (tests/graph_check.py)
         n.meta["spt_loss_rows"] = True
     return carries
 
@@ -204,7 +259,9 @@ def finish(graph: Graph, carries: Node, found: LossRows, x: Node) -> Node:
         made.append(node)
         return node
 
-    if found.kind == "pooled":  # [B, N]: position p of each sequence, where its label counts
+    if found.kind == "pooled" and isinstance(found.position, Node):  # carries is [B, N] already
+        rows = carries
+    elif found.kind == "pooled":  # [B, N]: position p of each sequence, where its label counts
         n = add("method", "size", (x, 1))
         device = val(carries).device if isinstance(val(carries), torch.Tensor) else None
         positions = add("function", torch.arange, (n,), {"device": device})
@@ -269,7 +326,7 @@ class RowsSource:
             return f"no loss rows: {self.reason}"
         if not fits(self.found, shape(x)):
             return f"no loss rows: the MLP input {tuple(shape(x) or ())} does not have the loss's rows {self.found.lead}"
-        return "loss rows from the labels" + (f" (position {self.found.position})" if self.found.kind == "pooled" else "")
+        return "loss rows from the labels" + (f" ({_where(self.found.position)})" if self.found.kind == "pooled" else "")
 
     def for_input(self, x: Node) -> tuple[Optional[Node], str]:
         """(the mask node for an MLP input x, or None; the note for explain())."""

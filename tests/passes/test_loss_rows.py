@@ -246,6 +246,33 @@ def test_sequence_classification_pooled_position(seen, pooler_lora):
         assert m[want.reshape(-1)].all()
 
 
+def test_sequence_classification_on_each_last_token(seen):
+    """LLaMA's sequence classification scores every position and reads each sequence's last
+    non-padding token, logits[arange(B), argmax(arange(N) * (ids != pad))]: that row of each labelled
+    sequence carries the loss, a position per sequence computed from the input ids."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3)
+    model = LlamaForSequenceClassification(config).train()
+    ids = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(2))
+    ids[1, 6:] = 0  # right padding: its last real token is position 5
+    mask = (ids != 0).long()
+    labels = torch.tensor([2, 0, -100])  # the third sequence has no label
+    text = str(spt_compile.explain(model, input_ids=ids, attention_mask=mask, labels=labels))
+    assert text.count("loss rows from the labels (each sequence's position") == 2, text
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options=OPTIONS)
+    for _ in range(2):
+        compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    want = torch.zeros(3, 10, dtype=torch.bool)
+    want[0, 9] = want[1, 5] = True
+    assert len(seen["rows"]) == 4 and all(torch.equal(r, want.reshape(-1)) for r in seen["rows"]), seen["rows"]
+    for m in seen["masks"]:  # each labelled sequence's last real token keeps every block
+        assert m[want.reshape(-1)].all()
+
+
 class _Classifier(nn.Module):
     """Embedding, one gated MLP, and a two-class head over position 0 whose output is combined as
     `head` says: "lora" adds a scaled second projection of the same row (a LoRA delta's shape),
