@@ -233,16 +233,22 @@ def test_sequence_classification_pooled_position(seen, pooler_lora):
     mask = torch.ones_like(ids)
     mask[2, 6:] = 0
     labels = torch.tensor([0, 1, -100])  # the third sequence has no label
+    want = torch.zeros(3, 10, dtype=torch.bool)
+    want[:2, 0] = True
+    _classifier_rows_reach_the_sites(seen, model, ids, mask, labels, "(position 0)", want)
+
+
+def _classifier_rows_reach_the_sites(seen, model, ids, mask, labels, note: str, want):
+    """explain() names the rows on both MLP sites; two training steps give each site `want` [B, N] as
+    its loss rows, and those rows keep every block in the backward (ffn_loss_rows "dense")."""
     text = str(spt_compile.explain(model, input_ids=ids, attention_mask=mask, labels=labels))
-    assert text.count("loss rows from the labels (position 0)") == 2, text
+    assert text.count(f"loss rows from the labels {note}") == 2, text
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="spt", options=OPTIONS)
     for _ in range(2):
         compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    want = torch.zeros(3, 10, dtype=torch.bool)
-    want[:2, 0] = True
-    assert len(seen["rows"]) == 4 and all(torch.equal(r, want.reshape(-1)) for r in seen["rows"])
-    for m in seen["masks"]:  # position 0 of the labelled sequences keeps every block (ffn_loss_rows "dense")
+    assert len(seen["rows"]) == 4 and all(torch.equal(r, want.reshape(-1)) for r in seen["rows"]), seen["rows"]
+    for m in seen["masks"]:
         assert m[want.reshape(-1)].all()
 
 
@@ -260,17 +266,9 @@ def test_sequence_classification_on_each_last_token(seen):
     ids[1, 6:] = 0  # right padding: its last real token is position 5
     mask = (ids != 0).long()
     labels = torch.tensor([2, 0, -100])  # the third sequence has no label
-    text = str(spt_compile.explain(model, input_ids=ids, attention_mask=mask, labels=labels))
-    assert text.count("loss rows from the labels (each sequence's position") == 2, text
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="spt", options=OPTIONS)
-    for _ in range(2):
-        compiled(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     want = torch.zeros(3, 10, dtype=torch.bool)
     want[0, 9] = want[1, 5] = True
-    assert len(seen["rows"]) == 4 and all(torch.equal(r, want.reshape(-1)) for r in seen["rows"]), seen["rows"]
-    for m in seen["masks"]:  # each labelled sequence's last real token keeps every block
-        assert m[want.reshape(-1)].all()
+    _classifier_rows_reach_the_sites(seen, model, ids, mask, labels, "(each sequence's position", want)
 
 
 class _Classifier(nn.Module):
