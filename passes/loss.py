@@ -40,6 +40,16 @@ class Reject(Exception):
     """A loss that cannot be rewritten safely; the message is the reason shown by explain()."""
 
 
+class LoraHead(Reject):
+    """The LM head has a LoRA adapter (`lm_head` among PEFT's targets): the chunked loss covers plain
+    linear heads only, but the head's rows are still its input's, which the loss-row operand reads
+    (h and the logits' token slice, index)."""
+
+    def __init__(self, h: Node, index: Optional[tuple]):
+        super().__init__("the LM head has a LoRA adapter (the chunked loss covers plain linear heads)")
+        self.h, self.index = h, index
+
+
 def _cast_ok(n: Node) -> bool:
     """A cast that keeps the shape and device and goes to fp32 or stays in the same dtype."""
     a, b = val(n.args[0]), val(n)
@@ -93,7 +103,7 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node]]:
         if kind is None:
             p = parse_projection(n) if isinstance(n, Node) else None
             if p is not None and p.lora_a is not None:
-                raise Reject("the LM head has a LoRA adapter (the chunked loss covers plain linear heads)")
+                raise LoraHead(p.x, index)
             raise Reject(f"the loss input is not a linear layer's output through casts, views and a token "
                          f"slice (found '{getattr(n, 'name', n)}')")
         if len(n.users) != 1:
@@ -107,24 +117,6 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node]]:
         if not all(_same_value(c) for c in tail):
             raise Reject(f"'{shared[0].name}' between the LM head and the loss is also used elsewhere")
     return n, chain, index, shared
-
-
-def lora_head(start: Node) -> Optional[tuple[Node, Optional[tuple]]]:
-    """(h, token index) when the cross-entropy input is an LM head with a LoRA adapter (`lm_head` among
-    PEFT's targets) through casts, views and a token slice; else None. The loss pass leaves such a head
-    dense (_walk), but its rows are still h's rows: the loss-row operand reads them from here."""
-    index, n = None, start
-    for _ in range(16):
-        p = parse_projection(n) if isinstance(n, Node) else None
-        if p is not None and p.lora_a is not None:
-            return p.x, index
-        kind = _link(n, index is not None)
-        if kind is None:
-            return None
-        if kind == "slice":
-            index = n.args[1]
-        n = n.args[0]
-    return None
 
 
 def _const(args: dict, name: str):

@@ -10,7 +10,7 @@ inside activation-checkpoint bodies it is one more operand of the checkpoint cal
 
 Two kinds of loss are read:
   * tokens: an LM head and its cross-entropy (passes/loss.py's match, or an LM head with a LoRA
-    adapter, which that pass leaves dense: loss.lora_head). The target's rows are the LM head input's
+    adapter, which that pass leaves dense: its LoraHead rejection names the head's input). The target's rows are the LM head input's
     rows, or all positions but the last when the logits are sliced that way
     (logits[:, :-1]).
   * pooled: sequence classification on one position, `cross_entropy(head(h[:, p]), labels)` through
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from .fx_utils import bind, op, same, shape, static_int, val
-from .loss import Reject, lora_head, match
+from .loss import LoraHead, Reject, match
 
 # Ops the labels may pass through on the way to the target (no arithmetic on activations, no state).
 _PURE_FUNCTIONS = {F.pad, torch._C._nn.pad, operator.getitem, torch.reshape, torch.flatten, torch.cat, torch.roll,
@@ -88,7 +88,7 @@ def find(gm: GraphModule) -> Union[LossRows, str]:
         except Reject as why:
             pooled = _pooled(a["input"])
             # an LM head with LoRA, which the loss pass leaves dense: its rows are still h's rows
-            adapted = lora_head(a["input"]) if pooled is None else None
+            adapted = (why.h, why.index) if pooled is None and isinstance(why, LoraHead) else None
             if pooled is None and adapted is None:
                 reason = f"the loss is neither an LM head + cross_entropy ({why}) nor a classification of one position"
                 continue
@@ -328,10 +328,14 @@ class RowsSource:
             return f"no loss rows: the MLP input {tuple(shape(x) or ())} does not have the loss's rows {self.found.lead}"
         return "loss rows from the labels" + (f" ({_where(self.found.position)})" if self.found.kind == "pooled" else "")
 
+    def reaches(self, x: Node) -> bool:
+        """Whether an MLP site with input x gets loss rows."""
+        return not self.reason and fits(self.found, shape(x))
+
     def for_input(self, x: Node) -> tuple[Optional[Node], str]:
         """(the mask node for an MLP input x, or None; the note for explain())."""
         note = self.note(x)
-        if self.reason or not fits(self.found, shape(x)):
+        if not self.reaches(x):
             return None, note
         return finish(self.graph, self._carries(), self.found, x), note
 

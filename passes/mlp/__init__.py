@@ -86,7 +86,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         units_used = [p for p in (m.up, m.gate, m.down) if p is not None]
         path = common_path([p.output for p in units_used])
         rows_note = "" if rows is None else f", {rows.note(m.x)}"
-        if rows_note.startswith(", no loss rows") and options.exact_forward and options.ffn_loss_rows == "dense":
+        if rows is not None and not rows.reaches(m.x) and options.exact_forward and options.ffn_loss_rows == "dense":
             rows_note += " (so training calls keep every real row's blocks in the backward; ffn_loss_rows='off' ranks them)"
         entry = SiteReport("mlp", "rewritten", m.pattern, path,
                            describe(m) + rows_note + ("" if real is None else f", {real.note(m.x)}"))

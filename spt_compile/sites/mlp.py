@@ -467,9 +467,9 @@ class MlpSite(Site):
                 # carry a loss, so each keeps every block: ranked, an LM's rows would lose blocks that
                 # the loss needs (docs/quality.md, "Beyond GSM8K").
                 unknown = options.ffn_loss_rows == "dense" and (rows is None or rows.numel() != T)
-                skipped = self.backward_skipped(options, T, rows, real, lead)
+                skipped = 0.0 if unknown else self.backward_skipped(options, T, rows, real, lead)
                 whole_rows = self.whole_rows(options, T, None if unknown else rows, real, x.device,
-                                             0.0 if unknown else skipped)  # ranking would not pay
+                                             skipped)  # ranking would not pay
                 preset = None if whole_rows is None else whole_rows[0]
                 if not plan.recompute:
                     self.backward_choice["ranked" if preset is None else "whole_rows"] += 1
