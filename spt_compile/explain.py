@@ -5,7 +5,9 @@ the passes in report-only mode, and runs the model dense. No sparse state is cre
 
 A region Dynamo could not trace inside a higher-order op (a graph break inside an activation-
 checkpointed layer) runs eagerly: no graph of it reaches the backend, so none of its sites can be
-listed. explain() lists those graph breaks instead (`not_traced`), with Dynamo's reason.
+listed. explain() lists those graph breaks instead (`not_traced`), with Dynamo's reason. Every other
+graph break is listed too (`breaks`), with Dynamo's reason and hint: the pieces are compiled apart,
+so a loss after a break is not chunked and gives the MLP sites before it no loss rows.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ExplainReport:
     options: dict = field(default_factory=dict)  # the options in effect that differ from the defaults
     compiler: str = ""  # the downstream compiler a torch.compile with these options hands the graphs to
     not_traced: list[str] = field(default_factory=list)  # regions Dynamo ran eagerly, with its reason
+    breaks: list[str] = field(default_factory=list)  # other graph breaks, with Dynamo's reason and hint
     dropouts: int = 0  # training-mode dropouts that get 16-bit masks (passes/dropout.py)
 
     def rewritten(self, kind=None) -> list[SiteReport]:
@@ -50,6 +53,7 @@ class ExplainReport:
                  + (f"; regions not traced: {len(self.not_traced)}" if self.not_traced else "")]
         lines += ["  " + s.line() for s in self.sites]
         lines += [f"  not traced: {reason}" for reason in self.not_traced]
+        lines += [f"  graph break: {reason}" for reason in self.breaks]
         return "\n".join(lines)
 
 
@@ -80,11 +84,34 @@ def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
     torch.compile(target, backend=recording_backend)(*args, **kwargs)
     for kind in kinds:
         for message, n in counters[kind].items():
-            if n > before[kind].get(message, 0) and message.startswith("HOP"):
-                text = _not_traced(message)
-                if text not in report.not_traced:
-                    report.not_traced.append(text)
+            if n <= before[kind].get(message, 0):
+                continue
+            if message.startswith("HOP"):
+                into, text = report.not_traced, _not_traced(message)
+            elif kind == "graph_break":  # "unimplemented" alone: a frame Dynamo skipped, not a split graph
+                into, text = report.breaks, _graph_break(message)
+            else:
+                continue
+            if text not in into:
+                into.append(text)
     return report
+
+
+def _graph_break(message: str) -> str:
+    """Dynamo's graph-break message, shortened to its reason, what it broke on and its hint."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    context = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Developer debug context:")), "")
+    hint = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Hint:")), "").rstrip(".")
+    text = lines[0] + (f" ({context[:300]})" if context else "") + (f"; Dynamo's hint: {hint}" if hint else "")
+    if "warning_once" in context and "loss_type=" in context:
+        # transformers >= 5 logs this from `loss_function` on every call of a model whose class name
+        # gives no loss type (GPT2LMHeadModel and other *LMHeadModel classes); the break puts the loss
+        # in a graph of its own.
+        text += ("; here the loss lands in a graph of its own, so it is not chunked and the MLP sites get no "
+                 "loss rows: set `loss_type = \"ForCausalLM\"` on the transformers model (the loss it uses "
+                 "anyway; under PEFT on model.get_base_model()), or add logging.Logger.warning_once to "
+                 "torch._dynamo.config.ignore_logging_functions")
+    return text
 
 
 def _not_traced(message: str) -> str:

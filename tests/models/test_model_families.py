@@ -153,3 +153,22 @@ def test_gpt2_reorder_and_upcast_with_lora_on_conv1d():
     mlp = cap.rewritten("mlp")[0]
     assert mlp.pattern == "gelu_tanh" and "Conv1D" in mlp.detail and "LoRA=in/out" in mlp.detail
     assert_same(model, b, mask)
+
+
+def test_gpt2_loss_after_a_logging_graph_break_is_explained_with_the_fix():
+    """transformers' GPT2LMHeadModel logs a loss_type warning from `loss_function` on every call; Dynamo
+    breaks the graph there, so the loss is compiled apart: explain() lists the break with Dynamo's
+    reason and the fix, and with the fix (loss_type set on the base model) the loss is one site."""
+    model = build("GPT2Config", "GPT2LMHeadModel", "sdpa", n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                  bos_token_id=0, eos_token_id=0)
+    model = lora(model, ["c_attn", "c_fc", "c_proj"])
+    b, _ = batch(pad_from=20)
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b, labels=b["input_ids"])
+    assert report.graphs == 2 and not report.rewritten("loss") and len(report.breaks) == 1, str(report)
+    assert "warning_once" in report.breaks[0] and 'loss_type = "ForCausalLM"' in report.breaks[0], str(report)
+    assert "graph break: logging.Logger method" in str(report)
+    model.get_base_model().loss_type = "ForCausalLM"
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b, labels=b["input_ids"])
+    assert report.graphs == 1 and len(report.rewritten("loss")) == 1 and not report.breaks, str(report)
