@@ -40,6 +40,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.where: "where", torch.masked_fill: "masked_fill",
     F.multi_head_attention_forward: "mha",
     F.cross_entropy: "cross_entropy",
+    F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm", F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",
 }
 
 # Element-wise ops an activation may be written with (GPT-2's tanh-GELU is mul/pow/tanh/add).
@@ -78,6 +79,8 @@ _SIGNATURES: dict[tuple[str, str], tuple[str, ...]] = {
     ("add", "method"): ("input", "other"),
     ("div", "function"): ("input", "other"),
     ("div", "method"): ("input", "other"),
+    ("layer_norm", "function"): ("input", "normalized_shape", "weight", "bias", "eps"),
+    ("rms_norm", "function"): ("input", "normalized_shape", "weight", "eps"),
     ("cross_entropy", "function"): ("input", "target", "weight", "size_average", "ignore_index", "reduce",
                                     "reduction", "label_smoothing"),
 }

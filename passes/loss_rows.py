@@ -165,6 +165,10 @@ def _pooled_step(x: Node, depth: int, memo: dict) -> Optional[tuple[Node, int]]:
         if not found or any(f is None or f[0] is not found[0][0] or f[1] != found[0][1] for f in found):
             return None  # some operand reads other rows (or is not a head over one position)
         return found[0]
+    if op(x) in ("layer_norm", "rms_norm"):  # over each row's last dim (ModernBERT's head): keeps the rows
+        d = bind(x)
+        rows_kept = isinstance(d["normalized_shape"], (list, tuple)) and len(d["normalized_shape"]) == 1
+        return _pooled(d["input"], depth - 1, memo) if rows_kept else None
     if op(x) not in _HEAD_OPS:
         return None
     return _pooled(bind(x)["input"] if op(x) in ("linear", "dropout") else x.args[0], depth - 1, memo)

@@ -36,6 +36,12 @@ FAMILIES = [
     ("Gemma", "RMSNorm ending in `type_as` (the MLP's input a no-op cast); GeLU-tanh gated MLP; PEFT LoRA dropout",
      "rewritten", "test_model_families.py"),
     ("BERT / MiniLM, RoBERTa", "additive padding mask, GELU MLP", "rewritten", "test_models.py, test_model_families.py"),
+    ("ModernBERT", "fused `Wi` chunked into input and gate (GeGLU); `Wo(drop(act(input) * gate))`, dropout p = 0; "
+     "global and sliding-window layers; classifier head dense -> GELU -> LayerNorm on position 0",
+     "rewritten (LoRA on Wqkv/Wi/Wo), loss rows from the labels", "test_model_families.py"),
+    ("GPT-2, loss from `loss_function`", "transformers 5 logs a `loss_type` warning on every call: a graph break "
+     "before the loss", "attention + MLP rewritten; loss dense in a graph of its own, `explain` names the break and "
+     "the fix (`loss_type = \"ForCausalLM\"`: one graph, chunked loss)", "test_model_families.py"),
     ("T5 encoder, LoRA", "no scaling; relative position bias + padding mask (summed); ReLU -> dropout -> wo",
      "rewritten", "test_model_families.py"),
     ("T5 encoder, full fine-tuning", "the position bias needs a gradient", "attention dense (`the additive mask requires "

@@ -81,8 +81,7 @@ def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
             halves[n] = half
             continue
         if op(n) == "dropout":  # T5's DenseReluDense: act -> dropout -> wo
-            d = bind(n)
-            if isinstance(d["p"], Node) or isinstance(d["training"], Node) or (d["training"] and d["p"] > 0):
+            if _live_dropout(n):
                 live_dropout.append(n)
             chain.add(n)
             stack.append(d["input"])
@@ -102,6 +101,12 @@ def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
         return _Chain(leaf, units[unit_node], chain, views | split_nodes, half)
     unit = units[leaf.args[0]] if leaf in views else units[leaf]
     return _Chain(leaf, unit, chain, views)
+
+
+def _live_dropout(n: Node) -> bool:
+    """Whether dropout node n may drop anything (p a graph value, or p > 0 in training)."""
+    d = bind(n)
+    return isinstance(d["p"], Node) or isinstance(d["training"], Node) or bool(d["training"] and d["p"] > 0)
 
 
 def identify_activation(chain: _Chain, root: Node) -> str:
@@ -130,9 +135,14 @@ def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
     """MLP ending in `down`; None if down's input is not an activated projection; Reject if it is
     one but cannot be rewritten."""
     h, views = down.x, set()
-    while _view_keeping_last(h):
+    while _view_keeping_last(h) or op(h) == "dropout":
+        # an identity dropout over the whole hidden layer (ModernBERT's Wo(drop(act(input) * gate)) at
+        # p = 0): part of the MLP, like one inside the activation's chain
+        if op(h) == "dropout" and _live_dropout(h):
+            raise Reject(f"dropout '{h.name}' (p > 0, training) inside the MLP's hidden layer: the routed op "
+                         "has none (it is exact in eval mode or with p = 0)")
         views.add(h)
-        h = h.args[0]
+        h = h.args[0] if op(h) != "dropout" else bind(h)["input"]
     chain = _trace_chain(h, units)
     gate = None
     if chain is not None and chain.nodes:

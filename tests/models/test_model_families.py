@@ -172,3 +172,24 @@ def test_gpt2_loss_after_a_logging_graph_break_is_explained_with_the_fix():
     torch._dynamo.reset()
     report = spt_compile.explain(model, **b, labels=b["input_ids"])
     assert report.graphs == 1 and len(report.rewritten("loss")) == 1 and not report.breaks, str(report)
+
+
+def test_modernbert_fused_geglu_behind_an_identity_dropout_with_a_normed_head():
+    """ModernBERT: Wo(drop(act(input) * gate)) with `input, gate = Wi(x).chunk(2)` and nn.Dropout(p=0)
+    over the whole hidden layer (was neither rewritten nor listed), global and sliding-window layers;
+    its classifier reads position 0 through dense -> GELU -> LayerNorm, and the loss rows follow it."""
+    model = build("ModernBertConfig", "ModernBertModel", "sdpa", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                  local_attention=8, global_attn_every_n_layers=2)
+    model = lora(model, ["Wqkv", "Wi", "Wo"])
+    b, mask = batch()
+    cap = count_sites(model, b, 3)
+    mlp = cap.rewritten("mlp")[0]
+    assert mlp.pattern == "gated fused gelu" and "LoRA=gate/out" in mlp.detail, mlp.line()
+    assert_same(model, b, mask)
+    classifier = build("ModernBertConfig", "ModernBertForSequenceClassification", "sdpa", hidden_size=32,
+                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
+                       pad_token_id=0)
+    torch._dynamo.reset()
+    report = spt_compile.explain(classifier, **b, labels=torch.tensor([0, 1]))
+    assert "loss rows from the labels (position 0)" in report.rewritten("mlp")[0].detail, str(report)

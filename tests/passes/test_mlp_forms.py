@@ -133,6 +133,20 @@ class FusedGateUpMlp(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class DroppedGatedMlp(nn.Module):
+    """ModernBERT's MLP: Wo(drop(act(input) * gate)), `input, gate = Wi(x).chunk(2)`, the dropout over the
+    whole gated product (identity at p = 0 or in eval)."""
+
+    def __init__(self, d=24, hidden=64, p=0.0):
+        super().__init__()
+        self.Wi, self.Wo = nn.Linear(d, 2 * hidden, bias=False), nn.Linear(hidden, d, bias=False)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        input, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.drop(F.gelu(input) * gate))
+
+
 def sequential(act):
     return nn.Sequential(nn.Linear(24, 80), act, nn.Linear(80, 24))
 
@@ -152,6 +166,8 @@ CASES = {
     "fused-gate-up-chunk-lora": (FusedGateUpMlp, ["gate_up_proj", "down_proj"], "gated fused silu", "LoRA=gate/out"),
     "fused-up-gate-split-lora": (lambda: FusedGateUpMlp(up_first=True), ["gate_up_proj"], "gated fused silu",
                                  "fused gate/up (up then gate) LoRA=gate"),
+    "fused-geglu-behind-identity-dropout-lora": (DroppedGatedMlp, ["Wi", "Wo"], "gated fused gelu",
+                                                 "fused gate/up (gate then up) LoRA=gate/out"),
     "linear-subclass-x-at-wT-bias": (SubclassMlp, None, "gelu", "LoRA=none"),
     "linear-subclass-x-at-wT-bias-lora": (SubclassMlp, ["up", "down"], "gelu", "LoRA=in/out"),
     "linear-subclass-t-bias-first": (lambda: SubclassMlp(TransposedLinear), None, "gelu", "LoRA=none"),
@@ -182,6 +198,10 @@ def test_live_dropout_inside_the_hidden_layer_stays_dense_with_reason():
     assert "dropout" in site.reason and "routed op has none" in site.reason
     cap = capture(model.eval(), torch.randn(2, 7, 24))  # eval: the dropout is the identity
     assert len(cap.rewritten("mlp")) == 1
+    model = DroppedGatedMlp(p=0.1).train()  # the same over a gated product
+    (site,) = capture(model, torch.randn(2, 7, 24)).dense("mlp")
+    assert "dropout" in site.reason and "routed op has none" in site.reason
+    assert len(capture(model.eval(), torch.randn(2, 7, 24)).rewritten("mlp")) == 1
 
 
 class CastNormThenMlp(nn.Module):
