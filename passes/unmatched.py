@@ -56,6 +56,9 @@ ELEMENTWISE = POINTWISE | NONLINEAR | CASTS | {
     "dropout", "clamp_min", "clamp_max", "square", "exp", "log", "log1p", "expm1", "reciprocal", "sin", "cos",
     "masked_fill", "where", "nan_to_num", "floor_divide", "true_divide", "multiply", "subtract", "addcmul",
     "alpha_dropout", "feature_alpha_dropout"}
+# A custom torch.autograd.Function applied to one tensor, as Dynamo traces it (BLOOM's GeLUFunction):
+# taken as a possible activation, which the MLP pass does not read.
+CUSTOM_FUNCTION = "autograd_function_apply"
 ATTENTION_CALLS = ("scaled_dot_product", "flash_attn", "flash_attention", "flex_attention",
                    "multi_head_attention_forward")
 CHAIN_LIMIT = 64  # nodes a backward walk visits before it gives up
@@ -206,7 +209,10 @@ class _Sweep:
             return
         followed = POINTWISE | {"dropout", "type_as", "view", "reshape", "getitem"}
         unread = sorted({name(n) for n in hidden.nodes} - followed)
-        if hidden.others:
+        if CUSTOM_FUNCTION in acts:
+            why = ("its activation is a custom torch.autograd.Function: the MLP pass reads torch's element-wise "
+                   "ops only (the op would replace the Function's own backward)")
+        elif hidden.others:
             o = hidden.others[0]
             why = (f"the hidden layer also reads '{o.name}' {tuple(shape(o) or ())}, which is not a projection "
                    "(the MLP pass reads down(act(up(x))) and down(act(gate(x)) * up(x)) only, e.g. no learned "
@@ -308,6 +314,10 @@ def _hidden(x: Node) -> Optional[_Hidden]:
             region.add(n)
             stack.append(half)
             continue
+        if name(n) == "getitem" and name(n.args[0]) == CUSTOM_FUNCTION:  # its output: the Function itself
+            region.update((n, n.args[0]))
+            stack.extend(a for a in n.args[0].all_input_nodes if a.op != "get_attr")
+            continue
         if not _elementwise(n):
             leaves[n] = "other"
             continue
@@ -328,13 +338,14 @@ def _hidden(x: Node) -> Optional[_Hidden]:
             visited.add(n)
             if n in projections:
                 found.add(n)
-            elif n in region:
-                todo.extend(n.all_input_nodes)
+            elif n in region:  # a half of a fused projection leads to the projection, past its chunk/split
+                half = _split_half(n)
+                todo.extend([half] if half is not None else n.all_input_nodes)
         return found
 
     activations, activated = set(), set()
     for n in region:
-        if name(n) in NONLINEAR:
+        if name(n) in NONLINEAR or name(n) == CUSTOM_FUNCTION:
             under = reaches(n)
             if under:
                 activations.add(n)

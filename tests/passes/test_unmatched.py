@@ -39,6 +39,43 @@ class Relu6Mlp(nn.Module):
         return self.fc2(F.relu6(self.fc1(x)))
 
 
+class ScaledFusedGegluMlp(nn.Module):
+    """A fused gate/up projection (chunked) with a constant factor on the gated product: no MLP form
+    reads it; the sweep must follow the halves back through the chunk to see the projection."""
+
+    def __init__(self, d=32, hidden=80):
+        super().__init__()
+        self.Wi, self.Wo = nn.Linear(d, 2 * hidden, bias=False), nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        a, g = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(F.gelu(a) * g * 2.0)
+
+
+class _CustomGelu(torch.autograd.Function):
+    """A GELU with its own backward, as BLOOM writes its MLP's activation."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        return g * (0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t))
+
+
+class CustomFunctionMlp(nn.Module):
+    def __init__(self, d=32, hidden=80):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(_CustomGelu.apply(self.fc1(x)))
+
+
 class ExpLogSoftmaxAttention(nn.Module):
     """Attention weights written as exp(log_softmax(scores)): the parser finds no softmax before V."""
 
@@ -105,6 +142,10 @@ UNRECOGNISED = {
     "mlp-learned-hidden-scale": (lambda: Block(ScaledHiddenMlp()), (torch.randn(2, 5, 32),), "mlp",
                                  ["-> gelu ->", "also reads", "hidden_scale", "(80,)", "learned scale"]),
     "mlp-relu6": (lambda: Block(Relu6Mlp()), (torch.randn(2, 5, 32),), "mlp", ["relu6", "does not follow"]),
+    "mlp-custom-autograd-function": (lambda: Block(CustomFunctionMlp()), (torch.randn(2, 5, 32, requires_grad=True),),
+                                     "mlp", ["autograd_function_apply", "custom torch.autograd.Function"]),
+    "mlp-scaled-fused-geglu": (lambda: Block(ScaledFusedGegluMlp()), (torch.randn(2, 5, 32),), "mlp",
+                               ["-> gelu ->", "none of the MLP pass's forms"]),
     "attention-exp-log-softmax": (lambda: Block(ExpLogSoftmaxAttention()), (Q4, Q4, Q4), "attention",
                                   ["log_softmax", "not read as softmax"]),
     "attention-head-mask-after-softmax": (lambda: Block(HeadMaskedBmmAttention()), (Q3, Q3, Q3, torch.rand(4, 1, 1)),
