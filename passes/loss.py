@@ -19,6 +19,7 @@ logit scaling/soft-capping between head and loss, class weights, anything not li
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -71,10 +72,30 @@ def _slice_ok(index, ndim: int) -> bool:
     return len(index) < ndim or index[-1] == full
 
 
+def _factor(n: Node) -> Optional[tuple[Node, float, float]]:
+    """(logits, mul, div) when n is logits * c, c * logits or logits / c for a constant number c (finite,
+    non-zero) in the logits' dtype (Cohere's logit_scale, Granite's logits_scaling); else None."""
+    if op(n) not in ("mul", "div") or len(n.args) != 2 or n.kwargs:
+        return None
+    a, c = n.args
+    if op(n) == "mul" and not isinstance(a, Node):
+        a, c = c, a
+    if not isinstance(a, Node) or isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c == 0:
+        return None
+    va, vn = val(a), val(n)
+    if not (isinstance(va, torch.Tensor) and isinstance(vn, torch.Tensor) and va.dtype == vn.dtype
+            and va.shape == vn.shape):
+        return None
+    return (a, float(c), 1.0) if op(n) == "mul" else (a, 1.0, float(c))
+
+
 def _link(n: Node, index_taken: bool) -> Optional[str]:
-    """What kind of chain link n is ("cast", "view", "slice"), or None."""
+    """What kind of chain link n is ("cast", "view", "slice", "factor"), or None."""
     if not isinstance(n, Node) or not n.args:
         return None
+    f = _factor(n)
+    if f is not None and op(f[0]) == "linear":  # applied to the head's output, in its dtype, as the op applies it
+        return "factor"
     if op(n) in _CASTS and _cast_ok(n):
         return "cast"
     a, b = shape(n.args[0]), shape(n)
@@ -92,12 +113,13 @@ def _same_value(n: Node) -> bool:
             and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device)
 
 
-def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node]]:
+def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], tuple[float, float]]:
     """From the cross-entropy input back to the linear: (linear node, chain nodes, token index,
-    aliases). A chain node used elsewhere too is allowed when it and every node from it down to the
-    linear return the linear's value unchanged (OPT returns `lm_head(h).contiguous()` as its logits):
+    aliases, (mul, div) factor on the logits). A chain node used elsewhere too is allowed when it and
+    every node from it down to the linear (or to the factor, which the op applies) return that value
+    unchanged (OPT returns `lm_head(h).contiguous()` as its logits, Cohere `lm_head(h) * logit_scale`):
     those are the aliases, whose other users the rewrite hands the op's logits."""
-    chain, index, n, shared = [], None, start, []
+    chain, index, n, shared, factor = [], None, start, [], None
     while op(n) != "linear":
         kind = _link(n, index is not None)
         if kind is None:
@@ -106,17 +128,19 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node]]:
                 raise LoraHead(p.x, index)
             raise Reject(f"the loss input is not a linear layer's output through casts, views and a token "
                          f"slice (found '{getattr(n, 'name', n)}')")
+        if kind == "factor":
+            pred, *factor = _factor(n)
         if len(n.users) != 1:
             shared.append(n)
         if kind == "slice":
             index = n.args[1]
         chain.append(n)
-        n = n.args[0]
+        n = pred if kind == "factor" else n.args[0]
     if shared:
-        tail = chain[chain.index(shared[0]):]  # from the first shared node down to the linear
-        if not all(_same_value(c) for c in tail):
+        tail = chain[chain.index(shared[0]):]  # from the first shared node down to the linear (or factor)
+        if not all(_same_value(c) or _factor(c) is not None for c in tail):
             raise Reject(f"'{shared[0].name}' between the LM head and the loss is also used elsewhere")
-    return n, chain, index, shared
+    return n, chain, index, shared, tuple(factor or (1.0, 1.0))
 
 
 def _const(args: dict, name: str):
@@ -150,7 +174,7 @@ def match(ce: Node):
         raise Reject(f"cross_entropy of logits {xs} and target {ts}: needs [T, V] logits and [T] class indices")
     if val(target).dtype not in (torch.int64, torch.int32):
         raise Reject(f"cross_entropy target is {val(target).dtype}, not class indices")
-    linear, chain, index, aliases = _walk(x)
+    linear, chain, index, aliases, factor = _walk(x)
     la = bind(linear)
     h, W, b = la["input"], la["weight"], la["bias"]
     ws = shape(W)
@@ -168,12 +192,18 @@ def match(ce: Node):
             raise Reject("logits are sliced before the loss and also used elsewhere")
         if torch.empty(hs, device="meta")[index].shape[:-1] != tuple(shape(chain[-1])[:-1]):
             raise Reject(f"token slice {index} does not map onto the LM head input")
-    return linear, chain, index, (ignore, reduction, float(eps)), others
+    if factor != (1.0, 1.0) and linear.users.keys() - set(chain):
+        raise Reject("the LM head's output is used elsewhere without the factor the loss applies to it")
+    return linear, chain, index, (ignore, reduction, float(eps)), others, factor
 
 
-def _describe(h, V, opts, index, others, dtype, out_dtype) -> str:
+def _describe(h, V, opts, index, others, dtype, out_dtype, factor=(1.0, 1.0)) -> str:
     ignore, reduction, eps = opts
     parts = [f"h {tuple(shape(h))} vocab={V} reduction={reduction} ignore_index={ignore}"]
+    if factor[0] != 1.0:
+        parts.append(f"logits * {factor[0]:g}")
+    if factor[1] != 1.0:
+        parts.append(f"logits / {factor[1]:g}")
     if eps:
         parts.append(f"label_smoothing={eps}")
     if out_dtype != dtype:
@@ -195,14 +225,14 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
     graph = gm.graph
     for ce in [n for n in graph.nodes if op(n) == "cross_entropy"]:
         try:
-            linear, chain, index, opts, others = match(ce)
+            linear, chain, index, opts, others, factor = match(ce)
         except Reject as why:
             report.sites.append(SiteReport("loss", "dense", "cross_entropy", common_path([ce]), reason=str(why)))
             continue
         h, W, b = (bind(linear)[k] for k in ("input", "weight", "bias"))
         V = shape(W)[0]
         path = common_path([linear]) or common_path([ce])
-        detail = _describe(h, V, opts, index, others, val(linear).dtype, val(ce).dtype) + \
+        detail = _describe(h, V, opts, index, others, val(linear).dtype, val(ce).dtype, factor) + \
             f", {_grad_note(h, W, b, opts[1])}"
         if not options.chunked_loss:
             report.sites.append(SiteReport("loss", "dense", "linear-cross_entropy", path, detail,
@@ -228,7 +258,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
                               for t, orig in ((hin, h), (W, W), (b, b)))
             call = graph.call_function(torch.ops.spt.linear_cross_entropy.default, (
                 hin, Win, bin_, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype,
-                precompute, needs, options.loss_impl))
+                precompute, needs, options.loss_impl, *factor))
         with graph.inserting_after(call):
             logits = graph.call_function(operator.getitem, (call, 1))
             logits.meta.update(linear.meta)

@@ -83,7 +83,7 @@ def find(gm: GraphModule) -> Union[LossRows, str]:
             reason = f"the loss's target is not computed from graph inputs alone ('{impure.name}')"
             continue
         try:
-            linear, _, index, _, _ = match(ce)
+            linear, _, index, *_ = match(ce)
             h = bind(linear)["input"]
         except Reject as why:
             pooled = _pooled(a["input"])

@@ -1,6 +1,6 @@
 """Chunked linear + cross-entropy: the LM head and its loss without a saved [tokens, vocab] tensor.
 
-    loss = cross_entropy(h @ W^T + b, labels, ignore_index, reduction, label_smoothing)
+    loss = cross_entropy((h @ W^T + b) * logit_mul / logit_div, labels, ignore_index, reduction, label_smoothing)
 
 h [*, d], W [V, d], b [V] or None, labels [T] (T = h's leading dims flattened). Tokens are processed
 `chunk` rows at a time; only one chunk's logits [chunk, V] exist at once.
@@ -28,6 +28,10 @@ logits (Hugging Face does) gets them from here, not from a second linear. A grad
 added in backward; the all-zero one AOTAutograd hands an output nobody differentiated is detected
 (one read) and costs no GEMM.
 
+A constant factor on the logits (Cohere's `logits * logit_scale`, Granite's `logits / logits_scaling`)
+is applied to each chunk's logits in h's dtype, in place, as the dense model applies it, and d(logits)
+gets it in the row scale (logit_mul / logit_div: 1.0 when the model has none).
+
 Numerics follow F.cross_entropy on the upcast logits: rows whose label is ignore_index count
 neither in the sum nor in the mean's denominator (all ignored and mean: nan, as torch);
 label smoothing eps mixes (1 - eps) * nll with eps * mean over classes of -log p.
@@ -35,6 +39,7 @@ label smoothing eps mixes (1 - eps) * nll with eps * mean over classes of -log p
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -97,13 +102,21 @@ def _scaled_softmax_minus_target_(e: Tensor, row_over_total: Tensor, row: Tensor
     return e.scatter_add_(1, idx, (-(1.0 - eps) * row)[:, None].to(e.dtype))
 
 
-def _linear_into(hc: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
-    """F.linear(hc, W, b), written into `out` (a contiguous row block) if given."""
+def _linear_into(hc: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tensor], mul: float = 1.0,
+                 div: float = 1.0) -> Tensor:
+    """F.linear(hc, W, b) * mul / div, written into `out` (a contiguous row block) if given; the factors
+    in place, in h's dtype, as the model applies them after its linear."""
     if out is None:
-        return F.linear(hc, W, b)
-    if b is None:
-        return torch.mm(hc, W.t(), out=out)
-    return torch.addmm(b, hc, W.t(), out=out)
+        z = F.linear(hc, W, b)
+    elif b is None:
+        z = torch.mm(hc, W.t(), out=out)
+    else:
+        z = torch.addmm(b, hc, W.t(), out=out)
+    if mul != 1.0:
+        z.mul_(mul)
+    if div != 1.0:
+        z.div_(div)
+    return z
 
 
 def _backprop_chunk(g: Tensor, hc: Tensor, W: Tensor, dh: Optional[Tensor], dW: Optional[Tensor],
@@ -132,7 +145,7 @@ def _grad_buffers(h2: Tensor, W: Tensor, needs: list[bool]):
 def linear_cross_entropy_forward(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
-    needs: list[bool], impl: str = "auto",
+    needs: list[bool], impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss ([] or [T] for reduction none, in out_dtype), logits ([*, V] or empty), lse [T]
     fp32, and with `precompute` the gradients for a unit d(loss): dh [T, d] (per row for reduction
@@ -156,17 +169,19 @@ def linear_cross_entropy_forward(
     grads = _grad_buffers(h2, W, needs) if precompute else (None, None, None)
     if precompute:
         unit = _row_scale(torch.ones((T,) if reduction == "none" else (), device=h.device), valid_all, reduction)
+        if logit_mul != 1.0 or logit_div != 1.0:  # d(logits before the factor) = factor * d(logits)
+            unit = unit * (logit_mul / logit_div)
     work = None  # [chunk, V] fp32 (torch path; the Triton path: h's dtype), reused chunk after chunk
     zbuf = None  # skipping: [chunk, V] in h's dtype, a chunk's logits (computed, or gathered), reused
     if skipping and return_logits:  # every row's logits first, straight into the returned tensor
         for r0 in range(0, T, chunk):
-            _linear_into(h2[r0:r0 + chunk], W, b, logits[r0:r0 + chunk])
+            _linear_into(h2[r0:r0 + chunk], W, b, logits[r0:r0 + chunk], logit_mul, logit_div)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         rs = slice(r0, r1) if not skipping else order[r0:r1]  # this chunk's rows
         hc = h2[rs]  # [C, d]
         if not skipping:  # [C, V] in h's dtype (rounded as the dense linear rounds), into the returned logits
-            z = _linear_into(hc, W, b, logits[rs] if return_logits else None)
+            z = _linear_into(hc, W, b, logits[rs] if return_logits else None, logit_mul, logit_div)
         else:  # the loss rows' logits, in a buffer of our own (softmax may run in place over it)
             if zbuf is None:
                 zbuf = torch.empty(min(chunk, n), V, dtype=h.dtype, device=h.device)
@@ -174,7 +189,7 @@ def linear_cross_entropy_forward(
             if return_logits:
                 torch.index_select(logits, 0, rs, out=z)
             else:
-                _linear_into(hc, W, b, z)
+                _linear_into(hc, W, b, z, logit_mul, logit_div)
         yc, valid = y[rs], valid_all[rs]
         if fused:  # loss, lse and d(logits) in one kernel; d(logits) over z unless z is returned
             g = None
@@ -250,7 +265,7 @@ def _any_nonzero(t: Tensor) -> bool:
 def linear_cross_entropy_backward(
     dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
     lse: Tensor, unit: list[Tensor], ignore_index: int, reduction: str, label_smoothing: float, chunk: int,
-    needs: list[bool],
+    needs: list[bool], logit_mul: float = 1.0, logit_div: float = 1.0,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dh, dW, db), None where `needs` (for h, W, b) is False. dlogits: gradient of the returned
     logits ([*, V]) or None. unit: forward's precomputed (dh, dW, db) for a unit d(loss) (empty
@@ -261,6 +276,7 @@ def linear_cross_entropy_backward(
     T = h2.shape[0]
     dl2 = dlogits.reshape(T, V) if dlogits is not None and dlogits.numel() else None
     dh, dW, db = _grad_buffers(h2, W, needs)
+    factor = logit_mul / logit_div  # d(logits before the factor) = factor * d(logits)
     if any(u.numel() for u in unit):  # precomputed in forward: scale by d(loss)
         f = dloss.float().reshape(-1, 1) if reduction == "none" else dloss.float()
         for buf, u in zip((dh, dW, db), unit):
@@ -270,18 +286,20 @@ def linear_cross_entropy_backward(
         if dl2 is not None and _any_nonzero(dl2):
             for r0 in range(0, T, chunk):
                 r1 = min(T, r0 + chunk)
-                _backprop_chunk(dl2[r0:r1].float(), h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+                _backprop_chunk(dl2[r0:r1].float() * factor, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
     else:
         valid = y != ignore_index
         scale = _row_scale(dloss, valid, reduction)  # [T] fp32
         for r0 in range(0, T, chunk):
             r1 = min(T, r0 + chunk)
-            g = F.linear(h2[r0:r1], W, b).float()  # [C, V]: the chunk's logits again
+            g = _linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div).float()  # [C, V]: the chunk's logits again
             g.sub_(lse[r0:r1, None]).exp_()  # softmax: lse is the rows' log-sum-exp
             sc = scale[r0:r1]  # ignored rows -> 0
             g = _scaled_softmax_minus_target_(g, sc, sc, y[r0:r1], valid[r0:r1], label_smoothing)
             if dl2 is not None:
                 g.add_(dl2[r0:r1])
+            if factor != 1.0:
+                g.mul_(factor)
             _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
             del g  # free this chunk's [C, V] before the next one is allocated
     return (None if dh is None else dh.view(h.shape),
@@ -296,17 +314,18 @@ def linear_cross_entropy_backward(
 def _linear_cross_entropy_op(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
-    needs: list[bool], impl: str = "auto",
+    needs: list[bool], impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """needs: which of h, W, b will want a gradient (precompute forms those in forward). impl: the
-    forward's per-chunk loss (LOSS_IMPLS; backward's recompute path is torch either way)."""
+    forward's per-chunk loss (LOSS_IMPLS; backward's recompute path is torch either way). logit_mul,
+    logit_div: a constant factor on the logits (1.0: none)."""
     return linear_cross_entropy_forward(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk,
-                                        return_logits, out_dtype, precompute, needs, impl)
+                                        return_logits, out_dtype, precompute, needs, impl, logit_mul, logit_div)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs,
-      impl="auto"):
+      impl="auto", logit_mul=1.0, logit_div=1.0):
     T = labels.numel()
     loss = h.new_empty(T, dtype=out_dtype) if reduction == "none" else h.new_empty((), dtype=out_dtype)
     logits = h.new_empty(*h.shape[:-1], W.shape[0]) if return_logits else h.new_empty(0)
@@ -321,25 +340,27 @@ def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_l
 def _linear_cross_entropy_backward_op(
     dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
     lse: Tensor, unit_h: Tensor, unit_W: Tensor, unit_b: Tensor, ignore_index: int, reduction: str,
-    label_smoothing: float, chunk: int, needs: list[bool],
+    label_smoothing: float, chunk: int, needs: list[bool], logit_mul: float = 1.0, logit_div: float = 1.0,
 ) -> list[Tensor]:
     """[dh, dW, db]; an empty tensor where no gradient is needed."""
     grads = linear_cross_entropy_backward(dloss, dlogits, h, W, b, labels, lse, [unit_h, unit_W, unit_b],
-                                          ignore_index, reduction, label_smoothing, chunk, needs)
+                                          ignore_index, reduction, label_smoothing, chunk, needs, logit_mul, logit_div)
     return [h.new_empty(0) if g is None else g for g in grads]
 
 
 @_linear_cross_entropy_backward_op.register_fake
 def _(dloss, dlogits, h, W, b, labels, lse, unit_h, unit_W, unit_b, ignore_index, reduction, label_smoothing,
-      chunk, needs):
+      chunk, needs, logit_mul=1.0, logit_div=1.0):
     return [t.new_empty(t.shape) if (need and t is not None) else h.new_empty(0) for t, need in zip((h, W, b), needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs, *_ = inputs
+    h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs, *rest = inputs
     _, _, lse, *unit = output
     ctx.save_for_backward(h, W, b, labels, lse, *unit)  # no [T, V] tensor
     ctx.args = (ignore_index, reduction, label_smoothing, chunk)
+    ctx.factors = tuple(rest[1:3]) + (1.0, 1.0)[len(rest[1:3]):]  # (logit_mul, logit_div)
+    ctx.n_inputs = len(inputs)
     ctx.return_logits = return_logits
     ctx.precomputed = list(needs) if precompute else [False] * 3
     # Called eagerly, a logits output nobody differentiates would otherwise get a [T, V] zero
@@ -351,22 +372,22 @@ def _backward(ctx, dloss, dlogits, dlse, *dunit):
     h, W, b, labels, lse, *unit = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]) and b is not None]
     if not any(needs):
-        return (None,) * 13
+        return (None,) * ctx.n_inputs
     if not all(p for p, n in zip(ctx.precomputed, needs) if n):  # asked for more than forward formed
         unit = [h.new_empty(0)] * 3
     dlogits = dlogits.contiguous() if (ctx.return_logits and dlogits is not None) else None
     if dloss is None:  # only the logits were differentiated
         dloss = torch.zeros(labels.numel() if ctx.args[1] == "none" else (), dtype=torch.float32, device=h.device)
     dh, dW, db = _linear_cross_entropy_backward_op(dloss.contiguous(), dlogits, h, W, b, labels, lse, *unit,
-                                                   *ctx.args, needs)
-    return (dh if needs[0] else None, dW if needs[1] else None, db if needs[2] else None) + (None,) * 10
+                                                   *ctx.args, needs, *ctx.factors)
+    return (dh if needs[0] else None, dW if needs[1] else None, db if needs[2] else None) + (None,) * (ctx.n_inputs - 3)
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_inputs(h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, reduction: str,
-                 label_smoothing: float, chunk: int) -> None:
+                 label_smoothing: float, chunk: int, logit_mul: float = 1.0, logit_div: float = 1.0) -> None:
     """Clear errors for the public function's inputs, naming the argument at fault."""
     if W.dim() != 2 or h.shape[-1] != W.shape[1]:
         raise ValueError(f"linear_cross_entropy: W must be [V, d] with d = h.shape[-1] = {h.shape[-1]}; got {tuple(W.shape)}")
@@ -383,18 +404,22 @@ def check_inputs(h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, redu
         raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1]; got {label_smoothing}")
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be >= 1; got {chunk}")
+    for name, f in (("logit_mul", logit_mul), ("logit_div", logit_div)):
+        if not (isinstance(f, (int, float)) and math.isfinite(f) and f != 0):
+            raise ValueError(f"linear_cross_entropy: {name} must be a finite, non-zero number; got {f!r}")
 
 
 def linear_cross_entropy(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, chunk: int = 1024, return_logits: bool = False, precompute: Optional[bool] = None,
-    impl: str = "auto",
+    impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """cross_entropy(linear(h, W, b).float().view(-1, V), labels.view(-1), ...) computed `chunk` tokens
-    at a time (see the module docstring). Returns (loss in fp32, logits [*, V] or None).
+    """cross_entropy((linear(h, W, b) * logit_mul / logit_div).float().view(-1, V), labels.view(-1), ...)
+    computed `chunk` tokens at a time (see the module docstring). Returns (loss in fp32, logits [*, V]
+    (with the factor) or None).
     precompute: form the gradients in forward (None: whenever can_precompute allows). impl: 'triton'
     (one kernel per chunk), 'torch', or 'auto' (resolve_loss_impl: triton on CUDA)."""
-    check_inputs(h, W, b, labels, reduction, label_smoothing, chunk)
+    check_inputs(h, W, b, labels, reduction, label_smoothing, chunk, logit_mul, logit_div)
     resolve_loss_impl(impl, h.device)  # a bad name fails here, not inside the op
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (h, W, b)]
     if precompute is None:
@@ -403,5 +428,5 @@ def linear_cross_entropy(
         raise ValueError("linear_cross_entropy: precompute needs a scalar loss when W or b is trained")
     loss, logits, *_ = _linear_cross_entropy_op(h, W, b, labels.reshape(-1), int(ignore_index), reduction,
                                                 float(label_smoothing), int(chunk), return_logits, torch.float32,
-                                                bool(precompute), needs, impl)
+                                                bool(precompute), needs, impl, float(logit_mul), float(logit_div))
     return loss, (logits if return_logits else None)

@@ -5,6 +5,8 @@ put it), and explain's reason where a site is left dense."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -193,3 +195,37 @@ def test_modernbert_fused_geglu_behind_an_identity_dropout_with_a_normed_head():
     torch._dynamo.reset()
     report = spt_compile.explain(classifier, **b, labels=torch.tensor([0, 1]))
     assert "loss rows from the labels (position 0)" in report.rewritten("mlp")[0].detail, str(report)
+
+
+@pytest.mark.parametrize("family,config,factor", [
+    ("Cohere", dict(logit_scale=0.0625), "logits * 0.0625"),
+    ("Granite", dict(logits_scaling=1.6), "logits / 1.6"),
+])
+def test_scaled_logits_get_the_chunked_loss(family, config, factor):
+    """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling: the chunked
+    loss applies the factor (it was left dense), and the loss, returned logits and LoRA gradients equal
+    the dense model's."""
+    from test_models import EVERY
+
+    model = build(f"{family}Config", f"{family}ForCausalLM", "sdpa", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  **config)
+    model = lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    b, _ = batch()
+    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    torch._dynamo.reset()
+    (site,) = spt_compile.explain(model, **b, labels=labels).rewritten("loss")
+    assert factor in site.detail and "logits also returned" in site.detail, site.line()
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"})
+    got, want = compiled(**b, labels=labels), reference(**b, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    got.loss.backward()
+    want.loss.backward()
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")

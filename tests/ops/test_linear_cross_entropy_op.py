@@ -246,3 +246,32 @@ def test_any_nonzero():
             u = t.clone()
             u[6, 12] = v
             assert _any_nonzero(u), (dtype, v)
+
+
+@pytest.mark.parametrize("factor", [dict(logit_mul=0.0625), dict(logit_div=1.6), dict(logit_mul=3.0, logit_div=2.0)],
+                         ids=["cohere-mul", "granite-div", "both"])
+@pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_factor_on_the_logits(factor, precompute, dtype):
+    """Cohere's logits * logit_scale, Granite's logits / logits_scaling: loss, the returned (scaled)
+    logits and every gradient, with a gradient through the logits too, as the dense form gives them."""
+    h, W, b, labels = make((3, 11), 16, 203, dtype, bias=True)
+    logits_grad = torch.randn(3, 11, 203)
+    want = grads_of(linear_cross_entropy_reference, h, W, b, labels, torch.tensor(1.3), logits_grad,
+                    return_logits=True, **factor)
+    got = grads_of(linear_cross_entropy, h, W, b, labels, torch.tensor(1.3), logits_grad, chunk=8,
+                   return_logits=True, precompute=precompute, **factor)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)  # the scaled logits
+        for g, w, name in zip(got[2], want[2], "hWb"):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+    else:  # bf16: as close to an fp32 computation as the dense bf16 form is
+        torch.testing.assert_close(got[0], want[0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(got[1], want[1], atol=2e-2, rtol=2e-2)
+        exact = grads_of(linear_cross_entropy_reference, *(t.detach().float().requires_grad_() for t in (h, W, b)),
+                         labels, torch.tensor(1.3), logits_grad, return_logits=True, **factor)
+        for g, w, e, name in zip(got[2], want[2], exact[2], "hWb"):
+            assert (g.float() - e).norm() <= 1.5 * (w.float() - e).norm() + 1e-6, name
+    with pytest.raises(ValueError, match="logit_div must be a finite, non-zero number"):
+        linear_cross_entropy(h, W, b, labels, logit_div=0.0)

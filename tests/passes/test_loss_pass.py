@@ -57,6 +57,15 @@ class Head(nn.Module):
         if self.form == "contiguous_returned":  # OPT: lm_head(h).contiguous() is the returned logits
             logits = logits.contiguous()
             return F.cross_entropy(logits.view(-1, V), targets.view(-1)), logits
+        if self.form == "scaled_returned":  # Cohere: logits * logit_scale, returned and fed to the loss
+            logits = logits * 0.0625
+            return F.cross_entropy(logits.float().view(-1, V), targets.view(-1)), logits
+        if self.form == "divided":  # Granite: logits / logits_scaling
+            return F.cross_entropy((logits / 1.6).float().view(-1, V), targets.view(-1))
+        if self.form == "scaled_unscaled_used":  # the unscaled logits feed something else too
+            return F.cross_entropy((logits * 0.5).view(-1, V), targets.view(-1)) + logits.logsumexp(-1).mean()
+        if self.form == "scaled_after_upcast":  # the factor after a cast: not the head's output in its dtype
+            return F.cross_entropy((logits.float().view(-1, V) * 2.0), targets.view(-1))
         if self.form == "weighted":
             return F.cross_entropy(logits.view(-1, V), targets.view(-1), weight=torch.ones(V))
         if self.form == "lora":  # a LoRA adapter on the head, as PEFT writes it
@@ -91,7 +100,8 @@ def assert_dense_equivalent(model, *args, atol=1e-5):
 
 
 @pytest.mark.parametrize("form,bias", [("plain", False), ("shifted", True), ("returns_logits", False), ("none", True),
-                                       ("contiguous_returned", False), ("shared_upcast", True)])
+                                       ("contiguous_returned", False), ("shared_upcast", True),
+                                       ("scaled_returned", True), ("divided", False)])
 def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     model = Head(bias=bias, form=form)
     x, targets = head_inputs(ignore=-1 if form == "plain" else -100)
@@ -101,7 +111,12 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     assert not cap.dense()
     # the head's linear and the cross_entropy go; returned logits come from the op
     assert "logits" in site.replaced and any(n.startswith("cross_entropy") for n in site.replaced)
-    assert ("logits also returned" in site.detail) == (form in ("returns_logits", "contiguous_returned", "shared_upcast"))
+    assert ("logits also returned" in site.detail) == (form in ("returns_logits", "contiguous_returned", "shared_upcast",
+                                                                "scaled_returned"))
+    if form == "scaled_returned":
+        assert "logits * 0.0625" in site.detail
+    if form == "divided":
+        assert "logits / 1.6" in site.detail
     if form == "shifted":
         assert "token slice" in site.detail
     if form == "returns_logits":
@@ -114,6 +129,8 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     ("weighted", "class weights"),
     ("shared_view", "also used elsewhere"),
     ("lora", "LoRA adapter"),
+    ("scaled_unscaled_used", "used elsewhere without the factor"),
+    ("scaled_after_upcast", "not a linear layer's output"),
 ])
 def test_other_forms_stay_dense_with_a_reason(form, reason):
     model = Head(form=form)

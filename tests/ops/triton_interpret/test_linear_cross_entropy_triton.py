@@ -136,3 +136,15 @@ def test_loss_impl_option_through_torch_compile(monkeypatch):
     assert set(got[2]) == set(want[2])
     for name in want[2]:
         torch.testing.assert_close(got[2][name], want[2][name], atol=5e-5, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("factor", [dict(logit_mul=0.0625), dict(logit_div=1.6)], ids=["mul", "div"])
+def test_constant_factor_on_the_logits(factor):
+    """Cohere's / Granite's factor on the logits: scaled before the kernel reads them, and in its row scale."""
+    h, W, b, labels = make((2, 13), 24, 101, torch.float32, bias=True)
+    logits_grad = torch.randn(2, 13, 101)
+    want = grads_of(linear_cross_entropy_reference, h, W, b, labels, torch.tensor(1.7), logits_grad,
+                    return_logits=True, **factor)
+    got = grads_of(linear_cross_entropy, h, W, b, labels, torch.tensor(1.7), logits_grad, chunk=7,
+                   return_logits=True, impl="triton", **factor)
+    _check(got, want)
