@@ -84,7 +84,7 @@ def _trace_chain(root: Node, units: dict) -> Optional[_Chain]:
             if _live_dropout(n):
                 live_dropout.append(n)
             chain.add(n)
-            stack.append(d["input"])
+            stack.append(bind(n)["input"])
             continue
         if op(n) not in POINTWISE or len(chain) >= MAX_CHAIN:
             return None
