@@ -147,6 +147,18 @@ class DroppedGatedMlp(nn.Module):
         return self.Wo(self.drop(F.gelu(input) * gate))
 
 
+class DropoutInsideChainMlp(nn.Module):
+    """An identity dropout inside the activation's chain, not next to the down projection."""
+
+    def __init__(self, d=24, hidden=64):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.down(self.drop(F.gelu(self.up(x))) * 1.0)
+
+
 def sequential(act):
     return nn.Sequential(nn.Linear(24, 80), act, nn.Linear(80, 24))
 
@@ -168,6 +180,7 @@ CASES = {
                                  "fused gate/up (up then gate) LoRA=gate"),
     "fused-geglu-behind-identity-dropout-lora": (DroppedGatedMlp, ["Wi", "Wo"], "gated fused gelu",
                                                  "fused gate/up (gate then up) LoRA=gate/out"),
+    "dropout-inside-activation-chain": (DropoutInsideChainMlp, ["up", "down"], "gelu", "LoRA=in/out"),
     "linear-subclass-x-at-wT-bias": (SubclassMlp, None, "gelu", "LoRA=none"),
     "linear-subclass-x-at-wT-bias-lora": (SubclassMlp, ["up", "down"], "gelu", "LoRA=in/out"),
     "linear-subclass-t-bias-first": (lambda: SubclassMlp(TransposedLinear), None, "gelu", "LoRA=none"),
