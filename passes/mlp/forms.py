@@ -134,15 +134,24 @@ def identify_activation(chain: _Chain, root: Node) -> str:
 def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
     """MLP ending in `down`; None if down's input is not an activated projection; Reject if it is
     one but cannot be rewritten."""
-    h, views = down.x, set()
+    h, views, live = down.x, set(), None
     while _view_keeping_last(h) or op(h) == "dropout":
-        # an identity dropout over the whole hidden layer (ModernBERT's Wo(drop(act(input) * gate)) at
-        # p = 0): part of the MLP, like one inside the activation's chain
+        # a dropout over the whole hidden layer (ModernBERT's Wo(drop(act(input) * gate))): part of the MLP
+        # when it is the identity (p = 0, eval), like one inside the activation's chain; a live one makes
+        # an MLP found behind it dense (below), and says nothing about other projections' inputs
         if op(h) == "dropout" and _live_dropout(h):
-            raise Reject(f"dropout '{h.name}' (p > 0, training) inside the MLP's hidden layer: the routed op "
-                         "has none (it is exact in eval mode or with p = 0)")
+            live = live or h
         views.add(h)
         h = h.args[0] if op(h) != "dropout" else bind(h)["input"]
+    found = _activated_layer(h, down, units, views)
+    if found is not None and live is not None:
+        raise Reject(f"dropout '{live.name}' (p > 0, training) inside the MLP's hidden layer: the routed op "
+                     "has none (it is exact in eval mode or with p = 0)")
+    return found
+
+
+def _activated_layer(h: Node, down: Projection, units: dict, views: set) -> Optional[MlpMatch]:
+    """match_mlp for the hidden layer h that `down` reads (through `views`)."""
     chain = _trace_chain(h, units)
     gate = None
     if chain is not None and chain.nodes:

@@ -200,12 +200,25 @@ class CheckpointedBlocks(nn.Module):
         return x
 
 
+class DroppedInputProjection(nn.Module):
+    """A projection reading a live dropout (PEFT's lora_A(lora_dropout(x)), BART's layers): not an MLP's
+    down projection, so no MLP entry at all, while the MLP after it is rewritten."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.proj, self.mlp = nn.Linear(d, d), GatedMLP()
+
+    def forward(self, x):
+        return self.mlp(self.proj(F.dropout(x, 0.1, self.training)))
+
+
 @pytest.mark.parametrize("model,args,n_att,n_mlp", [
+    (DroppedInputProjection, (torch.randn(2, 6, 32, requires_grad=True),), 0, 1),
     (lambda: NanoGPT(layers=2, flash=False), (torch.randint(0, 97, (2, 21)),), 2, 2),
     (lambda: NanoGPT(layers=1, flash=True), (torch.randint(0, 97, (2, 21)),), 1, 1),
     (lambda: GQAAttention(eager=True), (torch.randn(2, 13, 64),), 1, 0),
     (CheckpointedBlocks, (torch.randn(2, 6, 32, requires_grad=True),), 0, 2),
-], ids=["nanogpt-masked-fill", "nanogpt-sdpa", "gqa-eager", "checkpointed-gated"])
+], ids=["dropped-input-projection", "nanogpt-masked-fill", "nanogpt-sdpa", "gqa-eager", "checkpointed-gated"])
 def test_recognised_models_get_no_extra_entry(model, args, n_att, n_mlp):
     torch.manual_seed(0)
     for report in both_ways(model(), *args):
