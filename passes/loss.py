@@ -89,12 +89,30 @@ def _factor(n: Node) -> Optional[tuple[Node, float, float]]:
     return (a, float(c), 1.0) if op(n) == "mul" else (a, 1.0, float(c))
 
 
+def _added_bias(n: Node) -> Optional[tuple[Node, Node]]:
+    """(linear, bias) when n is linear(h, W) + bias, the linear without a bias of its own and `bias` a
+    tensor of V values in the logits' dtype broadcast over the rows (BART's final_logits_bias); else None."""
+    if op(n) != "add" or len(n.args) != 2 or n.kwargs:
+        return None
+    for lin, bias in (n.args, n.args[::-1]):
+        if isinstance(lin, Node) and op(lin) == "linear" and isinstance(bias, Node) and bind(lin)["bias"] is None:
+            vl, vb, vn = val(lin), val(bias), val(n)
+            if (isinstance(vl, torch.Tensor) and isinstance(vb, torch.Tensor) and isinstance(vn, torch.Tensor)
+                    and vb.dtype == vl.dtype and vn.shape == vl.shape and vb.dim() >= 1
+                    and same(vb.shape[-1], vl.shape[-1]) and all(same(s, 1) for s in vb.shape[:-1])):
+                return lin, bias
+    return None
+
+
 def _link(n: Node, index_taken: bool) -> Optional[str]:
-    """What kind of chain link n is ("cast", "view", "slice", "factor"), or None."""
+    """What kind of chain link n is ("cast", "view", "slice", "factor", "bias"), or None."""
     if not isinstance(n, Node) or not n.args:
         return None
+    if _added_bias(n) is not None:
+        return "bias"
     f = _factor(n)
-    if f is not None and op(f[0]) == "linear":  # applied to the head's output, in its dtype, as the op applies it
+    # applied to the head's output (with its bias), in its dtype, as the op applies it
+    if f is not None and (op(f[0]) == "linear" or _added_bias(f[0]) is not None):
         return "factor"
     if op(n) in _CASTS and _cast_ok(n):
         return "cast"
@@ -113,13 +131,14 @@ def _same_value(n: Node) -> bool:
             and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device)
 
 
-def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], tuple[float, float]]:
+def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], tuple[float, float], Optional[Node]]:
     """From the cross-entropy input back to the linear: (linear node, chain nodes, token index,
-    aliases, (mul, div) factor on the logits). A chain node used elsewhere too is allowed when it and
+    aliases, (mul, div) factor on the logits, a bias added to a linear without one). A chain node used
+    elsewhere too is allowed when it and
     every node from it down to the linear (or to the factor, which the op applies) return that value
     unchanged (OPT returns `lm_head(h).contiguous()` as its logits, Cohere `lm_head(h) * logit_scale`):
     those are the aliases, whose other users the rewrite hands the op's logits."""
-    chain, index, n, shared, factor = [], None, start, [], None
+    chain, index, n, shared, factor, bias = [], None, start, [], None, None
     while op(n) != "linear":
         kind = _link(n, index is not None)
         if kind is None:
@@ -130,17 +149,19 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], t
                          f"slice (found '{getattr(n, 'name', n)}')")
         if kind == "factor":
             pred, *factor = _factor(n)
+        if kind == "bias":
+            pred, bias = _added_bias(n)
         if len(n.users) != 1:
             shared.append(n)
         if kind == "slice":
             index = n.args[1]
         chain.append(n)
-        n = pred if kind == "factor" else n.args[0]
+        n = pred if kind in ("factor", "bias") else n.args[0]
     if shared:
         tail = chain[chain.index(shared[0]):]  # from the first shared node down to the linear (or factor)
-        if not all(_same_value(c) or _factor(c) is not None for c in tail):
+        if not all(_same_value(c) or _factor(c) is not None or _added_bias(c) is not None for c in tail):
             raise Reject(f"'{shared[0].name}' between the LM head and the loss is also used elsewhere")
-    return n, chain, index, shared, tuple(factor or (1.0, 1.0))
+    return n, chain, index, shared, tuple(factor or (1.0, 1.0)), bias
 
 
 def _const(args: dict, name: str):
@@ -174,9 +195,9 @@ def match(ce: Node):
         raise Reject(f"cross_entropy of logits {xs} and target {ts}: needs [T, V] logits and [T] class indices")
     if val(target).dtype not in (torch.int64, torch.int32):
         raise Reject(f"cross_entropy target is {val(target).dtype}, not class indices")
-    linear, chain, index, aliases, factor = _walk(x)
+    linear, chain, index, aliases, factor, added = _walk(x)
     la = bind(linear)
-    h, W, b = la["input"], la["weight"], la["bias"]
+    h, W, b = la["input"], la["weight"], la["bias"] if added is None else added
     ws = shape(W)
     if not ws or len(ws) != 2 or not same(ws[0], xs[1]):
         raise Reject(f"LM head weight {ws} does not produce the {xs[1]} classes of the loss")
@@ -192,14 +213,16 @@ def match(ce: Node):
             raise Reject("logits are sliced before the loss and also used elsewhere")
         if torch.empty(hs, device="meta")[index].shape[:-1] != tuple(shape(chain[-1])[:-1]):
             raise Reject(f"token slice {index} does not map onto the LM head input")
-    if factor != (1.0, 1.0) and linear.users.keys() - set(chain):
-        raise Reject("the LM head's output is used elsewhere without the factor the loss applies to it")
-    return linear, chain, index, (ignore, reduction, float(eps)), others, factor
+    if (factor != (1.0, 1.0) or added is not None) and linear.users.keys() - set(chain):
+        raise Reject("the LM head's output is used elsewhere without the factor or bias the loss applies to it")
+    return linear, chain, index, (ignore, reduction, float(eps)), others, factor, added
 
 
-def _describe(h, V, opts, index, others, dtype, out_dtype, factor=(1.0, 1.0)) -> str:
+def _describe(h, V, opts, index, others, dtype, out_dtype, factor=(1.0, 1.0), added=None) -> str:
     ignore, reduction, eps = opts
     parts = [f"h {tuple(shape(h))} vocab={V} reduction={reduction} ignore_index={ignore}"]
+    if added is not None:
+        parts.append(f"bias '{added.name}' added to the logits")
     if factor[0] != 1.0:
         parts.append(f"logits * {factor[0]:g}")
     if factor[1] != 1.0:
@@ -225,14 +248,15 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
     graph = gm.graph
     for ce in [n for n in graph.nodes if op(n) == "cross_entropy"]:
         try:
-            linear, chain, index, opts, others, factor = match(ce)
+            linear, chain, index, opts, others, factor, added = match(ce)
         except Reject as why:
             report.sites.append(SiteReport("loss", "dense", "cross_entropy", common_path([ce]), reason=str(why)))
             continue
         h, W, b = (bind(linear)[k] for k in ("input", "weight", "bias"))
+        b = added if added is not None else b  # the bias added after the head (BART's final_logits_bias)
         V = shape(W)[0]
         path = common_path([linear]) or common_path([ce])
-        detail = _describe(h, V, opts, index, others, val(linear).dtype, val(ce).dtype, factor) + \
+        detail = _describe(h, V, opts, index, others, val(linear).dtype, val(ce).dtype, factor, added) + \
             f", {_grad_note(h, W, b, opts[1])}"
         if not options.chunked_loss:
             report.sites.append(SiteReport("loss", "dense", "linear-cross_entropy", path, detail,
@@ -240,7 +264,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         target = bind(ce)["target"]
-        anchor = max(linear, target, key=order.get)  # the op needs h, W, b and the labels
+        anchor = max(linear, target, *([b] if added is not None else []), key=order.get)  # the op needs h, W, b, labels
         if any(order[u] <= order[anchor] for u in others):
             report.sites.append(SiteReport("loss", "dense", "linear-cross_entropy", path, detail,
                                            reason="the logits are used before the labels are computed"))
@@ -256,6 +280,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
             compute = val(linear).dtype  # under autocast: the operands in the dtype the product ran in
             hin, Win, bin_ = (t if t is None or val(orig).dtype == compute else graph.call_method("to", (t, compute))
                               for t, orig in ((hin, h), (W, W), (b, b)))
+            if added is not None:  # [1, V] (or [V]) -> the op's [V] bias
+                bin_ = graph.call_method("reshape", (bin_, (V,)))
             call = graph.call_function(torch.ops.spt.linear_cross_entropy.default, (
                 hin, Win, bin_, target, opts[0], opts[1], opts[2], options.loss_chunk, bool(others), val(ce).dtype,
                 precompute, needs, options.loss_impl, *factor))

@@ -70,7 +70,7 @@ class GraphCapture:
             ok = ok or n.meta.get("spt_loss_rows")  # the MLP sites' loss-row operand (passes/loss_rows.py)
             ok = ok or n.meta.get("spt_real_rows")  # their real-token rows (passes/real_rows.py)
             ok = ok or n.target in (torch.logical_not, torch.logical_and, torch.logical_or, torch.masked_fill,
-                                    torch.where, operator.add) or n.target in ("to", "flatten") \
+                                    torch.where, operator.add) or n.target in ("to", "flatten", "reshape") \
                 or n.target.__name__ == "getitem"
             assert ok, f"unexpected new node {n.format_node()}"
         # Every surviving node is unchanged, except that uses of a replaced output now read the op.

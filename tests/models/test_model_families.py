@@ -205,17 +205,23 @@ def test_scaled_logits_get_the_chunked_loss(family, config, factor):
     """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling: the chunked
     loss applies the factor (it was left dense), and the loss, returned logits and LoRA gradients equal
     the dense model's."""
-    from test_models import EVERY
-
     model = build(f"{family}Config", f"{family}ForCausalLM", "sdpa", hidden_size=32, intermediate_size=64,
                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   **config)
     model = lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
     b, _ = batch()
     labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    assert_loss_rewritten_and_equal(model, b, labels, factor)
+
+
+def assert_loss_rewritten_and_equal(model, b, labels, detail):
+    """explain() shows one chunked loss with `detail`; compiled with spt (every key and block), the HF
+    loss, the returned logits and the LoRA gradients equal the dense model's."""
+    from test_models import EVERY
+
     torch._dynamo.reset()
     (site,) = spt_compile.explain(model, **b, labels=labels).rewritten("loss")
-    assert factor in site.detail and "logits also returned" in site.detail, site.line()
+    assert detail in site.detail and "logits also returned" in site.detail, site.line()
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"})
@@ -229,3 +235,17 @@ def test_scaled_logits_get_the_chunked_loss(family, config, factor):
     for n, p in model.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_bart_final_logits_bias_gets_the_chunked_loss():
+    """BART adds final_logits_bias (a [1, V] buffer) to its head's output: the chunked loss takes it as the
+    head's bias (it was left dense, and the decoder's MLP sites had no loss rows)."""
+    model = build("BartConfig", "BartForConditionalGeneration", "sdpa", d_model=32, encoder_layers=1, decoder_layers=1,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                  max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0, 0.1)
+    model = lora(model, ["q_proj", "v_proj", "fc1", "fc2"])
+    b, _ = batch()
+    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    assert_loss_rewritten_and_equal(model, b, labels, "added to the logits")

@@ -34,6 +34,7 @@ class Head(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=bias)
         self.form = form
+        self.register_buffer("final_logits_bias", torch.randn(1, vocab) * 0.1)
 
     def forward(self, x, targets):
         logits = self.lm_head(self.norm(x))  # [B, N, V]
@@ -66,6 +67,11 @@ class Head(nn.Module):
             return F.cross_entropy((logits * 0.5).view(-1, V), targets.view(-1)) + logits.logsumexp(-1).mean()
         if self.form == "scaled_after_upcast":  # the factor after a cast: not the head's output in its dtype
             return F.cross_entropy((logits.float().view(-1, V) * 2.0), targets.view(-1))
+        if self.form == "final_bias":  # BART: lm_head(h) + final_logits_bias (a [1, V] buffer), returned too
+            logits = logits + self.final_logits_bias
+            return F.cross_entropy(logits.view(-1, V), targets.view(-1)), logits
+        if self.form == "final_bias_scaled":  # the same, then a factor
+            return F.cross_entropy(((logits + self.final_logits_bias) * 0.5).view(-1, V), targets.view(-1))
         if self.form == "weighted":
             return F.cross_entropy(logits.view(-1, V), targets.view(-1), weight=torch.ones(V))
         if self.form == "lora":  # a LoRA adapter on the head, as PEFT writes it
@@ -101,7 +107,8 @@ def assert_dense_equivalent(model, *args, atol=1e-5):
 
 @pytest.mark.parametrize("form,bias", [("plain", False), ("shifted", True), ("returns_logits", False), ("none", True),
                                        ("contiguous_returned", False), ("shared_upcast", True),
-                                       ("scaled_returned", True), ("divided", False)])
+                                       ("scaled_returned", True), ("divided", False), ("final_bias", False),
+                                       ("final_bias_scaled", False)])
 def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     model = Head(bias=bias, form=form)
     x, targets = head_inputs(ignore=-1 if form == "plain" else -100)
@@ -112,7 +119,9 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     # the head's linear and the cross_entropy go; returned logits come from the op
     assert "logits" in site.replaced and any(n.startswith("cross_entropy") for n in site.replaced)
     assert ("logits also returned" in site.detail) == (form in ("returns_logits", "contiguous_returned", "shared_upcast",
-                                                                "scaled_returned"))
+                                                                "scaled_returned", "final_bias"))
+    if form.startswith("final_bias"):
+        assert "added to the logits" in site.detail and ("logits * 0.5" in site.detail) == form.endswith("scaled")
     if form == "scaled_returned":
         assert "logits * 0.0625" in site.detail
     if form == "divided":
