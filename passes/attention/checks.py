@@ -29,8 +29,8 @@ def check(m: AttentionMatch, options: Options) -> None:
     if not _divides(Hkv, H):
         raise Reject(f"{H} query heads are not a multiple of {Hkv} kv heads")
     if not same(N, Nk):
-        raise Reject("query length differs from key length (e.g. decoding with a KV cache); "
-                     "sparse selection is for full-sequence training steps")
+        raise Reject(f"query length {N} differs from key length {Nk} (cross-attention between two sequences, or "
+                     "decoding with a KV cache): the op serves self-attention, queries and keys at the same positions")
     d = static_int(D)
     if d is None:
         raise Reject(f"head size {D} is not a constant")
