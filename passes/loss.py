@@ -37,6 +37,11 @@ _CASTS = ("float", "to", "type", "contiguous")
 _VIEWS = ("view", "reshape", "flatten")
 
 
+# The reason for a loss whose logits are an input of its graph; the backend warns about it (backend.py).
+LOGITS_FROM_OUTSIDE = ("the logits are an input of this graph: the LM head ran in another one (a graph break between "
+                       "the head and the loss; spt_compile.explain(model, **batch) names it)")
+
+
 class Reject(Exception):
     """A loss that cannot be rewritten safely; the message is the reason shown by explain()."""
 
@@ -145,6 +150,8 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], t
             p = parse_projection(n) if isinstance(n, Node) else None
             if p is not None and p.lora_a is not None:
                 raise LoraHead(p.x, index)
+            if isinstance(n, Node) and n.op == "placeholder":
+                raise Reject(LOGITS_FROM_OUTSIDE)
             raise Reject(f"the loss input is not a linear layer's output through casts, views and a token "
                          f"slice (found '{getattr(n, 'name', n)}')")
         if kind == "factor":

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 from typing import Any, Callable, Optional
 
-import torch
 from torch.fx import GraphModule
 
 from .compile_reports import record
@@ -19,9 +18,11 @@ from .context import compile_overrides
 from .options import Options, make_options
 
 from spt_compile.passes import rewrite_graph
+from spt_compile.passes.loss import LOGITS_FROM_OUTSIDE
 from spt_compile.passes.float_inputs import FloatGuard, copy_graph_module, float_inputs
 
 log = logging.getLogger("spt_compile")
+_warned: set[str] = set()  # warnings given once per process
 
 def compile_options(options: Optional[dict[str, Any]]) -> Options:
     """enable()'s options, then torch.compile(options=...) on top, validated."""
@@ -95,6 +96,9 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     log.info("spt: %s", report.summary())
     for site in report.dense():
         log.info("spt: left dense: %s %s: %s", site.kind, site.path or "<top>", site.reason)
+        if site.kind == "loss" and site.reason == LOGITS_FROM_OUTSIDE and site.reason not in _warned:
+            _warned.add(site.reason)  # once per process: every recompile of the same model would repeat it
+            log.warning("spt: the loss is not chunked and gives the MLP sites no loss rows: %s", site.reason)
     def compile(g, inputs):
         return downstream(g, inputs, compiler, mode)
 

@@ -6,6 +6,7 @@ put it), and explain's reason where a site is left dense."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_gpt2_reorder_and_upcast_with_lora_on_conv1d():
     assert_same(model, b, mask)
 
 
-def test_gpt2_loss_after_a_logging_graph_break_is_explained_with_the_fix():
+def test_gpt2_loss_after_a_logging_graph_break_is_explained_with_the_fix(caplog):
     """transformers' GPT2LMHeadModel logs a loss_type warning from `loss_function` on every call; Dynamo
     breaks the graph there, so the loss is compiled apart: explain() lists the break with Dynamo's
     reason and the fix, and with the fix (loss_type set on the base model) the loss is one site."""
@@ -170,6 +171,14 @@ def test_gpt2_loss_after_a_logging_graph_break_is_explained_with_the_fix():
     assert report.graphs == 2 and not report.rewritten("loss") and len(report.breaks) == 1, str(report)
     assert "warning_once" in report.breaks[0] and 'loss_type = "ForCausalLM"' in report.breaks[0], str(report)
     assert "graph break: logging.Logger method" in str(report)
+    # compiled and run, the backend warns (once per process) that the loss's logits came from another graph
+    from spt_compile import backend
+
+    backend._warned.clear()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="spt_compile"):
+        torch.compile(model, backend="spt", options={"compiler": "eager"})(**b, labels=b["input_ids"])
+    assert sum("the loss is not chunked" in r.getMessage() for r in caplog.records) == 1, caplog.text
     model.get_base_model().loss_type = "ForCausalLM"
     torch._dynamo.reset()
     report = spt_compile.explain(model, **b, labels=b["input_ids"])
