@@ -16,7 +16,8 @@ from spt_compile.sparse_ops.attention.block_sparse import IMPLS
 from spt_compile.sparse_ops.linear_cross_entropy.chunked import LOSS_IMPLS
 from spt_compile.sparse_ops.routed_mlp import FFN_IMPLS
 
-COMPILERS = ("auto", "inductor", "aot_eager", "eager")
+NAMED_COMPILERS = ("inductor", "aot_eager", "eager")  # what "auto" may resolve to ($SPT_COMPILER)
+COMPILERS = ("auto", *NAMED_COMPILERS)
 COMPILER_ENV = "SPT_COMPILER"
 SELECTIONS = ("block", "token")
 
@@ -299,8 +300,8 @@ def resolve_compiler(name: str) -> str:
     chosen = os.environ.get(COMPILER_ENV, "").strip()
     if not chosen:
         return "inductor"
-    if chosen not in COMPILERS[1:]:
-        raise SptOptionError(f"{COMPILER_ENV}={chosen!r}: must be one of {', '.join(COMPILERS[1:])} "
+    if chosen not in NAMED_COMPILERS:
+        raise SptOptionError(f"{COMPILER_ENV}={chosen!r}: must be one of {', '.join(NAMED_COMPILERS)} "
                              f"(or unset for inductor)", option="compiler")
     return chosen
 
