@@ -109,10 +109,31 @@ def _added_bias(n: Node) -> Optional[tuple[Node, Node]]:
     return None
 
 
+def _softcap(n: Node) -> Optional[tuple[Node, float, list[Node]]]:
+    """(logits, cap, [n, tanh, div]) when n is tanh(logits / cap) * cap, Gemma-2's final soft-capping, with
+    the same constant cap in both places; else None."""
+    f = _factor(n)
+    if f is None or f[1] == 1.0 or op(f[0]) != "tanh" or len(f[0].args) != 1 or f[0].kwargs:
+        return None
+    inner = _factor(f[0].args[0]) if isinstance(f[0].args[0], Node) else None
+    if inner is None or inner[1] != 1.0 or inner[2] != f[1] or f[1] <= 0:
+        return None
+    return inner[0], f[1], [n, f[0], f[0].args[0]]
+
+
+def _head_output(n: Node) -> bool:
+    """n is the LM head's output as the op forms it before soft-capping: the linear, its added bias, a factor."""
+    return op(n) == "linear" or _added_bias(n) is not None or (
+        _factor(n) is not None and (op(_factor(n)[0]) == "linear" or _added_bias(_factor(n)[0]) is not None))
+
+
 def _link(n: Node, index_taken: bool) -> Optional[str]:
-    """What kind of chain link n is ("cast", "view", "slice", "factor", "bias"), or None."""
+    """What kind of chain link n is ("cast", "view", "slice", "factor", "bias", "softcap"), or None."""
     if not isinstance(n, Node) or not n.args:
         return None
+    sc = _softcap(n)
+    if sc is not None and _head_output(sc[0]):
+        return "softcap"
     if _added_bias(n) is not None:
         return "bias"
     f = _factor(n)
@@ -136,14 +157,16 @@ def _same_value(n: Node) -> bool:
             and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device)
 
 
-def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], tuple[float, float], Optional[Node]]:
+def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], tuple[float, float, float],
+                              Optional[Node]]:
     """From the cross-entropy input back to the linear: (linear node, chain nodes, token index,
-    aliases, (mul, div) factor on the logits, a bias added to a linear without one). A chain node used
+    aliases, (mul, div, soft-cap) on the logits, a bias added to a linear without one). A chain node used
     elsewhere too is allowed when it and
     every node from it down to the linear (or to the factor, which the op applies) return that value
     unchanged (OPT returns `lm_head(h).contiguous()` as its logits, Cohere `lm_head(h) * logit_scale`):
     those are the aliases, whose other users the rewrite hands the op's logits."""
-    chain, index, n, shared, factor, bias = [], None, start, [], None, None
+    chain, index, n, shared, factor, bias, cap = [], None, start, [], None, None, 0.0
+    internal: list[Node] = []  # soft-capping's tanh and division: values the op never hands out
     while op(n) != "linear":
         kind = _link(n, index is not None)
         if kind is None:
@@ -158,17 +181,29 @@ def _walk(start: Node) -> tuple[Node, list[Node], Optional[tuple], list[Node], t
             pred, *factor = _factor(n)
         if kind == "bias":
             pred, bias = _added_bias(n)
+        if kind == "softcap":
+            pred, cap, nodes = _softcap(n)
+            if len(n.users) != 1:
+                shared.append(n)
+            chain += nodes
+            internal += nodes[1:]
+            n = pred
+            continue
         if len(n.users) != 1:
             shared.append(n)
         if kind == "slice":
             index = n.args[1]
         chain.append(n)
         n = pred if kind in ("factor", "bias") else n.args[0]
+    used = [m for m in internal if len(m.users) != 1]
+    if used:
+        raise Reject(f"'{used[0].name}' inside the logits' soft-capping is also used elsewhere")
     if shared:
-        tail = chain[chain.index(shared[0]):]  # from the first shared node down to the linear (or factor)
-        if not all(_same_value(c) or _factor(c) is not None or _added_bias(c) is not None for c in tail):
+        tail = [c for c in chain[chain.index(shared[0]):] if c not in internal]  # down to the linear (or factor)
+        if not all(_same_value(c) or _factor(c) is not None or _added_bias(c) is not None or _softcap(c) is not None
+                   for c in tail):
             raise Reject(f"'{shared[0].name}' between the LM head and the loss is also used elsewhere")
-    return n, chain, index, shared, tuple(factor or (1.0, 1.0)), bias
+    return n, chain, index, shared, (*(factor or (1.0, 1.0)), cap), bias
 
 
 def _const(args: dict, name: str):
@@ -220,12 +255,12 @@ def match(ce: Node):
             raise Reject("logits are sliced before the loss and also used elsewhere")
         if torch.empty(hs, device="meta")[index].shape[:-1] != tuple(shape(chain[-1])[:-1]):
             raise Reject(f"token slice {index} does not map onto the LM head input")
-    if (factor != (1.0, 1.0) or added is not None) and linear.users.keys() - set(chain):
+    if (factor != (1.0, 1.0, 0.0) or added is not None) and linear.users.keys() - set(chain):
         raise Reject("the LM head's output is used elsewhere without the factor or bias the loss applies to it")
     return linear, chain, index, (ignore, reduction, float(eps)), others, factor, added
 
 
-def _describe(h, V, opts, index, others, dtype, out_dtype, factor=(1.0, 1.0), added=None) -> str:
+def _describe(h, V, opts, index, others, dtype, out_dtype, factor=(1.0, 1.0, 0.0), added=None) -> str:
     ignore, reduction, eps = opts
     parts = [f"h {tuple(shape(h))} vocab={V} reduction={reduction} ignore_index={ignore}"]
     if added is not None:
@@ -234,6 +269,8 @@ def _describe(h, V, opts, index, others, dtype, out_dtype, factor=(1.0, 1.0), ad
         parts.append(f"logits * {factor[0]:g}")
     if factor[1] != 1.0:
         parts.append(f"logits / {factor[1]:g}")
+    if factor[2]:
+        parts.append(f"soft-capped at {factor[2]:g}")
     if eps:
         parts.append(f"label_smoothing={eps}")
     if out_dtype != dtype:

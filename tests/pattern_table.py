@@ -38,6 +38,9 @@ FAMILIES = [
     ("BERT / MiniLM, RoBERTa", "additive padding mask, GELU MLP", "rewritten", "test_models.py, test_model_families.py"),
     ("Cohere, Granite", "a constant factor on the logits (`logits * logit_scale`, `logits / logits_scaling`), "
      "returned and fed to the loss", "rewritten, chunked loss with the factor (was dense)", "test_model_families.py"),
+    ("Gemma-2", "final logit soft-capping `tanh(logits / c) * c`; soft-capped attention scores",
+     "chunked loss with the cap (was dense); attention dense (`not recognisable`), MLP rewritten",
+     "test_model_families.py"),
     ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer), encoder-decoder with cross-attention",
      "rewritten, chunked loss with the bias (was dense)", "test_model_families.py"),
     ("ModernBERT", "fused `Wi` chunked into input and gate (GeGLU); `Wo(drop(act(input) * gate))`, dropout p = 0; "

@@ -1,6 +1,7 @@
 """Chunked linear + cross-entropy: the LM head and its loss without a saved [tokens, vocab] tensor.
 
-    loss = cross_entropy((h @ W^T + b) * logit_mul / logit_div, labels, ignore_index, reduction, label_smoothing)
+    z = (h @ W^T + b) * logit_mul / logit_div;  z = cap * tanh(z / cap) when logit_softcap = cap > 0
+    loss = cross_entropy(z, labels, ignore_index, reduction, label_smoothing)
 
 h [*, d], W [V, d], b [V] or None, labels [T] (T = h's leading dims flattened). Tokens are processed
 `chunk` rows at a time; only one chunk's logits [chunk, V] exist at once.
@@ -30,7 +31,10 @@ added in backward; the all-zero one AOTAutograd hands an output nobody different
 
 A constant factor on the logits (Cohere's `logits * logit_scale`, Granite's `logits / logits_scaling`)
 is applied to each chunk's logits in h's dtype, in place, as the dense model applies it, and d(logits)
-gets it in the row scale (logit_mul / logit_div: 1.0 when the model has none).
+gets it in the row scale (logit_mul / logit_div: 1.0 when the model has none). Soft-capping (Gemma-2's
+`cap * tanh(logits / cap)`, logit_softcap = cap; 0: none) is applied the same way, three in-place ops in
+h's dtype, and d(logits) is multiplied by its derivative 1 - (z / cap)^2, formed from the capped
+logits before the softmax overwrites them (one [chunk, V] fp32 buffer more).
 
 Numerics follow F.cross_entropy on the upcast logits: rows whose label is ignore_index count
 neither in the sum nor in the mean's denominator (all ignored and mean: nan, as torch);
@@ -103,9 +107,9 @@ def _scaled_softmax_minus_target_(e: Tensor, row_over_total: Tensor, row: Tensor
 
 
 def _linear_into(hc: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tensor], mul: float = 1.0,
-                 div: float = 1.0) -> Tensor:
-    """F.linear(hc, W, b) * mul / div, written into `out` (a contiguous row block) if given; the factors
-    in place, in h's dtype, as the model applies them after its linear."""
+                 div: float = 1.0, cap: float = 0.0) -> Tensor:
+    """F.linear(hc, W, b) * mul / div (then cap * tanh(. / cap) if cap), written into `out` (a contiguous
+    row block) if given; the factors and the cap in place, in h's dtype, as the model applies them."""
     if out is None:
         z = F.linear(hc, W, b)
     elif b is None:
@@ -116,7 +120,15 @@ def _linear_into(hc: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tenso
         z.mul_(mul)
     if div != 1.0:
         z.div_(div)
+    if cap:
+        z.div_(cap).tanh_().mul_(cap)
     return z
+
+
+def _cap_slope(z: Tensor, cap: float, out: Optional[Tensor] = None) -> Tensor:
+    """d(capped)/d(uncapped) = 1 - (z / cap)^2 for capped logits z, fp32 (into `out` if given)."""
+    t = z.to(torch.float32, copy=True) if out is None else out.copy_(z)
+    return t.div_(cap).square_().neg_().add_(1.0)
 
 
 def _backprop_chunk(g: Tensor, hc: Tensor, W: Tensor, dh: Optional[Tensor], dW: Optional[Tensor],
@@ -146,6 +158,7 @@ def linear_cross_entropy_forward(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
     needs: list[bool], impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0,
+    logit_softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss ([] or [T] for reduction none, in out_dtype), logits ([*, V] or empty), lse [T]
     fp32, and with `precompute` the gradients for a unit d(loss): dh [T, d] (per row for reduction
@@ -172,16 +185,17 @@ def linear_cross_entropy_forward(
         if logit_mul != 1.0 or logit_div != 1.0:  # d(logits before the factor) = factor * d(logits)
             unit = unit * (logit_mul / logit_div)
     work = None  # [chunk, V] fp32 (torch path; the Triton path: h's dtype), reused chunk after chunk
+    slope_buf = None  # [chunk, V] fp32, soft-capping's derivative (logit_softcap), reused
     zbuf = None  # skipping: [chunk, V] in h's dtype, a chunk's logits (computed, or gathered), reused
     if skipping and return_logits:  # every row's logits first, straight into the returned tensor
         for r0 in range(0, T, chunk):
-            _linear_into(h2[r0:r0 + chunk], W, b, logits[r0:r0 + chunk], logit_mul, logit_div)
+            _linear_into(h2[r0:r0 + chunk], W, b, logits[r0:r0 + chunk], logit_mul, logit_div, logit_softcap)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         rs = slice(r0, r1) if not skipping else order[r0:r1]  # this chunk's rows
         hc = h2[rs]  # [C, d]
         if not skipping:  # [C, V] in h's dtype (rounded as the dense linear rounds), into the returned logits
-            z = _linear_into(hc, W, b, logits[rs] if return_logits else None, logit_mul, logit_div)
+            z = _linear_into(hc, W, b, logits[rs] if return_logits else None, logit_mul, logit_div, logit_softcap)
         else:  # the loss rows' logits, in a buffer of our own (softmax may run in place over it)
             if zbuf is None:
                 zbuf = torch.empty(min(chunk, n), V, dtype=h.dtype, device=h.device)
@@ -189,8 +203,13 @@ def linear_cross_entropy_forward(
             if return_logits:
                 torch.index_select(logits, 0, rs, out=z)
             else:
-                _linear_into(hc, W, b, z, logit_mul, logit_div)
+                _linear_into(hc, W, b, z, logit_mul, logit_div, logit_softcap)
         yc, valid = y[rs], valid_all[rs]
+        slope = None  # soft-capping's derivative for this chunk, [C, V] fp32, before z is overwritten
+        if logit_softcap and precompute:
+            if slope_buf is None:
+                slope_buf = torch.empty(min(chunk, T), V, dtype=torch.float32, device=h.device)
+            slope = _cap_slope(z, logit_softcap, slope_buf[: z.shape[0]])
         if fused:  # loss, lse and d(logits) in one kernel; d(logits) over z unless z is returned
             g = None
             if precompute:
@@ -200,6 +219,8 @@ def linear_cross_entropy_forward(
             chunk_cross_entropy_triton(z, yc, ignore_index, label_smoothing, unit[r0:r1] if precompute else None,
                                        lse[r0:r1], rows[r0:r1], g)
             if precompute:
+                if slope is not None:
+                    g = g.float().mul_(slope).to(g.dtype)
                 dh, dW, db = grads
                 _backprop_chunk(g, hc, W, None if dh is None else dh[r0:r1], dW, db)
             del z, g
@@ -225,6 +246,8 @@ def linear_cross_entropy_forward(
         rows[rs] = torch.where(valid, loss_c, 0.0)
         if precompute:  # the backward's work, now, while the chunk's logits exist: no recompute
             g = _scaled_softmax_minus_target_(e, unit[rs] / total, unit[rs], yc, valid, label_smoothing)
+            if slope is not None:
+                g.mul_(slope)
             dh, dW, db = grads
             if dh is not None and skipping:  # scattered rows: their d(h) into a block, then into place
                 dh_c = torch.zeros_like(hc)
@@ -265,7 +288,7 @@ def _any_nonzero(t: Tensor) -> bool:
 def linear_cross_entropy_backward(
     dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
     lse: Tensor, unit: list[Tensor], ignore_index: int, reduction: str, label_smoothing: float, chunk: int,
-    needs: list[bool], logit_mul: float = 1.0, logit_div: float = 1.0,
+    needs: list[bool], logit_mul: float = 1.0, logit_div: float = 1.0, logit_softcap: float = 0.0,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dh, dW, db), None where `needs` (for h, W, b) is False. dlogits: gradient of the returned
     logits ([*, V]) or None. unit: forward's precomputed (dh, dW, db) for a unit d(loss) (empty
@@ -286,18 +309,25 @@ def linear_cross_entropy_backward(
         if dl2 is not None and _any_nonzero(dl2):
             for r0 in range(0, T, chunk):
                 r1 = min(T, r0 + chunk)
-                _backprop_chunk(dl2[r0:r1].float() * factor, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+                g = dl2[r0:r1].float() * factor
+                if logit_softcap:  # the cap's derivative at these rows' logits, recomputed
+                    g.mul_(_cap_slope(_linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div, logit_softcap),
+                                      logit_softcap))
+                _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
     else:
         valid = y != ignore_index
         scale = _row_scale(dloss, valid, reduction)  # [T] fp32
         for r0 in range(0, T, chunk):
             r1 = min(T, r0 + chunk)
-            g = _linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div).float()  # [C, V]: the chunk's logits again
+            g = _linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div, logit_softcap).float()  # the chunk's logits again
+            slope = _cap_slope(g, logit_softcap) if logit_softcap else None
             g.sub_(lse[r0:r1, None]).exp_()  # softmax: lse is the rows' log-sum-exp
             sc = scale[r0:r1]  # ignored rows -> 0
             g = _scaled_softmax_minus_target_(g, sc, sc, y[r0:r1], valid[r0:r1], label_smoothing)
             if dl2 is not None:
                 g.add_(dl2[r0:r1])
+            if slope is not None:
+                g.mul_(slope)
             if factor != 1.0:
                 g.mul_(factor)
             _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
@@ -315,17 +345,19 @@ def _linear_cross_entropy_op(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
     needs: list[bool], impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0,
+    logit_softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """needs: which of h, W, b will want a gradient (precompute forms those in forward). impl: the
     forward's per-chunk loss (LOSS_IMPLS; backward's recompute path is torch either way). logit_mul,
-    logit_div: a constant factor on the logits (1.0: none)."""
+    logit_div: a constant factor on the logits (1.0: none); logit_softcap: soft-capping (0.0: none)."""
     return linear_cross_entropy_forward(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk,
-                                        return_logits, out_dtype, precompute, needs, impl, logit_mul, logit_div)
+                                        return_logits, out_dtype, precompute, needs, impl, logit_mul, logit_div,
+                                        logit_softcap)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs,
-      impl="auto", logit_mul=1.0, logit_div=1.0):
+      impl="auto", logit_mul=1.0, logit_div=1.0, logit_softcap=0.0):
     T = labels.numel()
     loss = h.new_empty(T, dtype=out_dtype) if reduction == "none" else h.new_empty((), dtype=out_dtype)
     logits = h.new_empty(*h.shape[:-1], W.shape[0]) if return_logits else h.new_empty(0)
@@ -341,16 +373,18 @@ def _linear_cross_entropy_backward_op(
     dloss: Tensor, dlogits: Optional[Tensor], h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor,
     lse: Tensor, unit_h: Tensor, unit_W: Tensor, unit_b: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, needs: list[bool], logit_mul: float = 1.0, logit_div: float = 1.0,
+    logit_softcap: float = 0.0,
 ) -> list[Tensor]:
     """[dh, dW, db]; an empty tensor where no gradient is needed."""
     grads = linear_cross_entropy_backward(dloss, dlogits, h, W, b, labels, lse, [unit_h, unit_W, unit_b],
-                                          ignore_index, reduction, label_smoothing, chunk, needs, logit_mul, logit_div)
+                                          ignore_index, reduction, label_smoothing, chunk, needs, logit_mul, logit_div,
+                                          logit_softcap)
     return [h.new_empty(0) if g is None else g for g in grads]
 
 
 @_linear_cross_entropy_backward_op.register_fake
 def _(dloss, dlogits, h, W, b, labels, lse, unit_h, unit_W, unit_b, ignore_index, reduction, label_smoothing,
-      chunk, needs, logit_mul=1.0, logit_div=1.0):
+      chunk, needs, logit_mul=1.0, logit_div=1.0, logit_softcap=0.0):
     return [t.new_empty(t.shape) if (need and t is not None) else h.new_empty(0) for t, need in zip((h, W, b), needs)]
 
 
@@ -359,7 +393,7 @@ def _setup_context(ctx, inputs, output):
     _, _, lse, *unit = output
     ctx.save_for_backward(h, W, b, labels, lse, *unit)  # no [T, V] tensor
     ctx.args = (ignore_index, reduction, label_smoothing, chunk)
-    ctx.factors = tuple(rest[1:3]) + (1.0, 1.0)[len(rest[1:3]):]  # (logit_mul, logit_div)
+    ctx.factors = tuple(rest[1:4]) + (1.0, 1.0, 0.0)[len(rest[1:4]):]  # (logit_mul, logit_div, logit_softcap)
     ctx.n_inputs = len(inputs)
     ctx.return_logits = return_logits
     ctx.precomputed = list(needs) if precompute else [False] * 3
@@ -387,7 +421,8 @@ _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_conte
 
 
 def check_inputs(h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, reduction: str,
-                 label_smoothing: float, chunk: int, logit_mul: float = 1.0, logit_div: float = 1.0) -> None:
+                 label_smoothing: float, chunk: int, logit_mul: float = 1.0, logit_div: float = 1.0,
+                 logit_softcap: float = 0.0) -> None:
     """Clear errors for the public function's inputs, naming the argument at fault."""
     if W.dim() != 2 or h.shape[-1] != W.shape[1]:
         raise ValueError(f"linear_cross_entropy: W must be [V, d] with d = h.shape[-1] = {h.shape[-1]}; got {tuple(W.shape)}")
@@ -407,19 +442,23 @@ def check_inputs(h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, redu
     for name, f in (("logit_mul", logit_mul), ("logit_div", logit_div)):
         if not (isinstance(f, (int, float)) and math.isfinite(f) and f != 0):
             raise ValueError(f"linear_cross_entropy: {name} must be a finite, non-zero number; got {f!r}")
+    if not (isinstance(logit_softcap, (int, float)) and math.isfinite(logit_softcap) and logit_softcap >= 0):
+        raise ValueError(f"linear_cross_entropy: logit_softcap must be a finite number >= 0 (0: none); got "
+                         f"{logit_softcap!r}")
 
 
 def linear_cross_entropy(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, chunk: int = 1024, return_logits: bool = False, precompute: Optional[bool] = None,
-    impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0,
+    impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0, logit_softcap: float = 0.0,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """cross_entropy((linear(h, W, b) * logit_mul / logit_div).float().view(-1, V), labels.view(-1), ...)
+    """cross_entropy(z.float().view(-1, V), labels.view(-1), ...) for z = linear(h, W, b) * logit_mul /
+    logit_div, soft-capped to logit_softcap * tanh(z / logit_softcap) if logit_softcap > 0,
     computed `chunk` tokens at a time (see the module docstring). Returns (loss in fp32, logits [*, V]
     (with the factor) or None).
     precompute: form the gradients in forward (None: whenever can_precompute allows). impl: 'triton'
     (one kernel per chunk), 'torch', or 'auto' (resolve_loss_impl: triton on CUDA)."""
-    check_inputs(h, W, b, labels, reduction, label_smoothing, chunk, logit_mul, logit_div)
+    check_inputs(h, W, b, labels, reduction, label_smoothing, chunk, logit_mul, logit_div, logit_softcap)
     resolve_loss_impl(impl, h.device)  # a bad name fails here, not inside the op
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (h, W, b)]
     if precompute is None:
@@ -428,5 +467,6 @@ def linear_cross_entropy(
         raise ValueError("linear_cross_entropy: precompute needs a scalar loss when W or b is trained")
     loss, logits, *_ = _linear_cross_entropy_op(h, W, b, labels.reshape(-1), int(ignore_index), reduction,
                                                 float(label_smoothing), int(chunk), return_logits, torch.float32,
-                                                bool(precompute), needs, impl, float(logit_mul), float(logit_div))
+                                                bool(precompute), needs, impl, float(logit_mul), float(logit_div),
+                                                float(logit_softcap))
     return loss, (logits if return_logits else None)

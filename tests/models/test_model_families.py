@@ -258,3 +258,18 @@ def test_bart_final_logits_bias_gets_the_chunked_loss():
     b, _ = batch()
     labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
     assert_loss_rewritten_and_equal(model, b, labels, "added to the logits")
+
+
+def test_gemma2_soft_capped_logits_get_the_chunked_loss():
+    """Gemma-2 soft-caps its logits (cap * tanh(logits / cap)) before the loss: the chunked loss applies the
+    cap and its derivative (it was left dense); its soft-capped attention stays dense with the reason."""
+    model = build("Gemma2Config", "Gemma2ForCausalLM", "eager", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=64, final_logit_softcapping=3.0, attn_logit_softcapping=50.0)
+    model = lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    b, _ = batch()
+    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b, labels=labels)
+    assert len(report.dense("attention")) == 1 and len(report.rewritten("mlp")) == 1, str(report)
+    assert_loss_rewritten_and_equal(model, b, labels, "soft-capped at 3")

@@ -248,13 +248,14 @@ def test_any_nonzero():
             assert _any_nonzero(u), (dtype, v)
 
 
-@pytest.mark.parametrize("factor", [dict(logit_mul=0.0625), dict(logit_div=1.6), dict(logit_mul=3.0, logit_div=2.0)],
-                         ids=["cohere-mul", "granite-div", "both"])
+@pytest.mark.parametrize("factor", [dict(logit_mul=0.0625), dict(logit_div=1.6), dict(logit_mul=3.0, logit_div=2.0),
+                                    dict(logit_softcap=2.0), dict(logit_mul=2.0, logit_softcap=1.5)],
+                         ids=["cohere-mul", "granite-div", "both", "gemma2-softcap", "factor-and-softcap"])
 @pytest.mark.parametrize("precompute", [True, False], ids=["grads-in-forward", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_constant_factor_on_the_logits(factor, precompute, dtype):
-    """Cohere's logits * logit_scale, Granite's logits / logits_scaling: loss, the returned (scaled)
-    logits and every gradient, with a gradient through the logits too, as the dense form gives them."""
+    """Cohere's logits * logit_scale, Granite's logits / logits_scaling, Gemma-2's soft-capping: loss, the
+    returned logits and every gradient, with a gradient through the logits too, as the dense form gives them."""
     h, W, b, labels = make((3, 11), 16, 203, dtype, bias=True)
     logits_grad = torch.randn(3, 11, 203)
     want = grads_of(linear_cross_entropy_reference, h, W, b, labels, torch.tensor(1.3), logits_grad,
@@ -275,3 +276,5 @@ def test_constant_factor_on_the_logits(factor, precompute, dtype):
             assert (g.float() - e).norm() <= 1.5 * (w.float() - e).norm() + 1e-6, name
     with pytest.raises(ValueError, match="logit_div must be a finite, non-zero number"):
         linear_cross_entropy(h, W, b, labels, logit_div=0.0)
+    with pytest.raises(ValueError, match="logit_softcap must be a finite number >= 0"):
+        linear_cross_entropy(h, W, b, labels, logit_softcap=-1.0)

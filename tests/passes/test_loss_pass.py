@@ -47,8 +47,14 @@ class Head(nn.Module):
             return F.cross_entropy(logits.float().view(-1, V), targets.view(-1), label_smoothing=0.1), logits
         if self.form == "none":
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        if self.form == "softcap":  # Gemma-2-style soft-capping between the head and the loss
-            return F.cross_entropy((torch.tanh(logits / 30.0) * 30.0).view(-1, V), targets.view(-1))
+        if self.form == "softcap":  # Gemma-2's final soft-capping, the capped logits returned too
+            logits = torch.tanh(logits / 3.0) * 3.0
+            return F.cross_entropy(logits.float().view(-1, V), targets.view(-1)), logits
+        if self.form == "softcap_other_cap":  # tanh(z / 3) * 2: not a soft-cap
+            return F.cross_entropy((torch.tanh(logits / 3.0) * 2.0).view(-1, V), targets.view(-1))
+        if self.form == "softcap_tanh_used":  # the tanh inside also feeds something else
+            t = torch.tanh(logits / 3.0)
+            return F.cross_entropy((t * 3.0).view(-1, V), targets.view(-1)) + t.mean()
         if self.form == "shared_upcast":  # the fp32 "copy" (the logits themselves in fp32) feeds something else too
             up = logits.float()
             return F.cross_entropy(up.view(-1, V), targets.view(-1)) + up.logsumexp(-1).mean()
@@ -108,7 +114,7 @@ def assert_dense_equivalent(model, *args, atol=1e-5):
 @pytest.mark.parametrize("form,bias", [("plain", False), ("shifted", True), ("returns_logits", False), ("none", True),
                                        ("contiguous_returned", False), ("shared_upcast", True),
                                        ("scaled_returned", True), ("divided", False), ("final_bias", False),
-                                       ("final_bias_scaled", False)])
+                                       ("final_bias_scaled", False), ("softcap", True)])
 def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     model = Head(bias=bias, form=form)
     x, targets = head_inputs(ignore=-1 if form == "plain" else -100)
@@ -119,7 +125,9 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
     # the head's linear and the cross_entropy go; returned logits come from the op
     assert "logits" in site.replaced and any(n.startswith("cross_entropy") for n in site.replaced)
     assert ("logits also returned" in site.detail) == (form in ("returns_logits", "contiguous_returned", "shared_upcast",
-                                                                "scaled_returned", "final_bias"))
+                                                                "scaled_returned", "final_bias", "softcap"))
+    if form == "softcap":
+        assert "soft-capped at 3" in site.detail
     if form.startswith("final_bias"):
         assert "added to the logits" in site.detail and ("logits * 0.5" in site.detail) == form.endswith("scaled")
     if form == "scaled_returned":
@@ -134,7 +142,8 @@ def test_head_forms_are_rewritten_and_equal_dense(form, bias):
 
 
 @pytest.mark.parametrize("form,reason", [
-    ("softcap", "not a linear layer's output"),
+    ("softcap_other_cap", "not a linear layer's output"),
+    ("softcap_tanh_used", "inside the logits' soft-capping is also used elsewhere"),
     ("weighted", "class weights"),
     ("shared_view", "also used elsewhere"),
     ("lora", "LoRA adapter"),

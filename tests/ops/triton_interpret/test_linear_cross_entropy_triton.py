@@ -138,7 +138,8 @@ def test_loss_impl_option_through_torch_compile(monkeypatch):
         torch.testing.assert_close(got[2][name], want[2][name], atol=5e-5, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("factor", [dict(logit_mul=0.0625), dict(logit_div=1.6)], ids=["mul", "div"])
+@pytest.mark.parametrize("factor", [dict(logit_mul=0.0625), dict(logit_div=1.6), dict(logit_softcap=2.0)],
+                         ids=["mul", "div", "softcap"])
 def test_constant_factor_on_the_logits(factor):
     """Cohere's / Granite's factor on the logits: scaled before the kernel reads them, and in its row scale."""
     h, W, b, labels = make((2, 13), 24, 101, torch.float32, bias=True)
