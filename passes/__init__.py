@@ -60,8 +60,10 @@ def _rewrite(gm: GraphModule, options: Options, report: GraphReport, apply: bool
             if isinstance(body, GraphModule):
                 _rewrite(body, options, report, apply, ordinals, rows.into_body(node, body), seen, graphed)
     taken: set = set()  # nodes of the sites rewritten (erased when applied; explain must skip them too)
-    attention.run(gm, options, report, apply, ordinals, seen.nodes, graphed, taken=taken)
-    mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph), seen.nodes, taken=taken)
+    planned: dict = {}  # without apply: the attention sites that would be rewritten, and whether masked
+    attention.run(gm, options, report, apply, ordinals, seen.nodes, graphed, taken=taken, planned=planned)
+    mlp.run(gm, options, report, apply, ordinals, rows, real_rows.RealRowsSource(gm.graph, planned), seen.nodes,
+            taken=taken)
     loss.run(gm, options, report, apply, ordinals)
     # The dropouts the sites did not take in: 16-bit masks. Applied, the sites' own are erased by now;
     # without apply (explain) they are still there and are skipped through `taken`.

@@ -20,9 +20,12 @@ TAG = "spt_real_rows"  # meta flag of the nodes this pass adds (tests/graph_chec
 
 
 class RealRowsSource:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, planned: Optional[dict[Node, bool]] = None):
+        """planned: without apply (explain), the attention sites the pass would rewrite, by output node,
+        and whether each would get a mask: the graph has no spt op to read them from."""
         self.graph = graph
         self.made: dict[tuple, Node] = {}
+        self.planned = planned or {}
 
     def mask_before(self, x: Node) -> Optional[Node]:
         """The mask operand of the last attention site before x in graph order, or None."""
@@ -35,12 +38,25 @@ class RealRowsSource:
                 mask = n.args[3] if isinstance(n.args[3], Node) else None
         return mask
 
+    def _masked_before(self, x: Node) -> bool:
+        """Whether the last attention site before x (rewritten, or planned) has a mask."""
+        masked = False
+        for n in self.graph.nodes:
+            if n is x:
+                break
+            if n in self.planned:
+                masked = self.planned[n]
+            elif n.op == "call_function" and n.target in (torch.ops.spt.attention_site.default,
+                                                          torch.ops.spt.attention_graphed.default):
+                masked = isinstance(n.args[3], Node)
+        return masked
+
     def note(self, x: Node) -> str:
         """What a site with input x gets, for explain() (inserts nothing)."""
         lead = shape(x)
         if lead is None or len(lead) != 3:
             return "every row real (the input is not [batch, seq, d])"
-        if self.mask_before(x) is None:
+        if not self._masked_before(x):
             return "every row real (no attention mask before it in this graph)"
         return "real rows from the attention mask"
 

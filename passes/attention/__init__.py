@@ -61,10 +61,13 @@ def _upstream(node: Node, hops: int) -> set[Node]:
 
 
 def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ordinals: dict,
-        seen: Optional[set[Node]] = None, graphed: bool = False, taken: Optional[set[Node]] = None) -> None:
+        seen: Optional[set[Node]] = None, graphed: bool = False, taken: Optional[set[Node]] = None,
+        planned: Optional[dict[Node, bool]] = None) -> None:
     """seen: collects the nodes of every site rewritten or reported (passes/unmatched.py reads it);
     graphed: emit spt::attention_graphed where it serves (rewrite.graphed_refusal);
-    taken: collects the nodes of the sites rewritten (or, without apply, that would be)."""
+    taken: collects the nodes of the sites rewritten (or, without apply, that would be);
+    planned: without apply, collects each would-be site's output node and whether its op would get a
+    mask (what the MLP sites' real-rows note reads, passes/real_rows.py)."""
     graph = gm.graph
     seen = set() if seen is None else seen
     taken = set() if taken is None else taken
@@ -119,6 +122,8 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         if not apply:
             if finish is not None:
                 finish(False)
+            if planned is not None:
+                planned[m.output] = bool(m.additive or m.allow or m.forbid)
             continue
         replaced = finish(True) if finish is not None else []
         entry.replaced = replaced + (emit_graphed(graph, m, options) if use_graphed

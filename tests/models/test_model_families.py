@@ -273,3 +273,21 @@ def test_gemma2_soft_capped_logits_get_the_chunked_loss():
     report = spt_compile.explain(model, **b, labels=labels)
     assert len(report.dense("attention")) == 1 and len(report.rewritten("mlp")) == 1, str(report)
     assert_loss_rewritten_and_equal(model, b, labels, "soft-capped at 3")
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "no-mask"])
+def test_explain_says_what_the_compile_does_about_real_rows(padded):
+    """explain() runs the passes without rewriting, so no attention op exists to read a mask from: it
+    reads the sites it would rewrite instead, and its MLP notes equal those of a real compile."""
+    model = build("LlamaConfig", "LlamaForCausalLM", "sdpa", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    b, _ = batch()
+    if not padded:  # causal only: nothing to read real rows from
+        del b["attention_mask"]
+    torch._dynamo.reset()
+    explained = [s.detail for s in spt_compile.explain(model, **b).rewritten("mlp")]
+    torch._dynamo.reset()
+    torch.compile(model, backend="spt", options={"compiler": "eager"})(**b)
+    compiled = [s.detail for s in spt_compile.compile_reports(model)[-1].rewritten("mlp")]
+    assert explained == compiled and len(compiled) == 2, (explained, compiled)
+    assert all(("real rows from the attention mask" in d) == padded for d in compiled), compiled
