@@ -19,22 +19,35 @@ from .fx_utils import shape, static_int
 TAG = "spt_real_rows"  # meta flag of the nodes this pass adds (tests/graph_check.py)
 
 
+def _attention_op(n: Node) -> bool:
+    return n.op == "call_function" and n.target in (torch.ops.spt.attention_site.default,
+                                                    torch.ops.spt.attention_graphed.default)
+
+
+def _cross(n: Node) -> bool:
+    """An attention op whose queries and keys have different lengths (q [B, H, N, D], k [B, Hkv, Nk, D])."""
+    q, k = shape(n.args[0]), shape(n.args[1])
+    return bool(q and k) and str(q[-2]) != str(k[-2])
+
+
 class RealRowsSource:
     def __init__(self, graph: Graph, planned: Optional[dict[Node, bool]] = None):
         """planned: without apply (explain), the attention sites the pass would rewrite, by output node,
-        and whether each would get a mask: the graph has no spt op to read them from."""
+        and whether each would get a mask (None: a cross-attention): the graph has no spt op to read
+        them from."""
         self.graph = graph
         self.made: dict[tuple, Node] = {}
         self.planned = planned or {}
 
     def mask_before(self, x: Node) -> Optional[Node]:
-        """The mask operand of the last attention site before x in graph order, or None."""
+        """The mask operand of the last self-attention site before x in graph order, or None. A
+        cross-attention's mask (query length != key length: a decoder reading an encoder) describes the
+        other sequence's keys, not x's rows."""
         mask = None
         for n in self.graph.nodes:
             if n is x:
                 break
-            if n.op == "call_function" and n.target in (torch.ops.spt.attention_site.default,
-                                                        torch.ops.spt.attention_graphed.default):
+            if _attention_op(n) and not _cross(n):
                 mask = n.args[3] if isinstance(n.args[3], Node) else None
         return mask
 
@@ -44,10 +57,9 @@ class RealRowsSource:
         for n in self.graph.nodes:
             if n is x:
                 break
-            if n in self.planned:
+            if self.planned.get(n) is not None:  # None: a cross-attention (see mask_before)
                 masked = self.planned[n]
-            elif n.op == "call_function" and n.target in (torch.ops.spt.attention_site.default,
-                                                          torch.ops.spt.attention_graphed.default):
+            elif _attention_op(n) and not _cross(n):
                 masked = isinstance(n.args[3], Node)
         return masked
 

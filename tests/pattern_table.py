@@ -41,8 +41,9 @@ FAMILIES = [
     ("Gemma-2", "final logit soft-capping `tanh(logits / c) * c`; soft-capped attention scores",
      "chunked loss with the cap (was dense); attention dense (`not recognisable`), MLP rewritten",
      "test_model_families.py"),
-    ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer), encoder-decoder with cross-attention",
-     "rewritten, chunked loss with the bias (was dense)", "test_model_families.py"),
+    ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer); the decoder's cross-attention, 10 queries over "
+     "20 encoder keys", "rewritten, chunked loss with the bias (was dense), cross-attention rewritten (was dense)",
+     "test_model_families.py"),
     ("ModernBERT", "fused `Wi` chunked into input and gate (GeGLU); `Wo(drop(act(input) * gate))`, dropout p = 0; "
      "global and sliding-window layers; classifier head dense -> GELU -> LayerNorm on position 0",
      "rewritten (LoRA on Wqkv/Wi/Wo), loss rows from the labels", "test_model_families.py"),

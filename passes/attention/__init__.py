@@ -39,11 +39,11 @@ from torch.fx import GraphModule, Node
 from spt_compile.options import Options
 
 from .. import mha
-from ..fx_utils import module_path, op, shape
+from ..fx_utils import module_path, op, same, shape
 from ..report import GraphReport, SiteReport
 from .checks import check
 from .forms import einsum_roles, match_matmul_softmax, match_sdpa, unwrap_repeat_kv
-from .match import CASTS, DYNAMIC_FLOATS, FORBIDDING_FILL, AttentionMatch, Reject
+from .match import CASTS, DYNAMIC_FLOATS, FORBIDDING_FILL, AttentionMatch, Reject, _shape4
 from .rewrite import _short_note, anchor_weight, describe, emit, emit_graphed, graphed_refusal
 
 __all__ = [
@@ -67,7 +67,7 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
     graphed: emit spt::attention_graphed where it serves (rewrite.graphed_refusal);
     taken: collects the nodes of the sites rewritten (or, without apply, that would be);
     planned: without apply, collects each would-be site's output node and whether its op would get a
-    mask (what the MLP sites' real-rows note reads, passes/real_rows.py)."""
+    mask, None for a cross-attention (what the MLP sites' real-rows note reads, passes/real_rows.py)."""
     graph = gm.graph
     seen = set() if seen is None else seen
     taken = set() if taken is None else taken
@@ -122,8 +122,9 @@ def run(gm: GraphModule, options: Options, report: GraphReport, apply: bool, ord
         if not apply:
             if finish is not None:
                 finish(False)
-            if planned is not None:
-                planned[m.output] = bool(m.additive or m.allow or m.forbid)
+            if planned is not None:  # None for a cross-attention (passes/real_rows.py skips those)
+                qs, ks = _shape4(m.q, m.merged), _shape4(m.k, m.merged)
+                planned[m.output] = bool(m.additive or m.allow or m.forbid) if same(qs[2], ks[2]) else None
             continue
         replaced = finish(True) if finish is not None else []
         entry.replaced = replaced + (emit_graphed(graph, m, options) if use_graphed

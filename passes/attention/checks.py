@@ -28,9 +28,12 @@ def check(m: AttentionMatch, options: Options) -> None:
     # bf16 linear): the site computes in the narrowest of them, as autocast's dense attention does.
     if not _divides(Hkv, H):
         raise Reject(f"{H} query heads are not a multiple of {Hkv} kv heads")
-    if not same(N, Nk):
-        raise Reject(f"query length {N} differs from key length {Nk} (cross-attention between two sequences, or "
-                     "decoding with a KV cache): the op serves self-attention, queries and keys at the same positions")
+    if not same(N, Nk) and m.is_causal:
+        # is_causal with fewer queries than keys: SDPA aligns the causal mask to the top left, where a
+        # decoding step means the bottom right; the op's causal mask is for queries at the keys' positions
+        raise Reject(f"is_causal with query length {N} and key length {Nk}: the op's causal mask is for queries and "
+                     "keys at the same positions (cross-attention and decoding steps with an explicit mask or none "
+                     "are rewritten)")
     d = static_int(D)
     if d is None:
         raise Reject(f"head size {D} is not a constant")

@@ -38,16 +38,34 @@ def n_blocks(n: int, block: int) -> int:
 
 
 def blocks_per_query(lengths: Tensor, density: float, top_l: Optional[int], block_n: int, n_kb: int,
-                     min_keys: int = 0) -> Tensor:
+                     min_keys: int = 0, span_blocks: Optional[Tensor] = None) -> Tensor:
     """Key blocks per query block from the real key counts (per sequence [B], or per query block
     [B, n_qb] for packed rows): ceil(keys / block_n) where keys is top_l, or ceil(density x length)
     but at least min_keys (never more than the length); at least 1, at most n_kb (density 1.0 lists
-    every block)."""
+    every block). span_blocks (like lengths): the key blocks from the one holding a row's first real
+    key to the one holding its last; where every real key is wanted, at least those, since real keys
+    that do not start at key 0 (left padding, holes) spread over more than ceil(length / block_n)."""
     if top_l is not None:
         keys = lengths.clamp(max=top_l)
     else:
         keys = torch.ceil(lengths.double() * density).long().clamp(min=min_keys).minimum(lengths)
-    return torch.ceil(keys.double() / block_n).long().clamp(min=1, max=n_kb)
+    blocks = torch.ceil(keys.double() / block_n).long()
+    if span_blocks is not None:
+        blocks = torch.where(keys >= lengths, torch.maximum(blocks, span_blocks), blocks)
+    return blocks.clamp(min=1, max=n_kb)
+
+
+def real_key_span(real: Tensor) -> Tensor:
+    """[B, 2] int64: the first and the last real key of each row of real [B, Nk] (Nk and -1 when none)."""
+    Nk = real.shape[-1]
+    pos = torch.arange(Nk, device=real.device)
+    return torch.stack([torch.where(real, pos, Nk).amin(-1), torch.where(real, pos, -1).amax(-1)], -1)
+
+
+def span_blocks(span: Tensor, block_n: int) -> Tensor:
+    """[B]: key blocks from the first real key's to the last's (0 for a row without real keys)."""
+    first, last = span[..., 0], span[..., 1]
+    return torch.where(last >= 0, last // block_n - first // block_n + 1, 0)
 
 
 def packed_segments(mask: Tensor, real: Tensor, N: int,

@@ -192,13 +192,16 @@ class MaskFacts:
     real [B, Nk] bool: keys some query may attend (device); lengths [B] int64: real keys per row
     (host); packed: block_select.packed_segments (segment, length, packed), or None when no row
     packs two sequences; packed_host: the same and `real` on the host (the packed rows' block
-    budgets are computed there, without another sync)."""
+    budgets are computed there, without another sync); span: each row's first and last real key
+    (block budgets list every block between them where every real key is wanted)."""
 
     causal: bool
     real: Tensor
     lengths: Tensor
     packed: Optional[tuple[Tensor, Tensor, Tensor]]
     packed_host: Optional[tuple[tuple[Tensor, Tensor, Tensor], Tensor]] = None
+    span: Optional[Tensor] = None  # [B, 2] int64 (host): each row's first and last real key
+    span_device: Optional[Tensor] = None  # the same on the device
 
 
 def mask_facts(mask: Tensor, B: int, N: int, Nk: int) -> MaskFacts:
@@ -212,18 +215,21 @@ def mask_facts(mask: Tensor, B: int, N: int, Nk: int) -> MaskFacts:
             causal = (mask == triangle).all().view(1)
         else:
             causal = real.new_zeros(1)
+        span = block_select.real_key_span(real)  # [B, 2]: first and last real key
         # the analysis's one sync: every host fact in one transfer (segments too: a few int64 per key)
-        parts = [causal.long(), real.sum(-1), packed_rows.long()]
+        parts = [causal.long(), real.sum(-1), packed_rows.long(), span.reshape(-1)]
         if found is not None:
             parts += [found[0].reshape(-1), found[1].reshape(-1), real.long().reshape(-1)]
         host = torch.cat(parts).cpu()
         packed = found is not None and bool(host[1 + B : 1 + 2 * B].any())
         packed_host = None
+        span_host = host[1 + 2 * B : 1 + 4 * B].view(B, 2)
         if packed:
-            o = 1 + 2 * B
+            o = 1 + 4 * B
             segment, length, rows = (host[o + j * B * N: o + (j + 1) * B * N].view(B, N) for j in range(3))
-            packed_host = ((segment, length, host[1 + B : o].bool()), rows[:, :Nk].bool())
-        return MaskFacts(bool(host[0]), real, host[1 : 1 + B], found if packed else None, packed_host)
+            packed_host = ((segment, length, host[1 + B : 1 + 2 * B].bool()), rows[:, :Nk].bool())
+        return MaskFacts(bool(host[0]), real, host[1 : 1 + B], found if packed else None, packed_host,
+                         span_host, span)
 
     return mask_memo.memo(mask, ("facts", B, N, Nk), analyse)
 
@@ -258,9 +264,9 @@ def _block_budgets(mask: Optional[Tensor], B: int, N: int, Nk: int, options: Opt
                 mask, facts.real, N, options.density, options.top_l, bm, bn, facts.packed, host=False, min_keys=floor)
         else:
             budget, sink = block_select.blocks_per_query(facts.lengths, options.density, options.top_l, bn, n_kb,
-                                                         floor), None
+                                                         floor, block_select.span_blocks(facts.span, bn)), None
             on_device = block_select.blocks_per_query(facts.real.sum(-1), options.density, options.top_l, bn, n_kb,
-                                                      floor)
+                                                      floor, block_select.span_blocks(facts.span_device, bn))
         flat = budget.flatten()
         uniform = bool((flat == flat[0]).all())
         n_qb = block_select.n_blocks(N, bm)

@@ -231,6 +231,7 @@ def assert_loss_rewritten_and_equal(model, b, labels, detail):
     torch._dynamo.reset()
     (site,) = spt_compile.explain(model, **b, labels=labels).rewritten("loss")
     assert detail in site.detail and "logits also returned" in site.detail, site.line()
+    model.zero_grad(set_to_none=True)  # a second call on the same model starts from no gradients either
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"})
@@ -258,6 +259,12 @@ def test_bart_final_logits_bias_gets_the_chunked_loss():
     b, _ = batch()
     labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
     assert_loss_rewritten_and_equal(model, b, labels, "added to the logits")
+    # a target shorter than the source: the decoder's cross-attention (10 queries over 20 keys) is rewritten
+    torch._dynamo.reset()
+    short = labels[:, :10].contiguous()
+    report = spt_compile.explain(model, **b, labels=short)
+    assert len(report.rewritten("attention")) == 3 and not report.dense(), str(report)
+    assert_loss_rewritten_and_equal(model, b, short, "added to the logits")
 
 
 def test_gemma2_soft_capped_logits_get_the_chunked_loss():

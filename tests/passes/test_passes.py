@@ -154,15 +154,23 @@ def test_softmax_over_another_axis_stays_dense():
     assert "not over the keys" in site.reason
 
 
-def test_kv_cache_decoding_stays_dense():
+def test_decoding_step_is_rewritten_but_causal_with_fewer_queries_stays_dense():
+    """One query over a KV cache without is_causal (or a decoder reading an encoder) is rewritten
+    (tests/sites/test_cross_attention.py checks it equals dense); is_causal with fewer queries than keys
+    means a top-left causal mask in SDPA, which the op does not have: dense, with the reason."""
     class Decode(nn.Module):
+        def __init__(self, causal):
+            super().__init__()
+            self.causal = causal
+
         def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
     q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 9, 64)
-    cap = capture(Decode(), q, k, k)
-    (site,) = cap.dense("attention")
-    assert "query length 1 differs from key length 9" in site.reason and "cross-attention" in site.reason
+    assert len(capture(Decode(False), q, k, k).rewritten("attention")) == 1
+    q = torch.randn(1, 2, 4, 64)
+    (site,) = capture(Decode(True), q, k, k).dense("attention")
+    assert "is_causal with query length 4 and key length 9" in site.reason, site.reason
 
 
 class OddHeads(nn.Module):
