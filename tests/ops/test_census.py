@@ -87,6 +87,12 @@ def _inputs(form: str, B: int, N: int):
         real = torch.ones(B, N, dtype=torch.bool)
         real[-1, 3 * N // 4:] = False
         return q, k, v, (tri & real[:, None, None, :]).expand(B, 1, N, N), False
+    if form in ("cross", "left_padded"):  # a key padding mask [B, 1, 1, N]: the encoder's, or left padding
+        keys = torch.ones(B, 1, 1, N, dtype=torch.bool)
+        keys[-1, ..., : N // 4] = False
+        if form == "cross":  # a decoder's queries, half as many, over the encoder's keys
+            q = torch.randn(B, 6, N // 2, 32, generator=g, requires_grad=True)
+        return q, k, v, keys, False
     seg = (torch.arange(N) >= N // 2).long()  # packed: two sequences per row
     return q, k, v, (tri & (seg[:, None] == seg[None, :])).expand(B, 1, N, N), False
 
@@ -108,7 +114,7 @@ def _compiled(impl: str, block: int = 64):
         "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_impl": impl, "attention_block": block})
 
 
-@pytest.mark.parametrize("form", ["none", "causal", "hf_causal", "padded", "packed"])
+@pytest.mark.parametrize("form", ["none", "causal", "hf_causal", "padded", "packed", "cross", "left_padded"])
 def test_attention_steady_state_reads_no_device_data_on_the_host(form):
     """Forward + backward of a training call and a sparse inference call: no sync once the mask has
     been seen (every later layer of a step gets the same mask tensor); its first analysis (once per

@@ -18,16 +18,28 @@ from test_census import _census, _compiled, _inputs  # noqa: E402
 from toy_models import SPARSE_AT_EVERY_LENGTH
 
 
-def _steady_launches(N: int, block: int) -> int:
-    """Launches of a causal training call of the Triton path at length N after two warm calls; no sync."""
+def _steady_launches(N: int, block: int, form: str = "causal", B: int = 1) -> int:
+    """Launches of a training call of the Triton path at length N after two warm calls; no sync. With
+    a mask, a first counted call analyses it (one transfer) and the call counted is a later one on the
+    same mask, as every layer after the first of a step."""
     compiled = _compiled("triton", block=block)
     for _ in range(2):
-        q, k, v, mask, causal = _inputs("causal", 1, N)
+        q, k, v, mask, causal = _inputs(form, B, N)
         compiled(q, k, v, mask, causal).sum().backward()
-    q, k, v, mask, causal = _inputs("causal", 1, N)
+    q, k, v, mask, causal = _inputs(form, B, N)
+    if mask is not None:
+        first = _census(compiled, q, k, v, mask, causal, training=True)
+        assert first.syncs <= 1, first.summary()
     c = _census(compiled, q, k, v, mask, causal, training=True)
     assert c.syncs == 0, c.summary()
     return c.launches
+
+
+def test_triton_cross_attention_launches_do_not_grow_and_sync_nothing():
+    """Queries of one sequence over another's padded keys ([B, 1, 1, Nk] mask, Nq = Nk / 2) on the GPU
+    path: the same launches at two lengths, no sync once the mask has been analysed."""
+    launches = {N: _steady_launches(N, 32, "cross", B=2) for N in (128, 256)}
+    assert launches[128] == launches[256], launches
 
 
 def test_triton_attention_launches_do_not_grow_with_the_sequence():
