@@ -121,10 +121,13 @@ def _softcap(n: Node) -> Optional[tuple[Node, float, list[Node]]]:
     return inner[0], f[1], [n, f[0], f[0].args[0]]
 
 
-def _head_output(n: Node) -> bool:
-    """n is the LM head's output as the op forms it before soft-capping: the linear, its added bias, a factor."""
-    return op(n) == "linear" or _added_bias(n) is not None or (
-        _factor(n) is not None and (op(_factor(n)[0]) == "linear" or _added_bias(_factor(n)[0]) is not None))
+def _head_output(n: Node, factor_too: bool = True) -> bool:
+    """n is the LM head's output as the op forms it: the linear or its added bias, or (factor_too) a
+    factor on either (what soft-capping may read)."""
+    if op(n) == "linear" or _added_bias(n) is not None:
+        return True
+    f = _factor(n) if factor_too else None
+    return f is not None and _head_output(f[0], factor_too=False)
 
 
 def _link(n: Node, index_taken: bool) -> Optional[str]:
@@ -137,8 +140,7 @@ def _link(n: Node, index_taken: bool) -> Optional[str]:
     if _added_bias(n) is not None:
         return "bias"
     f = _factor(n)
-    # applied to the head's output (with its bias), in its dtype, as the op applies it
-    if f is not None and (op(f[0]) == "linear" or _added_bias(f[0]) is not None):
+    if f is not None and _head_output(f[0], factor_too=False):  # on the head's output, in its dtype, as the op applies it
         return "factor"
     if op(n) in _CASTS and _cast_ok(n):
         return "cast"

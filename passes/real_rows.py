@@ -9,7 +9,7 @@ no operand (the site treats every row as real).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.fx import Graph, Node
@@ -39,36 +39,32 @@ class RealRowsSource:
         self.made: dict[tuple, Node] = {}
         self.planned = planned or {}
 
-    def mask_before(self, x: Node) -> Optional[Node]:
-        """The mask operand of the last self-attention site before x in graph order, or None. A
+    def _last_mask(self, x: Node) -> Union[Node, bool, None]:
+        """What the last self-attention site before x in graph order masks with: its mask operand (a
+        rewritten site), True (a planned site with a mask), or None / False (no mask). A
         cross-attention's mask (query length != key length: a decoder reading an encoder) describes the
-        other sequence's keys, not x's rows."""
+        other sequence's keys, not x's rows, so those sites are skipped."""
         mask = None
         for n in self.graph.nodes:
             if n is x:
                 break
-            if _attention_op(n) and not _cross(n):
+            if self.planned.get(n) is not None:  # None: a planned cross-attention
+                mask = self.planned[n]
+            elif _attention_op(n) and not _cross(n):
                 mask = n.args[3] if isinstance(n.args[3], Node) else None
         return mask
 
-    def _masked_before(self, x: Node) -> bool:
-        """Whether the last attention site before x (rewritten, or planned) has a mask."""
-        masked = False
-        for n in self.graph.nodes:
-            if n is x:
-                break
-            if self.planned.get(n) is not None:  # None: a cross-attention (see mask_before)
-                masked = self.planned[n]
-            elif _attention_op(n) and not _cross(n):
-                masked = isinstance(n.args[3], Node)
-        return masked
+    def mask_before(self, x: Node) -> Optional[Node]:
+        """The mask operand of the last self-attention site before x, or None."""
+        mask = self._last_mask(x)
+        return mask if isinstance(mask, Node) else None
 
     def note(self, x: Node) -> str:
         """What a site with input x gets, for explain() (inserts nothing)."""
         lead = shape(x)
         if lead is None or len(lead) != 3:
             return "every row real (the input is not [batch, seq, d])"
-        if not self._masked_before(x):
+        if not self._last_mask(x):
             return "every row real (no attention mask before it in this graph)"
         return "real rows from the attention mask"
 

@@ -97,12 +97,20 @@ def explain(model: nn.Module, *args, **kwargs) -> ExplainReport:
     return report
 
 
+def _message_parts(message: str) -> tuple[str, str, str]:
+    """(reason, developer context, first hint) of a Dynamo graph-break message ("" where absent)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+
+    def field(name: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name + ":")), "")
+
+    return lines[0], field("Developer debug context"), field("Hint").rstrip(".")
+
+
 def _graph_break(message: str) -> str:
     """Dynamo's graph-break message, shortened to its reason, what it broke on and its hint."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    context = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Developer debug context:")), "")
-    hint = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Hint:")), "").rstrip(".")
-    text = lines[0] + (f" ({context[:300]})" if context else "") + (f"; Dynamo's hint: {hint}" if hint else "")
+    reason, context, hint = _message_parts(message)
+    text = reason + (f" ({context[:300]})" if context else "") + (f"; Dynamo's hint: {hint}" if hint else "")
     if "warning_once" in context and "loss_type=" in context:
         # transformers >= 5 logs this from `loss_function` on every call of a model whose class name
         # gives no loss type (GPT2LMHeadModel and other *LMHeadModel classes); the break puts the loss
@@ -116,9 +124,8 @@ def _graph_break(message: str) -> str:
 
 def _not_traced(message: str) -> str:
     """Dynamo's graph-break message inside a higher-order op, shortened to what the user needs."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    context = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Developer debug context:")), "")
-    text = lines[0] + (f" ({context})" if context else "")
+    reason, context, _ = _message_parts(message)
+    text = reason + (f" ({context})" if context else "")
     text += (": Dynamo ran that higher-order-op region (e.g. an activation-checkpointed layer) eagerly, so no "
              "attention or MLP in it is rewritten or listed")
     if "skip_fwd_side_effects_in_bwd_under_checkpoint" in message:

@@ -125,6 +125,16 @@ def _linear_into(hc: Tensor, W: Tensor, b: Optional[Tensor], out: Optional[Tenso
     return z
 
 
+def _before_factors_(g: Tensor, slope: Optional[Tensor], factor: float) -> Tensor:
+    """d(logits) g [C, V] fp32 -> d(the head's output before the cap and the factor), in place: times the
+    cap's slope (_cap_slope, None: no cap), times logit_mul / logit_div."""
+    if slope is not None:
+        g.mul_(slope)
+    if factor != 1.0:
+        g.mul_(factor)
+    return g
+
+
 def _cap_slope(z: Tensor, cap: float, out: Optional[Tensor] = None) -> Tensor:
     """d(capped)/d(uncapped) = 1 - (z / cap)^2 for capped logits z, fp32 (into `out` if given)."""
     t = z.to(torch.float32, copy=True) if out is None else out.copy_(z)
@@ -309,10 +319,9 @@ def linear_cross_entropy_backward(
         if dl2 is not None and _any_nonzero(dl2):
             for r0 in range(0, T, chunk):
                 r1 = min(T, r0 + chunk)
-                g = dl2[r0:r1].float() * factor
-                if logit_softcap:  # the cap's derivative at these rows' logits, recomputed
-                    g.mul_(_cap_slope(_linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div, logit_softcap),
-                                      logit_softcap))
+                slope = _cap_slope(_linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div, logit_softcap),
+                                   logit_softcap) if logit_softcap else None  # at these rows' logits, recomputed
+                g = _before_factors_(dl2[r0:r1].float(), slope, factor)
                 _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
     else:
         valid = y != ignore_index
@@ -320,16 +329,13 @@ def linear_cross_entropy_backward(
         for r0 in range(0, T, chunk):
             r1 = min(T, r0 + chunk)
             g = _linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div, logit_softcap).float()  # the chunk's logits again
-            slope = _cap_slope(g, logit_softcap) if logit_softcap else None
+            slope = _cap_slope(g, logit_softcap) if logit_softcap else None  # before g becomes d(logits)
             g.sub_(lse[r0:r1, None]).exp_()  # softmax: lse is the rows' log-sum-exp
             sc = scale[r0:r1]  # ignored rows -> 0
             g = _scaled_softmax_minus_target_(g, sc, sc, y[r0:r1], valid[r0:r1], label_smoothing)
             if dl2 is not None:
                 g.add_(dl2[r0:r1])
-            if slope is not None:
-                g.mul_(slope)
-            if factor != 1.0:
-                g.mul_(factor)
+            _before_factors_(g, slope, factor)
             _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
             del g  # free this chunk's [C, V] before the next one is allocated
     return (None if dh is None else dh.view(h.shape),
@@ -393,7 +399,7 @@ def _setup_context(ctx, inputs, output):
     _, _, lse, *unit = output
     ctx.save_for_backward(h, W, b, labels, lse, *unit)  # no [T, V] tensor
     ctx.args = (ignore_index, reduction, label_smoothing, chunk)
-    ctx.factors = tuple(rest[1:4]) + (1.0, 1.0, 0.0)[len(rest[1:4]):]  # (logit_mul, logit_div, logit_softcap)
+    ctx.factors = tuple(rest[1:4])  # (logit_mul, logit_div, logit_softcap): inputs hold every argument, defaults too
     ctx.n_inputs = len(inputs)
     ctx.return_logits = return_logits
     ctx.precomputed = list(needs) if precompute else [False] * 3
