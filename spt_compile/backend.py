@@ -20,6 +20,7 @@ from .options import Options, make_options
 from spt_compile.passes import rewrite_graph
 from spt_compile.passes.loss import LOGITS_FROM_OUTSIDE
 from spt_compile.passes.float_inputs import FloatGuard, copy_graph_module, float_inputs
+from spt_compile.passes.returned_logits import LogitsGradient, detach_returned_logits
 
 log = logging.getLogger("spt_compile")
 _warned: set[str] = set()  # warnings given once per process
@@ -102,8 +103,11 @@ def spt_backend(gm: GraphModule, example_inputs, options: Optional[dict[str, Any
     def compile(g, inputs):
         return downstream(g, inputs, compiler, mode)
 
-    if as_traced is None:
-        return lower(gm, example_inputs, compile)
-    if not report.rewritten():  # nothing needed the constants: compile the graph as traced, no guard
+    if as_traced is not None and not report.rewritten():  # nothing needed the constants: the graph as traced, no guard
         return lower(as_traced, example_inputs, compile)
-    return FloatGuard(lower(gm, example_inputs, compile), as_traced.forward, report.floats)
+    # Returned logits leave the graph outside autograd, which then hands it no zero-filled [T, V] gradient
+    returned, n_outputs = detach_returned_logits(gm) if report.rewritten("loss") else ([], 0)
+    compiled = lower(gm, example_inputs, compile)
+    if returned:
+        compiled = LogitsGradient(compiled, returned, n_outputs)
+    return compiled if as_traced is None else FloatGuard(compiled, as_traced.forward, report.floats)

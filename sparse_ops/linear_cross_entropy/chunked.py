@@ -156,6 +156,21 @@ def _backprop_chunk(g: Tensor, hc: Tensor, W: Tensor, dh: Optional[Tensor], dW: 
         db += g.sum(0)
 
 
+def backprop_logits_grad(dl2: Tensor, h2: Tensor, W: Tensor, b: Optional[Tensor], dh: Optional[Tensor],
+                         dW: Optional[Tensor], db: Optional[Tensor], chunk: int, logit_mul: float = 1.0,
+                         logit_div: float = 1.0, logit_softcap: float = 0.0) -> None:
+    """A gradient dl2 [T, V] of the returned logits, chunk by chunk through the factor and the cap, into
+    dh [T, d] and the fp32 dW [V, d], db [V] (None: not wanted). The cap's slope needs the logits: they
+    are recomputed one chunk at a time rather than kept from forward (no [T, V] saved)."""
+    T, factor = h2.shape[0], logit_mul / logit_div
+    for r0 in range(0, T, chunk):
+        r1 = min(T, r0 + chunk)
+        slope = _cap_slope(_linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div, logit_softcap),
+                           logit_softcap) if logit_softcap else None  # at these rows' logits, recomputed
+        g = _before_factors_(dl2[r0:r1].float(), slope, factor)
+        _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+
+
 def _grad_buffers(h2: Tensor, W: Tensor, needs: list[bool]):
     V, d = W.shape
     f32 = dict(dtype=torch.float32, device=W.device)
@@ -317,12 +332,7 @@ def linear_cross_entropy_backward(
                 buf += u.float() * (f if buf is dh else dloss.float())
         # AOTAutograd hands zeros to a returned output nobody differentiated: skip their GEMMs
         if dl2 is not None and _any_nonzero(dl2):
-            for r0 in range(0, T, chunk):
-                r1 = min(T, r0 + chunk)
-                slope = _cap_slope(_linear_into(h2[r0:r1], W, b, None, logit_mul, logit_div, logit_softcap),
-                                   logit_softcap) if logit_softcap else None  # at these rows' logits, recomputed
-                g = _before_factors_(dl2[r0:r1].float(), slope, factor)
-                _backprop_chunk(g, h2[r0:r1], W, None if dh is None else dh[r0:r1], dW, db)
+            backprop_logits_grad(dl2, h2, W, b, dh, dW, db, chunk, logit_mul, logit_div, logit_softcap)
     else:
         valid = y != ignore_index
         scale = _row_scale(dloss, valid, reduction)  # [T] fp32
@@ -351,11 +361,13 @@ def _linear_cross_entropy_op(
     h: Tensor, W: Tensor, b: Optional[Tensor], labels: Tensor, ignore_index: int, reduction: str,
     label_smoothing: float, chunk: int, return_logits: bool, out_dtype: torch.dtype, precompute: bool,
     needs: list[bool], impl: str = "auto", logit_mul: float = 1.0, logit_div: float = 1.0,
-    logit_softcap: float = 0.0,
+    logit_softcap: float = 0.0, logits_differentiable: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """needs: which of h, W, b will want a gradient (precompute forms those in forward). impl: the
     forward's per-chunk loss (LOSS_IMPLS; backward's recompute path is torch either way). logit_mul,
-    logit_div: a constant factor on the logits (1.0: none); logit_softcap: soft-capping (0.0: none)."""
+    logit_div: a constant factor on the logits (1.0: none); logit_softcap: soft-capping (0.0: none).
+    logits_differentiable=False returns the logits outside autograd (the backend gives them their
+    gradient outside the compiled graph: passes/returned_logits.py)."""
     return linear_cross_entropy_forward(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk,
                                         return_logits, out_dtype, precompute, needs, impl, logit_mul, logit_div,
                                         logit_softcap)
@@ -363,7 +375,7 @@ def _linear_cross_entropy_op(
 
 @_linear_cross_entropy_op.register_fake
 def _(h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs,
-      impl="auto", logit_mul=1.0, logit_div=1.0, logit_softcap=0.0):
+      impl="auto", logit_mul=1.0, logit_div=1.0, logit_softcap=0.0, logits_differentiable=True):
     T = labels.numel()
     loss = h.new_empty(T, dtype=out_dtype) if reduction == "none" else h.new_empty((), dtype=out_dtype)
     logits = h.new_empty(*h.shape[:-1], W.shape[0]) if return_logits else h.new_empty(0)
@@ -396,10 +408,12 @@ def _(dloss, dlogits, h, W, b, labels, lse, unit_h, unit_W, unit_b, ignore_index
 
 def _setup_context(ctx, inputs, output):
     h, W, b, labels, ignore_index, reduction, label_smoothing, chunk, return_logits, out_dtype, precompute, needs, *rest = inputs
-    _, _, lse, *unit = output
+    _, logits, lse, *unit = output
     ctx.save_for_backward(h, W, b, labels, lse, *unit)  # no [T, V] tensor
     ctx.args = (ignore_index, reduction, label_smoothing, chunk)
     ctx.factors = tuple(rest[1:4])  # (logit_mul, logit_div, logit_softcap): inputs hold every argument, defaults too
+    if not rest[4]:  # logits_differentiable=False: no gradient (AOTAutograd then gives them no zero-filled one)
+        ctx.mark_non_differentiable(logits)
     ctx.n_inputs = len(inputs)
     ctx.return_logits = return_logits
     ctx.precomputed = list(needs) if precompute else [False] * 3

@@ -225,7 +225,9 @@ def test_scaled_logits_get_the_chunked_loss(family, config, factor):
 
 def assert_loss_rewritten_and_equal(model, b, labels, detail):
     """explain() shows one chunked loss with `detail`; compiled with spt (every key and block), the HF
-    loss, the returned logits and the LoRA gradients equal the dense model's."""
+    loss, the returned logits and the LoRA gradients equal the dense model's: of the loss alone (the
+    logits leave the graph without a gradient of their own) and of the loss plus a term of the logits
+    (the gradient attached to them outside the graph)."""
     from test_models import EVERY
 
     torch._dynamo.reset()
@@ -238,13 +240,21 @@ def assert_loss_rewritten_and_equal(model, b, labels, detail):
     got, want = compiled(**b, labels=labels), reference(**b, labels=labels)
     torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
-    got.loss.backward()
-    want.loss.backward()
-    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
-    assert grads
-    for n, p in model.named_parameters():
-        if n in grads:
-            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    for through_logits in (False, True):
+        if through_logits:
+            model.zero_grad(set_to_none=True)
+            reference.zero_grad(set_to_none=True)
+            got, want = compiled(**b, labels=labels), reference(**b, labels=labels)
+        assert got.logits.requires_grad
+        extra = [o.logits.float().square().mean() if through_logits else 0.0 for o in (got, want)]
+        (got.loss + extra[0]).backward()
+        (want.loss + extra[1]).backward()
+        grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+        assert grads
+        for n, p in model.named_parameters():
+            if n in grads:
+                torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4,
+                                           msg=lambda m: f"{n} (through the logits: {through_logits}): {m}")
 
 
 def test_bart_final_logits_bias_gets_the_chunked_loss():

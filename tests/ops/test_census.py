@@ -277,20 +277,20 @@ def _step_census(layers: int, impl: str) -> Census:
 
 def test_a_whole_step_syncs_per_step_not_per_layer():
     """A training step of a whole model syncs a fixed number of times, whatever its depth, with the
-    grouped MLP: the mask's analysis, the MLP sites' row counts and the loss backward's check of its
-    logits gradient, once each. The block-batched MLP (the default) adds its one per layer. The loss's
-    torch path, which this CPU run takes, adds its count of the rows that carry a loss (on CUDA the
-    Triton kernel runs every row and reads nothing)."""
+    grouped MLP: the mask's analysis and the MLP sites' row counts, once each. The block-batched MLP
+    (the default) adds its one per layer. The loss's torch path, which this CPU run takes, adds its
+    count of the rows that carry a loss (on CUDA the Triton kernel runs every row and reads nothing).
+    The loss backward reads nothing: the returned logits leave the graph without a gradient, so there
+    is no zero gradient of theirs to check (passes/returned_logits.py)."""
     pytest.importorskip("transformers")
     grouped = {layers: _step_census(layers, "grouped") for layers in (2, 4)}
     for c in grouped.values():
         where = sorted(w.split(":")[0] + " " + w.split(" in ")[-1] for (_, w), n in c.sync_sites().items())
-        assert c.syncs == 4, c.summary()
-        assert where == ["sparse_ops/linear_cross_entropy/chunked.py _any_nonzero",
-                         "sparse_ops/linear_cross_entropy/chunked.py _loss_rows_first",
+        assert c.syncs == 3, c.summary()
+        assert where == ["sparse_ops/linear_cross_entropy/chunked.py _loss_rows_first",
                          "spt_compile/sites/attention.py analyse", "spt_compile/sites/row_counts.py count"], where
     block_batched = _step_census(2, "torch")
-    assert block_batched.syncs == 4 + 2, block_batched.summary()
+    assert block_batched.syncs == 3 + 2, block_batched.summary()
 
 
 @pytest.mark.parametrize("form", ["causal", "padded"])

@@ -214,6 +214,43 @@ def test_hf_causal_lm_loss(num_items):
         torch.testing.assert_close(got[2][name], want[2][name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_returned_logits_get_no_zero_gradient_and_their_own_outside_the_graph(monkeypatch, compiler):
+    """HF returns the logits beside the loss. They leave the compiled graph outside autograd, so a
+    backward of the loss alone hands the op no zero-filled [T, V] gradient to scan (before: one per
+    step); a term of the logits still gets its gradient, attached outside the graph, into h and a
+    trained head's W. Under no_grad nothing is attached."""
+    import spt_compile.sparse_ops.linear_cross_entropy.chunked as chunked
+
+    scanned = []
+    any_nonzero = chunked._any_nonzero
+    monkeypatch.setattr(chunked, "_any_nonzero", lambda t: scanned.append(tuple(t.shape)) or any_nonzero(t))
+    model = tiny_llama(tie=False)  # every weight trained, the head's W too
+    ids = torch.randint(0, 211, (2, 13), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={**EVERY, "compiler": compiler})
+    for through_logits in (False, True):
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        got, want = compiled(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
+        assert "LogitsGradient" in type(got.logits.grad_fn).__name__
+        (got.loss + (got.logits.square().mean() if through_logits else 0.0)).backward()
+        (want.loss + (want.logits.square().mean() if through_logits else 0.0)).backward()
+        assert not scanned, scanned  # no gradient of the logits reached the op
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+        grads = {n: p.grad for n, p in ref.named_parameters()}
+        assert grads["lm_head.weight"] is not None
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"{n} (through the logits: {through_logits}): {m}")
+    with torch.no_grad():
+        out = compiled(input_ids=ids, labels=labels)
+    assert not out.logits.requires_grad and out.logits.grad_fn is None
+
+
 def test_hf_bf16_upcast_copy_is_not_kept():
     """bf16 model: the fp32 copy of the logits only ever exists one chunk at a time; the model's
     bf16 logits are the op's output. Nothing [T, V]-sized is saved for backward."""

@@ -127,10 +127,11 @@ def test_triton_backward_takes_the_strided_output_gradient_without_a_copy():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
-def test_a_whole_gpu_path_step_syncs_three_times_at_any_depth():
+def test_a_whole_gpu_path_step_syncs_twice_at_any_depth():
     """A training step of a tiny HF LLaMA on the GPU path (Triton attention and loss kernels, the
-    grouped MLP; padded batch, prompt rows without a loss): 3 syncs at 2 and at 4 layers, the mask's
-    analysis, the row counts and the loss backward's check, none per layer."""
+    grouped MLP; padded batch, prompt rows without a loss): 2 syncs at 2 and at 4 layers, the mask's
+    analysis and the row counts, none per layer. (The loss backward's check of its logits' gradient
+    was a third: the returned logits now leave the graph without one, passes/returned_logits.py.)"""
     pytest.importorskip("transformers")
     from toy_models import tiny_llama_batch
 
@@ -144,5 +145,5 @@ def test_a_whole_gpu_path_step_syncs_three_times_at_any_depth():
             compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
         with Census() as c:
             compiled(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
-        assert c.syncs == 3, (layers, c.summary())
+        assert c.syncs == 2, (layers, c.summary())
         assert c.ops["triton:_bwd_dkdv_kernel"] == layers and c.ops["triton:_ce_rows_kernel"] >= 1, c.ops
