@@ -149,6 +149,17 @@ def load_model(layers, attn_implementation="sdpa", model_name="smollm2", dtype="
     return model
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_model(layers, attn_implementation="sdpa", model_name="smollm2", dtype="fp32", lora_dropout=0.0):
+    """load_model's model with the benchmarks' adapter: PEFT LoRA r=16 on every projection, in train mode."""
+    import peft
+
+    return peft.get_peft_model(load_model(layers, attn_implementation, model_name, dtype), peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=LORA_TARGETS)).train()
+
+
 class SavedBytes:
     """Bytes of the unique non-parameter storages autograd saves for backward during one forward."""
 
@@ -167,8 +178,6 @@ class SavedBytes:
 def worker(name: str, seq: int, args) -> dict:
     import torch
 
-    import peft
-
     sys.path.insert(0, str(HERE.parent))  # run from source (the GPU machine has no install)
     from spt_compile.recipes.flops import Dims, flop_limit
     from spt_compile.recipes.memory import allocation_peak, current_rss_bytes, peak_rss_bytes
@@ -181,10 +190,7 @@ def worker(name: str, seq: int, args) -> dict:
     cuda = args.device == "cuda"
     torch.manual_seed(0)
     backend, options, attn = CONFIGS[name]
-    model = peft.get_peft_model(load_model(args.layers, attn, args.model, args.dtype), peft.LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.to(args.device).train()
+    model = lora_model(args.layers, attn, args.model, args.dtype).to(args.device)
     rss_loaded = current_rss_bytes()
     if backend == "eager":
         run = model

@@ -42,12 +42,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    import peft
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import spt_compile  # noqa: F401
-    from bench_finetune import load_model
+    from bench_finetune import lora_model
     from spt_compile.options import make_options
     from spt_compile.recipes.cli import spt_option_pairs
 
@@ -56,9 +55,7 @@ def main(argv=None) -> int:
     backend, options, attn = CONFIGS[args.config]
     options = dict(options or {})
     options.update(spt_option_pairs(args.option))
-    model = peft.get_peft_model(load_model(args.layers, attn), peft.LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+    model = lora_model(args.layers, attn)
     run = {"eager": model, "inductor": None, "spt": None}[backend]
     if backend == "inductor":
         run = torch.compile(model)

@@ -31,19 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    import peft
     import torch
 
     import spt_compile.backend as backend
-    from bench_finetune import load_model
+    from bench_finetune import lora_model
     from spt_compile import compile_reports
     from spt_compile.options import make_options
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = peft.get_peft_model(load_model(args.layers, "sdpa"), peft.LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+    model = lora_model(args.layers)
     # Options spelled apart (the same values): Dynamo would otherwise reuse the first compile for the second
     runs = {"outside": torch.compile(model, backend="spt"),
             "inside": torch.compile(model, backend="spt", options={"compiler": "inductor"})}

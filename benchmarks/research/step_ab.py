@@ -51,19 +51,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    import peft
     import torch
 
     import spt_compile
-    from bench_finetune import load_model
+    from bench_finetune import lora_model
     from spt_compile.options import make_options
     from spt_compile.recipes.cli import spt_option_pairs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = peft.get_peft_model(load_model(args.layers, "sdpa"), peft.LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=args.lora_dropout,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+    model = lora_model(args.layers, lora_dropout=args.lora_dropout)
     runs = {"eager": model}
     if "inductor" in args.configs:
         runs["inductor"] = torch.compile(model)
