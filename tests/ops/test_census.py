@@ -109,6 +109,12 @@ def _census(compiled, q, k, v, mask, causal, training: bool):
 
 
 def _compiled(impl: str, block: int = 64):
+    """A fresh site each time: a module without weights has its site found by name, so an earlier
+    test's would be reused, with its call count (a probe every 25 training calls would then land
+    inside a census, depending on which tests this worker ran before)."""
+    from spt_compile.registry import REGISTRY
+
+    REGISTRY._by_name = {key: site for key, site in REGISTRY._by_name.items() if key[0] != "attention"}
     torch._dynamo.reset()
     return torch.compile(_Attention(), backend="spt", options={
         "calibration_steps": 1, **SPARSE_AT_EVERY_LENGTH, "attention_impl": impl, "attention_block": block})
@@ -299,11 +305,7 @@ def test_an_attention_probe_syncs_once(form):
     few query positions drawn on the device: both come back in one transfer."""
     from spt_compile.sites.attention import AttentionSite
 
-    from spt_compile.registry import REGISTRY
-
-    # A fresh site: a module without weights has its site found by name, so earlier tests' would be reused
-    REGISTRY._by_name = {key: site for key, site in REGISTRY._by_name.items() if key[0] != "attention"}
-    compiled = _compiled("torch", block=32)
+    compiled = _compiled("torch", block=32)  # a fresh site
     probes = []
     real_probe = AttentionSite._probe
     AttentionSite._probe = lambda self, *a: probes.append(1) or real_probe(self, *a)
