@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .chunked import backprop_logits_grad
+from .chunked import _grad_buffers, backprop_logits_grad
 
 
 class _LogitsGradient(torch.autograd.Function):
@@ -32,13 +32,10 @@ class _LogitsGradient(torch.autograd.Function):
     def backward(ctx, dlogits: Tensor):
         h, W, b = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:4]
-        d, V = h.shape[-1], W.shape[0]
-        h2 = h.reshape(-1, d)  # [T, d]
-        f32 = dict(dtype=torch.float32, device=W.device)
-        dh = torch.zeros_like(h2) if needs[0] else None
-        dW = torch.zeros(V, d, **f32) if needs[1] else None  # fp32 sums over chunks, as the op's
-        db = torch.zeros(V, **f32) if needs[2] and b is not None else None
-        backprop_logits_grad(dlogits.reshape(-1, V).contiguous(), h2, W, b, dh, dW, db, ctx.chunk, *ctx.factors)
+        h2 = h.reshape(-1, h.shape[-1])  # [T, d]
+        dh, dW, db = _grad_buffers(h2, W, [needs[0], needs[1], needs[2] and b is not None])  # the op's: fp32 dW, db
+        backprop_logits_grad(dlogits.reshape(-1, W.shape[0]).contiguous(), h2, W, b, dh, dW, db, ctx.chunk,
+                             *ctx.factors)
         return (None, None if dh is None else dh.view(h.shape), None if dW is None else dW.to(W.dtype),
                 None if db is None else db.to(b.dtype), None, None)
 
