@@ -4,7 +4,8 @@
 bench_finetune.py runs each configuration in its own process, one after another, so a slow spell of
 this shared 2-core machine (step times move by up to 25% between runs) lands on whichever ran then.
 Here the same PEFT model is stepped eagerly (SDPA), through Inductor and through backend="spt" in turn,
-round after round, and each configuration's median is taken over the rounds: a drift hits all alike.
+round after round (in reverse order every other round: ABBA), and each configuration's median is taken
+over the rounds: a drift hits all alike.
 The model, LoRA and batch are bench_finetune.py's (random tokens, labels = inputs: LM tuning; with
 --prompt-frac, each row's first tokens carry no loss).
 
@@ -102,7 +103,9 @@ def main(argv=None) -> int:
         calibrated = calibrated or spt
     times = {name: [] for name in args.configs}
     for r in range(args.rounds):
-        for name in args.configs:
+        # ABBA: every other round runs the configurations in reverse, so none always follows the same one
+        # (the step after another's backward can inherit its allocator and cache state)
+        for name in (args.configs if r % 2 == 0 else args.configs[::-1]):
             times[name].append(step(name))
         print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in args.configs), flush=True)
     med = {n: statistics.median(t) for n, t in times.items()}
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
             "seq": args.seq, "batch": args.batch, "layers": model.config.num_hidden_layers, "threads": args.threads,
             "lora_dropout": args.lora_dropout, "prompt_frac": args.prompt_frac, "variant_options": variant,
             "compile_options": compiled_options,
-            "rounds": args.rounds, "step_times_s": times, "median_s": med, "torch": torch.__version__,
+            "rounds": args.rounds, "order": "abba", "step_times_s": times, "median_s": med, "torch": torch.__version__,
             "commit": source_commit(), "cpu": cpu_model()}, indent=1) + "\n")
     return 0
 
