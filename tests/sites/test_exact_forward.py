@@ -75,6 +75,35 @@ def test_mlp_backward_is_the_masked_jacobian(gated, layout, lora, T, hidden, nb,
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_backward_with_every_pair_kept_is_the_dense_gradient(activation, dtype):
+    """Every pair kept (LM tuning: every row carries a loss): the backward reads the whole saved [T, F]
+    pre-activations, adds each block's d(X) straight into the layer's and reuses the activation's buffers
+    for d(z) (relu's backward reads act(z): it must run first). Gradients: autograd's of the dense MLP."""
+    gen = torch.Generator().manual_seed(3)
+    w = make_weights(13, 40, 11, gated=True, layout="oi", lora=("in", "gate", "out"), dtype=dtype, gen=gen)
+    spec = spec_for(w, activation, True, 4, "oi")
+    x = torch.randn(23, 13, dtype=dtype, generator=gen, requires_grad=True)
+    perm = torch.randperm(40, generator=gen)
+    saved: list = []
+    every = torch.ones(23, 4, dtype=torch.bool)
+    y, mask, _, whole, counts = exact_mlp_forward(x.detach(), _detached(w), spec, lambda scores: every, 0, saved,
+                                                  perm, None)  # no scores: every pair is kept
+    assert whole and mask.all()
+    ref = exact_forward_mlp_reference(x, permute_hidden(w, spec, perm), spec, mask)
+    dy = torch.randn(y.shape, dtype=dtype, generator=gen)
+    needs = MlpWeights(*[t is not None for t in w])
+    dx, grads = routed_mlp_backward_saved(dy, x.detach(), _detached(w), spec, mask, 0, True, needs, saved[0],
+                                          perm=perm, exact_forward=True, whole=True, counts=counts)
+    leaves = [x] + [t for t in w if t is not None]
+    want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
+    got = [dx] + [g for g, t in zip(grads, w) if t is not None]
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for name, g, r in zip(["x"] + [n for n, t in w._asdict().items() if t is not None], got, want):
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, **tol, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("gated,importance,hidden,nb", [
     (True, "jacobian", 40, 4), (True, "jacobian", 37, 3), (False, "jacobian", 21, 4),
     (True, "output", 37, 5), (False, "output", 16, 2),
