@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
 import time
@@ -87,11 +89,15 @@ def main(argv=None) -> int:
     labels = ids.clone()
     labels[:, : int(args.prompt_frac * args.seq)] = -100  # a prompt: no loss there
 
+    faults = {name: [] for name in args.configs}  # minor page faults per step: fresh memory touched
+
     def step(name):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         runs[name](input_ids=ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         return time.perf_counter() - t0
 
     calibrated = False
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
             step(name)
         calibrated = calibrated or spt
     times = {name: [] for name in args.configs}
+    faults = {name: [] for name in args.configs}  # the timed rounds' only
     for r in range(args.rounds):
         # ABBA: every other round runs the configurations in reverse, so none always follows the same one
         # (the step after another's backward can inherit its allocator and cache state)
@@ -111,7 +118,8 @@ def main(argv=None) -> int:
     med = {n: statistics.median(t) for n, t in times.items()}
     best = min(med[n] for n in ("eager", "inductor") if n in med) if {"eager", "inductor"} & set(med) else None
     for n in args.configs:
-        print(f"{n:9s} median {med[n]:6.2f} s" + (f"  {med[n] / best:.3f}x of the best dense" if best else ""))
+        print(f"{n:9s} median {med[n]:6.2f} s" + (f"  {med[n] / best:.3f}x of the best dense" if best else "")
+              + f"  {statistics.median(faults[n]):.0f} minor page faults a step")
     if "spt" in runs:
         sites = spt_compile.report(model)
         print("spt runs:", {s["name"]: s.get("backward") for s in sites if s["kind"] == "mlp"}.popitem(),
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
             "seq": args.seq, "batch": args.batch, "layers": model.config.num_hidden_layers, "threads": args.threads,
             "lora_dropout": args.lora_dropout, "prompt_frac": args.prompt_frac, "variant_options": variant,
             "compile_options": compiled_options,
-            "rounds": args.rounds, "order": "abba", "step_times_s": times, "median_s": med, "torch": torch.__version__,
+            "rounds": args.rounds, "order": "abba", "step_times_s": times, "minor_faults": faults,
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "median_s": med, "torch": torch.__version__,
             "commit": source_commit(), "cpu": cpu_model()}, indent=1) + "\n")
     return 0
 
