@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,20 +32,13 @@ def main(argv=None) -> int:
     import torch
 
     import spt_compile.sparse_ops.routed_mlp.exact as tree
+    from ab_mlp_backward import module_at
     from provenance import cpu_model, source_commit
     from spt_compile.fitting.router import choose_blocks
     from test_routed_mlp_op import make_weights, spec_for
 
     torch.set_num_threads(args.threads)
-    module_path = "sparse_ops/routed_mlp/exact.py"
-    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{args.rev}:{module_path}"],
-                           capture_output=True, text=True)
-    if shown.returncode:
-        p.error(f"cannot read {module_path} at revision {args.rev!r}: {shown.stderr.strip()}")
-    src = shown.stdout
-    base = types.ModuleType("exact_at_rev")
-    base.__package__ = "spt_compile.sparse_ops.routed_mlp"  # its relative imports resolve to the tree's package
-    exec(compile(src, f"exact.py@{args.rev}", "exec"), base.__dict__)
+    base = module_at(args.rev, "sparse_ops/routed_mlp/exact.py", "exact_at_rev", "spt_compile.sparse_ops.routed_mlp")
     gen = torch.Generator().manual_seed(0)
     w = make_weights(576, 1536, 576, gated=True, bias=False, lora=("in", "gate", "out"), r=16, gen=gen)
     w = type(w)(*[None if t is None else t.detach() for t in w])

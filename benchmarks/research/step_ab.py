@@ -7,9 +7,10 @@ Here the same PEFT model is stepped eagerly (SDPA), through Inductor and through
 round after round (in reverse order every other round: ABBA), and each configuration's median is taken
 over the rounds: a drift hits all alike.
 Caution (measured 2026-12-06, README): configurations stepped in one process slow each other, and not
-alike. Eager's step took 10.72 s alone in this script and 12.03 s beside Inductor (in a later pair of runs
-with 15% more page faults a step), so ratios between dense and spt from here overstate spt's lead; use it for A/B of spt variants,
-and bench_finetune.py (a fresh process per configuration) for ratios against dense.
+alike. Eager's step took 10.72 s alone in this script and 12.03 s beside Inductor (in a later pair of
+runs with 15% more page faults a step), so ratios between dense and spt from here overstate spt's lead:
+use it for A/B of spt variants, and bench_finetune.py (a fresh process per configuration) for ratios
+against dense.
 The model, LoRA and batch are bench_finetune.py's (random tokens, labels = inputs: LM tuning; with
 --prompt-frac, each row's first tokens carry no loss).
 
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
             step(name)
         calibrated = calibrated or spt
     times = {name: [] for name in args.configs}
-    faults = {name: [] for name in args.configs}  # the timed rounds' only
+    for counted in faults.values():  # the timed rounds' only
+        counted.clear()
     for r in range(args.rounds):
         # ABBA: every other round runs the configurations in reverse, so none always follows the same one
         # (the step after another's backward can inherit its allocator and cache state)
