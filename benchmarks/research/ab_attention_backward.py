@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "research")]
 
 
-def causal_lists(B: int, S: int, n_qb: int, Lb: int, gen) -> "torch.Tensor":
+def causal_lists(B: int, S: int, n_qb: int, Lb: int, gen):
     """[B, S, n_qb, Lb] int32: query block i lists block i first, then up to Lb - 1 distinct earlier
     blocks drawn at random, -1 in the slots left over (the first query blocks have too few)."""
     import torch
