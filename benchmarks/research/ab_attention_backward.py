@@ -1,13 +1,12 @@
 #!/usr/bin/env python
 """A/B of block_sparse_backward_torch (the attention site's backward on the CPU) between a git revision
 and the working tree, in ONE process, alternating call by call (ABBA), on a training call's inputs:
-SmolLM2's heads (9 query / 3 key-value heads of 64), causal, one list of key blocks per GQA group with
-the diagonal block first and `--keys` keys a query (the defaults at 2048 tokens: density 1/8, 256 keys),
-and the exact forward's output and log-sum-exp (exact_forward: the backward is the exact Jacobian
+SmolLM2's heads (9 query / 3 key-value heads of 64), causal, the key blocks select_key_blocks lists
+per GQA group (the diagonal block first), `--keys` keys a query (the defaults at 2048 tokens: density
+1/8, 256 keys), and the exact forward's output and log-sum-exp (exact_forward: the backward is the exact Jacobian
 masked to the listed tiles).
 
-    python benchmarks/research/ab_attention_backward.py aee0cc6 --n 2048 --rounds 30 \\
-        --json benchmarks/research/results/ab_attention_backward_cpu_2048.json
+    python benchmarks/research/ab_attention_backward.py aee0cc6 --n 2048 --rounds 30 --json PATH
 """
 
 from __future__ import annotations
@@ -21,21 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "research")]
-
-
-def causal_lists(B: int, S: int, n_qb: int, Lb: int, gen):
-    """[B, S, n_qb, Lb] int32: query block i lists block i first, then up to Lb - 1 distinct earlier
-    blocks drawn at random, -1 in the slots left over (the first query blocks have too few)."""
-    import torch
-
-    idx = torch.full((B, S, n_qb, Lb), -1, dtype=torch.int32)
-    for b in range(B):
-        for s in range(S):
-            for i in range(n_qb):
-                earlier = torch.randperm(i, generator=gen)[: Lb - 1]
-                idx[b, s, i, 0] = i
-                idx[b, s, i, 1 : 1 + earlier.numel()] = earlier.to(torch.int32)
-    return idx
 
 
 def main(argv=None) -> int:
@@ -53,6 +37,7 @@ def main(argv=None) -> int:
     import spt_compile.sparse_ops.attention.block_sparse as tree
     from ab_mlp_backward import module_at
     from provenance import cpu_model, source_commit
+    from spt_compile.sparse_ops.attention.select import select_key_blocks
 
     torch.set_num_threads(args.threads)
     base = module_at(args.rev, "sparse_ops/attention/block_sparse.py", "block_sparse_at_rev",
@@ -69,7 +54,8 @@ def main(argv=None) -> int:
     lse = torch.logsumexp(s, -1)  # [B, H, N]: the exact forward's
     out = torch.softmax(s, -1) @ vx
     del s, kx, vx
-    lists = causal_lists(B, Hkv, -(-N // blk), max(1, args.keys // blk), gen)
+    budget = torch.tensor([max(1, args.keys // blk)])  # key blocks a query block lists
+    lists = select_key_blocks(q, k, scale, budget, True, None, None, blk, blk)  # [B, Hkv, n_qb, Lb]
     call = (dout, q, k, v, lists, out, lse, scale, True, None, blk, blk, 0.0, 0)
 
     names = (args.rev, "tree")
