@@ -38,9 +38,6 @@ from spt_compile.sparse_ops.linear_cross_entropy.reference import linear_cross_e
 from spt_compile.recipes.memory import allocation_peak  # noqa: E402
 
 
-PROMPT_ROW = 512  # --prompt-frac: tokens per row
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048])
@@ -58,13 +55,20 @@ def parse_args(argv=None):
                         "a compiled model's step; compiled before it is measured")
     p.add_argument("--check", action="store_true", help="compare loss and d(h) with dense; exit 1 on a mismatch")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--row-len", type=int, default=512, metavar="N",
+                   help="tokens per row (sequence) for --prompt-frac and --shifted (default 512)")
     p.add_argument("--prompt-frac", type=float, default=0.0, metavar="F",
-                   help="the first F of every 512-token row has no label (ignore_index), as a prompt "
+                   help="the first F of every row has no label (ignore_index), as a prompt "
                         "in instruction tuning (default 0: every row carries a loss)")
+    p.add_argument("--shifted", action="store_true",
+                   help="the last token of every row has no label, as in a causal LM's loss, whose labels "
+                        "are shifted by one (Hugging Face pads the shift with ignore_index)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if not 0.0 <= args.prompt_frac < 1.0:
         p.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
+    if args.row_len < 2:
+        p.error(f"--row-len must be >= 2, got {args.row_len}")
     return args
 
 
@@ -164,7 +168,10 @@ def main(argv=None) -> int:
         h = torch.randn(T, args.hidden, generator=gen).to(device, dtype).requires_grad_()
         W = (torch.randn(args.vocab, args.hidden, generator=gen) * args.hidden**-0.5).to(device, dtype)
         y = torch.randint(0, args.vocab, (T,), generator=gen)
-        y[(torch.arange(T) % PROMPT_ROW) < int(args.prompt_frac * PROMPT_ROW)] = -100  # the prompts
+        pos = torch.arange(T) % args.row_len  # each token's position in its row
+        y[pos < int(args.prompt_frac * args.row_len)] = -100  # the prompts
+        if args.shifted:
+            y[pos == args.row_len - 1] = -100  # each row's last token: no next token to predict
         y = y.to(device)
         runs = [("dense", linear_cross_entropy_reference, {})] + [
             (f"chunked-{c}-{i}", linear_cross_entropy, {"chunk": c, "impl": i}) for c in args.chunks for i in impls]
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "commit": source_commit(), "cpu": cpu_model() if device.type == "cpu" else None,
             "results": rows, "skipped": skipped, "mismatches": mismatches, "argv": sys.argv[1:],
-            "prompt_frac": args.prompt_frac,
+            "prompt_frac": args.prompt_frac, "row_len": args.row_len, "shifted": args.shifted,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, indent=1))
     if mismatches:

@@ -195,13 +195,15 @@ def linear_cross_entropy_forward(
     logits = h.new_empty(T, V) if return_logits else h.new_empty(0)
     valid_all = y != ignore_index
     fused = resolve_loss_impl(impl, h.device) == "triton"
-    # Rows whose label is ignored (a prompt, padding) have no loss and a zero d(logits) row: the torch
-    # path gives them no softmax and no d(h) GEMM, only their logits when those are returned. Not on
-    # CUDA, where sizing the rows would sync (and the Triton kernel runs every row), nor on the recompute
-    # path, whose backward reads every row's lse.
-    order, n = _loss_rows_first(valid_all) if not fused and h.device.type == "cpu" and (precompute or not any(needs)) \
-        else (None, T)  # [T] row indices, the n loss rows first; None: every row, in order
-    skipping = order is not None
+    # Rows whose label is ignored (a prompt, padding, the label shifted off a row's end) have no loss and
+    # a zero d(logits) row: the torch path gives them no softmax and no d(h) GEMM, only their logits when
+    # those are returned. Not on CUDA, where sizing the rows would sync (and the Triton kernel runs every
+    # row), nor on the recompute path, whose backward reads every row's lse.
+    skipping = not fused and h.device.type == "cpu" and (precompute or not any(needs))
+    chunks = _loss_row_chunks(valid_all, chunk) if skipping else None
+    skipping = chunks is not None
+    if not skipping:  # every row, in contiguous blocks
+        chunks = [slice(r0, min(T, r0 + chunk)) for r0 in range(0, T, chunk)]
     lse = (torch.zeros if skipping else torch.empty)(T, dtype=torch.float32, device=h.device)  # 0: not computed
     rows = (torch.zeros if skipping else torch.empty)(T, dtype=torch.float32, device=h.device)  # per-row loss
     grads = _grad_buffers(h2, W, needs) if precompute else (None, None, None)
@@ -209,58 +211,56 @@ def linear_cross_entropy_forward(
         unit = _row_scale(torch.ones((T,) if reduction == "none" else (), device=h.device), valid_all, reduction)
         if logit_mul != 1.0 or logit_div != 1.0:  # d(logits before the factor) = factor * d(logits)
             unit = unit * (logit_mul / logit_div)
+    if return_logits:  # every row's logits in one GEMM, straight into the returned tensor (as the dense
+        # linear computes them; on this CPU one [T, V] GEMM ran 0.8x the time of T / 512 row blocks)
+        _linear_into(h2, W, b, logits, logit_mul, logit_div, logit_softcap)
     work = None  # [chunk, V] fp32 (torch path; the Triton path: h's dtype), reused chunk after chunk
     slope_buf = None  # [chunk, V] fp32, soft-capping's derivative (logit_softcap), reused
-    zbuf = None  # skipping: [chunk, V] in h's dtype, a chunk's logits (computed, or gathered), reused
-    if skipping and return_logits:  # every row's logits first, straight into the returned tensor
-        for r0 in range(0, T, chunk):
-            _linear_into(h2[r0:r0 + chunk], W, b, logits[r0:r0 + chunk], logit_mul, logit_div, logit_softcap)
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        rs = slice(r0, r1) if not skipping else order[r0:r1]  # this chunk's rows
+    zbuf = None  # [chunk, V] in h's dtype: a chunk's logits, computed or gathered, of our own; reused
+    for rs in chunks:  # a slice of rows, or the indices of scattered loss rows
         hc = h2[rs]  # [C, d]
-        if not skipping:  # [C, V] in h's dtype (rounded as the dense linear rounds), into the returned logits
-            z = _linear_into(hc, W, b, logits[rs] if return_logits else None, logit_mul, logit_div, logit_softcap)
-        else:  # the loss rows' logits, in a buffer of our own (softmax may run in place over it)
-            if zbuf is None:
-                zbuf = torch.empty(min(chunk, n), V, dtype=h.dtype, device=h.device)
-            z = zbuf[: r1 - r0]
-            if return_logits:
-                torch.index_select(logits, 0, rs, out=z)
-            else:
-                _linear_into(hc, W, b, z, logit_mul, logit_div, logit_softcap)
+        C = hc.shape[0]
+        owned = not (return_logits and isinstance(rs, slice))  # z is ours to overwrite (not the returned logits)
+        if owned and zbuf is None:
+            zbuf = torch.empty(min(chunk, T), V, dtype=h.dtype, device=h.device)
+        if not return_logits:  # [C, V] in h's dtype, rounded as the dense linear rounds
+            z = _linear_into(hc, W, b, zbuf[:C], logit_mul, logit_div, logit_softcap)
+        elif isinstance(rs, slice):
+            z = logits[rs]
+        else:
+            z = torch.index_select(logits, 0, rs, out=zbuf[:C])
         yc, valid = y[rs], valid_all[rs]
         slope = None  # soft-capping's derivative for this chunk, [C, V] fp32, before z is overwritten
         if logit_softcap and precompute:
             if slope_buf is None:
                 slope_buf = torch.empty(min(chunk, T), V, dtype=torch.float32, device=h.device)
-            slope = _cap_slope(z, logit_softcap, slope_buf[: z.shape[0]])
+            slope = _cap_slope(z, logit_softcap, slope_buf[:C])
         if fused:  # loss, lse and d(logits) in one kernel; d(logits) over z unless z is returned
             g = None
             if precompute:
-                if return_logits and work is None:
+                if not owned and work is None:
                     work = torch.empty(min(chunk, T), V, dtype=h.dtype, device=h.device)
-                g = work[: r1 - r0] if return_logits else z
-            chunk_cross_entropy_triton(z, yc, ignore_index, label_smoothing, unit[r0:r1] if precompute else None,
-                                       lse[r0:r1], rows[r0:r1], g)
+                g = z if owned else work[:C]
+            chunk_cross_entropy_triton(z, yc, ignore_index, label_smoothing, unit[rs] if precompute else None,
+                                       lse[rs], rows[rs], g)
             if precompute:
                 if slope is not None:
                     g = g.float().mul_(slope).to(g.dtype)
                 dh, dW, db = grads
-                _backprop_chunk(g, hc, W, None if dh is None else dh[r0:r1], dW, db)
+                _backprop_chunk(g, hc, W, None if dh is None else dh[rs], dW, db)
             del z, g
             continue
         z_y = z.gather(1, torch.where(valid, yc, 0)[:, None]).squeeze(1).float()  # [C]
         m = z.amax(dim=-1).float()  # [C]
         m = m.masked_fill(m.isinf(), 0.0)  # rows of -inf keep lse = -inf, as torch.logsumexp
         mean_c = z.mean(dim=-1, dtype=torch.float32) if label_smoothing > 0.0 else None
-        # e = exp(z - m) [C, V] fp32, in place where z is fp32 and not returned, else into `work`
-        if z.dtype == torch.float32 and not (return_logits and not skipping):
+        # e = exp(z - m) [C, V] fp32, in place where z is fp32 and ours, else into `work`
+        if z.dtype == torch.float32 and owned:
             e = z.sub_(m[:, None])
         else:
             if work is None:
                 work = torch.empty(min(chunk, T), V, dtype=torch.float32, device=h.device)
-            e = torch.sub(z, m[:, None], out=work[: r1 - r0])
+            e = torch.sub(z, m[:, None], out=work[:C])
         e.exp_()
         total = e.sum(dim=-1)  # [C]
         lse_c = m + total.log()
@@ -274,14 +274,14 @@ def linear_cross_entropy_forward(
             if slope is not None:
                 g.mul_(slope)
             dh, dW, db = grads
-            if dh is not None and skipping:  # scattered rows: their d(h) into a block, then into place
+            if dh is not None and not isinstance(rs, slice):  # scattered rows: their d(h) into a block, then into place
                 dh_c = torch.zeros_like(hc)
                 _backprop_chunk(g, hc, W, dh_c, dW, db)
                 dh.index_copy_(0, rs, dh_c)
             else:
                 _backprop_chunk(g, hc, W, None if dh is None else dh[rs], dW, db)
             del g
-        del z, e  # free this chunk's [C, V] before the next one is allocated
+        del z, e  # this chunk's [C, V] views, before the next chunk
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -292,14 +292,31 @@ def linear_cross_entropy_forward(
             *(h.new_empty(0) if g is None else g for g in grads))  # outputs may not alias: one empty each
 
 
-def _loss_rows_first(valid: Tensor) -> tuple[Optional[Tensor], int]:
-    """(order, n): the n rows that carry a loss, then the others, each in row order ([T] indices; None
-    when every row carries a loss). One host read, the count: the chunks are sized on the host.
-    (Only order[:n] is read; the rest keeps the argsort free of a second, data-sized read.)"""
-    n = int(valid.sum())
-    if n == valid.numel():
-        return None, n
-    return torch.argsort((~valid).to(torch.uint8), stable=True), n
+def _loss_row_chunks(valid: Tensor, chunk: int) -> Optional[list]:
+    """The chunks that cover the rows carrying a loss (valid [T] bool), None when every row carries one.
+    Each run of consecutive loss rows at least chunk / 4 long is cut into near-equal slices of at most
+    `chunk` rows, whose logits and d(h) are views (nothing gathered, nothing scattered back); shorter
+    runs (a few answer tokens, a label per sequence) are pooled, in row order, into index chunks of at
+    most `chunk` rows, so that their GEMMs stay large. Host reads of the run boundaries: CPU only."""
+    T = valid.numel()
+    v = valid.to(torch.int8)
+    steps = torch.diff(v, prepend=v.new_zeros(1), append=v.new_zeros(1)).tolist()  # the one host read
+    edges = [i for i, s in enumerate(steps) if s]  # +1 where a run starts, -1 where it ends
+    starts, ends = edges[0::2], edges[1::2]  # run i covers rows [starts[i], ends[i])
+    if len(starts) == 1 and starts[0] == 0 and ends[0] == T:
+        return None
+    chunks, pooled = [], []
+    for r0, r1 in zip(starts, ends):
+        if 4 * (r1 - r0) < chunk:
+            pooled.append(torch.arange(r0, r1, device=valid.device))
+            continue
+        pieces = -(-(r1 - r0) // chunk)
+        cuts = [r0 + (r1 - r0) * i // pieces for i in range(pieces + 1)]
+        chunks += [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    if pooled:
+        idx = torch.cat(pooled)
+        chunks += list(idx.split(chunk))
+    return chunks
 
 
 def _any_nonzero(t: Tensor) -> bool:

@@ -38,7 +38,7 @@ def test_census_sees_a_scalar_read_inside_an_op():
         linear_cross_entropy(h, W, None, labels, chunk=8, impl="torch")
     assert c.syncs == 1, c.summary()
     assert c.sync_where[0][1].startswith("sparse_ops/linear_cross_entropy/chunked.py") \
-        and c.sync_where[0][1].endswith("in _loss_rows_first"), c.summary()
+        and c.sync_where[0][1].endswith("in _loss_row_chunks"), c.summary()
 
 
 def _count_inside_op(fn):
@@ -293,7 +293,7 @@ def test_a_whole_step_syncs_per_step_not_per_layer():
     for c in grouped.values():
         where = sorted(w.split(":")[0] + " " + w.split(" in ")[-1] for (_, w), n in c.sync_sites().items())
         assert c.syncs == 3, c.summary()
-        assert where == ["sparse_ops/linear_cross_entropy/chunked.py _loss_rows_first",
+        assert where == ["sparse_ops/linear_cross_entropy/chunked.py _loss_row_chunks",
                          "spt_compile/sites/attention.py analyse", "spt_compile/sites/row_counts.py count"], where
     block_batched = _step_census(2, "torch")
     assert block_batched.syncs == 3 + 2, block_batched.summary()

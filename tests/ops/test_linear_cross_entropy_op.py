@@ -93,21 +93,28 @@ def test_returned_logits_and_their_gradient(precompute):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["prompt", "label-per-row"])
 @pytest.mark.parametrize("return_logits", [False, True], ids=["loss-only", "logits-returned"])
 @pytest.mark.parametrize("trained_head", [False, True], ids=["frozen-head", "trained-head"])
-def test_prompt_rows_get_no_softmax_and_no_gradient_gemm(monkeypatch, return_logits, trained_head):
+def test_prompt_rows_get_no_softmax_and_no_gradient_gemm(monkeypatch, return_logits, trained_head, layout):
     """Rows without a loss (a prompt before each answer, padding after it) are left out of the chunks'
     softmax and d(h) GEMMs: those GEMMs see the loss rows only, while loss, returned logits (every
-    row) and every gradient still equal the dense reference."""
+    row) and every gradient still equal the dense reference. Long runs of loss rows are cut into
+    slices of at most `chunk` rows (views); short ones (one label a row) are pooled into gathered chunks."""
     import spt_compile.sparse_ops.linear_cross_entropy.chunked as chunked
 
     h, W, b, labels = make((3, 20), 16, 61, torch.float32, bias=True, ignored=0.0)
     W.requires_grad_(trained_head)
     b.requires_grad_(trained_head)
     rows = labels.view(3, 20)
-    rows[:, :9] = -100  # the prompt
-    rows[1, 15:] = -100  # padding after a short answer
-    n_loss = int((labels != -100).sum())  # 3 * 11 - 5 = 28
+    if layout == "prompt":
+        rows[:, :9] = -100  # the prompt
+        rows[1, 15:] = -100  # padding after a short answer
+        chunk_rows = [5, 6, 6, 5, 6]  # runs of 11, 6 and 11 loss rows, each cut into near-equal slices
+    else:
+        rows[:, :-1] = -100  # one label a row, at its end
+        chunk_rows = [3]  # three runs of 1 row, pooled into one gathered chunk
+    n_loss = int((labels != -100).sum())
     seen = []
     backprop = chunked._backprop_chunk
     monkeypatch.setattr(chunked, "_backprop_chunk", lambda g, hc, *a: (seen.append(g.shape[0]), backprop(g, hc, *a)))
@@ -116,7 +123,7 @@ def test_prompt_rows_get_no_softmax_and_no_gradient_gemm(monkeypatch, return_log
                     return_logits=return_logits)
     got = grads_of(linear_cross_entropy, h, W, b, labels, torch.tensor(1.3), logits_grad, chunk=8,
                    return_logits=return_logits)
-    assert sum(seen) == n_loss and len(seen) == 4, seen  # 28 loss rows in chunks of 8, nothing else
+    assert seen == chunk_rows and sum(seen) == n_loss, seen  # the loss rows in chunks of <= 8, nothing else
     torch.testing.assert_close(got[0], want[0])
     if return_logits:
         torch.testing.assert_close(got[1], want[1])
@@ -126,6 +133,7 @@ def test_prompt_rows_get_no_softmax_and_no_gradient_gemm(monkeypatch, return_log
             continue
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
     assert got[2][0].view(3, 20, 16)[:, :9].abs().max() == 0  # the prompt rows' d(h): exactly zero
+    assert got[2][0].view(3, 20, 16)[rows == -100].abs().max() == 0  # every ignored row's d(h)
 
 
 def test_evaluation_computes_the_loss_rows_only(monkeypatch):
