@@ -131,21 +131,32 @@ def select_keys(
     return indices
 
 
+# Proxy scores this close (relative to the row's largest |score|) count as tied: far above fp32's
+# rounding of a dot product of PQ-reconstructed keys (a few units in the last place), far below any
+# difference that would matter for which keys a query attends to.
+TIE_TOLERANCE = 2.0**-16
+
+
 def _ties_by_position(s: Tensor, vals: Tensor, idx: Tensor, row_l: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys whose proxy scores tie exactly (equal PQ codes) at a row's L_b-th place: keep the
-    earliest positions, as any batch would. topk alone breaks such ties differently for different
-    key counts and L, so a padded sequence could pick another of the tied keys than it does alone.
+    """Keys whose proxy scores tie (equal PQ codes) at a row's L_b-th place: keep the earliest
+    positions, as any batch would. topk alone breaks such ties differently for different key counts
+    and L, so a padded or packed sequence could pick another of the tied keys than it does alone.
+    Equal codes give scores equal only up to rounding: the GEMM that forms them rounds differently
+    for other shapes and thread counts, and even two columns of one product may differ in the last
+    bits. So a tie is a score within TIE_TOLERANCE of the row's largest finite |score| of the L_b-th.
     s [..., Nk]; vals, idx [..., L] from s.topk(L), L = max L_b; row_l broadcasts to [..., 1]. Only
     rows with a tie at their L_b-th score are redone (slots past L_b stay for the caller to clear)."""
     L = vals.shape[-1]
     row_l = row_l.expand(*vals.shape[:-1], 1).clamp(min=1, max=L)
     t = vals.gather(-1, row_l - 1)  # [..., 1] the L_b-th score
-    tied = (s == t) & torch.isfinite(t)
+    finite = torch.isfinite(s)
+    tol = TIE_TOLERANCE * torch.where(finite, s.abs(), 0.0).amax(-1, keepdim=True)  # [..., 1]
+    tied = ((s - t).abs() <= tol) & torch.isfinite(t)
     rows = tied.sum(-1) > 1
     if not bool(rows.any()):
         return vals, idx
     s_r, t_r, tied_r = s[rows], t[rows], tied[rows]  # [R, Nk], [R, 1], [R, Nk]
-    above = s_r > t_r
+    above = (s_r > t_r) & ~tied_r
     room = row_l[rows] - above.sum(-1, keepdim=True)  # tied keys that fit
     keep = above | (tied_r & (tied_r.cumsum(-1) <= room))  # [R, Nk]: exactly L_b keys
     order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :L]

@@ -113,3 +113,24 @@ def test_code_agreement_proxy_counts_equal_codes():
     want = (q_codes[:, :, :, None, :] == k_codes[:, :, None, :, :]).sum(-1).float()
     torch.testing.assert_close(counts, want)
     assert counts.max() <= 4 and counts.min() >= 0
+
+
+def test_near_ties_keep_the_earliest_keys_whatever_the_rounding():
+    """Keys with equal PQ codes score equal only up to rounding (another GEMM shape, another thread
+    count, another column of the same product): scores a few units in the last place apart at the
+    budget's boundary still count as tied, and the earliest keys are kept, as for exact ties. Keys
+    further apart than that are ranked by score."""
+    from spt_compile.sparse_ops.attention.pq import TIE_TOLERANCE, _ties_by_position
+
+    base = torch.tensor([[0.5, 0.1, 0.3, 0.1, 0.2, 0.1]])  # three keys at 0.1 (equal codes)
+    for wiggle in ([0.0, 0.0, 0.0], [3e-8, -2e-8, 1e-8], [-3e-8, 0.0, 3e-8]):
+        s = base.clone()
+        s[0, [1, 3, 5]] += torch.tensor(wiggle)
+        vals, idx = s.topk(4, dim=-1)
+        vals, idx = _ties_by_position(s, vals, idx, torch.tensor([[4]]))
+        assert sorted(idx[0].tolist()) == [0, 1, 2, 4], (wiggle, idx)  # 0.5, 0.3, 0.2 and the earliest 0.1
+    s = base.clone()
+    s[0, 5] += 4 * TIE_TOLERANCE * 0.5  # clearly above the others at 0.1: ranked by its score
+    vals, idx = s.topk(4, dim=-1)
+    vals, idx = _ties_by_position(s, vals, idx, torch.tensor([[4]]))
+    assert sorted(idx[0].tolist()) == [0, 2, 4, 5]
