@@ -7,12 +7,15 @@ Ratios are to the best dense configuration of the same shape and token count in 
 configurations of one shape and token count are timed in turns (one step each per round, --repeats
 rounds), so a slow spell of a shared machine hits them alike.
 Saved bytes count activations only (parameters that backward holds by reference are left out).
-The routed implementation: `--impl` for the plain spt-* configs (default auto: the torch path), or
-name it in the config (spt-50%-triton, spt-50%-torch, spt-50%-grouped).
+Routed configs run the training default (exact forward, routed backward), or with -sparse-forward
+the routed forward too. The implementation: `--impl` for the plain spt-* configs (default auto: the
+torch path), or name it in the config (spt-50%-torch, spt-50%-grouped, spt-50%-triton-sparse-forward:
+the Triton kernels serve routed calls only). Each row records the calls per implementation that ran
+(`impl_calls`), and a configuration whose implementation served no call is an error, not a row.
 
     python benchmarks/bench_ffn.py --json benchmarks/results/ffn_cpu.json
     python benchmarks/bench_ffn.py --device cuda --check --shapes llama7b --tokens 8192 \
-        --configs dense-eager spt-50%-triton spt-50%-torch
+        --configs dense-eager spt-50%-triton-sparse-forward spt-50%-torch-sparse-forward spt-50%-torch
 
 --check first compares the Triton routed MLP with the per-token reference (float64) on small awkward
 shapes, with the torch path at the benchmark's shape, and through torch.compile(backend="spt") with
@@ -43,14 +46,35 @@ import spt_compile  # noqa: E402,F401  (registers the backend when run from sour
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SavedBytes, sync  # noqa: E402
+from spt_compile.sparse_ops.routed_mlp import resolve_ffn_impl  # noqa: E402
 from provenance import cpu_model, source_commit  # noqa: E402
 
 SHAPES = {"smollm2": (576, 1536), "llama7b": (4096, 11008)}
-CONFIGS = ("dense-eager", "dense-inductor", "spt-50%", "spt-25%", "spt-50%-triton", "spt-25%-triton",
-           "spt-50%-torch", "spt-25%-torch", "spt-50%-grouped", "spt-25%-grouped", "spt-50%-triton-n64")
-# *-n64: the Triton kernels with 128 x 64 tiles (routed_mlp.triton.CUDA_BLOCK_N = 64), where 128 x 128
-# spill registers when compiled for sm_90; the default only if faster here.
+CONFIGS = ("dense-eager", "dense-inductor", "spt-50%", "spt-25%",
+           "spt-50%-torch", "spt-25%-torch", "spt-50%-grouped", "spt-25%-grouped",
+           "spt-50%-sparse-forward", "spt-25%-sparse-forward",
+           "spt-50%-triton-sparse-forward", "spt-25%-triton-sparse-forward",
+           "spt-50%-torch-sparse-forward", "spt-25%-torch-sparse-forward",
+           "spt-50%-grouped-sparse-forward", "spt-25%-grouped-sparse-forward",
+           "spt-50%-triton-sparse-forward-n64")
+# spt-* configs run the training default, the exact forward with a routed backward; *-sparse-forward run
+# the routed forward too (exact_forward=False). The Triton kernels serve only routed calls, so they have
+# sparse-forward configs only (an exact-forward "triton" config would time the torch path: prepare()
+# checks which implementation ran). *-n64: the Triton kernels with 128 x 64 tiles
+# (routed_mlp.triton.CUDA_BLOCK_N = 64), where 128 x 128 spill registers when compiled for sm_90; the
+# default only if faster here.
 IMPLS = ("auto", "triton", "torch", "grouped")
+
+
+def spt_config(config: str) -> tuple[str, str, bool, bool]:
+    """"spt-50%-triton-sparse-forward-n64" -> (share "50%", impl "triton" or "" for --impl, sparse forward,
+    128 x 64 tiles)."""
+    rest = config.removeprefix("spt-")
+    n64 = rest.endswith("-n64")
+    rest = rest.removesuffix("-n64")
+    sparse_forward = rest.endswith("-sparse-forward")
+    share, _, impl = rest.removesuffix("-sparse-forward").partition("-")
+    return share, impl, sparse_forward, n64
 
 
 class LoraLinear(nn.Module):
@@ -81,11 +105,12 @@ def make_fn(config: str, module: nn.Module, args):
         return module
     if config == "dense-inductor":
         return torch.compile(module, backend="inductor")
-    share, _, impl = config.removeprefix("spt-").removesuffix("-n64").partition("-")
+    share, impl, sparse_forward, _ = spt_config(config)
     active = {"50%": args.blocks // 2, "25%": args.blocks // 4}[share]
     return torch.compile(module, backend="spt", options=dict(
         ffn_blocks=args.blocks, ffn_active=active, calibration_steps=1, compiler="eager", sparse_attention=False,
-        ffn_impl=impl or args.impl))
+        ffn_impl=impl or args.impl, exact_forward=not sparse_forward,
+        ffn_loss_rows="off"))  # the loss is outside the graph: rank every row (else each keeps its blocks)
 
 
 def triton_block_n(n: int):
@@ -121,16 +146,26 @@ def prepare(config: str, shape: str, T: int, args, device, dtype) -> dict:
     if config.startswith("spt-"):
         import spt_compile
 
-        if not any(site["kind"] == "mlp" for site in spt_compile.report(module)):
+        sites = [site for site in spt_compile.report(module) if site["kind"] == "mlp"]
+        if not sites:
             raise RuntimeError(f"{config}: no MLP site ran through spt (Dynamo fell back to eager?), so its time "
                                "would be the dense module's")
+        _, impl, _, _ = spt_config(config)
+        asked = resolve_ffn_impl(impl or args.impl, device)
+        ran = sites[0].get("impl", {})
+        if asked not in ran:  # the warm-up calls (past the calibration call) ran another implementation
+            raise RuntimeError(f"{config}: ffn_impl={asked!r} served no call (ran {ran}): "
+                               f"{sites[0].get('impl_why', sites[0].get('grouped_off', 'see report()'))}")
+        impl_ran = dict(ran)
+    else:
+        impl_ran = None
     saved = SavedBytes(exclude=list(module.parameters()))  # activations only: parameters are shared
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         y = fn(x)
     y.backward(dy)
     del y
     return {"step": step, "row": {"config": config, "shape": shape, "tokens": T, "saved_bytes": saved.total,
-                                  "first_call_s": first}, "times": []}
+                                  "first_call_s": first, "impl_calls": impl_ran}, "times": []}
 
 
 def timed_step(state: dict, device) -> None:
@@ -357,7 +392,7 @@ def _check_site(device, dtype) -> list[str]:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'config':15} {'shape':8} {'tokens':>6} {'ms':>9} {'saved MiB':>9} {'time/best':>9} {'saved/best':>10}"]
+    lines = [f"{'config':34} {'shape':8} {'tokens':>6} {'ms':>9} {'saved MiB':>9} {'time/best':>9} {'saved/best':>10}"]
     for key in sorted({(r["shape"], r["tokens"]) for r in results}):
         rows = [r for r in results if (r["shape"], r["tokens"]) == key and "error" not in r]
         dense = [r for r in rows if r["config"].startswith("dense")]
@@ -366,7 +401,7 @@ def table(results: list[dict]) -> str:
         bt, bs = min(r["time_s"] for r in dense), min(r["saved_bytes"] for r in dense)
         for r in rows:
             r["time_ratio"], r["saved_ratio"] = r["time_s"] / bt, r["saved_bytes"] / bs
-            lines.append(f"{r['config']:15} {key[0]:8} {key[1]:6} {r['time_s'] * 1e3:9.1f} "
+            lines.append(f"{r['config']:34} {key[0]:8} {key[1]:6} {r['time_s'] * 1e3:9.1f} "
                          f"{r['saved_bytes'] / 2**20:9.1f} {r['time_ratio']:8.2f}x {r['saved_ratio']:9.2f}x")
     return "\n".join(lines)
 
@@ -411,7 +446,7 @@ def main(argv=None) -> int:
         for T in args.tokens:
             for r in run_round_robin(args.configs, shape, T, args, device, dtype):
                 results.append(r)
-                print(f"  {r['config']:15} {shape:8} T={T:5} " + (
+                print(f"  {r['config']:34} {shape:8} T={T:5} " + (
                     f"{r['time_s'] * 1e3:9.1f} ms  saved {r['saved_bytes'] / 2**20:8.1f} MiB" if "error" not in r
                     else r["error"]), flush=True)
             torch._dynamo.reset()

@@ -45,14 +45,17 @@ timeout 150 python benchmarks/bench_attention.py --device cuda --dtype bf16 --ch
 fi
 # 3. The routed FFN: --check (Triton kernels vs the per-token reference at odd sizes, vs the torch path at
 #    this shape, and through torch.compile; exits 1 on a mismatch), then dense (eager, Inductor) and
-#    routed at 50% / 25% of 4 blocks with the three implementations (grouped: torch._grouped_mm, no host
-#    sync; issue 19 keeps the fastest as the CUDA default), and the Triton kernels with 128 x 64 tiles
-#    (spt-50%-triton-n64: 128 x 128 spill when compiled for sm_90); LLaMA-7B MLP shape, 8192 tokens, bf16;
-#    then one step of each under the profiler (--host-profile: where the routed op's time goes).
+#    routed at 50% / 25% of 4 blocks: at the training default (exact forward, routed backward: the torch
+#    path and its grouped GEMMs, which are all that serve those calls), and with the routed forward too
+#    (-sparse-forward: the Triton kernels, torch and grouped; issue 19 keeps the fastest as the CUDA
+#    default), and the Triton kernels with 128 x 64 tiles (-n64: 128 x 128 spill when compiled for
+#    sm_90); LLaMA-7B MLP shape, 8192 tokens, bf16; then one step of each under the profiler
+#    (--host-profile: where the routed op's time goes). Each row records the implementation that ran.
 if want 3; then
-timeout 210 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 --check \
-    --configs dense-eager dense-inductor spt-50%-triton spt-50%-torch spt-50%-grouped spt-25%-triton \
-    spt-25%-torch spt-25%-grouped spt-50%-triton-n64 \
+timeout 270 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b --tokens 8192 --check \
+    --configs dense-eager dense-inductor spt-50%-torch spt-50%-grouped spt-25%-torch spt-25%-grouped \
+    spt-50%-triton-sparse-forward spt-50%-torch-sparse-forward spt-50%-grouped-sparse-forward \
+    spt-25%-triton-sparse-forward spt-25%-torch-sparse-forward spt-50%-triton-sparse-forward-n64 \
     --repeats 5 --warmup 2 --host-profile --json "$out/ffn_llama7b_${gpu}.json"
 fi
 # 4. Per-call host overhead at tiny shapes (attention B=1 H=4 N=256; a 64-token MLP): the spt ops against

@@ -140,8 +140,10 @@ class Options:
                          "PyTorch, the CPU path), 'grouped' (the torch path with torch._grouped_mm: every block in "
                          "one GEMM, no host sync; the torch path where it cannot serve), 'reference' (per-token "
                          "loop, for checks) or 'auto' "
-                         "($SPT_FFN_IMPL, else torch: faster than the untuned Triton kernels on an H200). LoRA dropout and calibration "
-                         "calls always run the torch path (docs/ffn.md).", True)
+                         "($SPT_FFN_IMPL, else torch: faster than the untuned Triton kernels on an H200). It chooses for routed calls "
+                         "(exact_forward=False, or sparse_inference=True): the exact forward's training calls run "
+                         "the torch path or, with 'grouped', its grouped GEMMs, and so do LoRA dropout and "
+                         "calibration calls; report() says which ran (docs/ffn.md).", True)
     check_finite: bool = _opt(False, "Check each rewritten site's inputs for NaN/inf every call and raise "
                               "naming the site (a device sync per call on CUDA). Off: such values pass "
                               "through as in the dense model; they never enter the sparse state.", True)

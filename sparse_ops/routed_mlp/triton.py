@@ -410,7 +410,7 @@ class Tiles:
 # 128 x 128 tiles spill: the dh kernel 3088 bytes a thread (its epilogue holds dh, both
 # pre-activations, the activation and its derivative, each a [128, 128] fp32 tile), the two-product
 # dx scatter 208-248; at 128 x 64 the dh kernel spills 128, the scatter none. Stays 128 until a GPU
-# times 64 (bench_ffn.py's spt-50%-triton-n64, gpu_check.sh step 3).
+# times 64 (bench_ffn.py's spt-50%-triton-sparse-forward-n64, gpu_check.sh step 3).
 CUDA_BLOCK_N = 128
 
 

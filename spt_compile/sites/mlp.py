@@ -63,7 +63,7 @@ from spt_compile.sparse_ops.routed_mlp import (
 
 from . import mask_memo
 from .meta import MlpMeta, MlpRun
-from .mlp_impl import LazyPermuted, grouped_choice, run_impl, takes_torch_path
+from .mlp_impl import LazyPermuted, grouped_choice, kernel_impl_unused, run_impl, takes_torch_path
 from .row_counts import row_counts
 
 # exact_forward's score of a (token, block) pair for the backward (routed_mlp.IMPORTANCES). "jacobian" by
@@ -622,6 +622,8 @@ class MlpSite(Site):
             out["compensate"] = self.comp_for[0]
         if self.impls:
             out["impl"] = dict(self.impls)  # calls per implementation (dense and calibration calls: torch)
+            if self._last is not None and (why := kernel_impl_unused(self._last.options.ffn_impl, self.impls)):
+                out["impl_why"] = why
         if any(self.backward_choice.values()):
             out["backward"] = dict(self.backward_choice)
             out["backward_why"] = self.backward_why

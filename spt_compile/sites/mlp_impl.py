@@ -42,6 +42,18 @@ def takes_torch_path(option: str, x2: Tensor, spec: MlpSpec) -> bool:
             or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout))
 
 
+def kernel_impl_unused(option: str, ran: dict[str, int]) -> Optional[str]:
+    """Why ffn_impl's Triton kernels (or the reference) served none of a site's calls, for report():
+    they run routed calls only, and a default training run makes none (its training calls run the exact
+    forward, which has its own torch code). None when they served some call, or were not asked for."""
+    impl = resolve_ffn_impl(option, torch.device("cpu"))  # the device does not enter the choice
+    if impl not in ("triton", "reference") or impl in ran or not ran:
+        return None
+    return (f"ffn_impl={impl!r} serves routed calls without LoRA dropout (exact_forward=False, or sparse_inference="
+            "True without gradients); the exact forward's training calls, dense and calibration calls run the torch "
+            "path, as these did")
+
+
 def grouped_choice(option: str, x2: Tensor, w: MlpWeights, spec: MlpSpec) -> tuple[bool, Optional[str]]:
     """(whether routed calls run grouped GEMMs, why not when ffn_impl asks for them): ffn_impl says
     "grouped" and grouped_unsupported says nothing against it; else the block-batched torch path

@@ -83,3 +83,31 @@ def test_profile_step_reports_its_fields_without_cuda():
                         "host_syncs", "sync_sites"}
     if not torch.cuda.is_available():
         assert got["gpu_kernels"] == 0 and got["host_syncs"] == 0 and got["wall_ms_profiled"] > 0
+
+
+def test_bench_ffn_times_what_its_configs_name():
+    """bench_ffn's routed configs run the share they name (the loss is outside the benchmark's graph, so
+    every row is ranked: under the default a site that sees no loss rows keeps every real row whole),
+    record the implementation that ran, and refuse a configuration whose implementation serves no
+    call (the Triton kernels serve routed calls only, not the exact forward's)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_ffn
+
+    assert bench_ffn.spt_config("spt-50%-triton-sparse-forward-n64") == ("50%", "triton", True, True)
+    assert bench_ffn.spt_config("spt-25%") == ("25%", "", False, False)
+    args = argparse.Namespace(blocks=4, impl="auto", warmup=1)
+    torch._dynamo.reset()
+    cpu = torch.device("cpu")
+    rows = {c: bench_ffn.prepare(c, "smollm2", 16, args, cpu, torch.float32)["row"]
+            for c in ("spt-50%", "spt-25%", "spt-50%-grouped")}
+    assert rows["spt-25%"]["saved_bytes"] < rows["spt-50%"]["saved_bytes"]  # ranked: the shares differ
+    assert rows["spt-50%"]["impl_calls"] == {"torch": 2}  # the calibration call and one warm-up
+    assert rows["spt-50%-grouped"]["impl_calls"]["grouped"] >= 1
+    with pytest.raises(RuntimeError, match="ffn_impl='reference' served no call.*routed calls"):
+        bench_ffn.prepare("spt-50%-reference", "smollm2", 16, args, cpu, torch.float32)

@@ -134,3 +134,24 @@ def test_site_runs_the_resolved_impl_in_forward_and_backward(monkeypatch):
         outs = torch.ops.spt.mlp_site(torch.empty(9, 16), w, None, None, None, w, None, None, None,
                                       torch.empty(16, 36), None, None, None, None, None, 0, spec, True)
     assert outs[4].shape == (MlpMeta.FIXED + 3,)  # the fake's meta follows n_blocks
+
+
+def test_report_says_when_the_kernels_served_no_call():
+    """ffn_impl picks the implementation of routed calls; a default training run (exact forward) makes
+    none, so report() names the torch path as what ran and says why the asked-for one did not serve."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = GatedMLP(d=16, hidden=36)
+    compiled = torch.compile(model, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 1,
+                                                            "ffn_blocks": 3, "ffn_active": 1,
+                                                            "ffn_impl": "reference", "ffn_loss_rows": "off"})
+    x = torch.randn(9, 16, requires_grad=True)
+    for _ in range(3):  # calibration, then exact-forward calls
+        compiled(x).sum().backward()
+    site, = spt_compile.report(model)
+    assert site["runs"] == {"calibration": 1, "exact_forward": 2} and site["impl"] == {"torch": 3}, site
+    assert "ffn_impl='reference' serves routed calls" in site["impl_why"], site
+    with spt_compile.enable(exact_forward=False):  # a routed call: the reference serves it, the note goes
+        compiled(x).sum().backward()
+    site, = spt_compile.report(model)
+    assert site["impl"] == {"torch": 3, "reference": 1} and "impl_why" not in site, site
