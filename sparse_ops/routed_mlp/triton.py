@@ -31,6 +31,9 @@ Kernels (one program per (token tile of one block, column tile)):
     Q = dy or dy B_out). Chunks of rows go to different programs (parallelism when few blocks),
     adding into fp32 with atomics.
 Everything dense and rank-r (x A^T, dy B_out, dt A, dy^T t) stays in torch: small GEMMs.
+With the clustering's permutation (`perm`: block-order unit i is the weights' unit perm[i]) every kernel
+reads a unit's weight row or column, bias and LoRA factor at perm[i] and writes its gradients there
+(_unit_ids), so no weight is copied into block order; the grouped buffers stay in block order.
 
 Accumulation is fp32 everywhere; tl.dot takes the compute dtype (bf16/fp16 on tensor cores; fp32
 with exact "ieee" products, or TF32 where torch's matmuls would use it). Returned tensors have the
@@ -138,6 +141,16 @@ def _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, n_tiles, n_col, BLOCK_M: t
 
 
 @triton.jit
+def _unit_ids(UNITS, f, mask, PERMUTED: tl.constexpr):
+    """Where the weights keep each hidden unit of block order f: UNITS[f] under a clustering
+    permutation (its units in block order), f itself without one. The kernels read weight rows or
+    columns and write gradients at these indices, so no weight is put in block order per call."""
+    if PERMUTED:
+        f = tl.load(UNITS + f, mask=mask, other=0)
+    return f
+
+
+@triton.jit
 def _gathered_gemm(acc, X, tok, rmask, sx_t, sx_k, W, f, cmask, sw_k, sw_f, K,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc [BM, BN] += X[tok, :] @ W[:, f] over K: x rows gathered by token id; W[k, f] at
@@ -167,12 +180,12 @@ def _lora_add(acc, L, tok, rmask, sl_t, sl_r, BB, f, cmask, sb_r, sb_f, R, scale
 
 @triton.jit
 def _up_kernel(
-    X, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, PRE_OFF, H_OFF, PRE, HID,
+    X, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, PRE_OFF, H_OFF, PRE, HID, UNITS,
     WU, BU, LU, BBU, WG, BG, LG, BBG,
     sx_t, sx_k, swu_k, swu_f, slu_t, slu_r, sbu_r, sbu_f, swg_k, swg_f, slg_t, slg_r, sbg_r, sbg_f,
     nb, n_tiles, n_col, K, RU, RG, scale_u, scale_g,
     GATED: tl.constexpr, BIAS_U: tl.constexpr, LORA_U: tl.constexpr, BIAS_G: tl.constexpr,
-    LORA_G: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    LORA_G: tl.constexpr, ACT: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (token tile of block b, column tile): u = x W_u^T + b_u + (x A_u^T) B_u^T s_u on the block's
@@ -183,7 +196,7 @@ def _up_kernel(
     tok = tl.load(TOK + offs_r, mask=rmask, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < Fb
-    f = lo + cols  # hidden units of this tile
+    f = _unit_ids(UNITS, lo + cols, cmask, PERMUTED)  # hidden units of this tile, as the weights index them
     u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     u = _gathered_gemm(u, X, tok, rmask, sx_t, sx_k, WU, f, cmask, swu_k, swu_f, K, PRECISION, UPCAST, BLOCK_K)
     if BIAS_U:
@@ -213,13 +226,14 @@ def _up_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    P1, M1, P2, M2, OUT, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, P1_OFF, P2_OFF,
+    P1, M1, P2, M2, OUT, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, P1_OFF, P2_OFF, UNITS,
     sm1_f, sm1_n, sm2_f, sm2_n, so_t, so_n, nb, n_tiles, n_col, N,
-    TWO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TWO: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT[tok, n] += P1_b[rows, :] @ M1[lo:hi, n] (+ P2_b @ M2 when TWO), fp32 atomics: P grouped
-    (block b's [n_b, Fb] segment starts at P*_OFF[b]); M[f, n] at M + f * sm_f + n * sm_n."""
+    (block b's [n_b, Fb] segment starts at P*_OFF[b]); M[f, n] at M + f * sm_f + n * sm_n, f as
+    _unit_ids gives it."""
     b, offs_r, rmask, rstart, lo, Fb, pid_n = _tile_info(TILE_BLOCK, TILE_ROW0, BLOCK_INFO, nb, n_tiles, n_col,
                                                          BLOCK_M, GROUP_M)
     tok = tl.load(TOK + offs_r, mask=rmask, other=0).to(tl.int64)
@@ -235,12 +249,13 @@ def _scatter_kernel(
         kmask = offs_k < Fb
         pmask = rmask[:, None] & kmask[None, :]
         mmask = kmask[:, None] & nmask[None, :]
+        fk = _unit_ids(UNITS, lo + offs_k, kmask, PERMUTED)  # [BK]
         pt = tl.load(p1 + row_base[:, None] + offs_k[None, :], mask=pmask, other=0.0)  # [BM, BK]
-        mt = tl.load(M1 + (lo + offs_k)[:, None] * sm1_f + offs_n[None, :] * sm1_n, mask=mmask, other=0.0)
+        mt = tl.load(M1 + fk[:, None] * sm1_f + offs_n[None, :] * sm1_n, mask=mmask, other=0.0)
         acc += _dot(pt, mt, PRECISION, UPCAST)
         if TWO:
             pt2 = tl.load(p2 + row_base[:, None] + offs_k[None, :], mask=pmask, other=0.0)
-            mt2 = tl.load(M2 + (lo + offs_k)[:, None] * sm2_f + offs_n[None, :] * sm2_n, mask=mmask, other=0.0)
+            mt2 = tl.load(M2 + fk[:, None] * sm2_f + offs_n[None, :] * sm2_n, mask=mmask, other=0.0)
             acc += _dot(pt2, mt2, PRECISION, UPCAST)
     # relaxed: nothing reads OUT until the kernel has finished, so no ordering is needed
     tl.atomic_add(OUT + tok[:, None] * so_t + offs_n[None, :] * so_n, acc, mask=rmask[:, None] & nmask[None, :],
@@ -249,12 +264,12 @@ def _scatter_kernel(
 
 @triton.jit
 def _dh_kernel(
-    DY, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, PRE_OFF, H_OFF, PRE, DZ, HID,
+    DY, TOK, TILE_BLOCK, TILE_ROW0, BLOCK_INFO, PRE_OFF, H_OFF, PRE, DZ, HID, UNITS,
     WO, DT, AO,
     sdy_t, sdy_n, swo_n, swo_f, sdt_t, sdt_r, sao_r, sao_f,
     nb, n_tiles, n_col, N, R,
     GATED: tl.constexpr, LORA_O: tl.constexpr, WRITE_H: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (token tile of block b, column tile of its units): dh = dy[tok] @ W_out[:, f] + dt[tok] @ A_out[:, f]
@@ -265,7 +280,7 @@ def _dh_kernel(
     tok = tl.load(TOK + offs_r, mask=rmask, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < Fb
-    f = lo + cols
+    f = _unit_ids(UNITS, lo + cols, cmask, PERMUTED)
     dh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     dh = _gathered_gemm(dh, DY, tok, rmask, sdy_t, sdy_n, WO, f, cmask, swo_n, swo_f, N, PRECISION, UPCAST, BLOCK_K)
     if LORA_O:
@@ -292,12 +307,13 @@ def _dh_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    P, Q, OUT, TOK, CHUNK_BLOCK, CHUNK_ROW0, BLOCK_INFO, P_OFF,
+    P, Q, OUT, TOK, CHUNK_BLOCK, CHUNK_ROW0, BLOCK_INFO, P_OFF, UNITS,
     sq_t, sq_c, so_f, so_c, nb, C, chunk, scale,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """OUT[lo + f, c] += scale * sum over the chunk's rows of P_b[row, f] * Q[tok[row], c], fp32 atomics.
+    """OUT[unit, c] += scale * sum over the chunk's rows of P_b[row, f] * Q[tok[row], c], fp32 atomics, unit
+    the weights' index of block-order unit lo + f (_unit_ids).
     Program (chunk, unit tile, column tile); a chunk is up to `chunk` grouped rows of one block."""
     pid = tl.program_id(0)
     b = tl.load(CHUNK_BLOCK + pid).to(tl.int64)
@@ -321,7 +337,8 @@ def _wgrad_kernel(
         qt = tl.load(Q + tok[:, None] * sq_t + offs_c[None, :] * sq_c, mask=rmask[:, None] & cmask[None, :],
                      other=0.0)  # [BK, BC]
         acc += _dot(pt, qt, PRECISION, UPCAST)
-    tl.atomic_add(OUT + (lo + cols)[:, None] * so_f + offs_c[None, :] * so_c, acc * scale,
+    units = _unit_ids(UNITS, lo + cols, fmask, PERMUTED)
+    tl.atomic_add(OUT + units[:, None] * so_f + offs_c[None, :] * so_c, acc * scale,
                   mask=fmask[:, None] & cmask[None, :], sem="relaxed")
 
 
@@ -346,16 +363,23 @@ class Routing:
     pre_numel: int
     h_numel: int
     max_width: int  # the widest block
+    units: Optional[Tensor] = None  # [F] int64: block-order unit i is the weights' unit units[i] (None: i)
 
     @property
     def rows(self) -> int:
         return self.tok.numel()
 
+    def unit_args(self) -> tuple[Tensor, bool]:
+        """The kernels' (UNITS, PERMUTED) arguments (a placeholder pointer when there is no permutation)."""
+        return (self.tok, False) if self.units is None else (self.units, True)
 
-def routing(block_mask: Tensor, spec: MlpSpec, block_m: int, chunk: int, counts: Optional[list[int]] = None) -> Routing:
+
+def routing(block_mask: Tensor, spec: MlpSpec, block_m: int, chunk: int, counts: Optional[list[int]] = None,
+            units: Optional[Tensor] = None) -> Routing:
     """Routing metadata: tokens sorted by chosen block, counts, offsets, tile lists. block_mask
     [T, nb] bool. One host sync (the counts, which size every buffer), none if `counts` is given
-    (backward reads forward's from meta)."""
+    (backward reads forward's from meta). units: the clustering permutation [F] (block-order unit i is
+    the weights' unit units[i]), read by the kernels in place of a permuted copy of the weights."""
     T, nb = block_mask.shape
     dev = block_mask.device
     if counts is None:
@@ -389,7 +413,8 @@ def routing(block_mask: Tensor, spec: MlpSpec, block_m: int, chunk: int, counts:
     chunks = torch.tensor(chunks or [(0, 0)], dtype=torch.int32).to(dev)
     return Routing(counts, tok, ints[:4].contiguous(), bounds, tiles[:, 0].contiguous(), tiles[:, 1].contiguous(),
                    chunks[:, 0].contiguous(), chunks[:, 1].contiguous(), ints[4:6].contiguous(),
-                   ints[6].contiguous(), pre_off, pe, he, max(widths) if widths else 0)
+                   ints[6].contiguous(), pre_off, pe, he, max(widths) if widths else 0,
+                   None if units is None else units.to(device=dev, dtype=torch.int64).contiguous())
 
 
 # --- launch configuration ------------------------------------------------------------------------
@@ -496,16 +521,18 @@ def _check(x: Tensor, spec: MlpSpec) -> None:
 
 def routed_mlp_forward_triton(
     x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, cdtype: Optional[torch.dtype] = None,
-    tiles: Optional[Tiles] = None, route: Optional[Routing] = None,
+    tiles: Optional[Tiles] = None, route: Optional[Routing] = None, perm: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, list[int]]:
     """-> (y [T, N] in x.dtype, pre (flat, x.dtype, routed_mlp_forward's `saved` layout), counts per block).
-    x [T, K]; block_mask [T, nb] bool; cdtype: the GEMMs' dtype (default x's)."""
+    x [T, K]; block_mask [T, nb] bool; cdtype: the GEMMs' dtype (default x's). perm [F]: the hidden units
+    in block order (the clustering), as routed_mlp_forward's: the kernels read the weights through it,
+    the result is that of permute_hidden(w, spec, perm) without the copy."""
     _check(x, spec)
     cd = cdtype or x.dtype
     tiles = tiles or default_tiles(x.device, cd)
     T, K = x.shape
     N = out_features(w, spec)
-    rt = route or routing(block_mask, spec, tiles.block_m, tiles.chunk)
+    rt = route or routing(block_mask, spec, tiles.block_m, tiles.chunk, units=perm)
     pre = x.new_empty(rt.pre_numel)
     y32 = torch.zeros(T, N, device=x.device, dtype=torch.float32)
     if rt.rows > 0:
@@ -539,8 +566,9 @@ def _launch_up(xc, w, spec, rt, pre, h, cd, tiles):
     # 128 x 128 tile (the x tile is shared by gate and up, so the intensity is the same).
     block_n = max(16, tiles.block_n // 2) if spec.gated else tiles.block_n
     n_tiles, n_col = rt.tile_block.numel(), triton.cdiv(rt.max_width, block_n)
+    units, permuted = rt.unit_args()
     _up_kernel[(n_tiles * n_col,)](
-        xc, rt.tok, rt.tile_block, rt.tile_row0, rt.info, rt.pre_off, rt.h_off, pre, h,
+        xc, rt.tok, rt.tile_block, rt.tile_row0, rt.info, rt.pre_off, rt.h_off, pre, h, units,
         WU, dummy if w.in_b is None else w.in_b, lu, bbu,
         WG, dummy if w.gate_b is None else w.gate_b, lg, bbg,
         *xc.stride(), swu_k, swu_f, *_st(lu, w.in_a), *_bst(bbu, w.in_a), swg_k, swg_f,
@@ -548,7 +576,7 @@ def _launch_up(xc, w, spec, rt, pre, h, cd, tiles):
         len(rt.counts), n_tiles, n_col, xc.shape[1], RU, RG, float(spec.in_scale), float(spec.gate_scale),
         GATED=spec.gated, BIAS_U=w.in_b is not None, LORA_U=w.in_a is not None,
         BIAS_G=w.gate_b is not None, LORA_G=w.gate_a is not None, ACT=ACT_CODES[spec.activation],
-        **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k,
+        PERMUTED=permuted, **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=_rank_tile(max(RU, RG)), GROUP_M=GROUP_M, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -569,10 +597,11 @@ def _launch_scatter(P1, off1, M1, sm1_f, sm1_n, P2, M2, sm2_f, sm2_n, out, rt, c
     two = P2 is not None
     block_n = tiles.block_n if N > 16 else _rank_tile(N)
     n_tiles, n_col = rt.tile_block.numel(), triton.cdiv(N, block_n)
+    units, permuted = rt.unit_args()
     _scatter_kernel[(n_tiles * n_col,)](
         P1, M1, P2 if two else P1, M2 if two else M1, out, rt.tok, rt.tile_block, rt.tile_row0, rt.info,
-        off1, off2 if two else off1, sm1_f, sm1_n, sm2_f, sm2_n, *out.stride(), len(rt.counts), n_tiles, n_col, N,
-        TWO=two, **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k, GROUP_M=GROUP_M,
+        off1, off2 if two else off1, units, sm1_f, sm1_n, sm2_f, sm2_n, *out.stride(), len(rt.counts), n_tiles,
+        n_col, N, TWO=two, PERMUTED=permuted, **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k, GROUP_M=GROUP_M,
         num_warps=tiles.num_warps if block_n > 32 else 4, num_stages=min(tiles.num_stages, 2) if two else tiles.num_stages,
     )
 
@@ -596,10 +625,11 @@ def _launch_wgrad(P, off, Q, out, so_f, so_c, scale, rt, cd, tiles):
     C = Q.shape[1]
     block_c = tiles.block_n if C > 16 else _rank_tile(C)
     grid = (rt.chunk_block.numel(), triton.cdiv(rt.max_width, tiles.block_n), triton.cdiv(C, block_c))
+    units, permuted = rt.unit_args()
     _wgrad_kernel[grid](
-        P, Q, out, rt.tok, rt.chunk_block, rt.chunk_row0, rt.info, off, *Q.stride(), so_f, so_c,
+        P, Q, out, rt.tok, rt.chunk_block, rt.chunk_row0, rt.info, off, units, *Q.stride(), so_f, so_c,
         len(rt.counts), C, tiles.chunk, float(scale),
-        **_dot_args(cd), BLOCK_F=tiles.block_n, BLOCK_C=block_c, BLOCK_K=tiles.block_k,
+        PERMUTED=permuted, **_dot_args(cd), BLOCK_F=tiles.block_n, BLOCK_C=block_c, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps if block_c > 32 else 4, num_stages=tiles.num_stages,
     )
 
@@ -607,16 +637,17 @@ def _launch_wgrad(P, off, Q, out, so_f, so_c, scale, rt, cd, tiles):
 def routed_mlp_backward_triton(
     dy: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, needs_x: bool, needs: MlpWeights,
     pre: Tensor, counts: Optional[list[int]] = None, cdtype: Optional[torch.dtype] = None,
-    tiles: Optional[Tiles] = None,
+    tiles: Optional[Tiles] = None, perm: Optional[Tensor] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward_triton from the pre-activations it saved: (dx or None, grads per
     slot; None where not needed or absent), in the dtypes of x and the weights. counts: forward's
-    tokens per block (saves the host sync)."""
+    tokens per block (saves the host sync). perm: the forward's; the gradients are with respect to w
+    itself (written at each unit's own rows or columns: nothing to un-permute)."""
     _check(x, spec)
     cd = cdtype or x.dtype
     tiles = tiles or default_tiles(x.device, cd)
     T, K = x.shape
-    rt = routing(block_mask, spec, tiles.block_m, tiles.chunk, counts)
+    rt = routing(block_mask, spec, tiles.block_m, tiles.chunk, counts, units=perm)
     want = {s for s, (t, n) in zip(MlpWeights._fields, zip(w, needs)) if t is not None and n}
     acc = {s: torch.zeros(getattr(w, s).shape, device=x.device, dtype=torch.float32) for s in want}
     dx32 = torch.zeros(T, K, device=x.device, dtype=torch.float32) if needs_x else None
@@ -682,7 +713,11 @@ def _bias_grad(dz: Tensor, offs: list[int], rt: Routing) -> Tensor:
     for b, (lo, hi) in enumerate(rt.bounds):
         n = rt.counts[b]
         if n:
-            out[lo:hi] += dz[offs[b]: offs[b] + n * (hi - lo)].view(n, hi - lo).float().sum(0)
+            sums = dz[offs[b]: offs[b] + n * (hi - lo)].view(n, hi - lo).float().sum(0)  # [Fb]
+            if rt.units is None:
+                out[lo:hi] += sums
+            else:
+                out.index_add_(0, rt.units[lo:hi], sums)
     return out
 
 
@@ -692,12 +727,14 @@ def _launch_dh(dyc, w, spec, rt, pre, dz, h, dt, need_h, cd, tiles):
     ao = _c(w.out_a, cd) if lora else dyc
     R = w.out_a.shape[0] if lora else 1
     n_tiles, n_col = rt.tile_block.numel(), triton.cdiv(rt.max_width, tiles.block_n)
+    units, permuted = rt.unit_args()
     _dh_kernel[(n_tiles * n_col,)](
-        dyc, rt.tok, rt.tile_block, rt.tile_row0, rt.info, rt.pre_off, rt.h_off, pre, dz, h,
+        dyc, rt.tok, rt.tile_block, rt.tile_row0, rt.info, rt.pre_off, rt.h_off, pre, dz, h, units,
         WO, dt if lora else dyc, ao,
         *dyc.stride(), swo_n, swo_f, *(dt.stride() if lora else (0, 0)), *(ao.stride() if lora else (0, 0)),
         len(rt.counts), n_tiles, n_col, dyc.shape[1], R,
-        GATED=spec.gated, LORA_O=lora, WRITE_H=need_h, ACT=ACT_CODES[spec.activation], **_dot_args(cd),
+        GATED=spec.gated, LORA_O=lora, WRITE_H=need_h, ACT=ACT_CODES[spec.activation], PERMUTED=permuted,
+        **_dot_args(cd),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_rank_tile(R),
         GROUP_M=GROUP_M, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -81,22 +81,23 @@ def run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed:
     if impl == "torch":  # adds the compensation where its blocks accumulate; puts units in block order itself
         y = routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm, comp=comp)
         return y, MlpRun()
-    y, run = _run_kernel_impl(impl, x2, permute_hidden(w, spec, perm), spec, block_mask, saved)
+    y, run = _run_kernel_impl(impl, x2, w, spec, block_mask, saved, perm)
     return (y if comp is None else y + compensation(x2, ~block_mask, *comp).to(y.dtype)), run
 
 
 def _run_kernel_impl(impl: str, x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor,
-                     saved: list) -> tuple[Tensor, MlpRun]:
-    """The Triton kernels or the reference, on weights already in block order."""
+                     saved: list, perm: Optional[Tensor]) -> tuple[Tensor, MlpRun]:
+    """The Triton kernels (reading the weights through perm: no block-order copy) or the reference (on
+    permute_hidden's copy)."""
     if impl == "triton":
         from spt_compile.sparse_ops.routed_mlp.triton import compute_dtype, routed_mlp_forward_triton
 
         # The traced dtype (autocast, recorded by the pass), else autocast if active here, else x's.
         cd = getattr(torch, spec.compute) if spec.compute else compute_dtype(x2)
-        y, pre, counts = routed_mlp_forward_triton(x2, w, spec, block_mask, cd)
+        y, pre, counts = routed_mlp_forward_triton(x2, w, spec, block_mask, cd, perm=perm)
         saved.append(pre)
         return y, MlpRun("triton", None if cd == x2.dtype else cd, tuple(counts))
-    return routed_mlp_reference(x2, w, spec, block_mask), MlpRun("reference")
+    return routed_mlp_reference(x2, permute_hidden(w, spec, perm), spec, block_mask), MlpRun("reference")
 
 
 def reference_backward(dy: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, needs: list[bool]):

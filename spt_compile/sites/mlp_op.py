@@ -99,7 +99,7 @@ def mlp_site_backward(
                                               exact_forward=run.mode == MlpMeta.EXACT, whole=run.whole,
                                               counts=list(run.run.counts) or None)
     else:
-        dx, grads = _permuted_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, run.run, p)
+        dx, grads = _kernel_impl_backward(impl, dy2, x2, weights, s, block_mask, needs, pre, run.run, p)
         if UV is not None and dx is not None:
             dx = dx + compensation_input_grad(dy2.to(comp.dtype), ~block_mask, *UV).to(dx.dtype)
     grads = join_fused(MlpWeights(*grads), s)
@@ -107,17 +107,16 @@ def mlp_site_backward(
             + [x.new_empty(0) if g is None else g.contiguous() for g in grads])
 
 
-def _permuted_backward(impl: str, dy2, x2, weights: MlpWeights, s: MlpSpec, block_mask, needs, pre, run: MlpRun,
+def _kernel_impl_backward(impl: str, dy2, x2, weights: MlpWeights, s: MlpSpec, block_mask, needs, pre, run: MlpRun,
                        perm: Optional[Tensor]):
-    """The Triton or reference backward on the permuted weights, gradients un-permuted."""
-    wp = permute_hidden(weights, s, perm)
+    """The Triton backward (reading the weights through perm and writing the gradients in place), or the
+    reference's on the permuted weights, gradients un-permuted."""
     if impl == "triton":
         from spt_compile.sparse_ops.routed_mlp.triton import routed_mlp_backward_triton
 
-        dx, grads = routed_mlp_backward_triton(dy2, x2, wp, s, block_mask, needs[0], MlpWeights(*needs[1:]), pre,
-                                               list(run.counts), run.compute)
-    else:
-        dx, grads = reference_backward(dy2, x2, wp, s, block_mask, needs)
+        return routed_mlp_backward_triton(dy2, x2, weights, s, block_mask, needs[0], MlpWeights(*needs[1:]), pre,
+                                          list(run.counts), run.compute, perm=perm)
+    dx, grads = reference_backward(dy2, x2, permute_hidden(weights, s, perm), s, block_mask, needs)
     return dx, unpermute_grads(grads, s, perm)
 
 

@@ -228,6 +228,35 @@ def test_every_block_is_the_dense_mlp():
     torch.testing.assert_close(y, dense, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[12], CASES[14]], ids=str)
+def test_permuted_units_are_read_in_place(case):
+    """With the clustering's permutation the kernels read each unit's weights where they are and write
+    its gradients there: the same numbers as running on permute_hidden's copy and un-permuting the
+    gradients (forward, saved pre-activations, dx, every gradient; bias and LoRA cases, both layouts,
+    frozen base, every block, bf16), with no weight copied into block order."""
+    from spt_compile.sparse_ops.routed_mlp import permute_hidden, unpermute_grads
+
+    x, w, spec, mask, needs = build(case)
+    gen = torch.Generator().manual_seed(7)
+    perm = torch.randperm(spec.hidden, generator=gen)
+    wp = permute_hidden(w, spec, perm)
+    y, pre, counts = routed_mlp_forward_triton(x, w, spec, mask, perm=perm)
+    y_copy, pre_copy, _ = routed_mlp_forward_triton(x, wp, spec, mask)
+    assert torch.equal(y, y_copy) and torch.equal(pre, pre_copy)
+    dy = torch.randn(y.shape, generator=gen).to(x.dtype)
+    dx, grads = routed_mlp_backward_triton(dy, x, w, spec, mask, True, needs, pre, counts, perm=perm)
+    dx_copy, grads_copy = routed_mlp_backward_triton(dy, x, wp, spec, mask, True, needs, pre_copy, counts)
+    grads_copy = unpermute_grads(grads_copy, spec, perm)
+    assert torch.equal(dx, dx_copy)
+    for s, g, want in zip(SLOTS, grads, grads_copy):
+        assert (g is None) == (want is None), s
+        if g is not None:  # the same sums; the bias's per-block sums land by index_add_ instead of a slice
+            torch.testing.assert_close(g, want, atol=0, rtol=0, msg=s)
+    if case.mask == "all":  # every block: the dense MLP whatever the unit order
+        y_dense, _, _ = routed_mlp_forward_triton(x, w, spec, mask)
+        torch.testing.assert_close(y, y_dense, atol=1e-4, rtol=1e-4)
+
+
 def test_routing_metadata():
     gen = torch.Generator().manual_seed(0)
     mask = random_mask(50, 4, 2, gen)
@@ -308,6 +337,37 @@ def test_site_triton_and_torch_impls_agree(monkeypatch, compensate):
     torch.testing.assert_close(yt, yc, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(dxt, dxc, atol=1e-5, rtol=1e-4)
     for a, b in zip(gt, gc):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_site_triton_puts_no_weight_in_block_order(monkeypatch):
+    """Through the site, with the clustering's permutation: the torch path gathers each weight into block
+    order every call (forward and backward), the Triton kernels read them in place, with the same
+    output and gradients."""
+    from spt_compile.testing.census import Census
+
+    seen = spy_triton_calls(monkeypatch)
+    model, compiled = compiled_gated_mlp(ffn_compensate=0)
+    x = torch.randn(2, 13, 40)
+    for _ in range(2):  # calibration (dense; fits the clustering), then the first routed call
+        compiled(x).sum().backward()
+    site = next(s for _, s in spt_compile.registry.model_sites(model))
+    assert site.perm is not None and not torch.equal(site.perm, torch.arange(100))
+    gathers, results = {}, {}
+    for impl in ("torch", "triton"):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        with spt_compile.enable(ffn_impl=impl), Census() as census:  # aten ops inside the site's op calls
+            y = compiled(xi)
+            y.pow(2).sum().backward()
+        gathers[impl] = census.ops["index_select"]
+        results[impl] = [y.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()]
+    assert seen["fwd"] and seen["bwd"]
+    # torch: the three weights in block order, forward and backward, and its token gathers; the kernels
+    # gather tokens and weight rows as they load them (before, permute_hidden and unpermute_grads ran
+    # around them: index_select of every sliced slot, forward and backward)
+    assert gathers["torch"] >= 6 and gathers["triton"] == 0, gathers
+    for a, b in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
