@@ -87,10 +87,11 @@ def test_selection_and_loss_kernels_compile_for_sm90():
         assert b.resources()["shared_bytes"] <= SM90_SHARED_BYTES, (b.kernel, b.resources())
 
 
-def compile_routed_mlp(tiles) -> dict:
+def compile_routed_mlp(tiles, permuted: bool = False) -> dict:
     """{kernel: the most spilled bytes of its launches} of the Triton routed MLP's forward and backward
     with these tiles: SmolLM2's SwiGLU MLP with LoRA on every projection, bf16, 4 blocks of which 2 per
-    token; every launch's shared memory checked."""
+    token (permuted: its units in a clustering's order, read in place); every launch's shared memory
+    checked."""
     from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights
     from spt_compile.sparse_ops.routed_mlp import triton as mlp_triton
 
@@ -104,8 +105,9 @@ def compile_routed_mlp(tiles) -> dict:
     x = z(T, d)
     needs = MlpWeights(*[name.endswith(("_a", "_bb")) for name in MlpWeights._fields])
     with compile_only(mlp_triton) as built:
-        y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, tiles)
-        mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, tiles)
+        perm = torch.arange(F).flip(0) if permuted else None
+        y, pre, counts = mlp_triton.routed_mlp_forward_triton(x, w, spec, mask, None, tiles, perm=perm)
+        mlp_triton.routed_mlp_backward_triton(y, x, w, spec, mask, True, needs, pre, counts, None, tiles, perm=perm)
     spills: dict = {}
     for b in built:
         r = b.resources()
@@ -125,3 +127,5 @@ def test_routed_mlp_kernels_compile_for_sm90(monkeypatch):
     narrow = compile_routed_mlp(mlp_triton.Tiles(block_n=64))
     assert set(wide) == set(narrow) == {"_up_kernel", "_scatter_kernel", "_dh_kernel", "_wgrad_kernel"}, wide
     assert narrow["_dh_kernel"] < wide["_dh_kernel"], (narrow, wide)
+    permuted = compile_routed_mlp(mlp_triton.Tiles(block_n=64), permuted=True)  # the site's calls, clustered
+    assert set(permuted) == set(narrow), permuted
