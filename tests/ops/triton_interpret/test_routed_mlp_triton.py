@@ -21,7 +21,6 @@ import spt_compile
 from spt_compile.sparse_ops.routed_mlp.reference import routed_mlp_reference
 from spt_compile.sparse_ops.routed_mlp import MlpSpec, MlpWeights, block_bounds, routed_mlp_forward
 from spt_compile.sparse_ops.routed_mlp.triton import (
-    Tiles,
     routed_mlp_backward_triton,
     routed_mlp_forward_triton,
     routing,
