@@ -601,7 +601,8 @@ def _launch_scatter(P1, off1, M1, sm1_f, sm1_n, P2, M2, sm2_f, sm2_n, out, rt, c
     _scatter_kernel[(n_tiles * n_col,)](
         P1, M1, P2 if two else P1, M2 if two else M1, out, rt.tok, rt.tile_block, rt.tile_row0, rt.info,
         off1, off2 if two else off1, units, sm1_f, sm1_n, sm2_f, sm2_n, *out.stride(), len(rt.counts), n_tiles,
-        n_col, N, TWO=two, PERMUTED=permuted, **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k, GROUP_M=GROUP_M,
+        n_col, N, TWO=two, PERMUTED=permuted, **_dot_args(cd), BLOCK_M=tiles.block_m, BLOCK_N=block_n,
+        BLOCK_K=tiles.block_k, GROUP_M=GROUP_M,
         num_warps=tiles.num_warps if block_n > 32 else 4, num_stages=min(tiles.num_stages, 2) if two else tiles.num_stages,
     )
 
