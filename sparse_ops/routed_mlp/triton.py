@@ -521,7 +521,7 @@ def _check(x: Tensor, spec: MlpSpec) -> None:
 
 def routed_mlp_forward_triton(
     x: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, cdtype: Optional[torch.dtype] = None,
-    tiles: Optional[Tiles] = None, route: Optional[Routing] = None, perm: Optional[Tensor] = None,
+    tiles: Optional[Tiles] = None, perm: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, list[int]]:
     """-> (y [T, N] in x.dtype, pre (flat, x.dtype, routed_mlp_forward's `saved` layout), counts per block).
     x [T, K]; block_mask [T, nb] bool; cdtype: the GEMMs' dtype (default x's). perm [F]: the hidden units
@@ -532,7 +532,7 @@ def routed_mlp_forward_triton(
     tiles = tiles or default_tiles(x.device, cd)
     T, K = x.shape
     N = out_features(w, spec)
-    rt = route or routing(block_mask, spec, tiles.block_m, tiles.chunk, units=perm)
+    rt = routing(block_mask, spec, tiles.block_m, tiles.chunk, units=perm)
     pre = x.new_empty(rt.pre_numel)
     y32 = torch.zeros(T, N, device=x.device, dtype=torch.float32)
     if rt.rows > 0:
