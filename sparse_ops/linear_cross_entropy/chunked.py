@@ -199,8 +199,8 @@ def linear_cross_entropy_forward(
     # a zero d(logits) row: the torch path gives them no softmax and no d(h) GEMM, only their logits when
     # those are returned. Not on CUDA, where sizing the rows would sync (and the Triton kernel runs every
     # row), nor on the recompute path, whose backward reads every row's lse.
-    chunks = _loss_row_chunks(valid_all, chunk) if not fused and h.device.type == "cpu" and \
-        (precompute or not any(needs)) else None  # None: every row carries a loss, or no skipping here
+    may_skip = not fused and h.device.type == "cpu" and (precompute or not any(needs))
+    chunks = _loss_row_chunks(valid_all, chunk) if may_skip else None  # None also when every row has a loss
     skipping = chunks is not None
     if not skipping:  # every row, in contiguous blocks
         chunks = [slice(r0, min(T, r0 + chunk)) for r0 in range(0, T, chunk)]
