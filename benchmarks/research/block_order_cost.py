@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from provenance import cpu_model, source_commit
+    from provenance import cpu_model, scrub_paths, source_commit
     from spt_compile.sparse_ops.routed_mlp.blocks import _BlockOrderWeights, _lora_columns, _merges_out_lora
     from test_routed_mlp_op import make_weights, spec_for
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                       command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
                       commit=source_commit(), cpu=cpu_model(), threads=args.threads, torch=torch.__version__,
                       dtype="float32", lora_r=16, rounds=args.rounds, rows=rows)
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        args.json.write_text(json.dumps(scrub_paths(record), indent=1) + "\n")  # no machine paths in records
     return 0
 
 
