@@ -28,7 +28,8 @@ Reported per run: compile time (first step minus a step of the same kind, cold I
 spt the reference is one of its dense calibration steps), median step time after warm-up (spt:
 after calibration), tokens/s, bytes saved for backward (saved_tensors_hooks, unique storages,
 parameters excluded), the allocation peak of one profiled step above what was alive before it (the
-profiler's memory events), the process's peak RSS above the loaded
+profiler's memory events; plus what the routed MLP keeps between calls, its reused buffers of 32 MiB
+or more, sparse_ops/routed_mlp/workspace.py), the process's peak RSS above the loaded
 model, the FLOP-count limit of spt configurations (matmul FLOPs kept / dense FLOPs,
 spt_compile/recipes/flops.py) and a per-step breakdown (attention, FFN, q/k/v/o, LM head + loss, optimizer,
 other; spt_compile/recipes/step_breakdown.py) from that profiled step. Ratios are against the best dense
@@ -257,11 +258,17 @@ def worker(name: str, seq: int, args) -> dict:
     elif not args.no_profile:  # after the timed steps: the profiler's overhead touches no timing
         from torch.profiler import ProfilerActivity, profile
 
+        from spt_compile.sparse_ops.routed_mlp import workspace
+
+        # memory the routed MLP keeps between calls (its large block-order buffers) is resident
+        # through the step but allocated before it, where the profiler does not see it: count it
+        held = workspace.held_bytes()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
             t, _, _ = step()
         c = model.config
         sizes = Sizes(c.vocab_size, c.intermediate_size, (c.num_attention_heads, c.num_key_value_heads))
-        out["alloc_peak_bytes"] = allocation_peak(prof)
+        out["alloc_peak_bytes"] = allocation_peak(prof) + held
+        out["reused_buffer_bytes"] = held
         out["breakdown_s"] = breakdown(prof, t, sizes)
         out["profiled_step_s"] = t
     out["rss_loaded_bytes"] = rss_loaded

@@ -9,7 +9,10 @@ permutation turns the copy into a gather. Without a permutation, what needs no m
 
 This times the build with the permutation and without it, at SmolLM2's and LLaMA-7B's MLP shapes,
 LoRA r=16 on gate/up/down, with and without dropout before the out LoRA (PEFT's lora_dropout), and
-counts the bytes it writes (tensors that do not share storage with the weights).
+counts the bytes it writes (tensors that do not share storage with the weights). Each build runs
+into the memory the op gives it (`reused`: its buffers of 32 MiB or more kept from call to call,
+sparse_ops/routed_mlp/workspace.py) and into fresh allocations (`fresh`, the op before the workspace:
+each large buffer a new mapping whose pages fault in as the build writes them).
 
     python benchmarks/research/block_order_cost.py --json benchmarks/research/results/block_order_cost_cpu.json
 """
@@ -42,6 +45,7 @@ def main(argv=None) -> int:
     import torch
 
     from provenance import cpu_model, scrub_paths, source_commit
+    from spt_compile.sparse_ops.routed_mlp import workspace
     from spt_compile.sparse_ops.routed_mlp.blocks import _BlockOrderWeights, _lora_columns, _merges_out_lora
     from test_routed_mlp_op import make_weights, spec_for
 
@@ -57,29 +61,36 @@ def main(argv=None) -> int:
         perm = torch.randperm(F, generator=gen).view(4, F // 4).sort(dim=1).values.reshape(-1)
         cols = _lora_columns(d, w, base)
         weights = {t.untyped_storage().data_ptr() for t in w if t is not None}
-        configs = []  # (out_dropout, order name, perm, spec, merged)
+        configs = []  # (out_dropout, order name, perm, spec, merged, memory)
         for out_dropout in (0.0, 0.05):
             spec = dataclasses.replace(base, out_dropout=out_dropout)
             for name, pm in (("permuted", perm), ("natural", None)):
-                configs.append((out_dropout, name, pm, spec, _merges_out_lora(w, spec)))
+                for memory in ("reused", "fresh"):
+                    configs.append((out_dropout, name, pm, spec, _merges_out_lora(w, spec), memory))
+        reuse_from = workspace.REUSE_FROM_BYTES
         times: list[list[float]] = [[] for _ in configs]
         for _ in range(args.rounds):  # configurations alternate build by build (allocator and cache state shared)
-            for i, (_, _, pm, spec, merged) in enumerate(configs):
+            for i, (_, _, pm, spec, merged, memory) in enumerate(configs):
+                workspace.REUSE_FROM_BYTES = reuse_from if memory == "reused" else float("inf")
                 t0 = time.perf_counter()
                 _BlockOrderWeights(w, spec, cols, pm, merged)
                 times[i].append(time.perf_counter() - t0)
-        for (out_dropout, name, pm, spec, merged), ts in zip(configs, times):
+        workspace.REUSE_FROM_BYTES = reuse_from
+        held = workspace.held_bytes()
+        workspace.release()
+        for (out_dropout, name, pm, spec, merged, memory), ts in zip(configs, times):
             bw = _BlockOrderWeights(w, spec, cols, pm, merged)  # the bytes it writes
             built = list(bw.inputs.values()) + [bw.out] + ([bw.out_a] if bw.out_a is not None else [])
             written = sum(t.numel() * t.element_size() for t in built if t.untyped_storage().data_ptr() not in weights)
-            row = dict(shape=shape, d=d, F=F, out_lora_dropout=out_dropout, order=name,
-                       ms=statistics.median(ts[1:]) * 1e3, mb_written=written / 2**20)
+            row = dict(shape=shape, d=d, F=F, out_lora_dropout=out_dropout, order=name, memory=memory,
+                       ms=statistics.median(ts[1:]) * 1e3, mb_written=written / 2**20,
+                       mb_reused_held=held / 2**20)
             rows.append(row)
-            print(f"{shape:8s} out LoRA dropout {out_dropout:<4} {name:8s} {row['ms']:8.2f} ms  "
-                  f"{row['mb_written']:8.1f} MiB written", flush=True)
+            print(f"{shape:8s} out LoRA dropout {out_dropout:<4} {name:8s} {memory:6s} {row['ms']:8.2f} ms  "
+                  f"{row['mb_written']:8.1f} MiB written ({held / 2**20:.0f} MiB held for reuse)", flush=True)
     if args.json:
-        record = dict(what="_BlockOrderWeights build per call, permuted vs natural unit order "
-                           "(benchmarks/research/block_order_cost.py)",
+        record = dict(what="_BlockOrderWeights build per call, permuted vs natural unit order, into reused "
+                           "vs fresh memory (benchmarks/research/block_order_cost.py)",
                       command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
                       commit=source_commit(), cpu=cpu_model(), threads=args.threads, torch=torch.__version__,
                       dtype="float32", lora_r=16, rounds=args.rounds, rows=rows)
