@@ -201,9 +201,10 @@ def _gather_into(dest: Tensor, t: Tensor, dim: int, perm: Optional[Tensor]) -> N
     if perm is None:
         dest.copy_(t)
     elif dim == 1 and t.dim() == 2 and t.device.type == "cpu" and dest.is_contiguous():
-        # A 2-D weight's columns (the out projection's units, "oi"): on the CPU gather writes the rows
-        # in order, where index_select along dim 1 took 1.4x as long ([4096, 11008] fp32, 2 threads:
-        # 33 against 24 ms, benchmarks/research/block_order_cost.py). The same values either way.
+        # A 2-D weight's columns (the out projection's units, "oi"): on the CPU index_select along dim 1
+        # took 1.6x as long as gather with the permutation broadcast over the rows ([4096, 11008] fp32,
+        # 2 threads: 32.9 against 20.5 ms; the same at SmolLM2's [576, 1536];
+        # benchmarks/research/column_gather.py). The same values either way.
         torch.gather(t, 1, perm.expand(t.shape[0], -1), out=dest)
     else:
         torch.index_select(t, dim, perm, out=dest)
