@@ -15,6 +15,7 @@ from spt_compile.sparse_ops.routed_mlp import (
 from spt_compile.sparse_ops.routed_mlp.blocks import _BlockOrderWeights, _lora_columns
 from spt_compile.sparse_ops.routed_mlp.grouped import grouped_backward_saved, grouped_routed_forward
 
+from test_routed_mlp_grouped import _detached
 from test_routed_mlp_op import make_weights, spec_for
 
 
@@ -27,10 +28,6 @@ def reuse_all(monkeypatch):
     workspace.release()
 
 
-def _detached(w: MlpWeights) -> MlpWeights:
-    return MlpWeights(*[None if t is None else t.detach() for t in w])
-
-
 def _calls(path, x_list, w, spec, perm, nb, active):
     """Forward and backward of each x in turn, as a training run calls the op: [(y, dx, grads), ...]."""
     results = []
@@ -39,7 +36,6 @@ def _calls(path, x_list, w, spec, perm, nb, active):
         gen = torch.Generator().manual_seed(100 + i)
         T = x.shape[0]
         mask = choose_blocks(torch.rand(T, nb, generator=gen), active)
-        dy = None
         saved = []
         if path == "exact":
             y, mask, _, _, counts = exact_mlp_forward(x, w, spec, lambda s: mask, 3, saved, perm)
