@@ -56,19 +56,22 @@ CONFIGS = ("dense-eager", "dense-inductor", "spt-50%", "spt-25%",
            "spt-50%-triton-sparse-forward", "spt-25%-triton-sparse-forward",
            "spt-50%-torch-sparse-forward", "spt-25%-torch-sparse-forward",
            "spt-50%-grouped-sparse-forward", "spt-25%-grouped-sparse-forward",
-           "spt-50%-triton-sparse-forward-n64")
+           "spt-50%-triton-sparse-forward-n64", "spt-whole-rows")
 # spt-* configs run the training default, the exact forward with a routed backward; *-sparse-forward run
 # the routed forward too (exact_forward=False). The Triton kernels serve only routed calls, so they have
 # sparse-forward configs only (an exact-forward "triton" config would time the torch path: prepare()
 # checks which implementation ran). *-n64: the Triton kernels with 128 x 64 tiles
 # (routed_mlp.triton.CUDA_BLOCK_N = 64), where 128 x 128 spill registers when compiled for sm_90; the
-# default only if faster here.
+# default only if faster here. spt-whole-rows: LM tuning's MLP, every row carrying a loss and so keeping
+# every block (ffn_loss_rows="dense"): the dense passes with the weights read in place (whole_rows.py).
 IMPLS = ("auto", "triton", "torch", "grouped")
 
 
 def spt_config(config: str) -> tuple[str, str, bool, bool]:
     """"spt-50%-triton-sparse-forward-n64" -> (share "50%", impl "triton" or "" for --impl, sparse forward,
     128 x 64 tiles)."""
+    if config == "spt-whole-rows":
+        return "50%", "", False, False
     rest = config.removeprefix("spt-")
     n64 = rest.endswith("-n64")
     rest = rest.removesuffix("-n64")
@@ -110,7 +113,8 @@ def make_fn(config: str, module: nn.Module, args):
     return torch.compile(module, backend="spt", options=dict(
         ffn_blocks=args.blocks, ffn_active=active, calibration_steps=1, compiler="eager", sparse_attention=False,
         ffn_impl=impl or args.impl, exact_forward=not sparse_forward,
-        ffn_loss_rows="off"))  # the loss is outside the graph: rank every row (else each keeps its blocks)
+        # the loss is outside the graph: "off" ranks every row; "dense" keeps each row whole
+        ffn_loss_rows="dense" if config == "spt-whole-rows" else "off"))
 
 
 def triton_block_n(n: int):

@@ -59,6 +59,7 @@ def exact_mlp_forward(
     grouped: bool = False,
     n_pairs: Optional[int] = None,
     norms: Optional[dict[str, Tensor]] = None,
+    counts: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], bool, Optional[list[int]]]:
     """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
     sparse: one GEMM per projection over the whole hidden layer. Returns (y [T, d_out], block_mask
@@ -79,7 +80,9 @@ def exact_mlp_forward(
     projection, sorted by block), with the tokens per block left on the device: counts is then None,
     and `n_pairs`, the number of pairs choose() keeps when the caller knows it, spares the one sync
     (the pairs' count) that is left; whole is known either way. norms: unit_norms(w, spec, perm) when
-    the caller keeps them (frozen base weights), else computed here."""
+    the caller keeps them (frozen base weights), else computed here. counts: the tokens per block of
+    the mask choose() returns, when the caller knows them (whole rows, counted on the host): the
+    block path's sync is spared too."""
     T, d_in = x.shape
     d_out, nb = out_features(w, spec), spec.n_blocks
     projections = _input_projections(spec)
@@ -133,7 +136,8 @@ def exact_mlp_forward(
         n_pairs = int(block_mask.sum()) if n_pairs is None else n_pairs  # the one sync, when not known
         whole = n_pairs == T * nb
     else:
-        counts = block_mask.sum(0).tolist()  # the one host sync: sizes the saved pairs, and backward's
+        if counts is None:
+            counts = block_mask.sum(0).tolist()  # the one host sync: sizes the saved pairs, and backward's
         whole = sum(counts) == T * nb
     if whole and counts is None:
         counts = [T] * nb

@@ -425,6 +425,7 @@ class MlpSite(Site):
                        else "exact_inference" if inference_exact and options.sparse_ffn and T else "dense")
         perm = None
         whole = False  # exact_mlp_forward saved every pair as [T, F] per projection
+        natural_order = False  # a training call ran in the units' own order though the site has a clustering
         comp = None  # ffn_compensate's (U, V, M) on x's device, when this call adds it
         saved: list = []  # the routed blocks' pre-activations, for backward
         with torch.no_grad():
@@ -448,14 +449,13 @@ class MlpSite(Site):
                     run = MlpRun(counts=tuple(counts))
                     self._calibrate(x2, norms, weights, spec, plan, seed, real)
                 elif takes_torch_path(options.ffn_impl, x2, spec):
-                    # exact_forward's code with every block kept, in the clustered block order when there is
-                    # one: the same sums in the same order as its training calls, so disable() reproduces
-                    # their forward bit for bit. No pair scores: every pair is kept (evaluation calls ran
+                    # exact_forward's code with every block kept, in the units' own order: the same sums
+                    # in the same order as a training call that keeps whole rows, so disable() reproduces
+                    # that forward bit for bit. No pair scores: every pair is kept (evaluation calls ran
                     # them for nothing, about a fifth of the MLP's time on this CPU).
-                    perm = on_device(self.perm, x.device)
-                    y, _, _, whole, counts = exact_mlp_forward(
-                        x2, weights, spec, lambda s: block_mask, seed, saved, perm, None)
-                    run = MlpRun(counts=tuple(counts))
+                    y, _, _, whole, _ = exact_mlp_forward(
+                        x2, weights, spec, lambda s: block_mask, seed, saved, None, None, counts=[T] * nb)
+                    run = MlpRun(counts=(T,) * nb)
                 else:
                     y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
             elif exact:
@@ -483,11 +483,20 @@ class MlpSite(Site):
                 n_pairs = None
                 if grouped:  # sized on the host, the call needs no sync
                     n_pairs = whole_rows[1] if preset is not None else self.backward_pairs(options, T, rows, real, lead)
-                y, block_mask, _, whole, counts = exact_mlp_forward(
-                    x2, weights, spec, (lambda s: preset) if preset is not None else (
-                        lambda s: self.backward_mask(s, options, lead, rows, real)), seed, saved, perm,
-                    None if preset is not None else BACKWARD_IMPORTANCE, grouped, n_pairs,
-                    None if preset is not None else self.unit_norms(weights, spec, perm))
+                if preset is not None:
+                    # Whole rows: every kept row keeps every block, so the blocks' unit order means nothing
+                    # to either pass; the units' own order spares the weights' permutation, forward and
+                    # backward (the build still puts each LoRA factor beside its weight, which costs less
+                    # than adding the LoRA deltas apart; benchmarks/research/ab_whole_rows.py). The rows are
+                    # counted on the host: no sync.
+                    y, block_mask, _, whole, counts = exact_mlp_forward(
+                        x2, weights, spec, lambda s: preset, seed, saved, None, None, grouped, n_pairs,
+                        counts=None if grouped else [whole_rows[1] // nb] * nb)
+                    natural_order = True
+                else:  # ranked pairs: scored per block, in the clustered block order
+                    y, block_mask, _, whole, counts = exact_mlp_forward(
+                        x2, weights, spec, lambda s: self.backward_mask(s, options, lead, rows, real), seed,
+                        saved, perm, BACKWARD_IMPORTANCE, grouped, n_pairs, self.unit_norms(weights, spec, perm))
                 # backward routes by the counts (no second count), or by grouped GEMMs (none needed)
                 run = MlpRun("grouped") if grouped and not whole else MlpRun(counts=tuple(counts))
                 probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0
@@ -529,7 +538,8 @@ class MlpSite(Site):
         if not plan.recompute:
             self.impls[run.impl] = self.impls.get(run.impl, 0) + 1
             self.grouped_off = grouped_off
-        meta = MlpMeta(mode, seed, perm is not None, run, bool(whole), nb).tensor()
+        # backward reads the saved pre-activations, and draws dropout again, in the order forward used
+        meta = MlpMeta(mode, seed, perm is not None and not natural_order, run, bool(whole), nb).tensor()
         perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
         # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added
         comp_out = torch.cat([comp[0].reshape(-1), comp[1].reshape(-1)]) if comp is not None else x.new_empty(0)

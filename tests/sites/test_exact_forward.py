@@ -367,21 +367,54 @@ def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkey
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_mlp_site_forward_equals_disable_bit_for_bit():
-    # ffn_loss_rows="off": the loss is outside the graph, and the backward should rank (keep 2 of 4)
-    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, ffn_loss_rows="off")
+@pytest.mark.parametrize("loss_rows", ["dense", "off"])
+def test_mlp_site_forward_equals_disable(loss_rows):
+    """The exact forward is the dense MLP: bit for bit where the backward keeps whole rows (the same
+    code as disable()'s, weights in place), to rounding where it ranks pairs (the block path sums the
+    out projection in the clustered unit order)."""
+    # the loss is outside the graph: "dense" keeps every row whole, "off" ranks (keeps 2 of 4)
+    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, ffn_loss_rows=loss_rows)
     x = torch.randn(3, 37, 24, requires_grad=True)
     for _ in range(3):  # calibration (2 calls), then exact-forward calls
         compiled(x).sum().backward()
     with spt_compile.disable():
         want = compiled(x.detach())
     got = compiled(x)
-    assert torch.equal(got, want)
+    if loss_rows == "dense":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     with spt_compile.enable(exact_forward=False):  # the routed forward differs
         assert not torch.allclose(compiled(x), want, atol=1e-4)
     got.sum().backward()
     report = spt_compile.report(model)
-    assert report and report[0]["captured"] < 1.0  # the backward kept 2 of 4 blocks
+    if loss_rows == "off":
+        assert report and report[0]["captured"] < 1.0  # the backward kept 2 of 4 blocks
+    assert report[0]["backward"] == ({"ranked": 0, "whole_rows": 2} if loss_rows == "dense"
+                                            else {"ranked": 2, "whole_rows": 0}), report[0]
+
+
+@pytest.mark.parametrize("loss_rows", ["dense", "off"])
+def test_whole_rows_put_no_weight_in_block_order(loss_rows):
+    """With the clustering's permutation, a training call that keeps whole rows (every row carries a
+    loss) and an evaluation call run in the units' own order: no gather of a weight into block order
+    and no gather of tokens (every row runs every block). A call that ranks pairs gathers both."""
+    from spt_compile.testing.census import Census
+
+    model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, ffn_loss_rows=loss_rows)
+    x = torch.randn(3, 37, 24, requires_grad=True)
+    for _ in range(3):  # calibration (2 calls; fits the clustering), then the first exact call (it probes)
+        compiled(x).sum().backward()
+    site = next(s for _, s in spt_compile.registry.model_sites(model))
+    assert site.perm is not None and not torch.equal(site.perm, torch.arange(64))
+    with Census() as train:  # aten ops inside the site's op calls, forward and backward
+        compiled(x).sum().backward()
+    with Census() as evaluation, torch.no_grad():
+        compiled(x)
+    gathers = {name: c.ops["index_select"] + c.ops["gather"] for name, c in (("train", train), ("eval", evaluation))}
+    assert gathers == ({"train": 0, "eval": 0} if loss_rows == "dense" else {"train": gathers["train"], "eval": 0})
+    if loss_rows == "off":
+        assert gathers["train"] >= 6, gathers  # the three weights, forward and backward, and the tokens
 
 
 def test_eval_calls_run_exact_unless_sparse_inference():
