@@ -265,23 +265,16 @@ def main(argv=None) -> int:
         needs = MlpWeights(**{n: t is not None and n.endswith(("_a", "_bb")) for n, t in w._asdict().items()})
         every = torch.ones(T, nb, dtype=torch.bool)
 
-        def block():
-            saved = []
-            t0 = time.perf_counter()
-            y, mask, _, whole, counts = exact_mlp_forward(x, w, spec, lambda s: every, 1, saved, perm, None)
-            t1 = time.perf_counter()
-            g = routed_mlp_backward_saved(dy, x, w, spec, mask, 1, True, needs, saved[0], perm=perm,
-                                          exact_forward=True, whole=whole, counts=counts)
-            return y, g, t1 - t0, time.perf_counter() - t1
-
-        def natural():  # the block path without the clustering's permutation: the build only concatenates
-            saved = []
-            t0 = time.perf_counter()
-            y, mask, _, whole, counts = exact_mlp_forward(x, w, spec, lambda s: every, 1, saved, None, None)
-            t1 = time.perf_counter()
-            g = routed_mlp_backward_saved(dy, x, w, spec, mask, 1, True, needs, saved[0], perm=None,
-                                          exact_forward=True, whole=whole, counts=counts)
-            return y, g, t1 - t0, time.perf_counter() - t1
+        def block_path(order):  # order: the clustering's permutation (block), or None (natural)
+            def run():
+                saved = []
+                t0 = time.perf_counter()
+                y, mask, _, whole, counts = exact_mlp_forward(x, w, spec, lambda s: every, 1, saved, order, None)
+                t1 = time.perf_counter()
+                g = routed_mlp_backward_saved(dy, x, w, spec, mask, 1, True, needs, saved[0], perm=order,
+                                              exact_forward=True, whole=whole, counts=counts)
+                return y, g, t1 - t0, time.perf_counter() - t1
+            return run
 
         def whole():
             saved = []
@@ -291,7 +284,7 @@ def main(argv=None) -> int:
             g = whole_rows_backward_saved(dy, x, w, spec, every, 1, True, needs, saved[0], T)
             return y, g, t1 - t0, time.perf_counter() - t1
 
-        paths = {"block": block, "natural": natural, "whole": whole}
+        paths = {"block": block_path(perm), "natural": block_path(None), "whole": whole}
         results = {name: f() for name, f in paths.items()}  # warm-up, and the agreement check
         yb, (dxb, gb), *_ = results["block"]
         yw, (dxw, gw), *_ = results["whole"]
