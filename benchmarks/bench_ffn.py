@@ -10,7 +10,8 @@ Saved bytes count activations only (parameters that backward holds by reference 
 Routed configs run the training default (exact forward, routed backward), or with -sparse-forward
 the routed forward too. The implementation: `--impl` for the plain spt-* configs (default auto: the
 torch path), or name it in the config (spt-50%-torch, spt-50%-grouped, spt-50%-triton-sparse-forward:
-the Triton kernels serve routed calls only). Each row records the calls per implementation that ran
+the Triton kernels serve routed calls only). spt-whole-rows is LM tuning's MLP, every row keeping
+every block (the backward whole, in the units' own order). Each row records the calls per implementation that ran
 (`impl_calls`), and a configuration whose implementation served no call is an error, not a row.
 
     python benchmarks/bench_ffn.py --json benchmarks/results/ffn_cpu.json
