@@ -48,16 +48,8 @@ from spt_compile.sparse_ops.routed_mlp.backward import _Grads, _input_lora_backw
 from spt_compile.sparse_ops.routed_mlp.blocks import (  # noqa: E402
     _activation_vjp, _input_projections, _lora_columns, _lora_inputs, _LoraColumns, _project,
 )
-from spt_compile.sparse_ops.routed_mlp.dropout import lora_input_scales, out_keep  # noqa: E402
-from spt_compile.sparse_ops.routed_mlp.spec import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds  # noqa: E402
-
-
-def natural_out_keep(T: int, spec: MlpSpec, seed: int, x: Tensor) -> Optional[Tensor]:
-    """The out projection's LoRA dropout scale for every unit, [T, F] in natural order (None: none)."""
-    if spec.out_dropout <= 0.0:
-        return None
-    bounds = block_bounds(spec.hidden, spec.n_blocks)
-    return torch.cat([out_keep(T, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+from spt_compile.sparse_ops.routed_mlp.dropout import lora_input_scales, out_keep_layer  # noqa: E402
+from spt_compile.sparse_ops.routed_mlp.spec import ACTIVATIONS, MlpSpec, MlpWeights  # noqa: E402
 
 
 def _unit_major(W: Tensor, layout: str) -> Tensor:
@@ -117,7 +109,7 @@ def whole_rows_forward(
     y = _project(h, w.out_w, spec.out_layout)  # [T, d_out]
     t_out = None
     if r_out:
-        keep = natural_out_keep(T, spec, seed, x)
+        keep = out_keep_layer(T, spec, seed, x)
         t_out = F.linear(h if keep is None else h * keep, w.out_a)  # [T, r]
         y.addmm_(t_out, w.out_bb.to(y.dtype).t(), alpha=spec.out_scale)
     if w.out_b is not None:
@@ -188,7 +180,7 @@ def whole_rows_backward_saved(
     if "out_w" in wanted:
         grads["out_w"] = dyk.t() @ h if spec.out_layout == "oi" else h.t() @ dyk
     if r_out:
-        keep = kept(natural_out_keep(T, spec, seed, x))  # [n, F] or None
+        keep = kept(out_keep_layer(T, spec, seed, x))  # [n, F] or None
         dt_out = (dyk @ w.out_bb.to(dyk.dtype)) * spec.out_scale  # [n, r]: d(t_out)
         A_out = w.out_a.to(dh.dtype)  # [r, F]
         if keep is None:

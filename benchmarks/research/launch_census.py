@@ -104,14 +104,18 @@ def attention_case(form: str, N: int, B: int, impl: str = "auto") -> dict:
             "sparse_inference": count(infer)}
 
 
-def mlp_case(N: int, B: int, impl: str = "torch") -> dict:
+def _frozen_swiglu(**options):
+    """A SwiGLU with frozen base weights (LoRA tuning), compiled through spt from a fresh Dynamo cache."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = SwiGLU()
     for p in model.parameters():
         p.requires_grad_(False)
-    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_impl": impl,
-                                                             "ffn_loss_rows": "off"})  # no loss in the graph: rank every row
+    return torch.compile(model, backend="spt", options={"calibration_steps": 1, **options})
+
+
+def mlp_case(N: int, B: int, impl: str = "torch") -> dict:
+    compiled = _frozen_swiglu(ffn_impl=impl, ffn_loss_rows="off")  # no loss in the graph: rank every row
     x = torch.randn(B, N, 576, requires_grad=True)
     for _ in range(3):
         compiled(x).sum().backward()
@@ -128,12 +132,7 @@ def mlp_case(N: int, B: int, impl: str = "torch") -> dict:
     row = {"op": "routed_mlp", "impl": impl, "N": N, "B": B, "train": count(train), "sparse_inference": count(infer)}
     # the default ffn_loss_rows="dense" with no loss rows in the graph: every row keeps every block (as in
     # LM tuning, where every row carries a loss), so the call runs in the units' own order, uncounted
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    fresh = SwiGLU()
-    for p in fresh.parameters():
-        p.requires_grad_(False)
-    whole = torch.compile(fresh, backend="spt", options={"calibration_steps": 1, "ffn_impl": impl})
+    whole = _frozen_swiglu(ffn_impl=impl)
     for _ in range(3):
         whole(x).sum().backward()
     row["train_whole_rows"] = count(lambda: whole(x).sum().backward())

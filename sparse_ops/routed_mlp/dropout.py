@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..dropout import draw_keep, keep_scale, stream_seed
-from .spec import MlpSpec
+from .spec import MlpSpec, block_bounds
 
 IN_STREAM, GATE_STREAM, OUT_STREAM = 1, 2, 16  # OUT_STREAM + b for block b
 
@@ -44,3 +45,12 @@ def lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Ten
 def out_keep(n_tokens: int, lo: int, hi: int, spec: MlpSpec, seed: int, block: int, x: Tensor) -> Optional[Tensor]:
     """The out projection's LoRA dropout in one block, [n_tokens, hi - lo]."""
     return _keep_scale((n_tokens, hi - lo), spec.out_dropout, seed, OUT_STREAM + block, x.device, x.dtype)
+
+
+def out_keep_layer(n_tokens: int, spec: MlpSpec, seed: int, x: Tensor) -> Optional[Tensor]:
+    """The out projection's LoRA dropout for every unit, [n_tokens, F]: each block's draw (out_keep)
+    side by side, in the order of the weights' units (None: no dropout)."""
+    if spec.out_dropout <= 0.0:
+        return None
+    bounds = block_bounds(spec.hidden, spec.n_blocks)
+    return torch.cat([out_keep(n_tokens, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
