@@ -6,7 +6,7 @@ this shared 2-core machine (step times move by up to 25% between runs) lands on 
 Here the same PEFT model is stepped eagerly (SDPA), through Inductor and through backend="spt" in turn,
 round after round (in reverse order every other round: ABBA), and each configuration's median is taken
 over the rounds: a drift hits all alike.
-Caution (measured 2026-12-06, README): configurations stepped in one process slow each other, and not
+Caution (measured 2026-12-06, docs/measurements_history.md): configurations stepped in one process slow each other, and not
 alike. Eager's step took 10.72 s alone in this script and 12.03 s beside Inductor (in a later pair of
 runs with 15% more page faults a step), so ratios between dense and spt from here overstate spt's lead:
 use it for A/B of spt variants, and bench_finetune.py (a fresh process per configuration) for ratios
