@@ -12,7 +12,7 @@ from .blocks import (
     _BlockOrderWeights, _LoraColumns, _activation_vjp, _block_forward, _input_projections,
     _lora_columns, _merges_out_lora, _routed_blocks, _rows,
 )
-from .dropout import lora_input_scales, out_keep
+from .dropout import lora_input_scales, out_keep, out_keep_layer
 from .compensation import compensation_input_grad
 from .spec import MlpSpec, MlpWeights, _block_weights, _slot_slice
 
@@ -93,6 +93,16 @@ def routed_mlp_backward(
     return out.finish(dy)
 
 
+def whole_in_one_pass(x: Tensor) -> bool:
+    """Whether a backward that keeps every pair runs the whole layer as one block (off the CPU) rather
+    than block by block (the CPU). One block launches the same kernels at any block count, about half
+    of four blocks' (SmolLM2's MLP with LoRA on its three projections: 43 against 94); on the CPU
+    four blocks of a quarter of the units took 0.95-1.0x of one pass's time at 512 tokens and more,
+    the elementwise passes over a block's [T, F/4] staying in cache (docs/ffn.md, "The backward when
+    every pair is kept"; benchmarks/research/ab_one_pass.py)."""
+    return x.device.type != "cpu"
+
+
 @torch.no_grad()  # explicit formulas: nothing here is differentiated again
 def routed_mlp_backward_saved(
     dy: Tensor,
@@ -109,6 +119,7 @@ def routed_mlp_backward_saved(
     exact_forward: bool = False,
     whole: bool = False,
     counts: Optional[list[int]] = None,
+    one_pass: Optional[bool] = None,
 ) -> tuple[Optional[Tensor], MlpWeights]:
     """Gradients of routed_mlp_forward from what it saved (one flat tensor: pre-activations, then t and t_out),
     with respect to w (un-permuted: `perm` as in the forward; `comp` (U, V): the forward added the
@@ -123,13 +134,18 @@ def routed_mlp_backward_saved(
     is the backward's choice): the result is the exact Jacobian masked to the routed (token, block)
     pairs, and the out LoRA's dropout masks are replayed as that forward drew them, for every token.
     whole: every pair was kept and `saved` holds each projection's pre-activations as one [T, F]
-    (exact_mlp_forward's layout then: no gather); each block reads its columns."""
+    (exact_mlp_forward's layout then: no gather); each block reads its columns, or with `one_pass`
+    the whole layer is one block (None: whole_in_one_pass(x), see there)."""
     out = _Grads(x, w, spec, needs_x, needs, zero_dx=False)
     wanted = {s for s, g in out.grads.items() if g is not None}
     T, d_in, d_out = x.shape[0], x.shape[1], dy.shape[1]
-    blocks = list(_routed_blocks(block_mask, spec, counts))  # counts: the forward's, when given (no sync)
     projections = _input_projections(spec)
-    n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
+    if whole and (whole_in_one_pass(x) if one_pass is None else one_pass):
+        blocks = [(None, 0, spec.hidden, None, True)]  # every unit of every row: one block
+        n_pre = len(projections) * T * spec.hidden
+    else:
+        blocks = list(_routed_blocks(block_mask, spec, counts))  # counts: the forward's, when given (no sync)
+        n_pre = len(projections) * sum(tok.numel() * (hi - lo) for _, lo, hi, tok, _ in blocks)
     cols = _lora_columns(d_in, w, spec)
     n_t = T * (cols.K - d_in)
     t = saved[n_pre : n_pre + n_t].view(T, cols.K - d_in) if cols.K > d_in else None  # [T, K - d_in]
@@ -154,7 +170,7 @@ def routed_mlp_backward_saved(
     full = [saved[i * T * spec.hidden : (i + 1) * T * spec.hidden].view(T, spec.hidden)
             for i in range(len(projections))] if whole else None  # [T, F] each
     for b, lo, hi, tok, every in blocks:
-        n, Fb = tok.numel(), hi - lo
+        n, Fb = (T if every else tok.numel()), hi - lo
         pre = []
         for i, _ in enumerate(projections):
             if full is not None:
@@ -173,7 +189,12 @@ def routed_mlp_backward_saved(
         if "out_w" in wanted:
             block_grads["out_w"] = dyb.t() @ h if spec.out_layout == "oi" else h.t() @ dyb
         if r_out:
-            keep = None if merged else out_keep(T if exact_forward else n, lo, hi, spec, seed, b, x)
+            if merged:
+                keep = None
+            elif b is None:  # one pass: every block's draw, side by side
+                keep = out_keep_layer(T, spec, seed, x)
+            else:
+                keep = out_keep(T if exact_forward else n, lo, hi, spec, seed, b, x)
             if keep is not None and exact_forward and not every:
                 keep = keep.index_select(0, tok)  # the exact forward drew it for every token
             dtb = dYb[:, d_out:] if merged else (dt_out if every else dt_out.index_select(0, tok))  # [Tb, r]

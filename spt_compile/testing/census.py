@@ -27,6 +27,7 @@ function checks that its tensors are on the CPU). Neither is counted as a sync.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from collections import Counter
@@ -182,6 +183,20 @@ class Census:
                 self._active = False
 
         return counted
+
+    @contextlib.contextmanager
+    def counting(self):
+        """Count everything run inside this block, not only what runs inside an spt:: op: for an op's
+        functions called directly (sparse_ops), outside any compiled graph."""
+        if self._active:
+            yield self
+            return
+        self._active = True
+        try:
+            with self._modes[0], self._modes[1]:
+                yield self
+        finally:
+            self._active = False
 
     def note_sync(self, what: str) -> None:
         if self._suspended:

@@ -195,6 +195,41 @@ def test_routed_mlp_syncs_once_per_call_for_its_block_counts(loss_rows):
     assert train.launches > infer.launches if loss_rows == "off" else train.launches < infer.launches
 
 
+def _whole_rows_census(T: int, nb: int) -> Census:
+    """A training call whose rows all keep every block (the default loss rows, the loss outside the
+    graph), LoRA on the three projections."""
+    import peft
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_SwiGLU(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                           target_modules=["gate", "up", "down"]))
+    compiled = torch.compile(model, backend="spt", options={"calibration_steps": 1, "ffn_blocks": nb, "ffn_active": nb // 2})
+    x = torch.randn(2, T // 2, 48, requires_grad=True)
+    for _ in range(3):
+        compiled(x).sum().backward()
+    with Census() as train:
+        compiled(x).sum().backward()
+    return train
+
+
+def test_a_whole_row_backward_in_one_pass_launches_the_same_at_any_block_count(monkeypatch):
+    """Off the CPU a backward that keeps every pair runs the whole layer as one block
+    (backward.whole_in_one_pass): no sync, the same launches at any token and block count, and fewer
+    than block by block, the CPU's way (forced here both ways on CPU tensors)."""
+    from spt_compile.sparse_ops.routed_mlp import backward
+
+    monkeypatch.setattr(backward, "whole_in_one_pass", lambda x: False)
+    blockwise = {nb: _whole_rows_census(80, nb) for nb in (4, 8)}
+    monkeypatch.setattr(backward, "whole_in_one_pass", lambda x: True)
+    one_pass = _whole_rows_census(80, 4)
+    assert one_pass.syncs == 0, one_pass.summary()
+    for T, nb in ((160, 4), (80, 8)):
+        other = _whole_rows_census(T, nb)
+        assert other.syncs == 0 and other.launches == one_pass.launches, (T, nb, other.summary())
+    assert blockwise[8].launches > blockwise[4].launches > one_pass.launches, (blockwise, one_pass.launches)
+
+
 def _mlp_census(T: int, nb: int):
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -75,12 +75,14 @@ def test_mlp_backward_is_the_masked_jacobian(gated, layout, lora, T, hidden, nb,
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_mlp_backward_with_every_pair_kept_is_the_dense_gradient(activation, dtype):
+def test_mlp_backward_with_every_pair_kept_is_the_dense_gradient(activation, dtype, one_pass):
     """Every pair kept (LM tuning: every row carries a loss): the backward reads the whole saved [T, F]
     pre-activations, adds each block's d(X) straight into the layer's and reuses the activation's buffers
-    for d(z) (relu's backward reads act(z): it must run first). Gradients: autograd's of the dense MLP."""
+    for d(z) (relu's backward reads act(z): it must run first); block by block (the CPU) or the whole
+    layer in one pass (off the CPU). Gradients: autograd's of the dense MLP."""
     gen = torch.Generator().manual_seed(3)
     w = make_weights(13, 40, 11, gated=True, layout="oi", lora=("in", "gate", "out"), dtype=dtype, gen=gen)
     spec = spec_for(w, activation, True, 4, "oi")
@@ -95,7 +97,8 @@ def test_mlp_backward_with_every_pair_kept_is_the_dense_gradient(activation, dty
     dy = torch.randn(y.shape, dtype=dtype, generator=gen)
     needs = MlpWeights(*[t is not None for t in w])
     dx, grads = routed_mlp_backward_saved(dy, x.detach(), _detached(w), spec, mask, 0, True, needs, saved[0],
-                                          perm=perm, exact_forward=True, whole=True, counts=counts)
+                                          perm=perm, exact_forward=True, whole=True, counts=counts,
+                                          one_pass=one_pass)
     leaves = [x] + [t for t in w if t is not None]
     want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
     got = [dx] + [g for g, t in zip(grads, w) if t is not None]
@@ -160,9 +163,11 @@ def test_mlp_saves_only_the_routed_pairs():
     assert exact[0].numel() < 64 * 48 * 2  # less than the dense MLP's two pre-activations
 
 
-def test_mlp_lora_dropout_is_replayed():
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_mlp_lora_dropout_is_replayed(one_pass):
     """With LoRA dropout, backward draws the masks the exact forward drew (for every token): with every
-    block routed it equals the routed path's backward, whose forward drew the same masks."""
+    block routed it equals the routed path's backward, whose forward drew the same masks (block by
+    block; in one pass, the blocks' draws side by side)."""
     gen = torch.Generator().manual_seed(5)
     w = _detached(make_weights(12, 32, 12, gated=True, dtype=torch.float64, gen=gen))
     spec = spec_for(w, "silu", True, 4, in_dropout=0.3, gate_dropout=0.2, out_dropout=0.25)
@@ -174,7 +179,7 @@ def test_mlp_lora_dropout_is_replayed():
     dy = torch.randn(y_e.shape, dtype=torch.float64, generator=gen)
     needs = MlpWeights(*[t is not None for t in w])
     got = routed_mlp_backward_saved(dy, x, w, spec, mask, 7, True, needs, saved_e[0], exact_forward=True, whole=whole,
-                                    counts=counts)
+                                    counts=counts, one_pass=one_pass)
     assert counts == mask.sum(0).tolist()
     want = routed_mlp_backward_saved(dy, x, w, spec, mask, 7, True, needs, saved_r[0])
     torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=0)
