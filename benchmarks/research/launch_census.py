@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Launches and host-device syncs per steady-state call of each spt op (issue 19), counted on the CPU
 by spt_compile.testing.Census: forward + backward of one attention site for each mask form, and of one
-routed SwiGLU MLP (ffn_impl "torch" and "grouped"), at several sequence lengths. A count that grows with N, or any sync, is host
+routed SwiGLU MLP (ffn_impl "torch" and "grouped"; a call that keeps whole rows block by block, as on the CPU, and
+in one pass, as off it), at several sequence lengths. A count that grows with N, or any sync, is host
 overhead a GPU pays on every call.
 
     python benchmarks/research/launch_census.py --json benchmarks/research/results/launch_census_cpu.json
@@ -136,6 +137,14 @@ def mlp_case(N: int, B: int, impl: str = "torch") -> dict:
     for _ in range(3):
         whole(x).sum().backward()
     row["train_whole_rows"] = count(lambda: whole(x).sum().backward())
+    # the same call with its backward in one pass, as off the CPU (backward.whole_in_one_pass)
+    from spt_compile.sparse_ops.routed_mlp import backward
+
+    blockwise, backward.whole_in_one_pass = backward.whole_in_one_pass, lambda x: True
+    try:
+        row["train_whole_rows_one_pass"] = count(lambda: whole(x).sum().backward())
+    finally:
+        backward.whole_in_one_pass = blockwise
     return row
 
 
@@ -169,7 +178,8 @@ def main(argv=None) -> int:
             print(f"routed MLP {impl:8s} N={N:5d}: train {r['train']['launches']:4d} launches "
                   f"{r['train']['syncs']:3d} syncs; sparse inference {r['sparse_inference']['launches']:4d} / "
                   f"{r['sparse_inference']['syncs']:3d}; whole rows {r['train_whole_rows']['launches']:4d} / "
-                  f"{r['train_whole_rows']['syncs']:3d}", flush=True)
+                  f"{r['train_whole_rows']['syncs']:3d} (in one pass, off the CPU: "
+                  f"{r['train_whole_rows_one_pass']['launches']} / {r['train_whole_rows_one_pass']['syncs']})", flush=True)
             for s in r["train"]["sync_sites"] + r["sparse_inference"]["sync_sites"] + r["train_whole_rows"]["sync_sites"]:
                 print("    ", s)
     if args.json:
