@@ -57,6 +57,12 @@ timeout 270 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes l
     spt-50%-triton-sparse-forward spt-50%-torch-sparse-forward spt-50%-grouped-sparse-forward \
     spt-25%-triton-sparse-forward spt-25%-torch-sparse-forward spt-50%-triton-sparse-forward-n64 \
     --repeats 5 --warmup 2 --host-profile --json "$out/ffn_llama7b_${gpu}.json"
+# ... and LM tuning's MLP, every row keeping every block (its backward in one pass off the CPU), against
+# dense; then that backward in one pass against block by block (the CPU's way), at both MLP shapes
+timeout 90 python benchmarks/bench_ffn.py --device cuda --dtype bf16 --shapes llama7b smollm2 --tokens 8192 \
+    --configs dense-eager dense-inductor spt-whole-rows --repeats 5 --warmup 2 --json "$out/ffn_whole_rows_${gpu}.json"
+timeout 60 python benchmarks/research/ab_one_pass.py --device cuda --dtype bf16 --cases smollm2:8192 llama7b:8192 \
+    --rounds 10 --json "$out/ab_one_pass_${gpu}.json"
 fi
 # 4. Per-call host overhead at tiny shapes (attention B=1 H=4 N=256; a 64-token MLP): the spt ops against
 #    SDPA and a dense MLP, and the attention op made for CUDA graphs (mode="reduce-overhead", captured
