@@ -40,7 +40,7 @@ is dense and added beside the routed blocks, so every ffn_impl (Triton included)
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -75,6 +75,40 @@ TOKENS_PER_CALL = 512  # tokens added to the router's sample buffer per calibrat
 ROUTER_BUFFER = 2048  # tokens kept for (re)fitting the router
 PROBE_TOKENS = 64  # tokens per probe on training calls (every block runs for them)
 PROBE_EVERY = 25  # training calls between probes / refits; the first routed call always probes
+
+
+@dataclass
+class _Call:
+    """One call's inputs, as MlpSite.forward hands them to the way the call runs."""
+
+    x: Tensor  # [*, d_in], as the op received it
+    x2: Tensor  # [T, d_in]
+    weights: MlpWeights
+    spec: MlpSpec
+    options: Options
+    plan: CallPlan
+    training: bool
+    seed: int
+    loss_rows: Optional[Tensor]  # [T] bool on x's device, or None
+    real: Optional[Tensor] = None  # [T] bool: the real (not padding) rows; None: all are
+    saved: list = field(default_factory=list)  # what backward reads, in the layout the run wrote
+
+    @property
+    def T(self) -> int:
+        return self.x2.shape[0]
+
+
+@dataclass
+class _Ran:
+    """What a call computed and how, for the op's outputs and its backward."""
+
+    y: Tensor  # [T, d_out]
+    block_mask: Tensor  # [T, nb] bool: the (token, block) pairs the backward keeps
+    run: MlpRun
+    perm: Optional[Tensor] = None  # the clustering's unit order the call ran in, on x's device
+    whole: bool = False  # `saved` holds every pair as [T, F] per projection
+    natural_order: bool = False  # it ran in the units' own order, though the site has a clustering
+    comp: Optional[tuple] = None  # ffn_compensate's (U, V, M) on x's device, when the call added it
 
 
 def draw_rows(T: int, n: int, seed: int, device, real: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -404,150 +438,174 @@ class MlpSite(Site):
     def forward(self, x: Tensor, weights: MlpWeights, spec: MlpSpec, options: Options, training: bool,
                 loss_rows: Optional[Tensor] = None, real_rows: Optional[Tensor] = None):
         """loss_rows, real_rows: [T] bool operands (the rows that carry a loss; the rows that are real
-        tokens, empty when none is padding), or None."""
+        tokens, empty when none is padding), or None. Returns spt::mlp_site's outputs (mlp_op.py)."""
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced, training)
         options = plan.options  # with ffn_budget's allocation; a recompute's are its forward's
         self.check_finite(plan, x=x)
-        seed = self.call_seed(plan.index)
-        x2 = x.reshape(-1, x.shape[-1])
-        T = x2.shape[0]
-        real = rows_of(None if real_rows is None else real_rows.to(x.device), T)
-        nb = spec.n_blocks
-        grouped, grouped_off = grouped_choice(options.ffn_impl, x2, weights, spec)  # for routed calls
+        call = _Call(x, x.reshape(-1, x.shape[-1]), weights, spec, options, plan, training, self.call_seed(plan.index),
+                     None if loss_rows is None else loss_rows.to(x.device))
+        call.real = rows_of(None if real_rows is None else real_rows.to(x.device), call.T)
+        grouped, grouped_off = grouped_choice(options.ffn_impl, call.x2, weights, spec)  # for routed calls
         calibrating = self.calibrating(plan)
         inference_exact = not training and not options.sparse_inference
-        routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= nb
-                      or T == 0 or inference_exact)
+        routed = not (plan.dense_forced or not options.sparse_ffn or calibrating or options.active_blocks >= spec.n_blocks
+                      or call.T == 0 or inference_exact)
         exact = routed and training and options.exact_forward  # exact forward, sparse backward
-        mode = (MlpMeta.EXACT if exact else MlpMeta.ROUTED) if routed else MlpMeta.DENSE
         self.count_run(plan, "calibration" if calibrating else "exact_forward" if exact else "routed" if routed
-                       else "exact_inference" if inference_exact and options.sparse_ffn and T else "dense")
-        perm = None
-        whole = False  # exact_mlp_forward saved every pair as [T, F] per projection
-        natural_order = False  # a training call ran in the units' own order though the site has a clustering
-        comp = None  # ffn_compensate's (U, V, M) on x's device, when this call adds it
-        saved: list = []  # the routed blocks' pre-activations, for backward
+                       else "exact_inference" if inference_exact and options.sparse_ffn and call.T else "dense")
         with torch.no_grad():
-            if routed and self.router is None and not plan.updates_state:  # no router, and no fitting here
+            if routed and not self._has_router(call):
                 routed = exact = False
-                mode = MlpMeta.DENSE
-            if routed and self.router is None:  # calibration_steps == 0, or calibration kept no token
-                rows = self._sample_rows(T, TOKENS_PER_CALL, seed, x.device, real)
-                self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
-                fitted = self._agreed_routing(self._fit_routing(weights, spec, options, seed))
-                if fitted is None:  # nothing finite to fit on: this call runs every block
-                    routed = False
-                else:
-                    self._set_routing(*fitted)
             if not routed:
-                block_mask = torch.ones(T, nb, dtype=torch.bool, device=x.device)
-                collect = calibrating and plan.updates_state
-                if collect:  # the torch path, measuring each block's output norm on the way (the router's target)
-                    y, _, norms, whole, counts = exact_mlp_forward(
-                        x2, weights, spec, lambda s: block_mask, seed, saved, None, "block_output")
-                    run = MlpRun(counts=tuple(counts))
-                    self._calibrate(x2, norms, weights, spec, plan, seed, real)
-                elif takes_torch_path(options.ffn_impl, x2, spec):
-                    # exact_forward's code with every block kept, in the units' own order: the same sums
-                    # in the same order as a training call that keeps whole rows, so disable() reproduces
-                    # that forward bit for bit. No pair scores: every pair is kept (evaluation calls ran
-                    # them for nothing, about a fifth of the MLP's time on this CPU).
-                    y, _, _, whole, _ = exact_mlp_forward(
-                        x2, weights, spec, lambda s: block_mask, seed, saved, None, None, counts=[T] * nb)
-                    run = MlpRun(counts=(T,) * nb)
-                else:
-                    y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved)
+                out = self._every_block(call, collect=calibrating and plan.updates_state)
             elif exact:
-                perm = on_device(self.perm, x.device)
-                lead = tuple(x.shape[:-1])
-                rows = None if loss_rows is None else loss_rows.to(x.device)
-                # No loss rows reach this site (the loss is outside this graph: a graph break before it,
-                # a compiled submodule; explain() says why). Under ffn_loss_rows="dense" any real row may
-                # carry a loss, so each keeps every block: ranked, an LM's rows would lose blocks that
-                # the loss needs (docs/quality.md, "Beyond GSM8K").
-                unknown = options.ffn_loss_rows == "dense" and (rows is None or rows.numel() != T)
-                skipped = 0.0 if unknown else self.backward_skipped(options, T, rows, real, lead)
-                whole_rows = self.whole_rows(options, T, None if unknown else rows, real, x.device,
-                                             skipped)  # ranking would not pay
-                preset = None if whole_rows is None else whole_rows[0]
-                if not plan.recompute:
-                    self.backward_choice["ranked" if preset is None else "whole_rows"] += 1
-                    self.backward_why = (
-                        "whole rows: no loss rows reach this site, so every real row keeps every block "
-                        "(ffn_loss_rows='dense'; 'first' or 'off' ranks them)" if unknown else
-                        "ranked: ffn_dense_first" if skipped is None else
-                        f"ranked: leaves out {skipped:.1%} of the real rows' (token, block) pairs" if preset is None
-                        else f"whole rows: ranking would leave out {skipped:.1%} of the real rows' pairs, "
-                             f"not more than ffn_skip_min={options.ffn_skip_min:g}")
-                n_pairs = None
-                if grouped:  # sized on the host, the call needs no sync
-                    n_pairs = whole_rows[1] if preset is not None else self.backward_pairs(options, T, rows, real, lead)
-                if preset is not None:
-                    # Whole rows: every kept row keeps every block, so the blocks' unit order means nothing
-                    # to either pass; the units' own order spares the weights' permutation, forward and
-                    # backward (the build still puts each LoRA factor beside its weight, which costs less
-                    # than adding the LoRA deltas apart; benchmarks/research/ab_whole_rows.py). The rows are
-                    # counted on the host: no sync.
-                    y, block_mask, _, whole, counts = exact_mlp_forward(
-                        x2, weights, spec, lambda s: preset, seed, saved, None, None, grouped, n_pairs,
-                        counts=None if grouped else [whole_rows[1] // nb] * nb)
-                    natural_order = True
-                else:  # ranked pairs: scored per block, in the clustered block order
-                    y, block_mask, _, whole, counts = exact_mlp_forward(
-                        x2, weights, spec, lambda s: self.backward_mask(s, options, lead, rows, real), seed,
-                        saved, perm, BACKWARD_IMPORTANCE, grouped, n_pairs, self.unit_norms(weights, spec, perm))
-                # backward routes by the counts (no second count), or by grouped GEMMs (none needed)
-                run = MlpRun("grouped") if grouped and not whole else MlpRun(counts=tuple(counts))
-                probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0
-                if plan.updates_state and (probe_due or "captured" not in self.quality):
-                    # captured / rel_error: what the backward's blocks hold of the exact output
-                    self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, real)
-                    bx, by = self.buffer_x, self.buffer_y
-                    if bx.shape[0] and sync.active():  # ranks fit together, at the same call
-                        self.refit_router(bx, by)
-                    elif bx.shape[0]:  # the router serves only routed calls (sparse inference): fit then
-                        self.router_stale = True
+                out = self._exact_forward(call, grouped)
             else:
-                perm = on_device(self.perm, x.device)
-                if not plan.recompute:  # a recompute routes as its forward did
-                    self._refresh_router()
-                block_mask = self.route(x2, options, tuple(x.shape[:-1]))
-                dense_loss_rows = (training and options.ffn_loss_rows == "dense" and loss_rows is not None
-                                   and loss_rows.numel() == T)
-                if dense_loss_rows:
-                    # rows that carry a loss run every block; not without gradients: an evaluation that
-                    # passes labels must still measure the sparse forward
-                    block_mask |= loss_rows.to(x.device)[:, None]
-                wp = LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
-                terms = self.compensation_terms(options, wp.get, spec)
-                if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
-                    comp = tuple(on_device(t, x.device, x.dtype) for t in terms)
-                n_pairs = self.routed_pairs(options, T, tuple(x.shape[:-1]), loss_rows if dense_loss_rows else None) \
-                    if grouped else None  # sized on the host: the grouped call needs no sync
-                y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, saved, perm, comp, grouped,
-                                  n_pairs)
-                if plan.updates_state and training and (
-                        self.train_calls % sync.probe_interval(PROBE_EVERY) == 0 or "captured" not in self.quality):
-                    self._probe(x2, wp.get(), spec, block_mask, seed,
-                                None if terms is None else tuple(t.to(x.device) for t in terms), real)
-                    bx, by = self.buffer_x, self.buffer_y
-                    if bx.shape[0]:
-                        self.refit_router(bx, by)
+                out = self._routed(call, grouped)
         self.end(plan, training)
         if not plan.recompute:
-            self.impls[run.impl] = self.impls.get(run.impl, 0) + 1
+            self.impls[out.run.impl] = self.impls.get(out.run.impl, 0) + 1
             self.grouped_off = grouped_off
+        mode = (MlpMeta.EXACT if exact else MlpMeta.ROUTED) if routed else MlpMeta.DENSE
         # backward reads the saved pre-activations, and draws dropout again, in the order forward used
-        meta = MlpMeta(mode, seed, perm is not None and not natural_order, run, bool(whole), nb).tensor()
-        perm_out = perm if perm is not None else torch.arange(spec.hidden, device=x.device)
+        meta = MlpMeta(mode, call.seed, out.perm is not None and not out.natural_order, out.run, bool(out.whole),
+                       spec.n_blocks).tensor()
+        perm_out = out.perm if out.perm is not None else torch.arange(spec.hidden, device=x.device)
         # U and V, flat, for backward's d(x) (M is a constant): empty when nothing was added
+        comp = out.comp
         comp_out = torch.cat([comp[0].reshape(-1), comp[1].reshape(-1)]) if comp is not None else x.new_empty(0)
+        saved = call.saved
         if len(saved) == 1 and saved[0]._base is None:
             pre = saved[0]  # the Triton path's flat buffer: no copy
         else:
             pre = torch.cat(saved) if saved else x.new_empty(0)
-        return y.view(*x.shape[:-1], y.shape[-1]), block_mask, perm_out, pre, meta, comp_out
+        return out.y.view(*x.shape[:-1], out.y.shape[-1]), out.block_mask, perm_out, pre, meta, comp_out
+
+    def _has_router(self, call: "_Call") -> bool:
+        """Whether a routed call has a router to route by, fitting one here where the call may
+        (calibration_steps == 0, or calibration kept no token); False: the call runs every block."""
+        if self.router is not None:
+            return True
+        if not call.plan.updates_state:  # no router, and no fitting here
+            return False
+        x2, weights, spec = call.x2, call.weights, call.spec
+        rows = self._sample_rows(call.T, TOKENS_PER_CALL, call.seed, x2.device, call.real)
+        self._add_samples(x2[rows], block_outputs(x2[rows], weights, spec).float().norm(dim=-1))
+        fitted = self._agreed_routing(self._fit_routing(weights, spec, call.options, call.seed))
+        if fitted is None:  # nothing finite to fit on: this call runs every block
+            return False
+        self._set_routing(*fitted)
+        return True
+
+    def _every_block(self, call: "_Call", collect: bool) -> "_Ran":
+        """Every block for every token: calibration (collect: each block's output norm measured on the
+        way, the router's target), disable(), dense-forced and evaluation calls."""
+        x2, weights, spec, seed, T, nb = call.x2, call.weights, call.spec, call.seed, call.T, call.spec.n_blocks
+        block_mask = torch.ones(T, nb, dtype=torch.bool, device=x2.device)
+        if collect:  # the torch path
+            y, _, norms, whole, counts = exact_mlp_forward(
+                x2, weights, spec, lambda s: block_mask, seed, call.saved, None, "block_output")
+            self._calibrate(x2, norms, weights, spec, call.plan, seed, call.real)
+            return _Ran(y, block_mask, MlpRun(counts=tuple(counts)), whole=whole)
+        if takes_torch_path(call.options.ffn_impl, x2, spec):
+            # exact_forward's code with every block kept, in the units' own order: the same sums in the
+            # same order as a training call that keeps whole rows, so disable() reproduces that forward
+            # bit for bit. No pair scores: every pair is kept (evaluation calls ran them for nothing,
+            # about a fifth of the MLP's time on this CPU).
+            y, _, _, whole, _ = exact_mlp_forward(
+                x2, weights, spec, lambda s: block_mask, seed, call.saved, None, None, counts=[T] * nb)
+            return _Ran(y, block_mask, MlpRun(counts=(T,) * nb), whole=whole)
+        y, run = run_impl(x2, weights, spec, block_mask, seed, call.options.ffn_impl, call.saved)
+        return _Ran(y, block_mask, run)
+
+    def _exact_forward(self, call: "_Call", grouped: bool) -> "_Ran":
+        """A training call under exact_forward: every block forward; the backward keeps whole rows where
+        ranking would not pay, else the highest-scoring (token, block) pairs."""
+        x, x2, weights, spec, options, seed, T = call.x, call.x2, call.weights, call.spec, call.options, call.seed, call.T
+        nb, real, rows = spec.n_blocks, call.real, call.loss_rows
+        perm = on_device(self.perm, x.device)
+        lead = tuple(x.shape[:-1])
+        # No loss rows reach this site (the loss is outside this graph: a graph break before it, a
+        # compiled submodule; explain() says why). Under ffn_loss_rows="dense" any real row may carry a
+        # loss, so each keeps every block: ranked, an LM's rows would lose blocks that the loss needs
+        # (docs/quality.md, "Beyond GSM8K").
+        unknown = options.ffn_loss_rows == "dense" and (rows is None or rows.numel() != T)
+        skipped = 0.0 if unknown else self.backward_skipped(options, T, rows, real, lead)
+        whole_rows = self.whole_rows(options, T, None if unknown else rows, real, x.device,
+                                     skipped)  # ranking would not pay
+        preset = None if whole_rows is None else whole_rows[0]
+        if not call.plan.recompute:
+            self.backward_choice["ranked" if preset is None else "whole_rows"] += 1
+            self.backward_why = (
+                "whole rows: no loss rows reach this site, so every real row keeps every block "
+                "(ffn_loss_rows='dense'; 'first' or 'off' ranks them)" if unknown else
+                "ranked: ffn_dense_first" if skipped is None else
+                f"ranked: leaves out {skipped:.1%} of the real rows' (token, block) pairs" if preset is None
+                else f"whole rows: ranking would leave out {skipped:.1%} of the real rows' pairs, "
+                     f"not more than ffn_skip_min={options.ffn_skip_min:g}")
+        n_pairs = None
+        if grouped:  # sized on the host, the call needs no sync
+            n_pairs = whole_rows[1] if preset is not None else self.backward_pairs(options, T, rows, real, lead)
+        if preset is not None:
+            # Whole rows: every kept row keeps every block, so the blocks' unit order means nothing to
+            # either pass; the units' own order spares the weights' permutation, forward and backward
+            # (the build still puts each LoRA factor beside its weight, which costs less than adding the
+            # LoRA deltas apart; benchmarks/research/ab_whole_rows.py). The rows are counted on the
+            # host: no sync.
+            y, block_mask, _, whole, counts = exact_mlp_forward(
+                x2, weights, spec, lambda s: preset, seed, call.saved, None, None, grouped, n_pairs,
+                counts=None if grouped else [whole_rows[1] // nb] * nb)
+        else:  # ranked pairs: scored per block, in the clustered block order
+            y, block_mask, _, whole, counts = exact_mlp_forward(
+                x2, weights, spec, lambda s: self.backward_mask(s, options, lead, rows, real), seed,
+                call.saved, perm, BACKWARD_IMPORTANCE, grouped, n_pairs, self.unit_norms(weights, spec, perm))
+        # backward routes by the counts (no second count), or by grouped GEMMs (none needed)
+        run = MlpRun("grouped") if grouped and not whole else MlpRun(counts=tuple(counts))
+        probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0
+        if call.plan.updates_state and (probe_due or "captured" not in self.quality):
+            # captured / rel_error: what the backward's blocks hold of the exact output
+            self._probe(x2, permute_hidden(weights, spec, perm), spec, block_mask, seed, None, real)
+            bx, by = self.buffer_x, self.buffer_y
+            if bx.shape[0] and sync.active():  # ranks fit together, at the same call
+                self.refit_router(bx, by)
+            elif bx.shape[0]:  # the router serves only routed calls (sparse inference): fit then
+                self.router_stale = True
+        return _Ran(y, block_mask, run, perm=perm, whole=whole, natural_order=preset is not None)
+
+    def _routed(self, call: "_Call", grouped: bool) -> "_Ran":
+        """The routed forward (exact_forward off, or sparse inference): the router's blocks per token,
+        every block on rows that carry a loss in training under ffn_loss_rows="dense", and the
+        compensation's dense term for the blocks a token skips."""
+        x, x2, weights, spec, options, seed, T = call.x, call.x2, call.weights, call.spec, call.options, call.seed, call.T
+        loss_rows = call.loss_rows
+        perm = on_device(self.perm, x.device)
+        if not call.plan.recompute:  # a recompute routes as its forward did
+            self._refresh_router()
+        block_mask = self.route(x2, options, tuple(x.shape[:-1]))
+        dense_loss_rows = (call.training and options.ffn_loss_rows == "dense" and loss_rows is not None
+                           and loss_rows.numel() == T)
+        if dense_loss_rows:
+            # rows that carry a loss run every block; not without gradients: an evaluation that passes
+            # labels must still measure the sparse forward
+            block_mask |= loss_rows[:, None]
+        wp = LazyPermuted(weights, spec, perm)  # copied only if a refit or a probe needs it
+        terms = self.compensation_terms(options, wp.get, spec)
+        comp = None  # ffn_compensate's (U, V, M) on x's device, when this call adds it
+        if terms is not None:  # a dense term beside the routed blocks: any ffn_impl
+            comp = tuple(on_device(t, x.device, x.dtype) for t in terms)
+        n_pairs = self.routed_pairs(options, T, tuple(x.shape[:-1]), loss_rows if dense_loss_rows else None) \
+            if grouped else None  # sized on the host: the grouped call needs no sync
+        y, run = run_impl(x2, weights, spec, block_mask, seed, options.ffn_impl, call.saved, perm, comp, grouped,
+                          n_pairs)
+        if call.plan.updates_state and call.training and (
+                self.train_calls % sync.probe_interval(PROBE_EVERY) == 0 or "captured" not in self.quality):
+            self._probe(x2, wp.get(), spec, block_mask, seed,
+                        None if terms is None else tuple(t.to(x.device) for t in terms), call.real)
+            bx, by = self.buffer_x, self.buffer_y
+            if bx.shape[0]:
+                self.refit_router(bx, by)
+        return _Ran(y, block_mask, run, perm=perm, comp=comp)
 
     def _calibrate(self, x2: Tensor, norms: Tensor, weights, spec, plan: CallPlan, seed: int,
                    real: Optional[Tensor] = None) -> None:
