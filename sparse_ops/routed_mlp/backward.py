@@ -17,9 +17,14 @@ from .compensation import compensation_input_grad
 from .spec import MlpSpec, MlpWeights, _block_weights, _slot_slice
 
 
+_PENDING = "pending"  # a wanted gradient nothing was added to yet
+
+
 class _Grads:
     """dx and the wanted slot gradients of one backward, accumulated block by block in fp32 (or
-    wider), then cast to the inputs' dtypes."""
+    wider), then cast to the inputs' dtypes. A slot's first addition that covers all of it is kept as
+    it is, not added into zeros: a backward in one pass (or a slot computed once, per layer) fills no
+    buffer and adds nothing (a launch each on a GPU); later additions add in place."""
 
     def __init__(self, x: Tensor, w: MlpWeights, spec: MlpSpec, needs_x: bool, needs: MlpWeights,
                  zero_dx: bool = True):
@@ -28,8 +33,31 @@ class _Grads:
         self.needs_x = needs_x
         # zero_dx=False: the caller assigns self.dx whole instead of accumulating into it
         self.dx = torch.zeros_like(x, dtype=self.acc) if (needs_x and zero_dx) else None
-        self.grads = {slot: torch.zeros_like(t, dtype=self.acc) if (t is not None and need) else None
+        self.grads = {slot: _PENDING if (t is not None and need) else None
                       for (slot, t), need in zip(w._asdict().items(), needs)}
+
+    def add(self, slot: str, g: Tensor, dim: Optional[int] = None, lo: int = 0, hi: int = 0,
+            units: Optional[Tensor] = None) -> None:
+        """Adds g to the slot's gradient: to all of it (dim None), to its hidden units lo:hi along dim,
+        or to the units `units` (the block's perm[lo:hi]) along dim."""
+        weight = getattr(self.w, slot)
+        if self.grads[slot] is _PENDING and (dim is None or (lo == 0 and hi == weight.shape[dim])):
+            if dim is None and g.shape != weight.shape:
+                raise RuntimeError(f"spt routed MLP: a {tuple(g.shape)} gradient for {slot} {tuple(weight.shape)}")
+            g = g.to(self.acc)
+            if units is not None:  # units covering lo:hi = all of them are a permutation: each written once
+                g = torch.empty_like(g).index_copy_(dim, units, g)
+            elif g._base is not None:  # a view (of a GEMM serving two slots): a gradient must own its memory
+                g = g.clone()
+            self.grads[slot] = g
+            return
+        if self.grads[slot] is _PENDING:
+            self.grads[slot] = torch.zeros_like(weight, dtype=self.acc)
+        target = self.grads[slot]
+        if units is not None:
+            target.index_add_(dim, units, g.to(self.acc))
+        else:
+            (target if dim is None else target.narrow(dim, lo, hi - lo)).add_(g)
 
     def add_block(self, dxb: Optional[Tensor], tok: Tensor, every: bool, block_grads: dict, lo: int, hi: int,
                   units: Optional[Tensor] = None):
@@ -41,16 +69,14 @@ class _Grads:
                 self.dx.index_add_(0, tok, dxb.to(self.acc))
         for slot, gs in block_grads.items():
             dim = _slot_slice(slot, self.spec)
-            if dim is not None and units is not None:
-                self.grads[slot].index_add_(dim, units, gs.to(self.acc))
-                continue
-            target = self.grads[slot] if dim is None else self.grads[slot].narrow(dim, lo, hi - lo)
-            target += gs
+            self.add(slot, gs, dim, lo, hi, None if dim is None else units)
 
     def finish(self, dy: Tensor) -> tuple[Optional[Tensor], MlpWeights]:
         if self.grads["out_b"] is not None:
-            self.grads["out_b"] += dy.to(self.acc).sum(0)
-        cast = {s: (None if g is None else g.to(getattr(self.w, s).dtype)) for s, g in self.grads.items()}
+            self.add("out_b", dy.to(self.acc).sum(0))
+        cast = {s: (None if g is None else
+                    torch.zeros_like(getattr(self.w, s)) if g is _PENDING else g.to(getattr(self.w, s).dtype))
+                for s, g in self.grads.items()}
         return (None if self.dx is None else self.dx.to(self.x.dtype)), MlpWeights(**cast)
 
 
@@ -244,7 +270,7 @@ def routed_mlp_backward_saved(
     if wants_dX:
         _input_lora_backward(dX, x, w, spec, cols, keep_in, keep_gate, out, wanted)
     if "out_bb" in wanted:
-        out.grads["out_bb"] += (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale
+        out.add("out_bb", (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale)
     return out.finish(dy)
 
 
@@ -260,7 +286,7 @@ def _input_lora_backward(dX: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, co
             dA = dt.t() @ x.to(out.acc)
             for p in present:
                 if f"{p}_a" in wanted:
-                    out.grads[f"{p}_a"] += dA[cols.in_t(p)]
+                    out.add(f"{p}_a", dA[cols.in_t(p)])
         if out.needs_x:
             out.dx = torch.addmm(dx, dt, A)
         return
@@ -269,7 +295,7 @@ def _input_lora_backward(dX: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, co
         dt = dX[:, cols.of(proj)]  # [T, r]: d(dropout(x) A^T)
         if f"{proj}_a" in wanted:
             lx = x if keep is None else x * keep
-            out.grads[f"{proj}_a"] += dt.t() @ lx.to(out.acc)
+            out.add(f"{proj}_a", dt.t() @ lx.to(out.acc))
         if out.needs_x:
             dlx = dt @ getattr(w, f"{proj}_a").to(out.acc)
             dx = dx + (dlx if keep is None else dlx * keep)

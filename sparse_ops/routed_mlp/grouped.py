@@ -183,7 +183,7 @@ def grouped_backward_saved(
         keep_in, keep_gate = lora_input_scales(x, spec, seed)
         _input_lora_backward(dX, x, w, spec, cols, keep_in, keep_gate, out, wanted)
     if "out_bb" in wanted:
-        out.grads["out_bb"] += (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale
+        out.add("out_bb", (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale)
     return out.finish(dy)
 
 
