@@ -308,3 +308,26 @@ def test_explain_says_what_the_compile_does_about_real_rows(padded):
     compiled = [s.detail for s in spt_compile.compile_reports(model)[-1].rewritten("mlp")]
     assert explained == compiled and len(compiled) == 2, (explained, compiled)
     assert all(("real rows from the attention mask" in d) == padded for d in compiled), compiled
+
+
+def test_greedy_generation_through_spt_equals_eager():
+    """A user who compiles the forward HF's generate() calls (prefill, then one token a step with a KV
+    cache, left-padded rows) gets eager's tokens: calls without gradients run exact."""
+    model = build("LlamaConfig", "LlamaForCausalLM", "sdpa", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0).eval()
+    model.generation_config.pad_token_id = 0
+    ids, mask = padded_batch(V, N=12, pad_right_of=12)
+    mask[1, :4] = 0  # left padding, as for generation
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(**kw)
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="spt", options={"compiler": "eager"})
+        got = model.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences), (got.sequences, want.sequences)
+    for g, w in zip(got.scores, want.scores):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    sites = spt_compile.report(model)
+    assert {s["kind"] for s in sites} == {"attention", "mlp"} and all(s["calls"] for s in sites), sites
