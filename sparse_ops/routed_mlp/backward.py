@@ -122,10 +122,10 @@ def routed_mlp_backward(
 def whole_in_one_pass(x: Tensor) -> bool:
     """Whether a backward that keeps every pair runs the whole layer as one block (off the CPU) rather
     than block by block (the CPU). One block launches the same kernels at any block count, about half
-    of four blocks' (SmolLM2's MLP with LoRA on its three projections: 31 against 88); on the CPU one
-    pass took 0.97-1.10x of four blocks' time at SmolLM2's 512 to 4096 tokens over five runs (1.04x in
-    the longest), four blocks' elementwise passes over [T, F/4] staying in cache (docs/ffn.md, "The
-    backward when every pair is kept"; benchmarks/research/ab_one_pass.py)."""
+    of four blocks' (SmolLM2's MLP with LoRA on its three projections: 33 against 90); on the CPU one
+    pass took 0.97-1.10x of four blocks' time at SmolLM2's 512 to 4096 tokens over six runs (about
+    1.04x on their mean at 2048 and 4096), four blocks' elementwise passes over [T, F/4] staying in
+    cache (docs/ffn.md, "The backward when every pair is kept"; benchmarks/research/ab_one_pass.py)."""
     return x.device.type != "cpu"
 
 
