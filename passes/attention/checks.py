@@ -22,8 +22,15 @@ def check(m: AttentionMatch, options: Options) -> None:
         raise Reject(f"q/k/v are not 4-D [B, H, N, D] (got {qs}, {ks}, {vs})")
     B, H, N, D = qs
     Hkv, Nk = ks[1], ks[2]
-    if not (same(ks[0], B) and same(vs[0], B) and same(ks[3], D) and same(vs[1], Hkv) and same(vs[2], Nk)):
-        raise Reject(f"q {qs}, k {ks}, v {vs} do not fit together")
+    pairs = {"k's batch and q's": (ks[0], B), "v's batch and q's": (vs[0], B), "k's head size and q's": (ks[3], D),
+             "v's heads and k's": (vs[1], Hkv), "v's length and k's": (vs[2], Nk)}
+    unequal = [what for what, (a, b) in pairs.items() if not same(a, b)]
+    if unequal:
+        symbolic = all(isinstance(pairs[what][0], torch.SymInt) or isinstance(pairs[what][1], torch.SymInt)
+                       for what in unequal)
+        raise Reject(f"q {qs}, k {ks}, v {vs} do not fit together: {', '.join(unequal)} "
+                     + ("are not provably equal (dynamic shapes traced them as separate symbols, as they do a "
+                        "KV cache's keys and values)" if symbolic else "differ"))
     # q, k, v of different dtypes occur under autocast (HF's RoPE leaves q, k in fp32, v comes from a
     # bf16 linear): the site computes in the narrowest of them, as autocast's dense attention does.
     if not _divides(Hkv, H):

@@ -331,3 +331,8 @@ def test_greedy_generation_through_spt_equals_eager():
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     sites = spt_compile.report(model)
     assert {s["kind"] for s in sites} == {"attention", "mlp"} and all(s["calls"] for s in sites), sites
+    # Once the cache length is traced dynamic, the cached keys and values get a symbol each: explain()
+    # says why such a step's attention stays dense
+    for graph in spt_compile.compile_reports(model):
+        for site in graph.dense("attention"):
+            assert "not provably equal" in site.reason, site.reason
