@@ -20,6 +20,12 @@ from .spec import MlpSpec, MlpWeights, _block_weights, _slot_slice
 _PENDING = "pending"  # a wanted gradient nothing was added to yet
 
 
+def _zero_columns(t: Tensor, lo: int, hi: int) -> None:
+    """t[:, lo:hi] = 0, with no call at all for no columns (a launch on a GPU's host)."""
+    if hi > lo:
+        t[:, lo:hi].zero_()
+
+
 class _Grads:
     """dx and the wanted slot gradients of one backward, accumulated block by block in fp32 (or
     wider), then cast to the inputs' dtypes. A slot's first addition that covers all of it is kept as
@@ -187,8 +193,8 @@ def routed_mlp_backward_saved(
     if dX is not None and comp is not None and needs_x:  # the compensation's d(x) starts the sum
         U, V = (c.to(out.acc) for c in comp)
         compensation_input_grad(dy.to(out.acc), ~block_mask, U, V, out=dX[:, cols.x_cols])
-        dX[:, : cols.x_cols.start].zero_()
-        dX[:, cols.x_cols.stop :].zero_()
+        _zero_columns(dX, 0, cols.x_cols.start)
+        _zero_columns(dX, cols.x_cols.stop, cols.K)
     elif dX is not None:
         dX.zero_()
     bw = _BlockOrderWeights(w, spec, cols, perm, merged, with_inputs=wants_dX)
@@ -254,8 +260,8 @@ def routed_mlp_backward_saved(
                 elif dXb is None:
                     dXb = g.new_empty(n, cols.K)
                     torch.mm(g, Wb, out=dXb[:, win])
-                    dXb[:, : win.start].zero_()
-                    dXb[:, win.stop :].zero_()
+                    _zero_columns(dXb, 0, win.start)
+                    _zero_columns(dXb, win.stop, cols.K)
                 else:
                     dXb[:, win].addmm_(g, Wb)
             if f"{proj}_w" in wanted:

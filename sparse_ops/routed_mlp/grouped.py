@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .backward import _Grads, _input_lora_backward
+from .backward import _Grads, _input_lora_backward, _zero_columns
 from .blocks import (
     _BlockOrderWeights, _activate, _activation_vjp, _input_projections, _lora_columns, _lora_inputs,
     _with_lora_inputs,
@@ -164,8 +164,8 @@ def grouped_backward_saved(
             if dXs is None:  # the first projection's window written, the rest zeroed (no fill of it all)
                 dXs = part.new_empty(S, cols.K)
                 dXs[:, win] = part
-                dXs[:, : win.start].zero_()
-                dXs[:, win.stop :].zero_()
+                _zero_columns(dXs, 0, win.start)
+                _zero_columns(dXs, win.stop, cols.K)
             else:
                 dXs[:, win] += part
         if f"{proj}_w" in wanted:  # per block dz_b^T x_b
