@@ -22,29 +22,24 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "ops"), str(REPO / "tests"), str(REPO / "benchmarks")]
-
-SHAPES = {"smollm2": (576, 1536), "llama7b": (4096, 11008)}
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "ops"), str(REPO / "tests"), str(REPO / "benchmarks"),
+                str(REPO / "benchmarks" / "research")]
 
 
 def main(argv=None) -> int:
+    from ab_whole_rows import case_arguments, lora_swiglu_case
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["smollm2:64", "smollm2:2048", "smollm2:4096", "llama7b:512"],
-                   help="shape:tokens, shape one of " + ", ".join(SHAPES))
-    p.add_argument("--rounds", type=int, default=10, help="ABBA rounds (each path runs 2 calls a round)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="on every projection's LoRA input")
-    p.add_argument("--threads", type=int, default=2)
+    case_arguments(p, ["smollm2:64", "smollm2:2048", "smollm2:4096", "llama7b:512"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
     import torch
 
     from provenance import cpu_model, source_commit
-    from spt_compile.sparse_ops.routed_mlp import MlpWeights, exact_mlp_forward, routed_mlp_backward_saved
+    from spt_compile.sparse_ops.routed_mlp import exact_mlp_forward, routed_mlp_backward_saved
     from spt_compile.testing import Census
-    from test_routed_mlp_op import make_weights, spec_for
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -55,17 +50,8 @@ def main(argv=None) -> int:
 
     rows = []
     for case in args.cases:
-        shape, tokens = case.split(":")
-        d, hidden = SHAPES[shape]
-        T, nb = int(tokens), 4
-        gen = torch.Generator().manual_seed(0)
-        w = make_weights(d, hidden, d, gated=True, bias=False, lora=("in", "gate", "out"), r=16, gen=gen)
-        w = MlpWeights(*[None if t is None else t.detach().to(device, dtype) for t in w])
-        q = args.lora_dropout
-        spec = spec_for(w, "silu", True, nb, **(dict(in_dropout=q, gate_dropout=q, out_dropout=q) if q else {}))
-        x = torch.randn(T, d, generator=gen).to(device, dtype)
-        dy = torch.randn(T, d, generator=gen).to(device, dtype)
-        needs = MlpWeights(**{n: t is not None and n.endswith(("_a", "_bb")) for n, t in w._asdict().items()})
+        w, spec, x, dy, needs = lora_swiglu_case(case, args.lora_dropout, torch.Generator().manual_seed(0), device, dtype)
+        shape, (T, nb) = case.split(":")[0], (x.shape[0], spec.n_blocks)
         every = torch.ones(T, nb, dtype=torch.bool, device=device)
         saved = []
         _, mask, _, whole, counts = exact_mlp_forward(x, w, spec, lambda s: every, 1, saved, None, None)

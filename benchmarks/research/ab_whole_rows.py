@@ -217,44 +217,54 @@ def whole_rows_backward_saved(
         dX = dXk if every else dXk.new_zeros(T, cols.K).index_copy_(0, tok, dXk)  # [T, K]
         _input_lora_backward(dX, x, w, spec, cols, *lora_input_scales(x, spec, seed), out, wanted)
     if "out_bb" in wanted:
-        out.grads["out_bb"] += (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale
+        out.add("out_bb", (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale)
     return out.finish(dy)
 
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["smollm2:2048", "smollm2:4096", "llama7b:512", "llama7b:2048"],
-                   help="shape:tokens, shape one of " + ", ".join(SHAPES))
+def case_arguments(p: argparse.ArgumentParser, cases: list[str]) -> None:
+    """The probes' shared options (this one's and ab_one_pass.py's)."""
+    p.add_argument("--cases", nargs="+", default=cases, help="shape:tokens, shape one of " + ", ".join(SHAPES))
     p.add_argument("--rounds", type=int, default=10, help="ABBA rounds (each path runs 2 calls a round)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="on every projection's LoRA input")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
+
+
+def lora_swiglu_case(case: str, lora_dropout: float, gen: torch.Generator, device="cpu", dtype=torch.float32):
+    """A 'shape:tokens' case: (weights, spec, x, dy, needs) of a SwiGLU in 4 blocks with LoRA r=16 on
+    gate/up/down, frozen base weights (needs: d(x)'s inputs, the LoRA gradients)."""
+    from spt_compile.sparse_ops.routed_mlp import MlpWeights
+    from test_routed_mlp_op import make_weights, spec_for
+
+    shape, tokens = case.split(":")
+    d, hidden = SHAPES[shape]
+    w = make_weights(d, hidden, d, gated=True, bias=False, lora=("in", "gate", "out"), r=16, gen=gen)
+    w = MlpWeights(*[None if t is None else t.detach().to(device, dtype) for t in w])
+    q = lora_dropout
+    spec = spec_for(w, "silu", True, 4, **(dict(in_dropout=q, gate_dropout=q, out_dropout=q) if q else {}))
+    x, dy = (torch.randn(int(tokens), d, generator=gen).to(device, dtype) for _ in range(2))
+    needs = MlpWeights(**{n: t is not None and n.endswith(("_a", "_bb")) for n, t in w._asdict().items()})
+    return w, spec, x, dy, needs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    case_arguments(p, ["smollm2:2048", "smollm2:4096", "llama7b:512", "llama7b:2048"])
     args = p.parse_args(argv)
 
-    import torch
-
     from provenance import cpu_model, source_commit
-    from spt_compile.sparse_ops.routed_mlp import MlpWeights, exact_mlp_forward, routed_mlp_backward_saved
-    from test_routed_mlp_op import make_weights, spec_for
+    from spt_compile.sparse_ops.routed_mlp import exact_mlp_forward, routed_mlp_backward_saved
 
     torch.set_num_threads(args.threads)
     rows = []
     for case in args.cases:
-        shape, tokens = case.split(":")
-        d, hidden = SHAPES[shape]
-        T, nb = int(tokens), 4
         gen = torch.Generator().manual_seed(0)
-        w = make_weights(d, hidden, d, gated=True, bias=False, lora=("in", "gate", "out"), r=16, gen=gen)
-        w = MlpWeights(*[None if t is None else t.detach() for t in w])
-        q = args.lora_dropout
-        spec = spec_for(w, "silu", True, nb, **(dict(in_dropout=q, gate_dropout=q, out_dropout=q) if q else {}))
+        w, spec, x, dy, needs = lora_swiglu_case(case, args.lora_dropout, gen)
+        shape, (T, nb), hidden = case.split(":")[0], (x.shape[0], spec.n_blocks), spec.hidden
         shuffled = torch.randperm(hidden, generator=gen)
         Fb = hidden // nb
         perm = torch.cat([shuffled[i * Fb:(i + 1) * Fb].sort().values for i in range(nb)])  # ascending in a block
-        x = torch.randn(T, d, generator=gen)
-        dy = torch.randn(T, d, generator=gen)
-        needs = MlpWeights(**{n: t is not None and n.endswith(("_a", "_bb")) for n, t in w._asdict().items()})
         every = torch.ones(T, nb, dtype=torch.bool)
 
         def block_path(order):  # order: the clustering's permutation (block), or None (natural)
@@ -285,7 +295,7 @@ def main(argv=None) -> int:
             if a is not None:
                 err[name] = ((getattr(gw, name) - a).norm() / a.norm()).item()
         # only the dropout draws of the out projection's LoRA differ (per block of each path's order)
-        if not q:
+        if not args.lora_dropout:
             assert max(err.values()) < 1e-4, err
         times = {name: {"forward": [], "backward": []} for name in paths}
         for r in range(args.rounds):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -140,11 +141,8 @@ def mlp_case(N: int, B: int, impl: str = "torch") -> dict:
     # the same call with its backward in one pass, as off the CPU (backward.whole_in_one_pass)
     from spt_compile.sparse_ops.routed_mlp import backward
 
-    blockwise, backward.whole_in_one_pass = backward.whole_in_one_pass, lambda x: True
-    try:
+    with mock.patch.object(backward, "whole_in_one_pass", lambda x: True):
         row["train_whole_rows_one_pass"] = count(lambda: whole(x).sum().backward())
-    finally:
-        backward.whole_in_one_pass = blockwise
     return row
 
 

@@ -90,7 +90,7 @@ class _Call:
     training: bool
     seed: int
     loss_rows: Optional[Tensor]  # [T] bool on x's device, or None
-    real: Optional[Tensor] = None  # [T] bool: the real (not padding) rows; None: all are
+    real: Optional[Tensor]  # [T] bool: the real (not padding) rows; None: all are
     saved: list = field(default_factory=list)  # what backward reads, in the layout the run wrote
 
     @property
@@ -443,9 +443,10 @@ class MlpSite(Site):
         plan = self.begin(options, dense_forced, training)
         options = plan.options  # with ffn_budget's allocation; a recompute's are its forward's
         self.check_finite(plan, x=x)
-        call = _Call(x, x.reshape(-1, x.shape[-1]), weights, spec, options, plan, training, self.call_seed(plan.index),
-                     None if loss_rows is None else loss_rows.to(x.device))
-        call.real = rows_of(None if real_rows is None else real_rows.to(x.device), call.T)
+        x2 = x.reshape(-1, x.shape[-1])
+        call = _Call(x, x2, weights, spec, options, plan, training, self.call_seed(plan.index),
+                     None if loss_rows is None else loss_rows.to(x.device),
+                     rows_of(None if real_rows is None else real_rows.to(x.device), x2.shape[0]))
         grouped, grouped_off = grouped_choice(options.ffn_impl, call.x2, weights, spec)  # for routed calls
         calibrating = self.calibrating(plan)
         inference_exact = not training and not options.sparse_inference

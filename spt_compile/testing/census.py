@@ -173,21 +173,15 @@ class Census:
 
     def _wrap(self, fn):
         def counted(*args, **kwargs):
-            if self._active:  # an spt op inside another: already counted by the outer one's modes
+            with self.counting():  # an spt op inside another: already counted by the outer one's modes
                 return fn(*args, **kwargs)
-            self._active = True
-            try:
-                with self._modes[0], self._modes[1]:
-                    return fn(*args, **kwargs)
-            finally:
-                self._active = False
 
         return counted
 
     @contextlib.contextmanager
     def counting(self):
-        """Count everything run inside this block, not only what runs inside an spt:: op: for an op's
-        functions called directly (sparse_ops), outside any compiled graph."""
+        """Count everything run inside this block (each spt:: op's kernel runs in one): also for an op's
+        functions called directly (sparse_ops), outside any compiled graph. Nested, it adds nothing."""
         if self._active:
             yield self
             return
