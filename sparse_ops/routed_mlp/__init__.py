@@ -30,7 +30,7 @@ reference.py (the plain per-token reference every path is tested against).
 from .backward import routed_mlp_backward, routed_mlp_backward_saved
 from .blocks import route_tokens, unit_importance
 from .compensation import compensation, compensation_input_grad
-from .exact import IMPORTANCES, exact_mlp_forward, unit_norms
+from .exact import IMPORTANCES, exact_mlp_forward, score_weights, unit_norms
 from .forward import block_outputs, routed_mlp_forward
 from .function import routed_mlp
 from .spec import (
@@ -42,5 +42,5 @@ __all__ = [
     "ACTIVATIONS", "FFN_IMPLS", "FFN_IMPL_ENV", "IMPORTANCES", "MlpSpec", "MlpWeights", "block_bounds", "block_outputs",
     "compensation", "compensation_input_grad", "exact_mlp_forward", "join_fused", "out_features", "permute_hidden",
     "resolve_ffn_impl", "route_tokens", "routed_mlp", "routed_mlp_backward", "routed_mlp_backward_saved",
-    "routed_mlp_forward", "split_fused", "unit_importance", "unit_norms", "unpermute_grads",
+    "routed_mlp_forward", "score_weights", "split_fused", "unit_importance", "unit_norms", "unpermute_grads",
 ]

@@ -30,8 +30,7 @@ IMPORTANCES = ("jacobian", "output", "block_output")
 def unit_norms(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> dict[str, Tensor]:
     """Per hidden unit (block order), the norm of its weight row in each input projection and of its
     column in the out projection (base weights): {proj: [F]} fp32. The "jacobian" and "output"
-    importances read them; with frozen base weights they are the same every call, so a caller may
-    keep them and pass them in (exact_mlp_forward(norms=))."""
+    importances read them (through score_weights, which a caller with frozen base weights keeps)."""
     out = {}
     for proj in _input_projections(spec) + ("out",):
         W = getattr(w, f"{proj}_w")
@@ -46,6 +45,23 @@ def block_weights(unit_weight: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
     return torch.block_diag(*[unit_weight[lo:hi, None] for lo, hi in bounds])
 
 
+def score_weights(w: MlpWeights, spec: MlpSpec, perm: Optional[Tensor], importance: str) -> tuple[Tensor, ...]:
+    """What `importance` ("jacobian" or "output") weights each unit's |value| by, one [F, nb]
+    block_weights matrix per term of its sum (fp32; see IMPORTANCES): gated "jacobian" (|u act'(g)|,
+    |act(g)|) -> (gate x out, in x out norms); plain (|act'(z)|) -> (in x out); "output" (|h|) ->
+    (out). Built from the base weights alone, so a caller with frozen weights keeps them
+    (exact_mlp_forward(weights_for_scores=)): 2 products and 2 block_diag launches fewer a call."""
+    norms = unit_norms(w, spec, perm)
+    if importance == "output":
+        units = [norms["out"]]
+    elif spec.gated:
+        units = [norms["gate"] * norms["out"], norms["in"] * norms["out"]]
+    else:
+        units = [norms["in"] * norms["out"]]
+    bounds = block_bounds(spec.hidden, spec.n_blocks)
+    return tuple(block_weights(u, bounds) for u in units)
+
+
 @torch.no_grad()  # gradients: routed_mlp_backward_saved(..., exact_forward=True)
 def exact_mlp_forward(
     x: Tensor,
@@ -58,7 +74,7 @@ def exact_mlp_forward(
     importance: Optional[str] = "jacobian",
     grouped: bool = False,
     n_pairs: Optional[int] = None,
-    norms: Optional[dict[str, Tensor]] = None,
+    weights_for_scores: Optional[tuple[Tensor, ...]] = None,
     counts: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], bool, Optional[list[int]]]:
     """The exact MLP (every unit for every token, LoRA and its dropout included) whose backward is
@@ -79,8 +95,8 @@ def exact_mlp_forward(
     grouped: save the kept pairs for grouped_backward_saved instead (grouped.py: [S, Fb] per
     projection, sorted by block), with the tokens per block left on the device: counts is then None,
     and `n_pairs`, the number of pairs choose() keeps when the caller knows it, spares the one sync
-    (the pairs' count) that is left; whole is known either way. norms: unit_norms(w, spec, perm) when
-    the caller keeps them (frozen base weights), else computed here. counts: the tokens per block of
+    (the pairs' count) that is left; whole is known either way. weights_for_scores: score_weights(w,
+    spec, perm, importance) when the caller keeps them (frozen base weights), else computed here. counts: the tokens per block of
     the mask choose() returns, when the caller knows them (whole rows, counted on the host): the
     block path's sync is spared too."""
     T, d_in = x.shape
@@ -116,20 +132,21 @@ def exact_mlp_forward(
                 own = torch.addmm(own, lora, w.out_bb.t(), alpha=spec.out_scale)
             scores[:, b] = own.float().norm(dim=-1)
     else:
-        norms = unit_norms(w, spec, perm) if norms is None else norms
+        if weights_for_scores is None:
+            weights_for_scores = score_weights(w, spec, perm, importance)
         # Each score is a weighted sum over the block's units of |a unit value| (IMPORTANCES): one GEMM
         # against a [F, nb] matrix holding each unit's weight in its block's column does the weighting
         # and the per-block sum in one pass; as broadcast products and a reduction it was 8 elementwise
         # passes over [T, F], about 40 ms of a layer at 4096 x 1536 in isolation (docs/ffn.md, "Scoring the pairs").
         if importance == "output":
-            terms = [(h, norms["out"])]
+            values = [h]
         elif spec.gated:
-            terms = [(act_vjp(pre[1]), norms["gate"] * norms["out"]), (a, norms["in"] * norms["out"])]
+            values = [act_vjp(pre[1]), a]
         else:
-            terms = [(act_vjp(torch.ones_like(pre[0])), norms["in"] * norms["out"])]
-        for i, (values, unit_weight) in enumerate(terms):  # values [T, F], unit_weight [F] fp32
+            values = [act_vjp(torch.ones_like(pre[0]))]
+        for i, (v, weighting) in enumerate(zip(values, weights_for_scores)):  # v [T, F], weighting [F, nb] fp32
             # beta=0 on the first term: scores is uninitialised, and addmm ignores it then
-            scores.addmm_(values.abs().float(), block_weights(unit_weight, bounds), beta=min(i, 1))
+            scores.addmm_(v.abs().float(), weighting, beta=min(i, 1))
     block_mask = choose(scores)
     if grouped:
         counts = None

@@ -22,7 +22,8 @@ with t and t_out as in routed_mlp_forward's layout (blocks.py, _lora_inputs). Eq
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,22 +41,36 @@ from .spec import MlpSpec, MlpWeights, out_features
 _ALIGN_BYTES = 16
 
 
-class Pairs(NamedTuple):
-    tokens: Tensor  # [S] int64: the token of each routed pair, sorted by block, then token
-    blocks: Tensor  # [S] int64: its block
-    offs: Tensor  # [nb] int32: where each block's rows end in that order
+class Pairs:
+    """The routed pairs of a block mask, sorted by block, then token. Each index is computed when first
+    read (one launch each), so a caller that needs only some launches only those."""
+
+    def __init__(self, order: Tensor, T: int, offs: Tensor):
+        self._order, self._T = order, max(T, 1)  # order [S] int64: block * T + token
+        self.offs = offs  # [nb] int32: where each block's rows end in that order
+
+    @functools.cached_property
+    def tokens(self) -> Tensor:  # [S] int64: the token of each routed pair
+        return self._order % self._T
+
+    @functools.cached_property
+    def blocks(self) -> Tensor:  # [S] int64: its block
+        return self._order // self._T
 
 
-def routed_pairs(block_mask: Tensor, n_pairs: int) -> Pairs:
-    """block_mask [T, nb] bool with exactly n_pairs True -> its pairs sorted by block; no host sync."""
+def routed_pairs(block_mask: Tensor, n_pairs: int, check: bool = True) -> Pairs:
+    """block_mask [T, nb] bool with exactly n_pairs True -> its pairs sorted by block; no host sync.
+    check=False skips the device-side check of n_pairs, for a mask whose count was checked already
+    (the backward's: its forward checked it, and the saved sizes carry the same count)."""
     T = block_mask.shape[0]
     order = torch.nonzero_static(block_mask.t().reshape(-1), size=n_pairs).squeeze(1)  # block * T + token
     offs = block_mask.sum(0, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    # A wrong count would drop pairs or pad with token 0: checked on the device, without a sync (on CUDA a
-    # device-side assert stops the run; on the CPU it raises here)
-    torch._assert_async(offs[-1] == n_pairs, "spt routed MLP: the block mask's pairs differ from the count "
-                        "the host derived for it (a bug: please report it with the options used)")
-    return Pairs(order % max(T, 1), order // max(T, 1), offs)
+    if check:
+        # A wrong count would drop pairs or pad with token 0: checked on the device, without a sync (on CUDA a
+        # device-side assert stops the run; on the CPU it raises here)
+        torch._assert_async(offs[-1] == n_pairs, "spt routed MLP: the block mask's pairs differ from the count "
+                            "the host derived for it (a bug: please report it with the options used)")
+    return Pairs(order, T, offs)
 
 
 def pair_rows(pre: Tensor, block_mask: Tensor, pairs: Pairs) -> Tensor:
@@ -129,7 +144,7 @@ def grouped_backward_saved(
     r_out = 0 if w.out_a is None else w.out_a.shape[0]
     n_t = T * (cols.K - d_in)
     S = (saved.numel() - n_t - T * r_out) // (len(projections) * Fb)  # the pairs' rows: from sizes, no sync
-    pairs = routed_pairs(block_mask, S)
+    pairs = routed_pairs(block_mask, S, check=False)  # the forward checked this mask's count
     pre = [saved[i * S * Fb : (i + 1) * S * Fb].view(S, Fb) for i in range(len(projections))]
     n_pre = len(projections) * S * Fb
     t = saved[n_pre : n_pre + n_t].view(T, cols.K - d_in) if n_t else None  # [T, K - d_in]

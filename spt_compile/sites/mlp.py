@@ -57,8 +57,8 @@ from spt_compile.options import Options
 from spt_compile.real_rows import rows_of
 from spt_compile.registry import REGISTRY, SITE_TYPES, CallPlan, Site, SiteTemplate, SptStateError
 from spt_compile.sparse_ops.routed_mlp import (
-    MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, unit_importance,
-    unit_norms,
+    MlpSpec, MlpWeights, block_outputs, compensation, exact_mlp_forward, permute_hidden, score_weights,
+    unit_importance,
 )
 
 from . import mask_memo
@@ -352,18 +352,19 @@ class MlpSite(Site):
         n_real = row_counts(T, real, loss_rows).real
         return min(self.backward_budget(options, T, loss_rows, real), n_real * self.n_blocks)
 
-    def unit_norms(self, weights: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> dict:
-        """The base weights' per-unit norms the backward's scores read (exact.unit_norms), kept with
-        the weights (mask_memo on the out projection's, keyed by the others and the clustering's
-        permutation): frozen base weights give the same norms every call, so they are computed once,
-        not per call (3 reductions over the weights, in fp32 copies of them). A weight changed in
-        place (trained base weights: its version moves) is read again."""
+    def score_weights(self, weights: MlpWeights, spec: MlpSpec, perm: Optional[Tensor]) -> tuple:
+        """What the backward's pair scores weight each unit's value by (exact.score_weights: the base
+        weights' per-unit norms, as one [F, nb] matrix per term), kept with the weights (mask_memo on the
+        out projection's, keyed by the others and the clustering's permutation): frozen base weights
+        give the same matrices every call, so they are built once, not per call (3 reductions over the
+        weights in fp32 copies, 2 products, 2 block_diag). A weight changed in place (trained base
+        weights: its version moves) is read again."""
         ident = tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t._version)
                       for t in (weights.in_w, weights.gate_w, weights.out_w))  # out_w's too: the op may
         # get an alias of it each call, whose end would leave the memo nothing to check the version by
         order = None if self.perm is None else (self.perm.data_ptr(), self.perm._version)
-        return mask_memo.memo(weights.out_w, ("unit_norms", ident, order, spec),
-                              lambda: unit_norms(weights, spec, perm))
+        return mask_memo.memo(weights.out_w, ("score_weights", ident, order, spec, BACKWARD_IMPORTANCE),
+                              lambda: score_weights(weights, spec, perm, BACKWARD_IMPORTANCE))
 
     def routed_pairs(self, options: Options, T: int, lead: tuple, dense_rows: Optional[Tensor]) -> Optional[int]:
         """The number of pairs of route()'s mask, with dense_rows' rows (when given) running every block:
@@ -560,7 +561,7 @@ class MlpSite(Site):
         else:  # ranked pairs: scored per block, in the clustered block order
             y, block_mask, _, whole, counts = exact_mlp_forward(
                 x2, weights, spec, lambda s: self.backward_mask(s, options, lead, rows, real), seed,
-                call.saved, perm, BACKWARD_IMPORTANCE, grouped, n_pairs, self.unit_norms(weights, spec, perm))
+                call.saved, perm, BACKWARD_IMPORTANCE, grouped, n_pairs, self.score_weights(weights, spec, perm))
         # backward routes by the counts (no second count), or by grouped GEMMs (none needed)
         run = MlpRun("grouped") if grouped and not whole else MlpRun(counts=tuple(counts))
         probe_due = self.train_calls % sync.probe_interval(PROBE_EVERY) == 0

@@ -75,6 +75,10 @@ def test_routed_pairs_are_sorted_by_block_with_device_offsets():
     assert pairs.tokens.tolist() == [0, 2, 3, 0, 1, 3]
     assert pairs.blocks.tolist() == [0, 0, 0, 2, 2, 2]
     assert pairs.offs.tolist() == [3, 3, 6] and pairs.offs.dtype == torch.int32
+    # a count that does not match the mask is caught on the device (on the CPU: raised at once)
+    with pytest.raises(RuntimeError, match="differ from the count"):
+        routed_pairs(mask, 5)
+    assert routed_pairs(mask, 6, check=False).tokens.tolist() == pairs.tokens.tolist()  # the backward's: checked before
 
 
 def test_grouped_unsupported_names_what_stops_it():

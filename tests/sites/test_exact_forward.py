@@ -441,15 +441,15 @@ def test_eval_calls_run_exact_unless_sparse_inference():
     assert runs == {"calibration": 2, "exact_inference": 1, "routed": 1, "disabled": 1}, runs
 
 
-def test_frozen_weights_unit_norms_are_computed_once(monkeypatch):
-    """The backward's scores read the base weights' per-unit norms: kept with the weights, computed on
-    the first training call and again only when a weight (an input projection's, or the out
-    projection's, which anchors them) changes in place."""
+def test_frozen_weights_score_weights_are_computed_once(monkeypatch):
+    """The backward's scores read the base weights' per-unit norms (as score_weights' per-block
+    matrices): kept with the weights, computed on the first training call and again only when a weight
+    (an input projection's, or the out projection's, which anchors them) changes in place."""
     from spt_compile.sites import mlp as site_mlp
 
     calls = []
-    real = site_mlp.unit_norms
-    monkeypatch.setattr(site_mlp, "unit_norms", lambda *a: calls.append(1) or real(*a))
+    real = site_mlp.score_weights
+    monkeypatch.setattr(site_mlp, "score_weights", lambda *a: calls.append(1) or real(*a))
     model, compiled = compiled_gated_mlp(24, 64, exact_forward=True, ffn_active=2, ffn_loss_rows="off")
     for p in model.parameters():
         p.requires_grad_(False)
