@@ -151,7 +151,10 @@ def test_enable_makes_spt_the_default_backend_only_inside():
         named(x)
     assert len(compile_reports(mlp)) == before + 1
     assert compile_reports(mlp)[-1].rewritten("mlp")
-    assert torch.compiler.get_default_backend() == "inductor"
+    if hasattr(torch.compiler, "get_default_backend"):  # newer torch: enable() sets the default backend
+        assert torch.compiler.get_default_backend() == "inductor"
+    # older torch (2.11, the GPU machine's): enable() wraps torch.compile inside the block only
+    assert not hasattr(torch.compile, "__wrapped__"), "enable() left torch.compile wrapped"
 
 
 def test_compile_rejects_bad_options_by_name():
