@@ -307,7 +307,11 @@ def test_explain_says_what_the_compile_does_about_real_rows(padded):
     torch.compile(model, backend="spt", options={"compiler": "eager"})(**b)
     compiled = [s.detail for s in spt_compile.compile_reports(model)[-1].rewritten("mlp")]
     assert explained == compiled and len(compiled) == 2, (explained, compiled)
-    assert all(("real rows from the attention mask" in d) == padded for d in compiled), compiled
+    # Without attention_mask, HF passes SDPA is_causal under torch 2.13, but builds an explicit causal
+    # mask under 2.11 (the GPU machine's torch); real rows are read from whatever mask the graph holds.
+    masked = any("mask=none" not in s.detail for s in spt_compile.compile_reports(model)[-1].rewritten("attention"))
+    assert padded <= masked
+    assert all(("real rows from the attention mask" in d) == masked for d in compiled), compiled
 
 
 def test_greedy_generation_through_spt_equals_eager():
