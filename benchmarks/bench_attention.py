@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from spt_compile.registry import REGISTRY  # noqa: E402
 CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-token-torch", "spt-block-reference",
            "spt-block-triton-deterministic", "spt-block-triton-sparse-forward", "spt-block-triton-packed-dq",
            "spt-block-triton-split-d", "spt-block-triton-dkdv-8warps", "spt-block-torch-defaults",
-           "spt-block-triton-defaults")
+           "spt-block-triton-defaults", "spt-block-triton-defaults-efficient")
 # *-deterministic: the config run under torch.use_deterministic_algorithms(True, warn_only=True), where the
 # Triton dk/dv kernel gives each key block one program (no atomics; block_sparse_triton.py).
 # *-sparse-forward: exact_forward off, the forward too over the selected blocks only (the kernels'
@@ -47,6 +48,10 @@ CONFIGS = ("sdpa", "sdpa-inductor", "spt-block-torch", "spt-block-triton", "spt-
 # (DKDV_LAUNCH = DKDV_UNSPILLED).
 SWITCHED = {"spt-block-triton-packed-dq": {"PACK_GQA_DQ": True}, "spt-block-triton-split-d": {"SPLIT_HEAD_TILES": True},
             "spt-block-triton-dkdv-8warps": {"DKDV_LAUNCH": {"num_warps": 8, "num_stages": 1}}}  # DKDV_UNSPILLED
+# *-defaults-efficient: the site's switch for exact calls with a mask (--pad) on CUDA, off by default until
+# timed here: SDPA's memory-efficient kernel run by the site with its lse kept, so backward needs no second
+# forward (sites/attention.py, EFFICIENT_WITH_MASK)
+SITE_SWITCHED = {"spt-block-triton-defaults-efficient": {"EFFICIENT_WITH_MASK": True}}
 
 
 def kernel_switches(settings: dict):
@@ -57,6 +62,24 @@ def kernel_switches(settings: dict):
     return module_settings(block_sparse_triton, **settings)
 
 
+def site_switches(settings: dict):
+    """sites/attention.py's module switches set to settings inside, restored after."""
+    from spt_compile.sites import attention as attention_site
+    from spt_compile.testing.compile_only import module_settings
+
+    return module_settings(attention_site, **settings)
+
+
+def padded_mask(B: int, N: int, pad: float, device) -> Optional[torch.Tensor]:
+    """Hugging Face's padded causal mask [B, 1, N, N] bool (query i sees real keys up to i), the last
+    row's last `pad` of positions padding; None when pad is 0 (is_causal, no mask)."""
+    if not pad:
+        return None
+    real = torch.ones(B, N, dtype=torch.bool, device=device)
+    real[-1, N - int(N * pad):] = False
+    return torch.ones(N, N, dtype=torch.bool, device=device).tril()[None, None] & real[:, None, None, :]
+
+
 class OneAttention(torch.nn.Module):
     """What the pass sees in a decoder layer, reduced to the attention call itself."""
 
@@ -64,8 +87,9 @@ class OneAttention(torch.nn.Module):
         super().__init__()
         self.causal = causal
 
-    def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1])
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 def make_fn(config: str, args):
@@ -78,7 +102,7 @@ def make_fn(config: str, args):
     options = dict(attention_selection=selection, attention_impl=impl, attention_block=args.block,
                    calibration_steps=1, compiler="eager", sparse_ffn=False,
                    exact_forward=not config.endswith("-sparse-forward"))
-    if not config.endswith("-defaults"):
+    if "-defaults" not in config:
         # no length threshold and no floor of keys: time the sparse path at every N at --density ("-defaults":
         # the backend's density and length rules, e.g. exact below 1024 keys and at least 256 keys a query)
         options.update(density=args.density, attention_dense_below=0, attention_backward_dense_below=0,
@@ -123,6 +147,9 @@ def deterministic_algorithms():
 
 
 def run_config(config: str, N: int, args, device, dtype) -> dict:
+    if config in SITE_SWITCHED:
+        with site_switches(SITE_SWITCHED[config]):
+            return _run_config(config, N, args, device, dtype)
     if config in SWITCHED:
         with kernel_switches(SWITCHED[config]):
             return _run_config(config, N, args, device, dtype)
@@ -138,11 +165,12 @@ def _run_config(config: str, N: int, args, device, dtype) -> dict:
     q, k, v = (torch.randn(B, h, N, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
                for h in (H, Hkv, Hkv))
     dout = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
+    mask = padded_mask(B, N, args.pad, device)
     sites_before = {id(s) for s in REGISTRY.sites}  # then the ones this config adds (the module has no weights to find them by)
     fn = make_fn(config, args)
 
     def step():
-        out = fn(q, k, v)
+        out = fn(q, k, v, mask)
         out.backward(dout)
         q.grad = k.grad = v.grad = None
 
@@ -154,7 +182,7 @@ def _run_config(config: str, N: int, args, device, dtype) -> dict:
         step()
     saved = SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        out = fn(q, k, v)
+        out = fn(q, k, v, mask)
     out.backward(dout)
     q.grad = k.grad = v.grad = None
     del out
@@ -225,17 +253,25 @@ def check_kernels(args, device, dtype) -> list[str]:
             lines.append(f"check select  N={N} causal={causal}: triton lists the same key blocks as torch on "
                          f"{agree:.1%} of query blocks" + ("  ok" if agree >= need else "  FAILED"))
         lines.append(_check_exact_short(q, k, v, dout, causal, tol, N))
+        if causal:  # a padded batch (HF's padded causal mask): SDPA recomputed in backward, or the
+            # memory-efficient kernel with its lse kept (EFFICIENT_WITH_MASK)
+            mask = padded_mask(B, N, 0.25, device)
+            for config, switch in SITE_SWITCHED.items():
+                lines.append(_check_exact_short(q, k, v, dout, causal, tol, N, mask))
+                with site_switches(switch):
+                    lines.append(_check_exact_short(q, k, v, dout, causal, tol, N, mask, config.split("-")[-1]))
     return lines
 
 
-def _check_exact_short(q, k, v, dout, causal, tol, N) -> str:
+def _check_exact_short(q, k, v, dout, causal, tol, N, mask=None, name="") -> str:
     """A training call below attention_dense_below through backend="spt" (exact both ways; on CUDA the
-    flash kernel's forward with its lse kept and its backward run from them, no second forward):
+    flash kernel's forward with its lse kept and its backward run from them, no second forward; with a
+    mask, SDPA and SDPA again in backward, or the memory-efficient kernel under EFFICIENT_WITH_MASK):
     output and gradients against SDPA under autograd, and which kernel served it."""
     from spt_compile.sites.meta import AttentionMeta
 
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    want = OneAttention(causal)(q, k, v)
+    want = OneAttention(causal)(q, k, v, mask)
     want_grads = torch.autograd.grad(want, (q, k, v), dout)
     torch._dynamo.reset()
     fn = torch.compile(OneAttention(causal), backend="spt", options=dict(
@@ -245,15 +281,16 @@ def _check_exact_short(q, k, v, dout, causal, tol, N) -> str:
     original, read = AttentionMeta.__dict__["read"], AttentionMeta.read
     AttentionMeta.read = classmethod(lambda cls, meta: modes.append(int(meta[0])) or read(meta))
     try:
-        got = fn(q, k, v)
+        got = fn(q, k, v, mask)
         got_grads = torch.autograd.grad(got, (q, k, v), dout)
     finally:
         AttentionMeta.read = original
     errs = [(a.float() - b.float()).abs().max().item() for a, b in zip((got, *got_grads), (want, *want_grads))]
     ok = all(e <= tol * max(1.0, w.abs().max().item()) for e, w in zip(errs, (want, *want_grads)))
     names = {AttentionMeta.DENSE: "recomputed", AttentionMeta.DENSE_LSE: "cpu-flash",
-             AttentionMeta.CUDA_FLASH_LSE: "cuda-flash"}
-    return (f"check exact-short N={N} causal={causal} ({', '.join(names.get(m, str(m)) for m in modes)}): max |err| "
+             AttentionMeta.CUDA_FLASH_LSE: "cuda-flash", AttentionMeta.CUDA_EFFICIENT_LSE: "cuda-efficient"}
+    what = "" if mask is None else f" padded{'-' + name if name else ''}"
+    return (f"check exact-short{what} N={N} causal={causal} ({', '.join(names.get(m, str(m)) for m in modes)}): max |err| "
             "out/dq/dk/dv = " + " / ".join(f"{e:.2e}" for e in errs) + ("  ok" if ok else "  FAILED"))
 
 
@@ -299,10 +336,12 @@ def host_profile(config: str, N: int, args, device, dtype) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(args.batch, h, N, args.head_dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
                for h in (args.heads, args.kv_heads, args.kv_heads))
+    mask = padded_mask(args.batch, N, args.pad, device)
     fn = make_fn(config, args)
-    for _ in range(3):
-        fn(q, k, v).sum().backward()
-    return {"config": config, "N": N, **profile_step(lambda: fn(q, k, v).sum().backward())}
+    with site_switches(SITE_SWITCHED.get(config, {})):
+        for _ in range(3):
+            fn(q, k, v, mask).sum().backward()
+        return {"config": config, "N": N, **profile_step(lambda: fn(q, k, v, mask).sum().backward())}
 
 
 def main(argv=None) -> int:
@@ -321,6 +360,9 @@ def main(argv=None) -> int:
     p.add_argument("--density", type=float, default=1 / 8)
     p.add_argument("--block", type=int, default=64, help="attention_block for block selection")
     p.add_argument("--bidirectional", action="store_true", help="non-causal attention")
+    p.add_argument("--pad", type=float, default=0.0,
+                   help="a padded batch: the last row's last PAD of positions are padding, and every config gets "
+                        "Hugging Face's padded causal mask instead of is_causal (default 0: no mask)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--check", action="store_true", help="first compare the sparse kernels with the reference")
@@ -333,12 +375,15 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     configs = args.configs or [c for c in CONFIGS if (device.type == "cuda" or "triton" not in c)
-                               and not c.endswith("-defaults")]  # "-defaults": named only (short N's rules)
+                               and "-defaults" not in c]  # "-defaults": named only (short N's rules)
+    if not 0 <= args.pad < 1 or (args.pad and args.bidirectional):
+        raise SystemExit(f"--pad {args.pad}: a fraction in [0, 1) of a causal row (not with --bidirectional)")
     if "TRITON_INTERPRET" in os.environ and device.type == "cuda":
         raise SystemExit("TRITON_INTERPRET is set: unset it to time the Triton kernels on the GPU")
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"{dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, B={args.batch} H={args.heads} "
-          f"Hkv={args.kv_heads} D={args.head_dim}, density {args.density:g}, causal {not args.bidirectional}", flush=True)
+          f"Hkv={args.kv_heads} D={args.head_dim}, density {args.density:g}, causal {not args.bidirectional}"
+          + (f", padded mask (last row {args.pad:.0%} padding)" if args.pad else ""), flush=True)
     checks = check_kernels(args, device, dtype) if args.check else []
     for line in checks:
         print(line, flush=True)

@@ -28,6 +28,12 @@ timeout 270 python benchmarks/bench_attention.py --device cuda --dtype bf16 --ch
 timeout 90 python benchmarks/bench_attention.py --device cuda --dtype bf16 --seq-lens 1024 2048 \
     --configs sdpa spt-block-triton-defaults --repeats 10 --warmup 3 \
     --json "$out/attention_smollm2_short_${gpu}.json"
+# ... and a padded batch (HF's padded causal mask, 8 rows, the last a quarter padding) at 512 / 1024 keys:
+# SDPA against the exact call as it runs there today (SDPA, then SDPA again in backward) and with the
+# memory-efficient kernel's lse kept (EFFICIENT_WITH_MASK: on by default only if its checks pass and it is faster)
+timeout 90 python benchmarks/bench_attention.py --device cuda --dtype bf16 --check --seq-lens 512 1024 --batch 8 \
+    --pad 0.25 --configs sdpa spt-block-triton-defaults spt-block-triton-defaults-efficient --repeats 10 --warmup 3 \
+    --json "$out/attention_smollm2_padded_${gpu}.json"
 fi
 # 2. A LLaMA-7B attention shape (32 heads, D 128), N 8192, bf16, causal; default and deterministic dk/dv.
 #    Then Phi-2's (32 heads, D 80): one head tile padded to 128 (the default) against a 64 + 16 split

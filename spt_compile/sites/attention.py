@@ -168,6 +168,82 @@ def cuda_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     return dq, dk, dv
 
 
+# An exact training call on CUDA with a mask (a padded batch) has no flash kernel: it runs SDPA without the
+# logsumexp, and its backward runs SDPA's forward again before SDPA's backward, one attention forward
+# more per layer and step than dense SDPA. With EFFICIENT_WITH_MASK the call runs the kernel SDPA runs
+# for masks, the memory-efficient one, itself and keeps its logsumexp, so backward runs that kernel's
+# backward only. Off until benchmarks/gpu_check.sh has checked and timed it on a GPU (written and tested
+# here against CPU stand-ins of the kernels' contracts).
+EFFICIENT_WITH_MASK = False
+_EFFICIENT_LSE_ALIGN = 32  # the memory-efficient kernel's logsumexp rows are padded to a multiple of 32
+_EFFICIENT_BIAS_ALIGN = 8  # ... and its bias rows must start 8-element aligned (SDPA pads them likewise)
+
+
+def _efficient_bias(mask: Tensor, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> Tensor:
+    """The mask as SDPA hands it to the memory-efficient kernel: additive in q's dtype (False -> -inf),
+    each row's start aligned (padded, then sliced back), broadcast to shape [B, H, N, Nk]."""
+    bias = _float_mask(mask, dtype)
+    if bias.stride(-1) != 1 or any(st % _EFFICIENT_BIAS_ALIGN for st in bias.stride()[:-1]):
+        Nk = bias.shape[-1]
+        bias = F.pad(bias, (0, _EFFICIENT_BIAS_ALIGN - Nk % _EFFICIENT_BIAS_ALIGN))[..., :Nk]
+    return bias.expand(shape)
+
+
+def _grouped_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """k, v [B, Hkv, Nk, D] with each key head repeated for its group of query heads: [B, H, Nk, D]."""
+    groups = q.shape[1] // k.shape[1]
+    return (k, v) if groups == 1 else (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+
+
+def _cuda_efficient_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> bool:
+    """Whether a masked exact call can run the memory-efficient kernel with its logsumexp kept
+    (EFFICIENT_WITH_MASK on, CUDA, a mask, the kernel usable for these inputs with heads expanded)."""
+    if not (EFFICIENT_WITH_MASK and q.device.type == "cuda" and mask is not None):
+        return False
+    try:
+        # equal head counts, as the call will pass them (views: nothing is copied to ask)
+        kv_shape = (k.shape[0], q.shape[1], k.shape[2])
+        params = torch.backends.cuda.SDPAParams(q, k[:, :1].expand(*kv_shape, k.shape[3]),
+                                                v[:, :1].expand(*kv_shape, v.shape[3]), mask, 0.0, is_causal, False)
+        return bool(torch.backends.cuda.can_use_efficient_attention(params))
+    except (RuntimeError, TypeError, AttributeError):  # the API changed: keep the SDPA path
+        return False
+
+
+def cuda_efficient_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, is_causal: bool, scale: float,
+                            kernel=None) -> tuple[Tensor, Tensor]:
+    """Exact attention [B, H, N, Dv] and its natural-log logsumexp [B, H, N] (fp32) from the CUDA
+    memory-efficient kernel, with the mask as SDPA passes it (_efficient_bias). kernel: the aten op (a
+    stand-in in CPU tests)."""
+    kernel = torch.ops.aten._scaled_dot_product_efficient_attention if kernel is None else kernel
+    k, v = _grouped_heads(q, k, v)
+    bias = _efficient_bias(mask, q.dtype, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    out, lse = kernel(q, k, v, bias, True, 0.0, is_causal, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]]
+
+
+def cuda_efficient_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor, lse: Tensor,
+                            is_causal: bool, scale: float, kernel=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of cuda_efficient_with_lse's output from its out and lse, by the memory-efficient
+    backward kernel: no second forward. The bias is rebuilt from the mask (not saved: [B, H, N, Nk]
+    would cost what the mask's analysis saves), the logsumexp padded back to the kernel's row length,
+    grouped key heads expanded as forward did and their gradients summed back. No dropout, so the RNG
+    operands are placeholders the kernel does not read. kernel: the aten op (a stand-in in CPU tests)."""
+    kernel = torch.ops.aten._scaled_dot_product_efficient_attention_backward if kernel is None else kernel
+    B, H, N, _ = q.shape
+    Hkv = k.shape[1]
+    ke, ve = _grouped_heads(q, k, v)
+    bias = _efficient_bias(mask, q.dtype, (B, H, N, ke.shape[2]))
+    lse = F.pad(lse.float(), (0, -N % _EFFICIENT_LSE_ALIGN))  # [B, H, N rounded up to the alignment]
+    unused = torch.empty((), dtype=torch.int64)
+    dq, dk, dv = kernel(dout, q, ke, ve, bias, out, lse, unused, unused, 0.0, [True, True, True, False], is_causal,
+                        scale=scale)[:3]
+    if H > Hkv:  # [B, H, Nk, D] -> [B, Hkv, Nk, D]: each kv head's group of query heads
+        dk = dk.unflatten(1, (Hkv, H // Hkv)).sum(2)
+        dv = dv.unflatten(1, (Hkv, H // Hkv)).sum(2)
+    return dq, dk, dv
+
+
 def flash_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
                    scale: float) -> Optional[tuple[Tensor, Tensor]]:
     """The exact forward's (out, lse [B, H, N] in q's dtype promoted to fp32), contiguous, from the flash
@@ -477,6 +553,10 @@ class AttentionSite(Site):
                     # the same for CUDA's flash kernel: backward runs its backward (cuda_flash_backward)
                     out, lse = cuda_flash_with_lse(q, k, v, is_causal, scale)
                     meta = AttentionMeta(AttentionMeta.CUDA_FLASH_LSE, seed).tensor()
+                elif training and dropout_p == 0 and _cuda_efficient_applies(q, k, v, mask, is_causal):
+                    # a mask (padding) on CUDA: its memory-efficient kernel, lse kept (EFFICIENT_WITH_MASK)
+                    out, lse = cuda_efficient_with_lse(q, k, v, mask, is_causal, scale)
+                    meta = AttentionMeta(AttentionMeta.CUDA_EFFICIENT_LSE, seed).tensor()
                 else:
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 if calibrating and plan.updates_state:

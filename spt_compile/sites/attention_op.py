@@ -86,6 +86,9 @@ def attention_site_backward(
         return tuple(g.contiguous() for g in grads)
     if run.mode == AttentionMeta.CUDA_FLASH_LSE:  # the forward ran CUDA's flash kernel
         return tuple(g.contiguous() for g in site_module.cuda_flash_backward(dout, q, k, v, out, lse, is_causal, scale))
+    if run.mode == AttentionMeta.CUDA_EFFICIENT_LSE:  # ... or its memory-efficient kernel, with a mask
+        return tuple(g.contiguous() for g in site_module.cuda_efficient_backward(dout, q, k, v, mask, out, lse,
+                                                                                  is_causal, scale))
     if run.mode == AttentionMeta.DENSE_LSE:
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, is_causal,

@@ -21,8 +21,9 @@ class AttentionMeta:
     """How spt::attention_site ran. mode: one of the MODES. shape: the selection's shape after its
     batch dim (block or token indices [B, *shape]); block_m, block_n: the block selection's tiles."""
 
-    # DENSE_LSE: exact by the CPU flash kernel, its lse returned; CUDA_FLASH_LSE: the same by CUDA's
-    DENSE, TOKEN, BLOCK, DENSE_LSE, CUDA_FLASH_LSE = 0, 1, 2, 3, 4
+    # DENSE_LSE: exact by the CPU flash kernel, its lse returned; CUDA_FLASH_LSE: the same by CUDA's flash kernel;
+    # CUDA_EFFICIENT_LSE: the same by CUDA's memory-efficient kernel (a mask; attention.EFFICIENT_WITH_MASK)
+    DENSE, TOKEN, BLOCK, DENSE_LSE, CUDA_FLASH_LSE, CUDA_EFFICIENT_LSE = 0, 1, 2, 3, 4, 5
     LEN = 8
 
     mode: int

@@ -372,6 +372,92 @@ def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkey
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _math_attention(q, k, v, bias, is_causal, scale):
+    """fp64 scores [B, H, N, Nk] with the additive bias (and causal mask), and their logsumexp."""
+    s = q.double() @ k.double().transpose(-1, -2) * scale + bias.double()
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return s, s.logsumexp(-1)
+
+
+def _cpu_stand_in_for_cuda_efficient(q, k, v, bias, compute_log_sumexp, dropout_p, is_causal, *, scale):
+    """aten._scaled_dot_product_efficient_attention's contract: equal head counts, an additive bias
+    [B, H, N, Nk] whose rows start 8-element aligned, out and a natural-log logsumexp [B, H, N rounded up
+    to 32] (the rows past N are the kernel's padding)."""
+    assert q.shape[1] == k.shape[1] == v.shape[1], "the CUDA entry point takes equal head counts"
+    assert bias.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) and bias.dtype == q.dtype
+    assert all(st % 8 == 0 for st in bias.stride()[:-1]) and bias.stride(-1) == 1
+    assert compute_log_sumexp and dropout_p == 0.0
+    s, lse = _math_attention(q, k, v, bias, is_causal, scale)
+    out = (torch.softmax(s, -1) @ v.double()).to(q.dtype)
+    padded = torch.full((*lse.shape[:2], -(-q.shape[2] // 32) * 32), float("nan"), dtype=torch.float32)
+    padded[..., : q.shape[2]] = lse
+    return out, padded, torch.empty(()), torch.empty(())
+
+
+def _cpu_stand_in_for_cuda_efficient_backward(dout, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask,
+                                              is_causal, *, scale):
+    """aten._scaled_dot_product_efficient_attention_backward's contract: the forward's out and its
+    logsumexp at the kernel's padded length, computed from lse as the kernel does."""
+    assert q.shape[1] == k.shape[1] == v.shape[1] and dropout_p == 0.0
+    assert lse.shape[-1] % 32 == 0 and lse.shape[-1] >= q.shape[2] and lse.dtype == torch.float32
+    assert list(grad_input_mask) == [True, True, True, False]
+    s, _ = _math_attention(q, k, v, bias, is_causal, scale)
+    p = torch.exp(s - lse.double()[..., : q.shape[2], None])  # [B, H, N, Nk]
+    dp = dout.double() @ v.double().transpose(-1, -2)
+    ds = p * (dp - (dout.double() * out.double()).sum(-1, keepdim=True))
+    grads = (ds @ k.double() * scale, ds.transpose(-1, -2) @ q.double() * scale, p.transpose(-1, -2) @ dout.double())
+    return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None)
+
+
+@pytest.mark.parametrize("N", [37, 40])  # keys not a multiple of 8 (the bias rows padded), and a multiple
+def test_cuda_efficient_exact_calls_with_a_mask_keep_lse_and_run_its_backward(monkeypatch, N):
+    """With EFFICIENT_WITH_MASK, a CUDA training call with a padding mask runs the memory-efficient
+    kernel keeping its lse, and backward runs that kernel's backward: no second forward. Served by CPU
+    stand-ins of both kernels' contracts; outputs and gradients equal the path without it (SDPA, then
+    SDPA again in backward)."""
+    from spt_compile.sites import attention as attention_site
+
+    assert not attention_site.EFFICIENT_WITH_MASK, "off until gpu_check.sh has checked and timed it"
+    original_fwd, original_bwd, calls = attention_site.cuda_efficient_with_lse, attention_site.cuda_efficient_backward, []
+    real = torch.ones(2, N, dtype=torch.bool)
+    real[1, N - 9:] = False  # the second row's last 9 positions are padding
+    mask = torch.ones(N, N, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]  # [2, 1, N, N], as HF's
+
+    def run(patched: bool, mp):
+        mp.setattr(attention_site, "_cpu_flash_applies", lambda *a: False)  # as on CUDA: no CPU flash kernel
+        if patched:
+            assert not attention_site._cuda_efficient_applies(torch.randn(1, 2, 8, 8), torch.randn(1, 1, 8, 8),
+                                                              torch.randn(1, 1, 8, 8), mask[:1, :, :8, :8], False)
+            mp.setattr(attention_site, "_cuda_efficient_applies", lambda *a: True)
+            mp.setattr(attention_site, "cuda_efficient_with_lse", lambda *a: calls.append("forward") or original_fwd(
+                *a, kernel=_cpu_stand_in_for_cuda_efficient))
+            mp.setattr(attention_site, "cuda_efficient_backward", lambda *a: calls.append("backward") or original_bwd(
+                *a, kernel=_cpu_stand_in_for_cuda_efficient_backward))
+            mp.setattr(attention_site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
+        model, x = _gqa_setup(N=N)
+        compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "attention_backward_dense_below": 2048})
+        grads = []
+        for _ in range(2):  # the calibration call, then an exact_short training call
+            y = compiled(x, mask)
+            y.pow(2).sum().backward()
+            grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]))
+            x.grad = None
+            model.zero_grad()
+        return grads
+
+    with pytest.MonkeyPatch.context() as mp:
+        cuda = run(True, mp)
+    with pytest.MonkeyPatch.context() as mp:
+        sdpa = run(False, mp)
+    assert calls == ["forward", "backward"] * 2
+    for got, want in zip(cuda, sdpa):
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
+        for a, b in zip(got[2], want[2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("loss_rows", ["dense", "off"])
 def test_mlp_site_forward_equals_disable(loss_rows):
     """The exact forward is the dense MLP: bit for bit where the backward keeps whole rows (the same
