@@ -332,6 +332,29 @@ def _cpu_stand_in_for_cuda_flash_backward(dout, q, k, v, out, lse, cum_seq_q, cu
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
+def _exact_short_runs(N: int, mask=None) -> list:
+    """The GQA toy at N tokens (with `mask`) below attention_backward_dense_below: the calibration call,
+    then an exact_short training call; (output, d(x), the parameters' gradients) of each."""
+    model, x = _gqa_setup(N=N)
+    compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "attention_backward_dense_below": 2048})
+    runs = []
+    for _ in range(2):
+        y = compiled(x) if mask is None else compiled(x, mask)
+        y.pow(2).sum().backward()
+        runs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]))
+        x.grad = None
+        model.zero_grad()
+    return runs
+
+
+def _assert_runs_close(got: list, want: list) -> None:
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g[0], w[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g[1], w[1], atol=1e-5, rtol=1e-4)
+        for a, b in zip(g[2], w[2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkeypatch):
     """Below attention_backward_dense_below, a CUDA training call without mask or dropout runs SDPA's flash kernel
     keeping its lse, and backward runs the flash backward kernel from it: no second forward. Served by
@@ -349,27 +372,14 @@ def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkey
             mp.setattr(attention_site, "cuda_flash_backward", lambda *a: calls.append("backward") or original_bwd(
                 *a, kernel=_cpu_stand_in_for_cuda_flash_backward))
             mp.setattr(attention_site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
-        model, x = _gqa_setup(N=37)
-        compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "attention_backward_dense_below": 2048})
-        grads = []
-        for _ in range(2):  # the calibration call, then an exact_short training call
-            y = compiled(x)
-            y.pow(2).sum().backward()
-            grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]))
-            x.grad = None
-            model.zero_grad()
-        return grads
+        return _exact_short_runs(37)
 
     with pytest.MonkeyPatch.context() as mp:
         cuda = run(True, mp)
     with pytest.MonkeyPatch.context() as mp:
         cpu = run(False, mp)
     assert calls == ["forward", "backward"] * 2
-    for got, want in zip(cuda, cpu):
-        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
-        for a, b in zip(got[2], want[2]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _assert_runs_close(cuda, cpu)
 
 
 def _math_attention(q, k, v, bias, is_causal, scale):
@@ -435,27 +445,14 @@ def test_cuda_efficient_exact_calls_with_a_mask_keep_lse_and_run_its_backward(mo
             mp.setattr(attention_site, "cuda_efficient_backward", lambda *a: calls.append("backward") or original_bwd(
                 *a, kernel=_cpu_stand_in_for_cuda_efficient_backward))
             mp.setattr(attention_site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
-        model, x = _gqa_setup(N=N)
-        compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "attention_backward_dense_below": 2048})
-        grads = []
-        for _ in range(2):  # the calibration call, then an exact_short training call
-            y = compiled(x, mask)
-            y.pow(2).sum().backward()
-            grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]))
-            x.grad = None
-            model.zero_grad()
-        return grads
+        return _exact_short_runs(N, mask)
 
     with pytest.MonkeyPatch.context() as mp:
         cuda = run(True, mp)
     with pytest.MonkeyPatch.context() as mp:
         sdpa = run(False, mp)
     assert calls == ["forward", "backward"] * 2
-    for got, want in zip(cuda, sdpa):
-        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
-        for a, b in zip(got[2], want[2]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _assert_runs_close(cuda, sdpa)
 
 
 @pytest.mark.parametrize("loss_rows", ["dense", "off"])
