@@ -130,6 +130,20 @@ def _cuda_flash_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         return _sdpa_picks_flash(q, k, v, None, is_causal, scale, 0.0)
 
 
+def _grouped_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """k, v [B, Hkv, Nk, D] with each key head repeated for its group of query heads: [B, H, Nk, D] (the
+    CUDA kernels' entry points take equal head counts)."""
+    groups = q.shape[1] // k.shape[1]
+    return (k, v) if groups == 1 else (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+
+
+def _per_kv_head(dk: Tensor, dv: Tensor, Hkv: int) -> tuple[Tensor, Tensor]:
+    """Gradients of _grouped_heads' expanded k, v [B, H, Nk, D] summed over each group: [B, Hkv, Nk, D]."""
+    if dk.shape[1] == Hkv:
+        return dk, dv
+    return dk.unflatten(1, (Hkv, -1)).sum(2), dv.unflatten(1, (Hkv, -1)).sum(2)
+
+
 def cuda_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float,
                         kernel=None) -> tuple[Tensor, Tensor]:
     """Exact attention [B, H, N, Dv] and its natural-log logsumexp [B, H, N] (fp32) from the CUDA flash
@@ -139,9 +153,7 @@ def cuda_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale:
     heads are expanded to the query heads first (the kernel's entry point takes equal head counts).
     kernel: the aten op (a stand-in in CPU tests)."""
     kernel = torch.ops.aten._scaled_dot_product_flash_attention if kernel is None else kernel
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Nk, D]
+    k, v = _grouped_heads(q, k, v)  # [B, H, Nk, D]
     out, lse = kernel(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
     return out, lse[..., : q.shape[2]]
 
@@ -154,18 +166,12 @@ def cuda_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     No dropout (the forward had none), so the RNG-state operands are placeholders the kernel does not
     read; not nested, so no cumulative lengths. kernel: the aten op (a stand-in in CPU tests)."""
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_backward if kernel is None else kernel
-    B, H, N, _ = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    groups = H // Hkv
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Nk, D]
+    N, Hkv, Nk = q.shape[2], k.shape[1], k.shape[2]
+    k, v = _grouped_heads(q, k, v)  # [B, H, Nk, D]
     unused = torch.empty((), dtype=torch.int64)
     dq, dk, dv = kernel(dout, q, k, v, out, lse.float().contiguous(), None, None, N, Nk, 0.0, is_causal, unused,
                         unused, scale=scale)[:3]
-    if groups > 1:  # [B, H, Nk, D] -> [B, Hkv, Nk, D]: each kv head's group of query heads
-        dk = dk.unflatten(1, (Hkv, groups)).sum(2)
-        dv = dv.unflatten(1, (Hkv, groups)).sum(2)
-    return dq, dk, dv
+    return dq, *_per_kv_head(dk, dv, Hkv)
 
 
 # An exact training call on CUDA with a mask (a padded batch) has no flash kernel: it runs SDPA without the
@@ -187,12 +193,6 @@ def _efficient_bias(mask: Tensor, dtype: torch.dtype, shape: tuple[int, int, int
         Nk = bias.shape[-1]
         bias = F.pad(bias, (0, _EFFICIENT_BIAS_ALIGN - Nk % _EFFICIENT_BIAS_ALIGN))[..., :Nk]
     return bias.expand(shape)
-
-
-def _grouped_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """k, v [B, Hkv, Nk, D] with each key head repeated for its group of query heads: [B, H, Nk, D]."""
-    groups = q.shape[1] // k.shape[1]
-    return (k, v) if groups == 1 else (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
 
 
 def _cuda_efficient_applies(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> bool:
@@ -225,23 +225,20 @@ def cuda_efficient_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, is_ca
 def cuda_efficient_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor, lse: Tensor,
                             is_causal: bool, scale: float, kernel=None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of cuda_efficient_with_lse's output from its out and lse, by the memory-efficient
-    backward kernel: no second forward. The bias is rebuilt from the mask (not saved: [B, H, N, Nk]
-    would cost what the mask's analysis saves), the logsumexp padded back to the kernel's row length,
+    backward kernel: no second forward. The bias is rebuilt from the mask (one fill, where saving it
+    would keep B x N x Nk elements per layer), the logsumexp padded back to the kernel's row length,
     grouped key heads expanded as forward did and their gradients summed back. No dropout, so the RNG
     operands are placeholders the kernel does not read. kernel: the aten op (a stand-in in CPU tests)."""
     kernel = torch.ops.aten._scaled_dot_product_efficient_attention_backward if kernel is None else kernel
     B, H, N, _ = q.shape
     Hkv = k.shape[1]
-    ke, ve = _grouped_heads(q, k, v)
+    ke, ve = _grouped_heads(q, k, v)  # [B, H, Nk, D]
     bias = _efficient_bias(mask, q.dtype, (B, H, N, ke.shape[2]))
     lse = F.pad(lse.float(), (0, -N % _EFFICIENT_LSE_ALIGN))  # [B, H, N rounded up to the alignment]
     unused = torch.empty((), dtype=torch.int64)
     dq, dk, dv = kernel(dout, q, ke, ve, bias, out, lse, unused, unused, 0.0, [True, True, True, False], is_causal,
                         scale=scale)[:3]
-    if H > Hkv:  # [B, H, Nk, D] -> [B, Hkv, Nk, D]: each kv head's group of query heads
-        dk = dk.unflatten(1, (Hkv, H // Hkv)).sum(2)
-        dv = dv.unflatten(1, (Hkv, H // Hkv)).sum(2)
-    return dq, dk, dv
+    return dq, *_per_kv_head(dk, dv, Hkv)
 
 
 def flash_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
