@@ -347,6 +347,31 @@ def _exact_short_runs(N: int, mask=None) -> list:
     return runs
 
 
+def _serve_cuda_kernels(mp, kind: str, forward, backward, calls: list) -> None:
+    """The attention site as on CUDA with its `kind` kernel path ("flash", "efficient") applying: the
+    two aten kernels served by CPU stand-ins of their contracts (each call recorded in `calls`), and a
+    recompute in backward a failure."""
+    from spt_compile.sites import attention as site
+
+    with_lse, backward_fn = getattr(site, f"cuda_{kind}_with_lse"), getattr(site, f"cuda_{kind}_backward")
+    mp.setattr(site, "_cpu_flash_applies", lambda *a: False)
+    mp.setattr(site, f"_cuda_{kind}_applies", lambda *a: True)
+    mp.setattr(site, f"cuda_{kind}_with_lse", lambda *a: calls.append("forward") or with_lse(*a, kernel=forward))
+    mp.setattr(site, f"cuda_{kind}_backward", lambda *a: calls.append("backward") or backward_fn(*a, kernel=backward))
+    mp.setattr(site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
+
+
+def _assert_stand_ins_match_the_path_without(run, calls: list) -> None:
+    """run(patched, monkeypatch) -> _exact_short_runs: with the CUDA kernels' stand-ins each call ran
+    their forward and backward once, and outputs and gradients equal those of the path without them."""
+    with pytest.MonkeyPatch.context() as mp:
+        cuda = run(True, mp)
+    with pytest.MonkeyPatch.context() as mp:
+        without = run(False, mp)
+    assert calls == ["forward", "backward"] * 2
+    _assert_runs_close(cuda, without)
+
+
 def _assert_runs_close(got: list, want: list) -> None:
     for g, w in zip(got, want):
         torch.testing.assert_close(g[0], w[0], atol=1e-5, rtol=1e-5)
@@ -359,27 +384,14 @@ def test_cuda_flash_exact_short_calls_keep_lse_and_run_the_flash_backward(monkey
     """Below attention_backward_dense_below, a CUDA training call without mask or dropout runs SDPA's flash kernel
     keeping its lse, and backward runs the flash backward kernel from it: no second forward. Served by
     CPU stand-ins of both kernels' contracts; outputs and gradients equal the CPU flash path's."""
-    from spt_compile.sites import attention as attention_site
-
-    original_fwd, original_bwd, calls = attention_site.cuda_flash_with_lse, attention_site.cuda_flash_backward, []
+    calls = []
 
     def run(patched: bool, mp):
-        mp.setattr(attention_site, "_cpu_flash_applies", (lambda *a: False) if patched else attention_site._cpu_flash_applies)
         if patched:
-            mp.setattr(attention_site, "_cuda_flash_applies", lambda *a: True)
-            mp.setattr(attention_site, "cuda_flash_with_lse", lambda *a: calls.append("forward") or original_fwd(
-                *a, kernel=_cpu_stand_in_for_cuda_flash))
-            mp.setattr(attention_site, "cuda_flash_backward", lambda *a: calls.append("backward") or original_bwd(
-                *a, kernel=_cpu_stand_in_for_cuda_flash_backward))
-            mp.setattr(attention_site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
+            _serve_cuda_kernels(mp, "flash", _cpu_stand_in_for_cuda_flash, _cpu_stand_in_for_cuda_flash_backward, calls)
         return _exact_short_runs(37)
 
-    with pytest.MonkeyPatch.context() as mp:
-        cuda = run(True, mp)
-    with pytest.MonkeyPatch.context() as mp:
-        cpu = run(False, mp)
-    assert calls == ["forward", "backward"] * 2
-    _assert_runs_close(cuda, cpu)
+    _assert_stand_ins_match_the_path_without(run, calls)
 
 
 def _math_attention(q, k, v, bias, is_causal, scale):
@@ -429,7 +441,7 @@ def test_cuda_efficient_exact_calls_with_a_mask_keep_lse_and_run_its_backward(mo
     from spt_compile.sites import attention as attention_site
 
     assert not attention_site.EFFICIENT_WITH_MASK, "off until gpu_check.sh has checked and timed it"
-    original_fwd, original_bwd, calls = attention_site.cuda_efficient_with_lse, attention_site.cuda_efficient_backward, []
+    calls = []
     real = torch.ones(2, N, dtype=torch.bool)
     real[1, N - 9:] = False  # the second row's last 9 positions are padding
     mask = torch.ones(N, N, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]  # [2, 1, N, N], as HF's
@@ -439,20 +451,11 @@ def test_cuda_efficient_exact_calls_with_a_mask_keep_lse_and_run_its_backward(mo
         if patched:
             assert not attention_site._cuda_efficient_applies(torch.randn(1, 2, 8, 8), torch.randn(1, 1, 8, 8),
                                                               torch.randn(1, 1, 8, 8), mask[:1, :, :8, :8], False)
-            mp.setattr(attention_site, "_cuda_efficient_applies", lambda *a: True)
-            mp.setattr(attention_site, "cuda_efficient_with_lse", lambda *a: calls.append("forward") or original_fwd(
-                *a, kernel=_cpu_stand_in_for_cuda_efficient))
-            mp.setattr(attention_site, "cuda_efficient_backward", lambda *a: calls.append("backward") or original_bwd(
-                *a, kernel=_cpu_stand_in_for_cuda_efficient_backward))
-            mp.setattr(attention_site, "dense_attention", lambda *a: pytest.fail("no recompute in backward"))
+            _serve_cuda_kernels(mp, "efficient", _cpu_stand_in_for_cuda_efficient,
+                                _cpu_stand_in_for_cuda_efficient_backward, calls)
         return _exact_short_runs(N, mask)
 
-    with pytest.MonkeyPatch.context() as mp:
-        cuda = run(True, mp)
-    with pytest.MonkeyPatch.context() as mp:
-        sdpa = run(False, mp)
-    assert calls == ["forward", "backward"] * 2
-    _assert_runs_close(cuda, sdpa)
+    _assert_stand_ins_match_the_path_without(run, calls)
 
 
 @pytest.mark.parametrize("loss_rows", ["dense", "off"])
