@@ -54,20 +54,16 @@ SWITCHED = {"spt-block-triton-packed-dq": {"PACK_GQA_DQ": True}, "spt-block-trit
 SITE_SWITCHED = {"spt-block-triton-defaults-efficient": {"EFFICIENT_WITH_MASK": True}}
 
 
-def kernel_switches(settings: dict):
-    """block_sparse_triton's module switches set to settings inside, restored after."""
+def switches(config: str):
+    """The module switches a config turns on, set inside and restored after: block_sparse_triton's for
+    SWITCHED configs, sites/attention.py's for SITE_SWITCHED ones; none for the others."""
+    from spt_compile.sites import attention as attention_site
     from spt_compile.sparse_ops.attention import block_sparse_triton
     from spt_compile.testing.compile_only import module_settings
 
-    return module_settings(block_sparse_triton, **settings)
-
-
-def site_switches(settings: dict):
-    """sites/attention.py's module switches set to settings inside, restored after."""
-    from spt_compile.sites import attention as attention_site
-    from spt_compile.testing.compile_only import module_settings
-
-    return module_settings(attention_site, **settings)
+    if config in SITE_SWITCHED:
+        return module_settings(attention_site, **SITE_SWITCHED[config])
+    return module_settings(block_sparse_triton, **SWITCHED.get(config, {}))
 
 
 def padded_mask(B: int, N: int, pad: float, device) -> Optional[torch.Tensor]:
@@ -147,15 +143,8 @@ def deterministic_algorithms():
 
 
 def run_config(config: str, N: int, args, device, dtype) -> dict:
-    if config in SITE_SWITCHED:
-        with site_switches(SITE_SWITCHED[config]):
-            return _run_config(config, N, args, device, dtype)
-    if config in SWITCHED:
-        with kernel_switches(SWITCHED[config]):
-            return _run_config(config, N, args, device, dtype)
-    if not config.endswith("-deterministic"):
-        return _run_config(config, N, args, device, dtype)
-    with deterministic_algorithms():
+    determinism = deterministic_algorithms() if config.endswith("-deterministic") else contextlib.nullcontext()
+    with switches(config), determinism:
         return _run_config(config, N, args, device, dtype)
 
 
@@ -256,9 +245,9 @@ def check_kernels(args, device, dtype) -> list[str]:
         if causal:  # a padded batch (HF's padded causal mask): SDPA recomputed in backward, or the
             # memory-efficient kernel with its lse kept (EFFICIENT_WITH_MASK)
             mask = padded_mask(B, N, 0.25, device)
-            for config, switch in SITE_SWITCHED.items():
-                lines.append(_check_exact_short(q, k, v, dout, causal, tol, N, mask))
-                with site_switches(switch):
+            lines.append(_check_exact_short(q, k, v, dout, causal, tol, N, mask))
+            for config in SITE_SWITCHED:
+                with switches(config):
                     lines.append(_check_exact_short(q, k, v, dout, causal, tol, N, mask, config.split("-")[-1]))
     return lines
 
@@ -316,7 +305,7 @@ def _check_switched(config: str, dout, q, k, v, idx, out, lse, causal, grads, to
     from spt_compile.sparse_ops.attention.block_sparse import block_sparse_backward, block_sparse_forward
 
     D = q.shape[-1]
-    with kernel_switches(SWITCHED[config]):
+    with switches(config):
         out2, lse2 = block_sparse_forward(q.detach(), k.detach(), v.detach(), idx, D**-0.5, causal, None, 64, 64,
                                           impl="triton", diag_first=True)
         grads2 = block_sparse_backward(dout, q.detach(), k.detach(), v.detach(), idx, out2, lse2, D**-0.5, causal,
@@ -338,7 +327,7 @@ def host_profile(config: str, N: int, args, device, dtype) -> dict:
                for h in (args.heads, args.kv_heads, args.kv_heads))
     mask = padded_mask(args.batch, N, args.pad, device)
     fn = make_fn(config, args)
-    with site_switches(SITE_SWITCHED.get(config, {})):
+    with switches(config):
         for _ in range(3):
             fn(q, k, v, mask).sum().backward()
         return {"config": config, "N": N, **profile_step(lambda: fn(q, k, v, mask).sum().backward())}
