@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 GPU_SCRIPTS = ("benchmarks/gpu_check.sh", "benchmarks/gpu_step.sh")
 # the shell variables the commands read, with values of the kind they hold there
-SHELL_VALUES = {'"${seqs[@]}"': "8192", '"$layers"': "4", "$out": "/tmp/out", "${gpu}": "h200"}
+SHELL_VALUES = {'"${seqs[@]}"': "8192", '"$layers"': "4", "$out": "results", "${gpu}": "h200"}
 
 
 def python_commands(script: str) -> list[tuple[str, list[str]]]:
