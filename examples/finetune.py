@@ -12,7 +12,8 @@ and through the sparse forward, spt_compile.enable(sparse_inference=True)), and
 optionally exact match of the final `####` answer by greedy generation (--eval-generate N).
 
 Checkpoints (LoRA adapter, SPT state, optimizer, RNG, data position) go to OUTPUT/checkpoint.pt every
---save-every steps, written atomically; --resume continues from the last one exactly.
+--save-every steps, written atomically; --resume continues from the last one exactly. Ctrl-C or SIGTERM
+during training finishes the step in flight, saves it and stops (a second one stops at once).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from spt_compile.recipes.checkpoints import save_atomically
 from spt_compile.recipes.data import Batches, collate, encode, find_gsm8k
 from spt_compile.recipes.errors import UserError
 from spt_compile.recipes.evaluate import answer_loss, calibrate, calibration_batches, exact_match
+from spt_compile.recipes.interrupt import Interrupted, StopAtStepEnd
 from spt_compile.recipes.lora import add_lora, lora_state
 from spt_compile.recipes.models import load_model
 
@@ -113,6 +115,24 @@ def compile_model(model, args):
     return torch.compile(model, backend="spt", options=spt_options(args))
 
 
+def save_checkpoint(path: Path, args, step: int, model, optimizer, schedule, batches, history, metrics) -> None:
+    """Everything --resume needs to continue exactly, written atomically; refused (UserError) when a
+    trained parameter is no longer finite, so a broken state never replaces the last good one."""
+    import spt_compile
+
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"parameters became non-finite at step {step} (e.g. {bad[0]}); nothing was saved "
+                        f"over the last good checkpoint. Try a lower --lr.")
+    save_atomically({
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "step": step, "lora": lora_state(model), "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(), "spt": spt_compile.state_dict(model),
+        "data": (batches.epoch, batches.position), "history": history, "metrics": metrics,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }, path)
+
+
 # --- main -----------------------------------------------------------------------------------------------
 
 
@@ -185,38 +205,35 @@ def train(args) -> dict:
 
     bar = tqdm(total=args.steps, initial=step, desc=f"fine-tune ({args.backend})", unit="step")
     t_last, tokens_since = time.perf_counter(), 0
-    while step < args.steps:
-        batch = collate(batches.next(), args.seq_len, tokenizer.pad_token_id)
-        t0 = time.perf_counter()
-        loss = compiled(**batch).loss
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {float(loss)} at step {step + 1}; nothing was saved over the last good "
-                            f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}). Try a lower --lr.")
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens = int(batch["attention_mask"].sum())
-        history.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - t0, "tokens": tokens})
-        tokens_since += tokens
-        now = time.perf_counter()
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_since / max(now - t_last, 1e-9):.0f}")
-        t_last, tokens_since = now, 0
-        bar.update(1)
-        if step % args.save_every == 0 or step == args.steps:
-            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-            if bad:
-                raise UserError(f"parameters became non-finite at step {step} (e.g. {bad[0]}); nothing was saved "
-                                f"over the last good checkpoint. Try a lower --lr.")
-            save_atomically({
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "step": step, "lora": lora_state(model), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "spt": spt_compile.state_dict(model),
-                "data": (batches.epoch, batches.position), "history": history, "metrics": metrics,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            }, ckpt_path)
+    stopping = None  # the signal that asked to stop, read once per step: it is saved before the loop stops
+    with StopAtStepEnd() as stop:  # a signal mid-step: finish it, save, stop (nothing lost)
+        while step < args.steps and stopping is None:
+            batch = collate(batches.next(), args.seq_len, tokenizer.pad_token_id)
+            t0 = time.perf_counter()
+            loss = compiled(**batch).loss
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {float(loss)} at step {step + 1}; nothing was saved over the last good "
+                                f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}). Try a lower --lr.")
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens = int(batch["attention_mask"].sum())
+            history.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - t0, "tokens": tokens})
+            tokens_since += tokens
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_since / max(now - t_last, 1e-9):.0f}")
+            t_last, tokens_since = now, 0
+            bar.update(1)
+            stopping = stop.requested
+            if step % args.save_every == 0 or step == args.steps or stopping:
+                save_checkpoint(ckpt_path, args, step, model, optimizer, schedule, batches, history, metrics)
     bar.close()
+    if stop.requested:  # the last step's checkpoint is written whenever the signal came
+        raise Interrupted(stop.requested, f"stopped after step {step} of {args.steps}; checkpoint written to {ckpt_path}. "
+                                          f"Rerun with --resume to continue" + ("." if step < args.steps else
+                                                                               " to the final evaluation."))
 
     with sparse():
         metrics["loss_after_sparse" if args.backend == "spt" else "loss_after"] = answer_loss(compiled, eval_batches)
@@ -258,6 +275,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

@@ -1,9 +1,11 @@
-"""examples/finetune.py as a user runs it: a short real run, exact resume, and bad input refused."""
+"""examples/finetune.py as a user runs it: a short real run, Ctrl-C mid-run and an exact resume, and bad
+input refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,27 @@ def finetune(*args, data=None, env_extra=None) -> subprocess.CompletedProcess:
     if data is not None:
         env["SPT_DATA_DIR"] = str(data)
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def finetune_interrupted(*args, data, when: str, sig=signal.SIGINT) -> tuple[int, str]:
+    """Runs finetune.py and sends it `sig` (a user's Ctrl-C) as soon as its stderr (the progress bar)
+    shows `when`. Returns (exit status, stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SPT_DATA_DIR": str(data)}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    seen = b""
+    try:
+        while when.encode() not in seen:  # tqdm redraws with \r, so read bytes, not lines
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        _, rest = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    return proc.returncode, (seen + rest).decode(errors="replace")
 
 
 def history(output: Path) -> list[float]:
@@ -50,12 +73,18 @@ def test_short_run_then_exact_resume(tmp_path, data_dir):
     assert (straight / "spt_state.safetensors").is_file()
     assert len(metrics["sites"]) == 4  # 2 attention + 2 MLP sites, with their calibration figures
 
-    # An interrupted run: stops after the step-2 checkpoint, then resumes to step 4.
+    # Ctrl-C during step 2 of a run that would checkpoint only at its end: the step finishes and is
+    # saved, the run stops (status 130), and --resume goes on to the uninterrupted run's losses.
     broken = tmp_path / "resumed"
-    assert finetune(*QUICK, "--steps", "2", "--save-every", "2", "--output", str(broken), data=data_dir).returncode == 0
-    out = finetune(*QUICK, "--steps", "4", "--save-every", "2", "--output", str(broken), "--resume", data=data_dir)
+    status, err = finetune_interrupted(*QUICK, "--steps", "4", "--save-every", "100", "--output", str(broken),
+                                       data=data_dir, when="| 1/4 [")
+    assert status == 130, err[-3000:]
+    assert "SIGINT: finishing this step, then saving a checkpoint" in err
+    saved = torch.load(broken / "checkpoint.pt", weights_only=False)["step"]
+    assert 1 <= saved < 4 and f"stopped after step {saved} of 4; checkpoint written to" in err, err[-2000:]
+    out = finetune(*QUICK, "--steps", "4", "--save-every", "100", "--output", str(broken), "--resume", data=data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed at step 2" in out.stdout
+    assert f"resumed at step {saved}" in out.stdout
     assert history(broken) == pytest.approx(history(straight), rel=1e-5), "resume must reproduce the loss curve"
 
 

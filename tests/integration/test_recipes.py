@@ -1,10 +1,14 @@
 """spt_compile.recipes, the helpers the examples and benchmarks share: where the data is found, how
-its files are checked, how rows become fixed-shape batches, batched generation, atomic checkpoints."""
+its files are checked, how rows become fixed-shape batches, batched generation, atomic checkpoints,
+stopping a training loop on a signal."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from spt_compile.recipes.checkpoints import save_atomically
 from spt_compile.recipes.cli import spt_option_pairs
 from spt_compile.recipes.data import filled, find_gsm8k, read_jsonl, read_sst2, read_text, windows
 from spt_compile.recipes.evaluate import exact_match
+from spt_compile.recipes.interrupt import Interrupted, StopAtStepEnd
 
 
 def write(path, content: bytes | str):
@@ -131,6 +136,35 @@ def test_checkpoint_write_interrupted_leaves_old_one_whole(tmp_path, monkeypatch
         save_atomically({"step": 4}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 2}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_asks_the_loop_to_stop_and_a_second_stops_at_once(capsys, sig):
+    before = signal.getsignal(sig)
+    with StopAtStepEnd() as stop:
+        os.kill(os.getpid(), sig)  # handled before the next bytecode: the step goes on
+        assert stop.requested == sig.name
+        assert f"{sig.name}: finishing this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), sig)
+        assert signal.getsignal(sig) is before  # the second signal gave the handlers back
+    assert signal.getsignal(sig) is before
+    assert Interrupted(sig.name, "stopped").exit_code == 128 + sig  # as a shell reports the signal
+
+
+def test_outside_the_main_thread_signals_act_as_before():
+    seen = {}
+
+    def run():
+        with StopAtStepEnd() as stop:
+            seen["handler"] = signal.getsignal(signal.SIGINT)
+            seen["requested"] = stop.requested
+
+    before = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == {"handler": before, "requested": None}
 
 
 @pytest.mark.slow
