@@ -15,8 +15,10 @@ Checkpoints go to OUTPUT/checkpoint-STEP/ every --save-every steps through torch
 (model, optimizer, spt_compile.SptState, data position, each rank's random state); OUTPUT/latest names the last complete one and
 is replaced only after every rank has written it, so a process killed at any moment (even while
 saving) leaves the previous checkpoint intact. --resume continues from it, with the same number of
-processes. The held-out answer loss is measured before and after tuning, each
-rank on its share of the examples.
+processes. Ctrl-C to torchrun (which passes it to every rank) or SIGTERM to the ranks: they agree on
+the step to stop after, checkpoint it and stop, if that takes less than torchrun's grace period
+(TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default; it kills the ranks then). The held-out answer loss
+is measured before and after tuning, each rank on its share of the examples.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from spt_compile.recipes.cli import spt_option_pairs
 from spt_compile.recipes.data import Batches, collate, encode, find_gsm8k
 from spt_compile.recipes.errors import UserError
+from spt_compile.recipes.interrupt import Interrupted, StopAtStepEnd
 from spt_compile.recipes.launch import start_process_group
 from spt_compile.recipes.lora import add_lora
 from spt_compile.recipes.models import load_model
@@ -164,19 +167,27 @@ def train(args) -> dict:
     with spt_compile.disable():
         metrics["loss_before"] = held_out_loss(compiled, eval_batches, rank, world)
     bar = tqdm(total=args.steps, initial=step, desc="fine-tune (spt, distributed)", unit="step", disable=rank != 0)
-    while step < args.steps:
-        rows = batches.next()[rank::world]  # this rank's share of the global batch
-        batch = {k: v.to(device) for k, v in collate(rows, args.seq_len, tokenizer.pad_token_id).items()}
-        loss = compiled(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.update(1)
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(dcp, state(), args.output, step, rank)
+    stopping = False
+    with StopAtStepEnd() as stop:  # a signal mid-step: every rank finishes it, saves, stops
+        while step < args.steps and not stopping:
+            rows = batches.next()[rank::world]  # this rank's share of the global batch
+            batch = {k: v.to(device) for k, v in collate(rows, args.seq_len, tokenizer.pad_token_id).items()}
+            loss = compiled(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
+            stopping = any_rank(stop.requested is not None, device)  # the same step on every rank
+            if step % args.save_every == 0 or step == args.steps or stopping:
+                save_checkpoint(dcp, state(), args.output, step, rank)
     bar.close()
+    if stopping:
+        dist.destroy_process_group()
+        raise Interrupted(stop.requested or "SIGTERM",
+                          f"stopped after step {step} of {args.steps}; checkpoint in {args.output / f'checkpoint-{step}'}. "
+                          "Rerun with --resume to continue.")
     metrics["loss_after"] = held_out_loss(compiled, eval_batches, rank, world)
     if rank == 0:
         print(f"held-out answer loss: {metrics['loss_before']:.4f} at step {first} (dense), {metrics['loss_after']:.4f} "
@@ -188,6 +199,14 @@ def train(args) -> dict:
               flush=True)
     dist.destroy_process_group()
     return metrics
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank (one all-reduce of one number): ranks that got a signal at
+    different moments still stop after the same step, where the collective save needs all of them."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def save_checkpoint(dcp, state: dict, output: Path, step: int, rank: int) -> Path:
@@ -217,6 +236,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", flush=True)
         return 2
+    except Interrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(str(e), flush=True)
+        return e.exit_code
     return 0
 
 

@@ -68,9 +68,10 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
-def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
+def test_a_killed_or_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     """SIGKILL of one rank while the others train (torchrun then stops the rest), then --resume from
-    the last complete checkpoint: the held-out loss after the last step equals an uninterrupted run's."""
+    the last complete checkpoint; and Ctrl-C to torchrun, on which every rank checkpoints the step in
+    flight: either way the held-out loss after the last step equals an uninterrupted run's."""
     steps = ["--steps", "14"]
     whole = torchrun(*QUICK, *steps, "--output", str(tmp_path / "whole"), data=data_dir)
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
@@ -95,6 +96,23 @@ def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, dat
     assert "14" not in latest.read_text(), "killed before the end"
 
     resumed = torchrun(*QUICK, *steps, "--resume", "--output", str(out), data=data_dir)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert re.search(rf"{re.escape(want)} at step 14", resumed.stdout), (want, resumed.stdout[-1500:])
+
+    # Ctrl-C to torchrun once rank 0's bar shows step 2 of a run that checkpoints only at its end
+    out = tmp_path / "interrupted"
+    cmd, env = torchrun_command(*QUICK, *steps, "--save-every", "100", "--output", str(out), data=data_dir)
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen = b""
+    while b"| 2/14 [" not in seen and (chunk := os.read(run.stderr.fileno(), 4096)):  # tqdm redraws with \r
+        seen += chunk
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=300)
+    stopped = re.search(r"stopped after step (\d+) of 14", stdout.decode())
+    assert stopped, stdout.decode()[-1500:] + (seen + stderr).decode(errors="replace")[-3000:]
+    saved = int(stopped.group(1))
+    assert 2 <= saved < 14 and (out / "latest").read_text().strip() == f"checkpoint-{saved}"
+    resumed = torchrun(*QUICK, *steps, "--save-every", "100", "--resume", "--output", str(out), data=data_dir)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert re.search(rf"{re.escape(want)} at step 14", resumed.stdout), (want, resumed.stdout[-1500:])
 
