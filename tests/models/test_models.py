@@ -100,7 +100,7 @@ def test_smollm2_with_peft_lora(smollm2_2layer):
     batch = {"input_ids": ids, "attention_mask": mask}
     cap = count_sites(model, batch, 2)
     att = cap.rewritten("attention")[0]
-    assert "GQA 9:3" in att.detail and "mask=bool" in att.detail
+    assert "GQA 9:3" in att.detail and "mask=bool (a bool mask that is exactly causal runs as causal)" in att.detail
     assert cap.rewritten("mlp")[0].pattern == "gated silu"
     assert "LoRA=in/gate/out" in cap.rewritten("mlp")[0].detail
     assert_same(model, batch, mask)
