@@ -482,7 +482,10 @@ class MlpSite(Site):
             pre = saved[0]  # the Triton path's flat buffer: no copy
         else:
             pre = torch.cat(saved) if saved else x.new_empty(0)
-        return out.y.view(*x.shape[:-1], out.y.shape[-1]), out.block_mask, perm_out, pre, meta, comp_out
+        # y in x's leading shape, not as a view: run eagerly (compiler="eager"), autograd forbids in-place
+        # changes to a custom Function's view outputs, and models make them (Falcon: mlp_output += attn)
+        y = torch.ops.aten._unsafe_view(out.y, (*x.shape[:-1], out.y.shape[-1]))
+        return y, out.block_mask, perm_out, pre, meta, comp_out
 
     def _has_router(self, call: "_Call") -> bool:
         """Whether a routed call has a router to route by, fitting one here where the call may

@@ -219,3 +219,46 @@ def test_other_dtypes_run_and_match_dense_with_every_key_and_block(dtype):
     assert got.dtype == dtype
     tol = {"atol": 1e-8, "rtol": 1e-7} if dtype == torch.float64 else {"atol": 3e-2, "rtol": 3e-2}
     torch.testing.assert_close(got, reference(tokens), **tol)
+
+
+class _ResidualAddedInPlace(torch.nn.Module):
+    """Falcon's parallel block writes `mlp_output += attention_output`: the MLP site's output changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = GatedMLP()
+
+    def forward(self, x, other):
+        y = self.mlp(x)
+        y += other
+        return y
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("how,options", [
+    ("dense", dict(ffn_active=4)),  # every block: outputs and gradients are dense's
+    ("exact_forward", dict(ffn_active=2, exact_forward=True, ffn_loss_rows="off")),  # dense's outputs
+    ("routed", dict(ffn_active=2, exact_forward=False)),
+])
+def test_an_mlp_output_changed_in_place_downstream(compiler, how, options):
+    """Run eagerly, autograd refuses in-place changes to a custom Function's outputs that are views;
+    the site's output is not one (it was, [T, d] viewed as x's shape)."""
+    torch.manual_seed(0)
+    model = _ResidualAddedInPlace()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    other = torch.randn(2, 19, 32)
+    fast = compiled(model, compiler=compiler, sparse_attention=False, sparse_inference=False, **options)
+    for _ in range(2):  # calibration, then a call that runs `how`
+        x.grad = None
+        got = fast(x, other)
+        got.square().sum().backward()
+    assert spt_compile.report(model)[0]["runs"].get(how) == 1
+    got_dx = x.grad.clone()
+    x.grad = None
+    want = reference(x, other)
+    want.square().sum().backward()
+    if how != "routed":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    if how == "dense":
+        torch.testing.assert_close(got_dx, x.grad, atol=1e-5, rtol=1e-4)
