@@ -41,6 +41,18 @@ FAMILIES = [
     ("Gemma-2", "final logit soft-capping `tanh(logits / c) * c`; soft-capped attention scores",
      "chunked loss with the cap (was dense); attention dense (`not recognisable`), MLP rewritten",
      "test_model_families.py"),
+    ("Gemma-2, Gemma-3", "the MLP's output normed in fp32: `x.float()` and `type_as(x)` both read the down "
+     "projection", "MLP rewritten with or without LoRA on it (without, it was dense: `also used outside the MLP`)",
+     "test_model_families.py"),
+    ("Falcon", "fused multi-query `query_key_value`; attention and MLP in parallel; `mlp_output += "
+     "attention_output` (the MLP site's output changed in place)",
+     "rewritten (under `compiler=\"eager\"` the in-place add failed: the output was a view)",
+     "test_model_families.py, test_robustness.py"),
+    ("Qwen3, OLMo-2", "RMSNorm on q and k (per head; on the whole projection)", "rewritten", "test_model_families.py"),
+    ("GPT-NeoX, GPT-J, Phi-2, StableLM", "fused `query_key_value` (NeoX); partial or interleaved rotary; attention "
+     "and MLP in parallel; GELU MLPs with biases", "rewritten", "test_model_families.py"),
+    ("Starcoder2, SmolLM3", "biases, GELU `c_fc` / `c_proj`, GQA; layers without RoPE among rotary ones",
+     "rewritten", "test_model_families.py"),
     ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer); the decoder's cross-attention, 10 queries over "
      "20 encoder keys", "rewritten, chunked loss with the bias (was dense), cross-attention rewritten (was dense)",
      "test_model_families.py"),

@@ -184,6 +184,10 @@ def parse_projection(n: Node) -> Optional[Projection]:
     """The projection unit whose last node is n, or None."""
     out, nodes = n, set()
     if _cast(n):
+        if not (isinstance(n.args[0], Node) and len(n.args[0].users) == 1):
+            # what the cast reads is used elsewhere too (Gemma 2 / 3 norm the MLP's output: x.float(),
+            # then type_as(x)): the unit ends before the cast, which the cast's other readers need
+            return None
         nodes.add(n)
         n = n.args[0]
     if op(n) == "add":

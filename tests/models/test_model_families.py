@@ -82,6 +82,62 @@ def test_gemma_type_as_norm_and_lora_dropout():
     count_sites(dropped, b, 1)  # one MLP site; before, the MLP was left dense as "unrecognised"
 
 
+@pytest.mark.parametrize("family", ["Gemma2", "Gemma3Text"])
+def test_gemma2_and_3_post_norm_reads_the_mlp_output_twice(family):
+    """Gemma 2 and 3 norm the MLP's output (x.float(), then type_as(x)): the down projection's output
+    has two readers. Without an adapter on the MLP (LoRA on q and v only) that left it dense, as an
+    intermediate 'also used outside the MLP'."""
+    model_cls = "Gemma3ForCausalLM" if family == "Gemma3Text" else f"{family}ForCausalLM"
+    model = build(f"{family}Config", model_cls, "eager", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                  attn_logit_softcapping=None)
+    model = lora(model, ["q_proj", "v_proj"])
+    b, mask = batch()
+    cap = count_sites(model, b, 1)
+    assert cap.rewritten("mlp")[0].pattern == "gated gelu_tanh" and "LoRA=none" in cap.rewritten("mlp")[0].detail
+    assert_same(model, b, mask)
+
+
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+              max_position_embeddings=64)
+MORE_FAMILIES = {  # family: (config, model, config kwargs, LoRA targets), each what its modeling code writes
+    # RMSNorm on each head's q and k before RoPE, GQA
+    "Qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, num_key_value_heads=2, head_dim=8),
+              ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    # fused query_key_value, partial rotary, parallel residual, GELU dense_h_to_4h / dense_4h_to_h
+    "GPTNeoX": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_SMALL), ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"]),
+    # fused multi-query query_key_value, parallel attention and MLP
+    "Falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4),
+               ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"]),
+    # Phi-2: partial rotary, parallel attention and MLP on one LayerNorm, GELU fc1 / fc2 with biases
+    "Phi": ("PhiConfig", "PhiForCausalLM", dict(_SMALL), ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]),
+    # RMSNorm on the whole q and k projections, norms after attention and MLP
+    "Olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_SMALL), ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
+    # partial rotary, LayerNorm
+    "StableLm": ("StableLmConfig", "StableLmForCausalLM", dict(_SMALL, num_key_value_heads=4),
+                 ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
+    # interleaved rotary on rotary_dim of each head, parallel attention and MLP
+    "GPTJ": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=1, n_head=4, n_positions=64, rotary_dim=4),
+             ["q_proj", "v_proj", "fc_in", "fc_out"]),
+    # biases everywhere, GELU c_fc / c_proj, GQA
+    "Starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(_SMALL, num_key_value_heads=2),
+                   ["q_proj", "v_proj", "c_fc", "c_proj"]),
+    # layers without RoPE (NoPE) among rotary ones
+    "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                dict(_SMALL, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_decoder_families_are_rewritten_whole_and_equal_dense(family):
+    config_cls, model_cls, kw, targets = MORE_FAMILIES[family]
+    model = lora(build(config_cls, model_cls, "sdpa", **kw), targets)
+    b, mask = batch()
+    count_sites(model, b, 1)
+    assert_same(model, b, mask)
+
+
 def test_phi3_fused_gate_up_with_lora_dropout():
     """Phi-3: one fused gate_up_proj (chunked into gate and up) and a fused qkv_proj. Under PEFT's
     lora_dropout the fused LoRA draws one mask for both halves (before, the MLP was left dense)."""
