@@ -55,7 +55,7 @@ NONLINEAR = {"relu", "gelu", "silu", "tanh", "sigmoid", "mish", "softplus", "elu
 ELEMENTWISE = POINTWISE | NONLINEAR | CASTS | {
     "dropout", "clamp_min", "clamp_max", "square", "exp", "log", "log1p", "expm1", "reciprocal", "sin", "cos",
     "masked_fill", "where", "nan_to_num", "floor_divide", "true_divide", "multiply", "subtract", "addcmul",
-    "alpha_dropout", "feature_alpha_dropout"}
+    "alpha_dropout", "feature_alpha_dropout", "maximum", "minimum", "fmax", "fmin", "clamp", "clip"}
 # A custom torch.autograd.Function applied to one tensor, as Dynamo traces it (BLOOM's GeLUFunction):
 # taken as a possible activation, which the MLP pass does not read.
 CUSTOM_FUNCTION = "autograd_function_apply"
@@ -282,6 +282,9 @@ def _elementwise(n: Node) -> bool:
     called = name(n)
     if called in ELEMENTWISE:
         return True
+    if called in ("max", "min"):  # max(a, b) against a constant or tensor, not max(a, dim): XGLM clamps its
+        # scores with torch.max(w, torch.full((), finfo.min))
+        return len(n.args) == 2 and not isinstance(n.args[1], int) and "dim" not in n.kwargs
     if called in ("view", "reshape"):  # views that keep the last dim (tokens flattened or restored)
         a, b = shape(n.args[0]), shape(n)
         return bool(a and b) and str(a[-1]) == str(b[-1])

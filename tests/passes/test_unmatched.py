@@ -91,6 +91,18 @@ class HeadMaskedBmmAttention(nn.Module):
         return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) * 0.25, dim=-1) * head_mask, v)
 
 
+class ClampedBmmAttention(nn.Module):
+    """XGLM's eager attention: [B*H, N, D] scores clamped by torch.max against finfo.min, the weights
+    viewed to [B, H, N, N] and back after the softmax. Before, the sweep did not follow torch.max, and
+    explain said nothing about this attention."""
+
+    def forward(self, q, k, v):
+        w = torch.bmm(q, k.transpose(1, 2))
+        w = torch.max(w, torch.full((), torch.finfo(w.dtype).min))
+        w = torch.softmax(w, dim=-1).view(2, 2, 8, 8).view(4, 8, 8)
+        return torch.bmm(w, v)
+
+
 class Block(nn.Module):
     """Puts a module under a path, as a model's layer would."""
 
@@ -148,6 +160,8 @@ UNRECOGNISED = {
                                ["-> gelu ->", "none of the MLP pass's forms"]),
     "attention-exp-log-softmax": (lambda: Block(ExpLogSoftmaxAttention()), (Q4, Q4, Q4), "attention",
                                   ["log_softmax", "not read as softmax"]),
+    "attention-clamped-scores-viewed-weights": (lambda: Block(ClampedBmmAttention()), (Q3, Q3, Q3), "attention",
+                                                ["(bmm of two activations)", "weights pass through view"]),
     "attention-head-mask-after-softmax": (lambda: Block(HeadMaskedBmmAttention()), (Q3, Q3, Q3, torch.rand(4, 1, 1)),
                                           "attention", ["'bmm'", "softmax", "weights pass through mul"]),
 }
