@@ -51,6 +51,9 @@ FAMILIES = [
     ("Qwen3, OLMo-2", "RMSNorm on q and k (per head; on the whole projection)", "rewritten", "test_model_families.py"),
     ("GPT-NeoX, GPT-J, Phi-2, StableLM", "fused `query_key_value` (NeoX); partial or interleaved rotary; attention "
      "and MLP in parallel; GELU MLPs with biases", "rewritten", "test_model_families.py"),
+    ("GPT-Neo", "unscaled fp32 scores; `where(causal or banded window, w, torch.tensor(finfo.min))`, then the padding "
+     "mask added; global and local layers", "rewritten (was dense: `torch.tensor(c)` not read as a constant)",
+     "test_model_families.py"),
     ("Starcoder2, SmolLM3", "biases, GELU `c_fc` / `c_proj`, GQA; layers without RoPE among rotary ones",
      "rewritten", "test_model_families.py"),
     ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer); the decoder's cross-attention, 10 queries over "

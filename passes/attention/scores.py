@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from ..fx_utils import bind, constant, op, same, shape, val
+from ..fx_utils import bind, constant, graph_scalar, op, same, shape, val
 from .match import CASTS, DYNAMIC_FLOATS, FORBIDDING_FILL, Reject
 
 
@@ -182,7 +182,7 @@ def _parse_scores(n) -> Optional[_Scores]:
                     if r.additive:
                         raise Reject("an additive mask is applied before the scaling")
                     r.scale *= c if name == "mul" else 1.0 / c
-                    r.glue |= {t for t in n.args if op(t) == "full"}
+                    r.glue |= {t for t in n.args if graph_scalar(t)}
                 break
     elif name == "add":
         r = None
@@ -198,7 +198,7 @@ def _parse_scores(n) -> Optional[_Scores]:
             if not (value is not None and value <= FORBIDDING_FILL):
                 raise Reject(f"masked_fill with value {a['value']!r} (only very negative fills are masks)")
             r.forbid.append(_checked_mask(r, _unexpanded(a["mask"], r)))
-            if op(a["value"]) == "full":
+            if graph_scalar(a["value"]):
                 r.glue.add(a["value"])
     elif name == "where":
         a = bind(n)
@@ -208,7 +208,7 @@ def _parse_scores(n) -> Optional[_Scores]:
             if not (other is not None and other <= FORBIDDING_FILL):
                 raise Reject(f"where(cond, scores, {a['other']!r}) is not a mask")
             r.allow.append(_checked_mask(r, _unexpanded(a["condition"], r)))
-            if op(a["other"]) == "full":
+            if graph_scalar(a["other"]):
                 r.glue.add(a["other"])
     else:
         return None

@@ -138,6 +138,20 @@ def test_more_decoder_families_are_rewritten_whole_and_equal_dense(family):
     assert_same(model, b, mask)
 
 
+def test_gpt_neo_global_and_local_layers_masked_with_a_tensor_constant():
+    """GPT-Neo: unscaled fp32 scores, where(causal or banded window, w, torch.tensor(finfo.min)), then the
+    padding mask added; a global layer and a local one (window 8). Before, torch.tensor(c) was not read
+    as a constant and both attentions stayed dense ("not a mask")."""
+    model = build("GPTNeoConfig", "GPTNeoForCausalLM", "eager", hidden_size=32, num_layers=2, num_heads=4,
+                  max_position_embeddings=64, attention_types=[[["global", "local"], 1]], window_size=8,
+                  embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
+    model = lora(model, ["q_proj", "v_proj", "c_fc", "c_proj"])
+    b, mask = batch()
+    cap = count_sites(model, b, 2)
+    assert all("scale=1 " in s.detail for s in cap.rewritten("attention")), [s.detail for s in cap.rewritten("attention")]
+    assert_same(model, b, mask)
+
+
 def test_phi3_fused_gate_up_with_lora_dropout():
     """Phi-3: one fused gate_up_proj (chunked into gate and up) and a fused qkv_proj. Under PEFT's
     lora_dropout the fused LoRA draws one mask for both halves (before, the MLP was left dense)."""
