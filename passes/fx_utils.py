@@ -35,6 +35,7 @@ _FUNCTIONS: dict[Any, str] = {
     operator.pow: "pow", torch.pow: "pow",
     torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
     torch.erf: "erf", torch.exp: "exp", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.abs: "abs",
+    torch.square: "square",
     F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu",
     F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.elu: "elu",
     torch.where: "where", torch.masked_fill: "masked_fill",
@@ -47,7 +48,7 @@ _FUNCTIONS: dict[Any, str] = {
 POINTWISE = {
     "add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "erf", "exp", "sqrt", "rsqrt", "abs",
     "relu", "gelu", "silu", "leaky_relu", "softplus", "mish", "hardswish", "elu", "to", "float", "type",
-    "contiguous", "clamp", "rsub",
+    "contiguous", "clamp", "rsub", "square",
 }
 
 # Argument names per (canonical name, "function" | "method"); method lists include self.

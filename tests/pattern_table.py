@@ -54,6 +54,9 @@ FAMILIES = [
     ("GPT-Neo", "unscaled fp32 scores; `where(causal or banded window, w, torch.tensor(finfo.min))`, then the padding "
      "mask added; global and local layers", "rewritten (was dense: `torch.tensor(c)` not read as a constant)",
      "test_model_families.py"),
+    ("Nemotron, Persimmon", "squared-ReLU MLP (`torch.square(F.relu(x))`); partial rotary; q/k LayerNorm "
+     "(Persimmon)", "rewritten (was dense: `square` not followed); the Triton kernels have the activation too",
+     "test_model_families.py, test_routed_mlp_triton.py"),
     ("Starcoder2, SmolLM3", "biases, GELU `c_fc` / `c_proj`, GQA; layers without RoPE among rotary ones",
      "rewritten", "test_model_families.py"),
     ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer); the decoder's cross-attention, 10 queries over "

@@ -334,5 +334,7 @@ def _activation_vjp(name: str, z: Tensor) -> tuple[Tensor, Callable[[Tensor], Te
         return a, lambda g: torch.ops.aten.gelu_backward(g, z, approximate=approximate)
     if name == "relu":
         return a, lambda g: torch.ops.aten.threshold_backward(g, a, 0)
+    if name == "relu2":  # d relu(z)^2 = 2 relu(z)
+        return a, lambda g: g * (2 * F.relu(z))
     _, vjp = torch.func.vjp(ACTIVATIONS[name], z)
     return a, lambda g: vjp(g)[0]

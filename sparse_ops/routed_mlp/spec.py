@@ -43,6 +43,11 @@ def _quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def _relu2(x: Tensor) -> Tensor:
+    """Squared ReLU (Primer; Nemotron, Persimmon)."""
+    return F.relu(x).square()
+
+
 # Activations the MLP pass recognises, by the name recorded in MlpSpec.activation.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -50,6 +55,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
     "quick_gelu": _quick_gelu,
+    "relu2": _relu2,
 }
 
 

@@ -57,7 +57,7 @@ from ..attention.block_sparse_triton import _dot  # fp32-accumulated tl.dot with
 from .spec import ACTIVATIONS, MlpSpec, MlpWeights, block_bounds, out_features
 
 # Activation codes the kernels switch on (constexpr), by MlpSpec.activation.
-ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
+ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4, "relu2": 5}
 assert set(ACT_CODES) == set(ACTIVATIONS)
 
 # Module constants a kernel reads must be tl.constexpr; write them on the right of a product
@@ -86,8 +86,11 @@ def _act(z, ACT: tl.constexpr):
         a = 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _TANH_C))
     elif ACT == 3:
         a = z * tl.sigmoid(z)
-    else:
+    elif ACT == 4:
         a = z * tl.sigmoid(1.702 * z)
+    else:
+        r = tl.maximum(z, 0.0)
+        a = r * r
     return a
 
 
@@ -109,10 +112,14 @@ def _act_grad(z, ACT: tl.constexpr):
         s = tl.sigmoid(z)
         a = z * s
         d = s * (1.0 + z * (1.0 - s))
-    else:
+    elif ACT == 4:
         s = tl.sigmoid(1.702 * z)
         a = z * s
         d = s + 1.702 * z * s * (1.0 - s)
+    else:
+        r = tl.maximum(z, 0.0)
+        a = r * r
+        d = 2.0 * r
     return a, d
 
 

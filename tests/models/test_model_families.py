@@ -122,6 +122,12 @@ MORE_FAMILIES = {  # family: (config, model, config kwargs, LoRA targets), each 
     # biases everywhere, GELU c_fc / c_proj, GQA
     "Starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(_SMALL, num_key_value_heads=2),
                    ["q_proj", "v_proj", "c_fc", "c_proj"]),
+    # squared-ReLU MLP up_proj -> relu(x)^2 -> down_proj (torch.square of F.relu), partial rotary
+    "Nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(_SMALL, num_key_value_heads=2),
+                 ["q_proj", "v_proj", "up_proj", "down_proj"]),
+    # fused query_key_value, q/k LayerNorm, squared-ReLU dense_h_to_4h / dense_4h_to_h
+    "Persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(_SMALL),
+                  ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"]),
     # layers without RoPE (NoPE) among rotary ones
     "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM",
                 dict(_SMALL, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),

@@ -63,7 +63,8 @@ def random_mask(T, n_blocks, active, gen):
     return torch.zeros(T, n_blocks, dtype=torch.bool).scatter_(-1, top, True)
 
 
-@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu"), (False, "relu"), (False, "gelu_tanh")])
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu"), (False, "relu"), (False, "gelu_tanh"),
+                                               (False, "relu2"), (True, "relu2")])
 @pytest.mark.parametrize("layout", ["oi", "io"])
 def test_matches_per_token_reference(gated, activation, layout):
     gen = torch.Generator().manual_seed(0)

@@ -156,6 +156,7 @@ CASES = [
     Case(29, False, "relu", "oi", False, ()),
     Case(23, False, "gelu_tanh", "oi", True, ("out",)),
     Case(23, False, "quick_gelu", "io", True, ("in",), n_blocks=3, active=1),
+    Case(27, False, "relu2", "io", True, ("in", "out")),
     Case(21, True, "gelu", "oi", True, ("gate", "out")),
     Case(1, True, "silu", "oi", True, ALL),
     Case(1, False, "gelu", "io", True, ALL, n_blocks=4, active=1),
