@@ -14,6 +14,8 @@ one the backend received and reports each such chain as dense, with what it saw 
   * MLP-like: a projection (linear, addmm, or a matmul with a 2-D weight) whose input is a chain of
     element-wise ops and views in which a nonlinearity (relu, gelu, silu, tanh, sigmoid, ...) is
     applied to another projection's output (optionally multiplied by a third).
+  * mixture of experts: grouped GEMMs over stacked expert weights (torch._grouped_mm, transformers'
+    grouped_mm), one report per experts module.
 
 The passes tell the sweep what they looked at (`Seen`): the nodes of every site they rewrote or
 left dense with a reason, and the graphs they read. A chain with one of its anchor nodes seen is
@@ -150,6 +152,12 @@ class _Sweep:
             # projection): the report names the widest one
             down, hidden = max(found, key=lambda f: _out_features(f[0]))
             self._mlp(down, hidden)
+        experts: dict[str, list[Node]] = {}  # grouped GEMMs by module: one report per experts block
+        for n in nodes:
+            if _grouped_mm(n) and n not in self.seen.nodes:
+                experts.setdefault(common_path([n]), []).append(n)
+        for calls in experts.values():
+            self._experts(calls)
 
     # --- reports -----------------------------------------------------------------------------------
 
@@ -198,6 +206,17 @@ class _Sweep:
             why = "the attention pass recognised no form in it (passes/attention/forms.py, match_matmul_softmax)"
         self._add("attention", "attention-like chain", [first, s, product], what, why)
 
+    def _experts(self, calls: list[Node]) -> None:
+        called = sorted({_called_name(n) for n in calls})
+        what = f"{len(calls)} grouped GEMM call(s) ({', '.join(called)}): a mixture-of-experts block"
+        if not self.read:
+            self._add("mlp", "mixture of experts", calls, what, "")
+            return
+        self.report.sites.append(SiteReport(
+            "mlp", "dense", "mixture of experts", common_path(calls),
+            reason=f"{what}, which routes its tokens to experts itself; the MLP pass rewrites dense MLPs only, so the "
+                   "experts run as the model wrote them (a dense shared expert beside them is rewritten)"))
+
     def _mlp(self, down: Node, hidden: "_Hidden") -> None:
         acts = sorted({name(a) for a in hidden.activations})
         ups = sorted(hidden.activated, key=lambda p: p.name)
@@ -228,6 +247,19 @@ class _Sweep:
 
 
 # --- MLP-like chains --------------------------------------------------------------------------------
+
+
+def _called_name(n: Node) -> str:
+    t = n.target
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(t).removesuffix(".default")
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+
+
+def _grouped_mm(n: Node) -> bool:
+    """A grouped GEMM over stacked expert weights: torch._grouped_mm, or a library's op of that name
+    (transformers' grouped_mm_fallback on CPUs)."""
+    return n.op == "call_function" and "grouped_mm" in _called_name(n)
 
 
 def _weight(n) -> bool:

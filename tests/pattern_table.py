@@ -57,6 +57,10 @@ FAMILIES = [
     ("Nemotron, Persimmon", "squared-ReLU MLP (`torch.square(F.relu(x))`); partial rotary; q/k LayerNorm "
      "(Persimmon)", "rewritten (was dense: `square` not followed); the Triton kernels have the activation too",
      "test_model_families.py, test_routed_mlp_triton.py"),
+    ("Mixtral, Qwen2-MoE, OLMoE", "mixture-of-experts blocks as grouped GEMMs over stacked expert weights "
+     "(transformers' `grouped_mm`); Qwen2-MoE's dense shared expert beside them",
+     "experts dense, listed by `explain` with the reason (were absent); the shared expert rewritten",
+     "test_model_families.py"),
     ("Starcoder2, SmolLM3", "biases, GELU `c_fc` / `c_proj`, GQA; layers without RoPE among rotary ones",
      "rewritten", "test_model_families.py"),
     ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer); the decoder's cross-attention, 10 queries over "

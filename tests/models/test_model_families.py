@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import spt_compile
-from test_models import assert_same, count_sites, lora, padded_batch
+from test_models import EVERY, assert_same, count_sites, lora, padded_batch, run
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +156,34 @@ def test_gpt_neo_global_and_local_layers_masked_with_a_tensor_constant():
     cap = count_sites(model, b, 2)
     assert all("scale=1 " in s.detail for s in cap.rewritten("attention")), [s.detail for s in cap.rewritten("attention")]
     assert_same(model, b, mask)
+
+
+@pytest.mark.parametrize("family,shared", [("Mixtral", False), ("Qwen2Moe", True)])
+def test_mixture_of_experts_is_reported_dense_with_the_reason(family, shared):
+    """MoE experts run as grouped GEMMs over stacked expert weights (transformers' grouped_mm): explain
+    lists them as dense with the reason (before, they were absent from it). Qwen2-MoE's shared expert
+    is a dense gated MLP and is rewritten. The compiled model trains as the eager one does."""
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64)
+    kw.update(num_local_experts=4) if family == "Mixtral" else kw.update(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32)
+    model = build(f"{family}Config", f"{family}ForCausalLM", "sdpa", **kw)
+    b, mask = batch()
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b)
+    (experts,) = report.dense("mlp")
+    assert experts.pattern == "mixture of experts" and experts.path.endswith("mlp.experts"), experts.line()
+    assert "grouped_mm" in experts.reason and "routes its tokens to experts itself" in experts.reason
+    assert len(report.rewritten("attention")) == 1 and len(report.rewritten("mlp")) == int(shared), str(report)
+    torch._dynamo.reset()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"})
+    got, got_grads = run(compiled, b, mask)
+    want, want_grads = run(reference, b, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3)
 
 
 def test_phi3_fused_gate_up_with_lora_dropout():
