@@ -61,6 +61,8 @@ FAMILIES = [
      "(transformers' `grouped_mm`); Qwen2-MoE's dense shared expert beside them",
      "experts dense, listed by `explain` with the reason (were absent); the shared expert rewritten",
      "test_model_families.py"),
+    ("T5, training with its default dropout_rate 0.1", "a live dropout between act and wo",
+     "MLP rewritten, the op drawing the dropout (was dense in training)", "test_model_families.py, test_mlp_forms.py"),
     ("Starcoder2, SmolLM3", "biases, GELU `c_fc` / `c_proj`, GQA; layers without RoPE among rotary ones",
      "rewritten", "test_model_families.py"),
     ("BART", "`lm_head(h) + final_logits_bias` (a [1, V] buffer); the decoder's cross-attention, 10 queries over "

@@ -134,20 +134,35 @@ def identify_activation(chain: _Chain, root: Node) -> str:
 def match_mlp(down: Projection, units: dict) -> Optional[MlpMatch]:
     """MLP ending in `down`; None if down's input is not an activated projection; Reject if it is
     one but cannot be rewritten."""
-    h, views, live = down.x, set(), None
+    h, views, live = down.x, set(), []
     while _view_keeping_last(h) or op(h) == "dropout":
-        # a dropout over the whole hidden layer (ModernBERT's Wo(drop(act(input) * gate))): part of the MLP
-        # when it is the identity (p = 0, eval), like one inside the activation's chain; a live one makes
-        # an MLP found behind it dense (below), and says nothing about other projections' inputs
+        # a dropout over the whole hidden layer (T5's wo(dropout(act(wi(x)))), ModernBERT's
+        # Wo(drop(act(input) * gate))): part of the MLP, the identity when p = 0 or in eval mode; a live
+        # one is the op's hidden_dropout (below). It says nothing about other projections' inputs.
         if op(h) == "dropout" and _live_dropout(h):
-            live = live or h
+            live.append(h)
         views.add(h)
         h = h.args[0] if op(h) != "dropout" else bind(h)["input"]
     found = _activated_layer(h, down, units, views)
-    if found is not None and live is not None:
-        raise Reject(f"dropout '{live.name}' (p > 0, training) inside the MLP's hidden layer: the routed op "
-                     "has none (it is exact in eval mode or with p = 0)")
+    if found is not None and live:
+        found.hidden_dropout = _hidden_dropout(live)
     return found
+
+
+def _hidden_dropout(live: list[Node]) -> float:
+    """p of the one live dropout over the whole hidden layer, which the op draws itself (seeded, drawn
+    again in backward); Reject where it cannot."""
+    d = bind(live[0])
+    if len(live) > 1:
+        raise Reject(f"{len(live)} dropouts over the MLP's hidden layer ('{live[0].name}', '{live[1].name}')")
+    if isinstance(d["p"], Node) or isinstance(d["training"], Node):
+        raise Reject(f"dropout '{live[0].name}' inside the MLP's hidden layer has p or training computed in the "
+                     "graph (a constant is drawn by the op)")
+    if d.get("inplace"):
+        raise Reject(f"dropout '{live[0].name}' inside the MLP's hidden layer is in place")
+    if not 0.0 < float(d["p"]) < 1.0:
+        raise Reject(f"dropout '{live[0].name}' inside the MLP's hidden layer has p={d['p']} (0 < p < 1 is drawn)")
+    return float(d["p"])
 
 
 def _activated_layer(h: Node, down: Projection, units: dict, views: set) -> Optional[MlpMatch]:

@@ -26,6 +26,8 @@ class MlpMatch:
     # A fused gate/up projection split by chunk/split: "gate_up" (the gate is the first half) or
     # "up_gate"; then gate is that projection and up is None (the op splits the weights).
     fused: str = ""
+    # p of a live dropout over the whole hidden layer (T5's wo(dropout(h)) in training), drawn by the op
+    hidden_dropout: float = 0.0
 
     @property
     def pattern(self) -> str:

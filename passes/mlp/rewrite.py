@@ -30,7 +30,8 @@ def describe(m: MlpMatch) -> str:
     cast = "" if wide is None else (
         f" (adapters {str(wide).removeprefix('torch.')}: computed in {str(val(m.x).dtype).removeprefix('torch.')} "
         "as under torch.autocast, their gradients cast back)")
-    return f"x {tuple(shape(m.x))} hidden={m.hidden}{layout}{fused} LoRA={'/'.join(lora) or 'none'}{cast}"
+    dropped = f" dropout {m.hidden_dropout:g} on the hidden layer (drawn by the op)" if m.hidden_dropout else ""
+    return f"x {tuple(shape(m.x))} hidden={m.hidden}{layout}{fused} LoRA={'/'.join(lora) or 'none'}{dropped}{cast}"
 
 
 def _spec(m: MlpMatch, options: Options) -> MlpSpec:
@@ -44,7 +45,7 @@ def _spec(m: MlpMatch, options: Options) -> MlpSpec:
         out_layout=m.down.layout, in_scale=up.scale, gate_scale=g.scale if g else 1.0,
         out_scale=m.down.scale, in_dropout=up.dropout, gate_dropout=g.dropout if g else 0.0,
         out_dropout=m.down.dropout, compute=str(out_dtype).removeprefix("torch.") if autocast else "",
-        fused=m.fused,
+        fused=m.fused, hidden_dropout=m.hidden_dropout,
     )
 
 

@@ -12,7 +12,7 @@ from .blocks import (
     _BlockOrderWeights, _LoraColumns, _activation_vjp, _block_forward, _input_projections,
     _lora_columns, _merges_out_lora, _routed_blocks, _rows,
 )
-from .dropout import lora_input_scales, out_keep, out_keep_layer
+from .dropout import hidden_keep, hidden_keep_layer, lora_input_scales, out_keep, out_keep_layer
 from .compensation import compensation_input_grad
 from .spec import MlpSpec, MlpWeights, _block_weights, _slot_slice
 
@@ -216,10 +216,12 @@ def routed_mlp_backward_saved(
         # hidden -> output
         a, act_vjp = _activation_vjp(spec.activation, pre[0])
         h = a * pre[1] if spec.gated else a  # [Tb, Fb]
+        kept = _hidden_kept(T, n, b, lo, hi, tok, every, spec, seed, x, exact_forward)  # [Tb, Fb] or None
+        hd = h if kept is None else h * kept  # what the out projection read
         Wo = bw.out_block(lo, hi)  # [d_out (+ r), Fb]
-        dh = dYb @ Wo  # [Tb, Fb]
+        dh = dYb @ Wo  # [Tb, Fb]: d(hd) until the hidden dropout's scale below
         if "out_w" in wanted:
-            block_grads["out_w"] = dyb.t() @ h if spec.out_layout == "oi" else h.t() @ dyb
+            block_grads["out_w"] = dyb.t() @ hd if spec.out_layout == "oi" else hd.t() @ dyb
         if r_out:
             if merged:
                 keep = None
@@ -234,9 +236,11 @@ def routed_mlp_backward_saved(
             if not merged:
                 dhk = dtb @ out_a
                 dh = dh + (dhk if keep is None else dhk * keep)
-            hk = h if keep is None else h * keep
+            hk = hd if keep is None else hd * keep
             if "out_a" in wanted:
                 block_grads["out_a"] = dtb.t() @ hk  # [r, Fb]
+        if kept is not None:
+            dh = dh * kept  # d(h) = d(hd) scaled where kept, 0 where dropped
         # through the activation to the input projections
         if spec.gated and dh.dtype == h.dtype:  # h = act(z) * pre_in: its own buffer, as act(z)'s
             # into the buffers of h and a, which nothing reads after: two [Tb, Fb] buffers fewer per block.
@@ -278,6 +282,19 @@ def routed_mlp_backward_saved(
     if "out_bb" in wanted:
         out.add("out_bb", (dy.to(out.acc).t() @ t_out.to(out.acc)) * spec.out_scale)
     return out.finish(dy)
+
+
+def _hidden_kept(T: int, n: int, b: Optional[int], lo: int, hi: int, tok: Tensor, every: bool, spec: MlpSpec,
+                 seed: int, x: Tensor, exact_forward: bool) -> Optional[Tensor]:
+    """The hidden layer's dropout scale of one block's rows [Tb, Fb], as its forward drew it: per block,
+    for every token under the exact forward (then gathered to the block's rows) or for the routed rows
+    (routed_mlp_forward); every block side by side for the one-pass block (b None)."""
+    if not spec.hidden_dropout:
+        return None
+    if b is None:
+        return hidden_keep_layer(T, spec, seed, x)
+    kept = hidden_keep(T if exact_forward else n, lo, hi, spec, seed, b, x)
+    return kept.index_select(0, tok) if (exact_forward and not every) else kept
 
 
 def _input_lora_backward(dX: Tensor, x: Tensor, w: MlpWeights, spec: MlpSpec, cols: _LoraColumns,

@@ -2,8 +2,10 @@
 backward draws the forward's masks again instead of saving them.
 
 Each mask has a stream: 1 for the in projection's LoRA input, 2 for the gate's (both [T, d_in]),
-16 + b for the out projection's in block b ([rows of b, Fb]); each is drawn from its own generator
-seeded by (call seed, stream), so any of them can be drawn again alone.
+16 + b for the out projection's in block b ([rows of b, Fb]), 2^16 + b for a dropout over the whole
+hidden layer in block b (spec.hidden_dropout: T5's wo(dropout(h)); it comes first, and the out LoRA
+reads the dropped layer); each is drawn from its own generator seeded by (call seed, stream), so any
+of them can be drawn again alone.
 
 The masks are sparse_ops/dropout.py's: p rounded to a multiple of 2^-16, the kept elements scaled
 by 1 / (1 - that share), at half torch.rand's cost. Drawn this fast, a mask costs about what
@@ -21,6 +23,7 @@ from ..dropout import draw_keep, keep_scale, stream_seed
 from .spec import MlpSpec, block_bounds
 
 IN_STREAM, GATE_STREAM, OUT_STREAM = 1, 2, 16  # OUT_STREAM + b for block b
+HIDDEN_STREAM = 1 << 16  # + b: the hidden layer's own dropout in block b (far above any OUT_STREAM + b)
 
 
 def _keep_scale(shape, p: float, seed: int, stream: int, device, dtype) -> Optional[Tensor]:
@@ -54,3 +57,16 @@ def out_keep_layer(n_tokens: int, spec: MlpSpec, seed: int, x: Tensor) -> Option
         return None
     bounds = block_bounds(spec.hidden, spec.n_blocks)
     return torch.cat([out_keep(n_tokens, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+
+
+def hidden_keep(n_tokens: int, lo: int, hi: int, spec: MlpSpec, seed: int, block: int, x: Tensor) -> Optional[Tensor]:
+    """The hidden layer's own dropout in one block, [n_tokens, hi - lo] (None: spec.hidden_dropout is 0)."""
+    return _keep_scale((n_tokens, hi - lo), spec.hidden_dropout, seed, HIDDEN_STREAM + block, x.device, x.dtype)
+
+
+def hidden_keep_layer(n_tokens: int, spec: MlpSpec, seed: int, x: Tensor) -> Optional[Tensor]:
+    """hidden_keep for every unit, [n_tokens, F]: each block's draw side by side (None: no dropout)."""
+    if spec.hidden_dropout <= 0.0:
+        return None
+    bounds = block_bounds(spec.hidden, spec.n_blocks)
+    return torch.cat([hidden_keep(n_tokens, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)

@@ -13,7 +13,7 @@ from .blocks import (
     _BlockOrderWeights, _activation_vjp, _block_pre, _input_projections, _lora_columns,
     _lora_inputs, _merges_out_lora, _routed_blocks, _take, _with_lora_inputs,
 )
-from .dropout import lora_input_scales, out_keep_layer
+from .dropout import hidden_keep_layer, lora_input_scales, out_keep_layer
 from .grouped import pair_rows, routed_pairs
 from .spec import MlpSpec, MlpWeights, _slot_slice, block_bounds, out_features
 
@@ -117,10 +117,12 @@ def exact_mlp_forward(
                            .view(T, spec.hidden)) for i, proj in enumerate(projections))  # each [T, F]
     a, act_vjp = _activation_vjp(spec.activation, pre[0])
     h = a * pre[1] if spec.gated else a  # [T, F]
-    Y = F.linear(h, bw.out)  # [T, d_out (+ r)]: y without the out LoRA | h A_out^T (merged)
+    kept = hidden_keep_layer(T, spec, seed, x)  # [T, F]: a dropout over the hidden layer, drawn per block
+    hd = h if kept is None else h * kept  # what the out projection (and its LoRA) reads
+    Y = F.linear(hd, bw.out)  # [T, d_out (+ r)]: y without the out LoRA | hd A_out^T (merged)
     if r_out and not merged:  # the out LoRA's dropout, drawn per block as routed_mlp_forward draws it
         keep = out_keep_layer(T, spec, seed, x)  # [T, F]
-        Y = torch.cat([Y, F.linear(h * keep, bw.out_a)], 1)
+        Y = torch.cat([Y, F.linear(hd * keep, bw.out_a)], 1)
     scores = None if importance is None else torch.empty(T, nb, dtype=torch.float32, device=x.device)
     if importance is None:
         pass  # choose() decides without scores

@@ -12,7 +12,7 @@ from .blocks import (
     _BlockOrderWeights, _activate, _block_forward, _block_pre, _input_projections, _lora_columns,
     _lora_inputs, _merges_out_lora, _routed_blocks, _with_lora_inputs,
 )
-from .dropout import lora_input_scales, out_keep
+from .dropout import hidden_keep, lora_input_scales, out_keep
 from .compensation import compensation
 from .spec import MlpSpec, MlpWeights, _block_weights, block_bounds, out_features
 
@@ -73,6 +73,9 @@ def routed_mlp_forward(
             offset += n * Fb
             pre.append(_block_pre(Xb, proj, bw, lo, hi, dest))
         h = _activate(tuple(pre), spec)  # [Tb, Fb]
+        kept = hidden_keep(n, lo, hi, spec, seed, b, x)  # a dropout over the hidden layer, for its rows
+        if kept is not None:
+            h = h * kept
         yb = F.linear(h, bw.out_block(lo, hi))  # [Tb, d_out (+ r)]
         if r_out and not merged:
             keep = out_keep(n, lo, hi, spec, seed, b, x)

@@ -87,6 +87,8 @@ def grouped_unsupported(x: Tensor, w: MlpWeights, spec: MlpSpec) -> Optional[str
         return f"unequal blocks ({spec.hidden} hidden units in {spec.n_blocks} blocks)"
     if spec.out_dropout:
         return "LoRA dropout on the out projection (drawn per block)"
+    if spec.hidden_dropout:
+        return "dropout over the hidden layer (drawn per block)"
     if x.dtype not in ((torch.bfloat16,) if x.device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)):
         return f"dtype {x.dtype} on {x.device.type}"
     cols = _lora_columns(x.shape[1], w, spec)

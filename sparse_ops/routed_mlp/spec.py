@@ -84,6 +84,9 @@ class MlpSpec:
     # gate is the first half) or "up_gate". The op receives it in the gate slots and splits it
     # (split_fused); its gradients are joined back (join_fused). "": separate projections.
     fused: str = ""
+    # A dropout over the whole hidden layer, before the out projection (T5's wo(dropout(h)); p, 0 when
+    # traced in eval mode): drawn by the op per block (dropout.hidden_keep), as the out LoRA's is.
+    hidden_dropout: float = 0.0
 
     def to_str(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -239,6 +239,25 @@ def test_t5_unscaled_attention_with_relative_bias_under_lora():
     assert_same(model, b, mask)
 
 
+def test_t5_with_its_default_dropout_trains_through_the_sites():
+    """T5's default dropout_rate 0.1 puts a live dropout between act and wo in training: the op draws
+    it (before, every T5 MLP stayed dense in training). A LoRA step runs with finite gradients, and in
+    eval mode the same compiled model is dense's."""
+    model = lora(build("T5Config", "T5EncoderModel", "eager", d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                       num_heads=2, dropout_rate=0.1), ["q", "v", "wi", "wo"])
+    b, mask = batch()
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b)
+    assert len(report.rewritten("mlp")) == 2 and len(report.rewritten("attention")) == 2, str(report)
+    assert all("dropout 0.1 on the hidden layer" in s.detail for s in report.rewritten("mlp"))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"})
+    _, grads = run(compiled, b, mask)
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "wi" in n and "lora_A" in n)
+    assert_same(copy.deepcopy(model).eval(), b, mask)
+
+
 def test_t5_full_fine_tuning_leaves_attention_dense_with_the_reason():
     """With the bias table trained, the bias needs a gradient the op does not give: dense, explained."""
     b, _ = batch()

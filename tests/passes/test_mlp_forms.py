@@ -204,17 +204,57 @@ def test_mlp_form(name):
     assert_dense_equivalent(model, x)
 
 
-def test_live_dropout_inside_the_hidden_layer_stays_dense_with_reason():
-    model = T5DenseReluDense(p=0.1).train()
-    cap = capture(model, torch.randn(2, 7, 24))
-    (site,) = cap.dense("mlp")
-    assert "dropout" in site.reason and "routed op has none" in site.reason
-    cap = capture(model.eval(), torch.randn(2, 7, 24))  # eval: the dropout is the identity
-    assert len(cap.rewritten("mlp")) == 1
-    model = DroppedGatedMlp(p=0.1).train()  # the same over a gated product
-    (site,) = capture(model, torch.randn(2, 7, 24)).dense("mlp")
-    assert "dropout" in site.reason and "routed op has none" in site.reason
-    assert len(capture(model.eval(), torch.randn(2, 7, 24)).rewritten("mlp")) == 1
+@pytest.mark.parametrize("factory", [T5DenseReluDense, DroppedGatedMlp], ids=["t5-relu", "gated"])
+def test_live_dropout_over_the_hidden_layer_is_drawn_by_the_op(factory):
+    """T5's wo(dropout(relu(wi(x)))) and a gated product under a dropout, in training: rewritten, the op
+    drawing the dropout (before, the MLP stayed dense). In eval mode the dropout is the identity."""
+    import spt_compile
+
+    torch.manual_seed(0)
+    model = factory(p=0.1).train()
+    x = torch.randn(2, 7, 24)
+    (site,) = capture(model, x).rewritten("mlp")
+    assert "dropout 0.1 on the hidden layer (drawn by the op)" in site.detail, site.line()
+    (site,) = capture(model.eval(), x).rewritten("mlp")
+    assert "dropout" not in site.detail
+    # Through the backend at every block, many training calls: the mean output and the mean input
+    # gradient are the dense model's (the dropout keeps the expected value), and calls draw anew.
+    model.train()
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="spt", options={"compiler": "aot_eager", "calibration_steps": 0,
+                                                        "ffn_active": 4, "sparse_attention": False})
+    x = torch.randn(1, 5, 24, requires_grad=True)
+    w = torch.randn(1, 5, 24)
+    outs, grads = [], []
+    for _ in range(400):
+        x.grad = None
+        y = fast(x)
+        (y * w).sum().backward()
+        outs.append(y.detach())
+        grads.append(x.grad.clone())
+    assert not torch.equal(outs[0], outs[1]), "each call draws its own mask"
+    with torch.no_grad():
+        want = model.eval()(x)
+    x.grad = None
+    (model(x) * w).sum().backward()
+    sd_y = torch.stack(outs).std(0) / 400**0.5  # standard error of the mean, per element
+    assert ((torch.stack(outs).mean(0) - want).abs() < 5 * sd_y + 1e-6).all()
+    sd_g = torch.stack(grads).std(0) / 400**0.5
+    assert ((torch.stack(grads).mean(0) - x.grad).abs() < 5 * sd_g + 1e-6).all()
+    assert spt_compile.report(model)[0]["runs"].get("dense") == 400
+
+
+def test_a_dropout_inside_the_activation_chain_or_with_p_from_the_graph_stays_dense():
+    class ChainDropout(nn.Module):  # act -> live dropout -> mul: inside the hidden layer, not over it
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(24, 64), nn.Linear(24, 64), nn.Linear(64, 24)
+
+        def forward(self, x):
+            return self.down(F.dropout(F.silu(self.gate(x)), 0.1, True) * self.up(x))
+
+    (site,) = capture(ChainDropout().train(), torch.randn(2, 7, 24)).dense("mlp")
+    assert "dropout" in site.reason and "routed op has none" in site.reason, site.line()
 
 
 class CastNormThenMlp(nn.Module):

@@ -7,6 +7,8 @@ forward under exact_forward equals the same model's forward inside disable(), bi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -73,6 +75,81 @@ def test_mlp_backward_is_the_masked_jacobian(gated, layout, lora, T, hidden, nb,
     for name, g, r in zip(names, got, want):
         r = torch.zeros_like(g) if r is None else r
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("gated,lora,ranked,one_pass", [
+    (True, ("in", "gate", "out"), True, False),
+    (False, ("out",), True, False),
+    (True, ("in", "out"), False, False),
+    (False, (), False, True),
+])
+def test_a_dropout_over_the_hidden_layer_is_drawn_by_the_op(gated, lora, ranked, one_pass):
+    """T5's wo(dropout(act(wi(x)))) in training: the op draws the dropout per block (dropout.hidden_keep)
+    and backward draws it again. Outputs: the dense MLP's with that mask; gradients: the masked
+    Jacobian of it (ranked pairs, permuted blocks) or its dense gradient (every pair, block by block or
+    in one pass)."""
+    from spt_compile.sparse_ops.routed_mlp.dropout import hidden_keep_layer
+
+    gen = torch.Generator().manual_seed(5)
+    w = make_weights(13, 40, 11, gated=gated, layout="oi", lora=lora, dtype=torch.float64, gen=gen)
+    spec = dataclasses.replace(spec_for(w, "silu" if gated else "relu", gated, 4, "oi"), hidden_dropout=0.3)
+    x = torch.randn(23, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    perm = torch.randperm(40, generator=gen) if ranked else None
+    saved: list = []
+    choose = (lambda n: choose_blocks(n, 2)) if ranked else (lambda n: torch.ones(23, 4, dtype=torch.bool))
+    y, mask, _, whole, counts = exact_mlp_forward(x.detach(), _detached(w), spec, choose, 7, saved, perm,
+                                                  "jacobian" if ranked else None)
+    assert whole != ranked
+    kept = hidden_keep_layer(23, spec, 7, x)  # [T, F] in block order
+    assert 0.2 < (kept == 0).double().mean() < 0.4
+    ref = exact_forward_mlp_reference(x, permute_hidden(w, spec, perm), spec, mask, hidden_scale=kept)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
+    dense = exact_forward_mlp_reference(x, permute_hidden(w, spec, perm), spec, torch.ones_like(mask))
+    assert not torch.allclose(y, dense), "the dropout changed the output"
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    needs = MlpWeights(*[t is not None for t in w])
+    dx, grads = routed_mlp_backward_saved(dy, x.detach(), _detached(w), spec, mask, 7, True, needs, saved[0],
+                                          perm=perm, exact_forward=True, whole=whole,
+                                          counts=counts if whole else None, one_pass=one_pass)
+    leaves = [x] + [t for t in w if t is not None]
+    want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
+    got = [dx] + [g for g, t in zip(grads, w) if t is not None]
+    for name, g, r in zip(["x"] + [n for n, t in w._asdict().items() if t is not None], got, want):
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-10, rtol=1e-8,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_dropout_over_the_hidden_layer_in_the_routed_forward(gated):
+    """The routed forward (exact_forward off, sparse inference in training) draws the hidden layer's
+    dropout for each block's routed rows; backward draws it again. Output and gradients: the per-token
+    reference with that mask."""
+    from spt_compile.sparse_ops.routed_mlp.dropout import hidden_keep
+    from spt_compile.sparse_ops.routed_mlp.reference import routed_mlp_reference
+    from spt_compile.sparse_ops.routed_mlp.spec import block_bounds
+
+    gen = torch.Generator().manual_seed(6)
+    w = make_weights(13, 40, 11, gated=gated, layout="oi", lora=("in", "out"), dtype=torch.float64, gen=gen)
+    spec = dataclasses.replace(spec_for(w, "silu" if gated else "gelu", gated, 4, "oi"), hidden_dropout=0.3)
+    x = torch.randn(23, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = choose_blocks(torch.rand(23, 4, generator=gen), 2)
+    saved: list = []
+    y = routed_mlp_forward(x.detach(), _detached(w), spec, mask, 9, saved=saved)
+    scale = torch.ones(23, 40, dtype=torch.float64)
+    for b, (lo, hi) in enumerate(block_bounds(40, 4)):
+        rows = mask[:, b].nonzero().squeeze(1)  # the block's tokens, in the order the op routes them
+        scale[rows, lo:hi] = hidden_keep(rows.numel(), lo, hi, spec, 9, b, x)
+    ref = routed_mlp_reference(x, w, spec, mask, hidden_scale=scale)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    needs = MlpWeights(*[t is not None for t in w])
+    dx, grads = routed_mlp_backward_saved(dy, x.detach(), _detached(w), spec, mask, 9, True, needs, saved[0])
+    leaves = [x] + [t for t in w if t is not None]
+    want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
+    got = [dx] + [g for g, t in zip(grads, w) if t is not None]
+    for name, g, r in zip(["x"] + [n for n, t in w._asdict().items() if t is not None], got, want):
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-10, rtol=1e-8,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("one_pass", [False, True])
