@@ -77,6 +77,16 @@ def test_mlp_backward_is_the_masked_jacobian(gated, layout, lora, T, hidden, nb,
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=lambda m: f"grad of {name}: {m}")
 
 
+def _assert_autograd_grads(ref, dy, x, w: MlpWeights, dx, grads: MlpWeights) -> None:
+    """dx and grads (fp64) are autograd's gradients of ref for dy, slot by slot (zeros where unused)."""
+    leaves = [x] + [t for t in w if t is not None]
+    want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
+    got = [dx] + [g for g, t in zip(grads, w) if t is not None]
+    for name, g, r in zip(["x"] + [n for n, t in w._asdict().items() if t is not None], got, want):
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-10, rtol=1e-8,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("gated,lora,ranked,one_pass", [
     (True, ("in", "gate", "out"), True, False),
     (False, ("out",), True, False),
@@ -111,12 +121,7 @@ def test_a_dropout_over_the_hidden_layer_is_drawn_by_the_op(gated, lora, ranked,
     dx, grads = routed_mlp_backward_saved(dy, x.detach(), _detached(w), spec, mask, 7, True, needs, saved[0],
                                           perm=perm, exact_forward=True, whole=whole,
                                           counts=counts if whole else None, one_pass=one_pass)
-    leaves = [x] + [t for t in w if t is not None]
-    want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
-    got = [dx] + [g for g, t in zip(grads, w) if t is not None]
-    for name, g, r in zip(["x"] + [n for n, t in w._asdict().items() if t is not None], got, want):
-        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-10, rtol=1e-8,
-                                   msg=lambda m: f"{name}: {m}")
+    _assert_autograd_grads(ref, dy, x, w, dx, grads)
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -144,12 +149,7 @@ def test_a_dropout_over_the_hidden_layer_in_the_routed_forward(gated):
     dy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
     needs = MlpWeights(*[t is not None for t in w])
     dx, grads = routed_mlp_backward_saved(dy, x.detach(), _detached(w), spec, mask, 9, True, needs, saved[0])
-    leaves = [x] + [t for t in w if t is not None]
-    want = torch.autograd.grad(ref, leaves, dy, allow_unused=True)
-    got = [dx] + [g for g, t in zip(grads, w) if t is not None]
-    for name, g, r in zip(["x"] + [n for n, t in w._asdict().items() if t is not None], got, want):
-        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-10, rtol=1e-8,
-                                   msg=lambda m: f"{name}: {m}")
+    _assert_autograd_grads(ref, dy, x, w, dx, grads)
 
 
 @pytest.mark.parametrize("one_pass", [False, True])
