@@ -118,7 +118,7 @@ def table() -> str:
     for name, (_, targets, pattern, detail) in CASES.items():
         lora = "PEFT on " + ", ".join(targets) if targets else ("written out" if "LoRA=in/out" in detail else "none")
         lines.append(f"| `{name}` | {pattern} | {lora} |")
-    lines.append("| T5 `DenseReluDense` (and a gated product) with dropout p > 0 in training | relu (gated gelu); "
+    lines.append("| T5 `DenseReluDense` (and ModernBERT's fused GeGLU) with dropout p > 0 in training | relu (gated fused gelu); "
                  "the op draws the dropout: \"dropout 0.1 on the hidden layer (drawn by the op)\" | none |")
     lines.append("| a live dropout inside the activation chain | dense: \"...routed op has none...\" | |")
     lines += ["", "**Model families** (random-initialised tiny configs, transformers 5; outputs and gradients equal "
