@@ -7,7 +7,8 @@ An MLP is
     plain   out( act(in(x)) )             (views that keep the last dim may sit around act)
     gated   out( act(gate(x)) * in(x) )
 where `act` is any chain of element-wise ops on the projection's output (an identity dropout
-included, as T5's act -> dropout -> wo in eval or at p = 0); it is identified by
+included, as T5's act -> dropout -> wo in eval or at p = 0; a live dropout over the whole hidden
+layer becomes the op's hidden_dropout, which it draws itself); it is identified by
 evaluating the chain on probe values and comparing with the known activations (so GPT-2's
 mul/pow/tanh/add tanh-GELU is recognised as gelu_tanh). Unknown activations, intermediates used
 elsewhere, or shapes that do not fit leave the MLP dense, with the reason in the report.
