@@ -170,24 +170,23 @@ def constant(x: Any) -> Optional[float]:
     """A Python number, or the value of a 0-d tensor made in the graph from one: `torch.full((), c)`
     (old HF GPT-2 and DistilBERT divide by and fill with such tensors) or `torch.tensor(c)` (GPT-Neo's
     mask value); else None."""
-    if is_number(x):
-        return float(x)
-    if op(x) == "full":
-        a = bind(x)
-        if tuple(a["size"]) == () and is_number(a["fill_value"]):
-            return float(a["fill_value"])
-    if graph_scalar(x):
-        return float(x.args[0])
-    return None
+    return float(x) if is_number(x) else _graph_scalar_value(x)
 
 
 def graph_scalar(x: Any) -> bool:
     """x is a 0-d tensor the graph makes from a number: `torch.full((), c)` or `torch.tensor(c)`."""
+    return _graph_scalar_value(x) is not None
+
+
+def _graph_scalar_value(x: Any) -> Optional[float]:
     if op(x) == "full":
         a = bind(x)
-        return tuple(a["size"]) == () and is_number(a["fill_value"])
-    return (isinstance(x, Node) and x.op == "call_function" and x.target is torch.tensor and len(x.args) == 1
-            and is_number(x.args[0]))
+        if tuple(a["size"]) == () and is_number(a["fill_value"]):
+            return float(a["fill_value"])
+    elif (isinstance(x, Node) and x.op == "call_function" and x.target is torch.tensor and len(x.args) == 1
+          and is_number(x.args[0])):
+        return float(x.args[0])
+    return None
 
 
 def requires_grad(node: Any) -> bool:
