@@ -45,28 +45,35 @@ def lora_input_scales(x: Tensor, spec: MlpSpec, seed: int) -> tuple[Optional[Ten
     return keep_in, keep_gate
 
 
+def _block_keep(n_tokens: int, lo: int, hi: int, p: float, seed: int, stream: int, x: Tensor) -> Optional[Tensor]:
+    """One block's mask of a per-block stream, [n_tokens, hi - lo] (None: p is 0)."""
+    return _keep_scale((n_tokens, hi - lo), p, seed, stream, x.device, x.dtype)
+
+
+def _layer_keep(n_tokens: int, spec: MlpSpec, p: float, seed: int, first_stream: int, x: Tensor) -> Optional[Tensor]:
+    """Every block's draw of a per-block stream side by side, [n_tokens, F], in the order of the
+    weights' units (None: p is 0)."""
+    if p <= 0.0:
+        return None
+    bounds = block_bounds(spec.hidden, spec.n_blocks)
+    return torch.cat([_block_keep(n_tokens, lo, hi, p, seed, first_stream + b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+
+
 def out_keep(n_tokens: int, lo: int, hi: int, spec: MlpSpec, seed: int, block: int, x: Tensor) -> Optional[Tensor]:
     """The out projection's LoRA dropout in one block, [n_tokens, hi - lo]."""
-    return _keep_scale((n_tokens, hi - lo), spec.out_dropout, seed, OUT_STREAM + block, x.device, x.dtype)
+    return _block_keep(n_tokens, lo, hi, spec.out_dropout, seed, OUT_STREAM + block, x)
 
 
 def out_keep_layer(n_tokens: int, spec: MlpSpec, seed: int, x: Tensor) -> Optional[Tensor]:
-    """The out projection's LoRA dropout for every unit, [n_tokens, F]: each block's draw (out_keep)
-    side by side, in the order of the weights' units (None: no dropout)."""
-    if spec.out_dropout <= 0.0:
-        return None
-    bounds = block_bounds(spec.hidden, spec.n_blocks)
-    return torch.cat([out_keep(n_tokens, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+    """out_keep for every unit, [n_tokens, F] (None: no dropout)."""
+    return _layer_keep(n_tokens, spec, spec.out_dropout, seed, OUT_STREAM, x)
 
 
 def hidden_keep(n_tokens: int, lo: int, hi: int, spec: MlpSpec, seed: int, block: int, x: Tensor) -> Optional[Tensor]:
     """The hidden layer's own dropout in one block, [n_tokens, hi - lo] (None: spec.hidden_dropout is 0)."""
-    return _keep_scale((n_tokens, hi - lo), spec.hidden_dropout, seed, HIDDEN_STREAM + block, x.device, x.dtype)
+    return _block_keep(n_tokens, lo, hi, spec.hidden_dropout, seed, HIDDEN_STREAM + block, x)
 
 
 def hidden_keep_layer(n_tokens: int, spec: MlpSpec, seed: int, x: Tensor) -> Optional[Tensor]:
-    """hidden_keep for every unit, [n_tokens, F]: each block's draw side by side (None: no dropout)."""
-    if spec.hidden_dropout <= 0.0:
-        return None
-    bounds = block_bounds(spec.hidden, spec.n_blocks)
-    return torch.cat([hidden_keep(n_tokens, lo, hi, spec, seed, b, x) for b, (lo, hi) in enumerate(bounds)], 1)
+    """hidden_keep for every unit, [n_tokens, F] (None: no dropout)."""
+    return _layer_keep(n_tokens, spec, spec.hidden_dropout, seed, HIDDEN_STREAM, x)

@@ -88,6 +88,11 @@ class MlpSpec:
     # traced in eval mode): drawn by the op per block (dropout.hidden_keep), as the out LoRA's is.
     hidden_dropout: float = 0.0
 
+    @property
+    def draws_dropout(self) -> bool:
+        """Whether the op draws any dropout (LoRA's, or over the hidden layer): only the torch path does."""
+        return bool(self.in_dropout or self.gate_dropout or self.out_dropout or self.hidden_dropout)
+
     def to_str(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 

@@ -519,7 +519,7 @@ def _check_deterministic() -> None:
 def _check(x: Tensor, spec: MlpSpec) -> None:
     """Clear errors for what the kernels cannot do (callers fall back to the torch path before this)."""
     _check_deterministic()
-    if spec.in_dropout or spec.gate_dropout or spec.out_dropout or spec.hidden_dropout:
+    if spec.draws_dropout:
         raise ValueError("routed_mlp_triton: dropout (LoRA's, or over the hidden layer) is not implemented in the "
                          "kernels; use the torch path")
     if not triton_runs_on(x.device):

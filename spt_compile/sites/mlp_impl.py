@@ -36,10 +36,9 @@ class LazyPermuted:
 
 
 def takes_torch_path(option: str, x2: Tensor, spec: MlpSpec) -> bool:
-    """Whether a call runs the torch path or its grouped form (ffn_impl, or LoRA dropout, which only they
-    have)."""
-    return (resolve_ffn_impl(option, x2.device) in ("torch", "grouped")
-            or bool(spec.in_dropout or spec.gate_dropout or spec.out_dropout or spec.hidden_dropout))
+    """Whether a call runs the torch path or its grouped form (ffn_impl, or a dropout the op draws, which
+    only the torch path has: spec.draws_dropout)."""
+    return resolve_ffn_impl(option, x2.device) in ("torch", "grouped") or spec.draws_dropout
 
 
 def kernel_impl_unused(option: str, ran: dict[str, int]) -> Optional[str]:
@@ -76,7 +75,7 @@ def run_impl(x2: Tensor, w: MlpWeights, spec: MlpSpec, block_mask: Tensor, seed:
     impl = resolve_ffn_impl(option, x2.device)
     if grouped:
         return grouped_routed_forward(x2, w, spec, block_mask, seed, n_pairs, saved, perm, comp), MlpRun("grouped")
-    if impl == "grouped" or spec.in_dropout or spec.gate_dropout or spec.out_dropout or spec.hidden_dropout:
+    if impl == "grouped" or spec.draws_dropout:
         impl = "torch"  # grouped_unsupported; neither the kernels nor the reference have LoRA dropout
     if impl == "torch":  # adds the compensation where its blocks accumulate; puts units in block order itself
         y = routed_mlp_forward(x2, w, spec, block_mask, seed, saved=saved, perm=perm, comp=comp)
