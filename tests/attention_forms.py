@@ -317,10 +317,28 @@ def einsum_not_attention(q, k, v, mask, p):
 
 
 def softcapped(q, k, v, mask, p):
-    """Gemma-2 style logit soft-capping: tanh on the scores changes the function, not only the mask."""
+    """Gemma-2's soft cap: scaled scores -> cap * tanh(. / cap), then the mask (a cap of 1.5 bites on
+    these inputs, whose scores are about N(0, 1))."""
     w = torch.matmul(q, k.transpose(-2, -1)) * SCALE
-    w = torch.tanh(w / 50.0) * 50.0
+    w = torch.tanh(w / 1.5) * 1.5
+    return torch.softmax(w + mask, dim=-1) @ v
+
+
+def softcapped_then_scaled(q, k, v, mask, p):
+    """A cap written on the raw products and scaled after: 2 * tanh(S / 2) * SCALE is a cap of 2 * SCALE."""
+    w = (torch.tanh(torch.matmul(q, k.transpose(-2, -1)) / 2.0) * 2.0).mul(SCALE)
     return torch.softmax(w, dim=-1) @ v
+
+
+def tanh_scores(q, k, v, mask, p):
+    """tanh with no multiplication after it: not a soft cap (the scores' range is (-1, 1))."""
+    return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * SCALE), dim=-1) @ v
+
+
+def tanh_of_masked_scores(q, k, v, mask, p):
+    """The cap applied after the mask: tanh would map the mask's -inf to -1, so it is no mask any more."""
+    w = q @ k.transpose(-2, -1) * SCALE + mask
+    return torch.softmax(torch.tanh(w) * 2.0, dim=-1) @ v
 
 
 def learned_bias(q, k, v, mask, p):
@@ -374,7 +392,12 @@ FORMS = [
     Form("einsum", einsum_attention, mask="additive", source="einsum products (x-transformers, lucidrains)"),
     Form("einsum_other_contraction", einsum_not_attention, expect="dense", reason="not a recognised product",
          source="an einsum that is no Q K^T (contracts the query axis)"),
-    Form("softcapped", softcapped, expect="dense", reason="not recognisable", source="Gemma-2 soft-capping"),
+    Form("softcapped", softcapped, mask="additive", source="Gemma-2: cap * tanh(scores / cap), then the mask"),
+    Form("softcapped_then_scaled", softcapped_then_scaled, source="a soft cap on the raw products, scaled after"),
+    Form("tanh_scores", tanh_scores, expect="dense", reason="tanh of the scores followed by the softmax",
+         source="tanh without a cap's multiplication"),
+    Form("tanh_of_masked_scores", tanh_of_masked_scores, mask="additive", expect="dense",
+         reason="tanh of masked scores", source="a soft cap after the mask"),
     Form("learned_bias", learned_bias, mask="learned", expect="dense", reason="requires grad",
          source="a trained additive bias (ALiBi slopes, T5 bias under full fine-tuning)"),
     Form("returns_weights", returns_weights, expect="dense", reason="used elsewhere",

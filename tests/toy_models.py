@@ -122,9 +122,10 @@ class PlainMLP(nn.Module):
 class GQAAttention(nn.Module):
     """LLaMA-style attention: separate q/k/v, repeat_kv written as HF writes it, SDPA or eager."""
 
-    def __init__(self, d=64, heads=4, kv_heads=2, eager=False):
+    def __init__(self, d=64, heads=4, kv_heads=2, eager=False, softcap=0.0):
         super().__init__()
         self.h, self.hkv, self.hd = heads, kv_heads, d // heads
+        self.softcap = softcap  # eager only: Gemma-2's cap * tanh(scores / cap) before the mask
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
         self.v_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
@@ -145,6 +146,8 @@ class GQAAttention(nn.Module):
         v = self.repeat_kv(v, self.h // self.hkv)
         if self.eager:
             w = torch.matmul(q, k.transpose(2, 3)) * self.hd**-0.5
+            if self.softcap:
+                w = torch.tanh(w / self.softcap) * self.softcap
             if mask is not None:
                 w = w + mask
             w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)

@@ -99,10 +99,11 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
     nodes.add(p)
     scores = _parse_scores(a["input"])
     if scores is None:
-        raise Reject("softmax input is not recognisable as a product of Q and K^T with scaling and masks "
-                     "(e.g. the scores transformed, as by soft-capping)")
+        raise Reject("softmax input is not recognisable as a product of Q and K^T with scaling, a soft cap "
+                     "and masks (e.g. the scores transformed otherwise)")
     if scores.rank != len(s):
         raise Reject("softmax is not over the scores' own shape")
+    scores.closed("the softmax")
     glue = set(scores.glue)
     H = (shape(scores.q) or (None, None))[1]
     if scores.lifted:
@@ -118,6 +119,6 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
     return AttentionMatch(
         pattern, node, scores.q, k, v0,
         is_causal=False, scale=scores.scale, dropout_p=dropout_p,
-        additive=scores.additive, allow=scores.allow, forbid=scores.forbid,
+        additive=scores.additive, allow=scores.allow, forbid=scores.forbid, softcap=scores.softcap,
         nodes=nodes | scores.nodes | set(k_rep) | set(v_rep), glue=glue, merged=merged,
     )

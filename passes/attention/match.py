@@ -44,6 +44,7 @@ class AttentionMatch:
     glue: set[Node] = field(default_factory=set)  # views/casts/constants erased when nothing else reads them
     merged: bool = False  # q/k/v are 3-D [B*H, N, D]: the op sees them as one batch of B*H heads
     detail: str = ""
+    softcap: float = 0.0  # the scores soft-capped to cap * tanh(s / cap) before the masks (Gemma-2); 0: none
 
 
 def _divides(small, big) -> bool:

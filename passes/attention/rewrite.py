@@ -57,7 +57,7 @@ def describe(m: AttentionMatch) -> str:
     causal_at_run_time = " (a bool mask that is exactly causal runs as causal)" if (
         not m.is_causal and mask.strip() == "bool" and str(qs[2]) == str(ks[2])) else ""  # str: symbolic sizes too
     return (f"q {tuple(qs)} k {tuple(ks)}{gqa} causal={m.is_causal} mask={mask.strip() or 'none'}{causal_at_run_time} "
-            f"scale={m.scale:.4g} dropout={m.dropout_p}")
+            f"scale={m.scale:.4g} dropout={m.dropout_p}" + (f" softcap={m.softcap:.4g}" if m.softcap else ""))
 
 
 def _short_note(m: AttentionMatch, options: Options) -> str:
@@ -109,7 +109,7 @@ def emit(graph, m: AttentionMatch, options: Options, path: str, ordinals: dict) 
         mask = _mask_argument(graph, m)
         q, k, v = (graph.call_function(operator.getitem, (t, None)) if m.merged else t for t in (m.q, m.k, m.v))
         call = graph.call_function(torch.ops.spt.attention_site.default, (
-            q, k, v, mask, anchor, template, m.is_causal, m.scale, m.dropout_p, training))
+            q, k, v, mask, anchor, template, m.is_causal, m.scale, m.dropout_p, training, m.softcap))
         out = graph.call_function(operator.getitem, (call, 0))
         if len(shape(m.output)) == 3:  # [1, B*H, N, Dv] or [B, H, N, Dv] -> [B*H, N, Dv]
             out = graph.call_method("flatten", (out, 0, 1))
@@ -129,6 +129,8 @@ def graphed_refusal(m: AttentionMatch, options: Options) -> Optional[str]:
         return "token selection keeps PQ codebooks fitted per call"
     if m.dropout_p:
         return "attention dropout draws its masks from per-call seeds"
+    if m.softcap:
+        return "soft-capped scores run exact calls on the block kernels, which the graphed op does not"
     if not options.sparse_attention:
         return "sparse_attention is off"
     if not (torch.is_grad_enabled() and any(requires_grad(t) for t in (m.q, m.k, m.v))) and not options.sparse_inference:

@@ -1,6 +1,6 @@
 """The scores of a written-out attention: S = Q K^T (matmul, bmm, baddbmm or einsum) with scalar
-scaling, casts, views and masks (additive, masked_fill, where) on top, in any nesting, read into
-_Scores. 3-D products on [B*H, N, D] are lifted to the [B, H, N, D] tensors they were viewed from
+scaling, casts, views and masks (additive, masked_fill, where) on top, in any nesting, and a soft cap
+(Gemma-2's c * tanh(S / c), before any mask), read into _Scores. 3-D products on [B*H, N, D] are lifted to the [B, H, N, D] tensors they were viewed from
 when the graph shows it. forms.match_matmul_softmax reads the softmax's input through _parse_scores."""
 
 from __future__ import annotations
@@ -75,6 +75,14 @@ class _Scores:
     glue: set[Node] = field(default_factory=set)  # views/casts of q/k, erased when nothing else reads them
     rank: int = 4  # of the current scores tensor
     lifted: bool = False  # q/k are the [B, H, N, D] tensors the 3-D products were viewed from
+    softcap: float = 0.0  # the cap c of c * tanh(S / c), once its multiplication is read
+    tanh: bool = False  # tanh(S / c) read, its multiplication by c not yet: nothing else may come between
+
+    def closed(self, what: str) -> "_Scores":
+        """self, if `what` may apply to it: not between a soft cap's tanh and its multiplication."""
+        if self.tanh and not self.softcap:
+            raise Reject(f"tanh of the scores followed by {what}, not by the multiplication of a soft cap")
+        return self
 
 
 def einsum_roles(node: Node) -> Optional[tuple[str, Node, Node]]:
@@ -158,6 +166,14 @@ def _parse_scores(n) -> Optional[_Scores]:
         return _product(n)
     if name in CASTS or name == "contiguous":
         r = _parse_scores(n.args[0])
+    elif name == "tanh":  # a soft cap: c * tanh(S / c), read here up to its multiplication
+        r = _parse_scores(n.args[0])
+        if r is not None:
+            if r.tanh:
+                raise Reject("the scores pass through tanh twice")
+            if r.additive or r.forbid or r.allow:
+                raise Reject("tanh of masked scores (a soft cap is applied before the masks)")
+            r.tanh = True
     elif name in ("view", "reshape"):  # [B*H, N, Nk] <-> [B, H, N, Nk] on lifted products
         r = _parse_scores(n.args[0])
         if r is not None:
@@ -176,24 +192,32 @@ def _parse_scores(n) -> Optional[_Scores]:
             c = constant(c)
             if c is not None and isinstance(x, Node) and (name == "mul" or x is n.args[0]):
                 r = _parse_scores(x)
+                if r is not None and r.tanh and not r.softcap:  # c * tanh(S * scale / c'): the soft cap
+                    _close_softcap(r, c if name == "mul" else 1.0 / c)
+                    r.glue |= {t for t in n.args if graph_scalar(t)}
+                    break
                 if r is not None:
+                    r.closed("another scaling")
                     if c <= 0:
                         raise Reject(f"scores are scaled by a non-positive constant ({c})")
                     if r.additive:
                         raise Reject("an additive mask is applied before the scaling")
-                    r.scale *= c if name == "mul" else 1.0 / c
+                    f = c if name == "mul" else 1.0 / c
+                    r.scale *= f
+                    r.softcap *= f  # f * c * tanh(scale * S / c) is a cap of f * c at scale * f
                     r.glue |= {t for t in n.args if graph_scalar(t)}
                 break
     elif name == "add":
         r = None
         for x, m in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
             if isinstance(m, Node) and (r := _parse_scores(x)) is not None:
-                r.additive.append(_checked_mask(r, m))
+                r.closed("a mask").additive.append(_checked_mask(r, m))
                 break
     elif name == "masked_fill":
         a = bind(n)
         r = _parse_scores(a["input"])
         if r is not None:
+            r.closed("a mask")
             value = constant(a["value"])
             if not (value is not None and value <= FORBIDDING_FILL):
                 raise Reject(f"masked_fill with value {a['value']!r} (only very negative fills are masks)")
@@ -204,6 +228,7 @@ def _parse_scores(n) -> Optional[_Scores]:
         a = bind(n)
         r = _parse_scores(a["input"])
         if r is not None:
+            r.closed("a mask")
             other = constant(a["other"])
             if not (other is not None and other <= FORBIDDING_FILL):
                 raise Reject(f"where(cond, scores, {a['other']!r}) is not a mask")
@@ -215,6 +240,16 @@ def _parse_scores(n) -> Optional[_Scores]:
     if r is not None:
         r.nodes.add(n)
     return r
+
+
+def _close_softcap(r: _Scores, c: float) -> None:
+    """r holds tanh(a * QK^T), a = r.scale (the model's scale and its 1 / cap, folded); the model
+    multiplied it by c. That is the op's soft cap c * tanh(scale * QK^T / c) with scale = a * c,
+    whatever division fed the tanh."""
+    if c <= 0:
+        raise Reject(f"tanh of the scores multiplied by a non-positive constant ({c})")
+    r.softcap, r.tanh = c, False
+    r.scale *= c
 
 
 def _unexpanded(mask: Node, r: _Scores) -> Node:

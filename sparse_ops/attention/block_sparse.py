@@ -14,6 +14,7 @@ Shapes:
                                       the listed blocks of one row are distinct
     bias       broadcastable to [B, H, N, Nk]: additive float (<= MASK_FORBIDDEN_AT_OR_BELOW forbids the
                key) or bool (True = allowed)
+    softcap    0.0, or the cap of soft-capped scores (softcap.py): cap * tanh(q.k * scale / cap), then bias
     out        [B, H, N, Dv]; lse [B, H, N] fp32 (-inf for a row with no allowed key: out 0, grads 0)
 """
 
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from .select import n_blocks
 from .pq import MASK_FORBIDDEN_AT_OR_BELOW
+from .softcap import capped
 from .token_sparse import _acc, _dropout_scale  # same accumulation dtype and replayable dropout
 
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -160,10 +162,18 @@ def _tiles_simple(lay: _Layout, Nk: int, block_n: int, is_causal: bool, diag_fir
 
 
 def _scores(qc: Tensor, kg: Tensor, idx: Tensor, qb0: int, r0: int, lay: _Layout, Nk: int, block_n: int,
-            scale: float, is_causal: bool, bias: Optional[Tensor], diag_first: bool) -> Tensor:
-    """qc [B, S, C, R, D] x kg [B, S, C, Lb * block_n, D] -> scores [B, S, C, R, Lb * block_n], -inf
-    where a key is not allowed, bias added."""
-    s = torch.matmul(qc * scale, kg.transpose(-1, -2))
+            scale: float, is_causal: bool, bias: Optional[Tensor], diag_first: bool, softcap: float = 0.0,
+            slope: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """qc [B, S, C, R, D] x kg [B, S, C, Lb * block_n, D] -> (scores [B, S, C, R, Lb * block_n], -inf
+    where a key is not allowed, capped, then bias added; the cap's slope there, or None: no cap or
+    not asked)."""
+    s, d = capped(torch.matmul(qc * scale, kg.transpose(-1, -2)), softcap, slope)
+    return _masked(s, idx, r0, lay, Nk, block_n, is_causal, bias, diag_first), d
+
+
+def _masked(s: Tensor, idx: Tensor, r0: int, lay: _Layout, Nk: int, block_n: int, is_causal: bool,
+            bias: Optional[Tensor], diag_first: bool) -> Tensor:
+    """The chunk's scores s with the bias added and -inf where a key is not allowed (in place)."""
     if bias is None and _tiles_simple(lay, Nk, block_n, is_causal, diag_first):
         B, S, C, Lb = idx.shape
         s6 = s.view(B, S, C, s.shape[3], Lb, block_n)
@@ -180,7 +190,7 @@ def _scores(qc: Tensor, kg: Tensor, idx: Tensor, qb0: int, r0: int, lay: _Layout
 
 
 def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,
-                               dropout_p=0.0, seed=0, diag_first=False) -> tuple[Tensor, Tensor]:
+                               dropout_p=0.0, seed=0, diag_first=False, softcap=0.0) -> tuple[Tensor, Tensor]:
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     acc = _acc(q.dtype)
@@ -197,8 +207,8 @@ def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=
         r0, r1 = qb0 * block_m, min(N, (qb0 + C) * block_m)
         idx = block_idx[:, :, qb0 : qb0 + C]
         _, kg, vg = tiles.gather(idx)
-        s = _scores(lay.flat_rows(lay.rows(q, r0, C, acc)), kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias,
-                    diag_first)
+        s, _ = _scores(lay.flat_rows(lay.rows(q, r0, C, acc)), kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal,
+                       bias, diag_first, softcap)
         row_lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [B, S, C, R, 1]
         p = s.sub_(row_lse.nan_to_num(neginf=0.0)).exp_()  # 0 where not allowed
         if dropout_p > 0.0:
@@ -210,7 +220,7 @@ def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=
 
 def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None,
                                 block_m=64, block_n=64, dropout_p=0.0, seed=0,
-                                diag_first=False) -> tuple[Tensor, Tensor, Tensor]:
+                                diag_first=False, softcap=0.0) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     acc = _acc(q.dtype)
@@ -233,7 +243,8 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
             idx = block_idx[:, :, qb0 : qb0 + C]
             _, kg, vg = tiles.gather(idx)
             qc = lay.flat_rows(lay.rows(q, r0, C, acc))  # [B, S, C, R, D]
-            s = _scores(qc, kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias, diag_first)
+            s, slope = _scores(qc, kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias, diag_first, softcap,
+                               slope=True)
             p = s.sub_(lay.flat_rows(lay.rows(lse_rows, r0, C, torch.float32)).to(acc)).exp_()
             do = lay.flat_rows(lay.rows(dout, r0, C, acc))  # [B, S, C, R, Dv]
             dp = torch.matmul(do, vg.transpose(-1, -2))  # [B, S, C, R, Lb * block_n]
@@ -244,6 +255,8 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
                 p_used = p
             dvg = torch.matmul(p_used.transpose(-1, -2), do)  # [B, S, C, Lb * block_n, Dv]
             ds = p.mul_(dp.sub_(lay.flat_rows(lay.rows(delta, r0, C, acc))))  # in place: p is done
+            if slope is not None:  # through the cap: d(capped) / d(scaled scores)
+                ds.mul_(slope)
             dq[:, :, r0:r1] = lay.unrows(torch.matmul(ds, kg), r1, r0) * scale
             dkg = torch.matmul(ds.transpose(-1, -2), qc * scale)  # [B, S, C, Lb * block_n, D]
             # Sum each listed tile's gradient into its key block with a one-hot GEMM: index_add_
@@ -266,7 +279,7 @@ def additive(bias: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, block_m=64, block_n=64,
-                         dropout_p=0.0, seed=0, impl="auto", diag_first=False) -> tuple[Tensor, Tensor]:
+                         dropout_p=0.0, seed=0, impl="auto", diag_first=False, softcap=0.0) -> tuple[Tensor, Tensor]:
     """(out, lse) by the chosen implementation. The Triton kernels have no dropout: with dropout_p > 0
     the torch path runs (same results, slower on GPU). diag_first: block_idx lists, for causal
     attention, each query block's diagonal block in slot 0 and earlier blocks after it (what
@@ -275,31 +288,31 @@ def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, 
     if impl == "reference" and dropout_p == 0.0:  # lse unused: backward differentiates the reference
         from .reference import block_sparse_attention_reference
 
-        out = block_sparse_attention_reference(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n)
+        out = block_sparse_attention_reference(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n, softcap)
         return out, torch.zeros(q.shape[:3], device=q.device)
     if impl == "triton" and dropout_p == 0.0:
         from .block_sparse_triton import block_sparse_forward_triton
 
         return block_sparse_forward_triton(q, k, v, block_idx, scale, is_causal,
-                                           additive(bias), block_m, block_n)
+                                           additive(bias), block_m, block_n, softcap=softcap)
     return block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal, bias, block_m, block_n, dropout_p, seed,
-                                      diag_first)
+                                      diag_first, softcap)
 
 
 def block_sparse_backward(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None, block_m=64,
                           block_n=64, dropout_p=0.0, seed=0, impl="auto",
-                          diag_first=False) -> tuple[Tensor, Tensor, Tensor]:
+                          diag_first=False, softcap=0.0) -> tuple[Tensor, Tensor, Tensor]:
     impl = resolve_impl(impl, q.device)
     if impl == "reference" and dropout_p == 0.0:
         from .reference import block_sparse_attention_reference
 
         _, vjp = torch.func.vjp(lambda q_, k_, v_: block_sparse_attention_reference(
-            q_, k_, v_, block_idx, scale, is_causal, bias, block_m, block_n), q, k, v)
+            q_, k_, v_, block_idx, scale, is_causal, bias, block_m, block_n, softcap), q, k, v)
         return vjp(dout)
     if impl == "triton" and dropout_p == 0.0:
         from .block_sparse_triton import block_sparse_backward_triton
 
         return block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale,
-                                            is_causal, additive(bias), block_m, block_n)
+                                            is_causal, additive(bias), block_m, block_n, softcap=softcap)
     return block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal, bias, block_m,
-                                       block_n, dropout_p, seed, diag_first)
+                                       block_n, dropout_p, seed, diag_first, softcap)

@@ -13,6 +13,8 @@ Shapes (letters as in the rest of the package):
     bias       broadcastable to [B, H, N, Nk], optional: added to the scaled scores; a value at or
                below MASK_FORBIDDEN_AT_OR_BELOW (compared in the bias dtype, as the reference does)
                forbids the key; no gradient for bias
+    softcap    0.0, or the cap of soft-capped scores (softcap.py): cap * tanh(q.k * scale / cap), before
+               the bias (SOFTCAP: backward scales ds by the cap's slope, recomputed with the scores)
     out        [B, H, N, Dv]       in q's dtype; 0 for a row with no allowed key
     lse        [B, H, N]           float32, natural-log log-sum-exp of the row's scaled+biased scores
                                    over its allowed keys; -inf for a row with no allowed key
@@ -130,13 +132,23 @@ def _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n,
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from one exp2: 1 - 2 / (e^2x + 1) is exactly 1 where e^2x overflows and -1 where it
+    underflows (no NaN at either end); near 0 its absolute error is about fp32's epsilon."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E_C)) + 1.0)
+
+
+@triton.jit
 def _scores_tile(
     q, q2, k_base, bias_ptr, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd, qk_scale2,
-    stride_bias_m, stride_bias_n, forbid_at,
+    stride_bias_m, stride_bias_n, forbid_at, cap2,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """Base-2 scores [BLOCK_M, BLOCK_N] of one (query tile, key tile), -inf where forbidden.
+    """(base-2 scores [BLOCK_M, BLOCK_N] of one (query tile, key tile), -inf where forbidden; the
+    soft cap's slope 1 - tanh^2 there, or the scores again (unused) without SOFTCAP). SOFTCAP: the
+    scaled scores are capped to cap * tanh(. / cap) before the bias; cap2 is the cap in base 2
+    (cap * log2(e)), so s / cap2 is the natural scores over the cap.
     q [BLOCK_M, BLOCK_D] is loaded, and q2 [BLOCK_M, BLOCK_D2] the head dim's tail tile when
     BLOCK_D2 > 0 (split head tiles; else q2 is unused); k_base points at k[b, kv head, 0, 0];
     bias_ptr at bias[b, h, 0, 0]; a bias <= forbid_at forbids its key.
@@ -149,6 +161,11 @@ def _scores_tile(
         kt2 = _tile_t(k_base, offs_n, n_ok, stride_kn, stride_kd, D, BLOCK_D, BLOCK_D2)  # [BD2, BN]
         s += _dot(q2, kt2, PRECISION, UPCAST)
     s = s * qk_scale2
+    slope = s
+    if SOFTCAP:
+        t = _tanh(s / cap2)
+        s = t * cap2
+        slope = 1.0 - t * t
     if HAS_BIAS:
         s = _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, True)
     else:
@@ -161,7 +178,7 @@ def _scores_tile(
         if edge:
             s = _mask_tile(s, bias_ptr, offs_m, offs_n, N, Nk, stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL,
                            False)
-    return s
+    return s, slope
 
 
 @triton.jit
@@ -174,10 +191,10 @@ def _fwd_kernel(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, forbid_at,
+    H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, forbid_at, cap2,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64: b * stride can pass 2**31 on long inputs
     mb = pid % Mb
@@ -214,9 +231,9 @@ def _fwd_kernel(
         kb = tl.load(idx_base + slot * stride_il).to(tl.int64)
         if (kb >= 0) & (kb * BLOCK_N < kv_end):
             offs_n = kb * BLOCK_N + offs_n0
-            s = _scores_tile(q, q2, k_base, bias_base, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd, qk_scale2,
-                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
-                             BLOCK_D, BLOCK_D2)
+            s, _ = _scores_tile(q, q2, k_base, bias_base, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd, qk_scale2,
+                                stride_bias_m, stride_bias_n, forbid_at, cap2, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                                BLOCK_D, BLOCK_D2, SOFTCAP)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row with nothing allowed so far keeps m = -inf; shift by 0 there so that
             # exp2(-inf - -inf) never makes a NaN.
@@ -246,10 +263,10 @@ def _fwd_kernel(
 def _dq_over_list(
     q, q2, do, do2, delta, lse2, k_base, v_base, bias_ptr, idx_base, offs_m, kv_end,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
-    N, Nk, D, Dv, Lb, qk_scale2, forbid_at,
+    N, Nk, D, Dv, Lb, qk_scale2, forbid_at, cap2,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Unscaled (dq [ROWS, BLOCK_D], dq2 [ROWS, BLOCK_D2]) fp32 of a tile of query rows (q, do and
     their tail tiles q2, do2 where BLOCK_D2 / BLOCK_DV2 > 0; delta and lse2 [ROWS]; positions offs_m)
@@ -266,9 +283,9 @@ def _dq_over_list(
         if (kb >= 0) & (kb * BLOCK_N < kv_end):
             offs_n = kb * BLOCK_N + offs_n0
             n_ok = offs_n < Nk
-            s = _scores_tile(q, q2, k_base, bias_ptr, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd, qk_scale2,
-                             stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
-                             BLOCK_D, BLOCK_D2)
+            s, slope = _scores_tile(q, q2, k_base, bias_ptr, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd,
+                                    qk_scale2, stride_bias_m, stride_bias_n, forbid_at, cap2, IS_CAUSAL, HAS_BIAS,
+                                    PRECISION, UPCAST, BLOCK_D, BLOCK_D2, SOFTCAP)
             p = tl.exp2(s - lse2[:, None])  # [ROWS, BN]; 0 at forbidden keys
             vt = _tile_t(v_base, offs_n, n_ok, stride_vn, stride_vd, Dv, 0, BLOCK_DV)  # [BDV, BN]
             dp = _dot(do, vt, PRECISION, UPCAST)
@@ -276,6 +293,8 @@ def _dq_over_list(
                 vt2 = _tile_t(v_base, offs_n, n_ok, stride_vn, stride_vd, Dv, BLOCK_DV, BLOCK_DV2)  # [BDV2, BN]
                 dp += _dot(do2, vt2, PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:  # through the cap
+                ds = ds * slope
             k = _tile(k_base, offs_n, n_ok, stride_kn, stride_kd, D, 0, BLOCK_D)  # [BN, BD]
             dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
             if BLOCK_D2 > 0:
@@ -318,10 +337,10 @@ def _bwd_dq_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
+    H, G, GS, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at, cap2,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dq = scale * sum over listed key blocks of ds @ k, ds = p * (dout @ v^T - delta), where
     delta = rowsum(dout * out) is the softmax-gradient correction rowsum(p * dp), one number per row.
@@ -354,8 +373,8 @@ def _bwd_dq_kernel(
 
     dq, dq2 = _dq_over_list(q, q2, do, do2, delta, lse2, k_base, v_base, bias_base, idx_base, offs_m, kv_end,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
-                            N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
-                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2)
+                            N, Nk, D, Dv, Lb, qk_scale2, forbid_at, cap2, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, SOFTCAP)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     _store_tile(dq_base, dq * scale, offs_m, row_ok, stride_dqm, stride_dqd, D, 0, BLOCK_D, False)
@@ -374,10 +393,11 @@ def _bwd_dq_packed_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, G, GS, S, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at,
+    H, G, GS, S, N, Nk, D, Dv, Mb, Lb, qk_scale2, scale, forbid_at, cap2,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, HEADS: tl.constexpr, SUB_M: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """_bwd_dq_kernel with the GS query heads that share a list packed into one tile (GQA lists):
     one program per (b, selection head, query block, piece of SUB_M rows), whose HEADS * SUB_M
@@ -418,8 +438,8 @@ def _bwd_dq_packed_kernel(
 
     dq, dq2 = _dq_over_list(q, q2, do, do2, delta, lse2, k_base, v_base, bias_rows, idx_base, offs_m, kv_end,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_il, stride_bias_m, stride_bias_n,
-                            N, Nk, D, Dv, Lb, qk_scale2, forbid_at, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
-                            HEADS * SUB_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2)
+                            N, Nk, D, Dv, Lb, qk_scale2, forbid_at, cap2, IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST,
+                            HEADS * SUB_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, SOFTCAP)
 
     dq_rows = DQ + b * stride_dqb + head[:, None] * stride_dqh  # [R, 1]
     _store_tile(dq_rows, dq * scale, offs_m, row_ok, stride_dqm, stride_dqd, D, 0, BLOCK_D, False)
@@ -460,11 +480,11 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Hkv, SG, GS, N, Nk, D, Dv, Mb, Lb, Nb, qk_scale2, scale, forbid_at,
+    H, Hkv, SG, GS, N, Nk, D, Dv, Mb, Lb, Nb, qk_scale2, scale, forbid_at, cap2,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
-    BLOCK_L: tl.constexpr, QBLOCKS_PER_PROGRAM: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_L: tl.constexpr, QBLOCKS_PER_PROGRAM: tl.constexpr, DIRECT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program per (b, kv head, key block nb, piece): piece j covers query blocks
     j * QBLOCKS_PER_PROGRAM onwards, for each of the kv head's SG selection heads (GS query heads share
@@ -532,9 +552,9 @@ def _bwd_dkdv_kernel(
                         lse2 = tl.where(lse == float("-inf"), 0.0, lse * _LOG2E_C)
                         delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
                         bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
-                        s = _scores_tile(q, q2, k_base, bias_base, offs_m, offs_n, N, Nk, D, stride_kn, stride_kd,
-                                         qk_scale2, stride_bias_m, stride_bias_n, forbid_at, IS_CAUSAL, HAS_BIAS,
-                                         PRECISION, UPCAST, BLOCK_D, BLOCK_D2)
+                        s, slope = _scores_tile(q, q2, k_base, bias_base, offs_m, offs_n, N, Nk, D, stride_kn,
+                                                stride_kd, qk_scale2, stride_bias_m, stride_bias_n, forbid_at, cap2,
+                                                IS_CAUSAL, HAS_BIAS, PRECISION, UPCAST, BLOCK_D, BLOCK_D2, SOFTCAP)
                         p = tl.exp2(s - lse2[:, None])  # [BM, BN]; 0 at forbidden keys and padded rows
                         pt = tl.trans(p).to(do.dtype)
                         dv += _dot(pt, do, PRECISION, UPCAST)
@@ -542,7 +562,10 @@ def _bwd_dkdv_kernel(
                         if BLOCK_DV2 > 0:
                             dv2 += _dot(pt, do2, PRECISION, UPCAST)
                             dp += _dot(do2, vt2, PRECISION, UPCAST)
-                        dst = tl.trans(p * (dp - delta[:, None])).to(q.dtype)  # ds^T [BN, BM]
+                        ds = p * (dp - delta[:, None])
+                        if SOFTCAP:  # through the cap
+                            ds = ds * slope
+                        dst = tl.trans(ds).to(q.dtype)  # ds^T [BN, BM]
                         dk += _dot(dst, q, PRECISION, UPCAST)
                         if BLOCK_D2 > 0:
                             dk2 += _dot(dst, q2, PRECISION, UPCAST)
@@ -630,6 +653,11 @@ def _bias_args(bias: Optional[Tensor], B: int, H: int, N: int, Nk: int, like: Te
     return bias, bias.expand(B, H, N, Nk).stride(), float(forbid_at)
 
 
+def _cap2(softcap: float) -> float:
+    """The soft cap in the kernels' base-2 scores (1.0, unread, without one: SOFTCAP is then False)."""
+    return float(softcap) * _LOG2E if softcap else 1.0
+
+
 def _dot_args(q: Tensor, allow_tf32: bool) -> dict:
     """PRECISION: 'ieee' = exact fp32 products, 'tf32' only on request (tl.dot's input_precision, in
     Triton since 3.0). UPCAST: the interpreter's bf16 tl.dot workaround (see _dot)."""
@@ -660,9 +688,11 @@ def block_sparse_forward_triton(
     block_m: int,
     block_n: int,
     allow_tf32: bool = False,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """-> (out [B, H, N, Dv] in q.dtype, lse [B, H, N] float32); lse = -inf for a row with no allowed
-    key, whose out is 0. Inputs may be any strided views; nothing is copied."""
+    key, whose out is 0. Inputs may be any strided views; nothing is copied. softcap > 0: scores
+    soft-capped (softcap.py) before the bias."""
     _check(q, k, v, block_idx, block_m, block_n)
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -676,8 +706,9 @@ def block_sparse_forward_triton(
         q, k, v, block_idx, bias_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *lse.stride(),
         H, H // Hkv, H // block_idx.shape[1], N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, forbid_at,
-        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
+        _cap2(softcap), IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
         BLOCK_M=block_m, BLOCK_N=block_n, **_tile_args(D, Dv), **_launch_args(q, block_m, block_n, D, Dv),
+        SOFTCAP=bool(softcap),
     )
     return out, lse
 
@@ -735,6 +766,7 @@ def block_sparse_backward_triton(
     block_m: int,
     block_n: int,
     allow_tf32: bool = False,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv) in the dtypes of q, k, v: gradients of block_sparse_forward_triton's out
     (none for bias). No host sync, and four to six launches whatever the shapes: the zero fills of
@@ -771,14 +803,16 @@ def block_sparse_backward_triton(
     common = dict(
         IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, **_dot_args(q, allow_tf32),
         BLOCK_M=block_m, BLOCK_N=block_n, **_tile_args(D, Dv), **_launch_args(q, block_m, block_n, D, Dv),
+        SOFTCAP=bool(softcap),
     )
+    cap2 = _cap2(softcap)
     packing = _dq_packing(H // S, block_m)
     if packing is None:
         _bwd_dq_kernel[(B * H * Mb,)](
             q, k, v, block_idx, bias_t, out, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *dout.stride(),
             *dq.stride(),
-            H, H // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
+            H, H // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at, cap2,
             **common,
         )
     else:
@@ -787,7 +821,7 @@ def block_sparse_backward_triton(
             q, k, v, block_idx, bias_t, out, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *out.stride(), *dout.stride(),
             *dq.stride(),
-            H, H // Hkv, H // S, S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at,
+            H, H // Hkv, H // S, S, N, Nk, D, Dv, Mb, Lb, float(scale) * _LOG2E, float(scale), forbid_at, cap2,
             **{**common, **_launch_args(q, heads * sub_m, block_n, D, Dv)}, HEADS=heads, SUB_M=sub_m,
         )
     # Each query block stands for the H / Hkv query heads reading this kv head: fewer blocks per
@@ -797,7 +831,7 @@ def block_sparse_backward_triton(
         q, k, v, block_idx, bias_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *block_idx.stride(), *bias_strides, *dout.stride(), *dk.stride(),
         *dv.stride(),
-        H, Hkv, S // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, Nb, float(scale) * _LOG2E, float(scale), forbid_at,
+        H, Hkv, S // Hkv, H // S, N, Nk, D, Dv, Mb, Lb, Nb, float(scale) * _LOG2E, float(scale), forbid_at, cap2,
         BLOCK_L=max(16, triton.next_power_of_2(Lb)), QBLOCKS_PER_PROGRAM=per_program, DIRECT=direct,
         **{**common, **(DKDV_LAUNCH or {})},
     )

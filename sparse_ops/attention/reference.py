@@ -15,9 +15,10 @@ from .pq import MASK_FORBIDDEN_AT_OR_BELOW
 
 
 def sparse_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None, softcap: float = 0.0
 ) -> Tensor:
-    """Dense softmax restricted to each row's listed keys; rows with no keys give zeros."""
+    """Dense softmax restricted to each row's listed keys; rows with no keys give zeros. softcap > 0:
+    the scaled scores are soft-capped first, cap * tanh(s / cap)."""
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -29,7 +30,7 @@ def sparse_attention_reference(
     # slot -1 lands in the extra column Nk, which is dropped below
     allowed.scatter_(-1, torch.where(indices < 0, Nk, indices).long(), True)
     allowed = allowed[..., :Nk]
-    s = (q.float() @ k_full.transpose(-1, -2)) * scale
+    s = _capped((q.float() @ k_full.transpose(-1, -2)) * scale, softcap)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with no keys
@@ -46,14 +47,15 @@ def block_sparse_attention_reference(
     bias: Optional[Tensor] = None,
     block_m: int = 64,
     block_n: int = 64,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Softmax attention where query i sees key j only if j's key block (j // block_n) is listed for
     i's query block (i // block_m) in block_idx [B, H or Hkv, ceil(N / block_m), Lb] (-1 = unused slot),
     j <= i when causal, and the mask (broadcastable to [B, H, N, Nk]) allows (i, j): a bool mask by
     True, an additive one by a value above MASK_FORBIDDEN_AT_OR_BELOW (lower forbids the key, not
-    just down-weights it). Allowed keys get score q.k * scale (+ the additive mask). Rows with no
-    allowed key give zeros."""
-    s, allowed, listed = _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n)
+    just down-weights it). Allowed keys get score q.k * scale (soft-capped to cap * tanh(. / cap) when
+    softcap > 0), plus the additive mask. Rows with no allowed key give zeros."""
+    s, allowed, listed = _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n, softcap)
     p = torch.softmax(s.masked_fill(~(allowed & listed), float("-inf")), dim=-1).nan_to_num(0.0)  # empty rows -> 0
     return (p @ _grouped(v, q.shape[1]).to(p.dtype)).to(q.dtype)
 
@@ -63,8 +65,14 @@ def _grouped(kv: Tensor, H: int) -> Tensor:
     return kv.repeat_interleave(H // kv.shape[1], dim=1)
 
 
-def _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n) -> tuple[Tensor, Tensor, Tensor]:
-    """(scores [B, H, N, Nk] (fp32, or the inputs' wider dtype) with an additive mask added, allowed [B, H, N, Nk] bool by the causal
+def _capped(s: Tensor, softcap: float) -> Tensor:
+    """cap * tanh(s / cap), out of place (autograd differentiates it); s itself when softcap is 0."""
+    return torch.tanh(s / softcap) * softcap if softcap else s
+
+
+def _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n,
+                      softcap=0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores [B, H, N, Nk] (fp32, or the inputs' wider dtype), soft-capped, with an additive mask added, allowed [B, H, N, Nk] bool by the causal
     rule and the mask, listed [B, H, N, Nk] bool by block_idx) for the references above and below."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
@@ -82,7 +90,7 @@ def _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n)
     if is_causal:
         allowed = allowed & (torch.arange(Nk, device=q.device).view(1, -1) <= torch.arange(N, device=q.device).view(-1, 1))
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = (q.to(acc) @ _grouped(k, H).to(acc).transpose(-1, -2)) * scale
+    s = _capped((q.to(acc) @ _grouped(k, H).to(acc).transpose(-1, -2)) * scale, softcap)
     if bias is not None and bias.dtype == torch.bool:  # True = allowed
         allowed = allowed & bias
     elif bias is not None:
@@ -101,13 +109,14 @@ def exact_forward_attention_reference(
     bias: Optional[Tensor] = None,
     block_m: int = 64,
     block_n: int = 64,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Exact attention (every allowed key: the dense output) whose gradients are the exact Jacobian
     masked to the (query, key) pairs block_idx lists, as block_sparse_attention_reference lists them:
     the scores of unlisted pairs and the values they read are detached, while the softmax is over
     every allowed key (so its normaliser and rowsum(dP * P) are the full ones). The semantics of the
     attention site's exact_forward backward."""
-    s, allowed, listed = _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n)
+    s, allowed, listed = _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n, softcap)
     s = torch.where(listed, s, s.detach())
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)  # empty rows -> 0
     pick = (listed & allowed).to(p.dtype)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..dropout import draw_keep, keep_scale, stream_seed
+from .softcap import capped, check_softcap
 
 # Elements of one gathered [B, H, C, L, D] chunk (2**24 fp32 values = 64 MiB), at most 128 rows.
 _CHUNK_ELEMENTS = 1 << 24
@@ -64,17 +65,19 @@ def _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc):
 
 
 def _chunk_scores(
-    qc: Tensor, kg: Tensor, valid: Tensor, idx: Tensor, scale: float, bias: Optional[Tensor], r0: int, r1: int
-) -> Tensor:
-    """Scores of one chunk at its listed keys: [B, H, C, L] fp32, -inf at unused slots."""
-    s = torch.einsum("bhcd,bhcld->bhcl", qc, kg) * scale
+    qc: Tensor, kg: Tensor, valid: Tensor, idx: Tensor, scale: float, bias: Optional[Tensor], r0: int, r1: int,
+    softcap: float = 0.0, slope: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """(scores of one chunk at its listed keys: [B, H, C, L] fp32, soft-capped (softcap.py), bias
+    added, -inf at unused slots; the cap's slope where asked, else None)."""
+    s, d = capped(torch.einsum("bhcd,bhcld->bhcl", qc, kg) * scale, softcap, slope)
     if bias is not None:
         B, H = idx.shape[0], idx.shape[1]
         b = bias.expand(B, H, bias.shape[2], bias.shape[3])[:, :, r0:r1]
         if b.shape[2] == 1:  # a bias broadcast over queries
             b = b.expand(-1, -1, r1 - r0, -1)
         s = s + torch.gather(b, -1, idx.clamp(min=0).long()).to(s.dtype)
-    return s.masked_fill(~valid, float("-inf"))
+    return s.masked_fill(~valid, float("-inf")), d
 
 
 def sparse_attention_forward(
@@ -86,10 +89,11 @@ def sparse_attention_forward(
     bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, H, N, Dv] in q's dtype, lse [B, H, N] in the accumulation dtype). `bias` is an
     additive mask broadcastable to [B, H, N, Nk], read only at the listed keys; dropout applies to the
-    normalised weights."""
+    normalised weights; softcap > 0 caps the scaled scores before the bias (softcap.py)."""
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L = indices.shape[-1]
@@ -104,7 +108,7 @@ def sparse_attention_forward(
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
         idx, flat, valid, qc, kg, vg = _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc)
-        s = _chunk_scores(qc, kg, valid, idx, scale, bias, r0, r1)  # kg [B, H, C, L, D]
+        s, _ = _chunk_scores(qc, kg, valid, idx, scale, bias, r0, r1, softcap)  # kg [B, H, C, L, D]
         row_lse = torch.logsumexp(s, dim=-1)  # [B, H, C]
         p = torch.exp(s - torch.nan_to_num(row_lse, neginf=0.0)[..., None])  # 0 at unused slots
         if dropout_p > 0.0:
@@ -126,6 +130,7 @@ def sparse_attention_backward(
     bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of sparse_attention_forward, recomputing scores chunk by chunk."""
     B, H, N, D = q.shape
@@ -142,7 +147,7 @@ def sparse_attention_backward(
         for r0 in range(0, N, C):
             r1 = min(N, r0 + C)
             idx, flat, valid, qc, kg, vg = _gather_chunk(q, k_rows, v_rows, indices, r0, r1, Hkv, Nk, acc)
-            s = _chunk_scores(qc, kg, valid, idx, scale, bias, r0, r1)
+            s, slope = _chunk_scores(qc, kg, valid, idx, scale, bias, r0, r1, softcap, slope=True)
             p = torch.exp(s - torch.nan_to_num(lse[:, :, r0:r1], neginf=0.0)[..., None])
             do = dout[:, :, r0:r1].to(acc)  # [B, H, C, Dv]
             # rowsum(dO * O) equals rowsum(P * dP) with or without dropout (O = P_drop V).
@@ -154,6 +159,8 @@ def sparse_attention_backward(
             else:
                 p_used = p
             ds = p * (dp - delta[..., None])  # [B, H, C, L]; 0 at unused slots since p is
+            if slope is not None:  # through the cap: d(capped) / d(scaled scores)
+                ds = ds * slope
             dq[:, :, r0:r1] = torch.einsum("bhcl,bhcld->bhcd", ds, kg) * scale
             dk_rows.index_add_(0, flat.reshape(-1), (ds[..., None] * qc[..., None, :]).reshape(-1, D) * scale)
             dv_rows.index_add_(0, flat.reshape(-1), (p_used[..., None] * do[..., None, :]).reshape(-1, Dv))
@@ -184,50 +191,54 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:
 
 
 @torch.library.custom_op("spt::sparse_attention", mutates_args=())
-def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return sparse_attention_forward(q, k, v, indices, scale)
+def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float,
+                         softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    return sparse_attention_forward(q, k, v, indices, scale, softcap=softcap)
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, indices, scale):
+def _(q, k, v, indices, scale, softcap=0.0):
     B, H, N, _ = q.shape
     return q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("spt::sparse_attention_backward", mutates_args=())
 def _sparse_attention_backward_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, out: Tensor, lse: Tensor, scale: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, out: Tensor, lse: Tensor, scale: float,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return sparse_attention_backward(dout, q, k, v, indices, out, lse, scale)
+    return sparse_attention_backward(dout, q, k, v, indices, out, lse, scale, softcap=softcap)
 
 
 @_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, indices, out, lse, scale):
+def _(dout, q, k, v, indices, out, lse, scale, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, indices, scale = inputs
+    q, k, v, indices, scale, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, indices, out, lse)
-    ctx.scale = scale
+    ctx.scale, ctx.softcap = scale, softcap
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, indices, out, lse = ctx.saved_tensors
-    dq, dk, dv = _sparse_attention_backward_op(dout.contiguous(), q, k, v, indices, out, lse, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _sparse_attention_backward_op(dout.contiguous(), q, k, v, indices, out, lse, ctx.scale, ctx.softcap)
+    return dq, dk, dv, None, None, None
 
 
 _sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None) -> Tensor:
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None,
+                     softcap: float = 0.0) -> Tensor:
     """Exact softmax attention of each query over its listed keys (see the module docstring).
 
     q [B, H, N, D]; k, v [B, Hkv, Nk, D] with H % Hkv == 0; indices [B, H, N, L] key positions,
-    -1 for an unused slot. Returns out [B, H, N, D]; differentiable in q, k and v."""
+    -1 for an unused slot; softcap > 0 soft-caps the scaled scores to cap * tanh(s / cap). Returns
+    out [B, H, N, D]; differentiable in q, k and v."""
     check_shapes(q, k, v, indices)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _sparse_attention_op(q, k, v, indices, float(scale))[0]
+    return _sparse_attention_op(q, k, v, indices, float(scale), check_softcap(softcap))[0]

@@ -37,6 +37,7 @@ from spt_compile.sparse_ops import triton_runs_on
 from spt_compile.sparse_ops.attention import pq, select as block_select
 from spt_compile.sparse_ops.attention.block_sparse import block_sparse_forward, resolve_impl
 from spt_compile.sparse_ops.attention.exact_dropout import attention_with_dropout
+from spt_compile.sparse_ops.attention.softcap import capped
 from spt_compile.sparse_ops.attention.token_sparse import sparse_attention_forward
 
 from . import mask_memo
@@ -459,7 +460,7 @@ class AttentionSite(Site):
             return keys
         return sync.gather_rows(self, "key samples", keys.transpose(0, 1).contiguous())[0].transpose(0, 1)
 
-    def _probe(self, q, k, mask, is_causal, scale, chosen_fn, options, real, seed) -> None:
+    def _probe(self, q, k, mask, is_causal, scale, chosen_fn, options, real, seed, softcap=0.0) -> None:
         """Recall of the true top-L keys and attention mass kept, on a few query positions. The positions
         are drawn on the device and both figures come back in one transfer: one sync per probe (the
         mask is never read on the host here)."""
@@ -487,6 +488,7 @@ class AttentionSite(Site):
         R = b.numel()
         qr = q[b, :, i].float().view(R, Hkv, G, D)  # query head h uses kv head h // G
         s = torch.einsum("rkgd,rknd->rkgn", qr, k[b].float()).reshape(R, H, Nk) * scale  # no repeat_kv copy
+        s = capped(s, softcap)[0]
         if mask is not None:
             m = mask.expand(B, H, N, mask.shape[-1])[b, :, i]
             s = s + m.float() if m.dtype != torch.bool else s
@@ -512,7 +514,10 @@ class AttentionSite(Site):
         self.note_quality(recall=recall, mass=mass)
 
     # --- the call -----------------------------------------------------------------------------
-    def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training):
+    def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training, softcap=0.0):
+        """(out [B, H, N, Dv], lse [B, H, N], selection (flat), meta) of one call. softcap > 0: the
+        model soft-caps its scores (Gemma-2); SDPA has no cap, so every exact call runs the block-sparse
+        kernels over every key block instead (_every_block), as a BLOCK call whose backward is exact."""
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced, training)
         options = plan.options  # a recompute inside backward replays its forward's, whatever the context
@@ -540,6 +545,14 @@ class AttentionSite(Site):
                 if plan.updates_state:  # a count changes no choice: no need to stage it
                     self.exact_short_calls += 1
         self.count_run(plan, how)
+        if exact and softcap:
+            with torch.no_grad():
+                out, lse, selection, meta = self._every_block_call(q, k, v, mask, options, is_causal, scale,
+                                                                   dropout_p, seed, softcap)
+                if calibrating and plan.updates_state:
+                    self._calibrate(k, real_key_positions(mask, B, N, Nk), plan, seed)
+            self.end(plan, training)
+            return out, lse, selection, meta
         if exact:
             lse = None
             with torch.no_grad():
@@ -574,6 +587,11 @@ class AttentionSite(Site):
                     f"divides {self.head_dim}", option="attention_selection")
             if token and not self._codebooks_fit(options) and not plan.updates_state:
                 # no codebooks to select with, and a call that may not fit them: this call runs exact
+                if softcap:
+                    out, lse, selection, meta = self._every_block_call(q, k, v, mask, options, is_causal, scale,
+                                                                       dropout_p, seed, softcap)
+                    self.end(plan, training)
+                    return out, lse, selection, meta
                 out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                 self.end(plan, training)
                 lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
@@ -583,6 +601,11 @@ class AttentionSite(Site):
                 # the PQ options changed: fit on this call's keys
                 keys = self._shared_keys(self._sample_keys(k, real, seed))
                 if keys.shape[1] == 0:  # no finite real key to fit on: this call runs exact
+                    if softcap:
+                        out, lse, selection, meta = self._every_block_call(q, k, v, mask, options, is_causal, scale,
+                                                                           dropout_p, seed, softcap)
+                        self.end(plan, training)
+                        return out, lse, selection, meta
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
                     self.end(plan, training)
                     lse = torch.zeros(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
@@ -591,14 +614,16 @@ class AttentionSite(Site):
             bias = mask if mask is not None and mask.dtype != torch.bool else None
             # exact_forward (training calls): the exact output and its lse; the selection below decides
             # only which tiles backward computes (the exact Jacobian masked to them: see _exact_with_lse)
-            given = self._exact_with_lse(q, k, v, mask, real, options, is_causal, scale, plan.updates_state) if (
-                training and options.exact_forward) else None
+            given = self._exact_with_lse(q, k, v, mask, real, options, is_causal, scale, plan.updates_state,
+                                         softcap) if (training and options.exact_forward) else None
             if options.attention_selection == "block":
                 out, lse, selection, meta, chosen = self._block_forward(q, k, v, mask, bias, real, options,
-                                                                         is_causal, scale, dropout_p, seed, given)
+                                                                         is_causal, scale, dropout_p, seed, given,
+                                                                         softcap)
             else:
                 out, lse, selection, meta, chosen = self._token_forward(q, k, v, mask, bias, real, options,
-                                                                         is_causal, scale, dropout_p, seed, given)
+                                                                         is_causal, scale, dropout_p, seed, given,
+                                                                         softcap)
             if plan.updates_state and training:
                 if options.attention_selection == "token":  # only the token proxy reads the codebooks
                     keys = self._shared_keys(self._sample_keys(k, real, seed))
@@ -610,30 +635,49 @@ class AttentionSite(Site):
                         self.stage(lambda: setattr(self, "codebooks", pq_codebooks.ema_update(self.codebooks, keys.to(
                             self.codebooks.device), EMA_DECAY)))
                 if self.train_calls % sync.probe_interval(PROBE_EVERY) == 0 or "recall" not in self.quality:
-                    self._probe(q, k, mask, is_causal, scale, chosen, options, real, seed)
+                    self._probe(q, k, mask, is_causal, scale, chosen, options, real, seed, softcap)
         self.end(plan, training)
         return out, lse, selection, meta
 
     def _exact_with_lse(self, q, k, v, mask, real, options, is_causal, scale,
-                        count: bool = False) -> tuple[Tensor, Tensor]:
+                        count: bool = False, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
         """Exact attention and its logsumexp [B, H, N] (no dropout): the CPU or CUDA flash kernel where
-        SDPA would pick it, else the block-sparse kernels with every key block listed (density 1, exactly
-        dense). Backward over selected tiles from this out and lse is the exact Jacobian masked to
-        them: P = exp(s - lse) is the full softmax's, and rowsum(dO * O) the full output's."""
-        flash = flash_with_lse(q, k, v, mask, is_causal, scale)
+        SDPA would pick it (never for soft-capped scores), else the block-sparse kernels with every key
+        block listed (density 1, exactly dense). Backward over selected tiles from this out and lse is
+        the exact Jacobian masked to them: P = exp(s - lse) is the full softmax's, and rowsum(dO * O)
+        the full output's."""
+        flash = None if softcap else flash_with_lse(q, k, v, mask, is_causal, scale)
         if count:  # report(): which kernels served the exact forward (the flash one is the fast one)
             name = "block" if flash is None else "flash"
             self.exact_forward_kernels[name] = self.exact_forward_kernels.get(name, 0) + 1
         if flash is not None:
             return flash
+        return self._every_block(q, k, v, mask, real, options, is_causal, scale, 0.0, 0, softcap)[:2]
+
+    def _every_block(self, q, k, v, mask, real, options, is_causal, scale, dropout_p, seed, softcap):
+        """(out, lse, block_idx [B, Hkv, n_qb, n_kb], impl): the block-sparse kernels over every key
+        block, which is exact attention (with dropout: the torch path's, replayed by backward)."""
         bm = bn = options.attention_block
         n_kb = block_select.n_blocks(k.shape[2], bn)
         every = torch.full((q.shape[0],), n_kb, dtype=torch.int64)
         impl = resolve_impl(options.attention_impl, q.device)
         block_idx = block_select.select_blocks(q, k, scale, every, is_causal, mask, real, bm, bn, impl)
-        return block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, 0.0, 0, impl, diag_first=True)
+        out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl,
+                                        diag_first=True, softcap=softcap)
+        return out, lse, block_idx, impl
 
-    def _token_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None):
+    def _every_block_call(self, q, k, v, mask, options, is_causal, scale, dropout_p, seed, softcap):
+        """An exact call of soft-capped attention as the op returns it: (out, lse, selection, meta) of
+        _every_block, as a BLOCK call (its backward, over every key block, is the exact gradient)."""
+        B, N, Nk = q.shape[0], q.shape[2], k.shape[2]
+        out, lse, block_idx, impl = self._every_block(q, k, v, mask, real_key_positions(mask, B, N, Nk), options,
+                                                      is_causal, scale, dropout_p, seed, softcap)
+        bm = bn = options.attention_block
+        meta = AttentionMeta(AttentionMeta.BLOCK, seed, tuple(block_idx.shape[1:]), bm, bn, impl).tensor()
+        return out, lse.to(torch.promote_types(q.dtype, torch.float32)), block_idx.reshape(-1), meta
+
+    def _token_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None,
+                       softcap=0.0):
         """Top-L keys per query by a PQ proxy (the asymmetric inner product q . k_hat, or the number
         of subspaces whose codes agree); exact attention over them (or, `given` (out, lse) of the
         exact forward, backward only)."""
@@ -646,7 +690,7 @@ class AttentionSite(Site):
             q_proxy, k_proxy, proxy_scale = q, pq.pq_decode(pq.pq_encode(k, codebooks), codebooks), scale
         indices = pq.select_keys(q_proxy, k_proxy, proxy_scale, per_batch_l, is_causal, mask)  # [B, H, N, L]
         out, lse = given if given is not None else sparse_attention_forward(q, k, v, indices, scale, bias, dropout_p,
-                                                                             seed)
+                                                                             seed, softcap)
         meta = AttentionMeta(AttentionMeta.TOKEN, seed, tuple(indices.shape[1:])).tensor()
 
         def chosen(b, i):  # [R, H, Nk] bool: keys listed for rows (b, i)
@@ -654,7 +698,8 @@ class AttentionSite(Site):
 
         return out, lse, indices.reshape(-1), meta, (chosen, lambda: per_batch_l)
 
-    def _block_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None):
+    def _block_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None,
+                       softcap=0.0):
         """Key blocks per query block (one list per GQA group) by the pooled-key proxy; block-sparse
         exact attention over them (or, `given` (out, lse) of the exact forward, backward only)."""
         bm = bn = options.attention_block
@@ -672,7 +717,8 @@ class AttentionSite(Site):
                                                sink=sink, budget_dev=budget_dev)
         # select_blocks lists each query block's diagonal block first (diag_first: no per-chunk check)
         out, lse = given if given is not None else block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm,
-                                                                         bn, dropout_p, seed, impl, diag_first=True)
+                                                                         bn, dropout_p, seed, impl, diag_first=True,
+                                                                         softcap=softcap)
         meta = AttentionMeta(AttentionMeta.BLOCK, seed, tuple(block_idx.shape[1:]), bm, bn, impl).tensor()
         G = q.shape[1] // block_idx.shape[1]
 

@@ -1,7 +1,7 @@
 """spt::attention_site, the op the attention pass emits, and its backward.
 
-`spt::attention_site(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training)` replaces
-one matched attention. It finds its layer's site (sites/attention.py) from `anchor` (the q
+`spt::attention_site(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training, softcap)`
+replaces one matched attention (softcap 0.0, or the cap of soft-capped scores: sparse_ops/attention/softcap.py). It finds its layer's site (sites/attention.py) from `anchor` (the q
 projection's weight) and `template` (registry.py), which decides how the call runs.
 
 Outputs: out [B, H, N, Dv], lse [B, H, N], selection (the block or token indices, flattened: an
@@ -28,7 +28,7 @@ from .meta import AttentionMeta
 @torch.library.custom_op("spt::attention_site", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attention_site(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], anchor: Optional[Tensor], template: int,
-    is_causal: bool, scale: float, dropout_p: float, training: bool,
+    is_causal: bool, scale: float, dropout_p: float, training: bool, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`anchor` is the weight that identifies the layer (its q projection's); never differentiated."""
     site = REGISTRY.site(template, anchor)
@@ -36,10 +36,10 @@ def attention_site(
     common = _common_dtype(q, k, v)
     if common is None:
         return site.forward(q, k, v, mask, REGISTRY.templates[template].options, is_causal, scale, dropout_p,
-                            training)
+                            training, softcap)
     q_, k_, v_, mask_ = _cast(common, q, k, v, mask)
     out, lse, selection, meta = site.forward(q_, k_, v_, mask_, REGISTRY.templates[template].options, is_causal,
-                                             scale, dropout_p, training)
+                                             scale, dropout_p, training, softcap)
     return out.to(q.dtype), lse.float(), selection, meta
 
 
@@ -57,7 +57,7 @@ def _cast(dtype, *tensors):
 
 
 @attention_site.register_fake
-def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
+def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training, softcap=0.0):
     B, H, N, _ = q.shape
     n = torch.library.get_ctx().new_dynamic_size()  # size of the selection: decided at run time
     return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, N, dtype=torch.promote_types(q.dtype, torch.float32)),
@@ -67,22 +67,24 @@ def _(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training):
 @torch.library.custom_op("spt::attention_site_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attention_site_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
-    indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float,
+    indices: Tensor, meta: Tensor, is_causal: bool, scale: float, dropout_p: float, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     common = _common_dtype(q, k, v)
     if common is not None:  # as the forward ran: in the narrowest dtype, grads back in each input's
         grads = attention_site_backward(*_cast(common, dout, q, k, v, mask, out), lse, indices, meta, is_causal,
-                                        scale, dropout_p)
+                                        scale, dropout_p, softcap)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     mask, is_causal = as_causal(mask, is_causal, q.shape[0], q.shape[2], k.shape[2])  # as forward read it
     run = AttentionMeta.read(meta)
+    if softcap and run.mode not in (AttentionMeta.TOKEN, AttentionMeta.BLOCK):  # the site never runs SDPA then
+        raise RuntimeError(f"spt::attention_site_backward: soft-capped scores from a {run.mode} call")
     if not (run.mode == AttentionMeta.BLOCK and run.impl == "triton" and dropout_p == 0.0):
         dout = dout.contiguous()  # the Triton kernels (no dropout) read any strides: no copy for them
     bias = mask if mask is not None and mask.dtype != torch.bool else None
     B = q.shape[0]
     if run.mode == AttentionMeta.TOKEN:
         grads = sparse_attention_backward(dout, q, k, v, indices.view(B, *run.shape), out, lse, scale, bias,
-                                          dropout_p, run.seed)
+                                          dropout_p, run.seed, softcap)
         return tuple(g.contiguous() for g in grads)
     if run.mode == AttentionMeta.CUDA_FLASH_LSE:  # the forward ran CUDA's flash kernel
         return tuple(g.contiguous() for g in site_module.cuda_flash_backward(dout, q, k, v, out, lse, is_causal, scale))
@@ -97,7 +99,7 @@ def attention_site_backward(
     if run.mode == AttentionMeta.BLOCK:
         grads = block_sparse_backward(dout, q, k, v, indices.view(B, *run.shape), out, lse, scale, is_causal, mask,
                                       run.block_m, run.block_n, dropout_p, run.seed, run.impl,
-                                      diag_first=True)  # the site's selection (select_blocks) made them
+                                      diag_first=True, softcap=softcap)  # the site's selection made them
         return tuple(g.contiguous() for g in grads)
     # Dense calls saved no attention weights: recompute them (same dropout seed). torch.func.vjp,
     # not autograd.grad: inside a custom op's kernel autograd records nothing.
@@ -107,15 +109,15 @@ def attention_site_backward(
 
 
 @attention_site_backward.register_fake
-def _(dout, q, k, v, mask, out, lse, indices, meta, is_causal, scale, dropout_p):
+def _(dout, q, k, v, mask, out, lse, indices, meta, is_causal, scale, dropout_p, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training = inputs
+    q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training, softcap = inputs
     out, lse, indices, meta = output
     ctx.save_for_backward(q, k, v, mask, out, lse, indices, meta)
-    ctx.args = (is_causal, scale, dropout_p)
+    ctx.args = (is_causal, scale, dropout_p, softcap)
 
 
 def _backward(ctx, dout, dlse, dindices, dmeta):
@@ -123,7 +125,7 @@ def _backward(ctx, dout, dlse, dindices, dmeta):
     # dout as it comes (a model's output transpose makes it a strided view): the op copies it only
     # for the paths that need a contiguous one
     dq, dk, dv = attention_site_backward(dout, q, k, v, mask, out, lse, indices, meta, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 attention_site.register_autograd(_backward, setup_context=_setup_context)

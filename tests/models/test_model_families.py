@@ -402,7 +402,7 @@ def test_bart_final_logits_bias_gets_the_chunked_loss():
 
 def test_gemma2_soft_capped_logits_get_the_chunked_loss():
     """Gemma-2 soft-caps its logits (cap * tanh(logits / cap)) before the loss: the chunked loss applies the
-    cap and its derivative (it was left dense); its soft-capped attention stays dense with the reason."""
+    cap and its derivative (it was left dense); its soft-capped attention is rewritten too."""
     model = build("Gemma2Config", "Gemma2ForCausalLM", "eager", hidden_size=32, intermediate_size=64,
                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                   max_position_embeddings=64, final_logit_softcapping=3.0, attn_logit_softcapping=50.0)
@@ -411,8 +411,60 @@ def test_gemma2_soft_capped_logits_get_the_chunked_loss():
     labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
     torch._dynamo.reset()
     report = spt_compile.explain(model, **b, labels=labels)
-    assert len(report.dense("attention")) == 1 and len(report.rewritten("mlp")) == 1, str(report)
+    assert len(report.rewritten("attention")) == 1 and len(report.rewritten("mlp")) == 1, str(report)
     assert_loss_rewritten_and_equal(model, b, labels, "soft-capped at 3")
+
+
+def gemma2(attn_cap):
+    """Two layers (a sliding-window one and a global one), GQA, LoRA on attention and MLP. The q and k
+    projections are scaled up so that scores are O(1), as in a trained model (at the random init's
+    scale, about 0.002, no cap would change them)."""
+    model = build("Gemma2Config", "Gemma2ForCausalLM", "eager", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=64, attn_logit_softcapping=attn_cap, sliding_window=8)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+    return lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_gemma2_soft_capped_attention_is_rewritten_and_equals_dense():
+    """Gemma-2 caps its attention scores, cap * tanh(scores / cap), before the mask (eager attention:
+    SDPA has no cap). The op carries the cap: its kernels apply it and its slope in backward, and its
+    exact calls run the block kernels over every key block. A cap of 1 bites on these scores (the
+    test checks that it changes the output), so a site that dropped it would fail the comparison."""
+    model = gemma2(1.0)
+    b, mask = batch()
+    cap = count_sites(model, b, 2)
+    assert all("softcap=1 " in s.detail + " " for s in cap.rewritten("attention")), [s.detail for s in cap.sites]
+    uncapped = copy.deepcopy(model)
+    for layer in uncapped.base_model.model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    keep = mask.bool()
+    assert (run(model, b, mask)[0] - run(uncapped, b, mask)[0])[keep].abs().max() > 1e-2
+    assert_same(model, b, mask)  # sparse code at every length, every key block selected
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gemma2_soft_capped_attention_at_the_defaults_equals_dense(training):
+    """At the default options these short rows run exact attention: with a cap, that is the block kernels
+    over every key block (not SDPA, which would drop the cap). Outputs and gradients equal dense."""
+    model = gemma2(1.0).train(training)
+    b, mask = batch()
+    torch._dynamo.reset()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="spt")
+    got, got_grads = run(compiled, b, mask)
+    want, want_grads = run(reference, b, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    runs = [s["runs"] for s in spt_compile.report(model) if s["kind"] == "attention"]
+    exact = {"calibration", "exact_inference"}  # the first training call calibrates; eval runs exact
+    assert len(runs) == 2 and all(set(r) <= exact and sum(r.values()) == 1 for r in runs), runs
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "no-mask"])

@@ -42,19 +42,21 @@ def make_mask(kind, B, N, gen):
     return m
 
 
-def check(B, H, Hkv, N, D, block_m, block_n, causal, mask_kind, Lb, grouped, seed=0, atol=3e-5):
+def check(B, H, Hkv, N, D, block_m, block_n, causal, mask_kind, Lb, grouped, seed=0, atol=3e-5, softcap=0.0,
+          q_scale=1.0):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, N, D, generator=gen, requires_grad=True)
+    q = (q_scale * torch.randn(B, H, N, D, generator=gen)).requires_grad_()
     k, v = (torch.randn(B, Hkv, N, D, generator=gen, requires_grad=True) for _ in range(2))
     n_qb, n_kb = -(-N // block_m), -(-N // block_n)
     idx = random_blocks(B, Hkv if grouped else H, n_qb, n_kb, Lb, gen)
     mask = make_mask(mask_kind, B, N, gen)
     scale = D**-0.5
-    out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), idx, scale, causal, mask, block_m, block_n)
-    ref = block_sparse_attention_reference(q, k, v, idx, scale, causal, mask, block_m, block_n)
+    out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), idx, scale, causal, mask, block_m, block_n,
+                                          softcap=softcap)
+    ref = block_sparse_attention_reference(q, k, v, idx, scale, causal, mask, block_m, block_n, softcap)
     dout = torch.randn(ref.shape, generator=gen)
     grads = block_sparse_backward_torch(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, scale, causal, mask,
-                                        block_m, block_n)
+                                        block_m, block_n, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4)
     assert torch.isfinite(lse).logical_or(out.abs().sum(-1) == 0).all(), "a row without keys must output zeros"
@@ -79,6 +81,14 @@ def test_masks_and_gqa_groups(mask_kind, grouped):
 def test_more_slots_than_blocks_and_causal_mask_together():
     check(B=1, H=3, Hkv=1, N=70, D=64, block_m=16, block_n=32, causal=True, mask_kind="additive", Lb=9,
           grouped=True, seed=2)
+
+
+@pytest.mark.parametrize("causal,mask_kind", [(True, None), (False, "additive"), (True, "pad-additive")])
+def test_soft_capped_scores_match_reference(causal, mask_kind):
+    """Gemma-2's cap * tanh(scores / cap) before the mask, outputs and gradients (through the cap's
+    slope); q scaled up so that most scores pass the cap's linear range."""
+    check(B=2, H=6, Hkv=2, N=100, D=80, block_m=32, block_n=16, causal=causal, mask_kind=mask_kind, Lb=4,
+          grouped=True, seed=5, softcap=2.0, q_scale=6.0)
 
 
 @pytest.mark.parametrize("N,diag_first", [(256, True), (256, False), (257, True)])

@@ -46,6 +46,27 @@ def test_matches_reference(N, D, H, Hkv):
     check_against_reference(B=2, H=H, Hkv=Hkv, N=N, D=D, L=max(1, N // 3), causal=True)
 
 
+def test_soft_capped_scores_match_reference():
+    """Gemma-2's cap * tanh(scores / cap) before the bias: outputs and gradients through the cap's slope,
+    with scores scaled up past the cap's linear range."""
+    gen = torch.Generator().manual_seed(6)
+    B, H, Hkv, N, D, cap = 2, 6, 2, 70, 64, 2.0
+    q = (6.0 * torch.randn(B, H, N, D, generator=gen)).requires_grad_()
+    k, v = (torch.randn(B, Hkv, N, D, generator=gen, requires_grad=True) for _ in range(2))
+    idx = random_indices(B, H, N, N, 20, True, 0.2, gen)
+    dout = torch.randn(B, H, N, D, generator=gen)
+    out = sparse_attention(q, k, v, idx, D**-0.5, softcap=cap)  # the public op, through its autograd
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = sparse_attention_reference(q, k, v, idx, D**-0.5, softcap=cap)
+    uncapped = sparse_attention_reference(q, k, v, idx, D**-0.5)
+    assert (ref - uncapped).abs().max() > 0.1, "the cap must change the output"
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="softcap must be 0 .* or a positive finite number; got -1.0"):
+        sparse_attention(q, k, v, idx, softcap=-1.0)
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
 def test_bidirectional_gqa_long():
     check_against_reference(B=1, H=6, Hkv=2, N=1000, D=80, L=37, causal=False, unused=0.1)
 

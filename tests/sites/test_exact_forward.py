@@ -265,13 +265,15 @@ def test_mlp_lora_dropout_is_replayed(one_pass):
             torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("N,H,Hkv,causal,mask_kind,grouped", [
-    (100, 4, 2, True, None, True),
-    (77, 2, 2, False, "pad-additive", False),
-    (96, 4, 1, True, "bool", True),
-    (64, 3, 3, False, "additive", False),
+@pytest.mark.parametrize("N,H,Hkv,causal,mask_kind,grouped,softcap", [
+    (100, 4, 2, True, None, True, 0.0),
+    (77, 2, 2, False, "pad-additive", False, 0.0),
+    (96, 4, 1, True, "bool", True, 0.0),
+    (64, 3, 3, False, "additive", False, 0.0),
+    (100, 4, 2, True, "additive", True, 1.0),  # Gemma-2's soft cap (scores about N(0, 1): it bites)
 ])
-def test_attention_backward_over_selected_tiles_is_the_masked_jacobian(N, H, Hkv, causal, mask_kind, grouped):
+def test_attention_backward_over_selected_tiles_is_the_masked_jacobian(N, H, Hkv, causal, mask_kind, grouped,
+                                                                       softcap):
     """The block-sparse backward fed the *exact* output and lse computes the exact Jacobian masked to
     the listed tiles (what the site runs under exact_forward)."""
     gen = torch.Generator().manual_seed(N)
@@ -283,17 +285,18 @@ def test_attention_backward_over_selected_tiles_is_the_masked_jacobian(N, H, Hkv
     mask = make_mask(mask_kind, B, N, gen)
     mask = mask.double() if mask is not None and mask.is_floating_point() else mask
     scale = D**-0.5
-    ref = exact_forward_attention_reference(q, k, v, idx, scale, causal, mask, bm, bm)
+    ref = exact_forward_attention_reference(q, k, v, idx, scale, causal, mask, bm, bm, softcap)
     every = torch.arange(n_b, dtype=torch.int32).expand(B, H, n_b, n_b)
-    dense = exact_forward_attention_reference(q, k, v, every, scale, causal, mask, bm, bm)
+    dense = exact_forward_attention_reference(q, k, v, every, scale, causal, mask, bm, bm, softcap)
     torch.testing.assert_close(ref, dense, atol=1e-14, rtol=1e-12)  # the forward is exact whatever the listing
     from spt_compile.sparse_ops.attention.block_sparse import block_sparse_forward_torch
 
-    out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), every, scale, causal, mask, bm, bm)
+    out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), every, scale, causal, mask, bm, bm,
+                                          softcap=softcap)
     torch.testing.assert_close(out, ref.detach(), atol=1e-6, rtol=1e-5)
     dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     got = block_sparse_backward_torch(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, scale, causal, mask,
-                                      bm, bm)
+                                      bm, bm, softcap=softcap)
     want = torch.autograd.grad(ref, (q, k, v), dout)
     for name, g, r in zip("qkv", got, want):  # the kernel keeps lse in fp32: fp32-level agreement
         torch.testing.assert_close(g, r, atol=2e-6, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
@@ -301,10 +304,10 @@ def test_attention_backward_over_selected_tiles_is_the_masked_jacobian(N, H, Hkv
     assert any((g - f).abs().max() > 1e-6 for g, f in zip(want, full)), "the listing must drop some pairs"
 
 
-def _gqa_setup(seed=0, N=160):
+def _gqa_setup(seed=0, N=160, **kw):
     torch.manual_seed(seed)
     torch._dynamo.reset()
-    model = GQAAttention(d=64, heads=4, kv_heads=2).train()
+    model = GQAAttention(d=64, heads=4, kv_heads=2, **kw).train()
     x = torch.randn(2, N, 64, requires_grad=True)
     return model, x
 
@@ -313,8 +316,12 @@ ATTN_OPTIONS = {"compiler": "aot_eager", "calibration_steps": 1, **SPARSE_AT_EVE
                 "density": 0.25}
 
 
-def test_attention_site_forward_equals_disable_and_density_one_equals_dense():
-    model, x = _gqa_setup()
+@pytest.mark.parametrize("softcap", [0.0, 0.5], ids=["sdpa", "soft-capped"])
+def test_attention_site_forward_equals_disable_and_density_one_equals_dense(softcap):
+    """With a soft cap (eager attention, Gemma-2's form) the exact forward runs the block kernels over
+    every key block, under disable() too: still the same bits."""
+    kw = dict(eager=True, softcap=softcap) if softcap else {}
+    model, x = _gqa_setup(**kw)
     compiled = torch.compile(model, backend="spt", options={**ATTN_OPTIONS, "exact_forward": True})
     compiled(x).sum().backward()  # calibration call
     with spt_compile.disable():
@@ -327,7 +334,7 @@ def test_attention_site_forward_equals_disable_and_density_one_equals_dense():
     with spt_compile.enable(density=1.0):  # every key block listed: the full Jacobian
         x.grad = None
         compiled(x).pow(2).sum().backward()
-    ref_model, xr = _gqa_setup()
+    ref_model, xr = _gqa_setup(**kw)
     ref_model.load_state_dict(model.state_dict())
     ref_model(xr).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)

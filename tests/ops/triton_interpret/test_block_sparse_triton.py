@@ -118,7 +118,7 @@ def make_bias(kind: Optional[str], N: int, Nk: int, dtype: torch.dtype, gen: tor
     return bias.to(dtype)
 
 
-def reference_lse(q, k, block_idx, scale, causal, bias, block_m, block_n) -> torch.Tensor:
+def reference_lse(q, k, block_idx, scale, causal, bias, block_m, block_n, softcap=0.0) -> torch.Tensor:
     """Natural-log log-sum-exp [B, H, N] of the reference's allowed scores (same masking rules)."""
     Bq, H, N, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -131,6 +131,8 @@ def reference_lse(q, k, block_idx, scale, causal, bias, block_m, block_n) -> tor
     if causal:
         allowed &= torch.arange(Nk, device=dev).view(1, -1) <= torch.arange(N, device=dev).view(-1, 1)
     s = q.double() @ k.repeat_interleave(H // Hkv, dim=1).double().transpose(-1, -2) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if bias is not None:
         s = s + bias.double()
         allowed &= bias > MASK_FORBIDDEN_AT_OR_BELOW
@@ -149,28 +151,31 @@ def make_inputs(c: Case, dtype: torch.dtype, seed: int):
     return q, k, v, block_idx, bias, dout
 
 
-def reference_grads(q, k, v, block_idx, scale, causal, bias, block_m, block_n, dout):
+def reference_grads(q, k, v, block_idx, scale, causal, bias, block_m, block_n, dout, softcap=0.0):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = block_sparse_attention_reference(q, k, v, block_idx, scale, causal, bias, block_m, block_n)
+    out = block_sparse_attention_reference(q, k, v, block_idx, scale, causal, bias, block_m, block_n, softcap)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     return out.detach(), dq, dk, dv
 
 
-def check_case(c: Case, q, k, v, block_idx, bias, dout, atol: float, rtol: float) -> None:
+def check_case(c: Case, q, k, v, block_idx, bias, dout, atol: float, rtol: float, softcap: float = 0.0) -> None:
     scale = c.D**-0.5
-    out, lse = block_sparse_forward_triton(q, k, v, block_idx, scale, c.causal, bias, c.block_m, c.block_n)
+    out, lse = block_sparse_forward_triton(q, k, v, block_idx, scale, c.causal, bias, c.block_m, c.block_n,
+                                           softcap=softcap)
     assert out.dtype == q.dtype and out.shape == (B, c.H, c.N, c.Dv)
     assert lse.dtype == torch.float32 and lse.shape == (B, c.H, c.N)
-    ref_out, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, block_idx, scale, c.causal, bias, c.block_m, c.block_n, dout)
+    ref_out, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, block_idx, scale, c.causal, bias, c.block_m, c.block_n,
+                                                      dout, softcap)
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
 
-    ref_lse = reference_lse(q, k, block_idx, scale, c.causal, bias, c.block_m, c.block_n)
+    ref_lse = reference_lse(q, k, block_idx, scale, c.causal, bias, c.block_m, c.block_n, softcap)
     empty = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly for the rows with no allowed key"
     assert torch.all(out[empty] == 0)
     torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=atol, rtol=rtol)
 
-    dq, dk, dv = block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale, c.causal, bias, c.block_m, c.block_n)
+    dq, dk, dv = block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale, c.causal, bias, c.block_m,
+                                              c.block_n, softcap=softcap)
     assert (dq.dtype, dk.dtype, dv.dtype) == (q.dtype, k.dtype, v.dtype)
     for name, got, want in (("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
@@ -183,6 +188,31 @@ def test_matches_reference_fp32(c: Case):
     lse_ref = reference_lse(q, k, block_idx, c.D**-0.5, c.causal, bias, c.block_m, c.block_n)
     assert torch.isneginf(lse_ref).any() and torch.isfinite(lse_ref).any()
     check_case(c, q, k, v, block_idx, bias, dout, atol=1e-4, rtol=1e-4)
+
+
+SOFTCAP_CASES = [  # (case, dk/dv kernel mode, packed GQA dq)
+    (Case(100, 80, 80, 3, 1, True, 16, 16, "mask", 4), "split", False),
+    (Case(100, 64, 64, 4, 2, False, 32, 16, "pad", 3), "direct", True),
+    (Case(17, 64, 64, 3, 1, True, 32, 16, None, 3), "direct", False),
+]
+
+
+@pytest.mark.parametrize("c, mode, packed", SOFTCAP_CASES, ids=str)
+def test_soft_capped_scores_match_reference(c: Case, mode: str, packed: bool, monkeypatch):
+    """Gemma-2's cap * tanh(scores / cap) before the bias: forward, lse and every gradient (through the
+    cap's slope) as the reference's, in each dk/dv mode and in the packed GQA dq kernel. The scores
+    are scaled up so that the cap bites (most |scores| beyond the cap's linear range)."""
+    from spt_compile.sparse_ops.attention import block_sparse_triton
+
+    if mode == "direct":
+        monkeypatch.setattr(block_sparse_triton, "DIRECT_UP_TO_HEAD_BLOCKS", 10**6)
+    monkeypatch.setattr(block_sparse_triton, "PACK_GQA_DQ", packed)
+    q, k, v, block_idx, bias, dout = make_inputs(c, torch.float32, seed=11)
+    q = q * 6.0
+    raw = reference_lse(q, k, block_idx, c.D**-0.5, c.causal, None, c.block_m, c.block_n)
+    capped = reference_lse(q, k, block_idx, c.D**-0.5, c.causal, None, c.block_m, c.block_n, softcap=2.0)
+    assert (raw - capped)[torch.isfinite(raw)].abs().max() > 1.0, "the cap must change the scores"
+    check_case(c, q, k, v, block_idx, bias, dout, atol=1e-4, rtol=1e-4, softcap=2.0)
 
 
 HALF_CASES = [
