@@ -38,8 +38,9 @@ FAMILIES = [
     ("BERT / MiniLM, RoBERTa", "additive padding mask, GELU MLP", "rewritten", "test_models.py, test_model_families.py"),
     ("Cohere, Granite", "a constant factor on the logits (`logits * logit_scale`, `logits / logits_scaling`), "
      "returned and fed to the loss", "rewritten, chunked loss with the factor (was dense)", "test_model_families.py"),
-    ("Gemma-2", "final logit soft-capping `tanh(logits / c) * c`; soft-capped attention scores",
-     "chunked loss with the cap (was dense); attention dense (`not recognisable`), MLP rewritten",
+    ("Gemma-2", "final logit soft-capping `tanh(logits / c) * c`; soft-capped attention scores "
+     "`c * tanh(scores / c)` before the mask (eager attention), sliding-window and global layers",
+     "rewritten: the chunked loss and the attention op carry the cap (both were dense), MLP rewritten",
      "test_model_families.py"),
     ("Gemma-2, Gemma-3", "the MLP's output normed in fp32: `x.float()` and `type_as(x)` both read the down "
      "projection", "MLP rewritten with or without LoRA on it (without, it was dense: `also used outside the MLP`)",
