@@ -283,10 +283,14 @@ def mask_facts(mask: Tensor, B: int, N: int, Nk: int) -> MaskFacts:
         real = pq.real_key_mask(mask, B, Nk)  # [B, Nk]
         found = block_select.packed_segments(mask, real, N, packed_known=True)
         packed_rows = found[2] if found is not None else real.new_zeros(B)
-        if (mask.dtype == torch.bool and mask.dim() == 4 and N == Nk and mask.shape[-2:] == (N, Nk)):
+        if mask.dim() == 4 and N == Nk and mask.shape[-2:] == (N, Nk):
             # [N, N]: query i sees keys 0..i. Built per analysis, not kept: at N=8192 it is 64 MB.
             triangle = torch.ones(N, N, dtype=torch.bool, device=mask.device).tril()
-            causal = (mask == triangle).all().view(1)
+            if mask.dtype == torch.bool:
+                causal = (mask == triangle).all().view(1)
+            else:  # additive (eager attention's form): 0 on the triangle, a forbidding value above it
+                causal = ((mask > pq.MASK_FORBIDDEN_AT_OR_BELOW) == triangle).all().view(1) & (
+                    mask.masked_fill(~triangle, 0) == 0).all().view(1)
         else:
             causal = real.new_zeros(1)
         span = block_select.real_key_span(real)  # [B, 2]: first and last real key
@@ -351,13 +355,13 @@ def _block_budgets(mask: Optional[Tensor], B: int, N: int, Nk: int, options: Opt
 
 
 def as_causal(mask: Optional[Tensor], is_causal: bool, B: int, N: int, Nk: int) -> tuple[Optional[Tensor], bool]:
-    """(None, True) when `mask` is a boolean mask allowing exactly the causal lower triangle for every
-    batch row and head, else (mask, is_causal) unchanged. Hugging Face's SDPA path passes such a mask
-    [B, 1, N, N] instead of is_causal=True when nothing is padded; read as causal, the block path
-    skips the per-element masking and the tile reductions a general mask needs (the mask's analysis,
-    once per step, decides it). Forward and backward both call it on the same mask, so they agree."""
-    if (mask is None or is_causal or mask.dtype != torch.bool or N != Nk or mask.dim() != 4
-            or mask.shape[-2:] != (N, Nk)):
+    """(None, True) when `mask` allows exactly the causal lower triangle for every batch row and head
+    (a boolean mask, or an additive one that is 0 there and forbidding above), else (mask, is_causal)
+    unchanged. Hugging Face's SDPA path passes such a bool mask [B, 1, N, N] instead of is_causal=True
+    when nothing is padded, its eager path the additive form; read as causal, the block path skips the
+    per-element masking and the tile reductions a general mask needs (the mask's analysis, once per
+    step, decides it). Forward and backward both call it on the same mask, so they agree."""
+    if (mask is None or is_causal or N != Nk or mask.dim() != 4 or mask.shape[-2:] != (N, Nk)):
         return mask, is_causal
     return (None, True) if mask_facts(mask, B, N, Nk).causal else (mask, is_causal)
 

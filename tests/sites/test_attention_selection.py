@@ -114,9 +114,10 @@ def test_short_sequences_run_exact_attention_and_are_counted():
 
 
 def test_an_explicit_causal_mask_runs_as_is_causal():
-    """Hugging Face's SDPA path passes the causal triangle as a boolean mask: the site reads it as
-    is_causal (as_causal), with the same sparse output and gradients as the is_causal form; a mask
-    that differs anywhere stays a mask."""
+    """Hugging Face's SDPA path passes the causal triangle as a boolean mask, its eager path as an
+    additive one (0 on the triangle, finfo.min above): the site reads either as is_causal (as_causal),
+    with the same sparse output and gradients as the is_causal form; a mask that differs anywhere
+    (a key padded, a bias on an allowed key, an allowed key above the diagonal) stays a mask."""
     from spt_compile.sites.attention import as_causal
     from toy_models import GQAAttention
 
@@ -125,7 +126,13 @@ def test_an_explicit_causal_mask_runs_as_is_causal():
     assert as_causal(tri.expand(2, 1, 9, 9), False, 2, 9, 9) == (None, True)
     padded = tri.clone()
     padded[..., 0] = False  # key 0 padded
-    for m, n, nk in [(padded, 9, 9), (tri.float(), 9, 9), (tri[..., :8], 9, 8)]:
+    for fill in (float("-inf"), torch.finfo(torch.float32).min, -1e4):  # -1e4: MASK_FORBIDDEN_AT_OR_BELOW
+        assert as_causal(torch.zeros(9, 9).masked_fill(~tri, fill), False, 1, 9, 9) == (None, True)
+    biased = torch.zeros(1, 1, 9, 9).masked_fill(~tri, float("-inf"))
+    biased[..., 4, 2] = 0.5  # a bias on an allowed key
+    above = torch.zeros(1, 1, 9, 9).masked_fill(~tri, float("-inf"))
+    above[..., 2, 5] = -1.0  # a key above the diagonal down-weighted, not forbidden
+    for m, n, nk in [(padded, 9, 9), (tri.float(), 9, 9), (tri[..., :8], 9, 8), (biased, 9, 9), (above, 9, 9)]:
         got, causal = as_causal(m, False, 1, n, nk)
         assert got is m and causal is False
     assert as_causal(tri, False, 1, 9, 9) == (None, True)
@@ -139,19 +146,21 @@ def test_an_explicit_causal_mask_runs_as_is_causal():
             "attention_block": 16, "density": 0.25, "exact_forward": False}
     x = torch.randn(2, 100, 64)
     mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     results = []
-    for m in (None, mask):
+    for m in (None, mask, additive):
         compiled = torch.compile(lambda x, m=m: model(x, m), backend="spt", options=opts)
         compiled(x)  # calibration (dense)
         xr = x.clone().requires_grad_()
         y = compiled(xr)
         results.append((y, torch.autograd.grad(y.pow(2).mean(), [xr, *model.parameters()])))
-    (y0, g0), (y1, g1) = results
+    (y0, g0), *masked = results
     dense = model(x, None)
     assert not torch.allclose(y0, dense, atol=1e-4), "density 0.25 must run sparse"
-    torch.testing.assert_close(y1, y0, atol=1e-6, rtol=1e-5)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for y1, g1 in masked:
+        torch.testing.assert_close(y1, y0, atol=1e-6, rtol=1e-5)
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mask_kind", ["is_causal", "causal bool", "padded bool", "padded float"])
