@@ -161,6 +161,18 @@ def _tiles_simple(lay: _Layout, Nk: int, block_n: int, is_causal: bool, diag_fir
     return diag_first and lay.block_m == block_n and lay.N == Nk
 
 
+def _causal_slots(lay: _Layout, Nk: int, block_n: int, is_causal: bool, diag_first: bool, qb0: int, C: int,
+                  Lb: int) -> int:
+    """How many of the list slots a chunk of query blocks qb0 .. qb0 + C - 1 needs: causal with square
+    blocks and N == Nk, a query block i sees key blocks 0 .. i only, so with diag_first's layout (the
+    listed blocks first, distinct, unused slots after them, as selection writes them) its slots past
+    i + 1 are unused, and the chunk's past qb0 + C. An every-block list of a causal call then costs
+    the lower triangle of tiles, not the square. Decided from shapes alone (no read of the lists)."""
+    if is_causal and diag_first and lay.block_m == block_n and lay.N == Nk:
+        return min(Lb, qb0 + C)
+    return Lb
+
+
 def _scores(qc: Tensor, kg: Tensor, idx: Tensor, qb0: int, r0: int, lay: _Layout, Nk: int, block_n: int,
             scale: float, is_causal: bool, bias: Optional[Tensor], diag_first: bool, softcap: float = 0.0,
             slope: bool = False) -> tuple[Tensor, Optional[Tensor]]:
@@ -205,7 +217,7 @@ def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=
     for qb0 in range(0, n_qb, step):
         C = min(step, n_qb - qb0)
         r0, r1 = qb0 * block_m, min(N, (qb0 + C) * block_m)
-        idx = block_idx[:, :, qb0 : qb0 + C]
+        idx = block_idx[:, :, qb0 : qb0 + C, : _causal_slots(lay, Nk, block_n, is_causal, diag_first, qb0, C, Lb)]
         _, kg, vg = tiles.gather(idx)
         s, _ = _scores(lay.flat_rows(lay.rows(q, r0, C, acc)), kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal,
                        bias, diag_first, softcap)
@@ -240,7 +252,7 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
         for qb0 in range(0, n_qb, step):
             C = min(step, n_qb - qb0)
             r0, r1 = qb0 * block_m, min(N, (qb0 + C) * block_m)
-            idx = block_idx[:, :, qb0 : qb0 + C]
+            idx = block_idx[:, :, qb0 : qb0 + C, : _causal_slots(lay, Nk, block_n, is_causal, diag_first, qb0, C, Lb)]
             _, kg, vg = tiles.gather(idx)
             qc = lay.flat_rows(lay.rows(q, r0, C, acc))  # [B, S, C, R, D]
             s, slope = _scores(qc, kg, idx, qb0, r0, lay, Nk, block_n, scale, is_causal, bias, diag_first, softcap,
@@ -262,9 +274,10 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
             # Sum each listed tile's gradient into its key block with a one-hot GEMM: index_add_
             # over [block_n * D] rows runs one small kernel per row on CPU, ten times slower.
             onehot = torch.nn.functional.one_hot(idx.long().clamp(min=0), n_kb).to(acc)
-            onehot = (onehot * (idx >= 0)[..., None]).view(B * S, C * Lb, n_kb).transpose(1, 2)
-            dk_acc.baddbmm_(onehot, dkg.reshape(B * S, C * Lb, block_n * D))
-            dv_acc.baddbmm_(onehot, dvg.reshape(B * S, C * Lb, block_n * Dv))
+            slots = idx.shape[-1]  # the chunk's (_causal_slots)
+            onehot = (onehot * (idx >= 0)[..., None]).view(B * S, C * slots, n_kb).transpose(1, 2)
+            dk_acc.baddbmm_(onehot, dkg.reshape(B * S, C * slots, block_n * D))
+            dv_acc.baddbmm_(onehot, dvg.reshape(B * S, C * slots, block_n * Dv))
     G = S // Hkv
     dk = dk_acc.view(B, Hkv, G, n_kb * block_n, D).sum(2)[:, :, :Nk]
     dv = dv_acc.view(B, Hkv, G, n_kb * block_n, Dv).sum(2)[:, :, :Nk]
@@ -282,8 +295,9 @@ def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, 
                          dropout_p=0.0, seed=0, impl="auto", diag_first=False, softcap=0.0) -> tuple[Tensor, Tensor]:
     """(out, lse) by the chosen implementation. The Triton kernels have no dropout: with dropout_p > 0
     the torch path runs (same results, slower on GPU). diag_first: block_idx lists, for causal
-    attention, each query block's diagonal block in slot 0 and earlier blocks after it (what
-    select_key_blocks makes), so the torch path masks only the diagonal tile; False: any layout."""
+    attention, each query block's diagonal block in slot 0, earlier blocks after it and unused slots
+    (-1) last (what select_key_blocks makes), so the torch path masks only the diagonal tile and
+    skips the slots no query block of a chunk can use (_causal_slots); False: any layout."""
     impl = resolve_impl(impl, q.device)
     if impl == "reference" and dropout_p == 0.0:  # lse unused: backward differentiates the reference
         from .reference import block_sparse_attention_reference
