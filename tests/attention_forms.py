@@ -342,7 +342,7 @@ def tanh_of_masked_scores(q, k, v, mask, p):
 
 
 def learned_bias(q, k, v, mask, p):
-    """ALiBi / a relative bias that is trained: the op takes no gradient for the mask."""
+    """ALiBi / a relative bias that is trained: the op returns the mask's gradient too (on the CPU)."""
     return torch.softmax(q @ k.transpose(-2, -1) * SCALE + mask, dim=-1) @ v
 
 
@@ -398,7 +398,7 @@ FORMS = [
          source="tanh without a cap's multiplication"),
     Form("tanh_of_masked_scores", tanh_of_masked_scores, mask="additive", expect="dense",
          reason="tanh of masked scores", source="a soft cap after the mask"),
-    Form("learned_bias", learned_bias, mask="learned", expect="dense", reason="requires grad",
+    Form("learned_bias", learned_bias, mask="learned",
          source="a trained additive bias (ALiBi slopes, T5 bias under full fine-tuning)"),
     Form("returns_weights", returns_weights, expect="dense", reason="used elsewhere",
          source="output_attentions=True"),

@@ -77,8 +77,10 @@ FAMILIES = [
      "the fix (`loss_type = \"ForCausalLM\"`: one graph, chunked loss)", "test_model_families.py"),
     ("T5 encoder, LoRA", "no scaling; relative position bias + padding mask (summed); ReLU -> dropout -> wo",
      "rewritten", "test_model_families.py"),
-    ("T5 encoder, full fine-tuning", "the position bias needs a gradient", "attention dense (`the additive mask requires "
-     "grad`), MLP rewritten", "test_model_families.py"),
+    ("T5 encoder, MPNet, BEiT, Swin, full fine-tuning", "a relative position bias from a trained table added to the "
+     "scores (Swin: per window, with the shifted windows' mask)", "rewritten: the op returns the bias's gradient (CPU; "
+     "on CUDA dense, as the Triton kernels give none); was dense (`the additive mask requires grad`)",
+     "test_model_families.py"),
     ("`nn.MultiheadAttention`", "one `F.multi_head_attention_forward` call; written out (in-projection, SDPA, "
      "out-projection) by passes/mha.py", "rewritten (self/cross, padding, causal hint); dense if the returned weights "
      "are used", "test_attention_forms.py"),

@@ -62,8 +62,12 @@ def check(m: AttentionMatch, options: Options) -> None:
             raise Reject(f"additive mask has dtype {dtype}")
         if what == "boolean mask" and dtype != torch.bool:
             raise Reject(f"mask condition has dtype {dtype}, not bool")
-        if requires_grad(mask):
-            raise Reject(f"the {what} requires grad (a learned bias); not supported yet")
+        if requires_grad(mask):  # only a float mask can: a learned bias (T5's, BEiT's in full fine-tuning)
+            device = val(mask).device
+            if device.type != "cpu":
+                raise Reject(f"the {what} requires grad (a learned bias) on {device.type}: the Triton kernels give "
+                             "no bias gradient, and SDPA's memory-efficient kernel does (it stays dense)")
+            m.mask_grad = True
     leaking = users_outside(m.nodes, keep=[m.output])
     if leaking:
         raise Reject(f"intermediate '{leaking[0].name}' is also used elsewhere (e.g. attention weights "

@@ -45,6 +45,7 @@ class AttentionMatch:
     merged: bool = False  # q/k/v are 3-D [B*H, N, D]: the op sees them as one batch of B*H heads
     detail: str = ""
     softcap: float = 0.0  # the scores soft-capped to cap * tanh(s / cap) before the masks (Gemma-2); 0: none
+    mask_grad: bool = False  # an additive mask needs a gradient (a learned bias): the op returns it
 
 
 def _divides(small, big) -> bool:

@@ -58,7 +58,8 @@ def describe(m: AttentionMatch) -> str:
     causal_at_run_time = f" (a {mask.strip()} mask that is exactly causal runs as causal)" if (
         not m.is_causal and mask.strip() in ("bool", "additive") and str(qs[2]) == str(ks[2])) else ""  # symbolic too
     return (f"q {tuple(qs)} k {tuple(ks)}{gqa} causal={m.is_causal} mask={mask.strip() or 'none'}{causal_at_run_time} "
-            f"scale={m.scale:.4g} dropout={m.dropout_p}" + (f" softcap={m.softcap:.4g}" if m.softcap else ""))
+            f"scale={m.scale:.4g} dropout={m.dropout_p}" + (f" softcap={m.softcap:.4g}" if m.softcap else "")
+            + (" learned bias (its gradient returned)" if m.mask_grad else ""))
 
 
 def _short_note(m: AttentionMatch, options: Options) -> str:
@@ -110,7 +111,7 @@ def emit(graph, m: AttentionMatch, options: Options, path: str, ordinals: dict) 
         mask = _mask_argument(graph, m)
         q, k, v = (graph.call_function(operator.getitem, (t, None)) if m.merged else t for t in (m.q, m.k, m.v))
         call = graph.call_function(torch.ops.spt.attention_site.default, (
-            q, k, v, mask, anchor, template, m.is_causal, m.scale, m.dropout_p, training, m.softcap))
+            q, k, v, mask, anchor, template, m.is_causal, m.scale, m.dropout_p, training, m.softcap, m.mask_grad))
         out = graph.call_function(operator.getitem, (call, 0))
         if len(shape(m.output)) == 3:  # [1, B*H, N, Dv] or [B, H, N, Dv] -> [B*H, N, Dv]
             out = graph.call_method("flatten", (out, 0, 1))
@@ -132,6 +133,8 @@ def graphed_refusal(m: AttentionMatch, options: Options) -> Optional[str]:
         return "attention dropout draws its masks from per-call seeds"
     if m.softcap:
         return "soft-capped scores run exact calls on the block kernels, which the graphed op does not"
+    if m.mask_grad:
+        return "a learned bias needs its gradient, which the graphed op does not return"
     if not options.sparse_attention:
         return "sparse_attention is off"
     if not (torch.is_grad_enabled() and any(requires_grad(t) for t in (m.q, m.k, m.v))) and not options.sparse_inference:

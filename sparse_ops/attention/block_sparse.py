@@ -161,6 +161,32 @@ def _tiles_simple(lay: _Layout, Nk: int, block_n: int, is_causal: bool, diag_fir
     return diag_first and lay.block_m == block_n and lay.N == Nk
 
 
+def bias_grad_buffer(bias: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """(a zero gradient (fp32 or wider) of the additive bias [B|1, H|1, N|1, Nk], its strides over the expanded
+    [B, H, N, Nk]: 0 along broadcast dims, so the gradient sums over them as it is scattered)."""
+    dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.promote_types(bias.dtype, torch.float32))
+    sizes = list(bias.shape)
+    strides = [0 if n == 1 else st for n, st in zip(sizes, dbias.stride())]
+    return dbias, tuple(strides)
+
+
+def _add_bias_grad(dbias: Tensor, strides: tuple, ds: Tensor, idx: Tensor, r0: int, lay: _Layout, Nk: int,
+                   block_n: int) -> None:
+    """dbias (bias_grad_buffer's) += the chunk's score gradient ds [B, S, C, Gs * block_m, Lb * block_n]
+    at the (head, row, key) each entry scores: d(scores) is d(bias), the bias being added to them. Unused
+    slots and rows past N carry ds = 0 (p is 0 there) and are clamped onto real places."""
+    B, S, C, _, L = ds.shape
+    Gs, bm, N = lay.Gs, lay.block_m, lay.N
+    dev = ds.device
+    sb, sh, sm, sn = strides
+    key = (idx.long().clamp(min=0)[..., None] * block_n + torch.arange(block_n, device=dev)).view(B, S, C, 1, 1, L)
+    row = (r0 + torch.arange(C * bm, device=dev)).clamp(max=N - 1).view(1, 1, C, 1, bm, 1)
+    head = (torch.arange(S, device=dev).view(S, 1) * Gs + torch.arange(Gs, device=dev)).view(1, S, 1, Gs, 1, 1)
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1, 1)
+    flat = b * sb + head * sh + row * sm + key.clamp(max=Nk - 1) * sn  # [B, S, C, Gs, bm, L]
+    dbias.view(-1).index_add_(0, flat.reshape(-1), ds.reshape(-1).to(dbias.dtype))
+
+
 def _causal_slots(lay: _Layout, Nk: int, block_n: int, is_causal: bool, diag_first: bool, qb0: int, C: int,
                   Lb: int) -> int:
     """How many of the list slots a chunk of query blocks qb0 .. qb0 + C - 1 needs: causal with square
@@ -232,7 +258,9 @@ def block_sparse_forward_torch(q, k, v, block_idx, scale, is_causal=False, bias=
 
 def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None,
                                 block_m=64, block_n=64, dropout_p=0.0, seed=0,
-                                diag_first=False, softcap=0.0) -> tuple[Tensor, Tensor, Tensor]:
+                                diag_first=False, softcap=0.0, bias_grad=False) -> tuple[Tensor, ...]:
+    """(dq, dk, dv), and d(bias) in the bias's shape and dtype when bias_grad (an additive bias that is
+    learned: its gradient is the score gradient at the listed pairs, summed over its broadcast dims)."""
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     acc = _acc(q.dtype)
@@ -243,6 +271,7 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
     # dk, dv per selection head and key block; GQA groups are summed at the end.
     dk_acc = torch.zeros(B * S, n_kb, block_n * D, device=q.device, dtype=acc)
     dv_acc = torch.zeros(B * S, n_kb, block_n * Dv, device=q.device, dtype=acc)
+    dbias, strides = bias_grad_buffer(bias) if bias_grad else (None, None)
     if N > 0 and Lb > 0 and Nk > 0:
         tiles = _Tiles(k, v, block_n, acc)
         step = _blocks_per_chunk(B, H, block_m, Lb, block_n, max(D, Dv))
@@ -267,6 +296,8 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
                 p_used = p
             dvg = torch.matmul(p_used.transpose(-1, -2), do)  # [B, S, C, Lb * block_n, Dv]
             ds = p.mul_(dp.sub_(lay.flat_rows(lay.rows(delta, r0, C, acc))))  # in place: p is done
+            if dbias is not None:  # d(bias) is d(scores after the cap): before the cap's slope
+                _add_bias_grad(dbias, strides, ds, idx, r0, lay, Nk, block_n)
             if slope is not None:  # through the cap: d(capped) / d(scaled scores)
                 ds.mul_(slope)
             dq[:, :, r0:r1] = lay.unrows(torch.matmul(ds, kg), r1, r0) * scale
@@ -281,7 +312,8 @@ def block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_ca
     G = S // Hkv
     dk = dk_acc.view(B, Hkv, G, n_kb * block_n, D).sum(2)[:, :, :Nk]
     dv = dv_acc.view(B, Hkv, G, n_kb * block_n, Dv).sum(2)[:, :, :Nk]
-    return dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+    grads = dq.to(q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+    return grads + (dbias.to(bias.dtype),) if bias_grad else grads
 
 
 def additive(bias: Optional[Tensor]) -> Optional[Tensor]:
@@ -315,18 +347,24 @@ def block_sparse_forward(q, k, v, block_idx, scale, is_causal=False, bias=None, 
 
 def block_sparse_backward(dout, q, k, v, block_idx, out, lse, scale, is_causal=False, bias=None, block_m=64,
                           block_n=64, dropout_p=0.0, seed=0, impl="auto",
-                          diag_first=False, softcap=0.0) -> tuple[Tensor, Tensor, Tensor]:
+                          diag_first=False, softcap=0.0, bias_grad=False) -> tuple[Tensor, ...]:
+    """(dq, dk, dv), and d(bias) when bias_grad (torch and reference paths: the Triton kernels compute
+    none, so a learned bias runs the torch path)."""
     impl = resolve_impl(impl, q.device)
     if impl == "reference" and dropout_p == 0.0:
         from .reference import block_sparse_attention_reference
 
+        if bias_grad:
+            _, vjp = torch.func.vjp(lambda q_, k_, v_, b_: block_sparse_attention_reference(
+                q_, k_, v_, block_idx, scale, is_causal, b_, block_m, block_n, softcap), q, k, v, bias)
+            return vjp(dout)
         _, vjp = torch.func.vjp(lambda q_, k_, v_: block_sparse_attention_reference(
             q_, k_, v_, block_idx, scale, is_causal, bias, block_m, block_n, softcap), q, k, v)
         return vjp(dout)
-    if impl == "triton" and dropout_p == 0.0:
+    if impl == "triton" and dropout_p == 0.0 and not bias_grad:
         from .block_sparse_triton import block_sparse_backward_triton
 
         return block_sparse_backward_triton(dout, q, k, v, block_idx, out, lse, scale,
                                             is_causal, additive(bias), block_m, block_n, softcap=softcap)
     return block_sparse_backward_torch(dout, q, k, v, block_idx, out, lse, scale, is_causal, bias, block_m,
-                                       block_n, dropout_p, seed, diag_first, softcap)
+                                       block_n, dropout_p, seed, diag_first, softcap, bias_grad)

@@ -255,7 +255,7 @@ def select_key_blocks(
         if mask is not None:
             tiles = _tile_allowed(mask, B, H, r0, r1, block_m, block_n, Nk)  # [B, H|1, C, n_kb]
             if per_group and tiles.shape[1] != 1:
-                tiles = tiles.view(B, Hkv, G, C, n_kb).any(2)
+                tiles = tiles.view(tiles.shape[0], Hkv, G, C, n_kb).any(2)  # a mask [1, H, ..]: batch kept at 1
             visible = visible & tiles
         score = score.masked_fill(~visible, float("-inf"))
         vals, idx = score.topk(min(Lb, n_kb), dim=-1)

@@ -24,6 +24,12 @@ from torch import Tensor
 from ..dropout import draw_keep, keep_scale, stream_seed
 from .softcap import capped, check_softcap
 
+
+def bias_grad_buffer(bias):  # block_sparse's (imported lazily: it imports this module)
+    from .block_sparse import bias_grad_buffer as buffer
+
+    return buffer(bias)
+
 # Elements of one gathered [B, H, C, L, D] chunk (2**24 fp32 values = 64 MiB), at most 128 rows.
 _CHUNK_ELEMENTS = 1 << 24
 _MAX_ROWS = 128
@@ -131,8 +137,11 @@ def sparse_attention_backward(
     dropout_p: float = 0.0,
     seed: int = 0,
     softcap: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of sparse_attention_forward, recomputing scores chunk by chunk."""
+    bias_grad: bool = False,
+) -> tuple[Tensor, ...]:
+    """Gradients (dq, dk, dv) of sparse_attention_forward, recomputing scores chunk by chunk; and
+    d(bias) in the bias's shape and dtype when bias_grad (a learned additive bias: the score gradient
+    at the listed keys, summed over the bias's broadcast dims)."""
     B, H, N, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L = indices.shape[-1]
@@ -140,6 +149,7 @@ def sparse_attention_backward(
     dq = torch.zeros(B, H, N, D, device=q.device, dtype=acc)
     dk_rows = torch.zeros(B * Hkv * Nk, D, device=q.device, dtype=acc)
     dv_rows = torch.zeros(B * Hkv * Nk, Dv, device=q.device, dtype=acc)
+    dbias, strides = bias_grad_buffer(bias) if bias_grad else (None, None)
     if N > 0 and L > 0:
         k_rows = k.reshape(B * Hkv * Nk, D)
         v_rows = v.reshape(B * Hkv * Nk, Dv)
@@ -159,16 +169,23 @@ def sparse_attention_backward(
             else:
                 p_used = p
             ds = p * (dp - delta[..., None])  # [B, H, C, L]; 0 at unused slots since p is
+            if dbias is not None:  # d(bias) is d(scores after the cap): before the cap's slope
+                sb, sh, sm, sn = strides
+                at = (torch.arange(B, device=q.device).view(B, 1, 1, 1) * sb
+                      + torch.arange(H, device=q.device).view(1, H, 1, 1) * sh
+                      + torch.arange(r0, r1, device=q.device).view(1, 1, -1, 1) * sm + idx.long().clamp(min=0) * sn)
+                dbias.view(-1).index_add_(0, at.reshape(-1), ds.reshape(-1).to(dbias.dtype))  # unused slots: ds 0
             if slope is not None:  # through the cap: d(capped) / d(scaled scores)
                 ds = ds * slope
             dq[:, :, r0:r1] = torch.einsum("bhcl,bhcld->bhcd", ds, kg) * scale
             dk_rows.index_add_(0, flat.reshape(-1), (ds[..., None] * qc[..., None, :]).reshape(-1, D) * scale)
             dv_rows.index_add_(0, flat.reshape(-1), (p_used[..., None] * do[..., None, :]).reshape(-1, Dv))
-    return (
+    grads = (
         dq.to(q.dtype),
         dk_rows.view(B, Hkv, Nk, D).to(k.dtype),
         dv_rows.view(B, Hkv, Nk, Dv).to(v.dtype),
     )
+    return grads + (dbias.to(bias.dtype),) if bias_grad else grads
 
 
 def check_shapes(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:

@@ -518,10 +518,14 @@ class AttentionSite(Site):
         self.note_quality(recall=recall, mass=mass)
 
     # --- the call -----------------------------------------------------------------------------
-    def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training, softcap=0.0):
+    def forward(self, q, k, v, mask, options: Options, is_causal, scale, dropout_p, training, softcap=0.0,
+                mask_grad=False):
         """(out [B, H, N, Dv], lse [B, H, N], selection (flat), meta) of one call. softcap > 0: the
         model soft-caps its scores (Gemma-2); SDPA has no cap, so every exact call runs the block-sparse
-        kernels over every key block instead (_every_block), as a BLOCK call whose backward is exact."""
+        kernels over every key block instead (_every_block), as a BLOCK call whose backward is exact.
+        mask_grad: the additive mask is a learned bias (T5's, BEiT's, in full fine-tuning), and backward
+        returns its gradient: exact calls run SDPA and differentiate it again (DENSE), sparse ones the
+        torch block path, which scatters the score gradient into the bias's."""
         options, dense_forced = resolve(options)
         plan = self.begin(options, dense_forced, training)
         options = plan.options  # a recompute inside backward replays its forward's, whatever the context
@@ -552,7 +556,7 @@ class AttentionSite(Site):
         if exact and softcap:
             with torch.no_grad():
                 out, lse, selection, meta = self._every_block_call(q, k, v, mask, options, is_causal, scale,
-                                                                   dropout_p, seed, softcap)
+                                                                   dropout_p, seed, softcap, mask_grad)
                 if calibrating and plan.updates_state:
                     self._calibrate(k, real_key_positions(mask, B, N, Nk), plan, seed)
             self.end(plan, training)
@@ -560,7 +564,9 @@ class AttentionSite(Site):
         if exact:
             lse = None
             with torch.no_grad():
-                if _cpu_flash_applies(q, k, v, mask, is_causal, scale, dropout_p):  # lse kept: no recompute
+                if mask_grad:  # backward differentiates SDPA again, in the bias too (no flash kernel does)
+                    out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
+                elif _cpu_flash_applies(q, k, v, mask, is_causal, scale, dropout_p):  # lse kept: no recompute
                     out, lse = dense_attention_with_lse(q, k, v, mask, is_causal, scale)
                     meta = AttentionMeta(AttentionMeta.DENSE_LSE, seed).tensor()
                 elif training and dropout_p == 0 and _cuda_flash_applies(q, k, v, mask, is_causal, scale):
@@ -593,7 +599,7 @@ class AttentionSite(Site):
                 # no codebooks to select with, and a call that may not fit them: this call runs exact
                 if softcap:
                     out, lse, selection, meta = self._every_block_call(q, k, v, mask, options, is_causal, scale,
-                                                                       dropout_p, seed, softcap)
+                                                                       dropout_p, seed, softcap, mask_grad)
                     self.end(plan, training)
                     return out, lse, selection, meta
                 out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
@@ -607,7 +613,7 @@ class AttentionSite(Site):
                 if keys.shape[1] == 0:  # no finite real key to fit on: this call runs exact
                     if softcap:
                         out, lse, selection, meta = self._every_block_call(q, k, v, mask, options, is_causal, scale,
-                                                                           dropout_p, seed, softcap)
+                                                                           dropout_p, seed, softcap, mask_grad)
                         self.end(plan, training)
                         return out, lse, selection, meta
                     out = dense_attention(q, k, v, mask, is_causal, scale, dropout_p, seed)
@@ -623,7 +629,7 @@ class AttentionSite(Site):
             if options.attention_selection == "block":
                 out, lse, selection, meta, chosen = self._block_forward(q, k, v, mask, bias, real, options,
                                                                          is_causal, scale, dropout_p, seed, given,
-                                                                         softcap)
+                                                                         softcap, mask_grad)
             else:
                 out, lse, selection, meta, chosen = self._token_forward(q, k, v, mask, bias, real, options,
                                                                          is_causal, scale, dropout_p, seed, given,
@@ -658,24 +664,26 @@ class AttentionSite(Site):
             return flash
         return self._every_block(q, k, v, mask, real, options, is_causal, scale, 0.0, 0, softcap)[:2]
 
-    def _every_block(self, q, k, v, mask, real, options, is_causal, scale, dropout_p, seed, softcap):
+    def _every_block(self, q, k, v, mask, real, options, is_causal, scale, dropout_p, seed, softcap,
+                     mask_grad=False):
         """(out, lse, block_idx [B, Hkv, n_qb, n_kb], impl): the block-sparse kernels over every key
-        block, which is exact attention (with dropout: the torch path's, replayed by backward)."""
+        block, which is exact attention (with dropout: the torch path's, replayed by backward; with a
+        learned bias: the torch path, whose backward gives its gradient)."""
         bm = bn = options.attention_block
         n_kb = block_select.n_blocks(k.shape[2], bn)
         every = torch.full((q.shape[0],), n_kb, dtype=torch.int64)
-        impl = resolve_impl(options.attention_impl, q.device)
+        impl = "torch" if mask_grad else resolve_impl(options.attention_impl, q.device)
         block_idx = block_select.select_blocks(q, k, scale, every, is_causal, mask, real, bm, bn, impl)
         out, lse = block_sparse_forward(q, k, v, block_idx, scale, is_causal, mask, bm, bn, dropout_p, seed, impl,
                                         diag_first=True, softcap=softcap)
         return out, lse, block_idx, impl
 
-    def _every_block_call(self, q, k, v, mask, options, is_causal, scale, dropout_p, seed, softcap):
+    def _every_block_call(self, q, k, v, mask, options, is_causal, scale, dropout_p, seed, softcap, mask_grad=False):
         """An exact call of soft-capped attention as the op returns it: (out, lse, selection, meta) of
         _every_block, as a BLOCK call (its backward, over every key block, is the exact gradient)."""
         B, N, Nk = q.shape[0], q.shape[2], k.shape[2]
         out, lse, block_idx, impl = self._every_block(q, k, v, mask, real_key_positions(mask, B, N, Nk), options,
-                                                      is_causal, scale, dropout_p, seed, softcap)
+                                                      is_causal, scale, dropout_p, seed, softcap, mask_grad)
         bm = bn = options.attention_block
         meta = AttentionMeta(AttentionMeta.BLOCK, seed, tuple(block_idx.shape[1:]), bm, bn, impl).tensor()
         return out, lse.to(torch.promote_types(q.dtype, torch.float32)), block_idx.reshape(-1), meta
@@ -703,7 +711,7 @@ class AttentionSite(Site):
         return out, lse, indices.reshape(-1), meta, (chosen, lambda: per_batch_l)
 
     def _block_forward(self, q, k, v, mask, bias, real, options, is_causal, scale, dropout_p, seed, given=None,
-                       softcap=0.0):
+                       softcap=0.0, mask_grad=False):
         """Key blocks per query block (one list per GQA group) by the pooled-key proxy; block-sparse
         exact attention over them (or, `given` (out, lse) of the exact forward, backward only)."""
         bm = bn = options.attention_block
@@ -713,6 +721,8 @@ class AttentionSite(Site):
         # its own sequence's length, as if it ran alone.
         budget_lb, budget_dev, sink = _block_budgets(mask, q.shape[0], q.shape[2], Nk, options, bm, bn)
         impl = resolve_impl(options.attention_impl, q.device)
+        if mask_grad:  # the Triton kernels give no bias gradient
+            impl = "torch"
         if impl == "triton" and not triton_runs_on(q.device):
             raise SptOptionError(f"spt option attention_impl='triton' needs CUDA tensors; the attention at "
                                  f"{self.name or '<top>'} runs on {q.device.type}: use 'auto' or 'torch'",

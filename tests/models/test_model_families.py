@@ -258,12 +258,26 @@ def test_t5_with_its_default_dropout_trains_through_the_sites():
     assert_same(copy.deepcopy(model).eval(), b, mask)
 
 
-def test_t5_full_fine_tuning_leaves_attention_dense_with_the_reason():
-    """With the bias table trained, the bias needs a gradient the op does not give: dense, explained."""
-    b, _ = batch()
-    report = spt_compile.explain(t5_encoder(), **b)
-    assert len(report.rewritten("mlp")) == 2 and not report.rewritten("attention")
-    assert all("requires grad" in s.reason for s in report.dense("attention")), str(report)
+def test_t5_full_fine_tuning_trains_the_relative_bias_through_the_op():
+    """With the bias table trained (full fine-tuning), the bias needs a gradient: the op returns it (the
+    score gradient at the listed pairs, summed over the batch the bias broadcasts over), and the bias
+    table's gradient equals dense, through the sparse code with every block and at the defaults."""
+    model = t5_encoder()
+    b, mask = batch()
+    cap = count_sites(model, b, 2)
+    assert all("learned bias (its gradient returned)" in s.detail for s in cap.rewritten("attention")), str(cap.sites)
+    table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert_same(model, b, mask)  # every block at every length; compares every parameter's gradient
+    torch._dynamo.reset()
+    reference = copy.deepcopy(model)
+    got, got_grads = run(torch.compile(model, backend="spt"), b, mask)  # defaults: short rows run exact
+    want, want_grads = run(reference, b, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
+    assert want_grads[table].abs().max() > 0
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3,
+                                   msg=lambda m: f"grad of {name}: {m}")
 
 
 def test_gpt2_reorder_and_upcast_with_lora_on_conv1d():
@@ -515,3 +529,42 @@ def test_greedy_generation_through_spt_equals_eager():
     for graph in spt_compile.compile_reports(model):
         for site in graph.dense("attention"):
             assert "not provably equal" in site.reason, site.reason
+
+
+LEARNED_BIAS_FAMILIES = {  # full fine-tuning: the relative position bias tables train through the op
+    # relative attention bias added to the scores (eager attention)
+    "MPNet": ("MPNetConfig", "MPNetModel", dict(_SMALL, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                                attention_probs_dropout_prob=0.0), "text"),
+    # relative position bias [1, H, 1 + P, 1 + P] from a table, passed to SDPA
+    "Beit": ("BeitConfig", "BeitModel", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=64,
+                                             use_relative_position_bias=True, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0, drop_path_rate=0.0), "pixels"),
+    # windowed attention: the relative bias [1, H, w*w, w*w] per window, plus the shifted windows' mask
+    "Swin": ("SwinConfig", "SwinModel", dict(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2],
+                                             window_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                             drop_path_rate=0.0), "pixels"),
+}
+
+
+@pytest.mark.parametrize("family", list(LEARNED_BIAS_FAMILIES))
+def test_learned_relative_biases_train_through_the_op(family):
+    """MPNet, BEiT and Swin add a relative position bias from a trained table to the scores: in full
+    fine-tuning the op returns its gradient, and every parameter's gradient, the tables' included,
+    equals dense (they were left dense: 'the additive mask requires grad')."""
+    config_cls, model_cls, kw, kind = LEARNED_BIAS_FAMILIES[family]
+    model = build(config_cls, model_cls, "sdpa" if kind == "pixels" else "eager", **kw)
+    if kind == "pixels":
+        b = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+        with torch.no_grad():
+            tokens = model(**b).last_hidden_state.shape[1]
+        mask = torch.ones(2, tokens)
+    else:
+        b, mask = batch()
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b)
+    assert report.rewritten("attention") and not report.dense("attention"), str(report)
+    assert all("learned bias" in s.detail for s in report.rewritten("attention")), str(report)
+    tables = [n for n, p in model.named_parameters() if "relative" in n and p.requires_grad]
+    assert tables, [n for n, _ in model.named_parameters()]
+    assert_same(model, b, mask)

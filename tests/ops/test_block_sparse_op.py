@@ -91,6 +91,49 @@ def test_soft_capped_scores_match_reference(causal, mask_kind):
           grouped=True, seed=5, softcap=2.0, q_scale=6.0)
 
 
+@pytest.mark.parametrize("shape", ["1H", "B1", "B11"])
+@pytest.mark.parametrize("causal,softcap", [(False, 0.0), (True, 0.0), (True, 2.0)])
+def test_learned_bias_gradient_matches_reference(shape, causal, softcap):
+    """A learned additive bias (T5's relative bias in full fine-tuning): backward returns d(bias), the
+    score gradient at the listed pairs, summed over the dims the bias broadcasts over, in its shape."""
+    gen = torch.Generator().manual_seed(7)
+    B, H, Hkv, N, D, bm = 2, 4, 2, 70, 32, 16
+    q = (3.0 * torch.randn(B, H, N, D, generator=gen)).requires_grad_()
+    k, v = (torch.randn(B, Hkv, N, D, generator=gen, requires_grad=True) for _ in range(2))
+    dims = {"1H": (1, H, N, N), "B1": (B, 1, N, N), "B11": (B, 1, 1, N)}[shape]
+    bias = torch.randn(dims, generator=gen)
+    bias[..., 3] = torch.finfo(torch.float32).min  # a forbidden key: no gradient there
+    bias.requires_grad_()
+    n_b = -(-N // bm)
+    idx = random_blocks(B, Hkv, n_b, n_b, 3, gen)
+    ref = block_sparse_attention_reference(q, k, v, idx, D**-0.5, causal, bias, bm, bm, softcap)
+    dout = torch.randn(ref.shape, generator=gen)
+    want = torch.autograd.grad(ref, (q, k, v, bias), dout)
+    out, lse = block_sparse_forward_torch(q.detach(), k.detach(), v.detach(), idx, D**-0.5, causal, bias.detach(), bm,
+                                          bm, softcap=softcap)
+    got = block_sparse_backward_torch(dout, q.detach(), k.detach(), v.detach(), idx, out, lse, D**-0.5, causal,
+                                      bias.detach(), bm, bm, softcap=softcap, bias_grad=True)
+    assert got[3].shape == bias.shape and got[3].dtype == bias.dtype
+    assert want[3].abs().max() > 0.01 and (got[3][..., 3] == 0).all()
+    for name, g, r in zip(("q", "k", "v", "bias"), got, want):
+        torch.testing.assert_close(g, r, atol=3e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_selection_with_a_per_head_mask_shared_by_the_batch():
+    """A mask [1, H, N, Nk] (a per-head bias, batch-broadcast) with GQA groups sharing lists: the same
+    lists as the mask expanded to [B, H, N, Nk] (the group reduction had reshaped it with B, and failed)."""
+    gen = torch.Generator().manual_seed(9)
+    B, H, Hkv, N, D = 2, 4, 2, 80, 16
+    q, k = torch.randn(B, H, N, D, generator=gen), torch.randn(B, Hkv, N, D, generator=gen)
+    mask = torch.randn(1, H, N, N, generator=gen).masked_fill(torch.rand(1, H, N, N, generator=gen) < 0.3,
+                                                               float("-inf"))
+    real = torch.ones(B, N, dtype=torch.bool)
+    lb = blocks_per_query(torch.full((B,), N), 0.5, None, 16, 5)
+    got = select_key_blocks(q, k, D**-0.5, lb, False, mask, real, 16, 16)
+    want = select_key_blocks(q, k, D**-0.5, lb, False, mask.expand(B, H, N, N), real, 16, 16)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("N,diag_first", [(256, True), (256, False), (257, True)])
 def test_selected_blocks_causal_fast_path_matches_reference(N, diag_first):
     """select_key_blocks lists each query block's diagonal block first; told so (diag_first), the

@@ -39,12 +39,14 @@ def run_capture(form: Form, p=0.0, options=EVERY, **kw):
 
 
 def assert_same_as_eager(form, out, args, atol=2e-5):
+    """Outputs and the gradients of q, k, v, and of the mask where it requires grad (a learned bias)."""
     q, k, v, mask = args
-    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out) + torch.linspace(0, 1, out.shape[-1]))
+    inputs = (q, k, v) + ((mask,) if isinstance(mask, torch.Tensor) and mask.requires_grad else ())
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out) + torch.linspace(0, 1, out.shape[-1]))
     want = FormModule(form)(q, k, v, mask)
-    want_grads = torch.autograd.grad(want, (q, k, v), torch.ones_like(want) + torch.linspace(0, 1, want.shape[-1]))
+    want_grads = torch.autograd.grad(want, inputs, torch.ones_like(want) + torch.linspace(0, 1, want.shape[-1]))
     torch.testing.assert_close(out, want, atol=atol, rtol=1e-3)
-    for name, g, w in zip("qkv", grads, want_grads):
+    for name, g, w in zip(("q", "k", "v", "mask"), grads, want_grads):
         torch.testing.assert_close(g, w, atol=atol, rtol=1e-3, msg=lambda m: f"d{name}: {m}")
 
 
