@@ -7,6 +7,7 @@ and for arguments by name with `bind(node)`.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from typing import Any, Iterable, Optional
@@ -178,15 +179,36 @@ def graph_scalar(x: Any) -> bool:
     return _graph_scalar_value(x) is not None
 
 
-def _graph_scalar_value(x: Any) -> Optional[float]:
-    if op(x) == "full":
+def _graph_scalar_value(x: Any, depth: int = 0) -> Optional[float]:
+    name = op(x)
+    if name == "full":
         a = bind(x)
         if tuple(a["size"]) == () and is_number(a["fill_value"]):
             return float(a["fill_value"])
     elif (isinstance(x, Node) and x.op == "call_function" and x.target is torch.tensor and len(x.args) == 1
           and is_number(x.args[0])):
         return float(x.args[0])
+    elif (name in _SCALAR_ARITHMETIC and depth < 8 and x.op in ("call_function", "call_method")
+          and set(x.kwargs) <= ({"dtype"} if name == "to" else set())):
+        # arithmetic on such a scalar, all in the graph: DeBERTa's sqrt(torch.tensor(d) * factor).to(dtype)
+        v = val(x)
+        if not (isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype.is_floating_point):
+            return None
+        args = [a if is_number(a) else _graph_scalar_value(a, depth + 1) for a in x.args if not isinstance(a, torch.dtype)]
+        if not args or any(a is None for a in args):
+            return None
+        try:
+            value = _SCALAR_ARITHMETIC[name](*(float(a) for a in args))
+        except (ArithmeticError, TypeError, ValueError):
+            return None
+        return float(torch.tensor(value, dtype=torch.float64).to(v.dtype))  # as the graph rounds it
     return None
+
+
+_SCALAR_ARITHMETIC = {  # op name -> its value on Python floats (casts: the value, rounded by the caller)
+    "sqrt": math.sqrt, "mul": operator.mul, "div": operator.truediv, "add": operator.add, "sub": operator.sub,
+    "to": lambda a: a, "float": lambda a: a,
+}
 
 
 def requires_grad(node: Any) -> bool:

@@ -77,6 +77,10 @@ FAMILIES = [
      "the fix (`loss_type = \"ForCausalLM\"`: one graph, chunked loss)", "test_model_families.py"),
     ("T5 encoder, LoRA", "no scaling; relative position bias + padding mask (summed); ReLU -> dropout -> wo",
      "rewritten", "test_model_families.py"),
+    ("DeBERTa-v2 / v3", "bmm on [B*H, N, D] views; K^T divided by `sqrt(torch.tensor(d) * factor).to(dtype)` (made in "
+     "the graph); the weights viewed back to [B*H, N, N]; relative attention's c2p and p2c terms, gathered from q, k "
+     "and the relative embeddings, added as a [B*H, N, N] bias", "rewritten: the scale read as a constant, the bias "
+     "read as [B, H, N, N] and its gradient returned (was dense: `not a recognised product`)", "test_model_families.py"),
     ("T5 encoder, MPNet, BEiT, Swin, full fine-tuning", "a relative position bias from a trained table added to the "
      "scores (Swin: per window, with the shifted windows' mask)", "rewritten: the op returns the bias's gradient (CPU; "
      "on CUDA dense, as the Triton kernels give none); was dense (`the additive mask requires grad`)",

@@ -52,6 +52,8 @@ def check(m: AttentionMatch, options: Options) -> None:
     masks = [(x, "additive mask") for x in m.additive] + [(x, "boolean mask") for x in m.allow + m.forbid]
     for mask, what in masks:
         ms = shape(mask)
+        if mask in m.unflatten:  # [B*H, N, Nk], read as [B, H, N, Nk] (scores.py checked the merged axis)
+            ms = (B, H, *ms[1:])
         if ms is None or len(ms) > 4 or len(ms) == 0:
             raise Reject(f"{what} of shape {ms} is not broadcastable to [B, H, N, Nk]")
         ms = (1,) * (4 - len(ms)) + ms

@@ -67,6 +67,14 @@ def match_sdpa(node: Node) -> AttentionMatch:
     return m
 
 
+def _merges_heads(n: Node) -> bool:
+    """n views 4-D weights [B, H, N, Nk] as [B*H, N, Nk] (DeBERTa's bmm with the values)."""
+    if op(n) not in ("view", "reshape"):
+        return False
+    a, b = shape(n.args[0]), shape(n)
+    return bool(a and b and len(a) == 4 and len(b) == 3 and same(a[-1], b[-1]) and same(a[-2], b[-2]))
+
+
 def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
     """node = matmul(P, V) or bmm(P, V); None when P is not a softmax (so node is no attention)."""
     if op(node) == "einsum":
@@ -80,13 +88,13 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
         return None
     nodes = {node}
     dropout_p = 0.0
-    for _ in range(3):  # dropout and casts, in either order
+    for _ in range(4):  # dropout, casts and the weights' view back to [B*H, N, Nk], in any order
         if op(p) == "dropout":
             a = bind(p)
             if isinstance(a["p"], Node) or isinstance(a["training"], Node):
                 raise Reject(f"attention dropout probability is computed in the graph{DYNAMIC_FLOATS}")
             dropout_p = float(a["p"]) if a["training"] else 0.0
-        elif op(p) not in CASTS:
+        elif not (op(p) in CASTS or _merges_heads(p)):
             break
         nodes.add(p)
         p = p.args[0]
@@ -120,5 +128,6 @@ def match_matmul_softmax(node: Node) -> Optional[AttentionMatch]:
         pattern, node, scores.q, k, v0,
         is_causal=False, scale=scores.scale, dropout_p=dropout_p,
         additive=scores.additive, allow=scores.allow, forbid=scores.forbid, softcap=scores.softcap,
+        unflatten=scores.unflatten,
         nodes=nodes | scores.nodes | set(k_rep) | set(v_rep), glue=glue, merged=merged,
     )

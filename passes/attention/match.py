@@ -46,6 +46,7 @@ class AttentionMatch:
     detail: str = ""
     softcap: float = 0.0  # the scores soft-capped to cap * tanh(s / cap) before the masks (Gemma-2); 0: none
     mask_grad: bool = False  # an additive mask needs a gradient (a learned bias): the op returns it
+    unflatten: set[Node] = field(default_factory=set)  # masks [B*H, N, Nk] the op reads as [B, H, N, Nk]
 
 
 def _divides(small, big) -> bool:

@@ -17,15 +17,17 @@ from ..fx_utils import bind, erase_unused, op, requires_grad, shape, static_int,
 from .match import AttentionMatch, _shape4
 
 
-def _as_4d(graph, node: Node) -> Node:
+def _as_4d(graph, node: Node, m: AttentionMatch) -> Node:
+    if node in m.unflatten:  # [B*H, N, Nk] -> [B, H, N, Nk]
+        return graph.call_function(torch.unflatten, (node, 0, (-1, static_int(_shape4(m.q, m.merged)[1]))))
     n = len(shape(node))
     return node if n == 4 else graph.call_function(operator.getitem, (node, (None,) * (4 - n)))
 
 
-def _combine(graph, nodes: list[Node], fn) -> Optional[Node]:
+def _combine(graph, nodes: list[Node], fn, m: AttentionMatch) -> Optional[Node]:
     out = None
     for n in nodes:
-        n = _as_4d(graph, n)
+        n = _as_4d(graph, n, m)
         out = n if out is None else graph.call_function(fn, (out, n))
     return out
 
@@ -33,9 +35,9 @@ def _combine(graph, nodes: list[Node], fn) -> Optional[Node]:
 def _mask_argument(graph, m: AttentionMatch) -> Optional[Node]:
     """The op's mask: bool (True = allowed) or additive float, built from the matched pieces
     (several additive masks are summed, several boolean ones combined)."""
-    additive = _combine(graph, m.additive, operator.add)
-    allow = _combine(graph, m.allow, torch.logical_and)
-    forbid = _combine(graph, m.forbid, torch.logical_or)
+    additive = _combine(graph, m.additive, operator.add, m)
+    allow = _combine(graph, m.allow, torch.logical_and, m)
+    forbid = _combine(graph, m.forbid, torch.logical_or, m)
     if allow is not None and forbid is not None:
         allow = graph.call_function(torch.logical_and, (allow, graph.call_function(torch.logical_not, (forbid,))))
         forbid = None

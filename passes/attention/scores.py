@@ -77,6 +77,7 @@ class _Scores:
     lifted: bool = False  # q/k are the [B, H, N, D] tensors the 3-D products were viewed from
     softcap: float = 0.0  # the cap c of c * tanh(S / c), once its multiplication is read
     tanh: bool = False  # tanh(S / c) read, its multiplication by c not yet: nothing else may come between
+    unflatten: set[Node] = field(default_factory=set)  # masks [B*H, N, Nk] on lifted 3-D scores: viewed [B, H, ..]
 
     def closed(self, what: str) -> "_Scores":
         """self, if `what` may apply to it: not between a soft cap's tanh and its multiplication."""
@@ -262,10 +263,13 @@ def _unexpanded(mask: Node, r: _Scores) -> Node:
 
 
 def _checked_mask(r: _Scores, m: Node) -> Node:
-    """A mask applied while lifted scores are 3-D must not vary over the merged batch*heads axis."""
+    """A mask applied while lifted scores are 3-D: broadcast over the merged batch*heads axis, or one
+    [B*H, N, Nk] entry per head (DeBERTa's relative attention), which the op reads as [B, H, N, Nk]."""
     if r.lifted and r.rank == 3:
-        ms = shape(m)
-        if ms is None or (len(ms) == 3 and not same(ms[0], 1)):
+        ms, qs = shape(m), shape(r.q)
+        if ms is not None and len(ms) == 3 and qs is not None and len(qs) == 4 and _same_product(ms[0], qs[0], qs[1]):
+            r.unflatten.add(m)
+        elif ms is None or (len(ms) == 3 and not same(ms[0], 1)):
             raise Reject("a mask on the merged [B*H] axis of scores viewed from [B, H, N, D]")
     return m
 

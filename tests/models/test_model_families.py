@@ -568,3 +568,23 @@ def test_learned_relative_biases_train_through_the_op(family):
     tables = [n for n, p in model.named_parameters() if "relative" in n and p.requires_grad]
     assert tables, [n for n, _ in model.named_parameters()]
     assert_same(model, b, mask)
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["plain", "c2p-p2c"])
+def test_deberta_v2_disentangled_attention(relative):
+    """DeBERTa-v2/v3: bmm on [B*H, N, D] views, K^T divided by sqrt(torch.tensor(d) * factor).to(dtype)
+    (a scale made in the graph), the weights viewed back to [B*H, N, N] before the bmm with V, and with
+    relative attention the content-to-position and position-to-content terms (gathered from q, k and the
+    relative embeddings) added as a [B*H, N, N] bias, which needs a gradient: the op returns it, and
+    every gradient equals dense (was dense: 'not a recognised product')."""
+    kw = dict(_SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if relative:
+        kw.update(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16)
+    model = build("DebertaV2Config", "DebertaV2Model", "eager", **kw)
+    b, mask = batch()
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b)
+    (site,) = report.rewritten("attention")
+    assert not report.dense("attention") and ("learned bias" in site.detail) == relative, site.detail
+    assert f"scale={(8 * (3 if relative else 1)) ** -0.5:.4g}" in site.detail, site.detail
+    assert_same(model, b, mask)
