@@ -81,6 +81,10 @@ FAMILIES = [
      "the graph); the weights viewed back to [B*H, N, N]; relative attention's c2p and p2c terms, gathered from q, k "
      "and the relative embeddings, added as a [B*H, N, N] bias", "rewritten: the scale read as a constant, the bias "
      "read as [B, H, N, N] and its gradient returned (was dense: `not a recognised product`)", "test_model_families.py"),
+    ("BLOOM", "ALiBi through `alibi.baddbmm(q, k^T, beta=1, alpha=1/sqrt(d))` on [B*H, N, D] views, the bias "
+     "[B*H, 1, N]; the weights viewed back to [B*H, N, N] before the bmm with V; GELU as a custom autograd Function",
+     "attention rewritten, the bias read as [B, H, 1, N] (was dense: the view back was not followed); MLP dense "
+     "(`custom`)", "test_model_families.py"),
     ("T5 encoder, MPNet, BEiT, Swin, full fine-tuning", "a relative position bias from a trained table added to the "
      "scores (Swin: per window, with the shifted windows' mask)", "rewritten: the op returns the bias's gradient (CPU; "
      "on CUDA dense, as the Triton kernels give none); was dense (`the additive mask requires grad`)",

@@ -57,7 +57,8 @@ def describe(m: AttentionMatch) -> str:
     # Hugging Face passes its causal mask as a bool tensor (SDPA) or an additive one (eager); the site
     # reads one that is exactly the causal triangle as is_causal at run time (sites/attention.py
     # as_causal), which causal=False hides
-    causal_at_run_time = f" (a {mask.strip()} mask that is exactly causal runs as causal)" if (
+    article = "an" if mask.strip() == "additive" else "a"
+    causal_at_run_time = f" ({article} {mask.strip()} mask that is exactly causal runs as causal)" if (
         not m.is_causal and mask.strip() in ("bool", "additive") and str(qs[2]) == str(ks[2])) else ""  # symbolic too
     return (f"q {tuple(qs)} k {tuple(ks)}{gqa} causal={m.is_causal} mask={mask.strip() or 'none'}{causal_at_run_time} "
             f"scale={m.scale:.4g} dropout={m.dropout_p}" + (f" softcap={m.softcap:.4g}" if m.softcap else "")

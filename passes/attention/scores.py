@@ -151,6 +151,7 @@ def _product(n: Node) -> Optional[_Scores]:
             r.scale *= found[2]
             if found[1]:
                 r.nodes |= found[1] - lk[1]
+            r.additive = [_checked_mask(r, m) for m in r.additive]  # baddbmm's: BLOOM's ALiBi [B*H, 1, Nk]
             return r
     if found is None:
         return None

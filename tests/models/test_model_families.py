@@ -588,3 +588,28 @@ def test_deberta_v2_disentangled_attention(relative):
     assert not report.dense("attention") and ("learned bias" in site.detail) == relative, site.detail
     assert f"scale={(8 * (3 if relative else 1)) ** -0.5:.4g}" in site.detail, site.detail
     assert_same(model, b, mask)
+
+
+def test_bloom_alibi_through_baddbmm():
+    """BLOOM adds ALiBi through `alibi.baddbmm(q, k^T, beta=1, alpha=1/sqrt(d))` on [B*H, N, D] views: the
+    [B*H, 1, N] bias is read as [B, H, 1, N] (it was dense: the weights' view back to [B*H, N, N] before
+    the bmm with V was not followed). Outputs and every gradient equal dense. Its MLP's GELU is a custom
+    autograd Function and stays dense, with that reason."""
+    model = lora(build("BloomConfig", "BloomForCausalLM", "eager", hidden_size=32, n_layer=1, n_head=4,
+                       hidden_dropout=0.0, attention_dropout=0.0), ["query_key_value", "dense_h_to_4h"])
+    b, mask = batch()
+    torch._dynamo.reset()
+    report = spt_compile.explain(model, **b)
+    assert len(report.rewritten("attention")) == 1 and not report.dense("attention"), str(report)
+    assert all("custom" in s.reason for s in report.dense("mlp")), str(report)
+    torch._dynamo.reset()
+    reference = copy.deepcopy(model)
+    got, got_grads = run(torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"}), b, mask)
+    want, want_grads = run(reference, b, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    (site,) = [s for s in spt_compile.report(model) if s["kind"] == "attention"]
+    assert site["runs"].get("exact_forward") == 1, site  # the sparse code ran (its backward over every key block)
