@@ -35,7 +35,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import spt_compile  # noqa: E402
+import spt_compile  # noqa: E402,F401  (registers backend="spt")
 from bench_attention import SavedBytes  # noqa: E402
 from provenance import cpu_model, source_commit  # noqa: E402
 

@@ -268,16 +268,8 @@ def test_t5_full_fine_tuning_trains_the_relative_bias_through_the_op():
     assert all("learned bias (its gradient returned)" in s.detail for s in cap.rewritten("attention")), str(cap.sites)
     table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     assert_same(model, b, mask)  # every block at every length; compares every parameter's gradient
-    torch._dynamo.reset()
-    reference = copy.deepcopy(model)
-    got, got_grads = run(torch.compile(model, backend="spt"), b, mask)  # defaults: short rows run exact
-    want, want_grads = run(reference, b, mask)
-    keep = mask.bool()
-    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
+    want_grads = assert_compiled_equals_eager(model, b, mask)  # defaults: short rows run exact
     assert want_grads[table].abs().max() > 0
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3,
-                                   msg=lambda m: f"grad of {name}: {m}")
 
 
 def test_gpt2_reorder_and_upcast_with_lora_on_conv1d():
@@ -429,6 +421,21 @@ def test_gemma2_soft_capped_logits_get_the_chunked_loss():
     assert_loss_rewritten_and_equal(model, b, labels, "soft-capped at 3")
 
 
+def assert_compiled_equals_eager(model, b, mask, options=None) -> dict:
+    """model compiled with backend="spt" (the default options, or `options`) against a copy run eagerly:
+    outputs at the real rows and every parameter's gradient. Returns the eager gradients."""
+    torch._dynamo.reset()
+    reference = copy.deepcopy(model)
+    got, got_grads = run(torch.compile(model, backend="spt", options=options), b, mask)
+    want, want_grads = run(reference, b, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    return want_grads
+
+
 def gemma2(attn_cap):
     """Two layers (a sliding-window one and a global one), GQA, LoRA on attention and MLP. The q and k
     projections are scaled up so that scores are O(1), as in a trained model (at the random init's
@@ -466,16 +473,7 @@ def test_gemma2_soft_capped_attention_at_the_defaults_equals_dense(training):
     over every key block (not SDPA, which would drop the cap). Outputs and gradients equal dense."""
     model = gemma2(1.0).train(training)
     b, mask = batch()
-    torch._dynamo.reset()
-    reference = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="spt")
-    got, got_grads = run(compiled, b, mask)
-    want, want_grads = run(reference, b, mask)
-    keep = mask.bool()
-    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3,
-                                   msg=lambda m: f"grad of {name}: {m}")
+    assert_compiled_equals_eager(model, b, mask)
     runs = [s["runs"] for s in spt_compile.report(model) if s["kind"] == "attention"]
     exact = {"calibration", "exact_inference"}  # the first training call calibrates; eval runs exact
     assert len(runs) == 2 and all(set(r) <= exact and sum(r.values()) == 1 for r in runs), runs
@@ -602,14 +600,6 @@ def test_bloom_alibi_through_baddbmm():
     report = spt_compile.explain(model, **b)
     assert len(report.rewritten("attention")) == 1 and not report.dense("attention"), str(report)
     assert all("custom" in s.reason for s in report.dense("mlp")), str(report)
-    torch._dynamo.reset()
-    reference = copy.deepcopy(model)
-    got, got_grads = run(torch.compile(model, backend="spt", options={**EVERY, "compiler": "aot_eager"}), b, mask)
-    want, want_grads = run(reference, b, mask)
-    keep = mask.bool()
-    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-4)
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], atol=5e-5, rtol=2e-3,
-                                   msg=lambda m: f"grad of {name}: {m}")
+    assert_compiled_equals_eager(model, b, mask, {**EVERY, "compiler": "aot_eager"})
     (site,) = [s for s in spt_compile.report(model) if s["kind"] == "attention"]
     assert site["runs"].get("exact_forward") == 1, site  # the sparse code ran (its backward over every key block)
