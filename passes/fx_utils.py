@@ -194,7 +194,8 @@ def _graph_scalar_value(x: Any, depth: int = 0) -> Optional[float]:
         v = val(x)
         if not (isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype.is_floating_point):
             return None
-        args = [a if is_number(a) else _graph_scalar_value(a, depth + 1) for a in x.args if not isinstance(a, torch.dtype)]
+        args = [a if is_number(a) else _graph_scalar_value(a, depth + 1)
+                for a in x.args if not isinstance(a, torch.dtype)]
         if not args or any(a is None for a in args):
             return None
         try:

@@ -1,7 +1,9 @@
 """The scores of a written-out attention: S = Q K^T (matmul, bmm, baddbmm or einsum) with scalar
 scaling, casts, views and masks (additive, masked_fill, where) on top, in any nesting, and a soft cap
-(Gemma-2's c * tanh(S / c), before any mask), read into _Scores. 3-D products on [B*H, N, D] are lifted to the [B, H, N, D] tensors they were viewed from
-when the graph shows it. forms.match_matmul_softmax reads the softmax's input through _parse_scores."""
+(Gemma-2's c * tanh(S / c), before any mask), read into _Scores. 3-D products on [B*H, N, D] are
+lifted to the [B, H, N, D] tensors they were viewed from when the graph shows it (a [B*H, N, Nk] mask
+on them is then read as [B, H, N, Nk]). forms.match_matmul_softmax reads the softmax's input through
+_parse_scores."""
 
 from __future__ import annotations
 

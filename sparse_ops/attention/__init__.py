@@ -5,5 +5,6 @@
                                              implementation choice; Triton kernels)
     pq.py, token_sparse.py                   PQ-guided selection of single keys, and attention over them
     exact_dropout.py                         exact attention with dropout, masks drawn from a seed (CPU)
+    softcap.py                               soft-capped scores (Gemma-2): cap * tanh(s / cap) and its slope
     reference.py                             the plain references every path is tested against
 """

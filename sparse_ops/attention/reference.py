@@ -72,8 +72,9 @@ def _capped(s: Tensor, softcap: float) -> Tensor:
 
 def _scores_and_pairs(q, k, block_idx, scale, is_causal, bias, block_m, block_n,
                       softcap=0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """(scores [B, H, N, Nk] (fp32, or the inputs' wider dtype), soft-capped, with an additive mask added, allowed [B, H, N, Nk] bool by the causal
-    rule and the mask, listed [B, H, N, Nk] bool by block_idx) for the references above and below."""
+    """(scores [B, H, N, Nk] (fp32, or the inputs' wider dtype), soft-capped, with an additive mask
+    added; allowed [B, H, N, Nk] bool by the causal rule and the mask; listed [B, H, N, Nk] bool by
+    block_idx) for the references above and below."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
     if scale is None:

@@ -1,9 +1,10 @@
 """spt::attention_site, the op the attention pass emits, and its backward.
 
-`spt::attention_site(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training, softcap, mask_grad)`
-replaces one matched attention (softcap 0.0, or the cap of soft-capped scores: sparse_ops/attention/softcap.py;
-mask_grad: the additive mask is a learned bias, and backward returns its gradient). It finds its layer's site (sites/attention.py) from `anchor` (the q
-projection's weight) and `template` (registry.py), which decides how the call runs.
+`spt::attention_site(q, k, v, mask, anchor, template, is_causal, scale, dropout_p, training, softcap,
+mask_grad)` replaces one matched attention (softcap: 0.0, or the cap of soft-capped scores,
+sparse_ops/attention/softcap.py; mask_grad: the additive mask is a learned bias, and backward returns
+its gradient). It finds its layer's site (sites/attention.py) from `anchor` (the q projection's
+weight) and `template` (registry.py), which decides how the call runs.
 
 Outputs: out [B, H, N, Dv], lse [B, H, N], selection (the block or token indices, flattened: an
 unbacked size), meta (AttentionMeta: how the call ran). Backward uses what forward saved and never
