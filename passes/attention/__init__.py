@@ -16,7 +16,7 @@ Forms read (each a small parser in forms.py / scores.py; a new form is a new par
                     by mha.py as in-projection -> SDPA -> out-projection, then read as sdpa.
 tests/attention_forms.py lists every form with the result the tests expect.
 Each rewrite is guarded: q/k/v 4-D and consistent, softmax over the key axis, a constant positive
-scale, a mask broadcastable to [B, H, N, Nk] that needs no gradient, query length == key length,
+scale, a mask broadcastable to [B, H, N, Nk] (needing a gradient only on the CPU), query length == key length,
 no intermediate used elsewhere (any head size: only token selection needs one divisible by
 pq_subspace_dim, and the site raises naming the fix when it is chosen for one that is not). What fails stays dense
 and the reason goes to the report.

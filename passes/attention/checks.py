@@ -1,7 +1,8 @@
 """The semantic check every attention match passes before it is rewritten: q/k/v 4-D and consistent,
 whole query heads per kv head, query length == key length, a constant head size and a finite
-constant scale, masks broadcastable to [B, H, N, Nk] of the right dtype that need no gradient, and
-no intermediate read elsewhere. A failure raises Reject with the reason explain() shows."""
+constant scale, masks broadcastable to [B, H, N, Nk] of the right dtype (one that needs a gradient, a
+learned bias, only on the CPU: the op returns its gradient there, sets mask_grad), and no
+intermediate read elsewhere. A failure raises Reject with the reason explain() shows."""
 
 from __future__ import annotations
 
