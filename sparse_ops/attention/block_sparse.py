@@ -29,7 +29,7 @@ from torch import Tensor
 from .select import n_blocks
 from .pq import MASK_FORBIDDEN_AT_OR_BELOW
 from .softcap import capped
-from .token_sparse import _acc, _dropout_scale  # same accumulation dtype and replayable dropout
+from .token_sparse import _acc, _dropout_scale, bias_grad_buffer  # shared with the token path
 
 IMPLS = ("auto", "triton", "torch", "reference")
 IMPL_ENV = "SPT_ATTENTION_IMPL"
@@ -159,15 +159,6 @@ def _tiles_simple(lay: _Layout, Nk: int, block_n: int, is_causal: bool, diag_fir
     if not is_causal:
         return True
     return diag_first and lay.block_m == block_n and lay.N == Nk
-
-
-def bias_grad_buffer(bias: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """(a zero gradient (fp32 or wider) of the additive bias [B|1, H|1, N|1, Nk], its strides over the expanded
-    [B, H, N, Nk]: 0 along broadcast dims, so the gradient sums over them as it is scattered)."""
-    dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.promote_types(bias.dtype, torch.float32))
-    sizes = list(bias.shape)
-    strides = [0 if n == 1 else st for n, st in zip(sizes, dbias.stride())]
-    return dbias, tuple(strides)
 
 
 def _add_bias_grad(dbias: Tensor, strides: tuple, ds: Tensor, idx: Tensor, r0: int, lay: _Layout, Nk: int,

@@ -25,10 +25,13 @@ from ..dropout import draw_keep, keep_scale, stream_seed
 from .softcap import capped, check_softcap
 
 
-def bias_grad_buffer(bias):  # block_sparse's (imported lazily: it imports this module)
-    from .block_sparse import bias_grad_buffer as buffer
-
-    return buffer(bias)
+def bias_grad_buffer(bias: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """(a zero gradient (fp32 or wider) of the additive bias [B|1, H|1, N|1, Nk], its strides over the expanded
+    [B, H, N, Nk]: 0 along broadcast dims, so the gradient sums over them as it is scattered)."""
+    dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.promote_types(bias.dtype, torch.float32))
+    sizes = list(bias.shape)
+    strides = [0 if n == 1 else st for n, st in zip(sizes, dbias.stride())]
+    return dbias, tuple(strides)
 
 # Elements of one gathered [B, H, C, L, D] chunk (2**24 fp32 values = 64 MiB), at most 128 rows.
 _CHUNK_ELEMENTS = 1 << 24
